@@ -1,0 +1,126 @@
+"""`motiontune train | presets | make-tiny-model | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("[motiontune] %(message)s"))
+    logger = logging.getLogger("motiontune")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    # Library chatter (weights loading bars, deprecation notes) hides what matters.
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _report(result) -> None:
+    print("\nDone.")
+    print(f"  LoRA:        {result.lora_path}")
+    for path in result.sample_paths:
+        print(f"  sample:      {path}")
+    print(f"  TensorBoard: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.set or [])
+    from .train.loop import train  # imported after validation: a bad config fails before torch loads
+
+    _report(train(config))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import list_presets
+    from .config.load import PRESETS_DIR
+
+    for name in list_presets():
+        print(name)
+    print(f"\n(in {PRESETS_DIR}; use one with --config \"NAME\")", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .testing.tiny_models import make_tiny_model
+
+    print(make_tiny_model(args.family, args.out, seed=args.seed))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    _report(run_demo(Path(args.out), args.set or []))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .testing.tiny_models import FAMILIES
+
+    parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion LoRAs (WAN 2.1/2.2).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a JSON config or a shipped preset")
+    train.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (dotted: video_config.max_frames=33)")
+    train.set_defaults(run=cmd_train)
+
+    presets = commands.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(run=cmd_presets)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
+    tiny.add_argument("--family", required=True, choices=FAMILIES)
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=cmd_make_tiny_model)
+
+    demo = commands.add_parser("demo", help="train a tiny built-in WAN model on the bundled clips")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE")
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from .config import ConfigError
+    from .data.video import MediaError
+
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except MediaError as error:
+        print(f"data error: {error}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        from .models import ModelLoadError
+
+        if isinstance(error, ModelLoadError):
+            print(f"model error: {error}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Reading a config: shipped presets, JSON files, `--set` overrides, and errors a user can act on."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .schema import NOT_SUPPORTED_YET, SUPPORTED_MODEL_TYPES, TrainConfig, get_dotted
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the user: what is wrong, where, and what to do."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def find_config_file(name: str) -> Path:
+    """A path, or the name of a shipped preset (with or without `.json`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (PRESETS_DIR / name, PRESETS_DIR / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    hint = ""
+    close = difflib.get_close_matches(name.removesuffix(".json"), list_presets(), n=1)
+    if close:
+        hint = f" Did you mean the preset {close[0]!r}?"
+    raise ConfigError(
+        f"config {name!r} is neither a file nor a shipped preset.{hint} "
+        f"Shipped presets: {', '.join(repr(p) for p in list_presets())} (`motiontune presets`)."
+    )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a JSON object {{...}}, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`--set a.b=value`: the value is read as JSON when it parses (numbers, true, lists), else as text."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: write it as key=value, e.g. --set video_config.max_frames=33")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def load_config(name: str, overrides: list[str] = ()) -> TrainConfig:
+    path = find_config_file(name)
+    data = read_json(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, path)) from None
+    check_not_supported_yet(config, path)
+    return config
+
+
+def _model_class(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # list[X], X | None
+        found = _model_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The valid key names inside the section at `loc` (for "did you mean")."""
+    model = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = _model_class(field.annotation) if field is not None else None
+        if inner is not None:
+            model = inner
+    return [field.alias or key for key, field in model.model_fields.items()]
+
+
+def format_validation_error(error: ValidationError, path: Path) -> str:
+    lines = [f"{path}: the config has {error.error_count()} problem(s):"]
+    for problem in error.errors():
+        loc = tuple(problem["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys here: {', '.join(sorted(known))}."
+            lines.append(f"  - unknown key {key!r}.{hint}")
+        elif problem["type"] == "missing":
+            lines.append(f"  - {key}: this key is required")
+        else:
+            value = problem.get("input")
+            lines.append(f"  - {key} = {json.dumps(value, default=str)}: {problem['msg']}")
+    lines.append("Fix the file (or the --set value) and run again; `docs/config.md` lists every key.")
+    return "\n".join(lines)
+
+
+def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
+    problems = []
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(
+            f"  - model_type = {config.model_type!r}: not supported yet (issue 5); "
+            f"supported now: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    for key, neutral, what in NOT_SUPPORTED_YET:
+        value = get_dotted(config, key)
+        allowed = neutral if isinstance(neutral, tuple) else (neutral,)
+        if value not in allowed:
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
+    if config.model_type == "WAN_2_2_T2V_A14B":
+        if config.transformer.train == config.transformer_2.train:
+            problems.append(
+                "  - transformer.train / transformer_2.train: WAN 2.2 A14B trains one expert per run for now; set "
+                "exactly one to true (transformer = high-noise expert, transformer_2 = low-noise expert)"
+            )
+    elif config.transformer_2.train:
+        problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
+    elif not config.transformer.train:
+        problems.append("  - transformer.train = false: a LoRA run needs the transformer trained; set it to true")
+    if problems:
+        raise ConfigError(f"{path}:\n" + "\n".join(problems))

@@ -1,0 +1,234 @@
+"""The training config: OneTrainer-style keys, validated by pydantic.
+
+Every key is either built, or accepted only at its neutral value and rejected otherwise (see
+`NOT_SUPPORTED_YET`), so no setting is ever silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Model types known to motiontune; only some can be trained yet (see models/__init__.py).
+ModelType = Literal[
+    "WAN_2_1_T2V",
+    "WAN_2_2_T2V_A14B",
+    "WAN_2_2_TI2V_5B",
+    "WAN_2_1_I2V",
+    "WAN_2_2_I2V_A14B",
+    "HUNYUAN_VIDEO",
+    "HIDREAM",
+]
+SUPPORTED_MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B")
+DType = Literal["FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "NFLOAT_4"]
+TimeUnit = Literal["NEVER", "STEP", "EPOCH"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextConfig(Strict):
+    # sample: a .txt caption per file; concept: lines of `prompt_path`; filename: the file's stem.
+    prompt_source: Literal["sample", "concept", "filename"] = "sample"
+    prompt_path: str = ""
+
+
+class ConceptConfig(Strict):
+    name: str = ""
+    path: str
+    enabled: bool = True
+    include_subdirectories: bool = False
+    repeats: float = Field(1.0, gt=0)
+    text: TextConfig = TextConfig()
+
+
+class ModelPartConfig(Strict):
+    """One model part (`transformer`, `transformer_2`, `text_encoder`, `vae`), OneTrainer's newer form."""
+
+    train: bool = True
+    model_name: str = ""  # a folder or single .safetensors file that replaces this part of base_model_name
+    weight_dtype: DType | None = None  # None: follow train_dtype
+    gradient_checkpointing: bool | None = None
+    offload_fraction: float = Field(0.0, ge=0, le=1)
+    activation_offloading: bool = False
+
+
+class OptimizerConfig(Strict):
+    optimizer: Literal["ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD"] = "ADAMW"
+    weight_decay: float = Field(0.01, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+
+
+class SampleConfig(Strict):
+    prompt: str
+    negative_prompt: str = ""
+    frames: int = Field(17, ge=1)
+    height: int = Field(480, ge=16)
+    width: int = Field(832, ge=16)
+    seed: int = 42
+    steps: int = Field(30, ge=1)
+    cfg_scale: float = Field(5.0, ge=1.0)
+    fps: float = Field(16.0, gt=0)
+
+
+class VideoConfig(Strict):
+    max_frames: int = Field(16, ge=1)
+    frame_sample_strategy: Literal["uniform", "random", "keyframe"] = "uniform"
+    target_fps: float = Field(24.0, gt=0, le=240)
+    max_duration: float = Field(10.0, gt=0)
+    temporal_consistency_weight: float = Field(1.0, ge=0, le=2)
+    use_temporal_attention: bool = True
+    spatial_compression_ratio: int = Field(8, ge=1, le=64)
+    temporal_compression_ratio: int = Field(4, ge=1, le=16)
+    video_batch_size_multiplier: float = Field(0.5, gt=0, le=8)
+    frame_dropout_probability: float = Field(0.0, ge=0, le=0.3)
+    temporal_augmentation: bool = False
+
+
+class TrainConfig(Strict):
+    version: int | None = Field(None, alias="__version")
+
+    model_type: ModelType = "WAN_2_1_T2V"
+    training_method: Literal["LORA", "FINE_TUNE", "EMBEDDING"] = "LORA"
+    base_model_name: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    train_device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+
+    concepts: list[ConceptConfig] | None = None
+    concept_file_name: str | None = None
+
+    resolution: str = "480"
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    epochs: int = Field(10, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    learning_rate_scheduler: Literal["CONSTANT", "COSINE", "LINEAR"] = "CONSTANT"
+    learning_rate_warmup_steps: int = Field(0, ge=0)
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    train_dtype: DType = "BFLOAT_16"
+
+    # OneTrainer's older form of the memory options; the newer form lives inside each model part.
+    gradient_checkpointing: Literal["OFF", "ON", "CPU_OFFLOADED"] | None = None
+    layer_offload_fraction: float | None = Field(None, ge=0, le=1)
+
+    transformer: ModelPartConfig = ModelPartConfig()
+    transformer_2: ModelPartConfig = ModelPartConfig(train=False)
+    text_encoder: ModelPartConfig = ModelPartConfig(train=False)
+    vae: ModelPartConfig = ModelPartConfig(train=False)
+
+    lora_rank: int = Field(16, ge=1, le=1024)
+    lora_alpha: float = Field(1.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    layer_filter: str = ""  # comma-separated substrings of module names; empty: the family's default targets
+
+    timestep_distribution: Literal["UNIFORM", "LOGIT_NORMAL", "SIGMOID"] = "LOGIT_NORMAL"
+    timestep_shift: float = Field(1.0, gt=0, le=100)
+    noising_weight: float = Field(0.0, ge=-0.99, le=10)  # normal's scale is 1 + noising_weight
+    noising_bias: float = Field(0.0, ge=-10, le=10)  # normal's mean
+    seed: int = 42
+
+    output_model_destination: str = "models/lora.safetensors"
+    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA"] = "DIFFUSERS_LORA"
+    workspace_dir: str = "workspace/run"
+
+    sample_after: int = Field(1, ge=0)
+    sample_after_unit: TimeUnit = "EPOCH"
+    samples: list[SampleConfig] = []
+    save_every: int = Field(0, ge=0)
+    save_every_unit: TimeUnit = "NEVER"
+
+    video_config: VideoConfig = VideoConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_text(cls, value):
+        if isinstance(value, int):
+            return str(value)
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_form(cls, value: str):
+        parse_resolution(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.concepts is None and self.concept_file_name is None:
+            raise ValueError("set `concepts` (a list) or `concept_file_name` (a concepts.json file)")
+        if self.concepts is not None and self.concept_file_name is not None:
+            raise ValueError("set only one of `concepts` and `concept_file_name`, not both")
+        return self
+
+    @property
+    def memory_config_form(self) -> str:
+        """Which OneTrainer form of the memory options this config used."""
+        old = self.gradient_checkpointing is not None or self.layer_offload_fraction is not None
+        new = any(
+            part.gradient_checkpointing is not None or part.offload_fraction or part.activation_offloading
+            for part in (self.transformer, self.transformer_2)
+        )
+        if old and new:
+            return "mixed"
+        return "older (top-level gradient_checkpointing)" if old else "newer (per-part)" if new else "default"
+
+    def use_gradient_checkpointing(self) -> bool:
+        if self.transformer.gradient_checkpointing is not None:
+            return self.transformer.gradient_checkpointing
+        return self.gradient_checkpointing in ("ON", "CPU_OFFLOADED")
+
+    def resolution_hw(self) -> tuple[int, int]:
+        return parse_resolution(self.resolution)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """`"512"` → (512, 512); `"832x480"` → height 480, width 832 (written WIDTHxHEIGHT)."""
+    parts = str(text).lower().replace(" ", "").split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers, default=0) < 16:
+        raise ValueError(f"resolution must be a size like '480' or '832x480' (width x height, each >= 16), got {text!r}")
+    if len(numbers) == 1:
+        return numbers[0], numbers[0]
+    width, height = numbers
+    return height, width
+
+
+# Keys whose behaviour is not built yet: each accepted only at its neutral value.
+# (dotted key, neutral value, which piece of work builds it)
+NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
+    ("training_method", "LORA", "full fine-tune and embedding training (issue 6)"),
+    ("optimizer.optimizer", "ADAMW", "other optimizers"),
+    ("train_dtype", ("FLOAT_32", "BFLOAT_16"), "FLOAT_16 training (issue 8)"),
+    ("gradient_checkpointing", (None, "OFF", "ON"), "CPU-offloaded checkpointing (issue 8)"),
+    ("layer_offload_fraction", (None, 0.0), "layer offloading (issue 8)"),
+    ("transformer.offload_fraction", 0.0, "layer offloading (issue 8)"),
+    ("transformer.activation_offloading", False, "activation offloading (issue 8)"),
+    ("transformer.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
+    ("transformer_2.offload_fraction", 0.0, "layer offloading (issue 8)"),
+    ("transformer_2.activation_offloading", False, "activation offloading (issue 8)"),
+    ("transformer_2.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
+    ("text_encoder.train", False, "text encoder training"),
+    ("vae.train", False, "VAE training"),
+    ("video_config.frame_sample_strategy", "uniform", "random and keyframe clip windows (issue 3)"),
+    ("video_config.use_temporal_attention", True, "frame-local attention (issue 7)"),
+    ("video_config.spatial_compression_ratio", 8, "extra spatial compression (issue 7)"),
+    ("video_config.temporal_compression_ratio", 4, "extra temporal compression (issue 7)"),
+    ("video_config.frame_dropout_probability", 0.0, "frame dropout (issue 7)"),
+    ("video_config.temporal_augmentation", False, "temporal augmentation (issue 7)"),
+]
+
+
+def get_dotted(config: BaseModel, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

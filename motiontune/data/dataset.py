@@ -1,0 +1,98 @@
+"""Finding training items: concept folders, media files and their captions.
+
+Two layouts are read: captions beside the files (`clip.mp4` + `clip.txt`), and the split layout
+`videos/` (or `images/`) + `captions/` with the same file stem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError, TrainConfig
+from ..config.schema import ConceptConfig
+from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+MEDIA_FOLDERS = ("videos", "images")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    captions: tuple[str, ...]  # one is picked per step; a caption file may hold several lines
+    repeats: float
+
+
+def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
+    if config.concepts is not None:
+        return [c for c in config.concepts if c.enabled]
+    path = Path(config.concept_file_name)
+    if not path.is_file():
+        raise ConfigError(f"concept_file_name = {str(path)!r}: no such file. Point it at a concepts.json list.")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        concepts = [ConceptConfig.model_validate(c) for c in raw]
+    except Exception as error:
+        raise ConfigError(f"{path}: not a valid concepts file ({error}). It must be a JSON list of concepts.") from None
+    return [c for c in concepts if c.enabled]
+
+
+def scan_concept(concept: ConceptConfig) -> list[Item]:
+    root = Path(concept.path)
+    if not root.is_dir():
+        raise ConfigError(f"concept path {str(root)!r} is not a folder. Set `path` to the folder with your clips.")
+    captions_dir = root / "captions"
+    split_layout = captions_dir.is_dir() and any((root / f).is_dir() for f in MEDIA_FOLDERS)
+    search_roots = [root / f for f in MEDIA_FOLDERS if (root / f).is_dir()] if split_layout else [root]
+    pattern = "**/*" if concept.include_subdirectories else "*"
+    media = sorted(
+        p
+        for search_root in search_roots
+        for p in search_root.glob(pattern)
+        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+    concept_lines = _concept_prompts(concept) if concept.text.prompt_source == "concept" else ()
+    items = []
+    for path in media:
+        if concept.text.prompt_source == "filename":
+            captions = (path.stem.replace("_", " "),)
+        elif concept.text.prompt_source == "concept":
+            captions = concept_lines
+        else:
+            if split_layout:
+                caption_file = (captions_dir / path.relative_to(_owning_root(path, search_roots))).with_suffix(".txt")
+            else:
+                caption_file = path.with_suffix(".txt")
+            captions = _read_lines(caption_file) if caption_file.is_file() else ("",)
+        items.append(Item(path, captions, concept.repeats))
+    return items
+
+
+def scan_dataset(config: TrainConfig) -> list[Item]:
+    items = [item for concept in load_concepts(config) for item in scan_concept(concept)]
+    if not items:
+        raise ConfigError(
+            "no training files found: the concepts' folders hold no "
+            f"{', '.join(sorted(VIDEO_EXTENSIONS | IMAGE_EXTENSIONS))} files"
+        )
+    return items
+
+
+def _owning_root(path: Path, roots: list[Path]) -> Path:
+    return next(r for r in roots if r in path.parents)
+
+
+def _read_lines(path: Path) -> tuple[str, ...]:
+    lines = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return lines or ("",)
+
+
+def _concept_prompts(concept: ConceptConfig) -> tuple[str, ...]:
+    path = Path(concept.text.prompt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"concept {concept.name or concept.path!r}: text.prompt_source is 'concept' but text.prompt_path = "
+            f"{str(path)!r} is not a file. Point it at a .txt file with one prompt per line."
+        )
+    return _read_lines(path)

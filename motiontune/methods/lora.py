@@ -1,0 +1,76 @@
+"""LoRA: adapters on the trained transformer with peft, and saving them in each output format."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from ..config import TrainConfig
+from ..models import ModelFamily
+
+ADAPTER = "default"
+
+
+def add_lora(family: ModelFamily, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Wrap the family's default (or `layer_filter`) targets with LoRA; return the trainable parameters."""
+    transformer = family.trained_transformer()
+    targets = family.lora_target_modules(config.layer_filter)
+    if not targets:
+        raise ValueError(
+            f"layer_filter = {config.layer_filter!r} matches no Linear layer of the transformer; "
+            "use substrings of module names such as 'attn1,attn2,ffn', or leave it empty for the default set"
+        )
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        init_lora_weights=True,  # B = 0: training starts from the base model exactly
+    )
+    transformer.add_adapter(lora_config, adapter_name=ADAPTER)
+    parameters = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for parameter in parameters:  # adapters train in float32 whatever the base weights are
+        parameter.data = parameter.data.float()
+        parameter.requires_grad_(True)
+    return parameters
+
+
+def lora_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
+    """peft names without the adapter name: `blocks.0.attn1.to_q.lora_A.weight`, ..."""
+    state = get_peft_model_state_dict(family.trained_transformer(), adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_lora(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> Path:
+    """Write the LoRA atomically (a temporary file in the same folder, then a rename)."""
+    output_format = output_format or config.output_model_format
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(family)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
+        if output_format == "DIFFUSERS_LORA":
+            # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
+            metadata = family.trained_transformer().peft_config[ADAPTER].to_dict()
+            family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
+        elif output_format == "COMFY_LORA":
+            save_file(comfy_state_dict(family, state, config.lora_alpha), os.path.join(scratch, "lora.safetensors"))
+        else:
+            raise ValueError(f"unknown output_model_format {output_format!r}")
+        os.replace(os.path.join(scratch, "lora.safetensors"), destination)
+    return destination
+
+
+def comfy_state_dict(family: ModelFamily, state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """ComfyUI's names (`diffusion_model.<original module>.lora_A/B.weight`) plus one `.alpha` per module."""
+    converted = {}
+    for key, tensor in state.items():
+        module, suffix = key.rsplit(".lora_", 1)
+        comfy_module = family.comfy_lora_key(module)
+        converted[f"{comfy_module}.lora_{suffix}"] = tensor
+        converted[f"{comfy_module}.alpha"] = torch.tensor(float(alpha))
+    return converted

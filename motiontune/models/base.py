@@ -1,0 +1,91 @@
+"""The model family interface: everything the trainer may ask of a model family.
+
+A family module (wan.py, ...) is the only place that knows how its parts load, how it encodes
+prompts and pixels, how its transformer is called, how its LoRA keys are named and which stock
+diffusers pipeline samples it. The training loop only talks to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+
+
+class ModelLoadError(Exception):
+    """A model part that could not be loaded; the message says which, from where, and what to do."""
+
+
+@dataclass
+class SampleRequest:
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    frames: int
+    height: int
+    width: int
+    steps: int
+    cfg_scale: float
+    seed: int
+
+
+class ModelFamily(ABC):
+    #: the transformer's input size must be a multiple of this (VAE factor × patch size)
+    spatial_multiple: int
+    #: frames per latent frame (the VAE's temporal factor); valid clip lengths are 4n+1 for 4
+    temporal_factor: int
+
+    def __init__(self, config: TrainConfig, device: torch.device):
+        self.config = config
+        self.device = device
+
+    def valid_frame_count(self, frames: int) -> int:
+        """The largest frame count the VAE accepts that is <= `frames` (4n+1 for a factor of 4)."""
+        return ((frames - 1) // self.temporal_factor) * self.temporal_factor + 1 if frames >= 1 else 0
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load every part from `config.base_model_name` (and per-part `model_name` overrides)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings exactly as the stock pipeline computes them, one row per prompt."""
+
+    @abstractmethod
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once every prompt the run needs is encoded."""
+
+    @abstractmethod
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (F, H, W, 3) frames → normalised latents (C, F', H', W') as the pipeline's denoiser sees them."""
+
+    @abstractmethod
+    def trained_transformer(self) -> torch.nn.Module:
+        """The transformer this run trains."""
+
+    @abstractmethod
+    def sigma_range(self) -> tuple[float, float]:
+        """The noise levels the trained transformer serves (a WAN 2.2 expert serves only part)."""
+
+    @abstractmethod
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The trained transformer's flow prediction for noisy latents at noise levels `sigma` (B,)."""
+
+    @abstractmethod
+    def lora_target_modules(self, layer_filter: str) -> list[str]:
+        """Names of the Linear modules a LoRA adapts, by default or filtered by `layer_filter`."""
+
+    @abstractmethod
+    def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
+        """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
+
+    @abstractmethod
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
+
+    @abstractmethod
+    def sample(self, request: SampleRequest) -> np.ndarray:
+        """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3)."""

@@ -1,0 +1,258 @@
+"""WAN 2.1 / 2.2 (T2V 1.3B/14B, T2V A14B with two experts, TI2V-5B): the whole family in one file."""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import ModelFamily, ModelLoadError, SampleRequest
+
+TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
+
+# The stock pipeline pads every prompt to this many tokens; training must see the same padding.
+MAX_SEQUENCE_LENGTH = 512
+
+# WAN 2.2 A14B: the high-noise expert (`transformer`) serves t >= boundary × 1000, the low-noise
+# expert (`transformer_2`) the rest (the pipeline's `boundary_ratio`; 0.875 for T2V).
+DEFAULT_BOUNDARY = 0.875
+
+# diffusers module names → the original Wan names ComfyUI uses (its WanModel state dict).
+_COMFY_RENAMES = [
+    (r"\.attn1\.to_q$", ".self_attn.q"),
+    (r"\.attn1\.to_k$", ".self_attn.k"),
+    (r"\.attn1\.to_v$", ".self_attn.v"),
+    (r"\.attn1\.to_out\.0$", ".self_attn.o"),
+    (r"\.attn2\.to_q$", ".cross_attn.q"),
+    (r"\.attn2\.to_k$", ".cross_attn.k"),
+    (r"\.attn2\.to_v$", ".cross_attn.v"),
+    (r"\.attn2\.to_out\.0$", ".cross_attn.o"),
+    (r"\.attn2\.add_k_proj$", ".cross_attn.k_img"),
+    (r"\.attn2\.add_v_proj$", ".cross_attn.v_img"),
+    (r"\.ffn\.net\.0\.proj$", ".ffn.0"),
+    (r"\.ffn\.net\.2$", ".ffn.2"),
+    (r"^condition_embedder\.text_embedder\.linear_1$", "text_embedding.0"),
+    (r"^condition_embedder\.text_embedder\.linear_2$", "text_embedding.2"),
+    (r"^condition_embedder\.time_embedder\.linear_1$", "time_embedding.0"),
+    (r"^condition_embedder\.time_embedder\.linear_2$", "time_embedding.2"),
+    (r"^condition_embedder\.time_proj$", "time_projection.1"),
+    (r"^proj_out$", "head.head"),
+]
+
+# Default LoRA targets: every attention projection and feed-forward layer of every block.
+_DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
+
+
+class WanFamily(ModelFamily):
+    temporal_factor = 4
+
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.is_a14b = config.model_type == "WAN_2_2_T2V_A14B"
+        self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
+        # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
+        self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
+        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.train_expert_2 = self.is_a14b and config.transformer_2.train
+
+    # --- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        base = self.config.base_model_name
+        text_dtype = self.weight_dtype if self.device.type != "cpu" else torch.float32
+        self.tokenizer = _load(AutoTokenizer, base, "tokenizer")
+        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=text_dtype).to(self.device).eval()
+        # The VAE stays in float32, as the stock WAN examples run it: its latents feed every step.
+        self.vae = _load(AutoencoderKLWan, base, "vae", dtype=torch.float32).to(self.device).eval()
+        self.scheduler = _load(FlowMatchEulerDiscreteScheduler, base, "scheduler")
+        pipeline_config = _read_model_index(base)
+        self.boundary_ratio = pipeline_config.get("boundary_ratio") or (DEFAULT_BOUNDARY if self.is_a14b else None)
+        self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
+
+        self.transformer = self._load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+        self.transformer_2 = None
+        if self.is_a14b:
+            self.transformer_2 = self._load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+        for module in (self.text_encoder, self.vae, self.transformer, self.transformer_2):
+            if module is not None:
+                module.requires_grad_(False)
+        # Only the trained expert sits on the accelerator; the other joins it for sampling only.
+        self.trained_transformer().to(self.device)
+
+    def _load_transformer(self, cls, subfolder, part):
+        if part.model_name:
+            source = Path(part.model_name)
+            if source.suffix == ".safetensors" and source.is_file():
+                try:
+                    return cls.from_single_file(str(source), torch_dtype=self.weight_dtype)
+                except Exception as error:
+                    raise ModelLoadError(
+                        f"{subfolder}.model_name = {str(source)!r}: diffusers could not read this single-file "
+                        f"checkpoint ({error}). Use a WAN checkpoint in the original or diffusers layout."
+                    ) from None
+            return _load(cls, part.model_name, None, dtype=self.weight_dtype)
+        return _load(cls, self.config.base_model_name, subfolder, dtype=self.weight_dtype)
+
+    # --- encoding ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        inputs = self.tokenizer(
+            [prompt_clean(p) for p in prompts],
+            padding="max_length",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = inputs.attention_mask.to(self.device)
+        hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
+        # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
+        return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).to("cpu", torch.float32)
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+        self.tokenizer = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0)  # 1, 3, F, H, W
+        pixels = pixels.to(torch.float32) / 127.5 - 1.0
+        latents = self.vae.encode(pixels).latent_dist.mean
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std)[0].to("cpu")
+
+    def _latent_stats(self, like: torch.Tensor):
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    # --- training ------------------------------------------------------------------------------
+    def trained_transformer(self) -> torch.nn.Module:
+        return self.transformer_2 if self.train_expert_2 else self.transformer
+
+    def sigma_range(self) -> tuple[float, float]:
+        if not self.is_a14b:
+            return 0.0, 1.0
+        return (0.0, self.boundary_ratio) if self.train_expert_2 else (self.boundary_ratio, 1.0)
+
+    def predict(self, noisy, sigma, text):
+        model = self.trained_transformer()
+        return model(
+            hidden_states=noisy.to(model.dtype),
+            timestep=sigma * 1000.0,
+            encoder_hidden_states=text.to(model.dtype),
+            return_dict=False,
+        )[0]
+
+    # --- LoRA ----------------------------------------------------------------------------------
+    def lora_target_modules(self, layer_filter: str) -> list[str]:
+        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
+        names = []
+        for name, module in self.trained_transformer().named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if filters and any(f in name for f in filters) or not filters and _DEFAULT_TARGETS.match(name):
+                names.append(name)
+        return names
+
+    def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
+        from diffusers import WanPipeline
+
+        WanPipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=state_dict,
+            weight_name=weight_name,
+            transformer_lora_adapter_metadata=adapter_metadata,
+        )
+
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        name = peft_module_name
+        for pattern, replacement in _COMFY_RENAMES:
+            name, count = re.subn(pattern, replacement, name)
+            if count:
+                break
+        return f"diffusion_model.{name}"
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, request: SampleRequest) -> np.ndarray:
+        from diffusers import WanPipeline
+
+        parked = [m for m in (self.transformer, self.transformer_2) if m is not None and m.device != self.device]
+        for module in parked:
+            module.to(self.device)
+        pipeline = WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=self.vae,
+            scheduler=self.scheduler,
+            transformer=self.transformer,
+            transformer_2=self.transformer_2,
+            boundary_ratio=self.boundary_ratio,
+            expand_timesteps=self.expand_timesteps,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        dtype = self.trained_transformer().dtype
+        negative = request.negative_prompt_embeds
+        try:
+            video = pipeline(
+                prompt_embeds=request.prompt_embeds.to(self.device, dtype),
+                negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
+                height=request.height,
+                width=request.width,
+                num_frames=request.frames,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                generator=torch.Generator(device=self.device).manual_seed(request.seed),
+                output_type="np",
+            ).frames[0]
+        finally:
+            for module in parked:
+                module.to("cpu")
+        return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _read_model_index(base: str) -> dict:
+    import json
+
+    index = Path(base) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
+    except Exception:
+        return {}
+
+
+def _load(cls, source: str, subfolder: str | None, dtype: torch.dtype | None = None):
+    """from_pretrained, weights from .safetensors only (pickle files run code), and an error that says what to do."""
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if dtype is not None:  # a model with weights, not a tokenizer or scheduler
+        kwargs.update(torch_dtype=dtype, use_safetensors=True)
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except Exception as error:
+        where = f"{source}/{subfolder}" if subfolder else source
+        local = Path(source).exists()
+        advice = (
+            "Check that the folder is a complete diffusers model (model_index.json and one folder per part, "
+            "weights as .safetensors)."
+            if local
+            else "It is not a local folder, so it was looked up on the Hugging Face Hub: check the id and your network, "
+            "or download the model and set base_model_name to its folder."
+        )
+        raise ModelLoadError(f"could not load {cls.__name__} from {where!r}: {error}\n{advice}") from None

@@ -1,0 +1,48 @@
+"""Sampling during training: prompts encoded once up front, videos rendered by the stock pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import TrainConfig
+from .data.video import write_video
+from .models import ModelFamily, SampleRequest
+
+log = logging.getLogger("motiontune")
+
+
+def prepare_samples(config: TrainConfig, family: ModelFamily) -> list[tuple[SampleRequest, float]]:
+    """Encode every sample prompt now, so the text encoder can leave memory before training."""
+    requests = []
+    for sample in config.samples:
+        multiple = family.spatial_multiple
+        height = max(multiple, sample.height // multiple * multiple)
+        width = max(multiple, sample.width // multiple * multiple)
+        frames = family.valid_frame_count(sample.frames)
+        if (height, width, frames) != (sample.height, sample.width, sample.frames):
+            log.info("sample %r: %dx%d, %d frames → %dx%d, %d frames (the model's valid sizes)",
+                     sample.prompt, sample.width, sample.height, sample.frames, width, height, frames)
+        use_cfg = sample.cfg_scale > 1.0
+        embeds = family.encode_prompts([sample.prompt, sample.negative_prompt] if use_cfg else [sample.prompt])
+        request = SampleRequest(
+            prompt_embeds=embeds[:1],
+            negative_prompt_embeds=embeds[1:] if use_cfg else None,
+            frames=frames,
+            height=height,
+            width=width,
+            steps=sample.steps,
+            cfg_scale=sample.cfg_scale,
+            seed=sample.seed,
+        )
+        requests.append((request, sample.fps))
+    return requests
+
+
+def render_samples(family: ModelFamily, requests, directory: Path, tag: str) -> list[Path]:
+    paths = []
+    for index, (request, fps) in enumerate(requests):
+        path = directory / f"{tag}-{index}.mp4"
+        write_video(path, family.sample(request), fps)
+        paths.append(path)
+    return paths

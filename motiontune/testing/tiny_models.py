@@ -1,0 +1,147 @@
+"""Tiny random models of the real architectures, saved as complete diffusers pipeline folders.
+
+Tests, the demo and the benchmarks load these through the same code path as real weights, so the
+loading code is exercised for real. Every weight is random (seeded); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b")
+
+# Word-level vocabulary: enough words for the demo captions and test prompts; others map to <unk>.
+_WORDS = (
+    "a the an of and in on with at to from is are video clip film shot scene man woman person people "
+    "dog cat bird car street city sky sea water tree forest room light dark black white red green blue "
+    "yellow orange purple grey gray moving moves walks walking runs running dances dancing shape shapes "
+    "circle square triangle ball old silent comedy slow fast camera pan zoom close up wide view rabbit "
+    "pig pigs cartoon animation test pattern bars colour color motion style"
+).split()
+
+
+def build_tokenizer(directory: Path, model_max_length: int = 512) -> None:
+    """A UMT5-style tokenizer (pad=0, eos=1, unk=2, `</s>` appended) built with `tokenizers`."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+    fast.save_pretrained(directory)
+
+
+def _text_encoder(text_dim: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=256,  # >= the tokenizer vocabulary below
+        d_model=text_dim,
+        d_kv=8,
+        d_ff=2 * text_dim,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def _vae(wide: bool):
+    from diffusers import AutoencoderKLWan
+
+    if wide:  # Wan 2.2 VAE: 48 channels, 16x spatial (patchified 2x on top of 8x), residual blocks
+        return AutoencoderKLWan(
+            base_dim=16,
+            decoder_base_dim=16,
+            z_dim=48,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            latents_mean=[0.0] * 48,
+            latents_std=[1.0] * 48,
+        ).eval()
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def _transformer(in_channels: int, text_dim: int, *, dim_heads: int = 2, head_dim: int = 24, layers: int = 2):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=dim_heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=4 * dim_heads * head_dim,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random `family` model as a diffusers folder that `WanPipeline.from_pretrained` loads."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    text_dim = 32
+    wide_vae = family == "wan-2.2-ti2v-5b"
+    vae = _vae(wide_vae)
+    latent_channels = vae.config.z_dim
+    transformer = _transformer(latent_channels, text_dim)
+    transformer_2 = _transformer(latent_channels, text_dim) if family == "wan-2.2-a14b" else None
+    # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if family.startswith("wan-2.2") else 3.0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out / "tokenizer")
+    from transformers import AutoTokenizer
+
+    pipe = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder=_text_encoder(text_dim),
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.875 if family == "wan-2.2-a14b" else None,
+        expand_timesteps=family == "wan-2.2-ti2v-5b",
+    )
+    pipe.save_pretrained(out)
+    (out / "motiontune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+    return out

@@ -1,0 +1,174 @@
+"""The training run, top to bottom: data, model, adapters, steps, samples, saves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..data.buckets import batches_per_epoch, epoch_batches
+from ..data.dataset import scan_dataset
+from ..data.latents import encode_captions, encode_clips
+from ..methods.lora import add_lora, save_lora
+from ..models import ModelFamily, family_for
+from ..sample import prepare_samples, render_samples
+from .flow import flow_target, noisy_latents, sample_sigmas
+from .losses import training_loss
+from .optim import make_optimizer, make_scheduler
+
+log = logging.getLogger("motiontune")
+
+
+@dataclass
+class RunResult:
+    lora_path: Path
+    sample_paths: list[Path] = field(default_factory=list)
+    tensorboard_dir: Path | None = None
+    steps: int = 0
+    final_loss: float = float("nan")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train_device is 'cuda' but PyTorch sees no CUDA GPU; set train_device to 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def train(config: TrainConfig) -> RunResult:
+    device = pick_device(config.train_device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    workspace = Path(config.workspace_dir)
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
+    if config.memory_config_form != "default":
+        log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
+
+    # Data and model: every clip and caption encoded once, then the text encoder leaves memory.
+    items = scan_dataset(config)
+    family = family_for(config, device)
+    log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
+    family.load()
+    clips = encode_clips(items, family, config)
+    text_embeddings = encode_captions(clips, family)
+    sample_requests = prepare_samples(config, family)
+    family.release_text_encoder()
+
+    # Adapters and optimizer.
+    parameters = add_lora(family, config)
+    transformer = family.trained_transformer()
+    if config.use_gradient_checkpointing():
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = make_optimizer(parameters, config)
+    shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
+    video = config.video_config
+    steps_per_epoch = math.ceil(
+        batches_per_epoch(shapes, repeats, config.batch_size, video.video_batch_size_multiplier)
+        / config.gradient_accumulation_steps
+    )
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    log.info("training %d LoRA tensors (%.2fM parameters) for %d steps",
+             len(parameters), sum(p.numel() for p in parameters) / 1e6, total_steps)
+
+    writer = SummaryWriter(str(workspace / "tensorboard"))
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    sigma_generator = torch.Generator().manual_seed(config.seed + 1)
+    result = RunResult(lora_path=Path(config.output_model_destination), tensorboard_dir=workspace / "tensorboard")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
+
+    def after(unit: str, count: int) -> None:
+        """Samples and saves that are due after `count` units (steps or epochs)."""
+        if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
+            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}")
+        if _due(config.save_every_unit, config.save_every, unit, count):
+            path = save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors")
+            log.info("saved %s", path)
+
+    step = 0
+    progress = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
+    for epoch in range(config.epochs):
+        batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
+        for index, batch in enumerate(batches):
+            x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
+            text = torch.stack([text_embeddings[random.choice(clips[i].captions)] for i in batch]).to(device)
+            sigma = sample_sigmas(
+                len(batch),
+                config.timestep_distribution,
+                config.timestep_shift,
+                family.sigma_range(),
+                sigma_generator,
+                normal_mean=config.noising_bias,
+                normal_scale=1.0 + config.noising_weight,
+            ).to(device)
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            noisy = noisy_latents(x0, noise, sigma)
+            with autocast:
+                prediction = family.predict(noisy, sigma, text)
+            loss, parts = training_loss(prediction, flow_target(x0, noise), noisy, sigma, x0, video.temporal_consistency_weight)
+            (loss / config.gradient_accumulation_steps).backward()
+
+            if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
+                continue
+            if config.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            result.final_loss = loss.item()
+            writer.add_scalar("loss", result.final_loss, step)
+            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            for name, value in parts.items():
+                writer.add_scalar(name, value.item(), step)
+            progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1)
+            progress.update()
+            after("STEP", step)
+        after("EPOCH", epoch + 1)
+    progress.close()
+
+    if sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, step, config.epochs):
+        result.sample_paths = _sample(family, sample_requests, workspace, "final")
+    result.lora_path = save_lora(family, config, Path(config.output_model_destination))
+    result.steps = step
+    writer.close()
+    (workspace / "result.json").write_text(json.dumps(
+        {"lora": str(result.lora_path), "samples": [str(p) for p in result.sample_paths],
+         "tensorboard": str(result.tensorboard_dir), "steps": step, "final_loss": result.final_loss}, indent=2))
+    return result
+
+
+def _due(unit: str, every: int, now_unit: str, count: int) -> bool:
+    return unit == now_unit and every > 0 and count % every == 0
+
+
+def _sampled_at_end(config: TrainConfig, steps: int, epochs: int) -> bool:
+    return _due(config.sample_after_unit, config.sample_after, "STEP", steps) or _due(
+        config.sample_after_unit, config.sample_after, "EPOCH", epochs
+    )
+
+
+def _sample(family: ModelFamily, requests, workspace: Path, tag: str) -> list[Path]:
+    transformer = family.trained_transformer()
+    transformer.eval()
+    try:
+        paths = render_samples(family, requests, workspace / "samples", tag)
+    finally:
+        transformer.train()
+    for path in paths:
+        log.info("sample written: %s", path)
+    return paths
