@@ -80,8 +80,6 @@ def _vae(wide: bool):
             out_channels=12,
             patch_size=2,
             scale_factor_spatial=16,
-            latents_mean=[0.0] * 48,
-            latents_std=[1.0] * 48,
         ).eval()
     return AutoencoderKLWan(
         base_dim=8,
@@ -92,18 +90,38 @@ def _vae(wide: bool):
     ).eval()
 
 
-def _transformer(in_channels: int, text_dim: int, *, dim_heads: int = 2, head_dim: int = 24, layers: int = 2):
+@torch.no_grad()
+def _calibrate_latent_stats(vae) -> None:
+    """Set latents_mean/latents_std from the VAE's own encodings of the bundled clips, as the real
+    WAN statistics were measured on data: normalised latents are then about N(0, 1) per channel,
+    and a missing or wrong normalisation shows up in training results."""
+    from ..data.video import decode_frames
+
+    clips = sorted((Path(__file__).parent.parent / "demo" / "clips").glob("*.mp4"))
+    latents = []
+    for clip in clips:
+        frames = decode_frames(clip, [i / 8 for i in range(9)], (64, 64))
+        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        latents.append(vae.encode(pixels).latent_dist.mean)
+    stacked = torch.cat(latents).transpose(0, 1).flatten(1)  # channels × values
+    vae.register_to_config(
+        latents_mean=[round(v, 4) for v in stacked.mean(1).tolist()],
+        latents_std=[round(v, 4) for v in stacked.std(1).tolist()],
+    )
+
+
+def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: int = 24, layers: int = 2):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=dim_heads,
+        num_attention_heads=heads,
         attention_head_dim=head_dim,
         in_channels=in_channels,
         out_channels=in_channels,
         text_dim=text_dim,
         freq_dim=32,
-        ffn_dim=4 * dim_heads * head_dim,
+        ffn_dim=4 * heads * head_dim,
         num_layers=layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
@@ -111,7 +129,7 @@ def _transformer(in_channels: int, text_dim: int, *, dim_heads: int = 2, head_di
     )
 
 
-def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int = 4, layers: int = 2) -> Path:
     """Write a tiny random `family` model as a diffusers folder that `WanPipeline.from_pretrained` loads."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -122,9 +140,10 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     text_dim = 32
     wide_vae = family == "wan-2.2-ti2v-5b"
     vae = _vae(wide_vae)
+    _calibrate_latent_stats(vae)
     latent_channels = vae.config.z_dim
-    transformer = _transformer(latent_channels, text_dim)
-    transformer_2 = _transformer(latent_channels, text_dim) if family == "wan-2.2-a14b" else None
+    transformer = _transformer(latent_channels, text_dim, heads=heads, layers=layers)
+    transformer_2 = _transformer(latent_channels, text_dim, heads=heads, layers=layers) if family == "wan-2.2-a14b" else None
     # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if family.startswith("wan-2.2") else 3.0)
 

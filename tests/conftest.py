@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny real-architecture models saved as diffusers folders, and small clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family name → folder of a tiny random model (built once per test session)."""
+    from motiontune.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    cache = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_tiny_model(family, root / family)
+        return cache[family]
+
+    return get
+
+
+def write_config(path: Path, **keys) -> Path:
+    path.write_text(json.dumps(keys, indent=2))
+    return path
+
+
+def base_config(tmp_path: Path, model: Path, data: Path, **overrides) -> dict:
+    """A small, fast config on a tiny model; tests override what they exercise."""
+    config = {
+        "model_type": "WAN_2_1_T2V",
+        "base_model_name": str(model),
+        "concepts": [{"path": str(data)}],
+        "resolution": "32",
+        "epochs": 2,
+        "learning_rate": 1e-3,
+        "train_dtype": "FLOAT_32",
+        "lora_rank": 4,
+        "lora_alpha": 4,
+        "workspace_dir": str(tmp_path / "workspace"),
+        "output_model_destination": str(tmp_path / "lora.safetensors"),
+        "sample_after_unit": "NEVER",
+        "video_config": {"max_frames": 9, "target_fps": 8.0},
+    }
+    config.update(overrides)
+    return config

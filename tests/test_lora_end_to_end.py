@@ -1,0 +1,164 @@
+"""The conventions, end to end: train a LoRA with `motiontune train` on a real clip, then sample with the
+stock diffusers WanPipeline (no motiontune code) and check the samples moved towards that clip.
+
+Measured on the CPU build here (1000 steps, 8 seeds): MSE ratio with/without LoRA ≈ 0.65, per-channel
+statistics ratio ≈ 0.6. Breaking the sign of the flow target gives an MSE ratio ≈ 1.19; dropping the latent
+normalisation gives a statistics ratio ≈ 1.2: each fails one of the two assertions below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import DATA, base_config, write_config
+from motiontune.cli import main
+
+PROMPT = "moving shapes"
+SEEDS = range(8)
+
+
+def _make_clip(folder: Path) -> Path:
+    """9 frames of the real shapes clip at 16 fps and 32x32, so the test and the trainer read identical pixels."""
+    folder.mkdir()
+    with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24", width=32, height=32) for _, f in zip(range(18), container.decode(video=0))]
+    clip = folder / "shapes.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=16)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0"}  # lossless: the decoded pixels are the source pixels
+        for array in frames[::2]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        out.mux(stream.encode())
+    (folder / "shapes.txt").write_text(PROMPT + "\n")
+    return clip
+
+
+def _stock_target_latents(pipe, clip: Path) -> torch.Tensor:
+    """The clip's latents as the stock pipeline's denoiser sees them: VAE mean, normalised with the VAE config."""
+    with av.open(str(clip)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (latents - mean) / std
+
+
+def _sample_latents(pipe) -> torch.Tensor:
+    return torch.cat([
+        pipe(PROMPT, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
+             output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
+        for seed in SEEDS
+    ])
+
+
+def _channel_stats_distance(samples: torch.Tensor, target: torch.Tensor) -> float:
+    dims = (2, 3, 4)
+    mean_gap = (samples.mean(dims) - target.mean(dims)) ** 2
+    std_gap = (samples.std(dims) - target.std(dims)) ** 2
+    return (mean_gap + std_gap).mean().item()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    model = tiny_models("wan-2.1")
+    clip = _make_clip(tmp / "data")
+    config = base_config(
+        tmp, model, clip.parent,
+        epochs=1000, lora_rank=16, lora_alpha=8,  # alpha != rank: the saved file must keep alpha
+        timestep_shift=3.0, video_config={"max_frames": 9, "target_fps": 16.0},
+    )
+    assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
+    return model, clip, Path(config["output_model_destination"]), tmp
+
+
+def test_stock_pipeline_samples_move_towards_the_trained_clip(trained):
+    from diffusers import WanPipeline
+
+    model, clip, lora, _ = trained
+    pipe = WanPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    target = _stock_target_latents(pipe, clip)
+    without = _sample_latents(pipe)
+    pipe.load_lora_weights(str(lora))
+    with_lora = _sample_latents(pipe)
+
+    mse_ratio = ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+    stats_ratio = _channel_stats_distance(with_lora, target) / _channel_stats_distance(without, target)
+    print(f"MSE ratio with/without LoRA: {mse_ratio:.3f}; channel statistics ratio: {stats_ratio:.3f}")
+    assert mse_ratio < 0.8, "samples did not move towards the clip: sign, timestep or loading convention broken"
+    assert stats_ratio < 0.85, "sample statistics do not match the clip's: latent normalisation broken"
+
+
+def test_diffusers_lora_file_keeps_alpha_and_names(trained):
+    _, _, lora, _ = trained
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert all(k.startswith("transformer.blocks.") for k in keys)
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert "transformer.blocks.1.ffn.net.2.lora_B.weight" in keys
+    assert metadata["transformer.r"] == 16 and metadata["transformer.lora_alpha"] == 8
+
+
+def test_comfy_lora_matches_diffusers_lora(trained, tmp_path):
+    """The COMFY_LORA file of a run holds the same update as its DIFFUSERS_LORA file: loaded through
+    diffusers' converter for original-Wan (ComfyUI) keys, the transformer gives the same output."""
+    from diffusers import WanPipeline
+
+    model, clip, _, _ = trained
+    outputs = {}
+    for fmt in ("DIFFUSERS_LORA", "COMFY_LORA"):
+        config = base_config(
+            tmp_path / fmt, model, clip.parent, epochs=20, lora_rank=8, lora_alpha=2,
+            output_model_format=fmt, output_model_destination=str(tmp_path / f"{fmt}.safetensors"),
+            workspace_dir=str(tmp_path / fmt / "ws"), video_config={"max_frames": 9, "target_fps": 16.0},
+        )
+        (tmp_path / fmt).mkdir()
+        assert main(["train", "--config", str(write_config(tmp_path / fmt / "c.json", **config))]) == 0
+        pipe = WanPipeline.from_pretrained(model)
+        pipe.load_lora_weights(str(tmp_path / f"{fmt}.safetensors"))
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 16, 3, 4, 4, generator=generator)
+        text = torch.randn(1, 512, 32, generator=generator)
+        with torch.no_grad():
+            outputs[fmt] = pipe.transformer(latents, torch.tensor([500.0]), text, return_dict=False)[0]
+
+    comfy = load_file(str(tmp_path / "COMFY_LORA.safetensors"))
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy
+    assert "diffusion_model.blocks.0.cross_attn.o.lora_B.weight" in comfy
+    assert "diffusion_model.blocks.1.ffn.0.lora_A.weight" in comfy
+    assert comfy["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 2.0
+    assert torch.allclose(outputs["DIFFUSERS_LORA"], outputs["COMFY_LORA"], atol=1e-5)
+
+
+def test_comfy_names_are_the_original_wan_names(tiny_models):
+    """Every ComfyUI key names an original-Wan module: diffusers' own original→diffusers converter
+    (used for single-file WAN checkpoints) maps each one back to the module the LoRA was trained on."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from motiontune.config import TrainConfig
+    from motiontune.models.wan import WanFamily
+
+    config = TrainConfig.model_validate({"concepts": [{"path": "."}]})
+    family = WanFamily(config, torch.device("cpu"))
+    from diffusers import WanTransformer3DModel
+
+    family.transformer = WanTransformer3DModel.from_pretrained(tiny_models("wan-2.1"), subfolder="transformer")
+    family.train_expert_2 = False
+    modules = family.lora_target_modules("blocks,condition_embedder,proj_out")
+    original = {family.comfy_lora_key(m).removeprefix("diffusion_model.") + ".weight": torch.zeros(1) for m in modules}
+    converted = convert_wan_transformer_to_diffusers(dict(original))
+    assert sorted(converted) == sorted(m + ".weight" for m in modules)
