@@ -1,9 +1,9 @@
 """The conventions, end to end: train a LoRA with `motiontune train` on a real clip, then sample with the
 stock diffusers WanPipeline (no motiontune code) and check the samples moved towards that clip.
 
-Measured on the CPU build here (1000 steps, 8 seeds): MSE ratio with/without LoRA ≈ 0.65, per-channel
-statistics ratio ≈ 0.6. Breaking the sign of the flow target gives an MSE ratio ≈ 1.19; dropping the latent
-normalisation gives a statistics ratio ≈ 1.2: each fails one of the two assertions below.
+Measured on the CPU build here (1000 steps, 8 seeds): MSE ratio with/without LoRA 0.60, per-channel
+statistics ratio 0.45. With the flow target's sign flipped the MSE ratio is 1.12; with the latent
+normalisation left out the statistics ratio is 1.19: each fails an assertion below.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ SEEDS = range(8)
 
 
 def _make_clip(folder: Path) -> Path:
-    """9 frames of the real shapes clip at 16 fps and 32x32, so the test and the trainer read identical pixels."""
+    """9 frames of the real shapes clip (from 3 s in: its first second is black) at 32x32, written
+    losslessly at 16 fps, so the test and the trainer read identical pixels."""
     folder.mkdir()
     with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24", width=32, height=32) for _, f in zip(range(18), container.decode(video=0))]
+        frames = [f.to_ndarray(format="rgb24", width=32, height=32) for _, f in zip(range(108), container.decode(video=0))]
+    frames = frames[90:]
     clip = folder / "shapes.mp4"
     with av.open(str(clip), "w") as out:
         stream = out.add_stream("libx264", rate=16)
@@ -77,7 +79,7 @@ def trained(tiny_models, tmp_path_factory):
     clip = _make_clip(tmp / "data")
     config = base_config(
         tmp, model, clip.parent,
-        epochs=1000, lora_rank=16, lora_alpha=8,  # alpha != rank: the saved file must keep alpha
+        epochs=1000, learning_rate=3e-3, lora_rank=16, lora_alpha=8,  # alpha != rank: the saved file must keep alpha
         timestep_shift=3.0, video_config={"max_frames": 9, "target_fps": 16.0},
     )
     assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
@@ -98,7 +100,7 @@ def test_stock_pipeline_samples_move_towards_the_trained_clip(trained):
     mse_ratio = ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
     stats_ratio = _channel_stats_distance(with_lora, target) / _channel_stats_distance(without, target)
     print(f"MSE ratio with/without LoRA: {mse_ratio:.3f}; channel statistics ratio: {stats_ratio:.3f}")
-    assert mse_ratio < 0.8, "samples did not move towards the clip: sign, timestep or loading convention broken"
+    assert mse_ratio < 0.75, "samples did not move towards the clip: sign, timestep or loading convention broken"
     assert stats_ratio < 0.85, "sample statistics do not match the clip's: latent normalisation broken"
 
 

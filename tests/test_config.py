@@ -1,0 +1,115 @@
+"""Config errors are caught before any model loads, and say what is wrong, where, and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_config
+from motiontune.config import ConfigError, load_config
+
+MISSING_MODEL = "/nonexistent/model-folder"  # a run that got as far as loading would fail differently
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "motiontune", *args], capture_output=True, text=True, timeout=120)
+
+
+def minimal(**keys):
+    config = {"base_model_name": MISSING_MODEL, "concepts": [{"path": "clips"}]}
+    config.update(keys)
+    return config
+
+
+@pytest.mark.parametrize(
+    "keys, expected",
+    [
+        ({"learnig_rate": 1e-4}, ["unknown key 'learnig_rate'", "Did you mean 'learning_rate'?"]),
+        ({"video_config": {"max_frame": 16}}, ["unknown key 'video_config.max_frame'", "Did you mean 'max_frames'?"]),
+        ({"optimizer": {"optimizer": "ADAM"}}, ["optimizer.optimizer", '"ADAM"', "'ADAMW'"]),
+        ({"timestep_distribution": "GAUSSIAN"}, ["timestep_distribution", '"GAUSSIAN"', "'UNIFORM', 'LOGIT_NORMAL' or 'SIGMOID'"]),
+        ({"video_config": {"frame_dropout_probability": 0.9}}, ["video_config.frame_dropout_probability", "0.9", "less than or equal to 0.3"]),
+        ({"video_config": {"temporal_consistency_weight": -1}}, ["video_config.temporal_consistency_weight", "-1", "greater than or equal to 0"]),
+        ({"resolution": "wide"}, ["resolution", "'832x480'"]),
+    ],
+)
+def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected):
+    result = run_cli("train", "--config", str(write_config(tmp_path / "c.json", **minimal(**keys))))
+    assert result.returncode == 2, result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert "loading" not in result.stderr  # stopped before the model
+
+
+def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
+    path = write_config(
+        tmp_path / "c.json",
+        **minimal(training_method="FINE_TUNE", video_config={"use_temporal_attention": False}, gradient_checkpointing="CPU_OFFLOADED"),
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    message = str(error.value)
+    assert 'training_method = "FINE_TUNE": not supported yet' in message
+    assert "video_config.use_temporal_attention = false: not supported yet" in message
+    assert 'gradient_checkpointing = "CPU_OFFLOADED": not supported yet' in message
+
+
+def test_model_types_of_later_issues_are_named_not_unknown(tmp_path):
+    with pytest.raises(ConfigError, match="model_type = 'HUNYUAN_VIDEO': not supported yet"):
+        load_config(str(write_config(tmp_path / "c.json", **minimal(model_type="HUNYUAN_VIDEO"))))
+
+
+def test_a14b_trains_exactly_one_expert(tmp_path):
+    both = minimal(model_type="WAN_2_2_T2V_A14B", transformer={"train": True}, transformer_2={"train": True})
+    with pytest.raises(ConfigError, match="one expert per run"):
+        load_config(str(write_config(tmp_path / "c.json", **both)))
+    low = minimal(model_type="WAN_2_2_T2V_A14B", transformer={"train": False}, transformer_2={"train": True})
+    assert load_config(str(write_config(tmp_path / "d.json", **low))).transformer_2.train
+
+
+def test_set_overrides_dotted_keys_and_list_items(tmp_path):
+    path = write_config(tmp_path / "c.json", **minimal())
+    config = load_config(str(path), ["video_config.max_frames=33", "epochs=3", "concepts.0.path=other", "seed=7"])
+    assert (config.video_config.max_frames, config.epochs, config.concepts[0].path, config.seed) == (33, 3, "other", 7)
+    with pytest.raises(ConfigError, match="video_config.max_frames"):
+        load_config(str(path), ["video_config.max_frames=lots"])
+
+
+def test_defaults_match_the_documented_video_config(tmp_path):
+    video = load_config(str(write_config(tmp_path / "c.json", **minimal()))).video_config
+    assert video.model_dump() == {
+        "max_frames": 16, "frame_sample_strategy": "uniform", "target_fps": 24.0, "max_duration": 10.0,
+        "temporal_consistency_weight": 1.0, "use_temporal_attention": True, "spatial_compression_ratio": 8,
+        "temporal_compression_ratio": 4, "video_batch_size_multiplier": 0.5, "frame_dropout_probability": 0.0,
+        "temporal_augmentation": False,
+    }
+
+
+def test_both_onetrainer_memory_forms_are_read(tmp_path):
+    old = load_config(str(write_config(tmp_path / "old.json", **minimal(gradient_checkpointing="ON"))))
+    new = load_config(str(write_config(tmp_path / "new.json", **minimal(transformer={"gradient_checkpointing": True}))))
+    off = load_config(str(write_config(tmp_path / "off.json", **minimal(gradient_checkpointing="OFF"))))
+    assert old.use_gradient_checkpointing() and new.use_gradient_checkpointing() and not off.use_gradient_checkpointing()
+    assert old.memory_config_form.startswith("older") and new.memory_config_form.startswith("newer")
+
+
+def test_shipped_presets_are_valid_and_found_by_name():
+    result = run_cli("presets")
+    assert result.returncode == 0
+    names = result.stdout.split("\n")
+    assert "#wan 2.2 LoRA" in names and "#wan 2.2 LoRA 8GB" in names
+    for name in ("#wan 2.2 LoRA", "#wan 2.2 LoRA 8GB.json"):
+        config = load_config(name)
+        assert config.training_method == "LORA"
+    with pytest.raises(ConfigError, match="Did you mean the preset '#wan 2.2 LoRA'"):
+        load_config("#wan 2.2 lora")
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"epochs": 3,\n "seed": }')
+    with pytest.raises(ConfigError, match=r"not valid JSON \(line 2"):
+        load_config(str(path))

@@ -1,0 +1,140 @@
+"""Training runs on tiny real-architecture models: every WAN variant, dtypes, batching, outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA, base_config, write_config
+from motiontune.cli import main
+from motiontune.data.buckets import epoch_batches
+from motiontune.train.flow import sample_sigmas
+
+
+@pytest.fixture
+def clips(tmp_path) -> Path:
+    """Two real clips with captions beside them, and one in the videos/ + captions/ layout."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in ("shapes_200px_30fps.mp4", "big_buck_bunny_432_433.webm"):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+        (folder / name).with_suffix(".txt").write_text("moving shapes\na test clip\n")
+    return folder
+
+
+def run(tmp_path: Path, config: dict) -> int:
+    return main(["train", "--config", str(write_config(tmp_path / "config.json", **config))])
+
+
+def frame_count(path: Path) -> tuple[int, int, int]:
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    return len(frames), frames[0].height, frames[0].width
+
+
+@pytest.mark.parametrize("family", ["wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b"])
+def test_make_tiny_model_writes_a_folder_the_stock_pipeline_loads(tmp_path, family):
+    from diffusers import WanPipeline
+
+    assert main(["make-tiny-model", "--family", family, "--out", str(tmp_path / family)]) == 0
+    pipe = WanPipeline.from_pretrained(tmp_path / family)
+    assert (pipe.transformer_2 is not None) == (family == "wan-2.2-a14b")
+    assert pipe.config.expand_timesteps == (family == "wan-2.2-ti2v-5b")
+    assert pipe.vae.config.z_dim == (48 if family == "wan-2.2-ti2v-5b" else 16)
+    size = 32 if family == "wan-2.2-ti2v-5b" else 16
+    video = pipe("a red circle", height=size, width=size, num_frames=5, num_inference_steps=2, guidance_scale=1.0).frames
+    assert video.shape == (1, 5, size, size, 3)
+
+
+def test_bf16_batches_accumulation_saves_samples_and_logs(tmp_path, tiny_models, clips):
+    config = base_config(
+        tmp_path, tiny_models("wan-2.1"), clips,
+        train_dtype="BFLOAT_16", batch_size=2, gradient_accumulation_steps=2, epochs=2,
+        gradient_checkpointing="ON", learning_rate_scheduler="COSINE", learning_rate_warmup_steps=1,
+        save_every=1, save_every_unit="STEP", sample_after=2, sample_after_unit="STEP",
+        samples=[{"prompt": "moving shapes", "frames": 8, "height": 40, "width": 40, "steps": 2, "cfg_scale": 2.0, "fps": 8}],
+        video_config={"max_frames": 9, "target_fps": 8.0, "video_batch_size_multiplier": 1.0},
+    )
+    assert run(tmp_path, config) == 0
+    workspace = tmp_path / "workspace"
+    # The clips differ in length (9 and 5 frames), so they are two buckets of one clip each: two batches
+    # per epoch, accumulated into one optimizer step; two epochs give two steps.
+    assert sorted(p.name for p in (workspace / "save").iterdir()) == ["step1.safetensors", "step2.safetensors"]
+    sample = workspace / "samples" / "step2-0.mp4"
+    assert frame_count(sample) == (5, 32, 32)  # 8 frames → 5 (4n+1), 40 → 32 (multiple of 16)
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    assert all(t.dtype == torch.float32 for t in lora.values())
+    assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)  # it trained
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workspace / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "loss/flow", "loss/temporal_consistency"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("loss")) == 2
+
+
+def test_a14b_trains_only_the_chosen_expert(tmp_path, tiny_models, clips):
+    from diffusers import WanPipeline
+
+    model = tiny_models("wan-2.2-a14b")
+    config = base_config(
+        tmp_path, model, clips, model_type="WAN_2_2_T2V_A14B",
+        transformer={"train": False}, transformer_2={"train": True}, epochs=3, timestep_shift=5.0,
+    )
+    assert run(tmp_path, config) == 0
+    pipe = WanPipeline.from_pretrained(model)
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
+
+    def outputs():
+        with torch.no_grad():
+            return [m(*inputs, return_dict=False)[0] for m in (pipe.transformer, pipe.transformer_2)]
+
+    high_before, low_before = outputs()
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), load_into_transformer_2=True)
+    high_after, low_after = outputs()
+    assert torch.equal(high_before, high_after)
+    assert not torch.allclose(low_before, low_after)
+
+
+@pytest.mark.parametrize("distribution", ["UNIFORM", "LOGIT_NORMAL", "SIGMOID"])
+@pytest.mark.parametrize("sigma_range", [(0.875, 1.0), (0.0, 0.875)])
+def test_expert_noise_levels_stay_in_the_expert_range(distribution, sigma_range):
+    sigmas = sample_sigmas(4000, distribution, 5.0, sigma_range, torch.Generator().manual_seed(0))
+    assert sigmas.min() >= sigma_range[0] and sigmas.max() <= sigma_range[1]
+    # the whole range is used, not clamped onto its edges
+    assert (sigmas == sigma_range[0]).float().mean() < 0.01 and (sigmas == sigma_range[1]).float().mean() < 0.01
+    assert sigmas.std() > 0.02
+
+
+def test_shift_moves_noise_levels_up_as_the_scheduler_does():
+    plain = sample_sigmas(20000, "UNIFORM", 1.0, generator=torch.Generator().manual_seed(0))
+    shifted = sample_sigmas(20000, "UNIFORM", 3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain), atol=1e-6)
+
+
+def test_ti2v_5b_trains_and_samples(tmp_path, tiny_models, clips):
+    config = base_config(
+        tmp_path, tiny_models("wan-2.2-ti2v-5b"), clips, model_type="WAN_2_2_TI2V_5B", resolution="40",
+        samples=[{"prompt": "moving shapes", "frames": 5, "height": 32, "width": 32, "steps": 2, "cfg_scale": 1.0}],
+        sample_after_unit="EPOCH", sample_after=2, output_model_format="COMFY_LORA",
+    )
+    assert run(tmp_path, config) == 0
+    assert frame_count(tmp_path / "workspace" / "samples" / "epoch2-0.mp4") == (5, 32, 32)
+    assert any(k.endswith(".alpha") for k in load_file(str(tmp_path / "lora.safetensors")))
+
+
+def test_video_and_image_buckets_use_their_batch_sizes():
+    shapes = [(16, 3, 4, 4)] * 5 + [(16, 1, 4, 4)] * 5
+    batches = epoch_batches(shapes, [1.0] * 10, batch_size=4, video_multiplier=0.5, seed=1, epoch=0)
+    video_batches = [b for b in batches if b[0] < 5]
+    image_batches = [b for b in batches if b[0] >= 5]
+    assert sorted(len(b) for b in video_batches) == [1, 2, 2]  # floor(4 × 0.5) = 2
+    assert sorted(len(b) for b in image_batches) == [1, 4]
+    assert all(len({shapes[i] for i in b}) == 1 for b in batches)
+    assert epoch_batches(shapes, [1.0] * 10, 4, 0.5, 1, 0) == batches  # reproducible from the seed
