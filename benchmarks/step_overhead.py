@@ -127,9 +127,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             work = Path(scratch)
             model = build_model(work / "model", heads, head_dim, ffn, layers, text_dim)
-            short, long = (3, 13) if name == "tiny" else (2, 6)
+            short, long = (5, 45) if name == "tiny" else (2, 8)
             ours = motiontune_step_time(model, work, frames, resolution, short, long)
-            bare = bare_loop_step_time(model, frames, resolution, text_dim, steps=20 if name == "tiny" else 4)
+            bare = bare_loop_step_time(model, frames, resolution, text_dim, steps=40 if name == "tiny" else 6)
         print(f"{name:>16}: motiontune {ours * 1000:8.1f} ms/step, bare loop {bare * 1000:8.1f} ms/step, "
               f"ratio {ours / bare:.3f}  ({frames} frames x {resolution}^2, dim {heads * head_dim}, {layers} layers)")
 

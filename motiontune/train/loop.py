@@ -135,7 +135,7 @@ def train(config: TrainConfig) -> RunResult:
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
             for name, value in parts.items():
                 writer.add_scalar(name, value.item(), step)
-            progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1)
+            progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
             progress.update()
             after("STEP", step)
         after("EPOCH", epoch + 1)
