@@ -57,6 +57,14 @@ def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
     assert 'gradient_checkpointing = "CPU_OFFLOADED": not supported yet' in message
 
 
+def test_compression_beyond_the_vae_is_refused_per_model_type(tmp_path):
+    ti2v = minimal(model_type="WAN_2_2_TI2V_5B", video_config={"spatial_compression_ratio": 16})
+    assert load_config(str(write_config(tmp_path / "a.json", **ti2v))).video_config.spatial_compression_ratio == 16
+    wan21 = minimal(video_config={"spatial_compression_ratio": 16})
+    with pytest.raises(ConfigError, match=r"spatial_compression_ratio = 16: more compression than the VAE's own \(8\)"):
+        load_config(str(write_config(tmp_path / "b.json", **wan21)))
+
+
 def test_model_types_of_later_issues_are_named_not_unknown(tmp_path):
     with pytest.raises(ConfigError, match="model_type = 'HUNYUAN_VIDEO': not supported yet"):
         load_config(str(write_config(tmp_path / "c.json", **minimal(model_type="HUNYUAN_VIDEO"))))

@@ -138,3 +138,23 @@ def test_video_and_image_buckets_use_their_batch_sizes():
     assert sorted(len(b) for b in image_batches) == [1, 4]
     assert all(len({shapes[i] for i in b}) == 1 for b in batches)
     assert epoch_batches(shapes, [1.0] * 10, 4, 0.5, 1, 0) == batches  # reproducible from the seed
+
+
+def test_temporal_consistency_is_zero_for_a_perfect_prediction_and_grows_with_frame_errors():
+    from motiontune.train.flow import flow_target, noisy_latents
+    from motiontune.train.losses import temporal_consistency_loss
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 4, 4, 4, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.tensor([0.3, 0.8])
+    noisy = noisy_latents(x0, noise, sigma)
+    perfect = flow_target(x0, noise)
+    assert temporal_consistency_loss(perfect, noisy, sigma, x0).item() == pytest.approx(0.0, abs=1e-10)
+    constant_error = perfect + 0.5  # the same error on every frame leaves frame differences intact
+    assert temporal_consistency_loss(constant_error, noisy, sigma, x0).item() == pytest.approx(0.0, abs=1e-10)
+    flicker = perfect.clone()
+    flicker[:, :, 1] += 1.0
+    assert temporal_consistency_loss(flicker, noisy, sigma, x0).item() > 0.1
+    single_frame = x0[:, :, :1]
+    assert temporal_consistency_loss(perfect[:, :, :1], noisy[:, :, :1], sigma, single_frame).item() == 0.0

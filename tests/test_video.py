@@ -112,3 +112,40 @@ def test_a_broken_file_is_reported_and_skipped(tmp_path, tiny_models, caplog):
     assert "broken.mp4" in caplog.text
     with pytest.raises(MediaError, match="broken.mp4"):
         probe(data / "broken.mp4")
+
+
+@pytest.mark.parametrize("suffix, codec", [(".avi", "mpeg4"), (".mov", "libx264"), (".mkv", "libx264"), (".gif", "gif")])
+def test_containers_users_bring_decode(tmp_path, suffix, codec):
+    path = tmp_path / f"clip{suffix}"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = 48, 32
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for i in range(20):
+            array = np.full((32, 48, 3), 12 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format=stream.pix_fmt)))
+        container.mux(stream.encode())
+    info = probe(path)
+    assert info.duration == pytest.approx(2.0, abs=0.15)
+    frames = decode_frames(path, plan_timestamps(info, 5.0, 9, 10.0), (32, 32))
+    assert frames.shape == (9, 32, 32, 3)
+    levels = frames[:, 16, 16].mean(axis=1)
+    # later instants show later frames (0, 0.2, 0.4 s → frames 0, 2, 4, ...); GIF's 8-bit palette merges some levels
+    assert np.all(np.diff(levels) >= 0) and levels[-1] - levels[0] > 150
+
+
+def test_split_layout_reads_captions_from_the_captions_folder(tmp_path):
+    from motiontune.config import TrainConfig
+    from motiontune.data.dataset import scan_dataset
+
+    (tmp_path / "videos" / "sub").mkdir(parents=True)
+    (tmp_path / "captions" / "sub").mkdir(parents=True)
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")
+    (tmp_path / "videos" / "sub" / "b.webm").write_bytes(b"")
+    (tmp_path / "captions" / "a.txt").write_text("first caption\nsecond caption\n")
+    (tmp_path / "captions" / "sub" / "b.txt").write_text("nested\n")
+    config = TrainConfig.model_validate({"concepts": [{"path": str(tmp_path), "include_subdirectories": True}]})
+    items = {item.path.name: item.captions for item in scan_dataset(config)}
+    assert items == {"a.mp4": ("first caption", "second caption"), "b.webm": ("nested",)}
+    by_name = TrainConfig.model_validate({"concepts": [{"path": str(tmp_path / "videos"), "text": {"prompt_source": "filename"}}]})
+    assert [item.captions for item in scan_dataset(by_name)] == [("a",)]

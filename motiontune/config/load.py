@@ -9,7 +9,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from .schema import NOT_SUPPORTED_YET, SUPPORTED_MODEL_TYPES, TrainConfig, get_dotted
+from .schema import (
+    DEFAULT_NATIVE_COMPRESSION,
+    NATIVE_COMPRESSION,
+    NOT_SUPPORTED_YET,
+    SUPPORTED_MODEL_TYPES,
+    TrainConfig,
+    get_dotted,
+)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -138,6 +145,14 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
+    native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
+    for key, limit in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
+        value = getattr(config.video_config, key)
+        if value > limit:
+            problems.append(
+                f"  - video_config.{key} = {value}: more compression than the VAE's own ({limit}) is not supported "
+                f"yet (issue 7); use {limit} or less (the VAE's ratio is used)"
+            )
     if config.model_type == "WAN_2_2_T2V_A14B":
         if config.transformer.train == config.transformer_2.train:
             problems.append(

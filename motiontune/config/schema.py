@@ -220,11 +220,15 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("vae.train", False, "VAE training"),
     ("video_config.frame_sample_strategy", "uniform", "random and keyframe clip windows (issue 3)"),
     ("video_config.use_temporal_attention", True, "frame-local attention (issue 7)"),
-    ("video_config.spatial_compression_ratio", 8, "extra spatial compression (issue 7)"),
-    ("video_config.temporal_compression_ratio", 4, "extra temporal compression (issue 7)"),
     ("video_config.frame_dropout_probability", 0.0, "frame dropout (issue 7)"),
     ("video_config.temporal_augmentation", False, "temporal augmentation (issue 7)"),
 ]
+
+
+# The VAE's own compression per model type (spatial, temporal): a compression ratio up to these is the
+# VAE's and changes nothing; more than these (downscaling or subsampling before encoding) is not built yet.
+NATIVE_COMPRESSION = {"WAN_2_2_TI2V_5B": (16, 4)}
+DEFAULT_NATIVE_COMPRESSION = (8, 4)
 
 
 def get_dotted(config: BaseModel, dotted: str):
