@@ -30,8 +30,8 @@ class Strict(BaseModel):
 
 
 class TextConfig(Strict):
-    # sample: a .txt caption per file; concept: lines of `prompt_path`; filename: the file's stem.
-    prompt_source: Literal["sample", "concept", "filename"] = "sample"
+    # sample: a .txt caption per file; concept (or txt): lines of `prompt_path`; filename: the file's stem.
+    prompt_source: Literal["sample", "concept", "txt", "filename"] = "sample"
     prompt_path: str = ""
 
 
@@ -53,6 +53,7 @@ class ModelPartConfig(Strict):
     gradient_checkpointing: bool | None = None
     offload_fraction: float = Field(0.0, ge=0, le=1)
     activation_offloading: bool = False
+    dropout_probability: float = Field(0.0, ge=0, le=1)  # text_encoder only: captions left out (CFG training)
 
 
 class OptimizerConfig(Strict):
@@ -78,6 +79,7 @@ class SampleConfig(Strict):
 class VideoConfig(Strict):
     max_frames: int = Field(16, ge=1)
     frame_sample_strategy: Literal["uniform", "random", "keyframe"] = "uniform"
+    clips_per_file: int = Field(1, ge=1, le=1000)  # clip windows taken from each video
     target_fps: float = Field(24.0, gt=0, le=240)
     max_duration: float = Field(10.0, gt=0)
     temporal_consistency_weight: float = Field(1.0, ge=0, le=2)
@@ -101,6 +103,8 @@ class TrainConfig(Strict):
     concept_file_name: str | None = None
 
     resolution: str = "480"
+    aspect_ratio_bucketing: bool = True  # each file trains at the bucket nearest its aspect, same area
+    dataloader_threads: int = Field(2, ge=0, le=64)  # worker processes that probe and decode (0: in-process)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
@@ -218,7 +222,9 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer_2.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
     ("text_encoder.train", False, "text encoder training"),
     ("vae.train", False, "VAE training"),
-    ("video_config.frame_sample_strategy", "uniform", "random and keyframe clip windows (issue 3)"),
+    ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
+    ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
+    ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("video_config.use_temporal_attention", True, "frame-local attention (issue 7)"),
     ("video_config.frame_dropout_probability", 0.0, "frame dropout (issue 7)"),
     ("video_config.temporal_augmentation", False, "temporal augmentation (issue 7)"),

@@ -44,3 +44,21 @@ def batches_per_epoch(shapes, repeats, batch_size, video_multiplier) -> int:
     for shape, repeat in zip(shapes, repeats):
         counts[shape] += math.ceil(repeat)
     return sum(math.ceil(n / bucket_batch_size(batch_size, s[1], video_multiplier)) for s, n in counts.items())
+
+
+def aspect_buckets(resolution: tuple[int, int], multiple: int, max_ratio: float = 3.0) -> list[tuple[int, int]]:
+    """(height, width) sizes with about the resolution's area, in multiples of `multiple`, from 1:max_ratio to max_ratio:1."""
+    area = resolution[0] * resolution[1]
+    buckets = set()
+    for width in range(multiple, int(math.sqrt(area * max_ratio)) + multiple, multiple):
+        height = area // width // multiple * multiple
+        if height >= multiple and 1 / max_ratio <= width / height <= max_ratio:
+            buckets.add((height, width))
+    buckets.add(resolution)
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the picture's (ties: the larger area)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (round(abs(math.log(b[1] / b[0]) - aspect), 6), -b[0] * b[1]))

@@ -22,6 +22,7 @@ class Item:
     path: Path
     captions: tuple[str, ...]  # one is picked per step; a caption file may hold several lines
     repeats: float
+    caption_problem: str = ""  # why the caption is empty, when it is
 
 
 def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
@@ -52,20 +53,22 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
         for p in search_root.glob(pattern)
         if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
-    concept_lines = _concept_prompts(concept) if concept.text.prompt_source == "concept" else ()
+    source = concept.text.prompt_source
+    concept_lines = _concept_prompts(concept) if source in ("concept", "txt") else ()
     items = []
     for path in media:
-        if concept.text.prompt_source == "filename":
+        problem = ""
+        if source == "filename":
             captions = (path.stem.replace("_", " "),)
-        elif concept.text.prompt_source == "concept":
+        elif source in ("concept", "txt"):
             captions = concept_lines
         else:
             if split_layout:
                 caption_file = (captions_dir / path.relative_to(_owning_root(path, search_roots))).with_suffix(".txt")
             else:
                 caption_file = path.with_suffix(".txt")
-            captions = _read_lines(caption_file) if caption_file.is_file() else ("",)
-        items.append(Item(path, captions, concept.repeats))
+            captions, problem = _read_caption(caption_file)
+        items.append(Item(path, captions, concept.repeats, problem))
     return items
 
 
@@ -84,8 +87,20 @@ def _owning_root(path: Path, roots: list[Path]) -> Path:
 
 
 def _read_lines(path: Path) -> tuple[str, ...]:
-    lines = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the caption
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
     return lines or ("",)
+
+
+def _read_caption(path: Path) -> tuple[tuple[str, ...], str]:
+    """The caption lines and, when there are none, why (trained with an empty caption)."""
+    if not path.is_file():
+        return ("",), f"no caption file ({path.name})"
+    try:
+        lines = _read_lines(path)
+    except UnicodeDecodeError as error:
+        return ("",), f"caption {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+    return lines, "" if lines != ("",) else f"caption {path.name} is empty"
 
 
 def _concept_prompts(concept: ConceptConfig) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..data.buckets import batches_per_epoch, epoch_batches
-from ..data.dataset import scan_dataset
 from ..data.latents import encode_captions, encode_clips
+from ..data.survey import survey_dataset
 from ..methods.lora import add_lora, save_lora
 from ..models import ModelFamily, family_for
 from ..sample import prepare_samples, render_samples
@@ -56,15 +56,20 @@ def train(config: TrainConfig) -> RunResult:
     if config.memory_config_form != "default":
         log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
 
-    # Data and model: every clip and caption encoded once, then the text encoder leaves memory.
-    items = scan_dataset(config)
+    # Data and model: the dataset is surveyed before any model loads (a bad dataset fails fast), then
+    # every clip and caption is encoded once and the text encoder leaves memory.
     family = family_for(config, device)
+    survey = survey_dataset(config, family)
     log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
     family.load()
-    clips = encode_clips(items, family, config)
-    text_embeddings = encode_captions(clips, family)
+    clips = encode_clips(survey, family, config)
+    caption_dropout = config.text_encoder.dropout_probability
+    text_embeddings = encode_captions(clips, family, extra=("",) if caption_dropout > 0 else ())
     sample_requests = prepare_samples(config, family)
     family.release_text_encoder()
+    moving_windows = config.video_config.frame_sample_strategy == "random"
+    if moving_windows:
+        log.info("frame_sample_strategy random: each epoch draws new windows, so clips are decoded and VAE-encoded every epoch")
 
     # Adapters and optimizer.
     parameters = add_lora(family, config)
@@ -101,10 +106,14 @@ def train(config: TrainConfig) -> RunResult:
     step = 0
     progress = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(config.epochs):
+        if moving_windows and epoch > 0:
+            clips = encode_clips(survey, family, config, epoch)
+            shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
         batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
         for index, batch in enumerate(batches):
             x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
-            text = torch.stack([text_embeddings[random.choice(clips[i].captions)] for i in batch]).to(device)
+            captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
+            text = torch.stack([text_embeddings[c] for c in captions]).to(device)
             sigma = sample_sigmas(
                 len(batch),
                 config.timestep_distribution,

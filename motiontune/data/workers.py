@@ -1,0 +1,54 @@
+"""Run per-file work (probing, decoding) in worker processes, so a decoder that crashes on one file
+costs that file, not the run."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+
+class WorkerCrash(Exception):
+    """The worker process died on this job (a decoder crash, or out of memory)."""
+
+
+def map_isolated(function: Callable, jobs: Iterable, workers: int) -> Iterator[tuple[object, object]]:
+    """Yield (job, result) in job order; result is the function's value or the exception it raised
+    (a `WorkerCrash` when the process died). `workers` = 0 runs everything in this process."""
+    jobs = list(jobs)
+    if workers <= 0 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, _call(function, job)
+        return
+    context = multiprocessing.get_context("spawn")  # no inherited CUDA or thread state in the workers
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_call, function, job) for job in jobs]
+        finished = 0
+        try:
+            for job, future in zip(jobs, futures):
+                result = future.result()
+                finished += 1
+                yield job, result
+            return
+        except BrokenProcessPool:
+            pass
+    # A worker died and took the pool's queue with it: run the rest one job per process, so the
+    # crash is pinned on the file that caused it.
+    for job in jobs[finished:]:
+        yield job, _run_alone(function, job, context)
+
+
+def _run_alone(function, job, context):
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(_call, function, job).result()
+        except BrokenProcessPool:
+            return WorkerCrash("the decoder process crashed on this file")
+
+
+def _call(function, job):
+    try:
+        return function(job)
+    except Exception as error:  # returned, not raised: one file's problem is data, not a failure
+        return error
