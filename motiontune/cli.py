@@ -51,6 +51,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .inspect import as_json, as_table, inspect
+
+    survey, _ = inspect(args.target, args.set or [])
+    print(as_json(survey) if args.json else as_table(survey))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import list_presets
     from .config.load import PRESETS_DIR
@@ -86,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (dotted: video_config.max_frames=33)")
     train.set_defaults(run=cmd_train)
+
+    inspect = commands.add_parser("inspect", help="show what a dataset (folder or config) will train on")
+    inspect.add_argument("target", help="a dataset folder, a config file or a preset name")
+    inspect.add_argument("--json", action="store_true", help="one machine-readable JSON document")
+    inspect.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. video_config.target_fps=16")
+    inspect.set_defaults(run=cmd_inspect)
 
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(run=cmd_presets)

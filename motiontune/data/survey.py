@@ -72,9 +72,9 @@ def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_f
     )
 
 
-def survey_dataset(config: TrainConfig, family: ModelFamily, items: list[Item] | None = None) -> Survey:
-    """Probe, plan and bucket every file; raise a MediaError when nothing is usable."""
-    items = scan_dataset(config) if items is None else items
+def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True) -> Survey:
+    """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required)."""
+    items = scan_dataset(config)
     resolution = training_resolution(config, family)
     buckets = aspect_buckets(resolution, family.spatial_multiple) if config.aspect_ratio_bucketing else [resolution]
     max_frames = valid_max_frames(config, family)
@@ -100,6 +100,8 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, items: list[Item] |
             else:
                 entry.size = nearest_bucket(info.width, info.height, buckets)
     survey = Survey(entries)
+    if not require_usable:
+        return survey
     for entry in entries:
         if entry.problem:
             log.warning("skipped %s", entry.problem)

@@ -142,8 +142,9 @@ def _first_frame(container, stream):
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.split(": '")[0] if isinstance(error, av.FFmpegError) else text
+    if isinstance(error, av.FFmpegError) and error.strerror:  # without the errno and the repeated file name
+        return error.strerror
+    return str(error).strip() or type(error).__name__
 
 
 # --- planning ------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""`motiontune inspect`: what will train, before any GPU time is spent. A table of every file and a
+summary, or one JSON document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, find_config_file, load_config
+from .config.load import ConfigError, apply_override
+from .data.survey import FileEntry, Survey, survey_dataset
+from .models import family_for
+
+
+def config_for(target: str, overrides: list[str]) -> TrainConfig:
+    """A config file or preset as it is, or a dataset folder with default settings."""
+    if Path(target).is_dir():
+        data = {"concepts": [{"path": target, "include_subdirectories": True}]}
+        for assignment in overrides:
+            apply_override(data, assignment)
+        return TrainConfig.model_validate(data)
+    try:
+        find_config_file(target)
+    except ConfigError:
+        raise ConfigError(f"{target!r} is neither a dataset folder nor a config file or preset") from None
+    return load_config(target, overrides)
+
+
+def inspect(target: str, overrides: list[str] = ()) -> Survey:
+    config = config_for(target, list(overrides))
+    return survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False), config
+
+
+def file_record(entry: FileEntry) -> dict:
+    info = entry.info
+    problems = [entry.problem.split(": ", 1)[-1]] if entry.problem else []
+    if entry.item.caption_problem:
+        problems.append(f"caption: {entry.item.caption_problem}")
+    return {
+        "path": str(entry.item.path),
+        "usable": entry.usable,
+        "metadata": None if info is None else {
+            "kind": "image" if info.is_image else "video",
+            "duration": round(info.duration, 4),
+            "fps": round(info.fps, 3),
+            "real_fps": round(info.real_fps, 3),
+            "frames": info.frame_count,
+            "width": info.width,
+            "height": info.height,
+            "rotation": info.rotation,
+            "pix_fmt": info.pix_fmt,
+            "alpha": info.has_alpha,
+            "keyframes": len(info.keyframes),
+        },
+        "caption": entry.item.captions[0] if entry.item.captions != ("",) else None,
+        "bucket": None if entry.size is None else {"height": entry.size[0], "width": entry.size[1]},
+        "clips": [[round(t, 6) for t in clip] for clip in entry.clips],
+        "problems": problems,
+    }
+
+
+def summary_record(survey: Survey) -> dict:
+    return {
+        "files": len(survey.entries),
+        "usable_files": len(survey.usable),
+        "clips_per_bucket": {f"{f}x{w}x{h}": n for (f, h, w), n in sorted(survey.clips_per_bucket().items())},
+        "skipped_by_reason": dict(survey.skipped_by_reason()),
+        "total_frames": sum(len(c) for e in survey.usable for c in e.clips),
+    }
+
+
+def as_json(survey: Survey) -> str:
+    return json.dumps({"files": [file_record(e) for e in survey.entries], "summary": summary_record(survey)}, indent=2)
+
+
+def as_table(survey: Survey) -> str:
+    header = ("file", "duration", "fps", "frames", "size", "rot", "clips", "bucket", "caption", "problems")
+    rows = [header]
+    for entry in survey.entries:
+        record = file_record(entry)
+        meta = record["metadata"] or {}
+        clip_frames = {len(c) for c in entry.clips}
+        rows.append((
+            entry.item.path.name,
+            f"{meta['duration']:.2f}s" if meta.get("kind") == "video" else ("image" if meta else "-"),
+            f"{meta['fps']:.2f}" if meta.get("fps") else "-",
+            str(meta.get("frames") or "-"),
+            f"{meta['width']}x{meta['height']}" if meta else "-",
+            str(meta.get("rotation", "-")),
+            str(len(entry.clips)) if entry.clips else "-",
+            f"{'/'.join(map(str, sorted(clip_frames)))}f {entry.size[1]}x{entry.size[0]}" if entry.size else "-",
+            "yes" if record["caption"] else "no",
+            "; ".join(record["problems"]) or "",
+        ))
+    widths = [max(len(row[i]) for row in rows[:]) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    summary = summary_record(survey)
+    lines.append("")
+    lines.append(f"{summary['usable_files']} of {summary['files']} files usable, {summary['total_frames']} frames in all")
+    for bucket, count in summary["clips_per_bucket"].items():
+        frames, width, height = bucket.split("x")
+        lines.append(f"  bucket {width}x{height}, {frames} frames: {count} clips")
+    for reason, count in summary["skipped_by_reason"].items():
+        lines.append(f"  skipped ({reason}): {count}")
+    return "\n".join(lines)
