@@ -44,6 +44,7 @@ class MediaInfo:
     has_alpha: bool = False
     start: float = 0.0  # presentation time of the first frame, in the stream's clock
     keyframes: tuple[float, ...] = field(default=(0.0,), repr=False)  # seconds from the first frame
+    frame_times: tuple[float, ...] = field(default=(), repr=False)  # every frame's time, from the packets
 
 
 def probe(path: Path) -> MediaInfo:
@@ -62,7 +63,8 @@ def probe(path: Path) -> MediaInfo:
                 kinds = ", ".join(sorted({s.type for s in container.streams})) or "nothing"
                 raise MediaError(f"{path}: no video stream (it holds {kinds})")
             stream = container.streams.video[0]
-            keyframes, first, end, packets = _scan_packets(container, stream)
+            keyframes, times, end, packets = _scan_packets(container, stream)
+            first = times[0] if times else None
             if first is None:
                 raise MediaError(f"{path}: the video stream holds no frames")
             container.seek(0)
@@ -102,6 +104,7 @@ def probe(path: Path) -> MediaInfo:
         has_alpha=alpha,
         start=float(first * time_base),
         keyframes=tuple(sorted({float((k - first) * time_base) for k in keyframes})) or (0.0,),
+        frame_times=tuple(float((t - first) * time_base) for t in times),
     )
 
 
@@ -130,9 +133,10 @@ def _scan_packets(container, stream):
         if packet.is_keyframe:
             keyframes.append(packet.pts)
     if not times:
-        return keyframes, None, None, 0
+        return keyframes, [], None, 0
     typical = sorted(durations)[len(durations) // 2] if durations else 0
-    return keyframes, min(times), max(times) + typical, len(times)
+    times.sort()
+    return keyframes, times, times[-1] + typical, len(times)
 
 
 def _first_frame(container, stream):
@@ -244,10 +248,9 @@ def _frames_shown_at(info: MediaInfo, targets: list[float], stats: DecodeStats) 
                     now = frame.time - info.start
                     while pending and pending[0] < now - _EPS:  # instants before this frame show the previous one
                         shown[pending.pop(0)] = previous if previous is not None else frame
-                    if frame.duration:  # instants within this frame's span: no need to decode the next frame
-                        end = now + float(frame.duration * frame.time_base)
-                        while pending and pending[0] < end - _EPS:
-                            shown[pending.pop(0)] = frame
+                    # instants the packets say this frame is on screen for: no need to decode the next one
+                    while pending and abs(_frame_time_at(info, pending[0]) - now) <= _EPS:
+                        shown[pending.pop(0)] = frame
                     if not pending:
                         break
                     previous = frame
@@ -264,6 +267,12 @@ def _frames_shown_at(info: MediaInfo, targets: list[float], stats: DecodeStats) 
     except Exception as error:
         raise MediaError(f"{info.path}: decoding failed ({_reason(error)})") from None
     return shown
+
+
+def _frame_time_at(info: MediaInfo, t: float) -> float:
+    """The time of the frame on screen at `t`, from the packet times (nan where they are unknown)."""
+    index = bisect.bisect_right(info.frame_times, t + _EPS) - 1
+    return info.frame_times[index] if index >= 0 else math.nan
 
 
 def _keyframe_before(info: MediaInfo, t: float) -> float:
