@@ -30,6 +30,9 @@ def messy_folder(tmp_path) -> Path:
     whole = (DATA / "shapes_200px_30fps.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 4])
     (folder / "notes.mp4").write_text("shopping list: milk, eggs\n" * 40)
+    damaged = bytearray((DATA / "shapes_200px_30fps.mp4").read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 2000] = bytes(range(250)) * 8  # garbage mid-stream
+    (folder / "damaged_middle.mp4").write_bytes(bytes(damaged))
     (folder / "shapes_200px_30fps.txt").write_bytes("\ufeffmoving shapes\n".encode("utf-8"))  # with a BOM
     (folder / "transparent.txt").write_bytes(b"caf\xe9 latte")  # Latin-1, not UTF-8
     return folder
@@ -45,6 +48,7 @@ def test_inspect_reports_every_bad_file_with_its_reason(messy_folder, capsys):
     good = [name for name, f in files.items() if f["usable"]]
     assert sorted(good) == sorted(p.name for p in messy_folder.iterdir() if p.suffix in {".mp4", ".webm", ".gif"}
                                   and p.name not in {"zero.mp4", "notes.mp4", "truncated.mp4"})
+    assert files["damaged_middle.mp4"]["usable"]  # the decoder conceals the damage; the file still plays
     shapes = files["shapes_200px_30fps.mp4"]
     assert shapes["caption"] == "moving shapes"  # the byte-order mark is not part of the caption
     assert shapes["clips"][0][:3] == [0.0, 0.125, 0.25] and shapes["metadata"]["fps"] == pytest.approx(30.0)
