@@ -51,6 +51,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .config import load_config
+    from .data.cache import Cache
+    from .data.latents import Encoding
+    from .data.survey import survey_dataset
+    from .models import family_for
+    from .sample import sample_prompts
+    from .train.loop import pick_device
+
+    config = load_config(args.config, args.set or [])
+    family = family_for(config, pick_device(config.train_device))
+    survey = survey_dataset(config, family)
+    cache = Cache(config.cache_dir, enabled=True)
+    encoding = Encoding(family, config, cache)
+    variants = sorted({encoding.window_variant(epoch) for epoch in range(config.epochs)})
+    clips = [clip for variant in variants for clip in encoding.clips(survey, variant)]
+    dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
+    encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
+    print(f"cache {config.cache_dir}: {len(encoding.used['latents'])} clip latents and {len(encoding.used['text'])} "
+          f"text embeddings in use ({encoding.calls['video']} and {encoding.calls['text']} encoded now)")
+    if args.clear:
+        print(f"removed {cache.remove_unused(encoding.used)} entries no current clip or caption uses")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import as_json, as_table, inspect
 
@@ -94,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (dotted: video_config.max_frames=33)")
     train.set_defaults(run=cmd_train)
+
+    cache = commands.add_parser("cache", help="encode latents and text embeddings into the cache, without training")
+    cache.add_argument("--config", required=True)
+    cache.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cache.add_argument("--clear", action="store_true", help="then remove entries no current clip or caption uses")
+    cache.set_defaults(run=cmd_cache)
 
     inspect = commands.add_parser("inspect", help="show what a dataset (folder or config) will train on")
     inspect.add_argument("target", help="a dataset folder, a config file or a preset name")

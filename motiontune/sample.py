@@ -12,8 +12,13 @@ from .models import ModelFamily, SampleRequest
 log = logging.getLogger("motiontune")
 
 
-def prepare_samples(config: TrainConfig, family: ModelFamily) -> list[tuple[SampleRequest, float]]:
-    """Encode every sample prompt now, so the text encoder can leave memory before training."""
+def sample_prompts(config: TrainConfig) -> set[str]:
+    return {s.prompt for s in config.samples} | {s.negative_prompt for s in config.samples if s.cfg_scale > 1.0}
+
+
+def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) -> list[tuple[SampleRequest, float]]:
+    """Sample requests with their prompts already encoded (`embeddings`), so the text encoder can leave
+    memory before training."""
     requests = []
     for sample in config.samples:
         multiple = family.spatial_multiple
@@ -24,10 +29,9 @@ def prepare_samples(config: TrainConfig, family: ModelFamily) -> list[tuple[Samp
             log.info("sample %r: %dx%d, %d frames → %dx%d, %d frames (the model's valid sizes)",
                      sample.prompt, sample.width, sample.height, sample.frames, width, height, frames)
         use_cfg = sample.cfg_scale > 1.0
-        embeds = family.encode_prompts([sample.prompt, sample.negative_prompt] if use_cfg else [sample.prompt])
         request = SampleRequest(
-            prompt_embeds=embeds[:1],
-            negative_prompt_embeds=embeds[1:] if use_cfg else None,
+            prompt_embeds=embeddings[sample.prompt][None],
+            negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
             frames=frames,
             height=height,
             width=width,

@@ -44,6 +44,7 @@ def base_config(tmp_path: Path, model: Path, data: Path, **overrides) -> dict:
         "lora_rank": 4,
         "lora_alpha": 4,
         "workspace_dir": str(tmp_path / "workspace"),
+        "cache_dir": str(tmp_path / "cache"),
         "output_model_destination": str(tmp_path / "lora.safetensors"),
         "sample_after_unit": "NEVER",
         "video_config": {"max_frames": 9, "target_fps": 8.0},

@@ -89,7 +89,7 @@ def test_set_overrides_dotted_keys_and_list_items(tmp_path):
 def test_defaults_match_the_documented_video_config(tmp_path):
     video = load_config(str(write_config(tmp_path / "c.json", **minimal()))).video_config
     assert video.model_dump() == {
-        "max_frames": 16, "frame_sample_strategy": "uniform", "clips_per_file": 1, "target_fps": 24.0, "max_duration": 10.0,
+        "max_frames": 16, "frame_sample_strategy": "uniform", "clips_per_file": 1, "window_variants": 0, "target_fps": 24.0, "max_duration": 10.0,
         "temporal_consistency_weight": 1.0, "use_temporal_attention": True, "spatial_compression_ratio": 8,
         "temporal_compression_ratio": 4, "video_batch_size_multiplier": 0.5, "frame_dropout_probability": 0.0,
         "temporal_augmentation": False,

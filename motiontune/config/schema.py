@@ -80,6 +80,8 @@ class VideoConfig(Strict):
     max_frames: int = Field(16, ge=1)
     frame_sample_strategy: Literal["uniform", "random", "keyframe"] = "uniform"
     clips_per_file: int = Field(1, ge=1, le=1000)  # clip windows taken from each video
+    # random windows: 0 draws new ones every epoch (encoded every epoch); N cycles through N cached draws
+    window_variants: int = Field(0, ge=0, le=1000)
     target_fps: float = Field(24.0, gt=0, le=240)
     max_duration: float = Field(10.0, gt=0)
     temporal_consistency_weight: float = Field(1.0, ge=0, le=2)
@@ -103,6 +105,8 @@ class TrainConfig(Strict):
     concept_file_name: str | None = None
 
     resolution: str = "480"
+    latent_caching: bool = True  # latents and text embeddings kept on disk across runs
+    cache_dir: str = "workspace-cache/run"
     aspect_ratio_bucketing: bool = True  # each file trains at the bucket nearest its aspect, same area
     dataloader_threads: int = Field(2, ge=0, le=64)  # worker processes that probe and decode (0: in-process)
     batch_size: int = Field(1, ge=1)

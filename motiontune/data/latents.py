@@ -1,10 +1,11 @@
-"""Decode the planned clips (in worker processes) and encode them once: frames → VAE latents,
-captions → text embeddings. This is the only place where data meets the model's encoders; the
-training step reads only these tensors."""
+"""Encode what training needs, once: planned clips → VAE latents, captions and prompts → text
+embeddings, through the on-disk cache. Encoders load only when something is missing from it. This is
+the only place where data meets the model's encoders; the training step reads only these tensors."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..models import ModelFamily
-from .survey import FileEntry, Survey, plan_entry
+from .cache import Cache, encoder_identity
+from .survey import Survey, plan_entry
 from .video import MediaError, decode_clips
 from .workers import map_isolated
 
@@ -33,43 +35,100 @@ class EncodedClip:
         return tuple(self.latents.shape)
 
 
+class Encoding:
+    """Cache-backed encoding for one run; `calls` counts what was actually encoded."""
+
+    def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache):
+        self.family, self.config, self.cache = family, config, cache
+        base = config.base_model_name
+        self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
+        self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"], f"{config.model_type}:{family.text_dtype}")
+        self.calls: Counter = Counter()
+        self.used: dict[str, set[str]] = {"latents": set(), "text": set()}  # every key this run asked for
+        self._text_loaded = False
+
+    def window_variant(self, epoch: int) -> int:
+        """Which draw of random windows an epoch uses (always 0 for fixed windows)."""
+        video = self.config.video_config
+        if video.frame_sample_strategy != "random":
+            return 0
+        return epoch if video.window_variants == 0 else epoch % video.window_variants
+
+    def clips(self, survey: Survey, variant: int = 0) -> list[EncodedClip]:
+        """Every planned clip of every usable file; a file that fails to decode is reported and skipped."""
+        max_frames = self.family.valid_frame_count(self.config.video_config.max_frames)
+        entries = survey.usable
+        plans = [e.clips if variant == 0 else plan_entry(e, self.config, self.family, max_frames, variant) for e in entries]
+        keys = []
+        for entry, plan in zip(entries, plans):
+            fingerprint = self.cache.file_fingerprint(entry.item.path)
+            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity) for clip in plan])
+        self.cache.save_fingerprints()
+        self.used["latents"].update(k for file_keys in keys for k in file_keys)
+        values = {key: self.cache.get("latents", key) for file_keys in keys for key in file_keys}
+        missing = [i for i, file_keys in enumerate(keys) if any(values[k] is None for k in file_keys)]
+        encoded_before = self.calls["video"]
+        if missing:
+            self._encode_missing([entries[i] for i in missing], [plans[i] for i in missing], [keys[i] for i in missing], values)
+        encoded = []
+        for entry, plan, file_keys in zip(entries, plans, keys):
+            for clip, key in zip(plan, file_keys):
+                if values.get(key) is not None:
+                    item = entry.item
+                    encoded.append(EncodedClip(item.path, values[key], item.captions, item.repeats, clip))
+        if not encoded:
+            raise MediaError("no clip could be decoded (reasons above)")
+        log.info("%d clips from %d files (%d encoded now, the rest from the cache)",
+                 len(encoded), len({c.source for c in encoded}), self.calls["video"] - encoded_before)
+        return encoded
+
+    def _encode_missing(self, entries, plans, keys, values) -> None:
+        self.family.load_vae()
+        jobs = [(e.info, plan, e.size) for e, plan in zip(entries, plans)]
+        decoded = map_isolated(_decode_job, jobs, self.config.dataloader_threads)
+        progress = tqdm(total=sum(len(k) for k in keys), desc="encoding clips", unit="clip", leave=False)
+        for entry, plan, file_keys, (_, result) in zip(entries, plans, keys, decoded):
+            if isinstance(result, Exception):
+                reason = str(result) if isinstance(result, MediaError) else f"{entry.item.path}: {type(result).__name__}: {result}"
+                log.warning("skipped %s", reason)
+                progress.update(len(file_keys))
+                continue
+            for frames, clip, key in zip(result, plan, file_keys):
+                if values[key] is None:
+                    values[key] = self.family.encode_video(frames)
+                    self.calls["video"] += 1
+                    self.cache.put("latents", key, values[key], {"file": str(entry.item.path), "instants": clip})
+                progress.update()
+        progress.close()
+
+    def texts(self, texts: set[str], batch: int = 8) -> dict[str, torch.Tensor]:
+        """Each text's embedding, as the stock pipeline computes it."""
+        keys = {text: Cache.text_key(text, self.text_identity) for text in texts}
+        self.used["text"].update(keys.values())
+        embeddings = {text: self.cache.get("text", key) for text, key in keys.items()}
+        missing = sorted(text for text, value in embeddings.items() if value is None)
+        if missing and not self._text_loaded:
+            self.family.load_text_encoder()
+            self._text_loaded = True
+        for start in range(0, len(missing), batch):
+            chunk = missing[start : start + batch]
+            for text, row in zip(chunk, self.family.encode_prompts(chunk)):
+                embeddings[text] = row
+                self.calls["text"] += 1
+                self.cache.put("text", keys[text], row, {"text": text})
+        return embeddings
+
+    def release(self, keep_vae: bool) -> None:
+        """Encoders off the training device before the transformer arrives."""
+        if self._text_loaded:
+            self.family.release_text_encoder()
+            self._text_loaded = False
+        if keep_vae:
+            self.family.park_vae()
+        else:
+            self.family.release_vae()
+
+
 def _decode_job(job):
     info, clips, size = job
     return decode_clips(info, clips, size)
-
-
-def encode_clips(survey: Survey, family: ModelFamily, config: TrainConfig, epoch: int = 0) -> list[EncodedClip]:
-    """Every planned clip of every usable file, encoded. Epoch > 0 re-plans (random windows move);
-    a file that fails to decode is reported and skipped."""
-    entries = survey.usable
-    max_frames = family.valid_frame_count(config.video_config.max_frames)
-    plans = [e.clips if epoch == 0 else plan_entry(e, config, family, max_frames, epoch) for e in entries]
-    jobs = [(e.info, clips, e.size) for e, clips in zip(entries, plans)]
-    encoded: list[EncodedClip] = []
-    decoded = map_isolated(_decode_job, jobs, config.dataloader_threads)
-    for entry, clips, (_, result) in tqdm(zip(entries, plans, decoded), total=len(jobs), desc="encoding clips", unit="file", leave=False):
-        if isinstance(result, Exception):
-            _skip(entry, result)
-            continue
-        for frames, timestamps in zip(result, clips):
-            encoded.append(EncodedClip(entry.item.path, family.encode_video(frames), entry.item.captions, entry.item.repeats, timestamps))
-    if not encoded:
-        raise MediaError("no clip could be decoded (reasons above)")
-    log.info("encoded %d clips from %d files", len(encoded), len({c.source for c in encoded}))
-    return encoded
-
-
-def _skip(entry: FileEntry, error: Exception) -> None:
-    reason = str(error) if isinstance(error, MediaError) else f"{entry.item.path}: {type(error).__name__}: {error}"
-    log.warning("skipped %s", reason)
-
-
-def encode_captions(clips: list[EncodedClip], family: ModelFamily, extra: tuple[str, ...] = (), batch: int = 8) -> dict[str, torch.Tensor]:
-    """Every distinct caption's embedding, computed once."""
-    captions = sorted({c for clip in clips for c in clip.captions} | set(extra))
-    embeddings = {}
-    for start in range(0, len(captions), batch):
-        chunk = captions[start : start + batch]
-        for caption, row in zip(chunk, family.encode_prompts(chunk)):
-            embeddings[caption] = row
-    return embeddings

@@ -30,6 +30,7 @@ def demo_config(out: Path) -> dict:
         "timestep_distribution": "LOGIT_NORMAL",
         "timestep_shift": 3.0,
         "workspace_dir": str(out / "workspace"),
+        "cache_dir": str(out / "cache"),
         "output_model_destination": str(out / "demo-lora.safetensors"),
         "output_model_format": "DIFFUSERS_LORA",
         "sample_after": 0,

@@ -37,6 +37,8 @@ class ModelFamily(ABC):
     spatial_multiple: int
     #: frames per latent frame (the VAE's temporal factor); valid clip lengths are 4n+1 for 4
     temporal_factor: int
+    #: the dtype the text encoder runs in (part of the text cache's key)
+    text_dtype: torch.dtype
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
@@ -46,9 +48,28 @@ class ModelFamily(ABC):
         """The largest frame count the VAE accepts that is <= `frames` (4n+1 for a factor of 4)."""
         return ((frames - 1) // self.temporal_factor) * self.temporal_factor + 1 if frames >= 1 else 0
 
+    #: encoder kind ("vae", "text") → the model parts (subfolders) whose files decide its outputs
+    ENCODER_PARTS: dict[str, tuple[str, ...]]
+
     @abstractmethod
-    def load(self) -> None:
-        """Load every part from `config.base_model_name` (and per-part `model_name` overrides)."""
+    def load_transformers(self) -> None:
+        """Load the transformer(s) and scheduler from `config.base_model_name` (or per-part `model_name`)."""
+
+    @abstractmethod
+    def load_vae(self) -> None:
+        """Load the VAE (once) and put it on the training device."""
+
+    @abstractmethod
+    def release_vae(self) -> None:
+        """Free the VAE."""
+
+    @abstractmethod
+    def park_vae(self) -> None:
+        """Move the VAE off the training device until it is needed again."""
+
+    @abstractmethod
+    def load_text_encoder(self) -> None:
+        """Load the tokenizer(s) and text encoder(s)."""
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -57,32 +57,56 @@ class WanFamily(ModelFamily):
         self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
         self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
         self.train_expert_2 = self.is_a14b and config.transformer_2.train
+        self.vae = self.text_encoder = self.tokenizer = None
+        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
     # --- loading -------------------------------------------------------------------------------
-    def load(self) -> None:
-        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-        from transformers import AutoTokenizer, UMT5EncoderModel
+    # The encoders load only when something is not in the cache, and leave before training.
+    ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder")}
+
+    def load_transformers(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         base = self.config.base_model_name
-        text_dtype = self.weight_dtype if self.device.type != "cpu" else torch.float32
-        self.tokenizer = _load(AutoTokenizer, base, "tokenizer")
-        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=text_dtype).to(self.device).eval()
-        # The VAE stays in float32, as the stock WAN examples run it: its latents feed every step.
-        self.vae = _load(AutoencoderKLWan, base, "vae", dtype=torch.float32).to(self.device).eval()
         self.scheduler = _load(FlowMatchEulerDiscreteScheduler, base, "scheduler")
         pipeline_config = _read_model_index(base)
         self.boundary_ratio = pipeline_config.get("boundary_ratio") or (DEFAULT_BOUNDARY if self.is_a14b else None)
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
-
         self.transformer = self._load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
         self.transformer_2 = None
         if self.is_a14b:
             self.transformer_2 = self._load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
-        for module in (self.text_encoder, self.vae, self.transformer, self.transformer_2):
+        for module in (self.transformer, self.transformer_2):
             if module is not None:
                 module.requires_grad_(False)
         # Only the trained expert sits on the accelerator; the other joins it for sampling only.
         self.trained_transformer().to(self.device)
+
+    def load_vae(self) -> None:
+        from diffusers import AutoencoderKLWan
+
+        if self.vae is None:  # float32, as the stock WAN examples run it: its latents feed every step
+            self.vae = _load(AutoencoderKLWan, self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae.requires_grad_(False).eval()
+        self.vae.to(self.device)
+
+    def load_text_encoder(self) -> None:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        base = self.config.base_model_name
+        self.tokenizer = _load(AutoTokenizer, base, "tokenizer")
+        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).to(self.device).eval()
+        self.text_encoder.requires_grad_(False)
+
+    def release_vae(self) -> None:
+        self.vae = None
+        _free_accelerator_memory(self.device)
+
+    def park_vae(self) -> None:
+        """Off the accelerator until samples need it again."""
+        if self.vae is not None:
+            self.vae.to("cpu")
+            _free_accelerator_memory(self.device)
 
     def _load_transformer(self, cls, subfolder, part):
         if part.model_name:
@@ -120,9 +144,7 @@ class WanFamily(ModelFamily):
     def release_text_encoder(self) -> None:
         self.text_encoder = None
         self.tokenizer = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_accelerator_memory(self.device)
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -190,6 +212,7 @@ class WanFamily(ModelFamily):
     def sample(self, request: SampleRequest) -> np.ndarray:
         from diffusers import WanPipeline
 
+        self.load_vae()
         parked = [m for m in (self.transformer, self.transformer_2) if m is not None and m.device != self.device]
         for module in parked:
             module.to(self.device)
@@ -221,7 +244,14 @@ class WanFamily(ModelFamily):
         finally:
             for module in parked:
                 module.to("cpu")
+            self.park_vae()
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _free_accelerator_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _read_model_index(base: str) -> dict:

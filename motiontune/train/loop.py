@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..data.buckets import batches_per_epoch, epoch_batches
-from ..data.latents import encode_captions, encode_clips
+from ..data.cache import Cache
+from ..data.latents import Encoding
 from ..data.survey import survey_dataset
 from ..methods.lora import add_lora, save_lora
 from ..models import ModelFamily, family_for
-from ..sample import prepare_samples, render_samples
+from ..sample import prepare_samples, render_samples, sample_prompts
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import training_loss
 from .optim import make_optimizer, make_scheduler
@@ -35,6 +36,7 @@ class RunResult:
     tensorboard_dir: Path | None = None
     steps: int = 0
     final_loss: float = float("nan")
+    encoder_calls: dict = field(default_factory=dict)  # what was encoded this run (the rest came from the cache)
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,20 +58,26 @@ def train(config: TrainConfig) -> RunResult:
     if config.memory_config_form != "default":
         log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
 
-    # Data and model: the dataset is surveyed before any model loads (a bad dataset fails fast), then
-    # every clip and caption is encoded once and the text encoder leaves memory.
+    # Data: the dataset is surveyed before any model loads (a bad dataset fails fast); clips and texts
+    # come from the cache, and only what is missing is encoded, with encoders loaded just for that.
     family = family_for(config, device)
     survey = survey_dataset(config, family)
-    log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
-    family.load()
-    clips = encode_clips(survey, family, config)
+    encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching))
+    clips = encoding.clips(survey, encoding.window_variant(0))
     caption_dropout = config.text_encoder.dropout_probability
-    text_embeddings = encode_captions(clips, family, extra=("",) if caption_dropout > 0 else ())
-    sample_requests = prepare_samples(config, family)
-    family.release_text_encoder()
-    moving_windows = config.video_config.frame_sample_strategy == "random"
+    texts = {c for clip in clips for c in clip.captions} | sample_prompts(config) | ({""} if caption_dropout > 0 else set())
+    text_embeddings = encoding.texts(texts)
+    sample_requests = prepare_samples(config, family, text_embeddings)
+    moving_windows = encoding.window_variant(1) != 0
     if moving_windows:
-        log.info("frame_sample_strategy random: each epoch draws new windows, so clips are decoded and VAE-encoded every epoch")
+        variants = config.video_config.window_variants
+        log.info("frame_sample_strategy random: %s", "new windows every epoch, so every epoch decodes and VAE-encodes its clips"
+                 if variants == 0 else f"{variants} cached window draws per clip; epochs 1-{variants} encode, later ones read the cache")
+    encoding.release(keep_vae=bool(sample_requests) or moving_windows)
+
+    # Model.
+    log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
+    family.load_transformers()
 
     # Adapters and optimizer.
     parameters = add_lora(family, config)
@@ -107,7 +115,8 @@ def train(config: TrainConfig) -> RunResult:
     progress = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(config.epochs):
         if moving_windows and epoch > 0:
-            clips = encode_clips(survey, family, config, epoch)
+            clips = encoding.clips(survey, encoding.window_variant(epoch))
+            family.park_vae()
             shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
         batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
         for index, batch in enumerate(batches):
@@ -154,10 +163,12 @@ def train(config: TrainConfig) -> RunResult:
         result.sample_paths = _sample(family, sample_requests, workspace, "final")
     result.lora_path = save_lora(family, config, Path(config.output_model_destination))
     result.steps = step
+    result.encoder_calls = dict(encoding.calls)
     writer.close()
     (workspace / "result.json").write_text(json.dumps(
         {"lora": str(result.lora_path), "samples": [str(p) for p in result.sample_paths],
-         "tensorboard": str(result.tensorboard_dir), "steps": step, "final_loss": result.final_loss}, indent=2))
+         "tensorboard": str(result.tensorboard_dir), "steps": step, "final_loss": result.final_loss,
+         "encoder_calls": result.encoder_calls}, indent=2))
     return result
 
 

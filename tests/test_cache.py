@@ -1,0 +1,133 @@
+"""The latent and text cache: nothing is encoded twice, nothing stale is served, a kill never corrupts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DATA, base_config, write_config
+from motiontune.cli import main
+from motiontune.models.wan import WanFamily
+
+
+@pytest.fixture
+def loads(monkeypatch) -> Counter:
+    """Counts real encoder loads (the methods still run)."""
+    counter = Counter()
+    for name in ("load_vae", "load_text_encoder"):
+        original = getattr(WanFamily, name)
+
+        def counted(self, _original=original, _name=name):
+            counter[_name] += 1
+            return _original(self)
+
+        monkeypatch.setattr(WanFamily, name, counted)
+    return counter
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name, caption in (("shapes_200px_30fps.mp4", "moving shapes"), ("big_buck_bunny_432_433.webm", "a rabbit")):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+        (folder / name).with_suffix(".txt").write_text(caption + "\n")
+    return folder
+
+
+def train_once(tmp_path: Path, config: dict) -> dict:
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    return json.loads((Path(config["workspace_dir"]) / "result.json").read_text())["encoder_calls"]
+
+
+def test_each_entry_is_encoded_once_and_only_changes_are_re_encoded(tmp_path, tiny_models, dataset, loads):
+    video = {"max_frames": 5, "target_fps": 8.0, "clips_per_file": 2}
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=2, video_config=video)
+    # the WebM is 1 s long: its two uniform windows (0-0.5 s and 0.5-1 s) are distinct; 4 clips in all
+    assert train_once(tmp_path, config) == {"video": 4, "text": 2}  # two epochs, each clip encoded once
+    assert loads == {"load_vae": 1, "load_text_encoder": 1}
+
+    loads.clear()
+    assert train_once(tmp_path, config) == {}  # a second run encodes nothing...
+    assert loads == {}  # ...and loads neither the VAE nor the text encoder
+
+    faster = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, video_config={**video, "target_fps": 10.0})
+    assert train_once(tmp_path, faster) == {"video": 4}  # new instants: every latent, no text
+    larger = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, resolution="48", video_config=video)
+    assert train_once(tmp_path, larger) == {"video": 4}
+    (dataset / "shapes_200px_30fps.txt").write_text("moving shapes on black\n")
+    assert train_once(tmp_path, config) == {"text": 1}  # one caption changed: exactly one embedding
+
+
+def test_a_changed_file_is_re_encoded_and_a_touched_one_is_not(tmp_path, tiny_models, dataset):
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, video_config={"max_frames": 5, "target_fps": 8.0})
+    assert train_once(tmp_path, config) == {"video": 2, "text": 2}
+    os.utime(dataset / "shapes_200px_30fps.mp4")  # new date, same bytes: the content hash says unchanged
+    assert train_once(tmp_path, config) == {}
+    (dataset / "big_buck_bunny_432_433.webm").write_bytes((DATA / "transparent.webm").read_bytes())
+    assert train_once(tmp_path, config) == {"video": 1}
+
+
+def test_corrupt_and_nan_entries_are_reported_and_made_again(tmp_path, tiny_models, dataset, capsys):
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, video_config={"max_frames": 5, "target_fps": 8.0})
+    train_once(tmp_path, config)
+    entries = sorted((tmp_path / "cache" / "latents").glob("*/*.safetensors"))
+    assert len(entries) == 2
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # torn
+    value = load_file(str(entries[1]))["value"]
+    save_file({"value": torch.full_like(value, float("nan"))}, str(entries[1]))
+    assert train_once(tmp_path, config) == {"video": 2}
+    assert capsys.readouterr().err.count("was unusable") == 2
+    assert all(torch.isfinite(load_file(str(e))["value"]).all() for e in entries)
+
+
+def test_random_windows_cycle_through_cached_variants(tmp_path, tiny_models, dataset):
+    video = {"max_frames": 5, "target_fps": 8.0, "frame_sample_strategy": "random", "window_variants": 2}
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=4, video_config=video)
+    assert train_once(tmp_path, config) == {"video": 4, "text": 2}  # 2 files x 2 variants, epochs 3-4 from the cache
+    assert train_once(tmp_path, {**config, "epochs": 1}) == {}
+
+
+def test_killed_cache_run_leaves_no_corrupt_entry(tmp_path, tiny_models, dataset):
+    video = {"max_frames": 9, "target_fps": 8.0, "clips_per_file": 30}
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, resolution="128", video_config=video, dataloader_threads=0)
+    path = write_config(tmp_path / "config.json", **config)
+    command = [sys.executable, "-m", "motiontune", "cache", "--config", str(path)]
+    latents = tmp_path / "cache" / "latents"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(latents.glob("*/*.safetensors"))) < 3:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list(latents.glob("*/*.safetensors")))
+    total = 30 + 30  # 30 windows from each file (the 1 s WebM's are 5 frames long)
+    assert 3 <= written < total, "the kill did not land mid-run"
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert f"{total} clip latents" in finished.stdout and f"({total - written} and" in finished.stdout
+    entries = list(latents.glob("*/*.safetensors"))
+    assert len(entries) == total and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert all(torch.isfinite(load_file(str(e))["value"]).all() for e in entries)
+
+
+def test_clear_removes_only_what_the_config_no_longer_uses(tmp_path, tiny_models, dataset, capsys):
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, video_config={"max_frames": 5, "target_fps": 8.0})
+    path = write_config(tmp_path / "a.json", **config)
+    assert main(["cache", "--config", str(path)]) == 0
+    assert main(["cache", "--config", str(path), "--set", "video_config.target_fps=10", "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 entries" in out  # the two 8 fps latents; the captions are still in use
+    assert len(list((tmp_path / "cache" / "latents").glob("*/*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache" / "text").glob("*/*.safetensors"))) == 2
