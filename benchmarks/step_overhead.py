@@ -1,8 +1,11 @@
-"""Time per optimizer step: `motiontune train` (cached latents) against a bare forward+backward+AdamW loop.
+"""Time per optimizer step: `motiontune train` (latents from the disk cache) against a bare
+forward+backward+AdamW loop.
 
-Both train the same LoRA on the same transformer with a batch of the same shape, in one process run.
-motiontune's time per step is the difference between two runs of different length divided by the
-difference in steps, so loading and encoding (done once per run) do not count.
+Both train the same LoRA on the same transformer with the same batch (the clip latent and caption
+embedding motiontune cached) and the same noise levels, in one process run. motiontune's time per step
+comes from the wall-clock stamps of its own TensorBoard loss scalars, so loading and encoding do not
+count; both report the median time between consecutive steps. The loop on the CPU runs faster or slower depending on the values it
+multiplies, which is why the bare loop gets the same batch and noise levels rather than random tensors.
 
     .venv/bin/python benchmarks/step_overhead.py            # tiny model and WAN-1.3B width, 2 layers
 """
@@ -21,6 +24,7 @@ import torch
 
 from motiontune.config import TrainConfig
 from motiontune.demo import CLIPS
+from motiontune.train.flow import sample_sigmas
 from motiontune.train.loop import train
 
 SIZES = {
@@ -55,24 +59,38 @@ def build_model(folder: Path, heads, head_dim, ffn, layers, text_dim) -> Path:
     return folder
 
 
-def motiontune_step_time(model: Path, work: Path, frames: int, resolution: int, short: int, long: int) -> float:
+def motiontune_step_time(model: Path, work: Path, frames: int, resolution: int, steps: int) -> float:
     def run(steps: int) -> float:
         config = TrainConfig.model_validate({
             "model_type": "WAN_2_1_T2V", "base_model_name": str(model),
             "concepts": [{"path": str(CLIPS)}], "resolution": str(resolution), "epochs": steps,
             "learning_rate": 1e-4, "train_dtype": "FLOAT_32", "lora_rank": 16, "lora_alpha": 16,
             "workspace_dir": str(work / f"ws{steps}"), "output_model_destination": str(work / f"lora{steps}.safetensors"),
+            "cache_dir": str(work / "cache"),  # filled by the warm-up run: the timed runs read every latent from it
             "sample_after_unit": "NEVER", "video_config": {"max_frames": frames, "target_fps": 16.0},
         })
         # one clip per epoch: the shapes clip only
         config.concepts[0].path = str(_one_clip(work))
-        start = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             train(config)
-        return time.perf_counter() - start
+        return work / f"ws{steps}" / "tensorboard"
 
-    run(1)  # warm-up: imports, allocator, kernels
-    return (run(long) - run(short)) / (long - short)
+    run(2)  # warm-up: fills the cache, imports, allocator
+    return step_time_from_logs(run(steps))
+
+
+def median_step_time(stamps: list[float]) -> float:
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    return gaps[len(gaps) // 2]
+
+
+def step_time_from_logs(folder: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    # the median gap between consecutive steps: robust to a step slowed by something else on the machine
+    return median_step_time([e.wall_time for e in events.Scalars("loss")])
 
 
 def _one_clip(work: Path) -> Path:
@@ -84,8 +102,17 @@ def _one_clip(work: Path) -> Path:
     return folder
 
 
-def bare_loop_step_time(model: Path, frames: int, resolution: int, text_dim: int, steps: int) -> float:
-    """The floor: the same LoRA on the same transformer, a fixed batch, nothing else."""
+def cached_batch(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip latent and caption embedding motiontune trained on, read back from its cache."""
+    from safetensors.torch import load_file
+
+    [latent] = [load_file(str(p))["value"] for p in (work / "cache" / "latents").glob("*/*.safetensors")]
+    [text] = [load_file(str(p))["value"] for p in (work / "cache" / "text").glob("*/*.safetensors")]
+    return latent[None], text[None]
+
+
+def bare_loop_step_time(model: Path, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
+    """The floor: the same LoRA on the same transformer and the same batch, nothing else."""
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
@@ -96,24 +123,27 @@ def bare_loop_step_time(model: Path, frames: int, resolution: int, text_dim: int
     targets = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and _DEFAULT_TARGETS.match(n)]
     transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
     parameters = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    transformer.train()  # as any training loop does (from_pretrained returns the model in eval mode)
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-    latent = resolution // 8
-    x = torch.randn(1, 16, (frames - 1) // 4 + 1, latent, latent)
-    target = torch.randn_like(x)
-    text = torch.randn(1, 512, text_dim)
-    t = torch.tensor([500.0])
+    x0, text = batch
+    # the noise levels motiontune draws with its default settings and seed
+    sigmas = sample_sigmas(steps + 1, "LOGIT_NORMAL", 1.0, generator=torch.Generator().manual_seed(43))
+    generator = torch.Generator().manual_seed(42)
 
-    def step():
-        prediction = transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-        torch.nn.functional.mse_loss(prediction, target).backward()
+    def step(sigma):
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        prediction = transformer(hidden_states=noisy, timestep=sigma[None] * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        torch.nn.functional.mse_loss(prediction, noise - x0).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    step(sigmas[0])
+    stamps = [time.perf_counter()]
+    for sigma in sigmas[1:]:
+        step(sigma)
+        stamps.append(time.perf_counter())
+    return median_step_time(stamps)
 
 
 def main() -> None:
@@ -127,9 +157,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             work = Path(scratch)
             model = build_model(work / "model", heads, head_dim, ffn, layers, text_dim)
-            short, long = (5, 45) if name == "tiny" else (2, 8)
-            ours = motiontune_step_time(model, work, frames, resolution, short, long)
-            bare = bare_loop_step_time(model, frames, resolution, text_dim, steps=40 if name == "tiny" else 6)
+            steps = 60 if name == "tiny" else 12
+            ours = motiontune_step_time(model, work, frames, resolution, steps)
+            bare = bare_loop_step_time(model, cached_batch(work), steps)
         print(f"{name:>16}: motiontune {ours * 1000:8.1f} ms/step, bare loop {bare * 1000:8.1f} ms/step, "
               f"ratio {ours / bare:.3f}  ({frames} frames x {resolution}^2, dim {heads * head_dim}, {layers} layers)")
 

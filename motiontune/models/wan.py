@@ -170,11 +170,11 @@ class WanFamily(ModelFamily):
         return (0.0, self.boundary_ratio) if self.train_expert_2 else (self.boundary_ratio, 1.0)
 
     def predict(self, noisy, sigma, text):
-        model = self.trained_transformer()
-        return model(
-            hidden_states=noisy.to(model.dtype),
+        # self.weight_dtype, not model.dtype: diffusers computes that by walking every module (ms per call)
+        return self.trained_transformer()(
+            hidden_states=noisy.to(self.weight_dtype),
             timestep=sigma * 1000.0,
-            encoder_hidden_states=text.to(model.dtype),
+            encoder_hidden_states=text.to(self.weight_dtype),
             return_dict=False,
         )[0]
 
