@@ -35,7 +35,8 @@ def _setup_logging(verbose: bool) -> None:
 
 def _report(result) -> None:
     print("\nDone.")
-    print(f"  LoRA:        {result.lora_path}")
+    for path in result.lora_paths:
+        print(f"  LoRA:        {path}")
     for path in result.sample_paths:
         print(f"  sample:      {path}")
     print(f"  TensorBoard: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")

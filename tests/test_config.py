@@ -70,12 +70,17 @@ def test_model_types_of_later_issues_are_named_not_unknown(tmp_path):
         load_config(str(write_config(tmp_path / "c.json", **minimal(model_type="HUNYUAN_VIDEO"))))
 
 
-def test_a14b_trains_exactly_one_expert(tmp_path):
-    both = minimal(model_type="WAN_2_2_T2V_A14B", transformer={"train": True}, transformer_2={"train": True})
-    with pytest.raises(ConfigError, match="one expert per run"):
-        load_config(str(write_config(tmp_path / "c.json", **both)))
-    low = minimal(model_type="WAN_2_2_T2V_A14B", transformer={"train": False}, transformer_2={"train": True})
-    assert load_config(str(write_config(tmp_path / "d.json", **low))).transformer_2.train
+def test_a14b_experts_follow_the_experts_key_or_the_part_flags(tmp_path):
+    def choice(**keys):
+        return load_config(str(write_config(tmp_path / "c.json", **minimal(model_type="WAN_2_2_T2V_A14B", **keys)))).expert_choice()
+
+    assert choice(transformer={"train": True}, transformer_2={"train": True}) == "both"
+    assert choice(transformer={"train": False}, transformer_2={"train": True}) == "low"
+    assert choice(experts="high", transformer_2={"train": True}) == "high"
+    with pytest.raises(ConfigError, match="needs an expert to train"):
+        choice(transformer={"train": False})
+    with pytest.raises(ConfigError, match="only WAN 2.2 A14B has experts"):
+        load_config(str(write_config(tmp_path / "d.json", **minimal(experts="both"))))
 
 
 def test_set_overrides_dotted_keys_and_list_items(tmp_path):

@@ -158,9 +158,8 @@ def test_comfy_names_are_the_original_wan_names(tiny_models):
     family = WanFamily(config, torch.device("cpu"))
     from diffusers import WanTransformer3DModel
 
-    family.transformer = WanTransformer3DModel.from_pretrained(tiny_models("wan-2.1"), subfolder="transformer")
-    family.train_expert_2 = False
-    modules = family.lora_target_modules("blocks,condition_embedder,proj_out")
+    transformer = WanTransformer3DModel.from_pretrained(tiny_models("wan-2.1"), subfolder="transformer")
+    modules = family.lora_target_modules(transformer, "blocks,condition_embedder,proj_out")
     original = {family.comfy_lora_key(m).removeprefix("diffusion_model.") + ".weight": torch.zeros(1) for m in modules}
     converted = convert_wan_transformer_to_diffusers(dict(original))
     assert sorted(converted) == sorted(m + ".weight" for m in modules)

@@ -154,14 +154,17 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
                 f"yet (issue 7); use {limit} or less (the VAE's ratio is used)"
             )
     if config.model_type == "WAN_2_2_T2V_A14B":
-        if config.transformer.train == config.transformer_2.train:
+        if config.expert_choice() is None:
             problems.append(
-                "  - transformer.train / transformer_2.train: WAN 2.2 A14B trains one expert per run for now; set "
-                "exactly one to true (transformer = high-noise expert, transformer_2 = low-noise expert)"
+                "  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
+                "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"
             )
-    elif config.transformer_2.train:
-        problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
-    elif not config.transformer.train:
-        problems.append("  - transformer.train = false: a LoRA run needs the transformer trained; set it to true")
+    else:
+        if config.experts is not None or config.boundary_ratio is not None:
+            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
+        if config.transformer_2.train:
+            problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
+        if not config.transformer.train:
+            problems.append("  - transformer.train = false: a LoRA run needs the transformer trained; set it to true")
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(problems))

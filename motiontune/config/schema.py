@@ -54,6 +54,7 @@ class ModelPartConfig(Strict):
     offload_fraction: float = Field(0.0, ge=0, le=1)
     activation_offloading: bool = False
     dropout_probability: float = Field(0.0, ge=0, le=1)  # text_encoder only: captions left out (CFG training)
+    learning_rate: float | None = Field(None, gt=0)  # this part's own learning rate (default: learning_rate)
 
 
 class OptimizerConfig(Strict):
@@ -123,6 +124,10 @@ class TrainConfig(Strict):
     gradient_checkpointing: Literal["OFF", "ON", "CPU_OFFLOADED"] | None = None
     layer_offload_fraction: float | None = Field(None, ge=0, le=1)
 
+    # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
+    experts: Literal["both", "high", "low"] | None = None
+    boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V)
+
     transformer: ModelPartConfig = ModelPartConfig()
     transformer_2: ModelPartConfig = ModelPartConfig(train=False)
     text_encoder: ModelPartConfig = ModelPartConfig(train=False)
@@ -185,6 +190,13 @@ class TrainConfig(Strict):
         if old and new:
             return "mixed"
         return "older (top-level gradient_checkpointing)" if old else "newer (per-part)" if new else "default"
+
+    def expert_choice(self) -> str | None:
+        """For WAN 2.2 A14B: "both", "high" or "low" (None when no expert is chosen)."""
+        if self.experts is not None:
+            return self.experts
+        high, low = self.transformer.train, self.transformer_2.train
+        return "both" if high and low else "high" if high else "low" if low else None
 
     def use_gradient_checkpointing(self) -> bool:
         if self.transformer.gradient_checkpointing is not None:

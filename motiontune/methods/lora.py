@@ -1,4 +1,4 @@
-"""LoRA: adapters on the trained transformer with peft, and saving them in each output format."""
+"""LoRA: adapters on each trained transformer with peft, and saving them in each output format."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 
 from ..config import TrainConfig
 from ..models import ModelFamily
+from ..models.base import Expert
 
 ADAPTER = "default"
 
 
-def add_lora(family: ModelFamily, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Wrap the family's default (or `layer_filter`) targets with LoRA; return the trainable parameters."""
-    transformer = family.trained_transformer()
-    targets = family.lora_target_modules(config.layer_filter)
+def add_lora(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Wrap the expert's default (or `layer_filter`) targets with LoRA; return its trainable parameters."""
+    targets = family.lora_target_modules(expert.module, config.layer_filter)
     if not targets:
         raise ValueError(
             f"layer_filter = {config.layer_filter!r} matches no Linear layer of the transformer; "
@@ -32,30 +32,44 @@ def add_lora(family: ModelFamily, config: TrainConfig) -> list[torch.nn.Paramete
         target_modules=targets,
         init_lora_weights=True,  # B = 0: training starts from the base model exactly
     )
-    transformer.add_adapter(lora_config, adapter_name=ADAPTER)
-    parameters = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    expert.module.add_adapter(lora_config, adapter_name=ADAPTER)
+    parameters = [p for n, p in expert.module.named_parameters() if "lora_" in n]
     for parameter in parameters:  # adapters train in float32 whatever the base weights are
         parameter.data = parameter.data.float()
         parameter.requires_grad_(True)
     return parameters
 
 
-def lora_state_dict(family: ModelFamily) -> dict[str, torch.Tensor]:
+def lora_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
     """peft names without the adapter name: `blocks.0.attn1.to_q.lora_A.weight`, ..."""
-    state = get_peft_model_state_dict(family.trained_transformer(), adapter_name=ADAPTER)
+    state = get_peft_model_state_dict(expert.module, adapter_name=ADAPTER)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def save_lora(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> Path:
-    """Write the LoRA atomically (a temporary file in the same folder, then a rename)."""
-    output_format = output_format or config.output_model_format
+def lora_paths(family: ModelFamily, destination: Path) -> dict[str, Path]:
+    """One file per expert: the destination itself for one transformer, `<name>_high_noise` and
+    `<name>_low_noise` beside it for WAN 2.2 A14B's two experts."""
+    experts = family.trained_experts()
     destination = Path(destination)
+    if len(experts) == 1:
+        return {experts[0].name: destination}
+    return {e.name: destination.with_name(f"{destination.stem}_{e.label}{destination.suffix}") for e in experts}
+
+
+def save_lora(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
+    paths = lora_paths(family, destination)
+    return [_save_one(family, expert, config, paths[expert.name], output_format) for expert in family.trained_experts()]
+
+
+def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destination: Path, output_format: str | None) -> Path:
+    """Write one expert's LoRA atomically (a temporary file in the same folder, then a rename)."""
+    output_format = output_format or config.output_model_format
     destination.parent.mkdir(parents=True, exist_ok=True)
-    state = lora_state_dict(family)
+    state = lora_state_dict(expert)
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
         if output_format == "DIFFUSERS_LORA":
             # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
-            metadata = family.trained_transformer().peft_config[ADAPTER].to_dict()
+            metadata = expert.module.peft_config[ADAPTER].to_dict()
             family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
         elif output_format == "COMFY_LORA":
             save_file(comfy_state_dict(family, state, config.lora_alpha), os.path.join(scratch, "lora.safetensors"))

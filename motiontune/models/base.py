@@ -21,6 +21,16 @@ class ModelLoadError(Exception):
 
 
 @dataclass
+class Expert:
+    """One transformer this run trains, and the noise levels it serves."""
+
+    name: str  # the pipeline attribute: "transformer" or "transformer_2"
+    label: str  # "" for a single transformer; "high_noise" / "low_noise" for WAN 2.2 A14B
+    module: torch.nn.Module
+    sigma_range: tuple[float, float]  # [low, high); the top expert's range includes 1.0
+
+
+@dataclass
 class SampleRequest:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
@@ -84,20 +94,30 @@ class ModelFamily(ABC):
         """uint8 (F, H, W, 3) frames → normalised latents (C, F', H', W') as the pipeline's denoiser sees them."""
 
     @abstractmethod
-    def trained_transformer(self) -> torch.nn.Module:
-        """The transformer this run trains."""
+    def trained_experts(self) -> list[Expert]:
+        """The transformer(s) this run trains (two for WAN 2.2 A14B with experts: both)."""
+
+    def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
+        """Each trained expert with the batch rows whose noise level it serves."""
+        routed = []
+        for expert in self.trained_experts():
+            low, high = expert.sigma_range
+            rows = ((sigma >= low) & ((sigma < high) | (high >= 1.0))).nonzero().flatten()
+            if len(rows):
+                routed.append((expert, rows))
+        return routed
+
+    def activate(self, expert: Expert) -> None:
+        """Put `expert` on the training device; on an accelerator, the other transformers wait on the CPU."""
+        expert.module.to(self.device)
 
     @abstractmethod
-    def sigma_range(self) -> tuple[float, float]:
-        """The noise levels the trained transformer serves (a WAN 2.2 expert serves only part)."""
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert) -> torch.Tensor:
+        """The expert's flow prediction for noisy latents at noise levels `sigma` (B,)."""
 
     @abstractmethod
-    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The trained transformer's flow prediction for noisy latents at noise levels `sigma` (B,)."""
-
-    @abstractmethod
-    def lora_target_modules(self, layer_filter: str) -> list[str]:
-        """Names of the Linear modules a LoRA adapts, by default or filtered by `layer_filter`."""
+    def lora_target_modules(self, module: torch.nn.Module, layer_filter: str) -> list[str]:
+        """Names of the Linear modules of `module` a LoRA adapts, by default or filtered by `layer_filter`."""
 
     @abstractmethod
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:

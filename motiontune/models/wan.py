@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ModelFamily, ModelLoadError, SampleRequest
+from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
 
 TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 
@@ -56,7 +56,9 @@ class WanFamily(ModelFamily):
         # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
         self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
         self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
-        self.train_expert_2 = self.is_a14b and config.transformer_2.train
+        self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
+            config.expert_choice() if self.is_a14b else "high"
+        ]
         self.vae = self.text_encoder = self.tokenizer = None
         self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
@@ -70,7 +72,9 @@ class WanFamily(ModelFamily):
         base = self.config.base_model_name
         self.scheduler = _load(FlowMatchEulerDiscreteScheduler, base, "scheduler")
         pipeline_config = _read_model_index(base)
-        self.boundary_ratio = pipeline_config.get("boundary_ratio") or (DEFAULT_BOUNDARY if self.is_a14b else None)
+        self.boundary_ratio = (
+            self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or (DEFAULT_BOUNDARY if self.is_a14b else None)
+        )
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
         self.transformer = self._load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
         self.transformer_2 = None
@@ -79,8 +83,8 @@ class WanFamily(ModelFamily):
         for module in (self.transformer, self.transformer_2):
             if module is not None:
                 module.requires_grad_(False)
-        # Only the trained expert sits on the accelerator; the other joins it for sampling only.
-        self.trained_transformer().to(self.device)
+        # Experts start on the CPU; `activate` brings the one a batch needs to the accelerator.
+        self.activate(self.trained_experts()[0])
 
     def load_vae(self) -> None:
         from diffusers import AutoencoderKLWan
@@ -161,17 +165,28 @@ class WanFamily(ModelFamily):
         return mean, std
 
     # --- training ------------------------------------------------------------------------------
-    def trained_transformer(self) -> torch.nn.Module:
-        return self.transformer_2 if self.train_expert_2 else self.transformer
+    def trained_experts(self) -> list[Expert]:
+        experts = []
+        for name in self.expert_names:
+            if not self.is_a14b:
+                label, sigma_range = "", (0.0, 1.0)
+            elif name == "transformer":
+                label, sigma_range = "high_noise", (self.boundary_ratio, 1.0)
+            else:
+                label, sigma_range = "low_noise", (0.0, self.boundary_ratio)
+            experts.append(Expert(name, label, getattr(self, name), sigma_range))
+        return experts
 
-    def sigma_range(self) -> tuple[float, float]:
-        if not self.is_a14b:
-            return 0.0, 1.0
-        return (0.0, self.boundary_ratio) if self.train_expert_2 else (self.boundary_ratio, 1.0)
+    def activate(self, expert: Expert) -> None:
+        if self.device.type != "cpu":
+            for other in (self.transformer, self.transformer_2):
+                if other is not None and other is not expert.module:
+                    other.to("cpu")
+        expert.module.to(self.device)
 
-    def predict(self, noisy, sigma, text):
-        # self.weight_dtype, not model.dtype: diffusers computes that by walking every module (ms per call)
-        return self.trained_transformer()(
+    def predict(self, noisy, sigma, text, expert):
+        # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
+        return expert.module(
             hidden_states=noisy.to(self.weight_dtype),
             timestep=sigma * 1000.0,
             encoder_hidden_states=text.to(self.weight_dtype),
@@ -179,10 +194,10 @@ class WanFamily(ModelFamily):
         )[0]
 
     # --- LoRA ----------------------------------------------------------------------------------
-    def lora_target_modules(self, layer_filter: str) -> list[str]:
+    def lora_target_modules(self, module, layer_filter: str) -> list[str]:
         filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
         names = []
-        for name, module in self.trained_transformer().named_modules():
+        for name, module in module.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
             if filters and any(f in name for f in filters) or not filters and _DEFAULT_TARGETS.match(name):
@@ -227,7 +242,7 @@ class WanFamily(ModelFamily):
             expand_timesteps=self.expand_timesteps,
         )
         pipeline.set_progress_bar_config(disable=True)
-        dtype = self.trained_transformer().dtype
+        dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
         try:
             video = pipeline(

@@ -40,7 +40,10 @@ def sample_sigmas(
         sigma = torch.sigmoid(normal.icdf(u.clamp(1e-12, 1 - 1e-12)))
     else:
         raise ValueError(f"unknown timestep_distribution {distribution!r}")
-    return shift_sigma(sigma, shift).clamp(sigma_range[0], sigma_range[1]).float()
+    sigma = shift_sigma(sigma, shift).float()
+    # the range is half-open, [low, high), except that 1.0 belongs to the top one
+    top = sigma_range[1] if sigma_range[1] >= 1.0 else torch.nextafter(torch.tensor(sigma_range[1]), torch.tensor(0.0)).item()
+    return sigma.clamp(sigma_range[0], top)
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

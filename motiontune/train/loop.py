@@ -21,6 +21,7 @@ from ..data.latents import Encoding
 from ..data.survey import survey_dataset
 from ..methods.lora import add_lora, save_lora
 from ..models import ModelFamily, family_for
+from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import training_loss
@@ -30,8 +31,18 @@ log = logging.getLogger("motiontune")
 
 
 @dataclass
+class ExpertTraining:
+    """One trained transformer's adapters, optimizer and schedule (WAN 2.2 A14B may train two)."""
+
+    expert: Expert
+    parameters: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+@dataclass
 class RunResult:
-    lora_path: Path
+    lora_paths: list[Path]
     sample_paths: list[Path] = field(default_factory=list)
     tensorboard_dir: Path | None = None
     steps: int = 0
@@ -79,13 +90,7 @@ def train(config: TrainConfig) -> RunResult:
     log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
     family.load_transformers()
 
-    # Adapters and optimizer.
-    parameters = add_lora(family, config)
-    transformer = family.trained_transformer()
-    if config.use_gradient_checkpointing():
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = make_optimizer(parameters, config)
+    # Adapters and optimizers: one set per trained expert, so each steps while it is on the device.
     shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
     video = config.video_config
     steps_per_epoch = math.ceil(
@@ -93,14 +98,24 @@ def train(config: TrainConfig) -> RunResult:
         / config.gradient_accumulation_steps
     )
     total_steps = steps_per_epoch * config.epochs
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    log.info("training %d LoRA tensors (%.2fM parameters) for %d steps",
-             len(parameters), sum(p.numel() for p in parameters) / 1e6, total_steps)
+    trainings = []
+    for expert in family.trained_experts():
+        parameters = add_lora(family, expert, config)
+        if config.use_gradient_checkpointing():
+            expert.module.enable_gradient_checkpointing()
+        expert.module.train()
+        optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
+        trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
+    lowest = min(t.expert.sigma_range[0] for t in trainings)
+    highest = max(t.expert.sigma_range[1] for t in trainings)
+    log.info("training %s for %d steps (%.2fM LoRA parameters)",
+             " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
+             sum(p.numel() for t in trainings for p in t.parameters) / 1e6)
 
     writer = SummaryWriter(str(workspace / "tensorboard"))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     sigma_generator = torch.Generator().manual_seed(config.seed + 1)
-    result = RunResult(lora_path=Path(config.output_model_destination), tensorboard_dir=workspace / "tensorboard")
+    result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
 
     def after(unit: str, count: int) -> None:
@@ -108,8 +123,8 @@ def train(config: TrainConfig) -> RunResult:
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
             result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}")
         if _due(config.save_every_unit, config.save_every, unit, count):
-            path = save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors")
-            log.info("saved %s", path)
+            for path in save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors"):
+                log.info("saved %s", path)
 
     step = 0
     progress = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
@@ -127,30 +142,45 @@ def train(config: TrainConfig) -> RunResult:
                 len(batch),
                 config.timestep_distribution,
                 config.timestep_shift,
-                family.sigma_range(),
+                (lowest, highest),
                 sigma_generator,
                 normal_mean=config.noising_bias,
                 normal_scale=1.0 + config.noising_weight,
             ).to(device)
             noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
             noisy = noisy_latents(x0, noise, sigma)
-            with autocast:
-                prediction = family.predict(noisy, sigma, text)
-            loss, parts = training_loss(prediction, flow_target(x0, noise), noisy, sigma, x0, video.temporal_consistency_weight)
-            (loss / config.gradient_accumulation_steps).backward()
+            target = flow_target(x0, noise)
+            loss, parts = 0.0, {}
+            for expert, rows in family.route(sigma):  # each sample goes to the expert serving its noise level
+                family.activate(expert)
+                with autocast:
+                    prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
+                part_loss, part_parts = training_loss(
+                    prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight
+                )
+                share = len(rows) / len(batch)
+                (part_loss * share / config.gradient_accumulation_steps).backward()
+                loss = loss + part_loss.detach() * share
+                for name, value in part_parts.items():
+                    parts[name] = parts.get(name, 0.0) + value * share
 
             if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
                 continue
-            if config.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for training in trainings:
+                if any(p.grad is not None for p in training.parameters):
+                    family.activate(training.expert)
+                    if config.clip_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm)
+                    training.optimizer.step()
+                    training.optimizer.zero_grad(set_to_none=True)
+                training.scheduler.step()
             step += 1
 
             result.final_loss = loss.item()
             writer.add_scalar("loss", result.final_loss, step)
-            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            for training in trainings:
+                writer.add_scalar(f"lr/{training.expert.label}" if training.expert.label else "lr",
+                                  training.scheduler.get_last_lr()[0], step)
             for name, value in parts.items():
                 writer.add_scalar(name, value.item(), step)
             progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
@@ -161,12 +191,12 @@ def train(config: TrainConfig) -> RunResult:
 
     if sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, step, config.epochs):
         result.sample_paths = _sample(family, sample_requests, workspace, "final")
-    result.lora_path = save_lora(family, config, Path(config.output_model_destination))
+    result.lora_paths = save_lora(family, config, Path(config.output_model_destination))
     result.steps = step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
     (workspace / "result.json").write_text(json.dumps(
-        {"lora": str(result.lora_path), "samples": [str(p) for p in result.sample_paths],
+        {"lora": str(result.lora_paths[0]), "loras": [str(p) for p in result.lora_paths], "samples": [str(p) for p in result.sample_paths],
          "tensorboard": str(result.tensorboard_dir), "steps": step, "final_loss": result.final_loss,
          "encoder_calls": result.encoder_calls}, indent=2))
     return result
@@ -183,12 +213,14 @@ def _sampled_at_end(config: TrainConfig, steps: int, epochs: int) -> bool:
 
 
 def _sample(family: ModelFamily, requests, workspace: Path, tag: str) -> list[Path]:
-    transformer = family.trained_transformer()
-    transformer.eval()
+    experts = family.trained_experts()
+    for expert in experts:
+        expert.module.eval()
     try:
         paths = render_samples(family, requests, workspace / "samples", tag)
     finally:
-        transformer.train()
+        for expert in experts:
+            expert.module.train()
     for path in paths:
         log.info("sample written: %s", path)
     return paths

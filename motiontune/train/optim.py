@@ -10,12 +10,12 @@ from ..config import TrainConfig
 _SCHEDULES = {"CONSTANT": "constant_with_warmup", "COSINE": "cosine", "LINEAR": "linear"}
 
 
-def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(parameters, config: TrainConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
     settings = config.optimizer
     fused = all(p.is_cuda for p in parameters)  # the fused CUDA kernel: one launch for all tensors
     return torch.optim.AdamW(
         parameters,
-        lr=config.learning_rate,
+        lr=learning_rate or config.learning_rate,
         betas=(settings.beta1, settings.beta2),
         eps=settings.eps,
         weight_decay=settings.weight_decay,
