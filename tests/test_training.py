@@ -213,3 +213,32 @@ def test_a14b_both_experts_route_each_sample_by_its_noise_level(tmp_path, tiny_m
     pipe.load_lora_weights(str(low), load_into_transformer_2=True, adapter_name="low")
     after = outputs()
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
+
+
+def test_single_file_transformer_in_the_original_wan_layout_loads_like_the_folder(tmp_path, tiny_models):
+    """A transformer saved with original WAN (ComfyUI) key names, given as transformer.model_name, loads
+    through diffusers' from_single_file with the base model's own config and computes the same outputs."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import save_file
+
+    from motiontune.config import TrainConfig
+    from motiontune.models.wan import WanFamily, original_name
+
+    folder = tiny_models("wan-2.1")
+    reference = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    original = {original_name(k): v.contiguous() for k, v in reference.state_dict().items()}
+    assert "blocks.0.self_attn.q.weight" in original and "head.modulation" in original and "blocks.1.norm3.weight" in original
+    assert set(convert_wan_transformer_to_diffusers(dict(original))) == set(reference.state_dict())  # names round-trip
+    save_file(original, str(tmp_path / "wan_original.safetensors"))
+
+    config = TrainConfig.model_validate({
+        "base_model_name": str(folder), "concepts": [{"path": "."}], "train_dtype": "FLOAT_32",
+        "transformer": {"model_name": str(tmp_path / "wan_original.safetensors")},
+    })
+    family = WanFamily(config, torch.device("cpu"))
+    family.load_transformers()
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
+    with torch.no_grad():
+        assert torch.equal(family.transformer(*inputs, return_dict=False)[0], reference(*inputs, return_dict=False)[0])

@@ -42,6 +42,30 @@ _COMFY_RENAMES = [
     (r"^proj_out$", "head.head"),
 ]
 
+# The rest of the original names, for whole checkpoints (norms and modulation tables).
+_ORIGINAL_RENAMES = _COMFY_RENAMES + [
+    (r"\.attn1\.norm_q$", ".self_attn.norm_q"),
+    (r"\.attn1\.norm_k$", ".self_attn.norm_k"),
+    (r"\.attn2\.norm_q$", ".cross_attn.norm_q"),
+    (r"\.attn2\.norm_k$", ".cross_attn.norm_k"),
+    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+
+def original_name(diffusers_name: str) -> str:
+    """A diffusers WanTransformer3DModel parameter name in the original WAN (and ComfyUI) layout."""
+    module, _, leaf = diffusers_name.rpartition(".")
+    if leaf == "scale_shift_table":  # a parameter that is not inside a sub-module
+        module, leaf = diffusers_name, ""
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        module, count = re.subn(pattern, replacement, module)
+        if count:
+            break
+    return f"{module}.{leaf}" if leaf else module
+
+
 # Default LoRA targets: every attention projection and feed-forward layer of every block.
 _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
 
@@ -116,12 +140,17 @@ class WanFamily(ModelFamily):
         if part.model_name:
             source = Path(part.model_name)
             if source.suffix == ".safetensors" and source.is_file():
+                # The architecture comes from base_model_name's own config: without one, diffusers looks it
+                # up on the Hub and would give a WAN 2.2 file WAN 2.1's defaults.
                 try:
-                    return cls.from_single_file(str(source), torch_dtype=self.weight_dtype)
+                    return cls.from_single_file(
+                        str(source), config=self.config.base_model_name, subfolder=subfolder, torch_dtype=self.weight_dtype
+                    )
                 except Exception as error:
                     raise ModelLoadError(
                         f"{subfolder}.model_name = {str(source)!r}: diffusers could not read this single-file "
-                        f"checkpoint ({error}). Use a WAN checkpoint in the original or diffusers layout."
+                        f"checkpoint with the {subfolder} config of {self.config.base_model_name!r} ({error}). "
+                        "Use a WAN checkpoint in the original (ComfyUI) or diffusers layout that matches base_model_name."
                     ) from None
             return _load(cls, part.model_name, None, dtype=self.weight_dtype)
         return _load(cls, self.config.base_model_name, subfolder, dtype=self.weight_dtype)
