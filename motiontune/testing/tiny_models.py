@@ -129,7 +129,7 @@ def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: i
     )
 
 
-def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int = 4, layers: int = 2) -> Path:
+def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int | None = None, layers: int = 2) -> Path:
     """Write a tiny random `family` model as a diffusers folder that `WanPipeline.from_pretrained` loads."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -142,6 +142,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     vae = _vae(wide_vae)
     _calibrate_latent_stats(vae)
     latent_channels = vae.config.z_dim
+    # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
+    heads = heads or (8 if wide_vae else 4)
     transformer = _transformer(latent_channels, text_dim, heads=heads, layers=layers)
     transformer_2 = _transformer(latent_channels, text_dim, heads=heads, layers=layers) if family == "wan-2.2-a14b" else None
     # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
