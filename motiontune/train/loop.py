@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +174,9 @@ def train(config: TrainConfig) -> RunResult:
                         torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm)
                     training.optimizer.step()
                     training.optimizer.zero_grad(set_to_none=True)
-                training.scheduler.step()
+                with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                    training.scheduler.step()
             step += 1
 
             result.final_loss = loss.item()
