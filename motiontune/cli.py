@@ -34,7 +34,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _report(result) -> None:
-    print("\nDone.")
+    print("\nStopped early; continue with --resume." if result.interrupted else "\nDone.")
     for path in result.lora_paths:
         print(f"  LoRA:        {path}")
     for path in result.sample_paths:
@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.set or [])
     from .train.loop import train  # imported after validation: a bad config fails before torch loads
 
-    _report(train(config))
+    _report(train(config, resume=args.resume))
     return 0
 
 
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train from a JSON config or a shipped preset")
     train.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (dotted: video_config.max_frames=33)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="BACKUP",
+                       help="continue from a backup folder (default: the newest in workspace_dir/backup)")
     train.set_defaults(run=cmd_train)
 
     cache = commands.add_parser("cache", help="encode latents and text embeddings into the cache, without training")
@@ -164,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
+        from .methods.lora import SaveError
         from .models import ModelLoadError
+        from .train.loop import TrainingDiverged
 
-        if isinstance(error, ModelLoadError):
-            print(f"model error: {error}", file=sys.stderr)
-            return 3
+        for kind, label, code in ((ModelLoadError, "model error", 3), (TrainingDiverged, "training stopped", 5), (SaveError, "save error", 6)):
+            if isinstance(error, kind):
+                print(f"{label}: {error}", file=sys.stderr)
+                return code
         raise
 
 

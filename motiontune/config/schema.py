@@ -153,6 +153,13 @@ class TrainConfig(Strict):
     samples: list[SampleConfig] = []
     save_every: int = Field(0, ge=0)
     save_every_unit: TimeUnit = "NEVER"
+    backup_after: int = Field(30, ge=0)
+    backup_after_unit: Literal["NEVER", "STEP", "EPOCH", "MINUTE"] = "MINUTE"
+    rolling_backup: bool = False  # keep only the newest rolling_backup_count backups
+    rolling_backup_count: int = Field(3, ge=1)
+    backup_before_save: bool = True
+    continue_last_backup: bool = False  # as `motiontune train --resume`
+    max_nonfinite_steps: int = Field(5, ge=1)  # steps in a row with a NaN/inf loss or gradient before the run stops
 
     video_config: VideoConfig = VideoConfig()
 

@@ -17,6 +17,10 @@ from ..models.base import Expert
 ADAPTER = "default"
 
 
+class SaveError(Exception):
+    """A LoRA could not be written (disk full, no permission); the previous file is untouched."""
+
+
 def add_lora(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Wrap the expert's default (or `layer_filter`) targets with LoRA; return its trainable parameters."""
     targets = family.lora_target_modules(expert.module, config.layer_filter)
@@ -64,18 +68,27 @@ def save_lora(family: ModelFamily, config: TrainConfig, destination: Path, outpu
 def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destination: Path, output_format: str | None) -> Path:
     """Write one expert's LoRA atomically (a temporary file in the same folder, then a rename)."""
     output_format = output_format or config.output_model_format
-    destination.parent.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(expert)
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-        if output_format == "DIFFUSERS_LORA":
-            # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
-            metadata = expert.module.peft_config[ADAPTER].to_dict()
-            family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
-        elif output_format == "COMFY_LORA":
-            save_file(comfy_state_dict(family, state, config.lora_alpha), os.path.join(scratch, "lora.safetensors"))
-        else:
-            raise ValueError(f"unknown output_model_format {output_format!r}")
-        os.replace(os.path.join(scratch, "lora.safetensors"), destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
+            written = os.path.join(scratch, "lora.safetensors")
+            if output_format == "DIFFUSERS_LORA":
+                # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
+                metadata = expert.module.peft_config[ADAPTER].to_dict()
+                family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
+            elif output_format == "COMFY_LORA":
+                save_file(comfy_state_dict(family, state, config.lora_alpha), written)
+            else:
+                raise ValueError(f"unknown output_model_format {output_format!r}")
+            with open(written, "rb") as handle:  # on disk before it takes the real name
+                os.fsync(handle.fileno())
+            os.replace(written, destination)
+    except OSError as error:
+        raise SaveError(
+            f"could not save the LoRA to {destination}: {error.strerror or error}. "
+            "Any earlier file there is unchanged; free some space or pick another output_model_destination."
+        ) from None
     return destination
 
 

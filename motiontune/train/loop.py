@@ -1,4 +1,4 @@
-"""The training run, top to bottom: data, model, adapters, steps, samples, saves."""
+"""The training run, top to bottom: data, model, adapters, steps, samples, saves and backups."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +23,20 @@ from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
 from ..data.latents import Encoding
 from ..data.survey import survey_dataset
-from ..methods.lora import add_lora, save_lora
+from ..methods.lora import SaveError, add_lora, save_lora
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
+from .backup import Position, check_resumable, find_backup, load_backup, write_backup
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import training_loss
 from .optim import make_optimizer, make_scheduler
 
 log = logging.getLogger("motiontune")
+
+
+class TrainingDiverged(Exception):
+    """Too many steps in a row with a non-finite loss or gradient; a backup of the last good state exists."""
 
 
 @dataclass
@@ -49,6 +57,9 @@ class RunResult:
     steps: int = 0
     final_loss: float = float("nan")
     encoder_calls: dict = field(default_factory=dict)  # what was encoded this run (the rest came from the cache)
+    interrupted: bool = False
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    backup: Path | None = None  # the newest backup this run wrote
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,12 +70,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(config: TrainConfig) -> RunResult:
+def train(config: TrainConfig, resume: str | None = None) -> RunResult:
+    """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for)."""
     device = pick_device(config.train_device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     workspace = Path(config.workspace_dir)
+    resume = resume or ("latest" if config.continue_last_backup else None)
+    backup_to_load = find_backup(workspace, resume) if resume else None
+    if backup_to_load:
+        check_resumable(backup_to_load, config)  # before anything slow: a refused resume fails fast
     workspace.mkdir(parents=True, exist_ok=True)
     (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
     if config.memory_config_form != "default":
@@ -92,8 +108,8 @@ def train(config: TrainConfig) -> RunResult:
     family.load_transformers()
 
     # Adapters and optimizers: one set per trained expert, so each steps while it is on the device.
-    shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
     video = config.video_config
+    shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
     steps_per_epoch = math.ceil(
         batches_per_epoch(shapes, repeats, config.batch_size, video.video_batch_size_multiplier)
         / config.gradient_accumulation_steps
@@ -107,102 +123,193 @@ def train(config: TrainConfig) -> RunResult:
         expert.module.train()
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
-    lowest = min(t.expert.sigma_range[0] for t in trainings)
-    highest = max(t.expert.sigma_range[1] for t in trainings)
+    sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
     log.info("training %s for %d steps (%.2fM LoRA parameters)",
              " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
              sum(p.numel() for t in trainings for p in t.parameters) / 1e6)
 
-    writer = SummaryWriter(str(workspace / "tensorboard"))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    sigma_generator = torch.Generator().manual_seed(config.seed + 1)
-    result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard")
+    generators = {
+        "noise": torch.Generator(device=device).manual_seed(config.seed),
+        "sigma": torch.Generator().manual_seed(config.seed + 1),
+    }
+    position = Position(step=0, epoch=0, next_batch=0)
+    if backup_to_load:
+        position = load_backup(backup_to_load, trainings, generators)
+        log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
+    # purge_step: TensorBoard drops what an interrupted run logged after the backup we continue from
+    writer = SummaryWriter(str(workspace / "tensorboard"), purge_step=position.step + 1 if backup_to_load else None)
+    result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
+    stop = StopRequest()
+    last_backup_time = time.monotonic()
 
-    def after(unit: str, count: int) -> None:
-        """Samples and saves that are due after `count` units (steps or epochs)."""
+    def backup(where: Position) -> None:
+        nonlocal last_backup_time
+        keep = config.rolling_backup_count if config.rolling_backup else None
+        try:
+            result.backup = write_backup(workspace / "backup", config, where, trainings, generators, keep)
+            log.info("backup written: %s", result.backup)
+        except OSError as error:  # the previous backup is untouched; training goes on
+            log.error("backup failed (%s: %s); the previous backup is kept", error.strerror or error, getattr(error, "filename", ""))
+        last_backup_time = time.monotonic()
+
+    def after(unit: str, count: int, where: Position) -> None:
+        """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
             result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}")
-        if _due(config.save_every_unit, config.save_every, unit, count):
-            for path in save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors"):
-                log.info("saved %s", path)
+        saving = _due(config.save_every_unit, config.save_every, unit, count)
+        minutes = (time.monotonic() - last_backup_time) / 60
+        if (saving and config.backup_before_save) or _due(config.backup_after_unit, config.backup_after, unit, count) or (
+            unit == "STEP" and config.backup_after_unit == "MINUTE" and config.backup_after and minutes >= config.backup_after
+        ):
+            backup(where)
+        if saving:
+            try:
+                for path in save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors"):
+                    log.info("saved %s", path)
+            except SaveError as error:
+                log.error("%s", error)
 
-    step = 0
-    progress = tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True)
-    for epoch in range(config.epochs):
-        if moving_windows and epoch > 0:
-            clips = encoding.clips(survey, encoding.window_variant(epoch))
-            family.park_vae()
-            shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
-        batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
-        for index, batch in enumerate(batches):
-            x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
-            captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
-            text = torch.stack([text_embeddings[c] for c in captions]).to(device)
-            sigma = sample_sigmas(
-                len(batch),
-                config.timestep_distribution,
-                config.timestep_shift,
-                (lowest, highest),
-                sigma_generator,
-                normal_mean=config.noising_bias,
-                normal_scale=1.0 + config.noising_weight,
-            ).to(device)
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-            noisy = noisy_latents(x0, noise, sigma)
-            target = flow_target(x0, noise)
-            loss, parts = 0.0, {}
-            for expert, rows in family.route(sigma):  # each sample goes to the expert serving its noise level
-                family.activate(expert)
-                with autocast:
-                    prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
-                part_loss, part_parts = training_loss(
-                    prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight
-                )
-                share = len(rows) / len(batch)
-                (part_loss * share / config.gradient_accumulation_steps).backward()
-                loss = loss + part_loss.detach() * share
-                for name, value in part_parts.items():
-                    parts[name] = parts.get(name, 0.0) + value * share
+    nonfinite_in_a_row = 0
+    progress = tqdm(total=total_steps, initial=position.step, desc="training", unit="step", dynamic_ncols=True)
+    with stop.listening():
+        for epoch in range(position.epoch, config.epochs):
+            if moving_windows and epoch > 0:
+                clips = encoding.clips(survey, encoding.window_variant(epoch))
+                family.park_vae()
+                shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
+            batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
+            first = position.next_batch if epoch == position.epoch else 0
+            for index in range(first, len(batches)):
+                batch = batches[index]
+                x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
+                captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
+                text = torch.stack([text_embeddings[c] for c in captions]).to(device)
+                sigma = sample_sigmas(
+                    len(batch), config.timestep_distribution, config.timestep_shift, sigma_range, generators["sigma"],
+                    normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
+                ).to(device)
+                noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
+                noisy = noisy_latents(x0, noise, sigma)
+                target = flow_target(x0, noise)
+                loss, parts = 0.0, {}
+                for expert, rows in family.route(sigma):  # each sample goes to the expert serving its noise level
+                    family.activate(expert)
+                    with autocast:
+                        prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
+                    part_loss, part_parts = training_loss(
+                        prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight
+                    )
+                    share = len(rows) / len(batch)
+                    (part_loss * share / config.gradient_accumulation_steps).backward()
+                    loss = loss + part_loss.detach() * share
+                    for name, value in part_parts.items():
+                        parts[name] = parts.get(name, 0.0) + value * share
 
-            if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
-                continue
-            for training in trainings:
-                if any(p.grad is not None for p in training.parameters):
-                    family.activate(training.expert)
-                    if config.clip_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm)
-                    training.optimizer.step()
-                    training.optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                    training.scheduler.step()
-            step += 1
+                if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
+                    continue
+                position = Position(position.step, epoch, index + 1, result.skipped_steps)
+                if not _optimizer_step(family, trainings, config, finite_loss=bool(torch.isfinite(loss))):
+                    result.skipped_steps += 1
+                    nonfinite_in_a_row += 1
+                    position.nonfinite_skipped = result.skipped_steps
+                    log.warning("step skipped: the loss or a gradient is not finite (%d in a row)", nonfinite_in_a_row)
+                    if nonfinite_in_a_row >= config.max_nonfinite_steps:
+                        backup(position)  # the weights are still the last good ones: no bad step was applied
+                        raise TrainingDiverged(
+                            f"{nonfinite_in_a_row} steps in a row had a NaN or infinite loss or gradient, so the run "
+                            f"stopped; the last good state is in {result.backup}. Lower learning_rate, or train in "
+                            "FLOAT_32 / BFLOAT_16 rather than FLOAT_16, then continue with --resume."
+                        )
+                    continue
+                nonfinite_in_a_row = 0
+                position.step += 1
 
-            result.final_loss = loss.item()
-            writer.add_scalar("loss", result.final_loss, step)
-            for training in trainings:
-                writer.add_scalar(f"lr/{training.expert.label}" if training.expert.label else "lr",
-                                  training.scheduler.get_last_lr()[0], step)
-            for name, value in parts.items():
-                writer.add_scalar(name, value.item(), step)
-            progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
-            progress.update()
-            after("STEP", step)
-        after("EPOCH", epoch + 1)
+                result.final_loss = loss.item()
+                writer.add_scalar("loss", result.final_loss, position.step)
+                for training in trainings:
+                    writer.add_scalar(f"lr/{training.expert.label}" if training.expert.label else "lr",
+                                      training.scheduler.get_last_lr()[0], position.step)
+                for name, value in parts.items():
+                    writer.add_scalar(name, value.item(), position.step)
+                progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
+                progress.update()
+                after("STEP", position.step, position)
+                if stop.requested:
+                    break
+            if stop.requested:
+                break
+            position = Position(position.step, epoch + 1, 0, result.skipped_steps)
+            after("EPOCH", epoch + 1, position)
     progress.close()
 
-    if sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, step, config.epochs):
+    if stop.requested:
+        log.info("stopping on %s: writing a backup and the LoRA as they are now", stop.requested)
+        backup(position)
+        result.interrupted = True
+    elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
         result.sample_paths = _sample(family, sample_requests, workspace, "final")
     result.lora_paths = save_lora(family, config, Path(config.output_model_destination))
-    result.steps = step
+    result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
     (workspace / "result.json").write_text(json.dumps(
         {"lora": str(result.lora_paths[0]), "loras": [str(p) for p in result.lora_paths], "samples": [str(p) for p in result.sample_paths],
-         "tensorboard": str(result.tensorboard_dir), "steps": step, "final_loss": result.final_loss,
-         "encoder_calls": result.encoder_calls}, indent=2))
+         "tensorboard": str(result.tensorboard_dir), "steps": result.steps, "final_loss": result.final_loss,
+         "encoder_calls": result.encoder_calls, "interrupted": result.interrupted, "skipped_steps": result.skipped_steps,
+         "backup": str(result.backup) if result.backup else None}, indent=2))
     return result
+
+
+def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, finite_loss: bool) -> bool:
+    """Clip and apply each expert's accumulated gradients; False (and nothing applied) when the loss or any
+    gradient is not finite."""
+    norms = []
+    for training in trainings:
+        if finite_loss and any(p.grad is not None for p in training.parameters):
+            # the norm is needed anyway to spot a non-finite gradient; an infinite limit clips nothing
+            norms.append(torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf))
+    healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
+    for training in trainings:
+        if healthy and any(p.grad is not None for p in training.parameters):
+            family.activate(training.expert)
+            training.optimizer.step()
+        training.optimizer.zero_grad(set_to_none=True)
+        if healthy:
+            with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                training.scheduler.step()
+    return healthy
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: the current step finishes, then the run backs up, saves and ends."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def _handle(self, number, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+        log.info("%s received: finishing this step, then backing up and saving (Ctrl-C again to stop at once)", self.requested)
+
+    def listening(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+                yield self
+                return
+            previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield self
+            finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
+
+        return scope()
 
 
 def _due(unit: str, every: int, now_unit: str, count: int) -> bool:

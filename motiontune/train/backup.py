@@ -1,0 +1,169 @@
+"""Backups a run can continue from exactly: adapters, optimizer and schedule state, where the data
+order stands, every random generator, and the config they came from.
+
+A backup is a folder written under a temporary name, every file flushed to disk, then renamed into
+place, so the previous backup stays valid until the new one is complete. State is loaded with
+`torch.load(weights_only=True)`: a backup cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError, TrainConfig
+
+log = logging.getLogger("motiontune")
+
+# Settings a run may change when it continues from a backup: they do not touch the training math.
+RESUME_SAFE_KEYS = {
+    "samples", "sample_after", "sample_after_unit", "save_every", "save_every_unit", "backup_after",
+    "backup_after_unit", "rolling_backup", "rolling_backup_count", "backup_before_save", "continue_last_backup",
+    "output_model_destination", "output_model_format", "dataloader_threads", "max_nonfinite_steps", "cache_dir",
+    "workspace_dir",
+}
+
+
+@dataclass
+class Position:
+    """Where a run stands: `next_batch` of `epoch` is the first batch not yet trained."""
+
+    step: int
+    epoch: int
+    next_batch: int
+    nonfinite_skipped: int = 0
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": [int(x) for x in np.random.get_state()[1]] + list(np.random.get_state()[2:4]),
+        "numpy_gauss": float(np.random.get_state()[4]),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    numbers = state["numpy"]
+    np.random.set_state(("MT19937", np.array(numbers[:624], dtype=np.uint32), numbers[624], numbers[625], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def write_backup(directory: Path, config: TrainConfig, position: Position, trainings, generators, keep: int | None) -> Path:
+    """Write a backup folder atomically; with `keep`, only the newest `keep` backups stay."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{position.step:07d}-epoch-{position.epoch:04d}-batch-{position.next_batch:05d}"
+    final = directory / name
+    partial = directory / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        for training in trainings:
+            adapters = {n: p.detach().to("cpu").contiguous() for n, p in training.expert.module.named_parameters() if "lora_" in n}
+            save_file(adapters, str(partial / f"adapters-{training.expert.name}.safetensors"))
+        torch.save(
+            {
+                "position": position.__dict__,
+                "optimizers": [t.optimizer.state_dict() for t in trainings],
+                "schedulers": [t.scheduler.state_dict() for t in trainings],
+                "rng": rng_state(generators),
+            },
+            partial / "state.pt",
+        )
+        (partial / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
+        (partial / "backup.json").write_text(json.dumps({**position.__dict__, "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        for path in partial.iterdir():
+            fsync_file(path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_backups(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_backups(directory: Path) -> list[Path]:
+    """Complete backups, oldest first (a partial one is never listed)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.pt").is_file())
+
+
+def find_backup(workspace: Path, path: str | None) -> Path:
+    if path and path != "latest":
+        backup = Path(path)
+        if not (backup / "state.pt").is_file():
+            raise ConfigError(f"--resume {path!r}: not a backup folder (no state.pt in it)")
+        return backup
+    backups = list_backups(workspace / "backup")
+    if not backups:
+        raise ConfigError(f"no backup to continue from in {workspace / 'backup'}; start the run without --resume")
+    return backups[-1]
+
+
+def check_resumable(backup: Path, config: TrainConfig) -> None:
+    """Refuse a config that changes the training math; allow ones that only change samples, saves or paths."""
+    saved = json.loads((backup / "config.json").read_text())
+    current = json.loads(config.model_dump_json(by_alias=True))
+    changed = sorted(key for key in set(saved) | set(current) if key not in RESUME_SAFE_KEYS and saved.get(key) != current.get(key))
+    if changed:
+        details = "; ".join(f"{k}: {json.dumps(saved.get(k))} → {json.dumps(current.get(k))}" for k in changed)
+        raise ConfigError(
+            f"cannot continue from {backup}: the config changed in ways that alter training ({details}). "
+            "Put those keys back, or start a new run without --resume."
+        )
+
+
+def load_backup(backup: Path, trainings, generators) -> Position:
+    state = torch.load(backup / "state.pt", weights_only=True)
+    for training, optimizer_state, scheduler_state in zip(trainings, state["optimizers"], state["schedulers"]):
+        adapters = load_file(str(backup / f"adapters-{training.expert.name}.safetensors"))
+        parameters = dict(training.expert.module.named_parameters())
+        with torch.no_grad():
+            for name, value in adapters.items():
+                parameters[name].copy_(value)
+        training.optimizer.load_state_dict(optimizer_state)
+        training.scheduler.load_state_dict(scheduler_state)
+    restore_rng_state(state["rng"], generators)
+    return Position(**state["position"])
