@@ -44,7 +44,11 @@ def _run_alone(function, job, context):
         try:
             return pool.submit(_call, function, job).result()
         except BrokenProcessPool:
-            return WorkerCrash("the decoder process crashed on this file")
+            return WorkerCrash(
+                "the worker process died on this file (a decoder crash, or out of memory; if every file says this and "
+                "you call motiontune from your own script, put the call under `if __name__ == \"__main__\":` or set "
+                "dataloader_threads to 0)"
+            )
 
 
 def _call(function, job):

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from ..config import TrainConfig
 from ..models import ModelFamily
 from ..models.base import Expert
+from ..train.backup import WRITE_ERRORS, write_error_reason
 
 ADAPTER = "default"
 
@@ -84,9 +85,9 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
             with open(written, "rb") as handle:  # on disk before it takes the real name
                 os.fsync(handle.fileno())
             os.replace(written, destination)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         raise SaveError(
-            f"could not save the LoRA to {destination}: {error.strerror or error}. "
+            f"could not save the LoRA to {destination}: {write_error_reason(error)}. "
             "Any earlier file there is unchanged; free some space or pick another output_model_destination."
         ) from None
     return destination

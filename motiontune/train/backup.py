@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, TrainConfig
@@ -32,6 +33,17 @@ RESUME_SAFE_KEYS = {
     "output_model_destination", "output_model_format", "dataloader_threads", "max_nonfinite_steps", "cache_dir",
     "workspace_dir",
 }
+
+
+# What a full disk or a missing permission raises, depending on the writer (Python, safetensors, torch.save).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_error_reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    return text.split("I/O error: ")[-1] if "I/O error: " in text else text
 
 
 @dataclass
@@ -97,15 +109,14 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
         for training in trainings:
             adapters = {n: p.detach().to("cpu").contiguous() for n, p in training.expert.module.named_parameters() if "lora_" in n}
             save_file(adapters, str(partial / f"adapters-{training.expert.name}.safetensors"))
-        torch.save(
-            {
-                "position": position.__dict__,
-                "optimizers": [t.optimizer.state_dict() for t in trainings],
-                "schedulers": [t.scheduler.state_dict() for t in trainings],
-                "rng": rng_state(generators),
-            },
-            partial / "state.pt",
-        )
+        state = {
+            "position": position.__dict__,
+            "optimizers": [t.optimizer.state_dict() for t in trainings],
+            "schedulers": [t.scheduler.state_dict() for t in trainings],
+            "rng": rng_state(generators),
+        }
+        with open(partial / "state.pt", "wb") as handle:  # through a Python file: a full disk raises a plain OSError
+            torch.save(state, handle)
         (partial / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
         (partial / "backup.json").write_text(json.dumps({**position.__dict__, "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
         for path in partial.iterdir():

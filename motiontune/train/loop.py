@@ -27,7 +27,7 @@ from ..methods.lora import SaveError, add_lora, save_lora
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
-from .backup import Position, check_resumable, find_backup, load_backup, write_backup
+from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_backup, write_backup, write_error_reason
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import training_loss
 from .optim import make_optimizer, make_scheduler
@@ -149,8 +149,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         try:
             result.backup = write_backup(workspace / "backup", config, where, trainings, generators, keep)
             log.info("backup written: %s", result.backup)
-        except OSError as error:  # the previous backup is untouched; training goes on
-            log.error("backup failed (%s: %s); the previous backup is kept", error.strerror or error, getattr(error, "filename", ""))
+        except WRITE_ERRORS as error:  # the previous backup is untouched; training goes on
+            log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
         last_backup_time = time.monotonic()
 
     def after(unit: str, count: int, where: Position) -> None:
