@@ -146,12 +146,13 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
     native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
-    for key, limit in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
+    for key, own in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
         value = getattr(config.video_config, key)
-        if value > limit:
+        if value > own and value % own:
             problems.append(
-                f"  - video_config.{key} = {value}: more compression than the VAE's own ({limit}) is not supported "
-                f"yet (issue 7); use {limit} or less (the VAE's ratio is used)"
+                f"  - video_config.{key} = {value}: the VAE compresses {own}x itself, so a larger ratio must be a "
+                f"whole multiple of {own} (frames are {'downscaled' if key.startswith('spatial') else 'subsampled'} "
+                f"by ratio / {own} before encoding); use {own}, {2 * own}, {4 * own}, ..."
             )
     if config.model_type == "WAN_2_2_T2V_A14B":
         if config.expert_choice() is None:

@@ -248,16 +248,21 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),
-    ("video_config.use_temporal_attention", True, "frame-local attention (issue 7)"),
-    ("video_config.frame_dropout_probability", 0.0, "frame dropout (issue 7)"),
     ("video_config.temporal_augmentation", False, "temporal augmentation (issue 7)"),
 ]
 
 
-# The VAE's own compression per model type (spatial, temporal): a compression ratio up to these is the
-# VAE's and changes nothing; more than these (downscaling or subsampling before encoding) is not built yet.
+# The VAE's own compression per model type (spatial, temporal): a ratio up to these is the VAE's and
+# changes nothing; a whole multiple of them downscales / subsamples frames before encoding.
 NATIVE_COMPRESSION = {"WAN_2_2_TI2V_5B": (16, 4)}
 DEFAULT_NATIVE_COMPRESSION = (8, 4)
+
+
+def compression_factors(config: "TrainConfig") -> tuple[int, int]:
+    """(spatial, temporal) factors applied before the VAE: 1 when the ratio is the VAE's own (or less)."""
+    native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
+    ratios = (config.video_config.spatial_compression_ratio, config.video_config.temporal_compression_ratio)
+    return tuple(max(1, ratio // own) for ratio, own in zip(ratios, native))
 
 
 def get_dotted(config: BaseModel, dotted: str):

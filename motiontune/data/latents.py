@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..models import ModelFamily
 from .cache import Cache, encoder_identity
-from .survey import Survey, plan_entry
+from .survey import Survey, plan_entry, sampling_grid
 from .video import MediaError, decode_clips
 from .workers import map_isolated
 
@@ -56,7 +56,7 @@ class Encoding:
 
     def clips(self, survey: Survey, variant: int = 0) -> list[EncodedClip]:
         """Every planned clip of every usable file; a file that fails to decode is reported and skipped."""
-        max_frames = self.family.valid_frame_count(self.config.video_config.max_frames)
+        _, max_frames = sampling_grid(self.config, self.family)
         entries = survey.usable
         plans = [e.clips if variant == 0 else plan_entry(e, self.config, self.family, max_frames, variant) for e in entries]
         keys = []

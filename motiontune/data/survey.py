@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig
+from ..config.schema import compression_factors
 from ..models import ModelFamily
 from .buckets import aspect_buckets, nearest_bucket
 from .dataset import Item, scan_dataset
@@ -47,27 +48,43 @@ class Survey:
 
 
 def training_resolution(config: TrainConfig, family: ModelFamily) -> tuple[int, int]:
-    """The configured resolution rounded down to the multiple the VAE and patching need."""
+    """The size frames are encoded at: the resolution rounded down to the multiple the VAE and patching
+    need, divided by the extra spatial compression (spatial_compression_ratio beyond the VAE's own)."""
     height, width = config.resolution_hw()
-    multiple = family.spatial_multiple
+    spatial, _ = compression_factors(config)
+    multiple = family.spatial_multiple * spatial
     rounded = (max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple))
     if rounded != (height, width):
         log.info("resolution %s → %dx%d (width x height must be multiples of %d)", config.resolution, rounded[1], rounded[0], multiple)
-    return rounded
+    if spatial > 1:
+        log.info("spatial_compression_ratio %d: frames are downscaled %dx before encoding, to %dx%d",
+                 config.video_config.spatial_compression_ratio, spatial, rounded[1] // spatial, rounded[0] // spatial)
+    return rounded[0] // spatial, rounded[1] // spatial
+
+
+def sampling_grid(config: TrainConfig, family: ModelFamily) -> tuple[float, int]:
+    """(frames per second, frames per clip) actually sampled: target_fps and max_frames, subsampled by the
+    extra temporal compression (temporal_compression_ratio beyond the VAE's own) and rounded to a valid count."""
+    _, temporal = compression_factors(config)
+    video = config.video_config
+    return video.target_fps / temporal, family.valid_frame_count((video.max_frames - 1) // temporal + 1)
 
 
 def valid_max_frames(config: TrainConfig, family: ModelFamily) -> int:
     requested = config.video_config.max_frames
-    valid = family.valid_frame_count(requested)
+    fps, valid = sampling_grid(config, family)
     if valid != requested:
-        log.info("video_config.max_frames %d → %d: the VAE takes 4n+1 frames", requested, valid)
+        _, temporal = compression_factors(config)
+        how = f", subsampled {temporal}x (temporal_compression_ratio) to {fps:g} fps" if temporal > 1 else ""
+        log.info("video_config.max_frames %d → %d frames per clip (the VAE takes 4n+1%s)", requested, valid, how)
     return valid
 
 
 def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_frames: int, epoch: int) -> list:
     video = config.video_config
+    fps, _ = sampling_grid(config, family)
     return plan_clips(
-        entry.info, video.frame_sample_strategy, video.target_fps, max_frames, video.max_duration,
+        entry.info, video.frame_sample_strategy, fps, max_frames, video.max_duration,
         video.clips_per_file, family.valid_frame_count, config.seed, epoch,
     )
 
@@ -100,6 +117,11 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
             else:
                 entry.size = nearest_bucket(info.width, info.height, buckets)
     survey = Survey(entries)
+    if survey.usable:
+        frames = len(survey.usable[0].clips[0])
+        shapes = sorted({(h // family.spatial_multiple * 2, w // family.spatial_multiple * 2) for h, w in (e.size for e in survey.usable)})
+        log.info("latent grid per clip: %d frames x %s (frames x height x width)", (frames - 1) // family.temporal_factor + 1,
+                 ", ".join(f"{h}x{w}" for h, w in shapes))
     if not require_usable:
         return survey
     for entry in entries:

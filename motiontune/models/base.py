@@ -115,6 +115,10 @@ class ModelFamily(ABC):
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert) -> torch.Tensor:
         """The expert's flow prediction for noisy latents at noise levels `sigma` (B,)."""
 
+    def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:
+        """Self-attention within each latent frame only (use_temporal_attention: false)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frame-local attention")
+
     @abstractmethod
     def lora_target_modules(self, module: torch.nn.Module, layer_filter: str) -> list[str]:
         """Names of the Linear modules of `module` a LoRA adapts, by default or filtered by `layer_filter`."""

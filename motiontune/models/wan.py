@@ -70,6 +70,28 @@ def original_name(diffusers_name: str) -> str:
 _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
 
 
+class FrameLocalAttention:
+    """Self-attention restricted to the tokens of each latent frame, by reshaping: (B, F·S, C) → (B·F, S, C)
+    through diffusers' own WAN attention processor, rotary embeddings sliced to match. WAN orders tokens
+    frame by frame, so a frame's tokens are contiguous. `frames` is set per forward (see `frame_counter`)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.frames = 1
+
+    def __getattr__(self, name):  # attention backend and other settings stay the wrapped processor's
+        return getattr(self.processor, name)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
+        batch, tokens, channels = hidden_states.shape
+        frames = self.frames
+        local = hidden_states.reshape(batch * frames, tokens // frames, channels)
+        if rotary_emb is not None:  # (1, F·S, 1, D) → (B·F, S, 1, D), frame f of every sample gets frame f's angles
+            rotary_emb = tuple(r.reshape(frames, tokens // frames, 1, -1).repeat(batch, 1, 1, 1) for r in rotary_emb)
+        out = self.processor(attn, local, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        return out.reshape(batch, tokens, -1)
+
+
 class WanFamily(ModelFamily):
     temporal_factor = 4
 
@@ -221,6 +243,24 @@ class WanFamily(ModelFamily):
             encoder_hidden_states=text.to(self.weight_dtype),
             return_dict=False,
         )[0]
+
+    def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:
+        """`video_config.use_temporal_attention: false`: each block's self-attention (attn1) sees only its
+        own latent frame; cross-attention is unchanged. Off again for samples, which use the stock model."""
+        module = expert.module
+        if not hasattr(module, "_motiontune_frame_local"):
+            processors = [FrameLocalAttention(block.attn1.processor) for block in module.blocks]
+            patch_frames = module.config.patch_size[0]
+
+            def count_frames(_, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                for processor in processors:
+                    processor.frames = hidden.shape[2] // patch_frames
+
+            module.register_forward_pre_hook(count_frames, with_kwargs=True)
+            module._motiontune_frame_local = processors
+        for block, processor in zip(module.blocks, module._motiontune_frame_local):
+            block.attn1.set_processor(processor if enabled else processor.processor)
 
     # --- LoRA ----------------------------------------------------------------------------------
     def lora_target_modules(self, module, layer_filter: str) -> list[str]:

@@ -29,7 +29,7 @@ from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
 from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_backup, write_backup, write_error_reason
 from .flow import flow_target, noisy_latents, sample_sigmas
-from .losses import training_loss
+from .losses import frame_dropout_mask, training_loss
 from .optim import make_optimizer, make_scheduler
 
 log = logging.getLogger("motiontune")
@@ -121,6 +121,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         if config.use_gradient_checkpointing():
             expert.module.enable_gradient_checkpointing()
         expert.module.train()
+        if not video.use_temporal_attention:
+            family.set_frame_local_attention(expert, True)
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
     sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
@@ -131,6 +133,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     generators = {
         "noise": torch.Generator(device=device).manual_seed(config.seed),
         "sigma": torch.Generator().manual_seed(config.seed + 1),
+        "frame_dropout": torch.Generator().manual_seed(config.seed + 2),
     }
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
@@ -156,7 +159,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     def after(unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
-            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}")
+            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}", not video.use_temporal_attention)
         saving = _due(config.save_every_unit, config.save_every, unit, count)
         minutes = (time.monotonic() - last_backup_time) / 60
         if (saving and config.backup_before_save) or _due(config.backup_after_unit, config.backup_after, unit, count) or (
@@ -192,13 +195,18 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
                 noisy = noisy_latents(x0, noise, sigma)
                 target = flow_target(x0, noise)
+                kept = None
+                if video.frame_dropout_probability > 0:
+                    kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
+                    kept = kept.to(device)
                 loss, parts = 0.0, {}
                 for expert, rows in family.route(sigma):  # each sample goes to the expert serving its noise level
                     family.activate(expert)
                     with autocast:
                         prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
                     part_loss, part_parts = training_loss(
-                        prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight
+                        prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
+                        None if kept is None else kept[rows],
                     )
                     share = len(rows) / len(batch)
                     (part_loss * share / config.gradient_accumulation_steps).backward()
@@ -248,7 +256,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         backup(position)
         result.interrupted = True
     elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
-        result.sample_paths = _sample(family, sample_requests, workspace, "final")
+        result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention)
     result.lora_paths = save_lora(family, config, Path(config.output_model_destination))
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
@@ -322,15 +330,20 @@ def _sampled_at_end(config: TrainConfig, steps: int, epochs: int) -> bool:
     )
 
 
-def _sample(family: ModelFamily, requests, workspace: Path, tag: str) -> list[Path]:
+def _sample(family: ModelFamily, requests, workspace: Path, tag: str, frame_local: bool) -> list[Path]:
+    """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA."""
     experts = family.trained_experts()
     for expert in experts:
         expert.module.eval()
+        if frame_local:
+            family.set_frame_local_attention(expert, False)
     try:
         paths = render_samples(family, requests, workspace / "samples", tag)
     finally:
         for expert in experts:
             expert.module.train()
+            if frame_local:
+                family.set_frame_local_attention(expert, True)
     for path in paths:
         log.info("sample written: %s", path)
     return paths
