@@ -180,3 +180,11 @@ def test_a_failed_final_save_says_so_and_keeps_the_old_file(tmp_path, tiny_model
     assert main(["train", "--config", str(config_path)]) == 6
     assert "could not save the LoRA to" in capsys.readouterr().err
     assert (tmp_path / "ro" / "lora.safetensors").read_bytes() == before
+
+
+def test_rolling_backups_keep_the_newest(tmp_path, tiny_models, dataset):
+    config = run_config(tmp_path, "rolling", tiny_models("wan-2.1"), dataset, epochs=4, backup_after=1,
+                        rolling_backup=True, rolling_backup_count=2)
+    assert main(["train", "--config", str(config)]) == 0
+    kept = sorted(p.name for p in (tmp_path / "rolling" / "workspace" / "backup").glob("step-*"))
+    assert [name[:12] for name in kept] == ["step-0000007", "step-0000008"]
