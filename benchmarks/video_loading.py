@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av

@@ -26,6 +26,17 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """Two real clips with a caption each: a 10 s MP4 and a 1 s WebM."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name, caption in (("shapes_200px_30fps.mp4", "moving shapes"), ("big_buck_bunny_432_433.webm", "a rabbit")):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+        (folder / name).with_suffix(".txt").write_text(caption + "\n")
+    return folder
+
+
 def write_config(path: Path, **keys) -> Path:
     path.write_text(json.dumps(keys, indent=2))
     return path

@@ -35,16 +35,6 @@ def loads(monkeypatch) -> Counter:
     return counter
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    for name, caption in (("shapes_200px_30fps.mp4", "moving shapes"), ("big_buck_bunny_432_433.webm", "a rabbit")):
-        (folder / name).write_bytes((DATA / name).read_bytes())
-        (folder / name).with_suffix(".txt").write_text(caption + "\n")
-    return folder
-
-
 def train_once(tmp_path: Path, config: dict) -> dict:
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
     return json.loads((Path(config["workspace_dir"]) / "result.json").read_text())["encoder_calls"]

@@ -13,18 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, base_config, write_config
+from conftest import base_config, write_config
 from motiontune.cli import main
-
-
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    folder = tmp_path / "clips"
-    folder.mkdir()
-    for name, caption in (("shapes_200px_30fps.mp4", "moving shapes\na test clip"), ("big_buck_bunny_432_433.webm", "a rabbit")):
-        (folder / name).write_bytes((DATA / name).read_bytes())
-        (folder / name).with_suffix(".txt").write_text(caption + "\n")
-    return folder
 
 
 def run_config(tmp_path: Path, name: str, model: Path, dataset: Path, **keys) -> Path:

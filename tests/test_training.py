@@ -36,6 +36,14 @@ def frame_count(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].height, frames[0].width
 
 
+def expert_outputs(pipe) -> list[torch.Tensor]:
+    """Both A14B experts' outputs on one fixed input."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
+    with torch.no_grad():
+        return [m(*inputs, return_dict=False)[0] for m in (pipe.transformer, pipe.transformer_2)]
+
+
 @pytest.mark.parametrize("family", ["wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b"])
 def test_make_tiny_model_writes_a_folder_the_stock_pipeline_loads(tmp_path, family):
     from diffusers import WanPipeline
@@ -88,16 +96,9 @@ def test_a14b_trains_only_the_chosen_expert(tmp_path, tiny_models, clips):
     )
     assert run(tmp_path, config) == 0
     pipe = WanPipeline.from_pretrained(model)
-    generator = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
-
-    def outputs():
-        with torch.no_grad():
-            return [m(*inputs, return_dict=False)[0] for m in (pipe.transformer, pipe.transformer_2)]
-
-    high_before, low_before = outputs()
+    high_before, low_before = expert_outputs(pipe)
     pipe.load_lora_weights(str(tmp_path / "lora.safetensors"), load_into_transformer_2=True)
-    high_after, low_after = outputs()
+    high_after, low_after = expert_outputs(pipe)
     assert torch.equal(high_before, high_after)
     assert not torch.allclose(low_before, low_after)
 
@@ -201,17 +202,10 @@ def test_a14b_both_experts_route_each_sample_by_its_noise_level(tmp_path, tiny_m
     high, low = tmp_path / "lora_high_noise.safetensors", tmp_path / "lora_low_noise.safetensors"
     assert high.is_file() and low.is_file() and not (tmp_path / "lora.safetensors").exists()
     pipe = WanPipeline.from_pretrained(model)
-    generator = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
-
-    def outputs():
-        with torch.no_grad():
-            return [m(*inputs, return_dict=False)[0] for m in (pipe.transformer, pipe.transformer_2)]
-
-    before = outputs()
+    before = expert_outputs(pipe)
     pipe.load_lora_weights(str(high))
     pipe.load_lora_weights(str(low), load_into_transformer_2=True, adapter_name="low")
-    after = outputs()
+    after = expert_outputs(pipe)
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
 
 

@@ -263,10 +263,10 @@ class WanFamily(ModelFamily):
             block.attn1.set_processor(processor if enabled else processor.processor)
 
     # --- LoRA ----------------------------------------------------------------------------------
-    def lora_target_modules(self, module, layer_filter: str) -> list[str]:
+    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
         filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
         names = []
-        for name, module in module.named_modules():
+        for name, module in transformer.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
             if filters and any(f in name for f in filters) or not filters and _DEFAULT_TARGETS.match(name):
