@@ -130,3 +130,32 @@ def test_a_run_with_every_built_video_option(tmp_path, tiny_models):
     )
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 0
     assert (tmp_path / "workspace" / "samples" / "epoch2-0.mp4").is_file()
+
+
+def test_temporal_augmentation_crops_and_swaps_reproducibly():
+    from motiontune.data.augment import augment_clip
+
+    clip = tuple(2.0 + i / 8 for i in range(9))
+    variants = [augment_clip(clip, 10.0, 8.0, 42, v, "a.mp4") for v in range(200)]
+    assert variants[5] == augment_clip(clip, 10.0, 8.0, 42, 5, "a.mp4")  # from the seed
+    moved = [v for v in variants if sorted(v)[0] != clip[0]]
+    swapped = [v for v in variants if list(v) != sorted(v)]
+    assert 0.4 < len(moved) / 200 < 0.6 and 0.15 < len(swapped) / 200 < 0.35  # the documented 0.5 and 0.25
+    for v in variants:
+        assert 0.0 <= min(v) and max(v) <= 10.0 - 1 / 8 and v[0] == min(v)  # inside the file; the first stays first
+        assert abs(max(v) - min(v) - 1.0) < 1e-9 and len(set(v)) == 9  # still 9 consecutive grid frames
+        out_of_place = [i for i in range(9) if v[i] != sorted(v)[i]]
+        assert not out_of_place or out_of_place == [out_of_place[0], out_of_place[0] + 1]  # at most one neighbouring pair
+
+
+def test_temporal_augmentation_variants_are_cached(tmp_path, tiny_models, dataset):
+    import json
+
+    from conftest import write_config
+    from motiontune.cli import main
+
+    video = {"max_frames": 5, "target_fps": 8.0, "temporal_augmentation": True, "window_variants": 2}
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=4, video_config=video)
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 0
+    calls = json.loads((tmp_path / "workspace" / "result.json").read_text())["encoder_calls"]
+    assert calls["video"] <= 4  # 2 files x 2 variants at most (an unchanged variant is one cache entry)

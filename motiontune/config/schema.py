@@ -81,7 +81,7 @@ class VideoConfig(Strict):
     max_frames: int = Field(16, ge=1)
     frame_sample_strategy: Literal["uniform", "random", "keyframe"] = "uniform"
     clips_per_file: int = Field(1, ge=1, le=1000)  # clip windows taken from each video
-    # random windows: 0 draws new ones every epoch (encoded every epoch); N cycles through N cached draws
+    # random windows / temporal augmentation: 0 draws anew every epoch (encoded every epoch); N cycles N cached draws
     window_variants: int = Field(0, ge=0, le=1000)
     target_fps: float = Field(24.0, gt=0, le=240)
     max_duration: float = Field(10.0, gt=0)
@@ -248,7 +248,6 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),
-    ("video_config.temporal_augmentation", False, "temporal augmentation (issue 7)"),
 ]
 
 

@@ -48,9 +48,9 @@ class Encoding:
         self._text_loaded = False
 
     def window_variant(self, epoch: int) -> int:
-        """Which draw of random windows an epoch uses (always 0 for fixed windows)."""
+        """Which draw of random windows (or of temporal augmentation) an epoch uses; 0 for fixed windows."""
         video = self.config.video_config
-        if video.frame_sample_strategy != "random":
+        if video.frame_sample_strategy != "random" and not video.temporal_augmentation:
             return 0
         return epoch if video.window_variants == 0 else epoch % video.window_variants
 
@@ -58,7 +58,11 @@ class Encoding:
         """Every planned clip of every usable file; a file that fails to decode is reported and skipped."""
         _, max_frames = sampling_grid(self.config, self.family)
         entries = survey.usable
-        plans = [e.clips if variant == 0 else plan_entry(e, self.config, self.family, max_frames, variant) for e in entries]
+        augment = self.config.video_config.temporal_augmentation
+        plans = [
+            plan_entry(e, self.config, self.family, max_frames, variant, augment) if variant or augment else e.clips
+            for e in entries
+        ]
         keys = []
         for entry, plan in zip(entries, plans):
             fingerprint = self.cache.file_fingerprint(entry.item.path)

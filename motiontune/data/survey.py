@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..config import TrainConfig
 from ..config.schema import compression_factors
 from ..models import ModelFamily
+from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
 from .dataset import Item, scan_dataset
 from .video import MediaError, MediaInfo, plan_clips, probe
@@ -80,13 +81,17 @@ def valid_max_frames(config: TrainConfig, family: ModelFamily) -> int:
     return valid
 
 
-def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_frames: int, epoch: int) -> list:
+def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_frames: int, epoch: int, augment: bool = False) -> list:
+    """The entry's clip windows for one epoch (or window variant), temporally augmented when asked."""
     video = config.video_config
     fps, _ = sampling_grid(config, family)
-    return plan_clips(
+    clips = plan_clips(
         entry.info, video.frame_sample_strategy, fps, max_frames, video.max_duration,
         video.clips_per_file, family.valid_frame_count, config.seed, epoch,
     )
+    if augment and not entry.info.is_image:
+        clips = [augment_clip(c, entry.info.duration, fps, config.seed, epoch, str(entry.item.path)) for c in clips]
+    return clips
 
 
 def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True) -> Survey:

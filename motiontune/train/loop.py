@@ -99,8 +99,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     moving_windows = encoding.window_variant(1) != 0
     if moving_windows:
         variants = config.video_config.window_variants
-        log.info("frame_sample_strategy random: %s", "new windows every epoch, so every epoch decodes and VAE-encodes its clips"
-                 if variants == 0 else f"{variants} cached window draws per clip; epochs 1-{variants} encode, later ones read the cache")
+        why = "temporal_augmentation" if config.video_config.temporal_augmentation else "frame_sample_strategy random"
+        log.info("%s: %s", why, "clips change every epoch, so every epoch decodes and VAE-encodes them again"
+                 if variants == 0 else f"{variants} cached variants per clip; epochs 1-{variants} encode, later ones read the cache")
     encoding.release(keep_vae=bool(sample_requests) or moving_windows)
 
     # Model.
