@@ -74,11 +74,11 @@ def test_frame_dropout_keeps_the_first_frame_and_renormalises():
 
 
 def test_temporal_consistency_gradient_reaches_the_lora(tiny_models):
-    from motiontune.methods.lora import add_lora
+    from motiontune.methods.lora import prepare
 
     family, expert = tiny_expert(tiny_models("wan-2.1"))
     family.weight_dtype = torch.float32
-    parameters = add_lora(family, expert, TrainConfig.model_validate({"concepts": [{"path": "."}], "lora_rank": 4}))
+    parameters = prepare(family, expert, TrainConfig.model_validate({"concepts": [{"path": "."}], "lora_rank": 4}))
     for p in parameters:  # LoRA B starts at zero: give the adapters a non-trivial state
         torch.nn.init.normal_(p, std=0.02)
     generator = torch.Generator().manual_seed(0)

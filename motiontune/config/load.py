@@ -145,6 +145,13 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
+    formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER")}
+    allowed = formats.get(config.training_method, ())
+    if allowed and config.output_model_format not in allowed:
+        problems.append(
+            f"  - output_model_format = {json.dumps(config.output_model_format)}: a {config.training_method} run saves "
+            f"as {' or '.join(allowed)}"
+        )
     native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
     for key, own in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
         value = getattr(config.video_config, key)

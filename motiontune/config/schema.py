@@ -145,7 +145,9 @@ class TrainConfig(Strict):
     seed: int = 42
 
     output_model_destination: str = "models/lora.safetensors"
-    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA"] = "DIFFUSERS_LORA"
+    # LoRA: DIFFUSERS_LORA, COMFY_LORA; fine-tune: DIFFUSERS (a transformer folder), COMFY_TRANSFORMER (one file)
+    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER"] = "DIFFUSERS_LORA"
+    output_dtype: DType | None = None  # fine-tune saves; default: the weights' dtype
     workspace_dir: str = "workspace/run"
 
     sample_after: int = Field(1, ge=0)
@@ -232,7 +234,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 # Keys whose behaviour is not built yet: each accepted only at its neutral value.
 # (dotted key, neutral value, which piece of work builds it)
 NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
-    ("training_method", "LORA", "full fine-tune and embedding training (issue 6)"),
+    ("training_method", ("LORA", "FINE_TUNE"), "embedding training (issue 6)"),
+    ("output_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "FLOAT_8/NFLOAT_4 saves (issue 8)"),
     ("optimizer.optimizer", "ADAMW", "other optimizers"),
     ("train_dtype", ("FLOAT_32", "BFLOAT_16"), "FLOAT_16 training (issue 8)"),
     ("gradient_checkpointing", (None, "OFF", "ON"), "CPU-offloaded checkpointing (issue 8)"),

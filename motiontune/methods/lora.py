@@ -22,7 +22,7 @@ class SaveError(Exception):
     """A LoRA could not be written (disk full, no permission); the previous file is untouched."""
 
 
-def add_lora(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
+def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Wrap the expert's default (or `layer_filter`) targets with LoRA; return its trainable parameters."""
     targets = family.lora_target_modules(expert.module, config.layer_filter)
     if not targets:
@@ -51,18 +51,20 @@ def lora_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def lora_paths(family: ModelFamily, destination: Path) -> dict[str, Path]:
-    """One file per expert: the destination itself for one transformer, `<name>_high_noise` and
+def output_paths(family: ModelFamily, destination: Path, folder: bool = False) -> dict[str, Path]:
+    """One output per expert: the destination itself for one transformer, `<name>_high_noise` and
     `<name>_low_noise` beside it for WAN 2.2 A14B's two experts."""
     experts = family.trained_experts()
     destination = Path(destination)
     if len(experts) == 1:
         return {experts[0].name: destination}
-    return {e.name: destination.with_name(f"{destination.stem}_{e.label}{destination.suffix}") for e in experts}
+    suffix = "" if folder else destination.suffix
+    stem = destination.name if folder else destination.stem
+    return {e.name: destination.with_name(f"{stem}_{e.label}{suffix}") for e in experts}
 
 
-def save_lora(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
-    paths = lora_paths(family, destination)
+def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
+    paths = output_paths(family, destination)
     return [_save_one(family, expert, config, paths[expert.name], output_format) for expert in family.trained_experts()]
 
 

@@ -128,6 +128,10 @@ class ModelFamily(ABC):
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
     @abstractmethod
+    def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype) -> dict:
+        """A transformer's weights named as the family's original single-file checkpoints (ComfyUI's)."""
+
+    @abstractmethod
     def comfy_lora_key(self, peft_module_name: str) -> str:
         """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
 

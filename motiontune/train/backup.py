@@ -107,7 +107,8 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     partial.mkdir()
     try:
         for training in trainings:
-            adapters = {n: p.detach().to("cpu").contiguous() for n, p in training.expert.module.named_parameters() if "lora_" in n}
+            # what trains: the adapters of a LoRA, the weights of a fine-tune
+            adapters = {n: p.detach().to("cpu").contiguous() for n, p in training.expert.module.named_parameters() if p.requires_grad}
             save_file(adapters, str(partial / f"adapters-{training.expert.name}.safetensors"))
         state = {
             "position": position.__dict__,

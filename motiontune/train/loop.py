@@ -23,7 +23,8 @@ from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
 from ..data.latents import Encoding
 from ..data.survey import survey_dataset
-from ..methods.lora import SaveError, add_lora, save_lora
+from ..methods import METHODS
+from ..methods.lora import SaveError
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
@@ -116,9 +117,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         / config.gradient_accumulation_steps
     )
     total_steps = steps_per_epoch * config.epochs
+    method = METHODS[config.training_method]
     trainings = []
     for expert in family.trained_experts():
-        parameters = add_lora(family, expert, config)
+        parameters = method.prepare(family, expert, config)
         if config.use_gradient_checkpointing():
             expert.module.enable_gradient_checkpointing()
         expert.module.train()
@@ -127,9 +129,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
     sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
-    log.info("training %s for %d steps (%.2fM LoRA parameters)",
-             " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
-             sum(p.numel() for t in trainings for p in t.parameters) / 1e6)
+    trained = sum(p.numel() for t in trainings for p in t.parameters)
+    log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.2f GB (two float32 values each)",
+             config.training_method, " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
+             trained / 1e6, trained * 8 / 1e9)
 
     generators = {
         "noise": torch.Generator(device=device).manual_seed(config.seed),
@@ -169,7 +172,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             backup(where)
         if saving:
             try:
-                for path in save_lora(family, config, workspace / "save" / f"{unit.lower()}{count}.safetensors"):
+                for path in method.save(family, config, workspace / "save" / f"{unit.lower()}{count}{_suffix(config)}"):
                     log.info("saved %s", path)
             except SaveError as error:
                 log.error("%s", error)
@@ -258,7 +261,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         result.interrupted = True
     elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
         result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention)
-    result.lora_paths = save_lora(family, config, Path(config.output_model_destination))
+    result.lora_paths = method.save(family, config, Path(config.output_model_destination))
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
@@ -319,6 +322,10 @@ class StopRequest:
                     signal.signal(number, handler)
 
         return scope()
+
+
+def _suffix(config: TrainConfig) -> str:
+    return "" if config.output_model_format == "DIFFUSERS" else ".safetensors"
 
 
 def _due(unit: str, every: int, now_unit: str, count: int) -> bool:

@@ -1,0 +1,68 @@
+"""Full fine-tune: the transformer's own weights train (all, or those a `layer_filter` names), and are
+saved as a diffusers transformer folder or as one safetensors file in the original WAN (ComfyUI) layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import TrainConfig
+from ..models import ModelFamily
+from ..models.base import Expert
+from ..train.backup import WRITE_ERRORS, write_error_reason
+from .lora import SaveError, output_paths
+
+TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
+
+
+def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Make the expert's weights trainable in place (no second copy); return them."""
+    filters = [f.strip() for f in config.layer_filter.split(",") if f.strip()]
+    trainable = []
+    for name, parameter in expert.module.named_parameters():
+        wanted = not filters or any(f in name for f in filters)
+        parameter.requires_grad_(wanted)
+        if wanted:
+            trainable.append(parameter)
+    if not trainable:
+        raise ValueError(f"layer_filter = {config.layer_filter!r} matches no weight of the transformer")
+    return trainable
+
+
+def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
+    output_format = output_format or config.output_model_format
+    paths = output_paths(family, destination, folder=output_format == "DIFFUSERS")
+    dtype = TORCH_DTYPES[config.output_dtype or config.transformer.weight_dtype or config.train_dtype]
+    return [_save_one(family, expert, paths[expert.name], output_format, dtype) for expert in family.trained_experts()]
+
+
+def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_format: str, dtype: torch.dtype) -> Path:
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
+            if output_format == "DIFFUSERS":  # a transformer folder: WanTransformer3DModel.from_pretrained(folder)
+                written = Path(scratch) / "transformer"
+                state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in expert.module.state_dict().items()}
+                expert.module.save_pretrained(written, state_dict=state, safe_serialization=True)
+                if destination.exists():  # the old folder goes only once the new one is complete
+                    shutil.rmtree(destination)
+                os.replace(written, destination)
+            elif output_format == "COMFY_TRANSFORMER":
+                written = Path(scratch) / "model.safetensors"
+                save_file(family.single_file_state_dict(expert.module, dtype), str(written))
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(written, destination)
+            else:
+                raise ValueError(f"unknown output_model_format {output_format!r} for a fine-tune")
+    except WRITE_ERRORS as error:
+        raise SaveError(
+            f"could not save the model to {destination}: {write_error_reason(error)}. "
+            "Any earlier save there is unchanged; free some space or pick another output_model_destination."
+        ) from None
+    return destination
