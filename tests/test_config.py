@@ -115,10 +115,9 @@ def test_shipped_presets_are_valid_and_found_by_name():
     result = run_cli("presets")
     assert result.returncode == 0
     names = result.stdout.split("\n")
-    assert "#wan 2.2 LoRA" in names and "#wan 2.2 LoRA 8GB" in names
-    for name in ("#wan 2.2 LoRA", "#wan 2.2 LoRA 8GB.json"):
-        config = load_config(name)
-        assert config.training_method == "LORA"
+    assert {"#wan 2.2 LoRA", "#wan 2.2 LoRA 8GB", "#wan 2.2 Finetune"} <= set(names)
+    for name, method in (("#wan 2.2 LoRA", "LORA"), ("#wan 2.2 LoRA 8GB.json", "LORA"), ("#wan 2.2 Finetune", "FINE_TUNE")):
+        assert load_config(name).training_method == method
     with pytest.raises(ConfigError, match="Did you mean the preset '#wan 2.2 LoRA'"):
         load_config("#wan 2.2 lora")
 
