@@ -36,7 +36,7 @@ def _setup_logging(verbose: bool) -> None:
 def _report(result) -> None:
     print("\nStopped early; continue with --resume." if result.interrupted else "\nDone.")
     for path in result.lora_paths:
-        print(f"  LoRA:        {path}")
+        print(f"  {'LoRA:' if result.method == 'LORA' else 'model:':12} {path}")
     for path in result.sample_paths:
         print(f"  sample:      {path}")
     print(f"  TensorBoard: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")

@@ -61,6 +61,7 @@ class RunResult:
     interrupted: bool = False
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     backup: Path | None = None  # the newest backup this run wrote
+    method: str = "LORA"
 
 
 def pick_device(name: str) -> torch.device:
@@ -130,9 +131,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
     sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
     trained = sum(p.numel() for t in trainings for p in t.parameters)
-    log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.2f GB (two float32 values each)",
+    log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.1f MB (two float32 values each)",
              config.training_method, " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
-             trained / 1e6, trained * 8 / 1e9)
+             trained / 1e6, trained * 8 / 1e6)
 
     generators = {
         "noise": torch.Generator(device=device).manual_seed(config.seed),
@@ -145,7 +146,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
     # purge_step: TensorBoard drops what an interrupted run logged after the backup we continue from
     writer = SummaryWriter(str(workspace / "tensorboard"), purge_step=position.step + 1 if backup_to_load else None)
-    result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped)
+    result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
+                       method=config.training_method)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
     stop = StopRequest()
     last_backup_time = time.monotonic()
