@@ -159,6 +159,17 @@ def test_comfy_lora_matches_diffusers_lora(trained, tmp_path):
             outputs[fmt] = pipe.transformer(latents, torch.tensor([500.0]), text, return_dict=False)[0]
 
     comfy = load_file(str(tmp_path / "COMFY_LORA.safetensors"))
+    # ComfyUI maps a LoRA key "<x>.lora_A.weight" / "<x>.lora_B.weight" / "<x>.alpha" onto the model weight
+    # "<x>.weight" of its WAN model, whose state dict is "diffusion_model." + the original WAN names.
+    from diffusers import WanTransformer3DModel
+
+    from motiontune.models.wan import original_name
+
+    stock = WanTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    comfy_model = {"diffusion_model." + original_name(k) for k in stock.state_dict()}
+    for key in comfy:
+        module = next(key[: -len(s)] for s in (".lora_A.weight", ".lora_B.weight", ".alpha") if key.endswith(s))
+        assert module + ".weight" in comfy_model, key
     assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy
     assert "diffusion_model.blocks.0.cross_attn.o.lora_B.weight" in comfy
     assert "diffusion_model.blocks.1.ffn.0.lora_A.weight" in comfy
