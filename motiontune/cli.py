@@ -34,6 +34,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _report(result) -> None:
+    if not result.report:
+        return
     print("\nStopped early; continue with --resume." if result.interrupted else "\nDone.")
     for path in result.lora_paths:
         print(f"  {'LoRA:' if result.method == 'LORA' else 'model:':12} {path}")

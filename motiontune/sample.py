@@ -43,10 +43,13 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
     return requests
 
 
-def render_samples(family: ModelFamily, requests, directory: Path, tag: str) -> list[Path]:
+def render_samples(family: ModelFamily, requests, directory: Path, tag: str, write: bool = True) -> list[Path]:
+    """`write` False renders without writing (a sharded model's other ranks)."""
     paths = []
     for index, (request, fps) in enumerate(requests):
         path = directory / f"{tag}-{index}.mp4"
-        write_video(path, family.sample(request), fps)
-        paths.append(path)
+        frames = family.sample(request)
+        if write:
+            write_video(path, frames, fps)
+            paths.append(path)
     return paths

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..models import ModelFamily
+from ..train.distributed import Ranks
 from .cache import Cache, encoder_identity
 from .survey import Survey, plan_entry, sampling_grid
 from .video import MediaError, decode_clips
@@ -36,10 +37,15 @@ class EncodedClip:
 
 
 class Encoding:
-    """Cache-backed encoding for one run; `calls` counts what was actually encoded."""
+    """Cache-backed encoding for one run; `calls` counts what was actually encoded.
 
-    def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache):
+    With several ranks and the cache on, each rank encodes its share of what is missing, then all read
+    the rest from the cache: no entry is written by two ranks. With the cache off, each encodes all."""
+
+    def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache, ranks: Ranks | None = None):
         self.family, self.config, self.cache = family, config, cache
+        self.ranks = ranks or Ranks()
+        self.split = self.ranks.several and cache.enabled
         base = config.base_model_name
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"], f"{config.model_type}:{family.text_dtype}")
@@ -67,13 +73,18 @@ class Encoding:
         for entry, plan in zip(entries, plans):
             fingerprint = self.cache.file_fingerprint(entry.item.path)
             keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity) for clip in plan])
-        self.cache.save_fingerprints()
+        if self.ranks.main:
+            self.cache.save_fingerprints()
         self.used["latents"].update(k for file_keys in keys for k in file_keys)
-        values = {key: self.cache.get("latents", key) for file_keys in keys for key in file_keys}
+        values = self._read_all("latents", [key for file_keys in keys for key in file_keys])
         missing = [i for i, file_keys in enumerate(keys) if any(values[k] is None for k in file_keys)]
         encoded_before = self.calls["video"]
-        if missing:
-            self._encode_missing([entries[i] for i in missing], [plans[i] for i in missing], [keys[i] for i in missing], values)
+        mine = self._my_share(missing, lambda i: keys[i])
+        if mine:
+            self._encode_missing([entries[i] for i in mine], [plans[i] for i in mine], [keys[i] for i in mine], values)
+        if self.split and missing:
+            self.ranks.barrier()  # the other ranks' shares are in the cache now
+            values.update({key: self.cache.get("latents", key) for key, value in values.items() if value is None})
         encoded = []
         for entry, plan, file_keys in zip(entries, plans, keys):
             for clip, key in zip(plan, file_keys):
@@ -109,8 +120,10 @@ class Encoding:
         """Each text's embedding, as the stock pipeline computes it."""
         keys = {text: Cache.text_key(text, self.text_identity) for text in texts}
         self.used["text"].update(keys.values())
-        embeddings = {text: self.cache.get("text", key) for text, key in keys.items()}
-        missing = sorted(text for text, value in embeddings.items() if value is None)
+        by_key = self._read_all("text", list(keys.values()))
+        embeddings = {text: by_key[key] for text, key in keys.items()}
+        everything_missing = sorted(text for text, value in embeddings.items() if value is None)
+        missing = [everything_missing[i] for i in self._my_share(range(len(everything_missing)), lambda i: [everything_missing[i]])]
         if missing and not self._text_loaded:
             self.family.load_text_encoder()
             self._text_loaded = True
@@ -120,7 +133,36 @@ class Encoding:
                 embeddings[text] = row
                 self.calls["text"] += 1
                 self.cache.put("text", keys[text], row, {"text": text})
+        if self.split and everything_missing:
+            self.ranks.barrier()
+            embeddings.update({text: self.cache.get("text", keys[text]) for text in everything_missing if embeddings[text] is None})
         return embeddings
+
+    def _read_all(self, kind: str, keys: list[str]) -> dict:
+        """What the cache holds for `keys`; with several ranks, every rank reads before any writes, so all
+        see the same gaps and deal them out alike."""
+        if self.split:
+            self.ranks.barrier()
+        values = {key: self.cache.get(kind, key) for key in keys}
+        if self.split:
+            self.ranks.barrier()
+        return values
+
+    def _my_share(self, items, keys_of) -> list:
+        """This rank's items, dealt round-robin; an item whose keys an earlier item already covers is dealt to
+        nobody (identical clips in two files are encoded once)."""
+        if not self.split:
+            return list(items)
+        mine, seen, dealt = [], set(), 0
+        for item in items:
+            keys = set(keys_of(item)) - seen
+            if not keys:
+                continue
+            seen |= keys
+            if dealt % self.ranks.world_size == self.ranks.rank:
+                mine.append(item)
+            dealt += 1
+        return mine
 
     def release(self, keep_vae: bool) -> None:
         """Encoders off the training device before the transformer arrives."""

@@ -34,27 +34,39 @@ def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[to
     return trainable
 
 
-def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
+def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
+         states: dict[str, dict] | None = None) -> list[Path]:
+    """`states`: each expert's whole state dict when its weights are sharded across ranks (gathered by the caller)."""
     output_format = output_format or config.output_model_format
     paths = output_paths(family, destination, folder=output_format == "DIFFUSERS")
     dtype = TORCH_DTYPES[config.output_dtype or config.transformer.weight_dtype or config.train_dtype]
-    return [_save_one(family, expert, paths[expert.name], output_format, dtype) for expert in family.trained_experts()]
+    states = states or {}
+    return [_save_one(family, expert, paths[expert.name], output_format, dtype, states.get(expert.name))
+            for expert in family.trained_experts()]
 
 
-def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_format: str, dtype: torch.dtype) -> Path:
+def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_format: str, dtype: torch.dtype,
+              state: dict | None) -> Path:
+    gathered = state is not None
+    state = expert.module.state_dict() if state is None else state
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
             if output_format == "DIFFUSERS":  # a transformer folder: WanTransformer3DModel.from_pretrained(folder)
                 written = Path(scratch) / "transformer"
-                state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in expert.module.state_dict().items()}
-                expert.module.save_pretrained(written, state_dict=state, safe_serialization=True)
+                weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+                if gathered:  # save_pretrained walks the module's own (sharded, freed) parameters: write the files directly
+                    written.mkdir()
+                    expert.module.save_config(written)
+                    save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+                else:
+                    expert.module.save_pretrained(written, state_dict=weights, safe_serialization=True)
                 if destination.exists():  # the old folder goes only once the new one is complete
                     shutil.rmtree(destination)
                 os.replace(written, destination)
             elif output_format == "COMFY_TRANSFORMER":
                 written = Path(scratch) / "model.safetensors"
-                save_file(family.single_file_state_dict(expert.module, dtype), str(written))
+                save_file(family.single_file_state_dict(expert.module, dtype, state), str(written))
                 with open(written, "rb") as handle:
                     os.fsync(handle.fileno())
                 os.replace(written, destination)

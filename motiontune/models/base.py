@@ -111,6 +111,10 @@ class ModelFamily(ABC):
         """Put `expert` on the training device; on an accelerator, the other transformers wait on the CPU."""
         expert.module.to(self.device)
 
+    def fsdp_units(self, module: torch.nn.Module) -> list[torch.nn.Module]:
+        """The parts FSDP2 shards one by one (each gathered just before its forward): the transformer blocks."""
+        return list(module.blocks)
+
     @abstractmethod
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert) -> torch.Tensor:
         """The expert's flow prediction for noisy latents at noise levels `sigma` (B,)."""
@@ -128,8 +132,9 @@ class ModelFamily(ABC):
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
     @abstractmethod
-    def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype) -> dict:
-        """A transformer's weights named as the family's original single-file checkpoints (ComfyUI's)."""
+    def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype, state: dict | None = None) -> dict:
+        """A transformer's weights (or `state`, its gathered state dict) named as the family's original
+        single-file checkpoints (ComfyUI's)."""
 
     @abstractmethod
     def comfy_lora_key(self, peft_module_name: str) -> str:

@@ -283,9 +283,10 @@ class WanFamily(ModelFamily):
             transformer_lora_adapter_metadata=adapter_metadata,
         )
 
-    def single_file_state_dict(self, module, dtype) -> dict:
+    def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The transformer's weights with original WAN (ComfyUI) names, as `from_single_file` reads them."""
-        return {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+        state = module.state_dict() if state is None else state
+        return {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
         name = peft_module_name

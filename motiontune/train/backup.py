@@ -4,6 +4,10 @@ order stands, every random generator, and the config they came from.
 A backup is a folder written under a temporary name, every file flushed to disk, then renamed into
 place, so the previous backup stays valid until the new one is complete. State is loaded with
 `torch.load(weights_only=True)`: a backup cannot run code.
+
+With several ranks, rank 0 writes the backup: every rank's random state, and, for a sharded fine-tune,
+the weights and optimizer state gathered whole. It continues only on the same number of ranks (another
+count would change the global batch). Every rank must reach a shared folder to continue.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, TrainConfig
+from . import distributed
+from .distributed import Ranks
 
 log = logging.getLogger("motiontune")
 
@@ -97,8 +103,36 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def write_backup(directory: Path, config: TrainConfig, position: Position, trainings, generators, keep: int | None) -> Path:
-    """Write a backup folder atomically; with `keep`, only the newest `keep` backups stay."""
+def write_backup(directory: Path, config: TrainConfig, position: Position, trainings, generators, keep: int | None,
+                 ranks: Ranks | None = None) -> Path:
+    """Write a backup folder atomically; with `keep`, only the newest `keep` backups stay. Every rank calls
+    this; rank 0 writes, and all return its path or raise its error."""
+    ranks = ranks or Ranks()
+    rngs = ranks.gather(rng_state(generators))
+    if ranks.sharded:  # collectives: every rank takes part, rank 0 receives the whole
+        weights = [{n: v for n, v in distributed.full_state_dict(t.expert.module).items() if n in _trained_names(t)} for t in trainings]
+        optimizers = [distributed.full_optimizer_state(t.expert.module, t.optimizer) for t in trainings]
+    else:
+        weights = [{n: p.detach() for n, p in t.expert.module.named_parameters() if p.requires_grad} for t in trainings]
+        optimizers = [t.optimizer.state_dict() for t in trainings]
+    outcome: Path | Exception | None = None
+    if ranks.main:
+        try:
+            outcome = _write(directory, config, position, trainings, weights, optimizers, rngs, ranks.world_size, keep)
+        except WRITE_ERRORS as error:
+            outcome = error
+    outcome = ranks.from_main(outcome if not isinstance(outcome, Exception) else OSError(write_error_reason(outcome)))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _trained_names(training) -> set[str]:
+    return {n for n, p in training.expert.module.named_parameters() if p.requires_grad}
+
+
+def _write(directory: Path, config: TrainConfig, position: Position, trainings, weights, optimizers, rngs, world_size: int,
+           keep: int | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{position.step:07d}-epoch-{position.epoch:04d}-batch-{position.next_batch:05d}"
     final = directory / name
@@ -106,20 +140,23 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        for training in trainings:
+        for training, trained in zip(trainings, weights):
             # what trains: the adapters of a LoRA, the weights of a fine-tune
-            adapters = {n: p.detach().to("cpu").contiguous() for n, p in training.expert.module.named_parameters() if p.requires_grad}
+            adapters = {n: v.to("cpu").contiguous() for n, v in trained.items()}
             save_file(adapters, str(partial / f"adapters-{training.expert.name}.safetensors"))
         state = {
             "position": position.__dict__,
-            "optimizers": [t.optimizer.state_dict() for t in trainings],
+            "optimizers": optimizers,
             "schedulers": [t.scheduler.state_dict() for t in trainings],
-            "rng": rng_state(generators),
+            "rng": rngs[0],
+            "rng_by_rank": rngs,
+            "world_size": world_size,
         }
         with open(partial / "state.pt", "wb") as handle:  # through a Python file: a full disk raises a plain OSError
             torch.save(state, handle)
         (partial / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
-        (partial / "backup.json").write_text(json.dumps({**position.__dict__, "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        (partial / "backup.json").write_text(json.dumps(
+            {**position.__dict__, "world_size": world_size, "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
         for path in partial.iterdir():
             fsync_file(path)
         if final.exists():
@@ -154,8 +191,15 @@ def find_backup(workspace: Path, path: str | None) -> Path:
     return backups[-1]
 
 
-def check_resumable(backup: Path, config: TrainConfig) -> None:
+def check_resumable(backup: Path, config: TrainConfig, world_size: int = 1) -> None:
     """Refuse a config that changes the training math; allow ones that only change samples, saves or paths."""
+    written_by = json.loads((backup / "backup.json").read_text()).get("world_size", 1)
+    if written_by != world_size:
+        raise ConfigError(
+            f"cannot continue from {backup}: it was written by {written_by} process(es) and this run has {world_size}; "
+            f"the global batch would change. Continue with the same count (torchrun --nproc-per-node {written_by}, "
+            "times the nodes), or start a new run."
+        )
     saved = json.loads((backup / "config.json").read_text())
     current = json.loads(config.model_dump_json(by_alias=True))
     changed = sorted(key for key in set(saved) | set(current) if key not in RESUME_SAFE_KEYS and saved.get(key) != current.get(key))
@@ -167,15 +211,19 @@ def check_resumable(backup: Path, config: TrainConfig) -> None:
         )
 
 
-def load_backup(backup: Path, trainings, generators) -> Position:
+def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None) -> Position:
+    ranks = ranks or Ranks()
     state = torch.load(backup / "state.pt", weights_only=True)
     for training, optimizer_state, scheduler_state in zip(trainings, state["optimizers"], state["schedulers"]):
         adapters = load_file(str(backup / f"adapters-{training.expert.name}.safetensors"))
-        parameters = dict(training.expert.module.named_parameters())
-        with torch.no_grad():
-            for name, value in adapters.items():
-                parameters[name].copy_(value)
-        training.optimizer.load_state_dict(optimizer_state)
+        if ranks.sharded:
+            distributed.load_full_state(training.expert.module, training.optimizer, adapters, optimizer_state)
+        else:
+            parameters = dict(training.expert.module.named_parameters())
+            with torch.no_grad():
+                for name, value in adapters.items():
+                    parameters[name].copy_(value)
+            training.optimizer.load_state_dict(optimizer_state)
         training.scheduler.load_state_dict(scheduler_state)
-    restore_rng_state(state["rng"], generators)
+    restore_rng_state(state.get("rng_by_rank", [state["rng"]])[ranks.rank], generators)
     return Position(**state["position"])

@@ -28,6 +28,7 @@ from ..methods.lora import SaveError
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
+from . import distributed
 from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_backup, write_backup, write_error_reason
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
@@ -62,6 +63,7 @@ class RunResult:
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     backup: Path | None = None  # the newest backup this run wrote
     method: str = "LORA"
+    report: bool = True  # False on ranks other than 0, which leave reporting to it
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,8 +75,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def train(config: TrainConfig, resume: str | None = None) -> RunResult:
-    """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for)."""
-    device = pick_device(config.train_device)
+    """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for). Under `torchrun`,
+    every rank runs this (see distributed.py)."""
+    ranks, device = distributed.start(pick_device(config.train_device), config.training_method)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -82,9 +85,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     resume = resume or ("latest" if config.continue_last_backup else None)
     backup_to_load = find_backup(workspace, resume) if resume else None
     if backup_to_load:
-        check_resumable(backup_to_load, config)  # before anything slow: a refused resume fails fast
-    workspace.mkdir(parents=True, exist_ok=True)
-    (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
+        check_resumable(backup_to_load, config, ranks.world_size)  # before anything slow: a refused resume fails fast
+    if ranks.main:
+        workspace.mkdir(parents=True, exist_ok=True)
+        (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
     if config.memory_config_form != "default":
         log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
 
@@ -92,7 +96,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     # come from the cache, and only what is missing is encoded, with encoders loaded just for that.
     family = family_for(config, device)
     survey = survey_dataset(config, family)
-    encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching))
+    encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching), ranks)
     clips = encoding.clips(survey, encoding.window_variant(0))
     caption_dropout = config.text_encoder.dropout_probability
     texts = {c for clip in clips for c in clip.captions} | sample_prompts(config) | ({""} if caption_dropout > 0 else set())
@@ -113,8 +117,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     # Adapters and optimizers: one set per trained expert, so each steps while it is on the device.
     video = config.video_config
     shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
+    global_batch_size = config.batch_size * ranks.world_size  # N ranks train what one process with N× the batch would
+    distributed.check_divisible(ranks, int(sum(repeats)), config.batch_size)
     steps_per_epoch = math.ceil(
-        batches_per_epoch(shapes, repeats, config.batch_size, video.video_batch_size_multiplier)
+        batches_per_epoch(shapes, repeats, global_batch_size, video.video_batch_size_multiplier)
         / config.gradient_accumulation_steps
     )
     total_steps = steps_per_epoch * config.epochs
@@ -127,6 +133,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         expert.module.train()
         if not video.use_temporal_attention:
             family.set_frame_local_attention(expert, True)
+        if ranks.sharded:  # FSDP2 replaces the parameters with shards: collect them again
+            expert.module.to(device)
+            distributed.shard_transformer(expert.module, family.fsdp_units(expert.module))
+            parameters = [p for p in expert.module.parameters() if p.requires_grad]
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
     sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
@@ -142,10 +152,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     }
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
-        position = load_backup(backup_to_load, trainings, generators)
+        position = load_backup(backup_to_load, trainings, generators, ranks)
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
-    # purge_step: TensorBoard drops what an interrupted run logged after the backup we continue from
-    writer = SummaryWriter(str(workspace / "tensorboard"), purge_step=position.step + 1 if backup_to_load else None)
+    writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
                        method=config.training_method)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
@@ -156,7 +165,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         nonlocal last_backup_time
         keep = config.rolling_backup_count if config.rolling_backup else None
         try:
-            result.backup = write_backup(workspace / "backup", config, where, trainings, generators, keep)
+            result.backup = write_backup(workspace / "backup", config, where, trainings, generators, keep, ranks)
             log.info("backup written: %s", result.backup)
         except WRITE_ERRORS as error:  # the previous backup is untouched; training goes on
             log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
@@ -165,7 +174,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     def after(unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
-            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}", not video.use_temporal_attention)
+            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}", not video.use_temporal_attention, ranks)
         saving = _due(config.save_every_unit, config.save_every, unit, count)
         minutes = (time.monotonic() - last_backup_time) / 60
         if (saving and config.backup_before_save) or _due(config.backup_after_unit, config.backup_after, unit, count) or (
@@ -174,23 +183,35 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             backup(where)
         if saving:
             try:
-                for path in method.save(family, config, workspace / "save" / f"{unit.lower()}{count}{_suffix(config)}"):
+                for path in save_model(workspace / "save" / f"{unit.lower()}{count}{_suffix(config)}"):
                     log.info("saved %s", path)
             except SaveError as error:
                 log.error("%s", error)
 
+    def save_model(destination: Path) -> list[Path]:
+        """Rank 0 saves; a sharded fine-tune first gathers its weights whole (every rank takes part)."""
+        states = {t.expert.name: distributed.full_state_dict(t.expert.module) for t in trainings} if ranks.sharded else None
+        if not ranks.main:
+            return []
+        return method.save(family, config, destination, **({"states": states} if states else {}))
+
+    part_names = ["loss/flow"] + (["loss/temporal_consistency"] if video.temporal_consistency_weight > 0 else [])
     nonfinite_in_a_row = 0
-    progress = tqdm(total=total_steps, initial=position.step, desc="training", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=position.step, desc="training", unit="step", dynamic_ncols=True,
+                    disable=not ranks.main)
     with stop.listening():
         for epoch in range(position.epoch, config.epochs):
             if moving_windows and epoch > 0:
                 clips = encoding.clips(survey, encoding.window_variant(epoch))
                 family.park_vae()
                 shapes, repeats = [c.shape for c in clips], [c.repeats for c in clips]
-            batches = epoch_batches(shapes, repeats, config.batch_size, video.video_batch_size_multiplier, config.seed, epoch)
+            batches = epoch_batches(shapes, repeats, global_batch_size, video.video_batch_size_multiplier, config.seed, epoch)
             first = position.next_batch if epoch == position.epoch else 0
             for index in range(first, len(batches)):
+                # Random draws cover the global batch on every rank (the same numbers one process would draw);
+                # each rank then trains its own rows of it.
                 batch = batches[index]
+                mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
                 x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
                 captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
                 text = torch.stack([text_embeddings[c] for c in captions]).to(device)
@@ -205,25 +226,36 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 if video.frame_dropout_probability > 0:
                     kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
                     kept = kept.to(device)
-                loss, parts = 0.0, {}
-                for expert, rows in family.route(sigma):  # each sample goes to the expert serving its noise level
-                    family.activate(expert)
+                loss, parts = torch.zeros((), device=device), {}
+                for expert, all_rows in family.route(sigma):  # each sample goes to the expert serving its noise level
+                    rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
+                    share = len(rows) / len(batch)  # weights summed over ranks: exact however the batch splits
+                    if not len(rows):
+                        if not ranks.sharded:
+                            continue
+                        rows = all_rows[:1]  # FSDP needs every rank in every expert's forward: a row weighted 0
+                    if not ranks.sharded:
+                        family.activate(expert)
                     with autocast:
                         prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
                     part_loss, part_parts = training_loss(
                         prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
                         None if kept is None else kept[rows],
                     )
-                    share = len(rows) / len(batch)
-                    (part_loss * share / config.gradient_accumulation_steps).backward()
+                    # FSDP averages gradients over ranks; the weights above need their sum
+                    scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
+                    (part_loss * scale).backward()
                     loss = loss + part_loss.detach() * share
                     for name, value in part_parts.items():
                         parts[name] = parts.get(name, 0.0) + value * share
+                # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
+                totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in part_names)]))
+                loss, parts = totals[0], dict(zip(part_names, totals[1:]))
 
                 if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
                     continue
                 position = Position(position.step, epoch, index + 1, result.skipped_steps)
-                if not _optimizer_step(family, trainings, config, finite_loss=bool(torch.isfinite(loss))):
+                if not _optimizer_step(family, trainings, config, ranks, finite_loss=bool(torch.isfinite(loss))):
                     result.skipped_steps += 1
                     nonfinite_in_a_row += 1
                     position.nonfinite_skipped = result.skipped_steps
@@ -249,24 +281,28 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
                 progress.update()
                 after("STEP", position.step, position)
-                if stop.requested:
+                if stop.agreed(ranks):
                     break
-            if stop.requested:
+            if stop.stopping:
                 break
             position = Position(position.step, epoch + 1, 0, result.skipped_steps)
             after("EPOCH", epoch + 1, position)
     progress.close()
 
-    if stop.requested:
-        log.info("stopping on %s: writing a backup and the LoRA as they are now", stop.requested)
+    if stop.stopping:
+        log.info("stopping on %s: writing a backup and the LoRA as they are now", stop.requested or "another rank's signal")
         backup(position)
         result.interrupted = True
     elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
         result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention)
-    result.lora_paths = method.save(family, config, Path(config.output_model_destination))
+    result.lora_paths = save_model(Path(config.output_model_destination))
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
+    ranks.finish()
+    if not ranks.main:
+        result.report = False
+        return result
     (workspace / "result.json").write_text(json.dumps(
         {"lora": str(result.lora_paths[0]), "loras": [str(p) for p in result.lora_paths], "samples": [str(p) for p in result.sample_paths],
          "tensorboard": str(result.tensorboard_dir), "steps": result.steps, "final_loss": result.final_loss,
@@ -275,17 +311,24 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     return result
 
 
-def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, finite_loss: bool) -> bool:
+def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, ranks: distributed.Ranks,
+                    finite_loss: bool) -> bool:
     """Clip and apply each expert's accumulated gradients; False (and nothing applied) when the loss or any
-    gradient is not finite."""
-    norms = []
+    gradient is not finite. `finite_loss` is the global batch's, so every rank decides alike."""
+    norms, stepping = [], []
     for training in trainings:
-        if finite_loss and any(p.grad is not None for p in training.parameters):
+        # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
+        had_samples = not ranks.all_agree(all(p.grad is None for p in training.parameters))
+        stepping.append(had_samples)
+        if had_samples and not ranks.sharded:
+            ranks.sum_gradients(training.parameters)
+        if finite_loss and had_samples:
             # the norm is needed anyway to spot a non-finite gradient; an infinite limit clips nothing
-            norms.append(torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf))
+            norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
-    for training in trainings:
-        if healthy and any(p.grad is not None for p in training.parameters):
+    for training, had_samples in zip(trainings, stepping):
+        if healthy and had_samples:
             family.activate(training.expert)
             training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
@@ -300,13 +343,19 @@ class StopRequest:
     """Ctrl-C or SIGTERM during training: the current step finishes, then the run backs up, saves and ends."""
 
     def __init__(self):
-        self.requested: str | None = None
+        self.requested: str | None = None  # the signal this process received
+        self.stopping = False  # what all ranks agreed on
 
     def _handle(self, number, frame):
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
         log.info("%s received: finishing this step, then backing up and saving (Ctrl-C again to stop at once)", self.requested)
+
+    def agreed(self, ranks: distributed.Ranks) -> bool:
+        """Whether to stop now; with several ranks, all stop at the same step when any was asked to."""
+        self.stopping = not ranks.all_agree(not self.requested) if ranks.several else bool(self.requested)
+        return self.stopping
 
     def listening(self):
         import contextlib
@@ -340,15 +389,34 @@ def _sampled_at_end(config: TrainConfig, steps: int, epochs: int) -> bool:
     )
 
 
-def _sample(family: ModelFamily, requests, workspace: Path, tag: str, frame_local: bool) -> list[Path]:
-    """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA."""
+class _Writer:
+    """TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, directory: Path, purge_step: int | None, enabled: bool):
+        # purge_step: TensorBoard drops what an interrupted run logged after the backup we continue from
+        self.writer = SummaryWriter(str(directory), purge_step=purge_step) if enabled else None
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer:
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def _sample(family: ModelFamily, requests, workspace: Path, tag: str, frame_local: bool, ranks: distributed.Ranks) -> list[Path]:
+    """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA. Rank 0
+    writes them; with a sharded model the other ranks render along (each forward needs all of them)."""
+    if not ranks.main and not ranks.sharded:
+        return []
     experts = family.trained_experts()
     for expert in experts:
         expert.module.eval()
         if frame_local:
             family.set_frame_local_attention(expert, False)
     try:
-        paths = render_samples(family, requests, workspace / "samples", tag)
+        paths = render_samples(family, requests, workspace / "samples", tag, write=ranks.main)
     finally:
         for expert in experts:
             expert.module.train()

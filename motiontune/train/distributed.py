@@ -1,0 +1,181 @@
+"""Training on several processes started by `torchrun` (one per GPU, on one machine or many).
+
+Every rank draws the random numbers of the whole global batch (noise, noise levels, captions, dropped
+frames) from the same seeded generators and keeps its own rows, so N ranks with batch_size B train
+exactly what one process with batch size N·B would. Gradients are summed across ranks with each rank's
+loss weighted by its share of the global batch, which stays exact when a batch does not split evenly.
+
+- LoRA and embeddings: the trainable parameters are replicated; only their gradients cross the network,
+  in one flat all-reduce per optimizer step (the frozen model never does). This is DDP's data
+  parallelism without its module wrapper, which would hang when a WAN 2.2 expert gets no sample on one
+  rank in a step.
+- Fine-tune: the transformer is sharded with FSDP2 (`fully_shard`, one unit per block), so weights,
+  gradients and optimizer state are split N ways; saves gather a full copy on rank 0.
+
+NCCL on CUDA, gloo on the CPU. Only rank 0 logs, samples to disk and saves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+log = logging.getLogger("motiontune")
+
+
+class WorldSizeError(ConfigError):
+    """The number of processes and the batch settings cannot divide the data."""
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    sharded: bool = False  # FSDP2: each rank holds a shard of the trained weights
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+    def rows(self, global_rows: int, per_rank: int) -> range:
+        """This rank's rows of a global batch: consecutive blocks of `per_rank` (the last ranks may get fewer)."""
+        start = min(self.rank * per_rank, global_rows)
+        return range(start, min(start + per_rank, global_rows))
+
+    def barrier(self) -> None:
+        if self.several:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over ranks (a copy; gloo and NCCL reduce in place)."""
+        if not self.several:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    def all_agree(self, flag: bool) -> bool:
+        """True only when `flag` is true on every rank (so all ranks take the same branch)."""
+        if not self.several:
+            return flag
+        value = torch.tensor([0 if flag else 1], device=_collective_device())
+        dist.all_reduce(value)
+        return int(value.item()) == 0
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), on every rank, in rank order."""
+        if not self.several:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.several:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Sum replicated parameters' gradients over ranks in one flat all-reduce; a rank that had no sample
+        for them contributes zeros."""
+        if not self.several or not parameters:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip(parameters, grads):
+            count = grad.numel()
+            parameter.grad = flat[offset : offset + count].view_as(grad).clone()
+            offset += count
+
+    def finish(self) -> None:
+        if self.several and dist.is_initialized():
+            dist.barrier()  # a rank leaving while another still talks aborts the job
+            dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def start(device: torch.device, training_method: str) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR/PORT); a plain `motiontune train` is a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Ranks(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # cache filling can take long
+    ranks = Ranks(rank, world_size, local_rank, sharded=training_method == "FINE_TUNE")
+    if not ranks.main:  # rank 0 reports; the others speak up only for their own warnings and errors
+        log.setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    if ranks.main:
+        log.info("%d processes (%s): %s", world_size, dist.get_backend(),
+                 "FSDP2, the transformer sharded across them" if ranks.sharded else "trained parameters replicated, gradients summed")
+    return ranks, device
+
+
+def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:
+    if ranks.several and items_per_epoch < ranks.world_size:
+        raise WorldSizeError(
+            f"{ranks.world_size} processes but an epoch holds only {items_per_epoch} clip(s) (batch_size {batch_size} each): "
+            f"every process needs at least one clip per step. Start fewer processes (torchrun --nproc-per-node), "
+            "or add clips or raise the concept's repeats."
+        )
+
+
+def shard_transformer(module: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+    """FSDP2: each unit (a transformer block) gathers its weights just before use and frees them after;
+    the root holds the rest (embeddings, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(module)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank must call this; rank 0 gets the whole state on the CPU, the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Rank 0's full state, spread to every rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    # strict=False: the backup holds only the trained weights (a layer_filter may freeze the rest)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    main = dist.get_rank() == 0
+    set_model_state_dict(module, weights if main else {}, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state if main else {}, options=options)

@@ -1,0 +1,133 @@
+"""torchrun with 2 CPU ranks (gloo) trains exactly what one process with the combined batch trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_config, write_config
+from test_reliability import losses
+
+
+def make_config(tmp_path: Path, name: str, model: Path, dataset: Path, **keys) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    # two buckets (the clips differ in length) of 3 repeats each: global batches of 2 (a row per rank) and
+    # of 1 (rank 1 idle), so both even and uneven splits are trained
+    keys = {"epochs": 3, "learning_rate": 3e-3, "backup_after": 2, "backup_after_unit": "STEP",
+            "concepts": [{"path": str(dataset), "repeats": 3}],
+            "video_config": {"max_frames": 9, "target_fps": 8.0, "video_batch_size_multiplier": 1.0}, **keys}
+    # each run fills its own cache, so the 2-rank runs split the encoding between them
+    config = base_config(folder, model, dataset, cache_dir=str(folder / "cache"), **keys)
+    return write_config(folder / "config.json", **config)
+
+
+def run(config: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    done = subprocess.run([*launcher, "-m", "motiontune", "train", "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def saved(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():  # a diffusers transformer folder
+        return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(path))
+
+
+def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None = None) -> float:
+    """The largest difference, relative to how far training moved the weights from `start` (LoRA B: from 0).
+    Batched and per-rank forwards round differently and Adam magnifies that a little; a wrong gradient
+    weighting moves weights by a sizeable part of a step (checked: halving rank 1's share gives 0.1 for the LoRA, 0.6 for the fine-tune)."""
+    assert a.keys() == b.keys()
+    start = start or {k: torch.zeros_like(v) for k, v in a.items()}
+    moved = max((a[k].float() - start[k].float()).abs().max().item() for k in a)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a) / moved
+    assert worst <= tolerance, f"weights differ by up to {worst:.2e} of how far they moved"
+    return worst
+
+
+@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE"])
+def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, dataset, method):
+    model = tiny_models("wan-2.1")
+    keys = {"training_method": method}
+    if method == "FINE_TUNE":
+        keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
+    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
+    double = make_config(tmp_path, "double", model, dataset, batch_size=1, **keys)
+    run(single, 1)
+    output = run(double, 2)
+
+    one, two = json.loads((tmp_path / "single/workspace/result.json").read_text()), json.loads((tmp_path / "double/workspace/result.json").read_text())
+    assert one["steps"] == two["steps"] > 1
+    single_out, double_out = Path(one["loras"][0]), Path(two["loras"][0])
+    base = saved(single_out)
+    start = None if method == "LORA" else saved(model / "transformer")
+    worst = assert_same_weights(base, saved(double_out), tolerance=1e-2, start=start)
+    print(f"{method}: {one['steps']} steps, largest weight difference 2 ranks vs 1 process: {worst:.1e} of the change")
+    # the run trained something: a difference of zero would also hold for two untrained models
+    if method == "LORA":
+        assert max(v.abs().max().item() for k, v in base.items() if "lora_B" in k) > 1e-3
+    # the losses each step are the global batch's, equal to the single process's
+    single_losses, double_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "double/workspace")
+    assert single_losses.keys() == double_losses.keys()
+    assert all(abs(single_losses[s] - double_losses[s]) < 1e-5 for s in single_losses)
+    # rank 0 encoded only its share of the clips; the cache holds them all
+    assert 0 < two["encoder_calls"]["video"] < one["encoder_calls"]["video"]
+    # only rank 0 wrote backups, logs and outputs; the log says how the ranks split the work
+    assert "2 processes (gloo)" in output.stderr
+    assert len(list((tmp_path / "double/workspace/backup").glob("step-*"))) >= 1
+
+
+@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE"])
+def test_a_two_rank_run_resumes_from_its_backup_exactly(tmp_path, tiny_models, dataset, method):
+    model = tiny_models("wan-2.1")
+    keys = {"training_method": method, "learning_rate": 1e-3, "output_model_format": "DIFFUSERS"} if method == "FINE_TUNE" else {}
+    straight = make_config(tmp_path, "straight", model, dataset, batch_size=1, epochs=4, **keys)
+    run(straight, 2)
+    backups = sorted((tmp_path / "straight/workspace/backup").glob("step-*"))
+    middle = backups[0]
+    assert json.loads((middle / "backup.json").read_text())["world_size"] == 2
+    state = torch.load(middle / "state.pt", weights_only=True)
+    assert len(state["rng_by_rank"]) == 2
+
+    # a second run continues from the first backup in a workspace of its own
+    resumed = make_config(tmp_path, "resumed", model, dataset, batch_size=1, epochs=4, **keys)
+    shutil.copytree(middle, tmp_path / "resumed/workspace/backup" / middle.name)
+    run(resumed, 2, "--resume", "latest")
+    a = saved(tmp_path / "straight/lora.safetensors")
+    b = saved(tmp_path / "resumed/lora.safetensors")
+    assert_same_weights(a, b, tolerance=0.0, start=None if method == "LORA" else saved(model / "transformer"))
+    later = {s: v for s, v in losses(tmp_path / "straight/workspace").items() if s > json.loads((middle / "backup.json").read_text())["step"]}
+    resumed_losses = losses(tmp_path / "resumed/workspace")
+    assert later and all(resumed_losses[s] == v for s, v in later.items())
+
+    # one process cannot continue what two started: the global batch would change
+    refused = subprocess.run([sys.executable, "-m", "motiontune", "train", "--config", str(resumed), "--resume", str(middle)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "written by 2 process(es) and this run has 1" in refused.stderr
+    assert "--nproc-per-node 2" in refused.stderr
+
+
+def test_more_ranks_than_clips_is_a_clear_error(tmp_path, tiny_models):
+    folder = tmp_path / "one-clip"
+    folder.mkdir()
+    source = Path(__file__).parent / "data" / "big_buck_bunny_432_433.webm"
+    (folder / source.name).write_bytes(source.read_bytes())
+    config = make_config(tmp_path, "run", tiny_models("wan-2.1"), folder, batch_size=1, concepts=[{"path": str(folder)}])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "motiontune",
+                           "train", "--config", str(config)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "2 processes but an epoch holds only 1 clip(s)" in done.stderr
+    assert "--nproc-per-node" in done.stderr
