@@ -5,6 +5,8 @@ the only place where data meets the model's encoders; the training step reads on
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +47,30 @@ class Encoding:
     def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache, ranks: Ranks | None = None):
         self.family, self.config, self.cache = family, config, cache
         self.ranks = ranks or Ranks()
-        self.split = self.ranks.several and cache.enabled
+        self.split = self.ranks.several and cache.enabled and self._cache_is_shared()
         base = config.base_model_name
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"], f"{config.model_type}:{family.text_dtype}")
         self.calls: Counter = Counter()
         self.used: dict[str, set[str]] = {"latents": set(), "text": set()}  # every key this run asked for
         self._text_loaded = False
+
+    def _cache_is_shared(self) -> bool:
+        """Whether every rank sees the same cache folder (nodes without a shared disk each encode everything)."""
+        marker = Path(self.cache.directory) / f".shared-{os.getpid()}-{time.time_ns()}"
+        marker = Path(self.ranks.from_main(str(marker)))
+        if self.ranks.main:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        self.ranks.barrier()
+        shared = self.ranks.all_agree(marker.exists())
+        self.ranks.barrier()
+        if self.ranks.main:
+            marker.unlink(missing_ok=True)
+            if not shared:
+                log.warning("cache_dir %s is not the same folder on every rank: each rank encodes all clips itself; "
+                            "put cache_dir on a shared disk to split the work", self.cache.directory)
+        return shared
 
     def window_variant(self, epoch: int) -> int:
         """Which draw of random windows (or of temporal augmentation) an epoch uses; 0 for fixed windows."""
