@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .config import TrainConfig
 from .data.video import write_video
 from .models import ModelFamily, SampleRequest
@@ -29,6 +31,11 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             log.info("sample %r: %dx%d, %d frames → %dx%d, %d frames (the model's valid sizes)",
                      sample.prompt, sample.width, sample.height, sample.frames, width, height, frames)
         use_cfg = sample.cfg_scale > 1.0
+        image = None
+        if sample.image:  # resized by the pipeline to the sample's size, as at inference
+            from PIL import Image
+
+            image = np.asarray(Image.open(sample.image).convert("RGB"))
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -38,6 +45,7 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             steps=sample.steps,
             cfg_scale=sample.cfg_scale,
             seed=sample.seed,
+            image=image,
         )
         requests.append((request, sample.fps))
     return requests

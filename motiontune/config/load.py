@@ -13,6 +13,7 @@ from .schema import (
     DEFAULT_NATIVE_COMPRESSION,
     NATIVE_COMPRESSION,
     NOT_SUPPORTED_YET,
+    A14B_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
     TrainConfig,
     get_dotted,
@@ -161,7 +162,21 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
                 f"whole multiple of {own} (frames are {'downscaled' if key.startswith('spatial') else 'subsampled'} "
                 f"by ratio / {own} before encoding); use {own}, {2 * own}, {4 * own}, ..."
             )
-    if config.model_type == "WAN_2_2_T2V_A14B":
+    if config.image_conditioning_probability > 0 and config.model_type != "WAN_2_2_TI2V_5B":
+        problems.append(
+            f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {config.model_type} is "
+            f"{'always' if 'I2V' in config.model_type else 'never'} image-conditioned, so remove the key"
+        )
+    if "_I2V" in config.model_type:
+        for index, sample in enumerate(config.samples):
+            if not sample.image:
+                problems.append(f"  - samples[{index}].image: {config.model_type} makes videos from a first frame; give an image file")
+    for index, sample in enumerate(config.samples):
+        if sample.image and not Path(sample.image).is_file():
+            problems.append(f"  - samples[{index}].image = {sample.image!r}: no such file")
+        elif sample.image and "I2V" not in config.model_type:
+            problems.append(f"  - samples[{index}].image: {config.model_type} does not take a first frame; remove the key")
+    if config.model_type in A14B_MODEL_TYPES:
         if config.expert_choice() is None:
             problems.append(
                 "  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "

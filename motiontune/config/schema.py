@@ -20,7 +20,9 @@ ModelType = Literal[
     "HUNYUAN_VIDEO",
     "HIDREAM",
 ]
-SUPPORTED_MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B")
+SUPPORTED_MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_2_I2V_A14B")
+# The two-expert WAN 2.2 models
+A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 DType = Literal["FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "NFLOAT_4"]
 TimeUnit = Literal["NEVER", "STEP", "EPOCH"]
 
@@ -75,6 +77,7 @@ class SampleConfig(Strict):
     steps: int = Field(30, ge=1)
     cfg_scale: float = Field(5.0, ge=1.0)
     fps: float = Field(16.0, gt=0)
+    image: str | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
 
 
 class VideoConfig(Strict):
@@ -126,7 +129,10 @@ class TrainConfig(Strict):
 
     # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
     experts: Literal["both", "high", "low"] | None = None
-    boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V)
+    boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V, 0.9 for I2V)
+    # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
+    # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
+    image_conditioning_probability: float = Field(0.0, ge=0, le=1)
 
     transformer: ModelPartConfig = ModelPartConfig()
     transformer_2: ModelPartConfig = ModelPartConfig(train=False)

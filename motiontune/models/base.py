@@ -31,6 +31,19 @@ class Expert:
 
 
 @dataclass
+class Conditioning:
+    """What a batch is conditioned on besides its text: a first frame (image-to-video)."""
+
+    latents: torch.Tensor  # the family's condition tensor, one row per sample
+    rows: torch.Tensor  # (B,) bool: the samples that are conditioned
+    loss_frames: torch.Tensor | None = None  # (B, F') 1 for latent frames in the loss, 0 for given ones
+
+    def select(self, rows: torch.Tensor) -> "Conditioning":
+        frames = None if self.loss_frames is None else self.loss_frames[rows.to(self.loss_frames.device)]
+        return Conditioning(self.latents[rows.to(self.latents.device)], self.rows[rows.to(self.rows.device)], frames)
+
+
+@dataclass
 class SampleRequest:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
@@ -40,6 +53,7 @@ class SampleRequest:
     steps: int
     cfg_scale: float
     seed: int
+    image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
 
 
 class ModelFamily(ABC):
@@ -115,8 +129,14 @@ class ModelFamily(ABC):
         """The parts FSDP2 shards one by one (each gathered just before its forward): the transformer blocks."""
         return list(module.blocks)
 
+    def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning | None]:
+        """A batch of cached latents → (the latents to denoise, what they are conditioned on). Text-only
+        families return (stored, None); `generator` draws which samples are conditioned where that varies."""
+        return stored, None
+
     @abstractmethod
-    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert,
+                conditioning: Conditioning | None = None) -> torch.Tensor:
         """The expert's flow prediction for noisy latents at noise levels `sigma` (B,)."""
 
     def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:

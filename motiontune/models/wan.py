@@ -1,4 +1,12 @@
-"""WAN 2.1 / 2.2 (T2V 1.3B/14B, T2V A14B with two experts, TI2V-5B): the whole family in one file."""
+"""WAN 2.1 / 2.2 (T2V 1.3B/14B, T2V and I2V A14B with two experts, TI2V-5B): the whole family in one file.
+
+Image-to-video, as the stock `WanImageToVideoPipeline` does it:
+- I2V A14B: 36 input channels = the noisy latents (16) + a first-frame mask (4) + the VAE latents of the
+  first frame followed by black frames (16). The last two are built when the clip is encoded and cached
+  with its latents as one (36, F', H', W') tensor.
+- TI2V-5B: the clean latents of the first frame replace the noisy first latent frame, whose tokens get
+  timestep 0 and are left out of the loss (`image_conditioning_probability` of the samples).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
+from ..config.schema import A14B_MODEL_TYPES
+from .base import Conditioning, Expert, ModelFamily, ModelLoadError, SampleRequest
 
 TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 
@@ -17,8 +26,8 @@ TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_1
 MAX_SEQUENCE_LENGTH = 512
 
 # WAN 2.2 A14B: the high-noise expert (`transformer`) serves t >= boundary × 1000, the low-noise
-# expert (`transformer_2`) the rest (the pipeline's `boundary_ratio`; 0.875 for T2V).
-DEFAULT_BOUNDARY = 0.875
+# expert (`transformer_2`) the rest (the pipeline's `boundary_ratio`; 0.875 for T2V, 0.9 for I2V).
+DEFAULT_BOUNDARY = {"WAN_2_2_T2V_A14B": 0.875, "WAN_2_2_I2V_A14B": 0.9}
 
 # diffusers module names → the original Wan names ComfyUI uses (its WanModel state dict).
 _COMFY_RENAMES = [
@@ -97,8 +106,9 @@ class WanFamily(ModelFamily):
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        self.is_a14b = config.model_type == "WAN_2_2_T2V_A14B"
+        self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
+        self.is_i2v = config.model_type.startswith("WAN_") and "_I2V" in config.model_type  # condition channels
         # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
         self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
         self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
@@ -119,7 +129,7 @@ class WanFamily(ModelFamily):
         self.scheduler = _load(FlowMatchEulerDiscreteScheduler, base, "scheduler")
         pipeline_config = _read_model_index(base)
         self.boundary_ratio = (
-            self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or (DEFAULT_BOUNDARY if self.is_a14b else None)
+            self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or DEFAULT_BOUNDARY.get(self.config.model_type)
         )
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
         self.transformer = self._load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
@@ -207,7 +217,35 @@ class WanFamily(ModelFamily):
         pixels = pixels.to(torch.float32) / 127.5 - 1.0
         latents = self.vae.encode(pixels).latent_dist.mean
         mean, std = self._latent_stats(latents)
-        return ((latents - mean) / std)[0].to("cpu")
+        latents = (latents - mean) / std
+        if self.is_i2v:
+            latents = torch.cat([latents, self._image_condition(pixels, mean, std)], dim=1)
+        return latents[0].to("cpu")
+
+    def _image_condition(self, pixels, mean, std):
+        """The mask and first-frame latents `WanImageToVideoPipeline.prepare_latents` builds: the first frame
+        followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots."""
+        frames = pixels.shape[2]
+        video = torch.cat([pixels[:, :, :1], pixels.new_zeros(*pixels.shape[:2], frames - 1, *pixels.shape[3:])], dim=2)
+        condition = (self.vae.encode(video).latent_dist.mode() - mean) / std
+        _, _, latent_frames, height, width = condition.shape
+        mask = torch.zeros(1, 1, frames, height, width, device=pixels.device)
+        mask[:, :, 0] = 1
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(self.temporal_factor, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
+        return torch.cat([mask.to(condition.dtype), condition], dim=1)
+
+    def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning | None]:
+        if self.is_i2v:
+            channels = self.transformer.config.out_channels
+            return stored[:, :channels], Conditioning(stored[:, channels:], torch.ones(len(stored), dtype=torch.bool))
+        probability = self.config.image_conditioning_probability
+        if self.is_ti2v and probability > 0:
+            rows = torch.rand(len(stored), generator=generator) < probability
+            loss_frames = torch.ones(stored.shape[0], stored.shape[2])
+            loss_frames[rows, 0] = 0  # the given first frame is not predicted
+            return stored, Conditioning(stored[:, :, :1], rows, loss_frames)
+        return stored, None
 
     def _latent_stats(self, like: torch.Tensor):
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -235,11 +273,20 @@ class WanFamily(ModelFamily):
                     other.to("cpu")
         expert.module.to(self.device)
 
-    def predict(self, noisy, sigma, text, expert):
+    def predict(self, noisy, sigma, text, expert, conditioning=None):
+        timestep = sigma * 1000.0
+        if conditioning is not None and self.is_i2v:
+            noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
+        elif conditioning is not None:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
+            keep_noisy = torch.ones_like(noisy[:, :1])
+            keep_noisy[conditioning.rows.to(noisy.device), :, 0] = 0
+            noisy = (1 - keep_noisy) * conditioning.latents.to(noisy.device, noisy.dtype) + keep_noisy * noisy
+            patch = expert.module.config.patch_size
+            timestep = (keep_noisy[:, 0, :, :: patch[1], :: patch[2]] * timestep.view(-1, 1, 1, 1)).flatten(1)
         # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
         return expert.module(
             hidden_states=noisy.to(self.weight_dtype),
-            timestep=sigma * 1000.0,
+            timestep=timestep,
             encoder_hidden_states=text.to(self.weight_dtype),
             return_dict=False,
         )[0]
@@ -299,27 +346,28 @@ class WanFamily(ModelFamily):
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, request: SampleRequest) -> np.ndarray:
-        from diffusers import WanPipeline
+        from diffusers import WanImageToVideoPipeline, WanPipeline
 
         self.load_vae()
         parked = [m for m in (self.transformer, self.transformer_2) if m is not None and m.device != self.device]
         for module in parked:
             module.to(self.device)
-        pipeline = WanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=self.vae,
-            scheduler=self.scheduler,
-            transformer=self.transformer,
-            transformer_2=self.transformer_2,
-            boundary_ratio=self.boundary_ratio,
-            expand_timesteps=self.expand_timesteps,
-        )
+        parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler, transformer=self.transformer,
+                     transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+        image = {}
+        if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
+            from PIL import Image
+
+            pipeline = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts)
+            image = {"image": Image.fromarray(request.image)}
+        else:
+            pipeline = WanPipeline(**parts)
         pipeline.set_progress_bar_config(disable=True)
         dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
         try:
             video = pipeline(
+                **image,
                 prompt_embeds=request.prompt_embeds.to(self.device, dtype),
                 negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
                 height=request.height,

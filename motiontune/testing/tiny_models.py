@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b")
+FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b")
 
 # Word-level vocabulary: enough words for the demo captions and test prompts; others map to <unk>.
 _WORDS = (
@@ -110,7 +110,8 @@ def _calibrate_latent_stats(vae) -> None:
     )
 
 
-def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: int = 24, layers: int = 2):
+def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: int = 24, layers: int = 2,
+                 out_channels: int | None = None):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
@@ -118,7 +119,7 @@ def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: i
         num_attention_heads=heads,
         attention_head_dim=head_dim,
         in_channels=in_channels,
-        out_channels=in_channels,
+        out_channels=out_channels or in_channels,
         text_dim=text_dim,
         freq_dim=32,
         ffn_dim=4 * heads * head_dim,
@@ -131,7 +132,7 @@ def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: i
 
 def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int | None = None, layers: int = 2) -> Path:
     """Write a tiny random `family` model as a diffusers folder that `WanPipeline.from_pretrained` loads."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
@@ -144,8 +145,12 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     latent_channels = vae.config.z_dim
     # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
     heads = heads or (8 if wide_vae else 4)
-    transformer = _transformer(latent_channels, text_dim, heads=heads, layers=layers)
-    transformer_2 = _transformer(latent_channels, text_dim, heads=heads, layers=layers) if family == "wan-2.2-a14b" else None
+    two_experts = family in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
+    image_to_video = family == "wan-2.2-i2v-a14b"
+    # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
+    in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
+    transformer = _transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
+    transformer_2 = _transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels) if two_experts else None
     # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if family.startswith("wan-2.2") else 3.0)
 
@@ -153,16 +158,18 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     build_tokenizer(out / "tokenizer")
     from transformers import AutoTokenizer
 
-    pipe = WanPipeline(
+    parts = dict(
         tokenizer=AutoTokenizer.from_pretrained(out / "tokenizer"),
         text_encoder=_text_encoder(text_dim),
         vae=vae,
         scheduler=scheduler,
         transformer=transformer,
         transformer_2=transformer_2,
-        boundary_ratio=0.875 if family == "wan-2.2-a14b" else None,
+        boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
         expand_timesteps=family == "wan-2.2-ti2v-5b",
     )
+    # WAN 2.2 I2V A14B ships without a CLIP image encoder (WAN 2.1 I2V has one)
+    pipe = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts) if image_to_video else WanPipeline(**parts)
     pipe.save_pretrained(out)
     (out / "motiontune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out

@@ -94,7 +94,8 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator]) -> No
     np.random.set_state(("MT19937", np.array(numbers[:624], dtype=np.uint32), numbers[624], numbers[625], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
+        if name in state["generators"]:  # a generator newer than the backup keeps its seed
+            generator.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -149,6 +149,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         "noise": torch.Generator(device=device).manual_seed(config.seed),
         "sigma": torch.Generator().manual_seed(config.seed + 1),
         "frame_dropout": torch.Generator().manual_seed(config.seed + 2),
+        "conditioning": torch.Generator().manual_seed(config.seed + 3),
     }
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
@@ -212,7 +213,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 # each rank then trains its own rows of it.
                 batch = batches[index]
                 mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
-                x0 = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
+                stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
+                x0, conditioning = family.split_conditioning(stored, generators["conditioning"])  # image-to-video
                 captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
                 text = torch.stack([text_embeddings[c] for c in captions]).to(device)
                 sigma = sample_sigmas(
@@ -226,6 +228,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 if video.frame_dropout_probability > 0:
                     kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
                     kept = kept.to(device)
+                if conditioning is not None and conditioning.loss_frames is not None:  # given frames are not predicted
+                    given = conditioning.loss_frames.to(device)
+                    kept = given if kept is None else kept * given
                 loss, parts = torch.zeros((), device=device), {}
                 for expert, all_rows in family.route(sigma):  # each sample goes to the expert serving its noise level
                     rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
@@ -237,7 +242,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                     if not ranks.sharded:
                         family.activate(expert)
                     with autocast:
-                        prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert)
+                        prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert,
+                                                    None if conditioning is None else conditioning.select(rows))
                     part_loss, part_parts = training_loss(
                         prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
                         None if kept is None else kept[rows],
