@@ -267,6 +267,9 @@ class WanFamily(ModelFamily):
         return experts
 
     def activate(self, expert: Expert) -> None:
+        if getattr(self, "_active", None) is expert.module:  # `.to()` walks every module even when nothing moves
+            return
+        self._active = expert.module
         if self.device.type != "cpu":
             for other in (self.transformer, self.transformer_2):
                 if other is not None and other is not expert.module:
