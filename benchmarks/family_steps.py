@@ -44,9 +44,11 @@ def build_5b_width(folder: Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from motiontune.testing.tiny_models import _vae
+    from motiontune.testing.tiny_models import _calibrate_latent_stats, _vae
 
     torch.manual_seed(0)
+    vae = _vae(wide=True)
+    _calibrate_latent_stats(vae)  # 48 channels of statistics (the config's defaults are WAN 2.1's 16)
     build_tokenizer(folder / "tokenizer")
     transformer = WanTransformer3DModel(
         num_attention_heads=WIDE_5B["heads"], attention_head_dim=WIDE_5B["head_dim"], ffn_dim=WIDE_5B["ffn"],
@@ -57,7 +59,7 @@ def build_5b_width(folder: Path) -> Path:
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
     ))
     WanPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"), text_encoder=text_encoder, vae=_vae(wide=True),
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"), text_encoder=text_encoder, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=transformer, expand_timesteps=True,
     ).save_pretrained(folder)
     return folder

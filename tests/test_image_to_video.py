@@ -1,7 +1,8 @@
 """Image-to-video training matches the stock `WanImageToVideoPipeline`: the cached condition channels are
 the pipeline's own, and a LoRA trained with motiontune moves the stock pipeline's samples (given the clip's
 first frame) towards the clip. WAN 2.2 I2V A14B (36 input channels, two experts) and TI2V-5B's
-image-to-video mode (clean first latent frame at timestep 0).
+image-to-video mode (clean first latent frame at timestep 0), WAN 2.1 I2V (36 channels and the CLIP image
+encoder's embedding of the first frame).
 
 Measured on the CPU build here (8 seeds), MSE / channel-statistics ratios with/without the LoRA are printed
 by the test; see the closing figures in benchmarks/RESULTS.md.
@@ -22,7 +23,8 @@ from motiontune.cli import main
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip, _stock_target_latents
 
 FAMILIES = {
-    # model type, keys, clip size
+    # keys, clip size
+    "wan-2.1-i2v": ({"model_type": "WAN_2_1_I2V", "timestep_shift": 3.0}, 32),
     "wan-2.2-i2v-a14b": ({"model_type": "WAN_2_2_I2V_A14B", "experts": "both", "timestep_shift": 5.0, "epochs": 2000}, 32),
     "wan-2.2-ti2v-5b": ({"model_type": "WAN_2_2_TI2V_5B", "image_conditioning_probability": 1.0, "timestep_shift": 5.0}, 64),
 }
@@ -61,6 +63,35 @@ def test_cached_condition_is_the_pipelines_own(tiny_models, tmp_path):
     assert torch.allclose(stored[:16], _stock_target_latents(pipe, clip)[0], atol=1e-5)
 
 
+def test_cached_image_embedding_is_the_pipelines_own(tiny_models, tmp_path):
+    """WAN 2.1 I2V: the CLIP embedding cached with a clip equals WanImageToVideoPipeline.encode_image of its first frame,
+    and a second run reads it from the cache."""
+    from diffusers import WanImageToVideoPipeline
+
+    from motiontune.config import TrainConfig
+    from motiontune.data.cache import Cache
+    from motiontune.data.latents import Encoding
+    from motiontune.data.survey import survey_dataset
+    from motiontune.models.wan import WanFamily
+
+    model = tiny_models("wan-2.1-i2v")
+    clip = _make_clip(tmp_path / "data", 32)
+    config = TrainConfig.model_validate({"model_type": "WAN_2_1_I2V", "base_model_name": str(model), "resolution": "32",
+                                         "concepts": [{"path": str(clip.parent)}], "train_dtype": "FLOAT_32",
+                                         "video_config": {"max_frames": 9, "target_fps": 16.0}})
+    encoded = {}
+    for run in ("first", "second"):
+        family = WanFamily(config, torch.device("cpu"))
+        encoding = Encoding(family, config, Cache(tmp_path / "cache"))
+        [encoded[run]] = encoding.clips(survey_dataset(config, family))
+        assert encoding.calls["video"] == (1 if run == "first" else 0)
+    pipe = WanImageToVideoPipeline.from_pretrained(model)
+    expected = pipe.encode_image(Image.fromarray(_first_frame(clip)), torch.device("cpu"))[0]
+    for run in encoded.values():
+        assert run.image_embeds.shape == expected.shape
+        assert torch.allclose(run.image_embeds, expected, atol=1e-5)
+
+
 def _train(tiny_models, tmp: Path, family: str):
     keys, size = FAMILIES[family]
     model = tiny_models(family)
@@ -93,7 +124,7 @@ def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(family, tiny_m
         ])
 
     without = samples()
-    if family == "wan-2.2-i2v-a14b":
+    if family == "wan-2.2-i2v-a14b":  # one file per expert
         pipe.load_lora_weights(str(lora.with_name("lora_high_noise.safetensors")))
         pipe.load_lora_weights(str(lora.with_name("lora_low_noise.safetensors")), load_into_transformer_2=True)
     else:

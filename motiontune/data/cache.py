@@ -101,30 +101,37 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.directory / kind / key[:2] / f"{key}.safetensors"
 
-    def get(self, kind: str, key: str) -> torch.Tensor | None:
+    def get(self, kind: str, key: str, extras: tuple[str, ...] = ()) -> torch.Tensor | None:
+        """The entry's value, or None when it is missing or unusable. With `extras` (names of tensors stored
+        beside the value, such as a clip's first-frame image embedding), a dict of the value and those."""
         if not self.enabled:
             return None
         path = self.path(kind, key)
         if not path.is_file():
             return None
         try:
-            value = load_file(str(path))["value"]
-            if not torch.isfinite(value).all():
+            stored = load_file(str(path))
+            missing = [name for name in ("value", *extras) if name not in stored]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+            if not all(torch.isfinite(stored[name]).all() for name in ("value", *extras)):
                 raise ValueError("it holds NaN or infinite values")
         except Exception as error:
             log.warning("cache entry %s was unusable (%s); making it again", path, error)
             path.unlink(missing_ok=True)
             return None
-        return value
+        return {name: stored[name] for name in ("value", *extras)} if extras else stored["value"]
 
-    def put(self, kind: str, key: str, value: torch.Tensor, about: dict | None = None) -> None:
+    def put(self, kind: str, key: str, value: torch.Tensor, about: dict | None = None,
+            extras: dict[str, torch.Tensor] | None = None) -> None:
         if not self.enabled:
             return
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         metadata = {"about": json.dumps(about or {}, default=str)}
-        save_file({"value": value.detach().to("cpu").contiguous()}, str(temporary), metadata=metadata)
+        tensors = {"value": value, **(extras or {})}
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
         os.replace(temporary, path)
 
     def keys(self, kind: str) -> set[str]:

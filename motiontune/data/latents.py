@@ -32,6 +32,7 @@ class EncodedClip:
     captions: tuple[str, ...]
     repeats: float
     timestamps: tuple[float, ...]
+    image_embeds: torch.Tensor | None = None  # the first frame through the family's image encoder (WAN 2.1 I2V)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -95,7 +96,7 @@ class Encoding:
         if self.ranks.main:
             self.cache.save_fingerprints()
         self.used["latents"].update(k for file_keys in keys for k in file_keys)
-        values = self._read_all("latents", [key for file_keys in keys for key in file_keys])
+        values = self._read_all("latents", [key for file_keys in keys for key in file_keys], self._extras)
         missing = [i for i, file_keys in enumerate(keys) if any(values[k] is None for k in file_keys)]
         encoded_before = self.calls["video"]
         mine = self._my_share(missing, lambda i: keys[i])
@@ -103,13 +104,14 @@ class Encoding:
             self._encode_missing([entries[i] for i in mine], [plans[i] for i in mine], [keys[i] for i in mine], values)
         if self.split and missing:
             self.ranks.barrier()  # the other ranks' shares are in the cache now
-            values.update({key: self.cache.get("latents", key) for key, value in values.items() if value is None})
+            values.update({key: self.cache.get("latents", key, self._extras) for key, value in values.items() if value is None})
         encoded = []
         for entry, plan, file_keys in zip(entries, plans, keys):
             for clip, key in zip(plan, file_keys):
                 if values.get(key) is not None:
                     item = entry.item
-                    encoded.append(EncodedClip(item.path, values[key], item.captions, item.repeats, clip))
+                    latents, image = (values[key]["value"], values[key]["image"]) if self._extras else (values[key], None)
+                    encoded.append(EncodedClip(item.path, latents, item.captions, item.repeats, clip, image))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         log.info("%d clips from %d files (%d encoded now, the rest from the cache)",
@@ -129,9 +131,11 @@ class Encoding:
                 continue
             for frames, clip, key in zip(result, plan, file_keys):
                 if values[key] is None:
-                    values[key] = self.family.encode_video(frames)
+                    latents = self.family.encode_video(frames)
+                    extras = {"image": self.family.encode_first_frame(frames[0])} if self._extras else None
+                    values[key] = {"value": latents, **extras} if extras else latents
                     self.calls["video"] += 1
-                    self.cache.put("latents", key, values[key], {"file": str(entry.item.path), "instants": clip})
+                    self.cache.put("latents", key, latents, {"file": str(entry.item.path), "instants": clip}, extras)
                 progress.update()
         progress.close()
 
@@ -157,12 +161,17 @@ class Encoding:
             embeddings.update({text: self.cache.get("text", keys[text]) for text in everything_missing if embeddings[text] is None})
         return embeddings
 
-    def _read_all(self, kind: str, keys: list[str]) -> dict:
+    @property
+    def _extras(self) -> tuple[str, ...]:
+        """Tensors a clip's cache entry holds beside its latents."""
+        return ("image",) if self.family.encodes_first_frame else ()
+
+    def _read_all(self, kind: str, keys: list[str], extras: tuple[str, ...] = ()) -> dict:
         """What the cache holds for `keys`; with several ranks, every rank reads before any writes, so all
         see the same gaps and deal them out alike."""
         if self.split:
             self.ranks.barrier()
-        values = {key: self.cache.get(kind, key) for key in keys}
+        values = {key: self.cache.get(kind, key, extras) for key in keys}
         if self.split:
             self.ranks.barrier()
         return values

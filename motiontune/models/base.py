@@ -37,10 +37,13 @@ class Conditioning:
     latents: torch.Tensor  # the family's condition tensor, one row per sample
     rows: torch.Tensor  # (B,) bool: the samples that are conditioned
     loss_frames: torch.Tensor | None = None  # (B, F') 1 for latent frames in the loss, 0 for given ones
+    image_embeds: torch.Tensor | None = None  # (B, tokens, dim) the first frame through an image encoder
 
     def select(self, rows: torch.Tensor) -> "Conditioning":
-        frames = None if self.loss_frames is None else self.loss_frames[rows.to(self.loss_frames.device)]
-        return Conditioning(self.latents[rows.to(self.latents.device)], self.rows[rows.to(self.rows.device)], frames)
+        def pick(tensor):
+            return None if tensor is None else tensor[rows.to(tensor.device)]
+
+        return Conditioning(pick(self.latents), pick(self.rows), pick(self.loss_frames), pick(self.image_embeds))
 
 
 @dataclass
@@ -129,9 +132,18 @@ class ModelFamily(ABC):
         """The parts FSDP2 shards one by one (each gathered just before its forward): the transformer blocks."""
         return list(module.blocks)
 
-    def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning | None]:
-        """A batch of cached latents → (the latents to denoise, what they are conditioned on). Text-only
-        families return (stored, None); `generator` draws which samples are conditioned where that varies."""
+    #: whether clips carry an image-encoder embedding of their first frame (`encode_first_frame`)
+    encodes_first_frame: bool = False
+
+    def encode_first_frame(self, frame: np.ndarray) -> torch.Tensor:
+        """The image encoder's embedding of a clip's first frame, as the stock pipeline computes it."""
+        raise NotImplementedError(f"{type(self).__name__} has no image encoder")
+
+    def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator,
+                           image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditioning | None]:
+        """A batch of cached latents (and first-frame image embeddings) → (the latents to denoise, what they
+        are conditioned on). Text-only families return (stored, None); `generator` draws which samples are
+        conditioned where that varies."""
         return stored, None
 
     @abstractmethod

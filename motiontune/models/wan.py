@@ -4,6 +4,8 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 - I2V A14B: 36 input channels = the noisy latents (16) + a first-frame mask (4) + the VAE latents of the
   first frame followed by black frames (16). The last two are built when the clip is encoded and cached
   with its latents as one (36, F', H', W') tensor.
+- WAN 2.1 I2V: the same 36 channels, plus the CLIP image encoder's embedding of the first frame (its
+  second-to-last hidden states), cached beside the clip's latents and given to cross-attention.
 - TI2V-5B: the clean latents of the first frame replace the noisy first latent frame, whose tokens get
   timestep 0 and are left out of the loss (`image_conditioning_probability` of the samples).
 """
@@ -109,6 +111,8 @@ class WanFamily(ModelFamily):
         self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
         self.is_i2v = config.model_type.startswith("WAN_") and "_I2V" in config.model_type  # condition channels
+        self.encodes_first_frame = config.model_type == "WAN_2_1_I2V"  # a CLIP embedding of the first frame
+        self.image_encoder = self.image_processor = None
         # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
         self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
         self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
@@ -120,7 +124,7 @@ class WanFamily(ModelFamily):
 
     # --- loading -------------------------------------------------------------------------------
     # The encoders load only when something is not in the cache, and leave before training.
-    ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder")}
+    ENCODER_PARTS = {"vae": ("vae", "image_encoder", "image_processor"), "text": ("tokenizer", "text_encoder")}
 
     def load_transformers(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -149,6 +153,15 @@ class WanFamily(ModelFamily):
             self.vae = _load(AutoencoderKLWan, self.config.base_model_name, "vae", dtype=torch.float32)
             self.vae.requires_grad_(False).eval()
         self.vae.to(self.device)
+        if self.encodes_first_frame and self.image_encoder is None:  # WAN 2.1 I2V's CLIP, in float32 like the VAE
+            from transformers import CLIPImageProcessor, CLIPVisionModel
+
+            base = self.config.base_model_name
+            self.image_processor = _load(CLIPImageProcessor, base, "image_processor")
+            self.image_encoder = _load(CLIPVisionModel, base, "image_encoder", dtype=torch.float32).eval()
+            self.image_encoder.requires_grad_(False)
+        if self.image_encoder is not None:
+            self.image_encoder.to(self.device)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -159,13 +172,14 @@ class WanFamily(ModelFamily):
         self.text_encoder.requires_grad_(False)
 
     def release_vae(self) -> None:
-        self.vae = None
+        self.vae = self.image_encoder = self.image_processor = None
         _free_accelerator_memory(self.device)
 
     def park_vae(self) -> None:
         """Off the accelerator until samples need it again."""
-        if self.vae is not None:
-            self.vae.to("cpu")
+        for encoder in (self.vae, self.image_encoder):
+            if encoder is not None:
+                encoder.to("cpu")
             _free_accelerator_memory(self.device)
 
     def _load_transformer(self, cls, subfolder, part):
@@ -235,10 +249,17 @@ class WanFamily(ModelFamily):
         mask = mask.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
         return torch.cat([mask.to(condition.dtype), condition], dim=1)
 
-    def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning | None]:
+    @torch.no_grad()
+    def encode_first_frame(self, frame: np.ndarray) -> torch.Tensor:
+        """As `WanImageToVideoPipeline.encode_image`: CLIP's second-to-last hidden states of the frame."""
+        inputs = self.image_processor(images=frame, return_tensors="pt").to(self.device)
+        return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2][0].to("cpu")
+
+    def split_conditioning(self, stored, generator, image_embeds=None) -> tuple[torch.Tensor, Conditioning | None]:
         if self.is_i2v:
             channels = self.transformer.config.out_channels
-            return stored[:, :channels], Conditioning(stored[:, channels:], torch.ones(len(stored), dtype=torch.bool))
+            rows = torch.ones(len(stored), dtype=torch.bool)
+            return stored[:, :channels], Conditioning(stored[:, channels:], rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
             rows = torch.rand(len(stored), generator=generator) < probability
@@ -278,6 +299,9 @@ class WanFamily(ModelFamily):
 
     def predict(self, noisy, sigma, text, expert, conditioning=None):
         timestep = sigma * 1000.0
+        image = {}
+        if conditioning is not None and conditioning.image_embeds is not None:
+            image = {"encoder_hidden_states_image": conditioning.image_embeds.to(noisy.device, self.weight_dtype)}
         if conditioning is not None and self.is_i2v:
             noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
         elif conditioning is not None:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
@@ -292,6 +316,7 @@ class WanFamily(ModelFamily):
             timestep=timestep,
             encoder_hidden_states=text.to(self.weight_dtype),
             return_dict=False,
+            **image,
         )[0]
 
     def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:
@@ -361,7 +386,7 @@ class WanFamily(ModelFamily):
         if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
             from PIL import Image
 
-            pipeline = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts)
+            pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor, **parts)
             image = {"image": Image.fromarray(request.image)}
         else:
             pipeline = WanPipeline(**parts)

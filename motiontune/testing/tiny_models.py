@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b")
+FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v")
 
 # Word-level vocabulary: enough words for the demo captions and test prompts; others map to <unk>.
 _WORDS = (
@@ -110,11 +110,25 @@ def _calibrate_latent_stats(vae) -> None:
     )
 
 
+def _clip_vision(width: int):
+    """A tiny CLIP vision encoder and its image processor (WAN 2.1 I2V uses a ViT-H/14 at 224 px)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+    )).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return encoder, processor
+
+
 def _transformer(in_channels: int, text_dim: int, *, heads: int = 2, head_dim: int = 24, layers: int = 2,
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, image_dim: int | None = None):
     from diffusers import WanTransformer3DModel
 
+    # WAN 2.1 I2V: cross-attention also attends to the CLIP image tokens, through its own key/value projections
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * head_dim} if image_dim else {}
     return WanTransformer3DModel(
+        **image,
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -146,10 +160,11 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
     heads = heads or (8 if wide_vae else 4)
     two_experts = family in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
-    image_to_video = family == "wan-2.2-i2v-a14b"
+    image_to_video = family in ("wan-2.2-i2v-a14b", "wan-2.1-i2v")
+    image_dim = 32 if family == "wan-2.1-i2v" else None  # the tiny CLIP vision encoder's width
     # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
     in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
-    transformer = _transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
+    transformer = _transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels, image_dim=image_dim)
     transformer_2 = _transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels) if two_experts else None
     # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if family.startswith("wan-2.2") else 3.0)
@@ -168,8 +183,10 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
         boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
         expand_timesteps=family == "wan-2.2-ti2v-5b",
     )
-    # WAN 2.2 I2V A14B ships without a CLIP image encoder (WAN 2.1 I2V has one)
-    pipe = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **parts) if image_to_video else WanPipeline(**parts)
+    # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
+    image_encoder, image_processor = _clip_vision(image_dim) if image_dim else (None, None)
+    pipe = (WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts) if image_to_video
+            else WanPipeline(**parts))
     pipe.save_pretrained(out)
     (out / "motiontune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out

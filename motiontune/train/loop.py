@@ -214,7 +214,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 batch = batches[index]
                 mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
                 stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
-                x0, conditioning = family.split_conditioning(stored, generators["conditioning"])  # image-to-video
+                images = [clips[i].image_embeds for i in batch]
+                images = torch.stack(images).to(device) if images[0] is not None else None
+                x0, conditioning = family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
                 captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
                 text = torch.stack([text_embeddings[c] for c in captions]).to(device)
                 sigma = sample_sigmas(
