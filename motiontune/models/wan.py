@@ -12,7 +12,6 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 
 from __future__ import annotations
 
-import gc
 import re
 from pathlib import Path
 
@@ -21,8 +20,11 @@ import torch
 
 from ..config.schema import A14B_MODEL_TYPES
 from .base import Conditioning, Expert, ModelFamily, ModelLoadError, SampleRequest
+from .loading import TORCH_DTYPES
+from .loading import free_accelerator_memory as _free_accelerator_memory
+from .loading import load_part as _load
+from .loading import read_model_index as _read_model_index
 
-TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
 MAX_SEQUENCE_LENGTH = 512
@@ -411,43 +413,3 @@ class WanFamily(ModelFamily):
                 module.to("cpu")
             self.park_vae()
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def _free_accelerator_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _read_model_index(base: str) -> dict:
-    import json
-
-    index = Path(base) / "model_index.json"
-    if index.is_file():
-        return json.loads(index.read_text())
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
-    except Exception:
-        return {}
-
-
-def _load(cls, source: str, subfolder: str | None, dtype: torch.dtype | None = None):
-    """from_pretrained, weights from .safetensors only (pickle files run code), and an error that says what to do."""
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    if dtype is not None:  # a model with weights, not a tokenizer or scheduler
-        kwargs.update(torch_dtype=dtype, use_safetensors=True)
-    try:
-        return cls.from_pretrained(source, **kwargs)
-    except Exception as error:
-        where = f"{source}/{subfolder}" if subfolder else source
-        local = Path(source).exists()
-        advice = (
-            "Check that the folder is a complete diffusers model (model_index.json and one folder per part, "
-            "weights as .safetensors)."
-            if local
-            else "It is not a local folder, so it was looked up on the Hugging Face Hub: check the id and your network, "
-            "or download the model and set base_model_name to its folder."
-        )
-        raise ModelLoadError(f"could not load {cls.__name__} from {where!r}: {error}\n{advice}") from None
