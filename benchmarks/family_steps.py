@@ -3,7 +3,8 @@ forward+backward+AdamW loop on the same transformer and batch, in one run.
 
 motiontune's figure is the median gap between its own TensorBoard loss stamps (latents from the disk cache,
 so loading and encoding do not count). The bare loop trains the same LoRA on the first transformer with the
-cached batch: for image-to-video models the cached condition channels ride along as at training time.
+cached batch through the family's own forward (`predict`: its timestep, conditioning and sign conventions),
+MSE, backward and AdamW — none of the training loop around it.
 
     .venv/bin/python benchmarks/family_steps.py                 # every tiny family, then WAN-2.2-5B width
     .venv/bin/python benchmarks/family_steps.py --only tiny     # the tiny families only
@@ -34,6 +35,8 @@ FAMILY_KEYS = {
     "wan-2.2-a14b": {"model_type": "WAN_2_2_T2V_A14B", "experts": "both"},
     "wan-2.2-ti2v-5b": {"model_type": "WAN_2_2_TI2V_5B"},
     "wan-2.2-i2v-a14b": {"model_type": "WAN_2_2_I2V_A14B", "experts": "both"},
+    "wan-2.1-i2v": {"model_type": "WAN_2_1_I2V"},
+    "hi-dream": {"model_type": "HI_DREAM_DEV"},
 }
 # WAN 2.2 TI2V-5B's transformer width (dim 3072 = 24 heads × 128, ffn 14336, 48 latent channels), 2 layers
 WIDE_5B = {"heads": 24, "head_dim": 128, "ffn": 14336, "layers": 2, "text_dim": 4096}
@@ -82,32 +85,34 @@ def motiontune_step_time(model: Path, keys: dict, work: Path, frames: int, resol
     return step_time_from_logs(run(steps))
 
 
-def bare_loop_step_time(model: Path, work: Path, steps: int) -> float:
-    from diffusers import WanTransformer3DModel
+def bare_loop_step_time(model: Path, keys: dict, work: Path, steps: int) -> float:
+    """The same LoRA on the first transformer with the cached batch: the family's forward (its conventions,
+    nothing else), MSE, backward, AdamW."""
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from motiontune.models.wan import _DEFAULT_TARGETS
+    from motiontune.models import family_for
 
-    [stored] = [load_file(str(p))["value"] for p in (work / "cache" / "latents").glob("*/*.safetensors")]
-    [text] = [load_file(str(p))["value"] for p in (work / "cache" / "text").glob("*/*.safetensors")]
-    stored, text = stored[None], text[None]
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer")
-    transformer.requires_grad_(False)
-    targets = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and _DEFAULT_TARGETS.match(n)]
-    transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
+    config = TrainConfig.model_validate({**keys, "base_model_name": str(model), "concepts": [{"path": "."}], "train_dtype": "FLOAT_32"})
+    family = family_for(config, torch.device("cpu"))
+    family.load_transformers()
+    expert = family.trained_experts()[0]
+    transformer = expert.module
+    transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=family.lora_target_modules(transformer, "")))
     parameters = [p for n, p in transformer.named_parameters() if "lora_" in n]
     transformer.train()
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-    channels = transformer.config.out_channels
-    x0, condition = stored[:, :channels], stored[:, channels:]  # image-to-video: the cached condition channels
+    [entry] = [load_file(str(p)) for p in (work / "cache" / "latents").glob("*/*.safetensors")]
+    [text] = [load_file(str(p))["value"][None] for p in (work / "cache" / "text").glob("*/*.safetensors")]
+    image = entry["image"][None] if "image" in entry else None
+    x0, conditioning = family.split_conditioning(entry["value"][None], torch.Generator().manual_seed(0), image)
     sigmas = sample_sigmas(steps + 1, "LOGIT_NORMAL", 1.0, generator=torch.Generator().manual_seed(43))
     generator = torch.Generator().manual_seed(42)
 
     def step(sigma):
         noise = torch.randn(x0.shape, generator=generator)
-        noisy = torch.cat([(1 - sigma) * x0 + sigma * noise, condition], dim=1)
-        prediction = transformer(hidden_states=noisy, timestep=sigma[None] * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        noisy = (1 - sigma) * x0 + sigma * noise
+        prediction = family.predict(noisy, sigma[None], text, expert, conditioning)
         torch.nn.functional.mse_loss(prediction, noise - x0).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -128,8 +133,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     runs = []
     if args.only != "wide":
-        runs += [(family, FAMILY_KEYS[family], 17, 64 if family == "wan-2.2-ti2v-5b" else 32, 40) for family in FAMILIES
-                 if family in FAMILY_KEYS]
+        sizes = {"wan-2.2-ti2v-5b": 64, "hi-dream": 64}  # 16x-compressing VAE; an image model (one frame) at 64²
+        runs += [(family, FAMILY_KEYS[family], 17, sizes.get(family, 32), 40) for family in FAMILIES if family in FAMILY_KEYS]
     if args.only != "tiny":
         runs.append(("wan-2.2-5B-width", FAMILY_KEYS["wan-2.2-ti2v-5b"], 17, 256, 10))
     for name, keys, frames, resolution, steps in runs:
@@ -137,7 +142,7 @@ def main() -> None:
             work = Path(scratch)
             model = build_5b_width(work / "model") if name.endswith("width") else make_tiny_model(name, work / "model")
             ours = motiontune_step_time(model, keys, work, frames, resolution, steps)
-            bare = bare_loop_step_time(model, work, steps)
+            bare = bare_loop_step_time(model, keys, work, steps)
         print(f"{name:>18}: motiontune {ours * 1000:8.1f} ms/step, bare loop {bare * 1000:8.1f} ms/step, "
               f"ratio {ours / bare:.3f}  ({frames} frames x {resolution}^2)")
 

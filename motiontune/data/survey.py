@@ -77,7 +77,7 @@ def valid_max_frames(config: TrainConfig, family: ModelFamily) -> int:
     if valid != requested:
         _, temporal = compression_factors(config)
         how = f", subsampled {temporal}x (temporal_compression_ratio) to {fps:g} fps" if temporal > 1 else ""
-        log.info("video_config.max_frames %d → %d frames per clip (the VAE takes 4n+1%s)", requested, valid, how)
+        log.info("video_config.max_frames %d → %d frames per clip (%s%s)", requested, valid, family.frame_rule, how)
     return valid
 
 

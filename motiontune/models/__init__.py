@@ -13,6 +13,10 @@ def family_for(config: TrainConfig, device: torch.device) -> ModelFamily:
         from .wan import WanFamily
 
         return WanFamily(config, device)
+    if config.model_type.startswith("HI_DREAM_"):
+        from .hidream import HiDreamFamily
+
+        return HiDreamFamily(config, device)
     raise ValueError(f"model_type {config.model_type!r} has no family module yet")
 
 

@@ -64,6 +64,8 @@ class ModelFamily(ABC):
     spatial_multiple: int
     #: frames per latent frame (the VAE's temporal factor); valid clip lengths are 4n+1 for 4
     temporal_factor: int
+    #: how clip lengths are rounded, for the log
+    frame_rule = "the VAE takes 4n+1"
     #: the dtype the text encoder runs in (part of the text cache's key)
     text_dtype: torch.dtype
 

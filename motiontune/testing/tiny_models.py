@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v")
+FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v", "hi-dream")
 
 # Word-level vocabulary: enough words for the demo captions and test prompts; others map to <unk>.
 _WORDS = (
@@ -152,6 +153,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
         raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
     out = Path(out_dir)
     torch.manual_seed(seed)
+    if family == "hi-dream":
+        return _make_hidream(out, seed)
     text_dim = 32
     wide_vae = family == "wan-2.2-ti2v-5b"
     vae = _vae(wide_vae)
@@ -190,3 +193,54 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     pipe.save_pretrained(out)
     (out / "motiontune_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
+
+
+def _make_hidream(out: Path, seed: int) -> Path:
+    """HiDream-I1's layout: a 16-channel image VAE, two CLIP text encoders with projections, T5, Llama, and the
+    MoE transformer reading T5, two Llama layers and the pooled CLIP vectors."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM,
+                              T5Config, T5EncoderModel)
+
+    width = 32
+    out.mkdir(parents=True, exist_ok=True)
+    for index in ("", "_2", "_3", "_4"):
+        build_tokenizer(out / f"tokenizer{index}", model_max_length=128)
+    clip = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=128, projection_dim=width, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )).eval() for _ in range(2)]
+    t5 = T5EncoderModel(T5Config(vocab_size=256, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=32)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                         pad_token_id=1, bos_token_id=1, eos_token_id=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4).eval()
+    _calibrate_image_latents(vae)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        num_attention_heads=2, caption_channels=[width, width], text_emb_dim=2 * width, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(16, 8, 8), max_resolution=(16, 16), llama_layers=[0, 1],
+    )
+    tokenizers = {f"tokenizer{i}": AutoTokenizer.from_pretrained(out / f"tokenizer{i}") for i in ("", "_2", "_3", "_4")}
+    HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip[0], text_encoder_2=clip[1],
+        text_encoder_3=t5, text_encoder_4=llama, transformer=transformer, **tokenizers,
+    ).save_pretrained(out)
+    (out / "motiontune_tiny.json").write_text(json.dumps({"family": "hi-dream", "seed": seed}) + "\n")
+    return out
+
+
+@torch.no_grad()
+def _calibrate_image_latents(vae) -> None:
+    """shift_factor / scaling_factor from the VAE's own encodings of the bundled clips' frames, as real image VAEs
+    were calibrated: the pipeline's (z - shift) * scale is then about N(0, 1)."""
+    from ..data.video import decode_frames
+
+    clips = sorted((Path(__file__).parent.parent / "demo" / "clips").glob("*.mp4"))
+    frames = np.concatenate([decode_frames(clip, [i / 4 for i in range(4)], (64, 64)) for clip in clips])
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    latents = vae.encode(pixels).latent_dist.mean
+    vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))

@@ -1,0 +1,262 @@
+"""HiDream-I1 (Full, Dev, Fast): an image model, trained on images and on single frames taken from videos.
+
+As the stock `HiDreamImagePipeline` runs it:
+- four text encoders: two CLIP models (their projected pooled outputs, concatenated), T5 (last hidden
+  state) and Llama 3.1 (every layer's hidden states; the transformer reads the layers its config's
+  `llama_layers` names). No attention mask reaches the transformer: padded tokens count, as at inference.
+- latents are the VAE's (`latent_dist` mean), shifted and scaled as the pipeline undoes them:
+  (z - shift_factor) × scaling_factor.
+- the transformer's output is the negative of the flow velocity (the pipeline negates it before the
+  scheduler step), so `predict` negates it too, and the shared flow target (noise − x0) applies.
+- the MoE gates' auxiliary loss is switched off for training: diffusers computes it in training mode and
+  never uses it, which costs memory every step.
+
+One tensor per prompt: the text cache and the training loop carry one tensor per prompt, so the three
+embeddings are packed into one flat float32 vector, [T5 tokens, Llama tokens, T5 (L×D), Llama used layers
+(K×L×D), pooled], and unpacked exactly in `predict` and `sample`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
+from .loading import TORCH_DTYPES, free_accelerator_memory, load_part
+
+log = logging.getLogger("motiontune")
+
+MAX_SEQUENCE_LENGTH = 128  # the pipeline's default for T5 and Llama
+CLIP_MAX_LENGTH = 128  # the pipeline pads CLIP prompts to min(max_sequence_length, 218)
+
+# Default LoRA targets: attention projections (image and text streams) and every expert's feed-forward.
+_DEFAULT_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out", ".ff_i.", ".ff_t.")
+
+
+class HiDreamFamily(ModelFamily):
+    temporal_factor = 1
+    frame_rule = "HiDream-I1 is an image model: one frame per clip"
+    ENCODER_PARTS = {
+        "vae": ("vae",),
+        "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
+                 "tokenizer_4", "text_encoder_4"),
+    }
+
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
+        self.vae = self.transformer = None
+        self.encoders: dict | None = None
+        log.info("%s is an image model: it trains on images and on single frames taken from the videos "
+                 "(one frame per planned clip)", config.model_type)
+
+    def valid_frame_count(self, frames: int) -> int:
+        return min(frames, 1)
+
+    @property
+    def spatial_multiple(self) -> int:
+        return 16  # the VAE's 8x, times the transformer's 2x2 patches
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_transformers(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImageTransformer2DModel
+
+        base = self.config.base_model_name
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
+        part = self.config.transformer
+        if part.model_name and Path(part.model_name).suffix == ".safetensors":
+            try:  # the architecture from base_model_name's own config, not a Hub lookup
+                self.transformer = HiDreamImageTransformer2DModel.from_single_file(
+                    part.model_name, config=base, subfolder="transformer", torch_dtype=self.weight_dtype)
+            except Exception as error:
+                raise ModelLoadError(f"transformer.model_name = {part.model_name!r}: not a HiDream transformer matching "
+                                     f"{base!r} ({error})") from None
+        else:
+            self.transformer = load_part(HiDreamImageTransformer2DModel, part.model_name or base,
+                                         None if part.model_name else "transformer", dtype=self.weight_dtype)
+        self.transformer.requires_grad_(False)
+        for module in self.transformer.modules():  # see the module docstring: an unused, costly auxiliary loss
+            if type(module).__name__ == "MoEGate":
+                module.alpha = 0.0
+        self.transformer.to(self.device)
+
+    def load_vae(self) -> None:
+        from diffusers import AutoencoderKL
+
+        if self.vae is None:
+            self.vae = load_part(AutoencoderKL, self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae.requires_grad_(False).eval()
+        self.vae.to(self.device)
+
+    def release_vae(self) -> None:
+        self.vae = None
+        free_accelerator_memory(self.device)
+
+    def park_vae(self) -> None:
+        if self.vae is not None:
+            self.vae.to("cpu")
+            free_accelerator_memory(self.device)
+
+    def load_text_encoder(self) -> None:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, LlamaForCausalLM, T5EncoderModel
+
+        base = self.config.base_model_name
+        encoders = {}
+        for index, cls in (("", CLIPTextModelWithProjection), ("_2", CLIPTextModelWithProjection), ("_3", T5EncoderModel),
+                           ("_4", LlamaForCausalLM)):
+            tokenizer = load_part(AutoTokenizer, base, f"tokenizer{index}")
+            model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
+            model.requires_grad_(False)
+            encoders[index] = (tokenizer, model)
+        encoders["_4"][0].pad_token = encoders["_4"][0].eos_token  # as the pipeline sets it
+        self.encoders = encoders
+
+    def release_text_encoder(self) -> None:
+        self.encoders = None
+        free_accelerator_memory(self.device)
+
+    # --- encoding ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("", "_2")], dim=-1)
+        t5_tokenizer, t5 = self.encoders["_3"]
+        inputs = self._tokenize(t5_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, t5_tokenizer.model_max_length))
+        t5_states = t5(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
+        llama_tokenizer, llama = self.encoders["_4"]
+        inputs = self._tokenize(llama_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, llama_tokenizer.model_max_length))
+        hidden = llama(inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states[1:]
+        used = torch.stack([hidden[k] for k in self._llama_layers()], dim=1)  # (B, K, L, D): only what the transformer reads
+        return torch.stack([self._pack(t5_states[i], used[i], pooled[i]) for i in range(len(prompts))]).to("cpu", torch.float32)
+
+    def _tokenize(self, tokenizer, prompts, length):
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                         return_tensors="pt").to(self.device)
+
+    def _clip_pooled(self, tokenizer, model, prompts):
+        inputs = tokenizer(prompts, padding="max_length", max_length=min(CLIP_MAX_LENGTH, 218), truncation=True,
+                           return_tensors="pt").to(self.device)
+        return model(inputs.input_ids, output_hidden_states=True)[0]
+
+    def _llama_layers(self) -> list[int]:
+        if self.transformer is not None:
+            return list(self.transformer.config.llama_layers)
+        from diffusers import HiDreamImageTransformer2DModel
+
+        return list(HiDreamImageTransformer2DModel.load_config(self.config.base_model_name, subfolder="transformer")["llama_layers"])
+
+    @staticmethod
+    def _pack(t5, llama, pooled) -> torch.Tensor:
+        header = torch.tensor([t5.shape[0], t5.shape[1], llama.shape[0], llama.shape[1], llama.shape[2]], dtype=torch.float32)
+        return torch.cat([header, t5.float().flatten(), llama.float().flatten(), pooled.float().flatten()])
+
+    def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N) packed rows → T5 (B, L, D), Llama (layers, B, L, D) indexed as the pipeline's, pooled (B, P)."""
+        t5_len, t5_dim, layers, llama_len, llama_dim = (int(v) for v in packed[0, :5].tolist())
+        start = 5
+        t5 = packed[:, start : start + t5_len * t5_dim].reshape(-1, t5_len, t5_dim)
+        start += t5_len * t5_dim
+        used = packed[:, start : start + layers * llama_len * llama_dim].reshape(-1, layers, llama_len, llama_dim)
+        pooled = packed[:, start + layers * llama_len * llama_dim :]
+        # the transformer indexes the full stack of layers by `llama_layers`: put the used ones where it looks
+        indices = self._llama_layers()
+        full = used.new_zeros(max(indices) + 1, len(packed), llama_len, llama_dim)
+        for slot, index in enumerate(indices):
+            full[index] = used[:, slot]
+        return t5, full, pooled
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        """One frame (1, H, W, 3) → normalised latents (C, 1, H/8, W/8)."""
+        pixels = torch.from_numpy(frames[:1]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = self.vae.encode(pixels).latent_dist.mean
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return latents[0, :, None].to("cpu")
+
+    # --- training ------------------------------------------------------------------------------
+    def trained_experts(self) -> list[Expert]:
+        return [Expert("transformer", "", self.transformer, (0.0, 1.0))]
+
+    def predict(self, noisy, sigma, text, expert, conditioning=None):
+        t5, llama, pooled = self._unpack(text.to(noisy.device, torch.float32))
+        dtype = self.weight_dtype
+        output = expert.module(
+            hidden_states=noisy[:, :, 0].to(dtype),
+            timesteps=sigma * 1000.0,
+            encoder_hidden_states_t5=t5.to(dtype),
+            encoder_hidden_states_llama3=llama.to(dtype),
+            pooled_embeds=pooled.to(dtype),
+            return_dict=False,
+        )[0]
+        if output.ndim == 4 and output.shape[-2:] != noisy.shape[-2:]:  # training mode's token layout
+            output = self._tokens_to_image(output, expert.module.config.patch_size, noisy.shape[-2:])
+        return -output[:, :, None]  # the pipeline's sign: velocity = −output
+
+    @staticmethod
+    def _tokens_to_image(output: torch.Tensor, patch: int, size) -> torch.Tensor:
+        """In training mode the transformer returns (B, C, tokens, p·p), tokens row by row and padded to its
+        maximum sequence for non-square latents; this is the image layout eval mode (the pipeline) returns."""
+        rows, columns = size[0] // patch, size[1] // patch
+        batch, channels = output.shape[:2]
+        output = output[:, :, : rows * columns].reshape(batch, channels, rows, columns, patch, patch)
+        return output.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, rows * patch, columns * patch)
+
+    def fsdp_units(self, module):
+        return list(module.double_stream_blocks) + list(module.single_stream_blocks)
+
+    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
+        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
+        names = []
+        for name, module in transformer.named_modules():
+            if not isinstance(module, torch.nn.Linear) or "gate" in name.split(".")[-1]:
+                continue
+            if filters and any(f in name for f in filters) or not filters and any(t in name for t in _DEFAULT_TARGETS):
+                names.append(name)
+        return names
+
+    def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
+        from diffusers import HiDreamImagePipeline
+
+        HiDreamImagePipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                               transformer_lora_adapter_metadata=adapter_metadata)
+
+    def single_file_state_dict(self, module, dtype, state=None) -> dict:
+        """HiDream's original (and ComfyUI's) parameter names are diffusers' own."""
+        state = module.state_dict() if state is None else state
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        return f"diffusion_model.{peft_module_name}"
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, request: SampleRequest) -> np.ndarray:
+        from diffusers import HiDreamImagePipeline
+
+        self.load_vae()
+        none = {name: None for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                                         "tokenizer_3", "text_encoder_4", "tokenizer_4")}
+        pipeline = HiDreamImagePipeline(scheduler=self.scheduler, vae=self.vae, transformer=self.transformer, **none)
+        pipeline.set_progress_bar_config(disable=True)
+        # the pipeline scales every request to the area of a default_sample_size² latent (1024² px for the real
+        # model), keeping its aspect ratio: set that area to the sample's own
+        pipeline.default_sample_size = max(2, round((request.height * request.width) ** 0.5 / pipeline.vae_scale_factor))
+        t5, llama, pooled = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
+        dtype = self.weight_dtype
+        embeds = dict(prompt_embeds_t5=t5.to(dtype), prompt_embeds_llama3=llama.to(dtype), pooled_prompt_embeds=pooled.to(dtype))
+        if request.negative_prompt_embeds is not None:
+            t5n, llaman, pooledn = self._unpack(request.negative_prompt_embeds.to(self.device, torch.float32))
+            embeds.update(negative_prompt_embeds_t5=t5n.to(dtype), negative_prompt_embeds_llama3=llaman.to(dtype),
+                          negative_pooled_prompt_embeds=pooledn.to(dtype))
+        try:
+            image = pipeline(
+                **embeds, height=request.height, width=request.width, num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale, generator=torch.Generator(device=self.device).manual_seed(request.seed),
+                output_type="np",
+            ).images[0]
+        finally:
+            self.park_vae()
+        return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[None]

@@ -1,0 +1,111 @@
+"""HiDream-I1 (an image model) trained on single frames of a real clip, checked against the stock
+`HiDreamImagePipeline`: its four text encoders' outputs reach the transformer exactly as the pipeline passes
+them, the training-mode output is the pipeline's image layout, and a LoRA trained with `motiontune train`
+moves the stock pipeline's samples towards the frame it learnt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip
+
+
+@pytest.fixture(scope="module")
+def hidream_family(tiny_models):
+    from motiontune.config import TrainConfig
+    from motiontune.models.hidream import HiDreamFamily
+
+    model = tiny_models("hi-dream")
+    config = TrainConfig.model_validate({"model_type": "HI_DREAM_DEV", "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         "concepts": [{"path": "."}]})
+    family = HiDreamFamily(config, torch.device("cpu"))
+    family.load_transformers()
+    family.load_text_encoder()
+    return model, family
+
+
+def test_packed_prompt_is_what_the_pipeline_passes(hidream_family):
+    from diffusers import HiDreamImagePipeline
+
+    model, family = hidream_family
+    pipe = HiDreamImagePipeline.from_pretrained(model)
+    t5, _, llama, _, pooled, _ = pipe.encode_prompt(prompt=[PROMPT, "a rabbit"], do_classifier_free_guidance=False)
+    ours_t5, ours_llama, ours_pooled = family._unpack(family.encode_prompts([PROMPT, "a rabbit"]))
+    assert torch.allclose(ours_t5, t5, atol=1e-6) and torch.allclose(ours_pooled, pooled, atol=1e-6)
+    for layer in family.transformer.config.llama_layers:  # the layers the transformer reads
+        assert torch.allclose(ours_llama[layer], llama[layer], atol=1e-6)
+
+
+def test_training_mode_output_is_the_pipelines_image_layout(hidream_family):
+    """Train mode gives (B, C, tokens, p·p), padded for non-square latents; predict turns it into the image
+    layout the pipeline's eval-mode call returns, and negates it (the pipeline's sign)."""
+    _, family = hidream_family
+    expert = family.trained_experts()[0]
+    text = family.encode_prompts([PROMPT, PROMPT])
+    for size in ((8, 8), (6, 10)):
+        noisy = torch.randn(2, 16, 1, *size, generator=torch.Generator().manual_seed(0))
+        sigma = torch.tensor([0.3, 0.8])
+        expert.module.train()
+        with torch.no_grad():
+            trained = family.predict(noisy, sigma, text, expert)
+            expert.module.eval()
+            t5, llama, pooled = family._unpack(text)
+            stock = expert.module(hidden_states=noisy[:, :, 0], timesteps=sigma * 1000, encoder_hidden_states_t5=t5,
+                                  encoder_hidden_states_llama3=llama, pooled_embeds=pooled, return_dict=False)[0]
+        assert trained.shape == noisy.shape
+        assert torch.allclose(trained[:, :, 0], -stock, atol=1e-5), size
+
+
+def test_moe_auxiliary_loss_is_off_in_training(hidream_family):
+    _, family = hidream_family
+    gates = [m for m in family.transformer.modules() if type(m).__name__ == "MoEGate"]
+    assert gates and all(g.alpha == 0.0 for g in gates)
+
+
+def _first_frame(clip: Path) -> np.ndarray:
+    with av.open(str(clip)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24")
+
+
+def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_path):
+    from diffusers import HiDreamImagePipeline
+
+    model = tiny_models("hi-dream")
+    clip = _make_clip(tmp_path / "data", 64)
+    config = base_config(tmp_path, model, clip.parent, model_type="HI_DREAM_DEV", resolution="64", epochs=600,
+                         learning_rate=3e-3, lora_rank=16, lora_alpha=8, timestep_shift=3.0,
+                         video_config={"max_frames": 1, "target_fps": 16.0})
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+
+    pipe = HiDreamImagePipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.default_sample_size = 8  # the pipeline renders at this area (× 8 px per latent) whatever size is asked: 64²
+    pixels = torch.from_numpy(_first_frame(clip)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean
+    target = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor  # as the pipeline undoes it
+
+    def samples():
+        return torch.cat([
+            pipe(PROMPT, height=64, width=64, num_inference_steps=20, guidance_scale=0.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(seed)).images
+            for seed in SEEDS
+        ])
+
+    without = samples()
+    pipe.load_lora_weights(config["output_model_destination"])
+    with_lora = samples()
+    mse_ratio = ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+    stats_ratio = _channel_stats_distance(with_lora[:, :, None], target[:, :, None]) / _channel_stats_distance(
+        without[:, :, None], target[:, :, None])
+    print(f"hi-dream: MSE ratio with/without LoRA {mse_ratio:.3f}; channel statistics ratio {stats_ratio:.3f}")
+    assert mse_ratio < 0.75, "samples did not move towards the frame: sign, timestep or latent convention broken"
+    assert stats_ratio < 0.85
