@@ -109,3 +109,45 @@ def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_
     print(f"hi-dream: MSE ratio with/without LoRA {mse_ratio:.3f}; channel statistics ratio {stats_ratio:.3f}")
     assert mse_ratio < 0.75, "samples did not move towards the frame: sign, timestep or latent convention broken"
     assert stats_ratio < 0.85
+
+
+def test_single_file_transformer_loads_like_the_folder(hidream_family, tmp_path):
+    """A HiDream transformer saved as one file (ComfyUI's layout) loads through from_single_file with the base
+    folder's config and gives the folder model's outputs."""
+    from safetensors.torch import save_file
+
+    from motiontune.config import TrainConfig
+    from motiontune.models.hidream import HiDreamFamily
+
+    model, family = hidream_family
+    single = tmp_path / "hidream.safetensors"
+    save_file(family.single_file_state_dict(family.transformer, torch.float32), str(single))
+    config = TrainConfig.model_validate({"model_type": "HI_DREAM_DEV", "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         "concepts": [{"path": "."}], "transformer": {"model_name": str(single)}})
+    other = HiDreamFamily(config, torch.device("cpu"))
+    other.load_transformers()
+    text = family.encode_prompts([PROMPT])
+    noisy = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = family.predict(noisy, torch.tensor([0.5]), text, family.trained_experts()[0])
+        b = other.predict(noisy, torch.tensor([0.5]), text, other.trained_experts()[0])
+    assert torch.equal(a, b)
+
+
+def test_full_dev_and_fast_train_alike(tiny_models, tmp_path):
+    """The three HiDream-I1 model types share one code path: the same data and seed give the same LoRA."""
+    from safetensors.torch import load_file
+
+    model = tiny_models("hi-dream")
+    clip = _make_clip(tmp_path / "data", 64)
+    loras = {}
+    for model_type in ("HI_DREAM_FULL", "HI_DREAM_DEV", "HI_DREAM_FAST"):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        config = base_config(folder, model, clip.parent, model_type=model_type, resolution="64", epochs=4,
+                             cache_dir=str(tmp_path / "cache"), video_config={"max_frames": 1, "target_fps": 16.0})
+        assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 0
+        loras[model_type] = load_file(config["output_model_destination"])
+    full, dev, fast = loras.values()
+    assert any(v.abs().max() > 0 for k, v in dev.items() if "lora_B" in k)
+    assert all(torch.equal(full[k], dev[k]) and torch.equal(fast[k], dev[k]) for k in dev)
