@@ -209,6 +209,32 @@ def test_a14b_both_experts_route_each_sample_by_its_noise_level(tmp_path, tiny_m
     assert not torch.allclose(before[0], after[0]) and not torch.allclose(before[1], after[1])
 
 
+def test_a14b_experts_have_their_own_step_counts(tmp_path, tiny_models, clips, monkeypatch):
+    """transformer.max_steps: the high-noise expert stops after 3 optimizer steps; from then on every noise
+    level is drawn from the low-noise expert's range, which trains to the end of the epochs."""
+    import json
+
+    from motiontune.models.wan import WanFamily
+
+    calls = []
+    original = WanFamily.load_transformers
+
+    def load_with_hooks(self):
+        original(self)
+        for name in ("transformer", "transformer_2"):
+            getattr(self, name).register_forward_pre_hook(lambda m, a, k, name=name: calls.append(name), with_kwargs=True)
+
+    monkeypatch.setattr(WanFamily, "load_transformers", load_with_hooks)
+    config = base_config(tmp_path, tiny_models("wan-2.2-a14b"), clips, model_type="WAN_2_2_T2V_A14B", experts="both",
+                         epochs=20, transformer={"max_steps": 3}, timestep_distribution="UNIFORM",
+                         video_config={"max_frames": 5, "target_fps": 8.0})
+    assert run(tmp_path, config) == 0
+    assert calls.count("transformer") == 3  # one sample per step: three steps of the high-noise expert
+    last_high = max(i for i, name in enumerate(calls) if name == "transformer")
+    assert last_high < len(calls) - 10 and all(name == "transformer_2" for name in calls[last_high + 1:])
+    assert json.loads((tmp_path / "workspace" / "result.json").read_text())["steps"] == len(calls)
+
+
 def test_single_file_transformer_in_the_original_wan_layout_loads_like_the_folder(tmp_path, tiny_models):
     """A transformer saved with original WAN (ComfyUI) key names, given as transformer.model_name, loads
     through diffusers' from_single_file with the base model's own config and computes the same outputs."""

@@ -60,6 +60,9 @@ class ModelPartConfig(Strict):
     activation_offloading: bool = False
     dropout_probability: float = Field(0.0, ge=0, le=1)  # text_encoder only: captions left out (CFG training)
     learning_rate: float | None = Field(None, gt=0)  # this part's own learning rate (default: learning_rate)
+    # this transformer stops after this many optimizer steps; with two WAN 2.2 experts the other one then gets
+    # every noise level's share of the steps until it reaches its own count or the epochs end
+    max_steps: int | None = Field(None, ge=1)
 
 
 class OptimizerConfig(Strict):

@@ -152,6 +152,7 @@ def _write(directory: Path, config: TrainConfig, position: Position, trainings, 
             "rng": rngs[0],
             "rng_by_rank": rngs,
             "world_size": world_size,
+            "expert_steps": [t.steps for t in trainings],
         }
         with open(partial / "state.pt", "wb") as handle:  # through a Python file: a full disk raises a plain OSError
             torch.save(state, handle)
@@ -226,5 +227,7 @@ def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None)
                     parameters[name].copy_(value)
             training.optimizer.load_state_dict(optimizer_state)
         training.scheduler.load_state_dict(scheduler_state)
+    for training, steps in zip(trainings, state.get("expert_steps", [])):
+        training.steps = steps
     restore_rng_state(state.get("rng_by_rank", [state["rng"]])[ranks.rank], generators)
     return Position(**state["position"])

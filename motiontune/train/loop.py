@@ -49,6 +49,12 @@ class ExpertTraining:
     parameters: list
     optimizer: torch.optim.Optimizer
     scheduler: object
+    max_steps: int | None = None  # this expert's own step count (WAN 2.2 A14B: `transformer_2.max_steps`, ...)
+    steps: int = 0  # optimizer steps this expert has taken
+
+    @property
+    def done(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
 
 
 @dataclass
@@ -138,8 +144,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             distributed.shard_transformer(expert.module, family.fsdp_units(expert.module))
             parameters = [p for p in expert.module.parameters() if p.requires_grad]
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
-        trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps)))
-    sigma_range = (min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings))
+        trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps),
+                                        getattr(config, expert.name).max_steps))
     trained = sum(p.numel() for t in trainings for p in t.parameters)
     log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.1f MB (two float32 values each)",
              config.training_method, " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
@@ -198,6 +204,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
 
     part_names = ["loss/flow"] + (["loss/temporal_consistency"] if video.temporal_consistency_weight > 0 else [])
     nonfinite_in_a_row = 0
+    finished = False
     progress = tqdm(total=total_steps, initial=position.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.main)
     with stop.listening():
@@ -212,6 +219,11 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 # Random draws cover the global batch on every rank (the same numbers one process would draw);
                 # each rank then trains its own rows of it.
                 batch = batches[index]
+                if all(t.done for t in trainings):  # every expert reached its own max_steps
+                    finished = True
+                    break
+                # noise levels only where an expert still trains: one that reached max_steps hands its share to the other
+                sigma_range = _noise_range([t for t in trainings if not t.done])
                 mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
                 stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
                 images = [clips[i].image_embeds for i in batch]
@@ -291,7 +303,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 after("STEP", position.step, position)
                 if stop.agreed(ranks):
                     break
-            if stop.stopping:
+            if stop.stopping or finished:
                 break
             position = Position(position.step, epoch + 1, 0, result.skipped_steps)
             after("EPOCH", epoch + 1, position)
@@ -337,6 +349,7 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
     healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
     for training, had_samples in zip(trainings, stepping):
         if healthy and had_samples:
+            training.steps += 1
             family.activate(training.expert)
             training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +394,10 @@ class StopRequest:
                     signal.signal(number, handler)
 
         return scope()
+
+
+def _noise_range(trainings: list[ExpertTraining]) -> tuple[float, float]:
+    return min(t.expert.sigma_range[0] for t in trainings), max(t.expert.sigma_range[1] for t in trainings)
 
 
 def _suffix(config: TrainConfig) -> str:
