@@ -128,6 +128,9 @@ class ModelFamily(ABC):
 
     def activate(self, expert: Expert) -> None:
         """Put `expert` on the training device; on an accelerator, the other transformers wait on the CPU."""
+        if getattr(self, "_active", None) is expert.module:  # `.to()` walks every module even when nothing moves
+            return
+        self._active = expert.module
         expert.module.to(self.device)
 
     def fsdp_units(self, module: torch.nn.Module) -> list[torch.nn.Module]:
