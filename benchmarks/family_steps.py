@@ -17,12 +17,11 @@ import contextlib
 import io
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from step_overhead import _one_clip, median_step_time, step_time_from_logs
+from step_overhead import _one_clip, step_time_from_logs, timed_steps
 
 from motiontune.config import TrainConfig
 from motiontune.testing.tiny_models import FAMILIES, build_tokenizer, make_tiny_model
@@ -117,12 +116,7 @@ def bare_loop_step_time(model: Path, keys: dict, work: Path, steps: int) -> floa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(sigmas[0])
-    stamps = [time.perf_counter()]
-    for sigma in sigmas[1:]:
-        step(sigma)
-        stamps.append(time.perf_counter())
-    return median_step_time(stamps)
+    return timed_steps(step, sigmas)
 
 
 def main() -> None:

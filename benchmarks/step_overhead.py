@@ -138,6 +138,11 @@ def bare_loop_step_time(model: Path, batch: tuple[torch.Tensor, torch.Tensor], s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return timed_steps(step, sigmas)
+
+
+def timed_steps(step, sigmas) -> float:
+    """Median time of `step(sigma)` over the noise levels after the first (a warm-up)."""
     step(sigmas[0])
     stamps = [time.perf_counter()]
     for sigma in sigmas[1:]:

@@ -6,15 +6,13 @@ moves the stock pipeline's samples towards the frame it learnt.
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from test_image_to_video import _first_frame
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip
 
 
@@ -68,11 +66,6 @@ def test_moe_auxiliary_loss_is_off_in_training(hidream_family):
     _, family = hidream_family
     gates = [m for m in family.transformer.modules() if type(m).__name__ == "MoEGate"]
     assert gates and all(g.alpha == 0.0 for g in gates)
-
-
-def _first_frame(clip: Path) -> np.ndarray:
-    with av.open(str(clip)) as container:
-        return next(container.decode(video=0)).to_ndarray(format="rgb24")
 
 
 def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_path):

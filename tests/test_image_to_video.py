@@ -18,9 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import base_config, write_config
-from motiontune.cli import main
-from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip, _stock_target_latents
+from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip, _stock_target_latents, _train
 
 FAMILIES = {
     # keys, clip size
@@ -92,24 +90,11 @@ def test_cached_image_embedding_is_the_pipelines_own(tiny_models, tmp_path):
         assert torch.allclose(run.image_embeds, expected, atol=1e-5)
 
 
-def _train(tiny_models, tmp: Path, family: str):
-    keys, size = FAMILIES[family]
-    model = tiny_models(family)
-    clip = _make_clip(tmp / "data", size)
-    config = base_config(
-        tmp, model, clip.parent, resolution=str(size),
-        **{"epochs": 1000, "learning_rate": 3e-3, "lora_rank": 16, "lora_alpha": 8,
-           "video_config": {"max_frames": 9, "target_fps": 16.0}, **keys},
-    )
-    assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
-    return model, clip, Path(config["output_model_destination"])
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(family, tiny_models, tmp_path):
     from diffusers import WanImageToVideoPipeline
 
-    model, clip, lora = _train(tiny_models, tmp_path, family)
+    model, clip, lora, _ = _train(tiny_models, tmp_path, family, FAMILIES)
     size = FAMILIES[family][1]
     pipe = WanImageToVideoPipeline.from_pretrained(model)  # TI2V-5B: its folder says expand_timesteps
     pipe.set_progress_bar_config(disable=True)

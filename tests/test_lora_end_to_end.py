@@ -82,8 +82,9 @@ def _channel_stats_distance(samples: torch.Tensor, target: torch.Tensor) -> floa
     return (mean_gap + std_gap).mean().item()
 
 
-def _train(tiny_models, tmp: Path, family: str):
-    keys, size = FAMILIES[family]
+def _train(tiny_models, tmp: Path, family: str, families: dict = FAMILIES):
+    """Train `family` (keys and clip size from `families`) on the clip with `motiontune train`."""
+    keys, size = families[family]
     model = tiny_models(family)
     clip = _make_clip(tmp / "data", size)
     config = base_config(
