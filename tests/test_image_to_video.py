@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import base_config, write_config
+from motiontune.cli import main
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip, _stock_target_latents, _train
 
 FAMILIES = {
@@ -160,3 +162,31 @@ def test_ti2v_conditioned_first_frame_is_left_out_of_the_loss(tiny_models):
     tokens_per_frame = timestep.shape[1] // 3
     assert torch.all(timestep[rows][:, :tokens_per_frame] == 0) and torch.all(timestep[rows][:, tokens_per_frame:] == 700)
     assert torch.all(timestep[~rows] == 700)
+
+
+@pytest.mark.parametrize("family", ["wan-2.1-i2v", "hi-dream"])
+def test_samples_during_training(family, tiny_models, tmp_path, dataset):
+    """Samples render with the stock pipelines while training: image-to-video from the sample's `image`
+    (with classifier-free guidance, so the negative prompt path runs too), and HiDream as one-frame videos."""
+    from test_training import frame_count
+
+    clip = _make_clip(tmp_path / "data", 64)
+    image = tmp_path / "first.png"
+    Image.fromarray(_first_frame(clip)).save(image)
+    if family == "hi-dream":
+        keys = {"model_type": "HI_DREAM_DEV", "resolution": "64", "video_config": {"max_frames": 1, "target_fps": 8.0}}
+        sample = {"prompt": PROMPT, "frames": 1, "height": 64, "width": 64, "steps": 2, "cfg_scale": 2.0}
+    else:
+        keys = {"model_type": "WAN_2_1_I2V"}
+        sample = {"prompt": PROMPT, "frames": 5, "height": 32, "width": 32, "steps": 2, "cfg_scale": 2.0, "image": str(image)}
+    config = base_config(tmp_path, tiny_models(family), dataset, epochs=2, samples=[sample], sample_after_unit="EPOCH",
+                         sample_after=2, **keys)
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    assert frame_count(tmp_path / "workspace" / "samples" / "epoch2-0.mp4") == (sample["frames"], sample["height"], sample["width"])
+
+
+def test_image_to_video_samples_need_an_image(tiny_models, tmp_path, dataset, capsys):
+    config = base_config(tmp_path, tiny_models("wan-2.2-i2v-a14b"), dataset, model_type="WAN_2_2_I2V_A14B", experts="both",
+                         samples=[{"prompt": PROMPT}])
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 2
+    assert "samples[0].image: WAN_2_2_I2V_A14B makes videos from a first frame" in capsys.readouterr().err
