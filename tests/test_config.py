@@ -46,12 +46,12 @@ def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected
 def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
     path = write_config(
         tmp_path / "c.json",
-        **minimal(training_method="EMBEDDING", optimizer={"optimizer": "ADAFACTOR"}, gradient_checkpointing="CPU_OFFLOADED"),
+        **minimal(preserve_embedding_norm=True, optimizer={"optimizer": "ADAFACTOR"}, gradient_checkpointing="CPU_OFFLOADED"),
     )
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     message = str(error.value)
-    assert 'training_method = "EMBEDDING": not supported yet' in message
+    assert "preserve_embedding_norm = true: not supported yet" in message
     assert 'optimizer.optimizer = "ADAFACTOR": not supported yet' in message
     assert 'gradient_checkpointing = "CPU_OFFLOADED": not supported yet' in message
 

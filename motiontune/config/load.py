@@ -133,6 +133,35 @@ def format_validation_error(error: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
+def _text_training_problems(config: TrainConfig) -> list[str]:
+    """Text encoder training and embeddings: which methods and families have them, and sound embedding entries."""
+    problems = []
+    if config.text_encoder.train and config.training_method != "FINE_TUNE":
+        problems.append(f"  - text_encoder.train = true: the text encoder trains in FINE_TUNE runs only, not in "
+                        f"{config.training_method} runs; set it to false")
+    embeddings = ([config.embedding] if config.training_method == "EMBEDDING" else []) + list(config.additional_embeddings)
+    trains_text = config.text_encoder.train or embeddings
+    if trains_text and not config.model_type.startswith("WAN_"):
+        problems.append(f"  - text encoder training and embeddings are built for the WAN models only so far, not "
+                        f"{config.model_type}; leave text_encoder.train false and train LORA or FINE_TUNE")
+    seen = set()
+    for where, entry in [("embedding", config.embedding)] * (config.training_method == "EMBEDDING") + [
+        (f"additional_embeddings[{i}]", e) for i, e in enumerate(config.additional_embeddings)
+    ]:
+        if entry.placeholder in seen:
+            problems.append(f"  - {where}.placeholder = {json.dumps(entry.placeholder)}: two embeddings use it; "
+                            "give each its own placeholder")
+        seen.add(entry.placeholder)
+        if entry.is_output_embedding:
+            problems.append(f"  - {where}.is_output_embedding = true: not supported yet (output embeddings); leave it false")
+        if not entry.train and not entry.model_name:
+            problems.append(f"  - {where}.train = false needs {where}.model_name: a saved embedding to use as it is")
+        if entry.token_count is None and not entry.model_name:
+            problems.append(f"  - {where}.token_count = null takes the count from model_name, which is empty; "
+                            "set token_count (1 or more)")
+    return problems
+
+
 def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     problems = []
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -146,7 +175,9 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
-    formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER")}
+    problems += _text_training_problems(config)
+    formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),
+               "EMBEDDING": ("SAFETENSORS",)}
     allowed = formats.get(config.training_method, ())
     if allowed and config.output_model_format not in allowed:
         problems.append(

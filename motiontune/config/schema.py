@@ -103,6 +103,19 @@ class VideoConfig(Strict):
     temporal_augmentation: bool = False
 
 
+class EmbeddingConfig(Strict):
+    """One textual-inversion embedding (OneTrainer's `embedding` / `additional_embeddings` entries): new tokens
+    added to the text encoder's vocabulary, written in captions as `placeholder`, whose vectors train."""
+
+    uuid: str = ""  # OneTrainer's id for the embedding; not used
+    model_name: str = ""  # a saved embedding (.safetensors) to start from instead of initial_embedding_text
+    placeholder: str = Field("<embedding>", min_length=1)
+    train: bool = True  # False: the vectors from model_name are used as they are
+    token_count: int | None = Field(1, ge=1, le=64)  # None: as many as model_name's file holds
+    initial_embedding_text: str = "*"  # the new vectors start as this text's token embeddings
+    is_output_embedding: bool = False
+
+
 class TrainConfig(Strict):
     version: int | None = Field(None, alias="__version")
 
@@ -145,6 +158,12 @@ class TrainConfig(Strict):
     text_encoder: ModelPartConfig = ModelPartConfig(train=False)
     vae: ModelPartConfig = ModelPartConfig(train=False)
 
+    # textual inversion: `embedding` trains in an EMBEDDING run; `additional_embeddings` train beside any method
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    additional_embeddings: list[EmbeddingConfig] = []
+    embedding_learning_rate: float | None = Field(None, gt=0)  # default: learning_rate
+    preserve_embedding_norm: bool = False
+
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: float = Field(1.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -158,7 +177,8 @@ class TrainConfig(Strict):
 
     output_model_destination: str = "models/lora.safetensors"
     # LoRA: DIFFUSERS_LORA, COMFY_LORA; fine-tune: DIFFUSERS (a transformer folder), COMFY_TRANSFORMER (one file)
-    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER"] = "DIFFUSERS_LORA"
+    # embedding: SAFETENSORS (one file of vectors per embedding)
+    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER", "SAFETENSORS"] = "DIFFUSERS_LORA"
     output_dtype: DType | None = None  # fine-tune saves; default: the weights' dtype
     workspace_dir: str = "workspace/run"
 
@@ -246,7 +266,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
 # Keys whose behaviour is not built yet: each accepted only at its neutral value.
 # (dotted key, neutral value, which piece of work builds it)
 NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
-    ("training_method", ("LORA", "FINE_TUNE"), "embedding training (issue 6)"),
     ("output_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "FLOAT_8/NFLOAT_4 saves (issue 8)"),
     ("optimizer.optimizer", "ADAMW", "other optimizers"),
     ("train_dtype", ("FLOAT_32", "BFLOAT_16"), "FLOAT_16 training (issue 8)"),
@@ -258,7 +277,8 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer_2.offload_fraction", 0.0, "layer offloading (issue 8)"),
     ("transformer_2.activation_offloading", False, "activation offloading (issue 8)"),
     ("transformer_2.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
-    ("text_encoder.train", False, "text encoder training"),
+    ("embedding.is_output_embedding", False, "output embeddings"),
+    ("preserve_embedding_norm", False, "embedding norm preservation"),
     ("vae.train", False, "VAE training"),
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),

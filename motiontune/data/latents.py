@@ -192,9 +192,10 @@ class Encoding:
             dealt += 1
         return mine
 
-    def release(self, keep_vae: bool) -> None:
-        """Encoders off the training device before the transformer arrives."""
-        if self._text_loaded:
+    def release(self, keep_vae: bool, keep_text: bool = False) -> None:
+        """Encoders off the training device before the transformer arrives (the text encoder stays when it
+        encodes captions during training)."""
+        if self._text_loaded and not keep_text:
             self.family.release_text_encoder()
             self._text_loaded = False
         if keep_vae:

@@ -101,8 +101,13 @@ class ModelFamily(ABC):
         """Load the tokenizer(s) and text encoder(s)."""
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings exactly as the stock pipeline computes them, one row per prompt."""
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """Text embeddings exactly as the stock pipeline computes them, one row per prompt. `grad`: with the
+        autograd graph, on the training device (a text encoder or embedding that trains)."""
+
+    def text_encoders(self) -> dict[str, tuple]:
+        """name → (tokenizer, text encoder), loaded if need be: what embeddings and text-encoder training use."""
+        raise NotImplementedError(f"{type(self).__name__} has no text-encoder training yet")
 
     @abstractmethod
     def release_text_encoder(self) -> None:

@@ -204,8 +204,8 @@ class WanFamily(ModelFamily):
         return _load(cls, self.config.base_model_name, subfolder, dtype=self.weight_dtype)
 
     # --- encoding ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         inputs = self.tokenizer(
@@ -218,9 +218,18 @@ class WanFamily(ModelFamily):
             return_tensors="pt",
         )
         mask = inputs.attention_mask.to(self.device)
-        hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
-        # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
-        return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).to("cpu", torch.float32)
+        with torch.set_grad_enabled(grad):
+            hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
+            # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden.float() if grad else hidden.to("cpu", torch.float32)
+
+    def text_encoders(self) -> dict[str, tuple]:
+        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
+        key for WAN's UMT5-XXL)."""
+        if self.text_encoder is None:
+            self.load_text_encoder()
+        return {"umt5xxl": (self.tokenizer, self.text_encoder)}
 
     def release_text_encoder(self) -> None:
         self.text_encoder = None

@@ -24,6 +24,7 @@ from ..data.cache import Cache
 from ..data.latents import Encoding
 from ..data.survey import survey_dataset
 from ..methods import METHODS
+from ..methods.embedding import save_additional as save_additional_embeddings
 from ..methods.lora import SaveError
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
@@ -33,6 +34,7 @@ from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_b
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
 from .optim import make_optimizer, make_scheduler
+from .text_conditioning import TextConditioning
 
 log = logging.getLogger("motiontune")
 
@@ -114,7 +116,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         why = "temporal_augmentation" if config.video_config.temporal_augmentation else "frame_sample_strategy random"
         log.info("%s: %s", why, "clips change every epoch, so every epoch decodes and VAE-encodes them again"
                  if variants == 0 else f"{variants} cached variants per clip; epochs 1-{variants} encode, later ones read the cache")
-    encoding.release(keep_vae=bool(sample_requests) or moving_windows)
+    text_side = TextConditioning(family, config, text_embeddings)  # cached, or live when the text side trains
+    encoding.release(keep_vae=bool(sample_requests) or moving_windows, keep_text=text_side.live)
 
     # Model.
     log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
@@ -146,6 +149,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps),
                                         getattr(config, expert.name).max_steps))
+    text_trainings = [t for t in [text_side.prepare(total_steps)] if t]  # a trained text encoder or embeddings
     trained = sum(p.numel() for t in trainings for p in t.parameters)
     log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.1f MB (two float32 values each)",
              config.training_method, " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
@@ -159,7 +163,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     }
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
-        position = load_backup(backup_to_load, trainings, generators, ranks)
+        position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks)
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
     writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
@@ -172,7 +176,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         nonlocal last_backup_time
         keep = config.rolling_backup_count if config.rolling_backup else None
         try:
-            result.backup = write_backup(workspace / "backup", config, where, trainings, generators, keep, ranks)
+            result.backup = write_backup(workspace / "backup", config, where, trainings + text_trainings, generators, keep, ranks)
             log.info("backup written: %s", result.backup)
         except WRITE_ERRORS as error:  # the previous backup is untouched; training goes on
             log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
@@ -181,6 +185,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     def after(unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
+            text_side.refresh_samples(sample_requests, config.samples)
             result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}", not video.use_temporal_attention, ranks)
         saving = _due(config.save_every_unit, config.save_every, unit, count)
         minutes = (time.monotonic() - last_backup_time) / 60
@@ -200,7 +205,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         states = {t.expert.name: distributed.full_state_dict(t.expert.module) for t in trainings} if ranks.sharded else None
         if not ranks.main:
             return []
-        return method.save(family, config, destination, **({"states": states} if states else {}))
+        paths = method.save(family, config, destination, **({"states": states} if states else {}))
+        # additional_embeddings beside a LoRA or fine-tune (an EMBEDDING run's save writes them itself)
+        return paths + (save_additional_embeddings(family, config, destination) if config.training_method != "EMBEDDING" else [])
 
     part_names = ["loss/flow"] + (["loss/temporal_consistency"] if video.temporal_consistency_weight > 0 else [])
     nonfinite_in_a_row = 0
@@ -230,7 +237,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 images = torch.stack(images).to(device) if images[0] is not None else None
                 x0, conditioning = family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
                 captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
-                text = torch.stack([text_embeddings[c] for c in captions]).to(device)
+                text = text_side.batch(captions, device)
                 sigma = sample_sigmas(
                     len(batch), config.timestep_distribution, config.timestep_shift, sigma_range, generators["sigma"],
                     normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
@@ -275,7 +282,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
                     continue
                 position = Position(position.step, epoch, index + 1, result.skipped_steps)
-                if not _optimizer_step(family, trainings, config, ranks, finite_loss=bool(torch.isfinite(loss))):
+                if not _optimizer_step(family, trainings + text_trainings, config, ranks, finite_loss=bool(torch.isfinite(loss))):
                     result.skipped_steps += 1
                     nonfinite_in_a_row += 1
                     position.nonfinite_skipped = result.skipped_steps
@@ -293,7 +300,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
 
                 result.final_loss = loss.item()
                 writer.add_scalar("loss", result.final_loss, position.step)
-                for training in trainings:
+                for training in trainings + text_trainings:
                     writer.add_scalar(f"lr/{training.expert.label}" if training.expert.label else "lr",
                                       training.scheduler.get_last_lr()[0], position.step)
                 for name, value in parts.items():
@@ -314,7 +321,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         backup(position)
         result.interrupted = True
     elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
-        result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention)
+        text_side.refresh_samples(sample_requests, config.samples)
+        result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention, ranks)
     result.lora_paths = save_model(Path(config.output_model_destination))
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
@@ -350,7 +358,8 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
     for training, had_samples in zip(trainings, stepping):
         if healthy and had_samples:
             training.steps += 1
-            family.activate(training.expert)
+            if training.expert.name != "text_encoder":  # the text side stays on the device
+                family.activate(training.expert)
             training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
         if healthy:

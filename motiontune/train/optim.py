@@ -11,10 +11,13 @@ _SCHEDULES = {"CONSTANT": "constant_with_warmup", "COSINE": "cosine", "LINEAR": 
 
 
 def make_optimizer(parameters, config: TrainConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """`parameters`: tensors, or param groups (dicts with their own "lr"); none at all gives an optimizer that
+    never changes anything (an expert that stays frozen while an embedding trains)."""
     settings = config.optimizer
-    fused = all(p.is_cuda for p in parameters)  # the fused CUDA kernel: one launch for all tensors
+    flat = [p for g in parameters for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(flat) and all(p.is_cuda for p in flat)  # the fused CUDA kernel: one launch for all tensors
     return torch.optim.AdamW(
-        parameters,
+        list(parameters) or [{"params": []}],
         lr=learning_rate or config.learning_rate,
         betas=(settings.beta1, settings.beta2),
         eps=settings.eps,
