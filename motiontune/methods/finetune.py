@@ -42,7 +42,51 @@ def save(family: ModelFamily, config: TrainConfig, destination: Path, output_for
     dtype = TORCH_DTYPES[config.output_dtype or config.transformer.weight_dtype or config.train_dtype]
     states = states or {}
     return [_save_one(family, expert, paths[expert.name], output_format, dtype, states.get(expert.name))
-            for expert in family.trained_experts()]
+            for expert in family.trained_experts()] + (
+        save_text_encoders(family, destination, output_format, dtype) if config.text_encoder.train else [])
+
+
+def save_text_encoders(family: ModelFamily, destination: Path, output_format: str, dtype: torch.dtype) -> list[Path]:
+    """A trained text encoder beside the transformer: `<destination>_text_encoder` as a transformers folder
+    (DIFFUSERS; `UMT5EncoderModel.from_pretrained`), or `<stem>_text_encoder.safetensors` with the transformers
+    names ComfyUI's text-encoder files use (COMFY_TRANSFORMER). Added embedding tokens are not part of it."""
+    destination = Path(destination)
+    paths = []
+    for key, (_, encoder) in family.text_encoders().items():
+        suffix = "_text_encoder" if len(family.text_encoders()) == 1 else f"_text_encoder_{key}"
+        wrapper = encoder.get_input_embeddings()
+        table = getattr(wrapper, "table", None)
+        try:
+            if table is not None:  # an embedding's token vectors ride on the table: save the plain table
+                encoder.set_input_embeddings(table)
+            if output_format == "DIFFUSERS":
+                target = destination.with_name(destination.name + suffix)
+                with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
+                    written = Path(scratch) / "text_encoder"
+                    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in encoder.state_dict().items()}
+                    encoder.save_pretrained(written, state_dict=state, safe_serialization=True)
+                    if target.exists():
+                        shutil.rmtree(target)
+                    os.replace(written, target)
+            else:
+                target = destination.with_name(destination.stem + suffix + ".safetensors")
+                state, seen = {}, set()
+                for k, v in encoder.state_dict().items():  # tied tables (shared / encoder.embed_tokens) once
+                    if v.data_ptr() not in seen:
+                        seen.add(v.data_ptr())
+                        state[k] = v.detach().to("cpu", dtype).clone().contiguous()
+                with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
+                    written = Path(scratch) / "text_encoder.safetensors"
+                    save_file(state, str(written))
+                    os.replace(written, target)
+        except WRITE_ERRORS as error:
+            raise SaveError(f"could not save the text encoder to {target}: {write_error_reason(error)}. Any earlier "
+                            "save there is unchanged; free some space or pick another output_model_destination.") from None
+        finally:
+            if table is not None:
+                encoder.set_input_embeddings(wrapper)
+        paths.append(target)
+    return paths
 
 
 def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_format: str, dtype: torch.dtype,
