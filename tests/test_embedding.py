@@ -125,3 +125,51 @@ def test_stock_pipeline_with_the_embedding(trained):
     # the rest of the text encoder was not touched: a prompt without the placeholder is unchanged bit for bit
     assert torch.equal(pipe.encode_prompt(plain, do_classifier_free_guidance=False)[0], plain_text_before)
     assert torch.equal(_latents(pipe, plain), plain_before)
+
+
+def test_additional_embedding_trains_beside_a_lora(tmp_path, tiny_models):
+    """`additional_embeddings` in a LoRA run: the LoRA and `<lora>_embeddings/<placeholder>.safetensors` are
+    written, the vectors moved from their start, and both load into the stock pipeline together."""
+    from diffusers import WanPipeline
+
+    model = tiny_models("wan-2.1")
+    clip = _make_clip(tmp_path / "data", 32)
+    (clip.parent / "shapes.txt").write_text("<extra> moving shapes\n")
+    lora = tmp_path / "lora.safetensors"
+    _train(tmp_path, model, clip.parent, lora, epochs=10, output_model_destination=str(lora), embedding_learning_rate=1e-2,
+           additional_embeddings=[{"placeholder": "<extra>", "token_count": 2, "initial_embedding_text": "shapes"}])
+    saved = tmp_path / "lora_embeddings" / "extra.safetensors"
+    assert lora.is_file() and saved.is_file()
+
+    pipe = WanPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    start = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("shapes", add_special_tokens=False).input_ids[0]]
+    with safe_open(str(saved), "pt") as f:
+        vectors = f.get_tensor("umt5xxl")
+    assert vectors.shape == (2, 32) and not torch.allclose(vectors, start.expand(2, -1))  # they trained
+    pipe.load_lora_weights(str(lora))
+    placeholder = load_embedding_into(pipe, saved)
+    assert placeholder == "<extra>"
+    latents = pipe("<extra>_0<extra>_1 moving shapes", height=32, width=32, num_frames=9, num_inference_steps=2,
+                   guidance_scale=1.0, output_type="latent").frames
+    assert torch.isfinite(latents).all()
+
+
+def test_presets():
+    from motiontune.config.load import load_config
+
+    embedding = load_config("#wan 2.2 Embedding")
+    assert (embedding.training_method, embedding.batch_size, embedding.learning_rate, embedding.embedding_learning_rate) == (
+        "EMBEDDING", 4, 1e-3, 5e-3)
+    finetune = load_config("#wan 2.2 Finetune")
+    assert (finetune.batch_size, finetune.learning_rate, finetune.text_encoder.learning_rate) == (1, 1e-4, 5e-5)
+
+
+def test_placeholder_that_is_already_a_word_is_refused(tmp_path, tiny_models, capsys):
+    model = tiny_models("wan-2.1")
+    clip = _make_clip(tmp_path / "data", 32)
+    config = base_config(tmp_path, model, clip.parent, training_method="EMBEDDING", output_model_format="SAFETENSORS",
+                         output_model_destination=str(tmp_path / "e.safetensors"), epochs=1,
+                         embedding={"placeholder": "shapes"})
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 2
+    assert "the tokenizer already has the token(s) ['shapes']" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..config.schema import EmbeddingConfig
 from ..models import ModelFamily
 from ..models.base import Expert
@@ -91,7 +91,7 @@ def read_embedding(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """The vectors (per text-encoder key) and metadata of a saved embedding."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
-        raise FileNotFoundError(f"embedding model_name {str(path)!r} is not a .safetensors file")
+        raise ConfigError(f"embedding model_name {str(path)!r} is not a .safetensors file")
     with safe_open(str(path), "pt") as handle:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
@@ -110,22 +110,22 @@ def install(family: ModelFamily, entry: EmbeddingConfig) -> Embedding:
             encoder.set_input_embeddings(wrapper)
         clashes = [t for t in tokens if t in tokenizer.get_vocab()]
         if clashes:
-            raise ValueError(f"embedding placeholder {entry.placeholder!r}: the tokenizer already has the token(s) "
+            raise ConfigError(f"embedding placeholder {entry.placeholder!r}: the tokenizer already has the token(s) "
                              f"{clashes}; choose a placeholder that is not a word of its vocabulary, such as '<my-concept>'")
         tokenizer.add_tokens(tokens)
         ids = tokenizer.convert_tokens_to_ids(tokens)
         split = tokenizer(expand(entry.placeholder, entry.placeholder, tokens), add_special_tokens=False).input_ids
         if split != ids:
-            raise ValueError(f"embedding placeholder {entry.placeholder!r} does not tokenize to its own tokens "
+            raise ConfigError(f"embedding placeholder {entry.placeholder!r} does not tokenize to its own tokens "
                              f"({split} instead of {ids}); choose a simpler placeholder such as '<my-concept>'")
         if key in saved:
             initial = saved[key]
             if initial.shape != (count, wrapper.table.embedding_dim):
-                raise ValueError(f"{entry.model_name}: {key} vectors are {tuple(initial.shape)}, this model needs "
+                raise ConfigError(f"{entry.model_name}: {key} vectors are {tuple(initial.shape)}, this model needs "
                                  f"({count}, {wrapper.table.embedding_dim}); is the file for another model or token_count?")
         else:
             if entry.model_name:
-                raise ValueError(f"{entry.model_name} has no {key!r} vectors (it has {sorted(saved)}): it was saved for "
+                raise ConfigError(f"{entry.model_name} has no {key!r} vectors (it has {sorted(saved)}): it was saved for "
                                  "another model family")
             initial_ids = tokenizer(entry.initial_embedding_text, add_special_tokens=False).input_ids or [tokenizer.unk_token_id]
             if len(initial_ids) > count:
