@@ -56,12 +56,14 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None =
     return worst
 
 
-@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE"])
+@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE", "FINE_TUNE+text_encoder"])
 def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, dataset, method):
     model = tiny_models("wan-2.1")
-    keys = {"training_method": method}
-    if method == "FINE_TUNE":
+    keys = {"training_method": method.split("+")[0]}
+    if method.startswith("FINE_TUNE"):
         keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
+    if method.endswith("text_encoder"):  # replicated beside the sharded transformer: its gradients are summed
+        keys.update(text_encoder={"train": True, "learning_rate": 1e-3})
     single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
     double = make_config(tmp_path, "double", model, dataset, batch_size=1, **keys)
     run(single, 1)

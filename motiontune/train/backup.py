@@ -110,12 +110,14 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     this; rank 0 writes, and all return its path or raise its error."""
     ranks = ranks or Ranks()
     rngs = ranks.gather(rng_state(generators))
-    if ranks.sharded:  # collectives: every rank takes part, rank 0 receives the whole
-        weights = [{n: v for n, v in distributed.full_state_dict(t.expert.module).items() if n in _trained_names(t)} for t in trainings]
-        optimizers = [distributed.full_optimizer_state(t.expert.module, t.optimizer) for t in trainings]
-    else:
-        weights = [{n: p.detach() for n, p in t.expert.module.named_parameters() if p.requires_grad} for t in trainings]
-        optimizers = [t.optimizer.state_dict() for t in trainings]
+    weights, optimizers = [], []
+    for t in trainings:
+        if distributed.is_sharded(t.parameters):  # collectives: every rank takes part, rank 0 receives the whole
+            weights.append({n: v for n, v in distributed.full_state_dict(t.expert.module).items() if n in _trained_names(t)})
+            optimizers.append(distributed.full_optimizer_state(t.expert.module, t.optimizer))
+        else:  # replicated: every rank holds the same
+            weights.append({n: p.detach() for n, p in t.expert.module.named_parameters() if p.requires_grad})
+            optimizers.append(t.optimizer.state_dict())
     outcome: Path | Exception | None = None
     if ranks.main:
         try:
@@ -218,7 +220,7 @@ def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None)
     state = torch.load(backup / "state.pt", weights_only=True)
     for training, optimizer_state, scheduler_state in zip(trainings, state["optimizers"], state["schedulers"]):
         adapters = load_file(str(backup / f"adapters-{training.expert.name}.safetensors"))
-        if ranks.sharded:
+        if distributed.is_sharded(training.parameters):
             distributed.load_full_state(training.expert.module, training.optimizer, adapters, optimizer_state)
         else:
             parameters = dict(training.expert.module.named_parameters())

@@ -90,14 +90,16 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+    def sum_gradients(self, parameters: list[torch.nn.Parameter], divide_by: int = 1) -> None:
         """Sum replicated parameters' gradients over ranks in one flat all-reduce; a rank that had no sample
-        for them contributes zeros."""
+        for them contributes zeros. `divide_by` undoes a loss scale meant for FSDP's averaging."""
         if not self.several or not parameters:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
+        if divide_by != 1:
+            flat /= divide_by
         offset = 0
         for parameter, grad in zip(parameters, grads):
             count = grad.numel()
@@ -145,6 +147,13 @@ def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None
             f"every process needs at least one clip per step. Start fewer processes (torchrun --nproc-per-node), "
             "or add clips or raise the concept's repeats."
         )
+
+
+def is_sharded(parameters) -> bool:
+    """Whether these parameters are FSDP2 shards (DTensors) rather than whole, replicated tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in parameters)
 
 
 def shard_transformer(module: torch.nn.Module, units: list[torch.nn.Module]) -> None:

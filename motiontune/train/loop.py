@@ -348,8 +348,9 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
         had_samples = not ranks.all_agree(all(p.grad is None for p in training.parameters))
         stepping.append(had_samples)
-        if had_samples and not ranks.sharded:
-            ranks.sum_gradients(training.parameters)
+        if had_samples and not distributed.is_sharded(training.parameters):
+            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
+            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1)
         if finite_loss and had_samples:
             # the norm is needed anyway to spot a non-finite gradient; an infinite limit clips nothing
             norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
