@@ -173,3 +173,28 @@ def test_placeholder_that_is_already_a_word_is_refused(tmp_path, tiny_models, ca
                          embedding={"placeholder": "shapes"})
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 2
     assert "the tokenizer already has the token(s) ['shapes']" in capsys.readouterr().err
+
+
+def test_backup_holds_the_vectors_and_resumes_exactly(tmp_path, tiny_models):
+    """A backup keeps the embedding's vectors and their optimizer state: continuing from step 3 of 6 ends with
+    exactly the vectors of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    model = tiny_models("wan-2.1")
+    clip = _make_clip(tmp_path / "data", 32)
+    (clip.parent / "shapes.txt").write_text("<shapes>\n")
+
+    def run(name: str, *extra: str) -> torch.Tensor:
+        config = base_config(
+            tmp_path, model, clip.parent, training_method="EMBEDDING", output_model_format="SAFETENSORS",
+            output_model_destination=str(tmp_path / f"{name}.safetensors"), epochs=6, embedding_learning_rate=1e-2,
+            embedding={"placeholder": "<shapes>", "token_count": 2}, workspace_dir=str(tmp_path / name),
+            backup_after=3, backup_after_unit="STEP", video_config={"max_frames": 9, "target_fps": 16.0})
+        assert main(["train", *extra, "--config", str(write_config(tmp_path / f"{name}.json", **config))]) == 0
+        return load_file(str(tmp_path / f"{name}.safetensors"))["umt5xxl"]
+
+    whole = run("whole")
+    backup = sorted((tmp_path / "whole" / "backup").glob("step-0000003*"))[0]
+    saved = load_file(str(backup / "adapters-text_encoder.safetensors"))
+    assert list(saved) == ["embeddings.0_umt5xxl"] and not torch.equal(saved["embeddings.0_umt5xxl"], whole)
+    assert torch.equal(run("resumed", "--resume", str(backup)), whole)
