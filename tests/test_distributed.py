@@ -56,12 +56,17 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None =
     return worst
 
 
-@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE", "FINE_TUNE+text_encoder"])
+@pytest.mark.parametrize("method", ["LORA", "EMBEDDING", "FINE_TUNE", "FINE_TUNE+text_encoder"])
 def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, dataset, method):
     model = tiny_models("wan-2.1")
     keys = {"training_method": method.split("+")[0]}
     if method.startswith("FINE_TUNE"):
         keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
+    if method == "EMBEDDING":  # replicated like a LoRA; the captions hold the placeholder
+        for caption in dataset.glob("*.txt"):
+            caption.write_text(caption.read_text().strip() + " <shapes>\n")
+        keys.update(output_model_format="SAFETENSORS", embedding_learning_rate=0.1,
+                    embedding={"placeholder": "<shapes>", "token_count": 2, "initial_embedding_text": "shapes"})
     if method.endswith("text_encoder"):  # replicated beside the sharded transformer: its gradients are summed
         keys.update(text_encoder={"train": True, "learning_rate": 1e-3})
     single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
@@ -73,7 +78,7 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_mode
     assert one["steps"] == two["steps"] > 1
     single_out, double_out = Path(one["loras"][0]), Path(two["loras"][0])
     base = saved(single_out)
-    start = None if method == "LORA" else saved(model / "transformer")
+    start = saved(model / "transformer") if method.startswith("FINE_TUNE") else None  # LoRA B and embeddings: vs 0
     worst = assert_same_weights(base, saved(double_out), tolerance=1e-2, start=start)
     print(f"{method}: {one['steps']} steps, largest weight difference 2 ranks vs 1 process: {worst:.1e} of the change")
     # the run trained something: a difference of zero would also hold for two untrained models
