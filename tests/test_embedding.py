@@ -198,3 +198,20 @@ def test_backup_holds_the_vectors_and_resumes_exactly(tmp_path, tiny_models):
     saved = load_file(str(backup / "adapters-text_encoder.safetensors"))
     assert list(saved) == ["embeddings.0_umt5xxl"] and not torch.equal(saved["embeddings.0_umt5xxl"], whole)
     assert torch.equal(run("resumed", "--resume", str(backup)), whole)
+
+
+def test_config_refusals(tmp_path):
+    from motiontune.config import ConfigError, load_config
+
+    def problems(**keys) -> str:
+        config = {"concepts": [{"path": str(tmp_path)}], **keys}
+        with pytest.raises(ConfigError) as error:
+            load_config(str(write_config(tmp_path / "c.json", **config)))
+        return str(error.value)
+
+    assert "a EMBEDDING run saves as SAFETENSORS" in problems(training_method="EMBEDDING")
+    assert "built for the WAN models only so far, not HI_DREAM_DEV" in problems(
+        model_type="HI_DREAM_DEV", training_method="EMBEDDING", output_model_format="SAFETENSORS")
+    twice = problems(additional_embeddings=[{"placeholder": "<a>"}, {"placeholder": "<a>", "train": False}])
+    assert 'additional_embeddings[1].placeholder = "<a>": two embeddings use it' in twice
+    assert "additional_embeddings[1].train = false needs additional_embeddings[1].model_name" in twice
