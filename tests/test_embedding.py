@@ -215,3 +215,21 @@ def test_config_refusals(tmp_path):
     twice = problems(additional_embeddings=[{"placeholder": "<a>"}, {"placeholder": "<a>", "train": False}])
     assert 'additional_embeddings[1].placeholder = "<a>": two embeddings use it' in twice
     assert "additional_embeddings[1].train = false needs additional_embeddings[1].model_name" in twice
+
+
+def test_saved_embedding_used_as_it_is(tmp_path, tiny_models):
+    """An embedding file given as `model_name` with `train: false` rides along a LoRA unchanged (and is saved
+    again beside it); its token count comes from the file."""
+    from safetensors.torch import load_file
+
+    model = tiny_models("wan-2.1")
+    clip = _make_clip(tmp_path / "data", 32)
+    (clip.parent / "shapes.txt").write_text("<old> moving shapes\n")
+    first = tmp_path / "old.safetensors"
+    _train(tmp_path, model, clip.parent, first, training_method="EMBEDDING", output_model_format="SAFETENSORS",
+           output_model_destination=str(first), epochs=3, embedding={"placeholder": "<old>", "token_count": 3})
+    lora = tmp_path / "lora.safetensors"
+    _train(tmp_path, model, clip.parent, lora, epochs=3, output_model_destination=str(lora),
+           additional_embeddings=[{"placeholder": "<old>", "model_name": str(first), "train": False, "token_count": None}])
+    again = load_file(str(tmp_path / "lora_embeddings" / "old.safetensors"))["umt5xxl"]
+    assert again.shape == (3, 32) and torch.equal(again, load_file(str(first))["umt5xxl"])

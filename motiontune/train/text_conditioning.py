@@ -71,8 +71,8 @@ class TextConditioning:
         optimizer = make_optimizer(groups, self.config)
         parts = TextParts(trained_encoders, vectors)
         count = sum(p.numel() for g in groups for p in g["params"])
-        log.info("text side: %s; %.3fM trained parameters, AdamW state %.1f MB",
-                 ", ".join(f"{g['name']} at lr {g['lr']:g}" for g in groups), count / 1e6, count * 8 / 1e6)
+        log.info("text side: %s; %s trained parameters, AdamW state %.2f MB (two float32 values each)",
+                 ", ".join(f"{g['name']} at lr {g['lr']:g}" for g in groups), f"{count:,}", count * 8 / 1e6)
         return ExpertTraining(Expert(NAME, NAME, parts, (0.0, 1.0)), [p for g in groups for p in g["params"]],
                               optimizer, make_scheduler(optimizer, self.config, total_steps))
 
