@@ -233,3 +233,27 @@ def test_saved_embedding_used_as_it_is(tmp_path, tiny_models):
            additional_embeddings=[{"placeholder": "<old>", "model_name": str(first), "train": False, "token_count": None}])
     again = load_file(str(tmp_path / "lora_embeddings" / "old.safetensors"))["umt5xxl"]
     assert again.shape == (3, 32) and torch.equal(again, load_file(str(first))["umt5xxl"])
+
+
+def test_embedding_through_both_a14b_experts(tmp_path, tiny_models, capsys):
+    """WAN 2.2 A14B (the preset's model): every noise level trains the one embedding, through whichever expert
+    serves it; both experts stay frozen."""
+    from safetensors.torch import load_file
+
+    model = tiny_models("wan-2.2-a14b")
+    clip = _make_clip(tmp_path / "data", 32)
+    (clip.parent / "shapes.txt").write_text("<shapes>\n")
+    destination = tmp_path / "e.safetensors"
+    _train(tmp_path, model, clip.parent, destination, model_type="WAN_2_2_T2V_A14B", experts="both",
+           training_method="EMBEDDING", output_model_format="SAFETENSORS", output_model_destination=str(destination),
+           epochs=6, embedding_learning_rate=1e-2, embedding={"placeholder": "<shapes>", "initial_embedding_text": "shapes"},
+           save_every=1, save_every_unit="EPOCH", backup_after_unit="NEVER", backup_before_save=False)
+    vectors = load_file(str(destination))["umt5xxl"]
+    assert vectors.shape == (1, 32)
+    # saved after each epoch: the vectors kept moving, whichever expert the step's noise level went to
+    saves = [load_file(str(tmp_path / "workspace" / "save" / f"epoch{i}.safetensors"))["umt5xxl"] for i in range(1, 7)]
+    assert all(not torch.equal(a, b) for a, b in zip(saves, saves[1:]))
+    assert torch.equal(saves[-1], vectors)
+    log = capsys.readouterr().err
+    assert "EMBEDDING of high_noise and low_noise" in log and "0.00M trained parameters" in log  # both frozen
+    assert "text side: embedding <shapes> at lr 0.01; 32 trained parameters" in log
