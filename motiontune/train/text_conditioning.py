@@ -45,6 +45,10 @@ class TextConditioning:
             return None
         encoders = self.family.text_encoders()
         self.installed = [embeddings.install(self.family, entry) for entry in self.entries]
+        for entry in self.entries:
+            if entry.train and not any(entry.placeholder in text for text in self.cached):
+                log.warning("no caption contains the placeholder %r, so its embedding gets nothing to learn from; "
+                            "write it in the captions of the clips it should learn", entry.placeholder)
         self.family._motiontune_embeddings = self.installed
         groups, trained_encoders, vectors = [], {}, {}
         lr = self.config.embedding_learning_rate or self.config.learning_rate
