@@ -215,6 +215,8 @@ def test_config_refusals(tmp_path):
     twice = problems(additional_embeddings=[{"placeholder": "<a>"}, {"placeholder": "<a>", "train": False}])
     assert 'additional_embeddings[1].placeholder = "<a>": two embeddings use it' in twice
     assert "additional_embeddings[1].train = false needs additional_embeddings[1].model_name" in twice
+    assert "additional_embeddings[0].stop_training_after: not supported yet" in problems(
+        additional_embeddings=[{"stop_training_after": 3, "stop_training_after_unit": "EPOCH"}])
 
 
 def test_saved_embedding_used_as_it_is(tmp_path, tiny_models):

@@ -154,6 +154,9 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
         seen.add(entry.placeholder)
         if entry.is_output_embedding:
             problems.append(f"  - {where}.is_output_embedding = true: not supported yet (output embeddings); leave it false")
+        if entry.stop_training_after is not None or entry.stop_training_after_unit != "NEVER":
+            problems.append(f"  - {where}.stop_training_after: not supported yet (stopping an embedding early); "
+                            "leave it null and stop_training_after_unit NEVER")
         if not entry.train and not entry.model_name:
             problems.append(f"  - {where}.train = false needs {where}.model_name: a saved embedding to use as it is")
         if entry.token_count is None and not entry.model_name:

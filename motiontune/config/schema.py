@@ -114,6 +114,8 @@ class EmbeddingConfig(Strict):
     token_count: int | None = Field(1, ge=1, le=64)  # None: as many as model_name's file holds
     initial_embedding_text: str = "*"  # the new vectors start as this text's token embeddings
     is_output_embedding: bool = False
+    stop_training_after: int | None = None  # OneTrainer's; not built (refused unless null)
+    stop_training_after_unit: TimeUnit = "NEVER"
 
 
 class TrainConfig(Strict):
@@ -163,6 +165,7 @@ class TrainConfig(Strict):
     additional_embeddings: list[EmbeddingConfig] = []
     embedding_learning_rate: float | None = Field(None, gt=0)  # default: learning_rate
     preserve_embedding_norm: bool = False
+    embedding_weight_dtype: DType = "FLOAT_32"  # the vectors train in float32
 
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: float = Field(1.0, gt=0)
@@ -279,6 +282,7 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer_2.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
     ("embedding.is_output_embedding", False, "output embeddings"),
     ("preserve_embedding_norm", False, "embedding norm preservation"),
+    ("embedding_weight_dtype", "FLOAT_32", "embeddings in other dtypes"),
     ("vae.train", False, "VAE training"),
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
