@@ -63,6 +63,14 @@ class TokenVectors(torch.nn.Module):
     def weight(self) -> torch.Tensor:  # what code that reads `get_input_embeddings().weight` expects
         return self.table.weight
 
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.embedding_dim
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.table(input_ids.clamp(max=self.table.num_embeddings - 1))
         if not self.ids:
