@@ -119,9 +119,21 @@ class HiDreamFamily(ModelFamily):
         self.encoders = None
         free_accelerator_memory(self.device)
 
+    def text_encoders(self) -> dict[str, tuple]:
+        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
+        names for HiDream's four encoders)."""
+        if self.encoders is None:
+            self.load_text_encoder()
+        return dict(zip(("clip_l", "clip_g", "t5", "llama"), (self.encoders[i] for i in ("", "_2", "_3", "_4"))))
+
     # --- encoding ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
+        with torch.set_grad_enabled(grad):
+            packed = self._encode(prompts)
+        return packed if grad else packed.detach().to("cpu", torch.float32)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("", "_2")], dim=-1)
         t5_tokenizer, t5 = self.encoders["_3"]
         inputs = self._tokenize(t5_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, t5_tokenizer.model_max_length))
@@ -130,7 +142,7 @@ class HiDreamFamily(ModelFamily):
         inputs = self._tokenize(llama_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, llama_tokenizer.model_max_length))
         hidden = llama(inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states[1:]
         used = torch.stack([hidden[k] for k in self._llama_layers()], dim=1)  # (B, K, L, D): only what the transformer reads
-        return torch.stack([self._pack(t5_states[i], used[i], pooled[i]) for i in range(len(prompts))]).to("cpu", torch.float32)
+        return torch.stack([self._pack(t5_states[i], used[i], pooled[i]) for i in range(len(prompts))])
 
     def _tokenize(self, tokenizer, prompts, length):
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
@@ -150,7 +162,8 @@ class HiDreamFamily(ModelFamily):
 
     @staticmethod
     def _pack(t5, llama, pooled) -> torch.Tensor:
-        header = torch.tensor([t5.shape[0], t5.shape[1], llama.shape[0], llama.shape[1], llama.shape[2]], dtype=torch.float32)
+        shape = [t5.shape[0], t5.shape[1], llama.shape[0], llama.shape[1], llama.shape[2]]
+        header = torch.tensor(shape, dtype=torch.float32, device=t5.device)
         return torch.cat([header, t5.float().flatten(), llama.float().flatten(), pooled.float().flatten()])
 
     def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
