@@ -36,6 +36,7 @@ FAMILY_KEYS = {
     "wan-2.2-i2v-a14b": {"model_type": "WAN_2_2_I2V_A14B", "experts": "both"},
     "wan-2.1-i2v": {"model_type": "WAN_2_1_I2V"},
     "hi-dream": {"model_type": "HI_DREAM_DEV"},
+    "hunyuan-video": {"model_type": "HUNYUAN_VIDEO"},
 }
 # WAN 2.2 TI2V-5B's transformer width (dim 3072 = 24 heads × 128, ffn 14336, 48 latent channels), 2 layers
 WIDE_5B = {"heads": 24, "head_dim": 128, "ffn": 14336, "layers": 2, "text_dim": 4096}

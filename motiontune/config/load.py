@@ -14,7 +14,6 @@ from .schema import (
     NATIVE_COMPRESSION,
     NOT_SUPPORTED_YET,
     A14B_MODEL_TYPES,
-    SUPPORTED_MODEL_TYPES,
     TrainConfig,
     get_dotted,
 )
@@ -167,11 +166,6 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
 
 def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     problems = []
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        problems.append(
-            f"  - model_type = {config.model_type!r}: not supported yet (issue 5); "
-            f"supported now: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
     for key, neutral, what in NOT_SUPPORTED_YET:
         value = get_dotted(config, key)
         allowed = neutral if isinstance(neutral, tuple) else (neutral,)
@@ -201,6 +195,9 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {config.model_type} is "
             f"{'always' if 'I2V' in config.model_type else 'never'} image-conditioned, so remove the key"
         )
+    if config.model_type == "HUNYUAN_VIDEO" and config.output_model_format in ("COMFY_LORA", "COMFY_TRANSFORMER"):
+        problems.append(f"  - output_model_format = {config.output_model_format}: the original (ComfyUI) layout is not built for "
+                        "HunyuanVideo yet; use DIFFUSERS_LORA (ComfyUI reads diffusers-named HunyuanVideo LoRAs) or DIFFUSERS")
     if "_I2V" in config.model_type:
         for index, sample in enumerate(config.samples):
             if not sample.image:

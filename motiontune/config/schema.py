@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Model types known to motiontune; only some can be trained yet (see models/__init__.py).
+# Model types motiontune trains (each served by a family module, see models/__init__.py).
 ModelType = Literal[
     "WAN_2_1_T2V",
     "WAN_2_2_T2V_A14B",
@@ -22,8 +22,6 @@ ModelType = Literal[
     "HI_DREAM_DEV",
     "HI_DREAM_FAST",
 ]
-SUPPORTED_MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_1_I2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_2_I2V_A14B",
-                         "HI_DREAM_FULL", "HI_DREAM_DEV", "HI_DREAM_FAST")
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 DType = Literal["FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "NFLOAT_4"]
@@ -154,6 +152,8 @@ class TrainConfig(Strict):
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)
+    # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
+    guidance_scale: float = Field(1.0, ge=0)
 
     transformer: ModelPartConfig = ModelPartConfig()
     transformer_2: ModelPartConfig = ModelPartConfig(train=False)

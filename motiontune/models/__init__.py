@@ -13,6 +13,10 @@ def family_for(config: TrainConfig, device: torch.device) -> ModelFamily:
         from .wan import WanFamily
 
         return WanFamily(config, device)
+    if config.model_type == "HUNYUAN_VIDEO":
+        from .hunyuan import HunyuanVideoFamily
+
+        return HunyuanVideoFamily(config, device)
     if config.model_type.startswith("HI_DREAM_"):
         from .hidream import HiDreamFamily
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v", "hi-dream")
+FAMILIES = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v", "hi-dream", "hunyuan-video")
 
 # Word-level vocabulary: enough words for the demo captions and test prompts; others map to <unk>.
 _WORDS = (
@@ -155,6 +155,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     torch.manual_seed(seed)
     if family == "hi-dream":
         return _make_hidream(out, seed)
+    if family == "hunyuan-video":
+        return _make_hunyuan_video(out, seed)
     text_dim = 32
     wide_vae = family == "wan-2.2-ti2v-5b"
     vae = _vae(wide_vae)
@@ -244,3 +246,50 @@ def _calibrate_image_latents(vae) -> None:
     pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     latents = vae.encode(pixels).latent_dist.mean
     vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
+
+
+def _make_hunyuan_video(out: Path, seed: int) -> Path:
+    """HunyuanVideo's layout: a causal 3D VAE (8x spatial, 4x temporal, 16 channels), a Llama text encoder read
+    at its third-last layer after the prompt template, CLIP's pooled vector, and the guidance-distilled transformer."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    width = 32
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out / "tokenizer", model_max_length=512)  # the template's 95 cropped tokens + 256
+    build_tokenizer(out / "tokenizer_2", model_max_length=77)
+    llama = LlamaModel(LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, eos_token_id=1,
+                                        bos_token_id=1)).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                    norm_num_groups=4).eval()
+    _calibrate_video_scale(vae)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=width, pooled_projection_dim=width,
+        rope_axes_dim=(4, 6, 6),
+    )
+    HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=AutoTokenizer.from_pretrained(out / "tokenizer"), transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+        tokenizer_2=AutoTokenizer.from_pretrained(out / "tokenizer_2"),
+    ).save_pretrained(out)
+    (out / "motiontune_tiny.json").write_text(json.dumps({"family": "hunyuan-video", "seed": seed}) + "\n")
+    return out
+
+
+@torch.no_grad()
+def _calibrate_video_scale(vae) -> None:
+    """scaling_factor from the VAE's own encodings of the bundled clips (HunyuanVideo scales without a shift)."""
+    from ..data.video import decode_frames
+
+    clips = sorted((Path(__file__).parent.parent / "demo" / "clips").glob("*.mp4"))
+    latents = []
+    for clip in clips:
+        frames = decode_frames(clip, [i / 8 for i in range(9)], (64, 64))
+        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        latents.append(vae.encode(pixels).latent_dist.mean)
+    vae.register_to_config(scaling_factor=round(1 / torch.cat(latents).std().item(), 4))

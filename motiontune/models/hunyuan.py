@@ -1,0 +1,200 @@
+"""HunyuanVideo (text-to-video), as the stock `HunyuanVideoPipeline` runs it.
+
+- Prompts: the Llama text encoder reads the pipeline's prompt template around the prompt, and the
+  pipeline's crop removes the template's leading tokens; the hidden states are those of the third-last layer
+  (`num_hidden_layers_to_skip` 2), with their attention mask. CLIP gives the pooled vector.
+- Guidance: HunyuanVideo is guidance-distilled; the transformer takes the guidance value × 1000, in training
+  as at inference (`guidance_scale` in the config, 1.0 by default, is what to sample with).
+- Latents: the VAE's mean × `scaling_factor` (the pipeline divides by it before decoding).
+- The flow target and timestep scale are the shared ones (velocity noise − x0, t = 1000σ).
+
+One tensor per prompt (the text cache and the loop carry one): [tokens, width, pooled width, embeds (L×D),
+mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
+from .loading import TORCH_DTYPES, free_accelerator_memory, load_part
+
+MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
+HIDDEN_LAYERS_TO_SKIP = 2
+CLIP_LENGTH = 77
+
+_DEFAULT_TARGETS = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0", ".attn.add_q_proj", ".attn.add_k_proj",
+                    ".attn.add_v_proj", ".attn.to_add_out", ".ff.net.0.proj", ".ff.net.2", ".ff_context.net.0.proj",
+                    ".ff_context.net.2", ".proj_mlp", ".proj_out")
+
+
+class HunyuanVideoFamily(ModelFamily):
+    temporal_factor = 4
+    spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
+    ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
+        self.guidance = config.guidance_scale
+        self.vae = self.transformer = self.encoders = None
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_transformers(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+        base = self.config.base_model_name
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
+        part = self.config.transformer
+        if part.model_name and Path(part.model_name).suffix == ".safetensors":
+            try:  # the original layout, converted by diffusers, with base_model_name's own config
+                self.transformer = HunyuanVideoTransformer3DModel.from_single_file(
+                    part.model_name, config=base, subfolder="transformer", torch_dtype=self.weight_dtype)
+            except Exception as error:
+                raise ModelLoadError(f"transformer.model_name = {part.model_name!r}: not a HunyuanVideo transformer "
+                                     f"matching {base!r} ({error})") from None
+        else:
+            self.transformer = load_part(HunyuanVideoTransformer3DModel, part.model_name or base,
+                                         None if part.model_name else "transformer", dtype=self.weight_dtype)
+        self.transformer.requires_grad_(False)
+        self.transformer.to(self.device)
+
+    def load_vae(self) -> None:
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        if self.vae is None:
+            self.vae = load_part(AutoencoderKLHunyuanVideo, self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae.requires_grad_(False).eval()
+        self.vae.to(self.device)
+
+    def release_vae(self) -> None:
+        self.vae = None
+        free_accelerator_memory(self.device)
+
+    def park_vae(self) -> None:
+        if self.vae is not None:
+            self.vae.to("cpu")
+            free_accelerator_memory(self.device)
+
+    def load_text_encoder(self) -> None:
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        base = self.config.base_model_name
+        self.encoders = {}
+        for index, cls in (("", LlamaModel), ("_2", CLIPTextModel)):
+            model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
+            model.requires_grad_(False)
+            self.encoders[index] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
+
+    def release_text_encoder(self) -> None:
+        self.encoders = None
+        free_accelerator_memory(self.device)
+
+    # --- encoding ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        tokenizer, llama = self.encoders[""]
+        crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
+        inputs = tokenizer([DEFAULT_PROMPT_TEMPLATE["template"].format(p) for p in prompts], max_length=MAX_SEQUENCE_LENGTH + crop,
+                           padding="max_length", truncation=True, return_tensors="pt").to(self.device)
+        hidden = llama(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                       output_hidden_states=True).hidden_states[-(HIDDEN_LAYERS_TO_SKIP + 1)]
+        embeds, mask = hidden[:, crop:], inputs.attention_mask[:, crop:]
+        clip_tokenizer, clip = self.encoders["_2"]
+        ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
+        pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
+        rows = [self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))]
+        return torch.stack(rows).to("cpu", torch.float32)
+
+    @staticmethod
+    def _pack(embeds, mask, pooled) -> torch.Tensor:
+        header = torch.tensor([embeds.shape[0], embeds.shape[1], pooled.shape[0]], dtype=torch.float32, device=embeds.device)
+        return torch.cat([header, embeds.float().flatten(), mask.float(), pooled.float()])
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N) → embeds (B, L, D), attention mask (B, L) as integers, pooled (B, P)."""
+        length, width, pooled_width = (int(v) for v in packed[0, :3].tolist())
+        start = 3
+        embeds = packed[:, start : start + length * width].reshape(-1, length, width)
+        start += length * width
+        mask = packed[:, start : start + length].round().long()
+        pooled = packed[:, start + length : start + length + pooled_width]
+        return embeds, mask, pooled
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        return latents[0].to("cpu")
+
+    # --- training ------------------------------------------------------------------------------
+    def trained_experts(self) -> list[Expert]:
+        return [Expert("transformer", "", self.transformer, (0.0, 1.0))]
+
+    def predict(self, noisy, sigma, text, expert, conditioning=None):
+        embeds, mask, pooled = self._unpack(text.to(noisy.device, torch.float32))
+        dtype = self.weight_dtype
+        # the guidance embedding takes the value × 1000, as HunyuanVideoPipeline passes it
+        guidance = torch.full((len(noisy),), self.guidance * 1000.0, device=noisy.device, dtype=dtype)
+        return expert.module(
+            hidden_states=noisy.to(dtype), timestep=(sigma * 1000.0).to(dtype), encoder_hidden_states=embeds.to(dtype),
+            encoder_attention_mask=mask, pooled_projections=pooled.to(dtype), guidance=guidance, return_dict=False,
+        )[0]
+
+    def fsdp_units(self, module):
+        return list(module.transformer_blocks) + list(module.single_transformer_blocks)
+
+    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
+        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
+        names = []
+        for name, module in transformer.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+                continue
+            if filters and any(f in name for f in filters) or not filters and name.endswith(_DEFAULT_TARGETS):
+                names.append(name)
+        return names
+
+    def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
+        from diffusers import HunyuanVideoPipeline
+
+        HunyuanVideoPipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                               transformer_lora_adapter_metadata=adapter_metadata)
+
+    def single_file_state_dict(self, module, dtype, state=None) -> dict:
+        raise NotImplementedError("saving a HunyuanVideo transformer in the original layout is not built yet; use "
+                                  "output_model_format DIFFUSERS")
+
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        raise NotImplementedError("COMFY_LORA is not built for HunyuanVideo yet (the original layout fuses q, k and v); "
+                                  "use DIFFUSERS_LORA")
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, request: SampleRequest) -> np.ndarray:
+        from diffusers import HunyuanVideoPipeline
+
+        self.load_vae()
+        pipeline = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                        transformer=self.transformer, vae=self.vae, scheduler=self.scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        dtype = self.weight_dtype
+        embeds, mask, pooled = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
+        inputs = dict(prompt_embeds=embeds.to(dtype), prompt_attention_mask=mask, pooled_prompt_embeds=pooled.to(dtype))
+        if request.negative_prompt_embeds is not None:  # true classifier-free guidance
+            embeds, mask, pooled = self._unpack(request.negative_prompt_embeds.to(self.device, torch.float32))
+            inputs.update(negative_prompt_embeds=embeds.to(dtype), negative_prompt_attention_mask=mask,
+                          negative_pooled_prompt_embeds=pooled.to(dtype), true_cfg_scale=request.cfg_scale)
+        try:
+            video = pipeline(**inputs, height=request.height, width=request.width, num_frames=request.frames,
+                             num_inference_steps=request.steps, guidance_scale=self.guidance,
+                             generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np").frames[0]
+        finally:
+            self.park_vae()
+        return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)

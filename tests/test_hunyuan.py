@@ -1,0 +1,99 @@
+"""HunyuanVideo against the stock `HunyuanVideoPipeline`: the packed prompt is what the pipeline passes (template,
+crop, third-last Llama layer, mask, CLIP pooled), the guidance embedding gets the value × 1000 in training as at
+inference, and a LoRA trained with `motiontune train` on a real clip moves the stock pipeline's samples towards
+that clip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip
+
+
+@pytest.fixture(scope="module")
+def hunyuan(tiny_models):
+    from motiontune.config import TrainConfig
+    from motiontune.models.hunyuan import HunyuanVideoFamily
+
+    model = tiny_models("hunyuan-video")
+    config = TrainConfig.model_validate({"model_type": "HUNYUAN_VIDEO", "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         "concepts": [{"path": "."}], "guidance_scale": 3.5})
+    family = HunyuanVideoFamily(config, torch.device("cpu"))
+    family.load_transformers()
+    family.load_text_encoder()
+    return model, family
+
+
+def test_packed_prompt_is_what_the_pipeline_passes(hunyuan):
+    from diffusers import HunyuanVideoPipeline
+
+    model, family = hunyuan
+    pipe = HunyuanVideoPipeline.from_pretrained(model)
+    embeds, pooled, mask = pipe.encode_prompt(prompt=[PROMPT, "a rabbit"], prompt_2=None, device=torch.device("cpu"))
+    ours_embeds, ours_mask, ours_pooled = family._unpack(family.encode_prompts([PROMPT, "a rabbit"]))
+    assert torch.equal(ours_mask, mask.long())
+    assert torch.allclose(ours_embeds, embeds, atol=1e-6) and torch.allclose(ours_pooled, pooled, atol=1e-6)
+
+
+def test_guidance_is_the_value_times_1000_in_training_as_at_inference(hunyuan):
+    from diffusers import HunyuanVideoPipeline
+
+    model, family = hunyuan
+    seen = []
+    hook = family.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["guidance"].tolist()), with_kwargs=True)
+    try:
+        text = family.encode_prompts([PROMPT])
+        with torch.no_grad():
+            family.predict(torch.randn(1, 16, 2, 4, 4), torch.tensor([0.5]), text, family.trained_experts()[0])
+        pipe = HunyuanVideoPipeline.from_pretrained(model, transformer=family.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(PROMPT, height=32, width=32, num_frames=5, num_inference_steps=1, guidance_scale=3.5, output_type="latent")
+    finally:
+        hook.remove()
+    assert seen[0] == [3500.0] and seen[1] == [3500.0]
+
+
+def test_original_layout_outputs_are_refused_with_a_clear_message(tiny_models, tmp_path, dataset, capsys):
+    config = base_config(tmp_path, tiny_models("hunyuan-video"), dataset, model_type="HUNYUAN_VIDEO", output_model_format="COMFY_LORA")
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 2
+    assert "use DIFFUSERS_LORA" in capsys.readouterr().err
+
+
+def test_stock_pipeline_samples_move_towards_the_trained_clip(tiny_models, tmp_path):
+    from diffusers import HunyuanVideoPipeline
+
+    model = tiny_models("hunyuan-video")
+    clip = _make_clip(tmp_path / "data", 32)
+    config = base_config(tmp_path, model, clip.parent, model_type="HUNYUAN_VIDEO", resolution="32", epochs=1500,
+                         learning_rate=3e-3, lora_rank=16, lora_alpha=8, timestep_shift=7.0,
+                         video_config={"max_frames": 9, "target_fps": 16.0})
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+
+    pipe = HunyuanVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    with av.open(str(clip)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        target = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # as the pipeline undoes it
+
+    def samples():
+        return torch.cat([pipe(PROMPT, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
+                               output_type="latent", generator=torch.Generator().manual_seed(seed)).frames for seed in SEEDS])
+
+    without = samples()
+    pipe.load_lora_weights(config["output_model_destination"])
+    with_lora = samples()
+    mse_ratio = ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+    stats_ratio = _channel_stats_distance(with_lora, target) / _channel_stats_distance(without, target)
+    print(f"hunyuan-video: MSE ratio with/without LoRA {mse_ratio:.3f}; channel statistics ratio {stats_ratio:.3f}")
+    assert mse_ratio < 0.75, "samples did not move towards the clip: timestep, guidance or latent convention broken"
+    assert stats_ratio < 0.85
