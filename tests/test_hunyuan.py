@@ -6,7 +6,6 @@ that clip.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import av
 import numpy as np
