@@ -210,8 +210,6 @@ def test_config_refusals(tmp_path):
         return str(error.value)
 
     assert "a EMBEDDING run saves as SAFETENSORS" in problems(training_method="EMBEDDING")
-    assert "built for the WAN and HiDream models only so far, not HUNYUAN_VIDEO" in problems(
-        model_type="HUNYUAN_VIDEO", training_method="EMBEDDING", output_model_format="SAFETENSORS")
     twice = problems(additional_embeddings=[{"placeholder": "<a>"}, {"placeholder": "<a>", "train": False}])
     assert 'additional_embeddings[1].placeholder = "<a>": two embeddings use it' in twice
     assert "additional_embeddings[1].train = false needs additional_embeddings[1].model_name" in twice

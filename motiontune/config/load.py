@@ -138,11 +138,6 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
     if config.text_encoder.train and config.training_method != "FINE_TUNE":
         problems.append(f"  - text_encoder.train = true: the text encoder trains in FINE_TUNE runs only, not in "
                         f"{config.training_method} runs; set it to false")
-    embeddings = ([config.embedding] if config.training_method == "EMBEDDING" else []) + list(config.additional_embeddings)
-    trains_text = config.text_encoder.train or embeddings
-    if trains_text and not config.model_type.startswith(("WAN_", "HI_DREAM_")):
-        problems.append(f"  - text encoder training and embeddings are built for the WAN and HiDream models only so far, not "
-                        f"{config.model_type}; leave text_encoder.train false and train LORA or FINE_TUNE")
     seen = set()
     for where, entry in [("embedding", config.embedding)] * (config.training_method == "EMBEDDING") + [
         (f"additional_embeddings[{i}]", e) for i, e in enumerate(config.additional_embeddings)

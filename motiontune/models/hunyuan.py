@@ -94,9 +94,20 @@ class HunyuanVideoFamily(ModelFamily):
         self.encoders = None
         free_accelerator_memory(self.device)
 
+    def text_encoders(self) -> dict[str, tuple]:
+        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings."""
+        if self.encoders is None:
+            self.load_text_encoder()
+        return {"llama": self.encoders[""], "clip_l": self.encoders["_2"]}
+
     # --- encoding ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
+        with torch.set_grad_enabled(grad):
+            packed = self._encode(prompts)
+        return packed if grad else packed.detach().to("cpu", torch.float32)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
         tokenizer, llama = self.encoders[""]
@@ -109,8 +120,7 @@ class HunyuanVideoFamily(ModelFamily):
         clip_tokenizer, clip = self.encoders["_2"]
         ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
         pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
-        rows = [self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))]
-        return torch.stack(rows).to("cpu", torch.float32)
+        return torch.stack([self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))])
 
     @staticmethod
     def _pack(embeds, mask, pooled) -> torch.Tensor:
