@@ -97,6 +97,19 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .config import load_config
+    from .estimate import EstimateError, report
+
+    config = load_config(args.config, args.set or [])
+    try:
+        print(report(config, args.config, gpu_gb=args.gpu_gb, seed_table=args.seed_table))
+    except EstimateError as error:
+        print(f"estimate: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_make_tiny_model(args) -> int:
     from .testing.tiny_models import make_tiny_model
 
@@ -139,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
     presets = commands.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(run=cmd_presets)
+
+    estimate = commands.add_parser("estimate", help="predict the device memory a config needs (no weights read)")
+    estimate.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
+    estimate.add_argument("--gpu-gb", type=float, metavar="N", help="say whether it fits N GB, and what to change if not")
+    estimate.add_argument("--seed-table", action="store_true",
+                          help="also estimate OneTrainer's WAN 2.2 table (8/16/24/48 GB) with this model and method")
+    estimate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
+    estimate.set_defaults(run=cmd_estimate)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("--family", required=True, choices=FAMILIES)
