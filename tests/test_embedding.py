@@ -163,6 +163,13 @@ def test_presets():
         "EMBEDDING", 4, 1e-3, 5e-3)
     finetune = load_config("#wan 2.2 Finetune")
     assert (finetune.batch_size, finetune.learning_rate, finetune.text_encoder.learning_rate) == (1, 1e-4, 5e-5)
+    for family, model_type in (("hidream", "HI_DREAM_DEV"), ("hunyuan video", "HUNYUAN_VIDEO")):
+        embedding = load_config(f"#{family} Embedding")
+        assert (embedding.model_type, embedding.training_method, embedding.embedding_learning_rate) == (model_type, "EMBEDDING", 5e-3)
+        assert "<embedding>" in embedding.samples[0].prompt
+        finetune = load_config(f"#{family} Finetune")
+        assert (finetune.model_type, finetune.training_method, finetune.output_model_format) == (model_type, "FINE_TUNE", "DIFFUSERS")
+        assert (finetune.learning_rate, finetune.text_encoder.learning_rate) == (1e-4, 5e-5)
 
 
 def test_placeholder_that_is_already_a_word_is_refused(tmp_path, tiny_models, capsys):
