@@ -159,6 +159,24 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _memory_problems(config: TrainConfig) -> list[str]:
+    """Memory options that cannot apply to weights that train."""
+    if config.training_method != "FINE_TUNE":
+        return []
+    problems = []
+    for part in ("transformer", "transformer_2"):
+        settings = getattr(config, part)
+        if not settings.train:
+            continue
+        if settings.weight_dtype in ("FLOAT_8", "NFLOAT_4"):
+            problems.append(f"  - {part}.weight_dtype = {settings.weight_dtype}: a full fine-tune trains these weights, and "
+                            "quantized weights cannot train; use BFLOAT_16 (or train a LoRA on the quantized model)")
+        if settings.offload_fraction or config.layer_offload_fraction:
+            problems.append(f"  - layer offloading ({part}.offload_fraction / layer_offload_fraction): it streams frozen "
+                            "weights, and a full fine-tune trains all of them; set it to 0 (shard over GPUs with torchrun instead)")
+    return problems
+
+
 def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     problems = []
     for key, neutral, what in NOT_SUPPORTED_YET:
@@ -167,7 +185,7 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
-    problems += _text_training_problems(config)
+    problems += _text_training_problems(config) + _memory_problems(config)
     formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),
                "EMBEDDING": ("SAFETENSORS",)}
     allowed = formats.get(config.training_method, ())
@@ -213,7 +231,7 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
         if config.transformer_2.train:
             problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
-        if not config.transformer.train:
-            problems.append("  - transformer.train = false: a LoRA run needs the transformer trained; set it to true")
+        if not config.transformer.train and config.training_method != "EMBEDDING":  # an embedding run freezes it anyway
+            problems.append(f"  - transformer.train = false: a {config.training_method} run needs the transformer trained; set it to true")
     if problems:
         raise ConfigError(f"{path}:\n" + "\n".join(problems))

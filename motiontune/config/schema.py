@@ -145,6 +145,8 @@ class TrainConfig(Strict):
     # OneTrainer's older form of the memory options; the newer form lives inside each model part.
     gradient_checkpointing: Literal["OFF", "ON", "CPU_OFFLOADED"] | None = None
     layer_offload_fraction: float | None = Field(None, ge=0, le=1)
+    # offloaded blocks allowed on the device at once: the one computing and those copied ahead of it
+    layer_offload_prefetch: int = Field(2, ge=1)
 
     # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
     experts: Literal["both", "high", "low"] | None = None
@@ -243,9 +245,9 @@ class TrainConfig(Strict):
         return "both" if high and low else "high" if high else "low" if low else None
 
     def use_gradient_checkpointing(self) -> bool:
-        if self.transformer.gradient_checkpointing is not None:
-            return self.transformer.gradient_checkpointing
-        return self.gradient_checkpointing in ("ON", "CPU_OFFLOADED")
+        from ..train.memory import MemoryPlan  # the one place both config forms are read
+
+        return MemoryPlan.of(self).checkpointing != "OFF"
 
     def resolution_hw(self) -> tuple[int, int]:
         return parse_resolution(self.resolution)
@@ -269,17 +271,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
 # Keys whose behaviour is not built yet: each accepted only at its neutral value.
 # (dotted key, neutral value, which piece of work builds it)
 NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
-    ("output_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "FLOAT_8/NFLOAT_4 saves (issue 8)"),
-    ("optimizer.optimizer", "ADAMW", "other optimizers"),
-    ("train_dtype", ("FLOAT_32", "BFLOAT_16"), "FLOAT_16 training (issue 8)"),
-    ("gradient_checkpointing", (None, "OFF", "ON"), "CPU-offloaded checkpointing (issue 8)"),
-    ("layer_offload_fraction", (None, 0.0), "layer offloading (issue 8)"),
-    ("transformer.offload_fraction", 0.0, "layer offloading (issue 8)"),
-    ("transformer.activation_offloading", False, "activation offloading (issue 8)"),
-    ("transformer.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
-    ("transformer_2.offload_fraction", 0.0, "layer offloading (issue 8)"),
-    ("transformer_2.activation_offloading", False, "activation offloading (issue 8)"),
-    ("transformer_2.weight_dtype", (None, "FLOAT_32", "BFLOAT_16"), "FLOAT_8/NFLOAT_4 weights (issue 8)"),
+    ("output_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "FLOAT_8/NFLOAT_4 saves"),
+    ("train_dtype", ("FLOAT_32", "BFLOAT_16", "FLOAT_16"),
+     "FLOAT_8 and NFLOAT_4 store weights, they do not compute: set transformer.weight_dtype"),
+    ("text_encoder.weight_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "quantized text encoders"),
+    ("text_encoder.offload_fraction", 0.0, "text encoder layer offloading"),
+    ("text_encoder.activation_offloading", False, "text encoder activation offloading"),
     ("embedding.is_output_embedding", False, "output embeddings"),
     ("preserve_embedding_norm", False, "embedding norm preservation"),
     ("embedding_weight_dtype", "FLOAT_32", "embeddings in other dtypes"),

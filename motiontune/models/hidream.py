@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import TORCH_DTYPES, free_accelerator_memory, load_part
+from .loading import transformer_dtype, free_accelerator_memory, load_part
 
 log = logging.getLogger("motiontune")
 
@@ -47,7 +47,7 @@ class HiDreamFamily(ModelFamily):
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.weight_dtype = transformer_dtype(config)
         self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
         self.vae = self.transformer = None
         self.encoders: dict | None = None
@@ -82,7 +82,7 @@ class HiDreamFamily(ModelFamily):
         for module in self.transformer.modules():  # see the module docstring: an unused, costly auxiliary loss
             if type(module).__name__ == "MoEGate":
                 module.alpha = 0.0
-        self.transformer.to(self.device)
+        # on the CPU until the trainer has applied the memory options and calls `activate`
 
     def load_vae(self) -> None:
         from diffusers import AutoencoderKL

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import TORCH_DTYPES, free_accelerator_memory, load_part
+from .loading import transformer_dtype, free_accelerator_memory, load_part
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
 HIDDEN_LAYERS_TO_SKIP = 2
@@ -38,7 +38,7 @@ class HunyuanVideoFamily(ModelFamily):
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.weight_dtype = transformer_dtype(config)
         self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
         self.guidance = config.guidance_scale
         self.vae = self.transformer = self.encoders = None
@@ -61,7 +61,7 @@ class HunyuanVideoFamily(ModelFamily):
             self.transformer = load_part(HunyuanVideoTransformer3DModel, part.model_name or base,
                                          None if part.model_name else "transformer", dtype=self.weight_dtype)
         self.transformer.requires_grad_(False)
-        self.transformer.to(self.device)
+        # on the CPU until the trainer has applied the memory options and calls `activate`
 
     def load_vae(self) -> None:
         from diffusers import AutoencoderKLHunyuanVideo

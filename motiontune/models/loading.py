@@ -13,6 +13,12 @@ from .base import ModelLoadError
 TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 
 
+def transformer_dtype(config) -> torch.dtype:
+    """The dtype the transformer loads and computes in: its weight_dtype, or train_dtype when its weights are
+    to be stored as FLOAT_8 / NFLOAT_4 (quantized after loading, see train/memory.py)."""
+    return TORCH_DTYPES.get(config.transformer.weight_dtype or config.train_dtype, TORCH_DTYPES[config.train_dtype])
+
+
 def free_accelerator_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

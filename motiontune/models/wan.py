@@ -20,7 +20,7 @@ import torch
 
 from ..config.schema import A14B_MODEL_TYPES
 from .base import Conditioning, Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import TORCH_DTYPES
+from .loading import transformer_dtype
 from .loading import free_accelerator_memory as _free_accelerator_memory
 from .loading import load_part as _load
 from .loading import read_model_index as _read_model_index
@@ -117,7 +117,7 @@ class WanFamily(ModelFamily):
         self.image_encoder = self.image_processor = None
         # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
         self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
-        self.weight_dtype = TORCH_DTYPES[config.transformer.weight_dtype or config.train_dtype]
+        self.weight_dtype = transformer_dtype(config)
         self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
             config.expert_choice() if self.is_a14b else "high"
         ]
@@ -145,8 +145,8 @@ class WanFamily(ModelFamily):
         for module in (self.transformer, self.transformer_2):
             if module is not None:
                 module.requires_grad_(False)
-        # Experts start on the CPU; `activate` brings the one a batch needs to the accelerator.
-        self.activate(self.trained_experts()[0])
+        # Experts load on the CPU: the trainer applies memory options (quantization, offloading) first, then
+        # `activate` brings the one a batch needs to the accelerator.
 
     def load_vae(self) -> None:
         from diffusers import AutoencoderKLWan

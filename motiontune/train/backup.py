@@ -105,7 +105,7 @@ def _as_tuple(value):
 
 
 def write_backup(directory: Path, config: TrainConfig, position: Position, trainings, generators, keep: int | None,
-                 ranks: Ranks | None = None) -> Path:
+                 ranks: Ranks | None = None, scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write a backup folder atomically; with `keep`, only the newest `keep` backups stay. Every rank calls
     this; rank 0 writes, and all return its path or raise its error."""
     ranks = ranks or Ranks()
@@ -121,7 +121,8 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     outcome: Path | Exception | None = None
     if ranks.main:
         try:
-            outcome = _write(directory, config, position, trainings, weights, optimizers, rngs, ranks.world_size, keep)
+            scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
+            outcome = _write(directory, config, position, trainings, weights, optimizers, rngs, ranks.world_size, keep, scaler_state)
         except WRITE_ERRORS as error:
             outcome = error
     outcome = ranks.from_main(outcome if not isinstance(outcome, Exception) else OSError(write_error_reason(outcome)))
@@ -135,7 +136,7 @@ def _trained_names(training) -> set[str]:
 
 
 def _write(directory: Path, config: TrainConfig, position: Position, trainings, weights, optimizers, rngs, world_size: int,
-           keep: int | None) -> Path:
+           keep: int | None, scaler_state: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{position.step:07d}-epoch-{position.epoch:04d}-batch-{position.next_batch:05d}"
     final = directory / name
@@ -155,6 +156,7 @@ def _write(directory: Path, config: TrainConfig, position: Position, trainings, 
             "rng_by_rank": rngs,
             "world_size": world_size,
             "expert_steps": [t.steps for t in trainings],
+            "grad_scaler": scaler_state,  # FLOAT_16's loss scale and its growth counter
         }
         with open(partial / "state.pt", "wb") as handle:  # through a Python file: a full disk raises a plain OSError
             torch.save(state, handle)
@@ -215,7 +217,8 @@ def check_resumable(backup: Path, config: TrainConfig, world_size: int = 1) -> N
         )
 
 
-def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None) -> Position:
+def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None,
+                scaler: torch.amp.GradScaler | None = None) -> Position:
     ranks = ranks or Ranks()
     state = torch.load(backup / "state.pt", weights_only=True)
     for training, optimizer_state, scheduler_state in zip(trainings, state["optimizers"], state["schedulers"]):
@@ -231,5 +234,7 @@ def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None)
         training.scheduler.load_state_dict(scheduler_state)
     for training, steps in zip(trainings, state.get("expert_steps", [])):
         training.steps = steps
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     restore_rng_state(state.get("rng_by_rank", [state["rng"]])[ranks.rank], generators)
     return Position(**state["position"])

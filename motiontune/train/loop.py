@@ -18,7 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
 from ..data.latents import Encoding
@@ -33,7 +33,8 @@ from . import distributed
 from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_backup, write_backup, write_error_reason
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
-from .optim import make_optimizer, make_scheduler
+from .memory import MemoryPlan, prepare_memory
+from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
 from .text_conditioning import TextConditioning
 
 log = logging.getLogger("motiontune")
@@ -137,8 +138,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     trainings = []
     for expert in family.trained_experts():
         parameters = method.prepare(family, expert, config)
-        if config.use_gradient_checkpointing():
-            expert.module.enable_gradient_checkpointing()
+        if ranks.sharded and MemoryPlan.of(config, expert.name).offloads:
+            raise ConfigError("layer offloading and CPU_OFFLOADED checkpointing do not combine with FSDP2 sharding "
+                              "(torchrun fine-tune): sharding already splits the weights over the GPUs; use ON")
+        prepare_memory(family, expert, config, device)  # before the expert moves to the device
         expert.module.train()
         if not video.use_temporal_attention:
             family.set_frame_local_attention(expert, True)
@@ -146,14 +149,17 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             expert.module.to(device)
             distributed.shard_transformer(expert.module, family.fsdp_units(expert.module))
             parameters = [p for p in expert.module.parameters() if p.requires_grad]
+        else:
+            family.activate(expert)  # the optimizer is made for parameters where they train
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps),
                                         getattr(config, expert.name).max_steps))
     text_trainings = [t for t in [text_side.prepare(total_steps)] if t]  # a trained text encoder or embeddings
     trained = sum(p.numel() for t in trainings for p in t.parameters)
-    log.info("%s of %s for %d steps: %.2fM trained parameters, AdamW state %.1f MB (two float32 values each)",
-             config.training_method, " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps,
-             trained / 1e6, trained * 8 / 1e6)
+    state_bytes = sum(optimizer_state_bytes(t.optimizer, config) for t in trainings)
+    log.info("%s of %s for %d steps: %.2fM trained parameters, %s state %.1f MB", config.training_method,
+             " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps, trained / 1e6,
+             config.optimizer.optimizer, state_bytes / 1e6)
 
     generators = {
         "noise": torch.Generator(device=device).manual_seed(config.seed),
@@ -161,14 +167,17 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         "frame_dropout": torch.Generator().manual_seed(config.seed + 2),
         "conditioning": torch.Generator().manual_seed(config.seed + 3),
     }
+    # FLOAT_16's narrow range: the loss is scaled up so small gradients do not flush to zero
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train_dtype == "FLOAT_16")
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
-        position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks)
+        position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks, scaler)
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
     writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
                        method=config.training_method)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
+    half = {"BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}.get(config.train_dtype)
+    autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     stop = StopRequest()
     last_backup_time = time.monotonic()
 
@@ -176,7 +185,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         nonlocal last_backup_time
         keep = config.rolling_backup_count if config.rolling_backup else None
         try:
-            result.backup = write_backup(workspace / "backup", config, where, trainings + text_trainings, generators, keep, ranks)
+            result.backup = write_backup(workspace / "backup", config, where, trainings + text_trainings, generators, keep, ranks,
+                                         scaler)
             log.info("backup written: %s", result.backup)
         except WRITE_ERRORS as error:  # the previous backup is untouched; training goes on
             log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
@@ -271,7 +281,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                     )
                     # FSDP averages gradients over ranks; the weights above need their sum
                     scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
-                    (part_loss * scale).backward()
+                    scaler.scale(part_loss * scale).backward()
                     loss = loss + part_loss.detach() * share
                     for name, value in part_parts.items():
                         parts[name] = parts.get(name, 0.0) + value * share
@@ -282,7 +292,11 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
                     continue
                 position = Position(position.step, epoch, index + 1, result.skipped_steps)
-                if not _optimizer_step(family, trainings + text_trainings, config, ranks, finite_loss=bool(torch.isfinite(loss))):
+                outcome = _optimizer_step(family, trainings + text_trainings, config, ranks, scaler, finite_loss=bool(torch.isfinite(loss)))
+                if outcome == "overflow":  # FLOAT_16: the scaler lowered its scale; not a sign of divergence
+                    log.debug("float16 gradients overflowed: step skipped, loss scale now %g", scaler.get_scale())
+                    continue
+                if outcome == "nonfinite":
                     result.skipped_steps += 1
                     nonfinite_in_a_row += 1
                     position.nonfinite_skipped = result.skipped_steps
@@ -340,9 +354,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
 
 
 def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, ranks: distributed.Ranks,
-                    finite_loss: bool) -> bool:
-    """Clip and apply each expert's accumulated gradients; False (and nothing applied) when the loss or any
-    gradient is not finite. `finite_loss` is the global batch's, so every rank decides alike."""
+                    scaler: torch.amp.GradScaler, finite_loss: bool) -> str:
+    """Clip and apply each expert's accumulated gradients: "stepped"; or nothing applied when the loss or a
+    gradient is not finite: "overflow" when a float16 loss scale caused it (the scaler lowers its scale),
+    else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike."""
     norms, stepping = [], []
     for training in trainings:
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
@@ -351,6 +366,8 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
         if had_samples and not distributed.is_sharded(training.parameters):
             # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
             ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1)
+        if had_samples and scaler.is_enabled():
+            scaler.unscale_(training.optimizer)  # clipping and the finite check see the true gradients
         if finite_loss and had_samples:
             # the norm is needed anyway to spot a non-finite gradient; an infinite limit clips nothing
             norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
@@ -361,13 +378,17 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
             training.steps += 1
             if training.expert.name != "text_encoder":  # the text side stays on the device
                 family.activate(training.expert)
-            training.optimizer.step()
+            scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
         if healthy:
             with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 training.scheduler.step()
-    return healthy
+    if scaler.is_enabled() and any(stepping):
+        scaler.update()
+        if not healthy and finite_loss:
+            return "overflow"
+    return "stepped" if healthy else "nonfinite"
 
 
 class StopRequest:
