@@ -4,12 +4,12 @@ No weights are read. The transformer is built on PyTorch's meta device from its 
 folder's `transformer/config.json`, or the released models' configs embedded below), which gives every
 parameter's shape: weights, trainable parameters and optimizer state are counted from those. Activations are
 measured, not guessed: a training step (the family's own `predict`, the real loss, backward) runs on a copy of
-the transformer with two and with three blocks whose tensors are fake (`FakeTensorMode`: shapes and dtypes,
-no data), and a dispatch mode adds up the bytes of every tensor alive at each moment. The full depth follows
-from those two runs: every block is the same, so the peak grows by the same amount per block (checked against
-runs of every depth in tests). Quantized weights (FLOAT_8, NFLOAT_4) add the transient of dequantizing the
-largest layer (8 and 14 bytes per weight: train/memory.py's float8 path and torchao's NF4 unpacking), and
-CPU_OFFLOADED checkpointing moves the checkpointed block inputs to host memory.
+the transformer with three blocks whose tensors are fake (`FakeTensorMode`: shapes and dtypes, no data), and a
+dispatch mode adds up the bytes of every tensor alive at each moment. Every block after the first is the same, so
+the full depth's peak is the simulated peak plus the second block's share for each further block (checked against
+simulations of the full depth in tests). With FLOAT_8 or NFLOAT_4 weights the simulated blocks hold train/memory.py's own
+quantized layers (what they save for backward, their dequantization temporaries), and CPU_OFFLOADED checkpointing
+moves the checkpointed block inputs to host memory.
 
 What it does not see: the CUDA context and the caching allocator's slack (a fixed 0.5 GB line), other
 programs on the GPU, and memory of the data pipeline (a few cached text embeddings).
@@ -18,7 +18,6 @@ programs on the GPU, and memory of the data pipeline (a few cached text embeddin
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -84,9 +83,10 @@ TEXT_TOKENS = 512  # WAN pads every prompt to 512 tokens
 CLIP_IMAGE_TOKENS = 257  # WAN 2.1 I2V: CLIP's tokens for the first frame
 CUDA_OVERHEAD = int(0.5 * GB)  # CUDA context, cuBLAS workspace, allocator slack: not tensors, but not free
 
-# Bytes per weight while one quantized layer is dequantized (measured on the CPU; see the module docstring):
-# float8 → float32 copy, times its scale (8), NF4 → two int64 index tensors, looked-up values, scaled halves, the
-# stacked bf16 weight (14).
+# Bytes per weight while one quantized layer is dequantized (measured on the CPU): float8 → a float32 copy, times
+# its scale (8); NF4 → two int64 index tensors, the looked-up values, the scaled halves and the stacked bf16 weight
+# (14). The simulation runs train/memory.py's own quantized layers, so it sees the float8 steps; torchao unpacks NF4
+# inside its tensor subclass, out of the simulation's sight, so those 14 bytes are counted when it does.
 DEQUANT_BYTES_PER_WEIGHT = {"FLOAT_8": 8, "NFLOAT_4": 14}
 KEEP_PRECISION = ("norm", "modulation", "adaln")  # as train/memory.py: Linear layers that stay unquantized
 HALF = {"BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
@@ -327,8 +327,8 @@ def _meta_transformer(cfg: dict, layers: int | None, config: TrainConfig, traine
         if not any(k in name.split(".") for k in keep):
             param.data = param.data.to(dtype)
     model.requires_grad_(False)
-    if trained:
-        with _quiet():
+    if trained:  # on the meta device too: adapters made anywhere else would be allocated and initialised for real
+        with _quiet(), torch.device("meta"):
             METHODS[config.training_method].prepare(_family(config), Expert("transformer", "", model, (0.0, 1.0)), config)
     return model
 
@@ -449,6 +449,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
             self.bytes[key] = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg in args:  # torchao unpacks an NF4 weight inside its subclass, where this mode does not see
+            if type(arg).__name__ == "NF4Tensor":  # the temporaries: they count at this moment
+                self.peak = max(self.peak, self.current + DEQUANT_BYTES_PER_WEIGHT["NFLOAT_4"] * arg.numel())
         out = func(*args, **(kwargs or {}))
         for tensor in torch.utils._pytree.tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
@@ -473,32 +476,38 @@ def _fakeify(module: torch.nn.Module, mode) -> None:
 _ACTIVATIONS: dict = {}
 
 
-def _activation_key(cfg, layers, config, shape, recompute, text_live):
+def _activation_key(cfg, layers, config, shape, recompute, text_live, quantized):
     video = config.video_config
-    return (json.dumps(cfg, sort_keys=True), layers, shape, recompute, text_live, config.model_type, config.training_method,
+    return (json.dumps(cfg, sort_keys=True), layers, shape, recompute, text_live, quantized, config.model_type, config.training_method,
             config.lora_rank, config.layer_filter, config.train_dtype, str(_load_dtype(config)),
             video.temporal_consistency_weight > 0, video.use_temporal_attention, video.frame_dropout_probability > 0,
             config.image_conditioning_probability > 0)
 
 
 def simulate_step(cfg: dict, layers: int, config: TrainConfig, shape: Shape, recompute: bool,
-                  text_live: bool) -> tuple[int, int]:
+                  text_live: bool, quantized: str | None = None) -> tuple[int, int]:
     """(peak bytes of tensors made by one training step of a `layers`-block copy of the transformer, bytes its
     first block left alive for backward), on fake tensors: no memory, no compute. Gradients of trained
-    parameters are left out (counted with the parameters)."""
+    parameters are left out (counted with the parameters). `quantized` (FLOAT_8, NFLOAT_4): the frozen block
+    Linear layers are train/memory.py's quantized ones, which save less for backward and dequantize on the fly."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .models.base import Conditioning, Expert
     from .train.flow import flow_target, noisy_latents
     from .train.losses import training_loss
 
-    key = _activation_key(cfg, layers, config, shape, recompute, text_live)
+    key = _activation_key(cfg, layers, config, shape, recompute, text_live, quantized)
     if key in _ACTIVATIONS:
         return _ACTIVATIONS[key]
     family = _family(config)
     model = _meta_transformer(cfg, layers, config)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     _fakeify(model, mode)
+    if quantized:
+        from .train.memory import quantize_frozen_linears
+
+        with mode, _quiet():
+            quantize_frozen_linears(list(model.blocks), quantized, torch.device("cpu"))
     if recompute:
         model.enable_gradient_checkpointing()
     model.train()
@@ -550,15 +559,16 @@ def simulate_step(cfg: dict, layers: int, config: TrainConfig, shape: Shape, rec
 SIMULATED_BLOCKS = 3  # the simulated copy's depth; deeper models add the second block's share per block
 
 
-def activation_peak(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool) -> tuple[int, int]:
+def activation_peak(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
+                    quantized: str | None = None) -> tuple[int, int]:
     """(peak activation bytes of a step at the model's full depth, bytes each block adds). Every block after
     the first adds the same bytes by the time backward starts, so the peak grows by the second block's share
     per block (tests check this against simulations of the full depth)."""
     layers = cfg["num_layers"]
     if layers <= SIMULATED_BLOCKS:
-        peak, per_block = simulate_step(cfg, layers, config, shape, recompute, text_live)
+        peak, per_block = simulate_step(cfg, layers, config, shape, recompute, text_live, quantized)
         return peak, per_block
-    peak, per_block = simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live)
+    peak, per_block = simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)
     return peak + (layers - SIMULATED_BLOCKS) * per_block, per_block
 
 
@@ -679,7 +689,9 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     resident = n - offloaded + min(options.prefetch, offloaded)
     label = "frozen weights" + (" of the trained expert" if config.model_type in A14B_MODEL_TYPES else "")
     note = f"{n} blocks × {per_block / GB:.3f} GB + {counts.outside / GB:.2f} GB outside the blocks ({weight_dtype})"
-    if offloaded and not on_cpu:
+    if frozen_method and not counts.block_linears:
+        lines.append(Line(label, counts.frozen_bytes(weight_dtype), 0, "every weight trains (below); rotary tables"))
+    elif offloaded and not on_cpu:
         lines.append(Line(label, counts.outside + resident * per_block, offloaded * per_block,
                           note + f"; {offloaded} blocks offloaded, at most {min(options.prefetch, offloaded)} of them on the device"))
     else:
@@ -690,7 +702,7 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         other = count_weights(transformer_config(config, other_part)[0], config, trained=len(parts) == 2)
         other_bytes = other.frozen_bytes(weight_dtype if len(parts) == 2 else plain) + other.trainable_bytes
         lines.append(Line("the other expert", 0 if not on_cpu else other_bytes, other_bytes if not on_cpu else 0,
-                          "waits in host memory; " + ("trained too: swapped in for its samples" if len(parts) == 2
+                          "waits in host memory; " + ("also trained: swapped in for the batches it serves" if len(parts) == 2
                                                       else "not trained: loaded for samples")))
 
     # what trains: parameters and gradients, and the optimizer state of every trained expert
@@ -706,7 +718,8 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     # activations
     text_live = _text_live(config)
     recompute = options.checkpointing != "OFF"
-    peak, per_block_act = activation_peak(cfg, config, shape, recompute, text_live)
+    quantized = weight_dtype if weight_dtype in DEQUANT_BYTES_PER_WEIGHT else None
+    peak, per_block_act = activation_peak(cfg, config, shape, recompute, text_live, quantized)
     act_name = {"OFF": "activations (no checkpointing)", "ON": "activations (checkpointing ON)",
                 "CPU_OFFLOADED": "activations (checkpointing CPU_OFFLOADED)"}[options.checkpointing]
     act_note = f"{n} blocks × {per_block_act / GB:.3f} GB + {(peak - n * per_block_act) / GB:.2f} GB (one block's recompute, embedders, loss)" \
@@ -722,9 +735,6 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
                           f"block inputs in pinned host memory: {n} × {saved / GB:.3f} GB"))
     else:
         lines.append(Line(act_name, peak, 0, act_note))
-    if weight_dtype in DEQUANT_BYTES_PER_WEIGHT and not frozen_method:
-        lines.append(Line("dequantization workspace", DEQUANT_BYTES_PER_WEIGHT[weight_dtype] * counts.largest_linear, 0,
-                          f"the largest layer ({counts.largest_linear / 1e6:.1f}M weights) unpacked for its matmul"))
     if text_live:
         lines += _text_encoder_lines(config, shape, on_cpu)
     if on_cpu and trainable:  # torch's foreach AdamW on the CPU: one temporary the size of a moment during the step
@@ -738,8 +748,19 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     return result
 
 
+_TEXT: dict = {}
+
+
 def _text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
     """The text encoder on the device during training (embeddings or text-encoder training)."""
+    key = (config.base_model_name, shape.batch, on_cpu, str(_load_dtype(config)), config.text_encoder.train,
+           config.optimizer.optimizer)
+    if key not in _TEXT:
+        _TEXT[key] = _text_encoder_lines_uncached(config, shape, on_cpu)
+    return [replace(line) for line in _TEXT[key]]
+
+
+def _text_encoder_lines_uncached(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
     encoder, cfg = _text_encoder(config)
     dtype = torch.float32 if on_cpu else _load_dtype(config)  # WanFamily.text_dtype
     weights = _module_bytes(encoder, dtype)
@@ -879,24 +900,25 @@ def _candidates(config: TrainConfig, base: Options) -> list[Options]:
 
 
 def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = None, limit: int = 3) -> list[Change]:
-    """Memory options that make a step fit in `gpu_bytes`, cheapest first (empty: nothing fits at this shape)."""
+    """Memory options that make a step fit in `gpu_bytes`, cheapest first (empty: nothing fits at this shape).
+    Candidates are tried in order of cost, so a config that fits cheaply costs few simulations."""
     base = Options.of(config, _trained_parts(config)[0])
-    found = []
+    ranked = []
     for options in _candidates(config, base):
-        if options == base:
-            continue
+        if options != base:
+            sets, words, cost = _overrides(config, base, options.effective() if options.offload_fraction else options)
+            ranked.append((cost, options, sets, words))
+    ranked.sort(key=lambda entry: entry[0])
+    found: list[Change] = []
+    for cost, options, sets, words in ranked:
+        if any(set(change.changes) <= set(words) for change in found):
+            continue  # adds to a cheaper change that already fits
         result = estimate(config, shape=shape, options=options)
         if result.fits(gpu_bytes):
-            sets, words, cost = _overrides(config, base, options.effective() if options.offload_fraction else options)
             found.append(Change(options, result, cost, words, sets))
-    found.sort(key=lambda c: (c.cost, c.estimate.device))
-    unique, seen = [], set()
-    for change in found:  # drop a combination that only adds to a cheaper one that already fits
-        key = tuple(change.changes)
-        if key not in seen and not any(set(u.changes) < set(change.changes) for u in unique):
-            unique.append(change)
-            seen.add(key)
-    return unique[:limit]
+            if len(found) == limit:
+                break
+    return found
 
 
 def smallest_floor(config: TrainConfig, shape: Shape | None = None) -> Estimate:
