@@ -769,7 +769,7 @@ def _text_encoder_lines_uncached(config: TrainConfig, shape: Shape, on_cpu: bool
     def saved(k):
         def build():
             model, _ = _text_encoder(config, k)
-            model = model.to(dtype)
+            model = model.to(dtype).eval()  # as the trainer runs it: loaded in eval mode (no dropout), never switched
             model.requires_grad_(config.text_encoder.train)
             return model
 
