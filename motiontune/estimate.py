@@ -273,9 +273,11 @@ class WeightCounts:
     trainable: list[tuple[tuple[int, ...], torch.dtype]]  # shapes and dtypes of what trains on this transformer
     trainable_per_block: list[tuple[tuple[int, ...], torch.dtype]]  # those of one block (for sanity checks)
     largest_linear: int  # values of the largest quantizable Linear
+    linear_share: int = 1  # block_linears are this many blocks' (blocks that differ: their average is used)
 
     def block_bytes(self, weight_dtype: str) -> int:
-        return self.block_plain + sum(quantized_linear_bytes(o, i, weight_dtype, self.block_linear_elem) for o, i in self.block_linears)
+        linears = sum(quantized_linear_bytes(o, i, weight_dtype, self.block_linear_elem) for o, i in self.block_linears)
+        return self.block_plain + linears // self.linear_share
 
     def frozen_bytes(self, weight_dtype: str) -> int:
         return self.outside + self.blocks * self.block_bytes(weight_dtype)
@@ -329,7 +331,11 @@ def _meta_transformer(cfg: dict, layers: int | None, config: TrainConfig, traine
     model.requires_grad_(False)
     if trained:  # on the meta device too: adapters made anywhere else would be allocated and initialised for real
         with _quiet(), torch.device("meta"):
-            METHODS[config.training_method].prepare(_family(config), Expert("transformer", "", model, (0.0, 1.0)), config)
+            expert = Expert("transformer", "", model, (0.0, 1.0))
+            try:
+                METHODS[config.training_method].prepare(_family(config), expert, config)
+            except ValueError:  # a layer_filter naming blocks this short copy lacks: every block's default targets
+                METHODS[config.training_method].prepare(_family(config), expert, config.model_copy(update={"layer_filter": ""}))
     return model
 
 
@@ -359,34 +365,43 @@ _WEIGHTS: dict = {}
 
 
 def count_weights(cfg: dict, config: TrainConfig, trained: bool = True) -> WeightCounts:
-    """Counted on a one-block copy (every block is the same), the method applied as the trainer applies it."""
+    """Counted on a one-block copy (every block is the same; the whole depth when layer_filter names blocks), the
+    method applied as the trainer applies it."""
     key = (json.dumps(cfg, sort_keys=True), trained, config.training_method, config.lora_rank, config.layer_filter,
            str(_load_dtype(config)))
     if key in _WEIGHTS:
         return _WEIGHTS[key]
-    model = _meta_transformer(cfg, 1, config, trained)
-    block = model.blocks[0]
+    # a layer_filter naming particular blocks ("blocks.3.") makes blocks differ: then count the whole depth
+    by_block = any("blocks" in f for f in config.layer_filter.split(","))
+    if by_block and trained:
+        model = _meta_transformer(cfg, None, config, trained)
+        blocks = list(model.blocks)
+    else:
+        model = _meta_transformer(cfg, 1, config, trained)
+        blocks = [model.blocks[0]]
     plain, linears, linear_elem, trainable_block = 0, [], 2, []
     quantizable = set()
-    for name, module in block.named_modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not any(
-            word in name.lower() for word in KEEP_PRECISION
-        ):
-            quantizable.add(id(module.weight))
-            linears.append((module.out_features, module.in_features))
-            linear_elem = module.weight.element_size()
-    for tensor in (*block.parameters(), *block.buffers()):
-        if tensor.requires_grad:
-            trainable_block.append((tuple(tensor.shape), tensor.dtype))
-        elif id(tensor) not in quantizable:
-            plain += tensor.numel() * tensor.element_size()
-    in_block = {id(t) for t in (*block.parameters(), *block.buffers())}
-    outside = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_block]
+    for block in blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not any(
+                word in name.lower() for word in KEEP_PRECISION
+            ):
+                quantizable.add(id(module.weight))
+                linears.append((module.out_features, module.in_features))
+                linear_elem = module.weight.element_size()
+        for tensor in (*block.parameters(), *block.buffers()):
+            if tensor.requires_grad:
+                trainable_block.append((tuple(tensor.shape), tensor.dtype))
+            elif id(tensor) not in quantizable:
+                plain += tensor.numel() * tensor.element_size()
+    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    outside = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
     layers = cfg["num_layers"]
-    trainable = trainable_block * layers + [(tuple(t.shape), t.dtype) for t in outside if t.requires_grad]
-    counts = WeightCounts(layers, plain, linears, linear_elem,
+    share = len(blocks)  # 1, or every block (counted whole)
+    trainable = trainable_block * (layers // share) + [(tuple(t.shape), t.dtype) for t in outside if t.requires_grad]
+    counts = WeightCounts(layers, plain // share, linears, linear_elem,
                           sum(t.numel() * t.element_size() for t in outside if not t.requires_grad), trainable,
-                          trainable_block, max((o * i for o, i in linears), default=0))
+                          trainable_block if share == 1 else [], max((o * i for o, i in linears), default=0), share)
     _WEIGHTS[key] = counts
     return counts
 
