@@ -641,7 +641,6 @@ def _module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> 
 def config_shape(config: TrainConfig) -> Shape:
     """The batch a step trains on, as the data pipeline makes it from the config (the configured resolution; with
     aspect-ratio buckets other sizes of about the same area)."""
-    from .data.buckets import bucket_batch_size
     from .data.survey import sampling_grid, training_resolution
 
     family = _family(config)

@@ -37,13 +37,20 @@ def test_finetuned_transformer_in_the_stock_pipeline_and_as_a_single_file(tmp_pa
     print(f"fine-tune: MSE ratio to the clip, fine-tuned / base: {tuned / base:.3f}")
     assert tuned / base < 0.4  # far closer than a LoRA of the same tiny model gets (about 0.6)
 
-    # the same run saved as one file in the original WAN / ComfyUI layout loads with equal outputs
-    finetune(tmp_path, model, clip.parent, "COMFY_TRANSFORMER", tmp_path / "finetuned.safetensors", epochs=400)
+    # the same training saved as one file in the original WAN / ComfyUI layout loads with equal outputs. On short
+    # runs, and equal to float32 rounding: CPU matrix kernels round differently with the memory alignment of the
+    # weights (mmap'd folder vs converted file), and 400 epochs grow such last bits between two runs.
+    finetune(tmp_path, model, clip.parent, "COMFY_TRANSFORMER", tmp_path / "finetuned.safetensors", epochs=3)
+    (tmp_path / "DIFFUSERS-short").mkdir()
+    finetune(tmp_path / "DIFFUSERS-short", model, clip.parent, "DIFFUSERS", tmp_path / "finetuned-short", epochs=3)
+    pipe.transformer = WanTransformer3DModel.from_pretrained(tmp_path / "finetuned-short")
     single = WanTransformer3DModel.from_single_file(str(tmp_path / "finetuned.safetensors"), config=str(model), subfolder="transformer")
+    assert not torch.equal(single.state_dict()["proj_out.weight"], WanTransformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()["proj_out.weight"])
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([400.0]), torch.randn(1, 512, 32, generator=generator))
     with torch.no_grad():
-        assert torch.equal(single(*inputs, return_dict=False)[0], pipe.transformer(*inputs, return_dict=False)[0])
+        torch.testing.assert_close(single(*inputs, return_dict=False)[0], pipe.transformer(*inputs, return_dict=False)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_finetune_rejects_lora_formats(tmp_path, tiny_models, capsys):

