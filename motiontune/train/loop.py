@@ -34,6 +34,7 @@ from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_b
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
 from .optim import make_optimizer, make_scheduler
+from .progress import ProgressFile
 from .text_conditioning import TextConditioning
 
 log = logging.getLogger("motiontune")
@@ -166,6 +167,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks)
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
     writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
+    progress_file = ProgressFile(workspace, total_steps, position.step, ranks.main)  # for watchers (motiontune ui)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
                        method=config.training_method)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train_dtype == "BFLOAT_16")
@@ -307,6 +309,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                     writer.add_scalar(name, value.item(), position.step)
                 progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
                 progress.update()
+                progress_file.update(position.step, epoch + 1, result.final_loss)
                 after("STEP", position.step, position)
                 if stop.agreed(ranks):
                     break
@@ -327,6 +330,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
+    progress_file.finish("stopped" if result.interrupted else "done")
     ranks.finish()
     if not ranks.main:
         result.report = False
