@@ -444,18 +444,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind(host: str, explicit: bool) -> bool:
+    """True for a loopback address. Another address only when asked for explicitly (--host), with a warning."""
+    if is_loopback(host):
+        return True
+    if not explicit:  # unreachable from the CLI (the default is loopback); a guard for other callers
+        raise ValueError(f"refusing to bind {host}, a non-loopback address that was not asked for with --host")
+    print(f"WARNING: motiontune ui is listening on {host}, reachable from other machines. It has no login: anyone "
+          "who can reach this port can read the workspace, write config files and start training.", file=sys.stderr)
+    return False
+
+
 def run_server(host: str | None, port: int, workspace: str | None = None) -> None:
     """`host` None: 127.0.0.1. A non-loopback address is bound only when given explicitly, with a warning."""
     import uvicorn
 
     explicit = host is not None
     host = host or "127.0.0.1"
-    if not is_loopback(host):
-        if not explicit:  # unreachable from the CLI (the default is loopback); a guard for other callers
-            raise ValueError("refusing to bind a non-loopback address that was not asked for with --host")
-        print(f"WARNING: motiontune ui is listening on {host}, reachable from other machines. It has no login: anyone "
-              "who can reach this port can read the workspace, write config files and start training.", file=sys.stderr)
-    allowed = LOOPBACK_NAMES | {host.strip("[]").lower()} if is_loopback(host) else None
+    loopback = check_bind(host, explicit)
+    # loopback: only requests naming this machine (DNS rebinding); otherwise any name the machine is reached by
+    allowed = LOOPBACK_NAMES | {host.strip("[]").lower()} if loopback else None
     app = create_app(workspace, allowed_hosts=allowed)
     shown = f"[{host}]" if ":" in host else host
     print(f"motiontune ui: http://{shown}:{port}/  (Ctrl-C to quit; a run started here keeps going)", file=sys.stderr)
