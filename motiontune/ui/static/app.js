@@ -462,7 +462,7 @@ function drawChart(canvas, series, color, logScale = false) {
   let [minX, maxX] = [Math.min(...steps), Math.max(...steps)];
   let [minY, maxY] = [Math.min(...values), Math.max(...values)];
   if (maxX === minX) maxX = minX + 1;
-  if (maxY === minY) { maxY += 0.5; minY -= 0.5; }
+  if (maxY === minY) { const pad = Math.abs(maxY) * 0.1 || 0.5; maxY += pad; minY -= pad; }
   const x = (s) => left + ((s - minX) / (maxX - minX)) * (width - left - right);
   const y = (v) => top + (1 - (v - minY) / (maxY - minY)) * (height - top - bottom);
   context.strokeStyle = "#ccd";
