@@ -469,7 +469,7 @@ function drawChart(canvas, series, color, logScale = false) {
   context.beginPath();
   context.moveTo(left, top); context.lineTo(left, height - bottom); context.lineTo(width - right, height - bottom);
   context.stroke();
-  const label = (v) => (logScale ? Number(10 ** v).toExponential(1) : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : v.toFixed(3));
+  const label = (v) => (logScale ? Number(10 ** v).toExponential(1) : String(Number(v.toPrecision(3))));
   context.fillText(label(maxY), 2, top + 8);
   context.fillText(label(minY), 2, height - bottom);
   context.fillText(`step ${minX}`, left, height - 6);
