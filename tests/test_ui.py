@@ -344,6 +344,41 @@ def test_a_run_started_elsewhere_is_watched_from_its_workspace(tmp_path):
     assert client.post("/api/train/stop", json={}).status_code == 409  # nothing training there
 
 
+def test_stop_sends_ctrl_c_to_a_run_started_from_the_command_line(tmp_path):
+    """Stop on a watched CLI run: SIGINT to the trainer's pid from progress.json (a motiontune process only)."""
+    import subprocess
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from motiontune.ui import create_app
+
+    workspace = tmp_path / "cli-run"
+    workspace.mkdir()
+    marker = tmp_path / "got-sigint"
+    # stands in for `motiontune train` (the word is in its command line); exits 0 on SIGINT like the trainer
+    script = (f"import time, pathlib  # motiontune\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              f"    pathlib.Path({str(marker)!r}).write_text('stopped')\n")
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        time.sleep(0.5)  # its SIGINT handler (KeyboardInterrupt) is in place once the interpreter runs
+        (workspace / "progress.json").write_text(json.dumps({"state": "training", "pid": process.pid, "step": 1, "total_steps": 9}))
+        client = TestClient(create_app(workspace), base_url="http://127.0.0.1:8765")
+        assert client.get("/api/run").json()["running"] is True
+        assert client.post("/api/train/stop", json={}).json() == {"signalled": process.pid}
+        assert process.wait(20) == 0 and marker.read_text() == "stopped"
+        # a process that is not motiontune's is never signalled, whatever progress.json says
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        (workspace / "progress.json").write_text(json.dumps({"state": "training", "pid": other.pid}))
+        assert client.post("/api/train/stop", json={}).status_code == 409
+        assert other.poll() is None
+        other.kill()
+        other.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 # ---------------------------------------------------------------------------------------------- validation and schema
 
 def test_validation_errors_point_at_the_field():
