@@ -1,4 +1,4 @@
-"""`motiontune train | presets | make-tiny-model | demo`."""
+"""`motiontune train | cache | inspect | presets | make-tiny-model | demo | ui`."""
 
 from __future__ import annotations
 
@@ -124,6 +124,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui import run_server  # FastAPI and uvicorn load only for this command
+
+    run_server(args.host, args.port, args.workspace)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .testing.tiny_models import FAMILIES
 
@@ -171,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
+
+    ui = commands.add_parser("ui", help="a local web app: edit configs, inspect datasets, start, stop and watch training")
+    ui.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; another address is reachable "
+                    "from other machines and is bound only when given here, with a warning)")
+    ui.add_argument("--port", type=int, default=8765)
+    ui.add_argument("--workspace", default=None, help="a run's workspace_dir to watch from the start (e.g. a CLI run)")
+    ui.set_defaults(run=cmd_ui)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

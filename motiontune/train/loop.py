@@ -35,6 +35,7 @@ from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
 from .memory import MemoryPlan, prepare_memory
 from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
+from .progress import ProgressFile
 from .text_conditioning import TextConditioning
 
 log = logging.getLogger("motiontune")
@@ -174,6 +175,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks, scaler)
         log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
     writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
+    progress_file = ProgressFile(workspace, total_steps, position.step, ranks.main)  # for watchers (motiontune ui)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
                        method=config.training_method)
     half = {"BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}.get(config.train_dtype)
@@ -321,6 +323,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                     writer.add_scalar(name, value.item(), position.step)
                 progress.set_postfix(loss=f"{result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
                 progress.update()
+                progress_file.update(position.step, epoch + 1, result.final_loss)
                 after("STEP", position.step, position)
                 if stop.agreed(ranks):
                     break
@@ -341,6 +344,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     result.steps = position.step
     result.encoder_calls = dict(encoding.calls)
     writer.close()
+    progress_file.finish("stopped" if result.interrupted else "done")
     ranks.finish()
     if not ranks.main:
         result.report = False
