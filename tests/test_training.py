@@ -266,3 +266,26 @@ def test_single_file_transformer_in_the_original_wan_layout_loads_like_the_folde
         # outputs equal to float32 rounding: CPU matrix kernels round differently with the weights' memory alignment
         torch.testing.assert_close(family.transformer(*inputs, return_dict=False)[0], reference(*inputs, return_dict=False)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a14b_samples_with_one_expert_on_the_device_at_a_time(tiny_models):
+    """Sampling brings each expert in when the pipeline first calls it (the high-noise one, then the low-noise
+    one) instead of both at once, which would need twice the memory on a GPU."""
+    from motiontune.config import TrainConfig
+    from motiontune.models.base import SampleRequest
+    from motiontune.models.wan import WanFamily
+
+    config = TrainConfig.model_validate({"model_type": "WAN_2_2_T2V_A14B", "base_model_name": str(tiny_models("wan-2.2-a14b")),
+                                         "concepts": [{"path": "."}], "train_dtype": "FLOAT_32"})
+    family = WanFamily(config, torch.device("cpu"))
+    family.load_transformers()
+    brought = []
+    original = family._bring
+    family._bring = lambda module: (brought.append(module), original(module))
+    embeds = torch.randn(1, 512, family.transformer.config.text_dim, generator=torch.Generator().manual_seed(0))
+    request = SampleRequest(prompt_embeds=embeds, negative_prompt_embeds=None, frames=5, height=32, width=32, steps=4,
+                            cfg_scale=1.0, seed=0)
+    family.sample(request)
+    order = [m for i, m in enumerate(brought) if i == 0 or m is not brought[i - 1]]
+    assert order == [family.transformer, family.transformer_2]  # high noise first, one swap
+    assert not family.transformer._forward_pre_hooks and not family.transformer_2._forward_pre_hooks  # hooks removed

@@ -299,14 +299,18 @@ class WanFamily(ModelFamily):
         return experts
 
     def activate(self, expert: Expert) -> None:
-        if getattr(self, "_active", None) is expert.module:  # `.to()` walks every module even when nothing moves
+        self._bring(expert.module)
+
+    def _bring(self, module: torch.nn.Module) -> None:
+        """`module` on the device; on an accelerator the other expert waits on the CPU."""
+        if getattr(self, "_active", None) is module:  # `.to()` walks every module even when nothing moves
             return
-        self._active = expert.module
+        self._active = module
         if self.device.type != "cpu":
             for other in (self.transformer, self.transformer_2):
-                if other is not None and other is not expert.module:
+                if other is not None and other is not module:
                     other.to("cpu")
-        expert.module.to(self.device)
+        module.to(self.device)
 
     def predict(self, noisy, sigma, text, expert, conditioning=None):
         timestep = sigma * 1000.0
@@ -388,9 +392,14 @@ class WanFamily(ModelFamily):
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
         self.load_vae()
-        parked = [m for m in (self.transformer, self.transformer_2) if m is not None and m.device != self.device]
-        for module in parked:
-            module.to(self.device)
+        # One expert on the device at a time, as in training (both of A14B's would need twice the memory): the
+        # high-noise one first, and each swapped in when the pipeline first calls it.
+        experts = [m for m in (self.transformer, self.transformer_2) if m is not None]
+        self._bring(experts[0])
+        def bring(module, args) -> None:
+            self._bring(module)
+
+        hooks = [m.register_forward_pre_hook(bring) for m in experts]
         parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler, transformer=self.transformer,
                      transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
         image = {}
@@ -418,7 +427,7 @@ class WanFamily(ModelFamily):
                 output_type="np",
             ).frames[0]
         finally:
-            for module in parked:
-                module.to("cpu")
+            for hook in hooks:
+                hook.remove()
             self.park_vae()
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
