@@ -185,3 +185,36 @@ def test_quantized_or_offloaded_weights_cannot_be_fine_tuned():
         load_config("#wan 2.2 Finetune", ["transformer_2.weight_dtype=FLOAT_8"])
     with pytest.raises(ConfigError, match="layer offloading"):
         load_config("#wan 2.2 Finetune", ["layer_offload_fraction=0.5"])
+
+
+def test_host_checkpoint_and_offloading_on_hunyuan_blocks_give_the_same_gradients(tiny_models):
+    """HunyuanVideo's blocks take tuples (rotary tables) and return two tensors: the LoRA gradients through
+    CPU_OFFLOADED checkpointing and through fully offloaded blocks equal those through plain checkpointing."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    from peft import LoraConfig
+
+    folder = tiny_models("hunyuan-video")
+    gradients = {}
+    for mode in ("ON", "CPU_OFFLOADED", "offloaded"):
+        model = HunyuanVideoTransformer3DModel.from_pretrained(folder, subfolder="transformer").requires_grad_(False)
+        torch.manual_seed(0)
+        model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights="gaussian"))
+        host = memory.HostCheckpoint(torch.device("cpu")) if mode == "CPU_OFFLOADED" else None
+        model.enable_gradient_checkpointing(**({"gradient_checkpointing_func": host} if host else {}))
+        if mode == "offloaded":
+            blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+            offloader = memory.BlockOffloader(blocks, 1.0, 1, torch.device("cpu"))
+        model.train()
+        g, config = torch.Generator().manual_seed(1), model.config
+        out = model(hidden_states=torch.randn(1, config.in_channels, 3, 8, 8, generator=g), timestep=torch.tensor([500]),
+                    encoder_hidden_states=torch.randn(1, 8, config.text_embed_dim, generator=g),
+                    encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool),
+                    pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+                    guidance=torch.tensor([1000.0]), return_dict=False)[0]
+        out.square().mean().backward()
+        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        if host is not None:
+            assert host.peak_host_bytes > 0 and host.host_bytes == 0
+    assert gradients["ON"].norm() > 0
+    assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
+    assert offloader.max_resident <= 1 and offloader.loads == 2 * len(blocks) - 1  # the last block stays for backward
