@@ -183,7 +183,7 @@ class Estimate:
     options: Options
     device_kind: str  # "cuda" or "cpu" (on the CPU the device is host memory: the two columns are one)
     lines: list[Line]  # the training step's peak
-    phases: dict[str, list[Line]] = field(default_factory=dict)  # "encoding", "samples": other moments of a run
+    phases: dict[str, list[Line]] = field(default_factory=dict)  # "encoding", "captions", "samples": other moments
     per_block_activation: int = 0
     blocks: int = 0
     source: str = ""  # where the transformer config came from
@@ -304,6 +304,24 @@ def quantized_linear_bytes(out_features: int, in_features: int, weight_dtype: st
         blocks = n // 64
         return n // 2 + blocks + 2 * (blocks // 256) + 2 + 2 * 16
     return n * plain_elem
+
+
+def _text_encoder_bytes(config: TrainConfig, text: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The text encoder's bytes as loaded: its Linear layers as train/memory.py stores them when
+    text_encoder.weight_dtype is FLOAT_8 / NFLOAT_4, the rest (token table, norms) in `dtype`."""
+    storage = config.text_encoder.weight_dtype
+    if storage not in ("FLOAT_8", "NFLOAT_4"):
+        return _module_bytes(text, dtype)
+    total, quantized, seen = 0, set(text.encoder.modules()), set()
+    for module in text.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, torch.nn.Linear) and module in quantized:
+            total += quantized_linear_bytes(module.out_features, module.in_features, storage, _elem(dtype))
+            own = [] if module.bias is None else [module.bias]
+        fresh = [t for t in own if id(t) not in seen]  # the token table is shared with the encoder's
+        seen.update(id(t) for t in fresh)
+        total += sum(t.numel() * _elem(dtype) for t in fresh)
+    return total
 
 
 def _load_dtype(config: TrainConfig) -> torch.dtype:
@@ -758,7 +776,8 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n, source=source)
     if phases:
         active = counts.frozen_bytes(weight_dtype) + counts.trainable_bytes
-        result.phases = _other_phases(config, shape, active + other_bytes, on_cpu)
+        # sampling brings one A14B expert at a time to a GPU (models/wan.py); on the CPU both are in its memory
+        result.phases = _other_phases(config, shape, active + other_bytes if on_cpu else max(active, other_bytes), on_cpu)
     return result
 
 
@@ -818,16 +837,18 @@ def _other_phases(config: TrainConfig, shape: Shape, transformers: int, on_cpu: 
     phases = {}
     vae_bytes = _module_bytes(_vae(config), torch.float32)
     text, _ = _text_encoder(config)
-    text_bytes = _module_bytes(text, torch.float32 if on_cpu else _load_dtype(config))
+    text_bytes = _text_encoder_bytes(config, text, torch.float32 if on_cpu else _load_dtype(config))
     vae_key = json.dumps(_vae_config(config), sort_keys=True)
     encode = simulate_no_grad(("encode", vae_key, shape.frames, shape.height, shape.width), lambda: _vae(config), lambda: (torch.empty(1, 3, shape.frames, shape.height, shape.width),),
                               lambda model, x: model.encode(x).latent_dist.mean)
+    reserve = [] if on_cpu else [Line("CUDA context + allocator reserve", CUDA_OVERHEAD)]
     encoding = [Line("VAE weights (float32)", vae_bytes),
-                Line(f"VAE encoding one clip ({shape.frames} × {shape.width}x{shape.height})", encode),
-                Line("text encoder weights", text_bytes, 0, "on the device with the VAE while captions are encoded")]
+                Line(f"VAE encoding one clip ({shape.frames} × {shape.width}x{shape.height})", encode)]
     if config.model_type == "WAN_2_1_I2V":
         encoding.append(Line("CLIP image encoder (float32)", 4 * CLIP_VIT_H_PARAMS))
-    phases["encoding"] = encoding + ([] if on_cpu else [Line("CUDA context + allocator reserve", CUDA_OVERHEAD)])
+    phases["encoding"] = encoding + reserve
+    storage = config.text_encoder.weight_dtype or str(_load_dtype(config)).replace("torch.", "")
+    phases["captions"] = [Line("text encoder weights", text_bytes, 0, f"UMT5 ({storage}); the VAE waits in host memory")] + reserve
     if config.samples and config.sample_after_unit != "NEVER":
         sample = config.samples[0]
         latent = make_shape(config, 1, sample.frames, sample.height, sample.width)
@@ -835,8 +856,9 @@ def _other_phases(config: TrainConfig, shape: Shape, transformers: int, on_cpu: 
         decode = simulate_no_grad(("decode", vae_key, latent.latent), lambda: _vae(config), lambda: (torch.empty(1, z_dim, *latent.latent),),
                                   lambda model, z: model.decode(z).sample)
         phases["samples"] = [
-            Line("every transformer", transformers, 0,
-                 "the stock pipeline holds both A14B experts" if config.model_type in A14B_MODEL_TYPES else ""),
+            Line("the transformer", transformers, 0,
+                 "one A14B expert at a time, each brought in when the pipeline calls it"
+                 if config.model_type in A14B_MODEL_TYPES else ""),
             Line("VAE weights + decoding the sample", vae_bytes + decode, 0, f"{sample.frames} × {sample.width}x{sample.height}"),
         ] + ([] if on_cpu else [Line("CUDA context + allocator reserve", CUDA_OVERHEAD)])
     return phases
@@ -978,7 +1000,8 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
     rows = [[line.name, _gb(line.device), _gb(line.host) if line.host else "", line.note] for line in result.lines]
     rows.append(["total", _gb(result.device), _gb(result.host) if result.host else "", ""])
     out += ["  " + r for r in _table(rows, ["part", "device", "host", ""])]
-    for phase, title in (("encoding", "Encoding, before training (a first run, or latent_caching off):"),
+    for phase, title in (("encoding", "Encoding clips, before training (a first run, or latent_caching off):"),
+                         ("captions", "Encoding captions, before training (a first run):"),
                          ("samples", "Rendering a sample:")):
         if phase in result.phases:
             lines = result.phases[phase]
@@ -1008,7 +1031,7 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
     out += ["  " + r for r in _table(fit_rows, ["GPU", "fits", "cheapest change"])]
     if hows:
         out += ["", "The changes, as overrides for `motiontune train`:"] + hows
-    for phase in ("encoding", "samples"):
+    for phase in ("encoding", "captions", "samples"):
         peak = result.phase_peak(phase)
         if gpu_gb and peak > gpu_gb * GB:
             out.append(f"  note: {phase} needs {_gb(peak)} GB on the device, more than {gpu_gb:g} GB")

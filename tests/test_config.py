@@ -46,14 +46,14 @@ def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected
 def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
     path = write_config(
         tmp_path / "c.json",
-        **minimal(preserve_embedding_norm=True, optimizer={"optimizer": "ADAFACTOR"}, gradient_checkpointing="CPU_OFFLOADED"),
+        **minimal(preserve_embedding_norm=True, output_dtype="FLOAT_8", vae={"train": True}),
     )
     with pytest.raises(ConfigError) as error:
         load_config(str(path))
     message = str(error.value)
     assert "preserve_embedding_norm = true: not supported yet" in message
-    assert 'optimizer.optimizer = "ADAFACTOR": not supported yet' in message
-    assert 'gradient_checkpointing = "CPU_OFFLOADED": not supported yet' in message
+    assert 'output_dtype = "FLOAT_8": not supported yet' in message
+    assert "vae.train = true: not supported yet" in message
 
 
 def test_compression_ratios_are_checked_against_each_vae(tmp_path):

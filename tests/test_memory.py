@@ -218,3 +218,32 @@ def test_host_checkpoint_and_offloading_on_hunyuan_blocks_give_the_same_gradient
     assert gradients["ON"].norm() > 0
     assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
     assert offloader.max_resident <= 1 and offloader.loads == 2 * len(blocks) - 1  # the last block stays for backward
+
+
+def test_a_float8_text_encoder_encodes_close_to_the_plain_one_and_caches_apart(tiny_models, tmp_path):
+    """text_encoder.weight_dtype FLOAT_8 (UMT5-XXL: ~11 GB in bf16 would not fit an 8 GB GPU while captions
+    are encoded): every Linear of the encoder stored in 8 bits, embeddings close to the plain encoder's, and
+    a cache entry of their own."""
+    from motiontune.data.cache import Cache
+    from motiontune.data.latents import Encoding
+    from motiontune.models.wan import WanFamily
+
+    def family(**keys):
+        config = TrainConfig.model_validate({"base_model_name": str(tiny_models("wan-2.1")), "concepts": [{"path": "."}],
+                                             "train_dtype": "FLOAT_32", "cache_dir": str(tmp_path), **keys})
+        wan = WanFamily(config, torch.device("cpu"))
+        return config, wan
+
+    plain_config, plain = family()
+    quantized_config, quantized = family(text_encoder={"train": False, "weight_dtype": "FLOAT_8"})
+    for wan in (plain, quantized):
+        wan.load_text_encoder()
+    layers = [m for m in quantized.text_encoder.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and not any(isinstance(m, torch.nn.Linear) for m in quantized.text_encoder.encoder.modules())
+    assert module_bytes(quantized.text_encoder.encoder.block) < 0.55 * module_bytes(plain.text_encoder.encoder.block)
+    expected, got = plain.encode_prompts(["a rabbit in a field"]), quantized.encode_prompts(["a rabbit in a field"])
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < error < 0.05, error
+    identity = [Encoding(wan, config, Cache(config.cache_dir, True), None).text_identity
+                for config, wan in ((plain_config, plain), (quantized_config, quantized))]
+    assert identity[0] != identity[1]

@@ -160,10 +160,17 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
 
 
 def _memory_problems(config: TrainConfig) -> list[str]:
-    """Memory options that cannot apply to weights that train."""
-    if config.training_method != "FINE_TUNE":
-        return []
+    """Memory options that cannot apply to weights that train, or are not built for a family."""
     problems = []
+    if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4"):
+        if not config.model_type.startswith("WAN_"):
+            problems.append(f"  - text_encoder.weight_dtype = {config.text_encoder.weight_dtype}: quantized text encoders are built "
+                            "for WAN only; leave it unset (the encoders run once, to fill the cache)")
+        elif config.text_encoder.train:
+            problems.append(f"  - text_encoder.weight_dtype = {config.text_encoder.weight_dtype}: the text encoder trains in this run, "
+                            "and quantized weights cannot train; leave it unset or set text_encoder.train false")
+    if config.training_method != "FINE_TUNE":
+        return problems
     for part in ("transformer", "transformer_2"):
         settings = getattr(config, part)
         if not settings.train:

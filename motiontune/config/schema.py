@@ -274,7 +274,6 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("output_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "FLOAT_8/NFLOAT_4 saves"),
     ("train_dtype", ("FLOAT_32", "BFLOAT_16", "FLOAT_16"),
      "FLOAT_8 and NFLOAT_4 store weights, they do not compute: set transformer.weight_dtype"),
-    ("text_encoder.weight_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "quantized text encoders"),
     ("text_encoder.offload_fraction", 0.0, "text encoder layer offloading"),
     ("text_encoder.activation_offloading", False, "text encoder activation offloading"),
     ("embedding.is_output_embedding", False, "output embeddings"),

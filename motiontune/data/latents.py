@@ -51,7 +51,9 @@ class Encoding:
         self.split = self.ranks.several and cache.enabled and self._cache_is_shared()
         base = config.base_model_name
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
-        self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"], f"{config.model_type}:{family.text_dtype}")
+        storage = config.text_encoder.weight_dtype if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4") else ""
+        self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
+                                              f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else ""))
         self.calls: Counter = Counter()
         self.used: dict[str, set[str]] = {"latents": set(), "text": set()}  # every key this run asked for
         self._text_loaded = False

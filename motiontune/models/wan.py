@@ -170,8 +170,14 @@ class WanFamily(ModelFamily):
 
         base = self.config.base_model_name
         self.tokenizer = _load(AutoTokenizer, base, "tokenizer")
-        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).to(self.device).eval()
+        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
         self.text_encoder.requires_grad_(False)
+        storage = self.config.text_encoder.weight_dtype
+        if storage in ("FLOAT_8", "NFLOAT_4"):  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
+            from ..train.memory import quantize_frozen_linears
+
+            quantize_frozen_linears([self.text_encoder.encoder], storage, self.device)
+        self.text_encoder.to(self.device)
 
     def release_vae(self) -> None:
         self.vae = self.image_encoder = self.image_processor = None

@@ -136,6 +136,9 @@ class QuantizedLinear(torch.nn.Module):
             quantized = nf4.to_nf4(weight.to(torch.bfloat16), NF4_BLOCK, scaler_group)
             self.weight_nf4 = torch.nn.Parameter(quantized.to(home), requires_grad=False)
         self.bias = linear.bias  # frozen, in the train dtype
+        # no plain weight: code that casts its input to `layer.weight.dtype` when the weight is a tensor (T5's
+        # feed-forward) then leaves the input in the compute dtype
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "FLOAT_8":
