@@ -391,7 +391,7 @@ def test_validation_errors_point_at_the_field():
     assert "greater than or equal to 1" in by_loc["lora_rank"] and by_loc["bogus"] == "unknown key"
     _, errors = validate({"concepts": [{"name": "x"}]})
     assert errors == [{"loc": "concepts.0.path", "msg": "this key is required"}]
-    _, errors = validate({**base, "train_dtype": "FLOAT_16", "vae": {"train": True}})
+    _, errors = validate({**base, "train_dtype": "FLOAT_8", "vae": {"train": True}})
     assert {e["loc"] for e in errors} == {"train_dtype", "vae.train"}
     _, errors = validate({})
     assert errors[0]["loc"] == "" and "concepts" in errors[0]["msg"]
