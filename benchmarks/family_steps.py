@@ -123,14 +123,16 @@ def bare_loop_step_time(model: Path, keys: dict, work: Path, steps: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["tiny", "wide"])
+    parser.add_argument("--family", help="one tiny family (e.g. hunyuan-video) instead of all")
     args = parser.parse_args()
     logging.getLogger("motiontune").setLevel(logging.WARNING)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     runs = []
     if args.only != "wide":
         sizes = {"wan-2.2-ti2v-5b": 64, "hi-dream": 64}  # 16x-compressing VAE; an image model (one frame) at 64²
-        runs += [(family, FAMILY_KEYS[family], 17, sizes.get(family, 32), 40) for family in FAMILIES if family in FAMILY_KEYS]
-    if args.only != "tiny":
+        runs += [(family, FAMILY_KEYS[family], 17, sizes.get(family, 32), 40) for family in FAMILIES
+                 if family in FAMILY_KEYS and args.family in (None, family)]
+    if args.only != "tiny" and not args.family:
         runs.append(("wan-2.2-5B-width", FAMILY_KEYS["wan-2.2-ti2v-5b"], 17, 256, 10))
     for name, keys, frames, resolution, steps in runs:
         with tempfile.TemporaryDirectory() as scratch:
