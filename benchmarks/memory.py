@@ -37,16 +37,6 @@ SETTINGS = {  # name → config overrides
 }
 
 
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(value.split()[0]) * 1024
-    return values
-
-
 def child(config_path: str, setting: str) -> dict:
     """One setting's run, in this (fresh) process."""
     import torch
@@ -55,6 +45,7 @@ def child(config_path: str, setting: str) -> dict:
     from motiontune.estimate import estimate
     from motiontune.train import loop
     from motiontune.train.memory import tensor_bytes
+    from motiontune.testing.process_memory import process_memory
 
     config = load_config(config_path, SETTINGS[setting])
     predicted = estimate(config, device="cpu")
@@ -69,7 +60,7 @@ def child(config_path: str, setting: str) -> dict:
             seen["weights"] = sum(tensor_bytes(t) for t in frozen)
             seen["block_weights"] = sum(tensor_bytes(t) for b in module.blocks
                                         for t in (*b.parameters(), *b.buffers()) if not t.requires_grad)
-            seen["rss_loaded"] = _status()["VmRSS"]
+            seen["rss_loaded"] = process_memory()["VmRSS"]
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
         starts.append(time.perf_counter())
@@ -78,13 +69,13 @@ def child(config_path: str, setting: str) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     step_hook = register_optimizer_step_post_hook(lambda *_: stepped.append(time.perf_counter()))
-    baseline = _status()["VmRSS"]
+    baseline = process_memory()["VmRSS"]
     try:
         loop.train(config)
     finally:
         hook.remove()
         step_hook.remove()
-    peak = _status()["VmHWM"]
+    peak = process_memory()["VmHWM"]
     return {
         "setting": setting,
         "peak": peak - baseline,

@@ -15,19 +15,10 @@ import torch
 from conftest import DATA
 from motiontune.cli import main
 from motiontune.config import load_config
+from motiontune.testing.process_memory import process_memory
 from motiontune.estimate import GB, Options, count_weights, estimate, make_shape, simulate_step, transformer_config
 
 PRESETS = ["#wan 2.2 LoRA", "#wan 2.2 LoRA 8GB", "#wan 2.2 Finetune", "#wan 2.2 Embedding"]
-
-
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(value.split()[0]) * 1024
-    return values
 
 
 def _measure(config_path: str, settings: list[str]) -> list[dict]:
@@ -49,7 +40,7 @@ def _measure(config_path: str, settings: list[str]) -> list[dict]:
 
         def before_forward(module, args):
             if type(module).__name__ == "WanTransformer3DModel" and not loaded:
-                loaded.append(_status()["VmRSS"])
+                loaded.append(process_memory()["VmRSS"])
                 with open("/proc/self/clear_refs", "w") as clear:
                     clear.write("5")
 
@@ -59,7 +50,7 @@ def _measure(config_path: str, settings: list[str]) -> list[dict]:
         finally:
             hook.remove()
         # the step's own memory: above what the process held as the step began
-        results.append({"setting": setting, "peak": _status()["VmHWM"] - loaded[0]})
+        results.append({"setting": setting, "peak": process_memory()["VmHWM"] - loaded[0]})
     return results
 
 
