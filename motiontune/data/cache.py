@@ -151,18 +151,24 @@ class Cache:
         """Temporary files of runs that were killed mid-write (their process is gone)."""
         for path in self.directory.rglob("*.tmp"):
             pid = path.suffixes[-2].lstrip(".") if len(path.suffixes) >= 2 else ""
-            if not pid.isdigit() or not _process_alive(int(pid)):
+            if not pid.isdigit() or not process_alive(int(pid)):
                 path.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS, Windows): kill's answer stands
+        return True
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

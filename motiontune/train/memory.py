@@ -73,7 +73,6 @@ def prepare_memory(family, expert, config: TrainConfig, device: torch.device) ->
     offloader = None
     if plan.offload_fraction > 0:
         offloader = BlockOffloader(blocks, plan.offload_fraction, plan.prefetch, device)
-        expert.module._motiontune_offloader = offloader
         log.info("%s: %d of %d blocks offloaded to host memory (at most %d of them on the device at once)", expert.name,
                  len(offloader.offloaded), len(blocks), offloader.prefetch)
     log.info("%s: gradient checkpointing %s", expert.name, plan.checkpointing)

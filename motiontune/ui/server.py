@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, check_not_supported_yet
+from ..data.cache import process_alive
 from ..train.progress import FILE_NAME as PROGRESS_FILE
 from .schema_help import ui_schema
 
@@ -139,21 +140,6 @@ def inspect_report(config: TrainConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- runs
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _is_motiontune(pid: int) -> bool:
     try:
         return b"motiontune" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -224,7 +210,7 @@ class RunState:
         if owned:
             running = self.owned_running()
         else:
-            running = bool(progress and progress.get("state") == "training" and _pid_alive(progress.get("pid")))
+            running = bool(progress and progress.get("state") == "training" and process_alive(progress.get("pid")))
         samples = sorted((workspace / "samples").glob("*.mp4"), key=lambda p: p.stat().st_mtime) if (workspace / "samples").is_dir() else []
         backups = []
         if (workspace / "backup").is_dir():
@@ -256,7 +242,7 @@ class RunState:
                 raise HTTPException(409, "a run started here is still going; stop it first")
             workspace = Path(config.workspace_dir).expanduser().resolve()
             progress = _read_json(workspace / PROGRESS_FILE)
-            if progress and progress.get("state") == "training" and _pid_alive(progress.get("pid")):
+            if progress and progress.get("state") == "training" and process_alive(progress.get("pid")):
                 raise HTTPException(409, f"another process (pid {progress['pid']}) is training in {workspace}")
             workspace.mkdir(parents=True, exist_ok=True)
             (workspace / PROGRESS_FILE).unlink(missing_ok=True)  # the last run's present moment, not this one's
@@ -281,7 +267,7 @@ class RunState:
                 return {"signalled": self.process.pid}
             progress = _read_json(self.workspace / PROGRESS_FILE) if self.workspace else None
             pid = progress.get("pid") if progress and progress.get("state") == "training" else None
-            if pid and _pid_alive(pid) and _is_motiontune(pid):  # a run started from the command line
+            if pid and process_alive(pid) and _is_motiontune(pid):  # a run started from the command line
                 os.kill(pid, signal.SIGINT)
                 return {"signalled": pid}
             raise HTTPException(409, "no run is training in the watched workspace")
