@@ -86,11 +86,13 @@ class Cache:
             _atomic_write_text(self._index, json.dumps(self._fingerprints))
 
     @staticmethod
-    def latent_key(fingerprint: str, timestamps, size, encoder: str) -> str:
+    def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
+                   flip: bool = False) -> str:
+        """`crop`: (top, left) of a jittered crop in the picture scaled to cover `size` (None: centred)."""
         return digest({
             "v": FORMAT_VERSION, "kind": "latent", "file": fingerprint,
-            "instants": [round(t, 6) for t in timestamps], "size": list(size), "crop": "center", "flip": False,
-            "encoder": encoder,
+            "instants": [round(t, 6) for t in timestamps], "size": list(size),
+            "crop": "center" if crop is None else list(crop), "flip": bool(flip), "encoder": encoder,
         })
 
     @staticmethod

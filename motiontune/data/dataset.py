@@ -6,12 +6,13 @@ Two layouts are read: captions beside the files (`clip.mp4` + `clip.txt`), and t
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 from ..config import ConfigError, TrainConfig
-from ..config.schema import ConceptConfig
+from ..config.concepts import ConceptConfig, concept_problems, concept_where, format_concept_errors, read_concept_list
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 MEDIA_FOLDERS = ("videos", "images")
@@ -21,22 +22,41 @@ MEDIA_FOLDERS = ("videos", "images")
 class Item:
     path: Path
     captions: tuple[str, ...]  # one is picked per step; a caption file may hold several lines
-    repeats: float
+    concept: ConceptConfig = field(compare=False, repr=False)  # the concept the file belongs to
     caption_problem: str = ""  # why the caption is empty, when it is
 
 
 def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
+    """The enabled concepts, from the config or its concepts file; a concept that asks for something not built
+    stops the run here, before any model loads."""
     if config.concepts is not None:
-        return [c for c in config.concepts if c.enabled]
-    path = Path(config.concept_file_name)
+        concepts, source = config.concepts, "the config's `concepts`"
+    else:
+        if config.concept_file_name is None:
+            raise ConfigError("the config names no training data: set `concepts` (a list of folders) or `concept_file_name` "
+                              "(a concepts.json file), e.g. --set 'concepts=[{\"path\": \"my_clips\"}]'")
+        concepts, source = _read_concept_file(Path(config.concept_file_name)), config.concept_file_name
+    problems = [f"  - {concept_where(i, c)}: {problem}" for i, c in enumerate(concepts) if c.enabled
+                for problem in concept_problems(c)]
+    if problems:
+        raise ConfigError(f"{source}: a concept asks for what is not built yet:\n" + "\n".join(problems))
+    enabled = [c for c in concepts if c.enabled]
+    if not enabled:
+        raise ConfigError(f"{source}: every concept is disabled (enabled false); enable at least one")
+    return enabled
+
+
+def _read_concept_file(path: Path) -> list[ConceptConfig]:
     if not path.is_file():
         raise ConfigError(f"concept_file_name = {str(path)!r}: no such file. Point it at a concepts.json list.")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        concepts = [ConceptConfig.model_validate(c) for c in raw]
-    except Exception as error:
-        raise ConfigError(f"{path}: not a valid concepts file ({error}). It must be a JSON list of concepts.") from None
-    return [c for c in concepts if c.enabled]
+        raw = read_concept_list(path)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    try:
+        return TypeAdapter(list[ConceptConfig]).validate_python(raw)
+    except ValidationError as error:
+        raise ConfigError(format_concept_errors(error, str(path), raw)) from None
 
 
 def scan_concept(concept: ConceptConfig) -> list[Item]:
@@ -68,7 +88,7 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
             else:
                 caption_file = path.with_suffix(".txt")
             captions, problem = _read_caption(caption_file)
-        items.append(Item(path, captions, concept.repeats, problem))
+        items.append(Item(path, captions, concept, problem))
     return items
 
 

@@ -5,6 +5,7 @@ the only place where data meets the model's encoders; the training step reads on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -17,8 +18,11 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..models import ModelFamily
 from ..train.distributed import Ranks
+from .augment import ImageVariant, apply_image_variant, caption_variants, cover_size, image_variant
+from .buckets import clip_repeats
 from .cache import Cache, encoder_identity
-from .survey import Survey, plan_entry, sampling_grid
+from .dataset import Item, load_concepts
+from .survey import FileEntry, Survey, plan_entry, sampling_grid
 from .video import MediaError, decode_clips
 from .workers import map_isolated
 
@@ -29,10 +33,12 @@ log = logging.getLogger("motiontune")
 class EncodedClip:
     source: Path
     latents: torch.Tensor  # (C, F', H', W'), normalised, on the CPU
-    captions: tuple[str, ...]
-    repeats: float
+    captions: tuple[str, ...]  # one is picked per step: the caption lines, or their drawn variations
+    repeats: float  # times per epoch on average, from the concept's balancing
     timestamps: tuple[float, ...]
     image_embeds: torch.Tensor | None = None  # the first frame through the family's image encoder (WAN 2.1 I2V)
+    loss_weight: float = 1.0  # the concept's loss_weight
+    look: ImageVariant = ImageVariant()  # the crop jitter and flip the frames had before encoding
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -57,6 +63,12 @@ class Encoding:
         self.calls: Counter = Counter()
         self.used: dict[str, set[str]] = {"latents": set(), "text": set()}  # every key this run asked for
         self._text_loaded = False
+        video = config.video_config
+        self._windows_move = video.frame_sample_strategy == "random" or video.temporal_augmentation
+        concepts = load_concepts(config)
+        # each concept's image variations come round every image_variations epochs
+        self._image_cycles = sorted({c.image_variations for c in concepts if c.varies_image and c.image_variations > 1})
+        self._told = False  # the notes on what costs encoding time are logged once
 
     def _cache_is_shared(self) -> bool:
         """Whether every rank sees the same cache folder (nodes without a shared disk each encode everything)."""
@@ -76,25 +88,53 @@ class Encoding:
         return shared
 
     def window_variant(self, epoch: int) -> int:
-        """Which draw of random windows (or of temporal augmentation) an epoch uses; 0 for fixed windows."""
-        video = self.config.video_config
-        if video.frame_sample_strategy != "random" and not video.temporal_augmentation:
+        """Which draw an epoch trains: of its clip windows (random windows, temporal augmentation) and of each
+        concept's image variations (crop jitter, random flip); 0 when every epoch trains the same clips. It
+        repeats once every cached draw has come round (never for windows drawn anew each epoch)."""
+        windows = self.config.video_config.window_variants
+        if self._windows_move and windows == 0:
+            return epoch
+        return epoch % math.lcm(windows if self._windows_move else 1, *self._image_cycles)
+
+    def _window_draw(self, variant: int) -> int:
+        if not self._windows_move:
             return 0
-        return epoch if video.window_variants == 0 else epoch % video.window_variants
+        windows = self.config.video_config.window_variants
+        return variant % windows if windows else variant
+
+    def _look(self, entry: FileEntry, clip: tuple[float, ...], variant: int) -> ImageVariant:
+        """The crop jitter and flip of one clip in this variant (image_variations draws per clip, in turns)."""
+        concept = entry.item.concept
+        if not (concept.varies_image or concept.image.enable_fixed_flip):
+            return ImageVariant()
+        index = variant % concept.image_variations if concept.varies_image else 0
+        seed = f"{self.config.seed}:{concept.seed}:{entry.item.path}:{clip[0]:.6f}"
+        return image_variant(concept.image, entry.info.width, entry.info.height, entry.size, seed, index)
+
+    def _captions(self, item: Item) -> tuple[str, ...]:
+        """The captions a step picks from: text_variations draws of each line when tags shuffle or drop out.
+        Prompts shared by the whole concept (prompt_source concept) share their draws too."""
+        concept = item.concept
+        shared = concept.text.prompt_source in ("concept", "txt")
+        seed = f"{self.config.seed}:{concept.seed}" + ("" if shared else f":{item.path}")
+        return caption_variants(item.captions, concept.text, concept.text_variations, seed)
 
     def clips(self, survey: Survey, variant: int = 0) -> list[EncodedClip]:
         """Every planned clip of every usable file; a file that fails to decode is reported and skipped."""
         _, max_frames = sampling_grid(self.config, self.family)
         entries = survey.usable
         augment = self.config.video_config.temporal_augmentation
+        draw = self._window_draw(variant)
         plans = [
-            plan_entry(e, self.config, self.family, max_frames, variant, augment) if variant or augment else e.clips
+            plan_entry(e, self.config, self.family, max_frames, draw, augment) if draw or augment else e.clips
             for e in entries
         ]
+        looks = [[self._look(entry, clip, variant) for clip in plan] for entry, plan in zip(entries, plans)]
         keys = []
-        for entry, plan in zip(entries, plans):
+        for entry, plan, file_looks in zip(entries, plans, looks):
             fingerprint = self.cache.file_fingerprint(entry.item.path)
-            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity) for clip in plan])
+            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity, look.crop, look.flip)
+                         for clip, look in zip(plan, file_looks)])
         if self.ranks.main:
             self.cache.save_fingerprints()
         self.used["latents"].update(k for file_keys in keys for k in file_keys)
@@ -103,43 +143,80 @@ class Encoding:
         encoded_before = self.calls["video"]
         mine = self._my_share(missing, lambda i: keys[i])
         if mine:
-            self._encode_missing([entries[i] for i in mine], [plans[i] for i in mine], [keys[i] for i in mine], values)
+            self._encode_missing([entries[i] for i in mine], [plans[i] for i in mine], [looks[i] for i in mine],
+                                 [keys[i] for i in mine], values)
         if self.split and missing:
             self.ranks.barrier()  # the other ranks' shares are in the cache now
             values.update({key: self.cache.get("latents", key, self._extras) for key, value in values.items() if value is None})
+        found = [(entry, clip, look, values[key]) for entry, plan, file_looks, file_keys in zip(entries, plans, looks, keys)
+                 for clip, look, key in zip(plan, file_looks, file_keys) if values.get(key) is not None]
+        clip_counts = Counter(id(entry.item.concept) for entry, *_ in found)
         encoded = []
-        for entry, plan, file_keys in zip(entries, plans, keys):
-            for clip, key in zip(plan, file_keys):
-                if values.get(key) is not None:
-                    item = entry.item
-                    latents, image = (values[key]["value"], values[key]["image"]) if self._extras else (values[key], None)
-                    encoded.append(EncodedClip(item.path, latents, item.captions, item.repeats, clip, image))
+        for entry, clip, look, value in found:
+            item, concept = entry.item, entry.item.concept
+            latents, image = (value["value"], value["image"]) if self._extras else (value, None)
+            repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
+            encoded.append(EncodedClip(item.path, latents, self._captions(item), repeats, clip, image, concept.loss_weight, look))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
+        if not self._told:
+            self._told = True
+            self._tell_costs(entries, clip_counts)
         log.info("%d clips from %d files (%d encoded now, the rest from the cache)",
                  len(encoded), len({c.source for c in encoded}), self.calls["video"] - encoded_before)
         return encoded
 
-    def _encode_missing(self, entries, plans, keys, values) -> None:
+    def _encode_missing(self, entries, plans, looks, keys, values) -> None:
         self.family.load_vae()
-        jobs = [(e.info, plan, e.size) for e, plan in zip(entries, plans)]
+        # a jittered crop is cut here from frames decoded at the size that covers the bucket
+        jobs = [(e.info, plan, cover_size(e.info.width, e.info.height, e.size) if any(look.cover for look in file_looks) else e.size)
+                for e, plan, file_looks in zip(entries, plans, looks)]
         decoded = map_isolated(_decode_job, jobs, self.config.dataloader_threads)
         progress = tqdm(total=sum(len(k) for k in keys), desc="encoding clips", unit="clip", leave=False)
-        for entry, plan, file_keys, (_, result) in zip(entries, plans, keys, decoded):
+        for entry, plan, file_looks, file_keys, (_, result) in zip(entries, plans, looks, keys, decoded):
             if isinstance(result, Exception):
                 reason = str(result) if isinstance(result, MediaError) else f"{entry.item.path}: {type(result).__name__}: {result}"
                 log.warning("skipped %s", reason)
                 progress.update(len(file_keys))
                 continue
-            for frames, clip, key in zip(result, plan, file_keys):
+            for frames, clip, look, key in zip(result, plan, file_looks, file_keys):
                 if values[key] is None:
+                    frames = apply_image_variant(frames, look, entry.size)
                     latents = self.family.encode_video(frames)
                     extras = {"image": self.family.encode_first_frame(frames[0])} if self._extras else None
                     values[key] = {"value": latents, **extras} if extras else latents
                     self.calls["video"] += 1
-                    self.cache.put("latents", key, latents, {"file": str(entry.item.path), "instants": clip}, extras)
+                    about = {"file": str(entry.item.path), "instants": clip, "crop": look.crop, "flip": look.flip}
+                    self.cache.put("latents", key, latents, about, extras)
                 progress.update()
         progress.close()
+
+    def _tell_costs(self, entries: list[FileEntry], clip_counts: Counter) -> None:
+        """Log, per concept, the settings that cost encoding time or change how often its clips train."""
+        concepts = {id(e.item.concept): e.item.concept for e in entries}
+        windows = self.config.video_config.window_variants
+        for key, concept in concepts.items():
+            name, image = concept.label, concept.image
+            if concept.varies_image:
+                what = " and ".join(w for w, on in (("crop jitter", image.enable_crop_jitter),
+                                                     ("random flip", image.enable_random_flip)) if on)
+                if concept.image_variations == 1:
+                    log.info("concept %s: %s drawn once per clip and kept for every epoch (image_variations 1); each "
+                             "more image variation costs one more VAE encoding of every clip", name, what)
+                else:
+                    log.info("concept %s: %s: %d variations of every clip are VAE-encoded, one per epoch in turns (the "
+                             "first %d epochs encode, later ones read the cache%s)", name, what, concept.image_variations,
+                             concept.image_variations, "" if self.cache.enabled else "; latent_caching is off, so every epoch encodes")
+            if concept.text.varies:
+                files = [e.item for e in entries if id(e.item.concept) == key]
+                texts = {text for item in files for text in self._captions(item)}
+                log.info("concept %s: tag shuffling/dropout: %d draw(s) of each caption line (text_variations), %d "
+                         "distinct captions to encode", name, concept.text_variations, len(texts))
+            if concept.balancing_strategy == "SAMPLES":
+                log.info("concept %s: balancing SAMPLES %d: that many of its %d clips train per epoch, in turns", name,
+                         math.floor(concept.balance), clip_counts[key])
+        if self._image_cycles and self._windows_move and windows == 0:
+            log.info("clip windows are drawn anew every epoch (window_variants 0), so image variations are encoded anew too")
 
     def texts(self, texts: set[str], batch: int = 8) -> dict[str, torch.Tensor]:
         """Each text's embedding, as the stock pipeline computes it."""

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig
-from ..config.schema import compression_factors
+from ..config.schema import compression_factors, parse_resolution
 from ..models import ModelFamily
 from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
@@ -48,15 +48,17 @@ class Survey:
         return Counter((len(c), *e.size) for e in self.usable for c in e.clips)
 
 
-def training_resolution(config: TrainConfig, family: ModelFamily) -> tuple[int, int]:
-    """The size frames are encoded at: the resolution rounded down to the multiple the VAE and patching
-    need, divided by the extra spatial compression (spatial_compression_ratio beyond the VAE's own)."""
-    height, width = config.resolution_hw()
+def training_resolution(config: TrainConfig, family: ModelFamily, resolution: str | None = None) -> tuple[int, int]:
+    """The size frames are encoded at: the resolution (the config's, or a concept's resolution_override) rounded
+    down to the multiple the VAE and patching need, divided by the extra spatial compression
+    (spatial_compression_ratio beyond the VAE's own)."""
+    resolution = resolution or config.resolution
+    height, width = parse_resolution(resolution)
     spatial, _ = compression_factors(config)
     multiple = family.spatial_multiple * spatial
     rounded = (max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple))
     if rounded != (height, width):
-        log.info("resolution %s → %dx%d (width x height must be multiples of %d)", config.resolution, rounded[1], rounded[0], multiple)
+        log.info("resolution %s → %dx%d (width x height must be multiples of %d)", resolution, rounded[1], rounded[0], multiple)
     if spatial > 1:
         log.info("spatial_compression_ratio %d: frames are downscaled %dx before encoding, to %dx%d",
                  config.video_config.spatial_compression_ratio, spatial, rounded[1] // spatial, rounded[0] // spatial)
@@ -97,8 +99,7 @@ def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_f
 def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True) -> Survey:
     """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required)."""
     items = scan_dataset(config)
-    resolution = training_resolution(config, family)
-    buckets = aspect_buckets(resolution, family.spatial_multiple) if config.aspect_ratio_bucketing else [resolution]
+    buckets = _bucket_sets(config, family, {id(item.concept): item.concept for item in items}.values())
     max_frames = valid_max_frames(config, family)
     video = config.video_config
     entries = []
@@ -120,7 +121,7 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
                     f"{item.path}: too short: {info.duration:.3f} s holds no frame on the {video.target_fps:g} fps grid"
                 )
             else:
-                entry.size = nearest_bucket(info.width, info.height, buckets)
+                entry.size = nearest_bucket(info.width, info.height, buckets[_resolution_of(item.concept, config)])
     survey = Survey(entries)
     if survey.usable:
         frames = len(survey.usable[0].clips[0])
@@ -138,6 +139,24 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
             "check the concept paths and run `motiontune inspect` on them"
         )
     return survey
+
+
+def _resolution_of(concept, config: TrainConfig) -> str:
+    return concept.image.resolution_override if concept.image.enable_resolution_override else config.resolution
+
+
+def _bucket_sets(config: TrainConfig, family: ModelFamily, concepts) -> dict[str, list[tuple[int, int]]]:
+    """Resolution text → the (height, width) buckets clips are sized to: the config's resolution, and each
+    concept's resolution_override."""
+    sets = {}
+    for concept in [None, *concepts]:
+        resolution = config.resolution if concept is None else _resolution_of(concept, config)
+        if concept is not None and concept.image.enable_resolution_override:
+            log.info("concept %s: resolution_override %s (instead of resolution %s)", concept.label, resolution, config.resolution)
+        if resolution not in sets:
+            size = training_resolution(config, family, resolution)
+            sets[resolution] = aspect_buckets(size, family.spatial_multiple) if config.aspect_ratio_bucketing else [size]
+    return sets
 
 
 def _reason_kind(problem: str) -> str:

@@ -1,0 +1,256 @@
+"""Concepts: the folders a run trains on, in OneTrainer's concept format (`concepts`, or a concepts.json
+named by `concept_file_name`).
+
+Every key OneTrainer writes for a concept is read, its `__version`, `image` and `text` blocks included. The
+ones that matter for video training are built (docs/config.md, "Concepts"). The others are accepted while
+they do what OneTrainer's defaults do, and an enabled concept that switches one on is refused by name
+(`concept_problems`), so a OneTrainer file never trains differently without a word.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+VERSION_HELP = "OneTrainer's format version of this block (read, not used: older keys are still understood)"
+
+
+class ConceptImageConfig(_Section):
+    """OneTrainer's `image` block: per-clip augmentations. One draw applies to every frame of a clip."""
+
+    version: int | None = Field(None, alias="__version", description=VERSION_HELP)
+    enable_crop_jitter: bool = Field(
+        False, description="crop each clip at a random place inside the picture scaled to cover its bucket, instead "
+        "of its centre (OneTrainer's default is true; drawn per image variation)")
+    enable_random_flip: bool = Field(
+        False, description="mirror each clip left-right with probability 0.5 (drawn per image variation)")
+    enable_fixed_flip: bool = Field(False, description="mirror every clip of the concept left-right")
+    enable_random_rotate: bool = Field(False, description="not built: rotation")
+    enable_fixed_rotate: bool = Field(False, description="not built: rotation")
+    random_rotate_max_angle: float = Field(0.0, description="rotation strength; read only while rotation is off")
+    enable_random_brightness: bool = Field(False, description="not built: brightness changes")
+    enable_fixed_brightness: bool = Field(False, description="not built: brightness changes")
+    random_brightness_max_strength: float = Field(0.0, description="read only while brightness changes are off")
+    enable_random_contrast: bool = Field(False, description="not built: contrast changes")
+    enable_fixed_contrast: bool = Field(False, description="not built: contrast changes")
+    random_contrast_max_strength: float = Field(0.0, description="read only while contrast changes are off")
+    enable_random_saturation: bool = Field(False, description="not built: saturation changes")
+    enable_fixed_saturation: bool = Field(False, description="not built: saturation changes")
+    random_saturation_max_strength: float = Field(0.0, description="read only while saturation changes are off")
+    enable_random_hue: bool = Field(False, description="not built: hue changes")
+    enable_fixed_hue: bool = Field(False, description="not built: hue changes")
+    random_hue_max_strength: float = Field(0.0, description="read only while hue changes are off")
+    enable_resolution_override: bool = Field(
+        False, description="train this concept's clips at resolution_override instead of the config's resolution")
+    resolution_override: str = Field(
+        "512", description="'512' or '832x480' (width x height), as `resolution`; used when enable_resolution_override is true")
+    enable_random_circular_mask_shrink: bool = Field(False, description="not built: masked training")
+    enable_random_mask_rotate_crop: bool = Field(False, description="not built: masked training")
+
+    @field_validator("resolution_override")
+    @classmethod
+    def _resolution_form(cls, value: str, info):
+        if info.data.get("enable_resolution_override"):
+            from .schema import parse_resolution  # schema imports this module
+
+            parse_resolution(value)
+        return value
+
+
+class TextConfig(_Section):
+    """OneTrainer's `text` block: where captions come from and how they vary."""
+
+    version: int | None = Field(None, alias="__version", description=VERSION_HELP)
+    prompt_source: Literal["sample", "concept", "txt", "filename"] = Field(
+        "sample", description="sample: a .txt caption beside each file; concept (or txt): the lines of prompt_path; "
+        "filename: the file's name without its extension")
+    prompt_path: str = Field("", description="prompt_source concept: a .txt file, one caption per line")
+    enable_tag_shuffling: bool = Field(
+        False, description="shuffle the caption's tags (split at tag_delimiter), keeping the first keep_tags_count in place")
+    tag_delimiter: str = Field(",", min_length=1, description="what separates tags in a caption")
+    keep_tags_count: int = Field(1, ge=0, description="leading tags that shuffling and dropout never touch")
+    tag_dropout_enable: bool = Field(False, description="leave tags out of captions (see tag_dropout_mode)")
+    tag_dropout_mode: Literal["FULL", "RANDOM", "RANDOM WEIGHTED"] = Field(
+        "FULL", description="FULL: with tag_dropout_probability, every tag after the kept ones goes; RANDOM: each goes "
+        "with that probability; RANDOM WEIGHTED: later tags go more often (probability × position / count)")
+    tag_dropout_probability: float = Field(0.0, ge=0, le=1, description="see tag_dropout_mode")
+    tag_dropout_special_tags_mode: Literal["NONE", "BLACKLIST", "WHITELIST"] = Field(
+        "NONE", description="WHITELIST: the special tags are never dropped; BLACKLIST: only they can be dropped")
+    tag_dropout_special_tags: str = Field(
+        "", description="the special tags, separated by tag_delimiter, or a .txt (one per line) or .csv (first column) file")
+    tag_dropout_special_tags_regex: bool = Field(
+        False, description="special tags with regular-expression characters match tags as regular expressions")
+    caps_randomize_enable: bool = Field(False, description="not built: random capitalisation")
+    caps_randomize_mode: str = Field("capslock, title, first, random", description="read only while caps_randomize_enable is false")
+    caps_randomize_probability: float = Field(0.0, description="read only while caps_randomize_enable is false")
+    caps_randomize_lowercase: bool = Field(False, description="read only while caps_randomize_enable is false")
+
+    @property
+    def varies(self) -> bool:
+        """Whether captions change at random (shuffling or dropout), so variants are drawn and encoded."""
+        return self.enable_tag_shuffling or (self.tag_dropout_enable and self.tag_dropout_probability > 0)
+
+
+class ConceptConfig(_Section):
+    version: int | None = Field(None, alias="__version", description=VERSION_HELP)
+    name: str = ""
+    path: str
+    seed: int = Field(0, description="this concept's random draws (caption and image variations), with the config's seed")
+    enabled: bool = Field(True, description="false: the concept is left out (and its settings are not checked)")
+    concept_type: Literal["STANDARD", "VALIDATION", "PRIOR_PREDICTION"] = Field(
+        "STANDARD", alias="type", validation_alias=AliasChoices("type", "concept_type"),
+        description="STANDARD trains; VALIDATION and PRIOR_PREDICTION are not built yet")
+    include_subdirectories: bool = Field(False, description="also read files in subfolders of path")
+    image_variations: int = Field(
+        1, ge=1, le=1000, description="with crop jitter or random flip: that many draws of each clip are encoded and cached; "
+        "epoch N trains draw N modulo this count")
+    text_variations: int = Field(
+        1, ge=1, le=1000, description="with tag shuffling or dropout: that many draws of each caption line are encoded "
+        "and cached; each step picks one")
+    balancing: float | None = Field(
+        None, gt=0, description="REPEATS: each clip trains this many times per epoch (1.5: all once, half of them "
+        "twice, in turns); SAMPLES: the concept gives this many clips per epoch. Null: 1, or `repeats`")
+    repeats: float | None = Field(None, gt=0, description="the older name of balancing (OneTrainer concepts of version 0)")
+    balancing_strategy: Literal["REPEATS", "SAMPLES"] = "REPEATS"
+    loss_weight: float = Field(1.0, ge=0, description="each of this concept's samples counts this many times in the loss")
+    concept_stats: dict = Field(default_factory=dict, description="OneTrainer's dataset statistics; read, not used",
+                                json_schema_extra={"properties": {}})  # (no fields of its own for the UI's form)
+    validation_concept: bool | None = Field(
+        None, description="the older form of type VALIDATION (OneTrainer concepts of version 1); not built yet")
+    image: ConceptImageConfig = ConceptImageConfig()
+    text: TextConfig = TextConfig()
+
+    @field_validator("repeats")
+    @classmethod
+    def _one_balancing(cls, value, info):
+        balancing = info.data.get("balancing")
+        if value is not None and balancing is not None and value != balancing:
+            raise ValueError(f"`repeats` is the older name of `balancing`, which is {balancing:g}; keep only `balancing`")
+        return value
+
+    @field_validator("balancing_strategy")
+    @classmethod
+    def _whole_samples(cls, value, info):
+        balance = info.data.get("balancing") or info.data.get("repeats") or 1.0
+        if value == "SAMPLES" and balance < 1:
+            raise ValueError(f"SAMPLES takes balancing as the number of clips per epoch, and {balance:g} is less than one; "
+                             "set balancing to 1 or more")
+        return value
+
+    @property
+    def balance(self) -> float:
+        """balancing, or its older name repeats (1 when neither is set)."""
+        return self.balancing if self.balancing is not None else self.repeats if self.repeats is not None else 1.0
+
+    @property
+    def label(self) -> str:
+        return repr(self.name or self.path)
+
+    @property
+    def varies_image(self) -> bool:
+        """Whether each clip's look is drawn at random (crop jitter, random flip), so variants are encoded."""
+        return self.image.enable_crop_jitter or self.image.enable_random_flip
+
+
+# OneTrainer features not built here, refused on an enabled concept when switched on:
+# (block, key, what OneTrainer does with it)
+NOT_BUILT: list[tuple[str, str, str]] = [
+    ("image", "enable_random_rotate", "rotates each picture by a random angle"),
+    ("image", "enable_fixed_rotate", "rotates each picture by random_rotate_max_angle"),
+    ("image", "enable_random_brightness", "changes the brightness at random"),
+    ("image", "enable_fixed_brightness", "changes the brightness by random_brightness_max_strength"),
+    ("image", "enable_random_contrast", "changes the contrast at random"),
+    ("image", "enable_fixed_contrast", "changes the contrast by random_contrast_max_strength"),
+    ("image", "enable_random_saturation", "changes the saturation at random"),
+    ("image", "enable_fixed_saturation", "changes the saturation by random_saturation_max_strength"),
+    ("image", "enable_random_hue", "shifts the hue at random"),
+    ("image", "enable_fixed_hue", "shifts the hue by random_hue_max_strength"),
+    ("image", "enable_random_circular_mask_shrink", "shrinks the training mask (masked training)"),
+    ("image", "enable_random_mask_rotate_crop", "rotates and crops around the training mask (masked training)"),
+    ("text", "caps_randomize_enable", "changes the capitalisation of tags at random"),
+]
+
+
+def concept_problems(concept: ConceptConfig) -> list[str]:
+    """What an enabled concept asks for that is not built: one line per key, `key = value: why; what to do`."""
+    problems = []
+    for key, value in (("type", concept.concept_type), ("validation_concept", concept.validation_concept)):
+        if value not in ("STANDARD", None, False):
+            problems.append(
+                f"{key} = {json.dumps(value)}: {'VALIDATION' if value is True else value} concepts belong to a later feature "
+                "(not built yet); set type STANDARD, or remove the concept (or set its enabled false)")
+    for block, key, what in NOT_BUILT:
+        if getattr(getattr(concept, block), key):
+            problems.append(f"{block}.{key} = true: not built yet (in OneTrainer it {what}); set it to false and the "
+                            "concept trains without it")
+    return problems
+
+
+def format_concept_errors(error: ValidationError, source: str, raw: list) -> str:
+    """A concepts file's validation errors, worded like config errors: where (file, concept, key), the value,
+    and what to do."""
+    lines = [f"{source}: {error.error_count()} problem(s) in the concepts:"]
+    for problem in error.errors():
+        index, *loc = problem["loc"]
+        lines.append(f"  - {concept_where(index, raw[index] if isinstance(raw[index], dict) else {})}: "
+                     + _problem_text(problem, tuple(loc)))
+    lines.append("Fix the file and run again; docs/config.md (Concepts) lists every key.")
+    return "\n".join(lines)
+
+
+def concept_where(index: int, concept) -> str:
+    """`concept 0 ('name')`: the list position (from 0, as in `--set concepts.0.path=...`) and the name or path."""
+    get = concept.get if isinstance(concept, dict) else lambda key: getattr(concept, key, None)
+    shown = get("name") or get("path")
+    return f"concept {index}" + (f" ({shown!r})" if shown else "")
+
+
+def _problem_text(problem: dict, loc: tuple) -> str:
+    key = ".".join(str(p) for p in loc)
+    if problem["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"Did you mean {close[0]!r}?" if close else f"Known keys here: {', '.join(sorted(known))}."
+        return f"unknown key {key!r}. {hint}"
+    if problem["type"] == "missing":
+        return f"{key}: this key is required"
+    if not loc:  # the concept itself is not an object
+        return f"{json.dumps(problem.get('input'), default=str)[:80]}: each concept must be a JSON object {{...}}"
+    return f"{key} = {json.dumps(problem.get('input'), default=str)}: {problem['msg']}"
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = ConceptConfig
+    for part in loc:
+        field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
+        inner = field.annotation if field is not None else None
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(field.alias or name)
+        choices = getattr(field.validation_alias, "choices", [])
+        names += [c for c in choices if isinstance(c, str) and c not in names]
+    return names
+
+
+def read_concept_list(path: Path) -> list:
+    """The raw JSON list of a concepts file; ValueError with the reason when it is not one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"a concepts file is a JSON list of concepts [{{\"path\": ...}}, ...], as OneTrainer writes it; "
+                         f"this one holds a {type(raw).__name__}")
+    return raw
+

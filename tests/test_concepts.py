@@ -1,0 +1,383 @@
+"""OneTrainer's concept format: a concepts.json as OneTrainer writes it trains; each built key does what it
+says; what is not built is refused by name; a bad file is reported like a bad config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import base_config, write_config
+from motiontune.config import ConfigError, TrainConfig
+
+# A concept exactly as OneTrainer's ConceptConfig.default_values().to_dict() writes it (format version 2): every key,
+# OneTrainer's default values (crop jitter on), a per-concept random seed, and the statistics its UI stores.
+ONETRAINER_CONCEPT = {
+    "__version": 2,
+    "image": {
+        "__version": 0, "enable_crop_jitter": True, "enable_random_flip": False, "enable_fixed_flip": False,
+        "enable_random_rotate": False, "enable_fixed_rotate": False, "random_rotate_max_angle": 0.0,
+        "enable_random_brightness": False, "enable_fixed_brightness": False, "random_brightness_max_strength": 0.0,
+        "enable_random_contrast": False, "enable_fixed_contrast": False, "random_contrast_max_strength": 0.0,
+        "enable_random_saturation": False, "enable_fixed_saturation": False, "random_saturation_max_strength": 0.0,
+        "enable_random_hue": False, "enable_fixed_hue": False, "random_hue_max_strength": 0.0,
+        "enable_resolution_override": False, "resolution_override": "512",
+        "enable_random_circular_mask_shrink": False, "enable_random_mask_rotate_crop": False,
+    },
+    "text": {
+        "__version": 0, "prompt_source": "sample", "prompt_path": "", "enable_tag_shuffling": False, "tag_delimiter": ",",
+        "keep_tags_count": 1, "tag_dropout_enable": False, "tag_dropout_mode": "FULL", "tag_dropout_probability": 0.0,
+        "tag_dropout_special_tags_mode": "NONE", "tag_dropout_special_tags": "", "tag_dropout_special_tags_regex": False,
+        "caps_randomize_enable": False, "caps_randomize_mode": "capslock, title, first, random",
+        "caps_randomize_probability": 0.0, "caps_randomize_lowercase": False,
+    },
+    "name": "", "path": "", "seed": -387420489, "enabled": True, "type": "STANDARD", "include_subdirectories": False,
+    "image_variations": 1, "text_variations": 1, "balancing": 1.0, "balancing_strategy": "REPEATS", "loss_weight": 1.0,
+    "concept_stats": {"file_size": 2048, "directory_count": 1, "image_count": 2, "video_count": 0, "caption_count": 2,
+                      "paired_images": 2, "unpaired_images": 0, "max_pixels": [1024, "a.png", [32, 32]]},
+}
+
+
+def ot_concept(path, **changes) -> dict:
+    concept = copy.deepcopy(ONETRAINER_CONCEPT)
+    concept["path"] = str(path)
+    for key, value in changes.items():
+        block, _, name = key.rpartition("__")
+        (concept[block] if block else concept)[name] = value
+    return concept
+
+
+def picture(path: Path, width: int, height: int, caption: str | None = None) -> Path:
+    """A picture whose every pixel differs from its mirror image and its neighbours (flips and shifts show)."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x * 7 + y * 13) % 256], axis=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption + "\n")
+    return path
+
+
+def config_for(tmp_path, tiny_models, concepts: list[dict], **overrides) -> TrainConfig:
+    keys = base_config(tmp_path, tiny_models("wan-2.1"), tmp_path, dataloader_threads=0, **overrides)
+    keys["concepts"] = concepts
+    return TrainConfig.model_validate(keys)
+
+
+def encoding_for(config: TrainConfig):
+    """(family, survey, Encoding) without a cache; the family's VAE records the frames it encodes."""
+    from motiontune.data.cache import Cache
+    from motiontune.data.latents import Encoding
+    from motiontune.data.survey import survey_dataset
+    from motiontune.models.wan import WanFamily
+
+    family = WanFamily(config, torch.device("cpu"))
+    survey = survey_dataset(config, family)
+    encoding = Encoding(family, config, Cache("unused", enabled=False))
+    seen = []
+    encode = family.encode_video
+    family.encode_video = lambda frames: seen.append(np.array(frames)) or encode(frames)
+    encoding.frames_seen = seen
+    return family, survey, encoding
+
+
+# ---------------------------------------------------------------------------------------------- the file as written
+
+
+def test_a_onetrainer_concepts_file_with_every_key_trains(tmp_path, tiny_models):
+    from motiontune.cli import main
+    from motiontune.data.dataset import load_concepts
+
+    folder = tmp_path / "clips"
+    picture(folder / "a.png", 48, 32, "a red square, studio")
+    picture(folder / "b.png", 32, 48, "a blue square")
+    (tmp_path / "concepts.json").write_text(json.dumps([ot_concept(folder)], indent=4))
+    keys = base_config(tmp_path, tiny_models("wan-2.1"), folder, epochs=1, dataloader_threads=0)
+    del keys["concepts"]
+    keys["concept_file_name"] = str(tmp_path / "concepts.json")
+
+    [concept] = load_concepts(TrainConfig.model_validate(keys))
+    assert concept.image.enable_crop_jitter and concept.seed == -387420489 and concept.balance == 1.0
+
+    def every_key(data: dict, prefix="") -> set[str]:
+        return {prefix + k for k, v in data.items()} | {
+            key for k, v in data.items() if isinstance(v, dict) and k != "concept_stats" for key in every_key(v, f"{prefix}{k}.")}
+
+    assert every_key(ONETRAINER_CONCEPT) <= every_key(concept.model_dump(by_alias=True))  # nothing dropped on the way
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", **keys))]) == 0
+    assert (tmp_path / "lora.safetensors").is_file()
+
+
+def test_what_is_not_built_is_refused_by_name_on_an_enabled_concept(tmp_path):
+    from motiontune.config.concepts import NOT_BUILT
+    from motiontune.data.dataset import load_concepts
+
+    folder = tmp_path / "clips"
+    picture(folder / "a.png", 32, 32, "x")
+    unbuilt = {f"{block}__{key}": True for block, key, _ in NOT_BUILT}
+    inert = {"image__random_rotate_max_angle": 20.0, "text__caps_randomize_probability": 0.5}  # their feature is off
+    concepts = [ot_concept(folder, name="all of it", type="PRIOR_PREDICTION", **unbuilt),
+                ot_concept(folder, name="validation", validation_concept=True),
+                ot_concept(folder, name="parked", enabled=False, type="VALIDATION", image__enable_random_hue=True),
+                ot_concept(folder, name="fine", **inert)]
+    del concepts[1]["type"]  # a version-1 file says validation_concept instead
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    config = TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")})
+    with pytest.raises(ConfigError) as error:
+        load_concepts(config)
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "concepts.json"))
+    for block, key, _ in NOT_BUILT:
+        assert f"concept 0 ('all of it'): {block}.{key} = true: not built yet" in message
+    assert "concept 0 ('all of it'): type = \"PRIOR_PREDICTION\": PRIOR_PREDICTION concepts belong to a later feature" in message
+    assert "set type STANDARD, or remove the concept" in message
+    assert "concept 1 ('validation'): validation_concept = true: VALIDATION concepts belong to a later feature" in message
+    assert "parked" not in message and "fine" not in message  # disabled concepts and inert settings pass
+
+    # the enabled ones alone train; `concept_type` is read as another spelling of `type`
+    concepts = [concepts[2], concepts[3], {"path": str(folder), "concept_type": "STANDARD"}]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    assert [c.name for c in load_concepts(config)] == ["fine", ""]
+    config = TrainConfig.model_validate({"concepts": [{"path": str(folder), "concept_type": "VALIDATION"}]})
+    with pytest.raises(ConfigError, match=r"the config's `concepts`: .*\n  - concept 0 \('.*clips'\): type = \"VALIDATION\""):
+        load_concepts(config)
+
+
+def test_a_bad_concepts_file_is_reported_like_a_bad_config(tmp_path):
+    from motiontune.config.load import load_config
+    from motiontune.data.dataset import load_concepts
+
+    folder = tmp_path / "clips"
+    concepts = [ot_concept(folder, name="people", balancing="lots", balancing_stratgy="SAMPLES",
+                           text__tag_dropout_mode="SOMETIMES", image__enable_resolution_override=True,
+                           image__resolution_override="big"),
+                {"name": "no path"}, ["not", "an", "object"]]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    config = TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")})
+    with pytest.raises(ConfigError) as error:
+        load_concepts(config)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'concepts.json'}: 6 problem(s) in the concepts:")
+    assert "  - concept 0 ('people'): balancing = \"lots\": Input should be a valid number" in message
+    assert "  - concept 0 ('people'): unknown key 'balancing_stratgy'. Did you mean 'balancing_strategy'?" in message
+    assert "  - concept 0 ('people'): text.tag_dropout_mode = \"SOMETIMES\": Input should be 'FULL', 'RANDOM' or 'RANDOM WEIGHTED'" in message
+    assert "  - concept 0 ('people'): image.resolution_override = \"big\": Value error, resolution must be a size like" in message
+    assert "  - concept 1 ('no path'): path: this key is required" in message
+    assert "  - concept 2: [\"not\", \"an\", \"object\"]: each concept must be a JSON object" in message
+    assert "pydantic" not in message and "validation error" not in message.lower()
+
+    (tmp_path / "concepts.json").write_text(json.dumps({"path": "x"}))
+    with pytest.raises(ConfigError, match="a concepts file is a JSON list of concepts"):
+        load_concepts(config)
+    (tmp_path / "concepts.json").write_text(json.dumps([{"path": "x", "repeats": 2, "balancing": 3}]))
+    with pytest.raises(ConfigError, match=r"concept 0 \('x'\): repeats = 2: Value error, `repeats` is the older name of `balancing`"):
+        load_concepts(config)
+    # the same keys inline in a config go through the config's own error report
+    path = write_config(tmp_path / "c.json", concepts=[ot_concept(folder, balancing_stratgy="SAMPLES")])
+    with pytest.raises(ConfigError, match=r"unknown key 'concepts.0.balancing_stratgy'. Did you mean 'balancing_strategy'"):
+        load_config(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- which files, which captions
+
+
+def test_enabled_subdirectories_and_prompt_sources(tmp_path):
+    from motiontune.data.dataset import scan_dataset
+
+    picture(tmp_path / "a" / "top_shot.png", 32, 32, "from its caption file")
+    picture(tmp_path / "a" / "deeper" / "low_angle.png", 32, 32, "deeper caption")
+    picture(tmp_path / "b" / "other.png", 32, 32, "never read")
+    (tmp_path / "prompts.txt").write_text("first prompt\nsecond prompt\n")
+
+    def captions(**concept) -> dict[str, tuple[str, ...]]:
+        concepts = [{"path": str(tmp_path / "a"), **concept}, {"path": str(tmp_path / "b"), "enabled": False}]
+        return {item.path.name: item.captions for item in scan_dataset(TrainConfig.model_validate({"concepts": concepts}))}
+
+    assert captions() == {"top_shot.png": ("from its caption file",)}  # the disabled concept and the subfolder stay out
+    assert captions(include_subdirectories=True) == {"top_shot.png": ("from its caption file",), "low_angle.png": ("deeper caption",)}
+    assert captions(text={"prompt_source": "filename"}) == {"top_shot.png": ("top shot",)}  # the stem, _ read as a space
+    assert captions(text={"prompt_source": "concept", "prompt_path": str(tmp_path / "prompts.txt")}) == {
+        "top_shot.png": ("first prompt", "second prompt")}
+
+
+# ---------------------------------------------------------------------------------------------- how often, how much
+
+
+def test_balancing_samples_and_repeats_set_each_concepts_share_of_an_epoch(tmp_path, tiny_models):
+    from motiontune.data.buckets import batches_per_epoch, epoch_batches, epoch_counts
+
+    for i in range(5):
+        picture(tmp_path / "many" / f"{i}.png", 32, 32, "many")
+    for i in range(2):
+        picture(tmp_path / "few" / f"{i}.png", 32, 32, "few")
+    config = config_for(tmp_path, tiny_models, [
+        {"path": str(tmp_path / "many"), "balancing": 2, "balancing_strategy": "SAMPLES"},
+        {"path": str(tmp_path / "few"), "repeats": 1.5},  # the older name of balancing (REPEATS)
+    ])
+    _, survey, encoding = encoding_for(config)
+    clips = encoding.clips(survey)
+    many = [i for i, c in enumerate(clips) if c.source.parent.name == "many"]
+    few = [i for i, c in enumerate(clips) if c.source.parent.name == "few"]
+    assert len(many) == 5 and len(few) == 2
+    repeats = [c.repeats for c in clips]
+    seen = Counter()
+    for epoch in range(5):
+        batches = epoch_batches([c.shape for c in clips], repeats, 1, 1.0, seed=3, epoch=epoch)
+        drawn = Counter(i for batch in batches for i in batch)
+        assert sum(drawn[i] for i in many) == 2  # SAMPLES 2: two of its five clips per epoch
+        assert sum(drawn[i] for i in few) == 3  # REPEATS 1.5 of two clips: both once, one of them twice
+        assert drawn == Counter({i: n for i, n in enumerate(epoch_counts(repeats, epoch)) if n})
+        seen.update(drawn)
+    assert {seen[i] for i in many} == {2}  # in turns: after five epochs every clip came twice
+    assert batches_per_epoch([c.shape for c in clips], repeats, 1, 1.0) == 5
+    samples = config_for(tmp_path, tiny_models, [{"path": str(tmp_path / "many"), "balancing": 7, "balancing_strategy": "SAMPLES"}])
+    _, survey, encoding = encoding_for(samples)
+    assert sum(epoch_counts([c.repeats for c in encoding.clips(survey)], 0)) == 7  # more samples than clips: all, and again
+
+
+def test_loss_weight_scales_each_samples_share_of_the_loss():
+    from motiontune.train.losses import training_loss
+
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, prediction = (torch.randn(2, 4, 3, 2, 2, generator=generator) for _ in range(3))
+    sigma = torch.tensor([0.3, 0.7])
+    noisy, target = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise, noise - x0
+    args = (prediction, target, noisy, sigma, x0, 1.0)
+    alone = [training_loss(*(a[i : i + 1] if isinstance(a, torch.Tensor) else a for a in args))[0] for i in range(2)]
+    plain, _ = training_loss(*args, loss_weights=[1.0, 1.0])
+    weighted, parts = training_loss(*args, loss_weights=[3.0, 0.5])
+    assert torch.allclose(plain, (alone[0] + alone[1]) / 2)
+    assert torch.allclose(weighted, (3.0 * alone[0] + 0.5 * alone[1]) / 2)  # as OneTrainer: weighted, then the mean
+    kept = torch.tensor([[True, False, True], [True, True, True]])
+    frames, _ = training_loss(*args[:5], 0.0, kept, [2.0, 0.0])
+    unweighted, _ = training_loss(*args[:5], 0.0, kept)
+    per_frame = (prediction - target).pow(2).mean(dim=(1, 3, 4))
+    assert torch.allclose(frames, 2 * (per_frame[0, 0] + per_frame[0, 2]) / 5)
+    assert torch.allclose(unweighted, (per_frame * kept).sum() / 5)
+
+
+def test_a_concept_with_loss_weight_zero_teaches_nothing(tmp_path, tiny_models):
+    """The training loop passes each sample's loss_weight: a LoRA trained only on a weight-0 concept keeps its
+    up-projections at their initial zeros."""
+    from safetensors.torch import load_file
+
+    from motiontune.cli import main
+
+    picture(tmp_path / "clips" / "a.png", 32, 32, "a square")
+    config = base_config(tmp_path, tiny_models("wan-2.1"), tmp_path / "clips", epochs=1, dataloader_threads=0,
+                         concepts=[{"path": str(tmp_path / "clips"), "loss_weight": 0.0, "repeats": 2}])
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 0
+    weights = load_file(str(tmp_path / "lora.safetensors"))
+    up = [v for k, v in weights.items() if "lora_up" in k or "lora_B" in k]
+    assert up and all(not v.any() for v in up)
+
+
+# ---------------------------------------------------------------------------------------------- caption variations
+
+
+def test_tag_shuffling_keeps_the_first_tags_and_draws_text_variations(tmp_path, tiny_models):
+    picture(tmp_path / "clips" / "a.png", 32, 32, "ohwx man; red coat; snow; night; city\nsecond line")
+    config = config_for(tmp_path, tiny_models, [{
+        "path": str(tmp_path / "clips"), "text_variations": 12,
+        "text": {"enable_tag_shuffling": True, "tag_delimiter": ";", "keep_tags_count": 2}}])
+    _, survey, encoding = encoding_for(config)
+    [clip] = encoding.clips(survey)
+    assert len(clip.captions) == 24  # 12 draws of each of the two lines, all encoded up front
+    first = clip.captions[:12]
+    assert all(c.startswith("ohwx man; red coat; ") for c in first)
+    assert all(sorted(c.split("; ")) == sorted(["ohwx man", "red coat", "snow", "night", "city"]) for c in first)
+    assert len(set(first)) > 3  # the other tags really move
+    assert set(clip.captions[12:]) == {"second line"}  # one tag: nothing to shuffle
+    assert encoding_for(config)[2].clips(survey)[0].captions == clip.captions  # reproducible from the seeds
+
+
+def test_tag_dropout_modes_and_special_tags(tmp_path):
+    import random
+
+    from motiontune.config.concepts import TextConfig
+    from motiontune.data.augment import vary_caption
+
+    caption = "ohwx, tag1, tag2, tag3, tag4, tag5, tag6, tag7"
+    (tmp_path / "special.txt").write_text("tag2\ntag5\n")
+
+    def draws(n=400, **text):
+        config = TextConfig(tag_dropout_enable=True, **text)
+        return [vary_caption(caption, config, random.Random(i)).split(", ") for i in range(n)]
+
+    full = draws(tag_dropout_probability=1.0)
+    assert all(tags == ["ohwx"] for tags in full)  # FULL: every tag after keep_tags_count goes
+    whitelist = draws(tag_dropout_probability=1.0, tag_dropout_special_tags_mode="WHITELIST",
+                      tag_dropout_special_tags=str(tmp_path / "special.txt"))
+    assert all(tags == ["ohwx", "tag2", "tag5"] for tags in whitelist)
+    blacklist = draws(tag_dropout_mode="RANDOM", tag_dropout_probability=0.5, tag_dropout_special_tags_mode="BLACKLIST",
+                      tag_dropout_special_tags="tag[13]", tag_dropout_special_tags_regex=True)
+    dropped = Counter(t for tags in blacklist for t in caption.split(", ") if t not in tags)
+    assert set(dropped) == {"tag1", "tag3"} and all(150 < n < 250 for n in dropped.values())  # only they, half the time
+    weighted = draws(tag_dropout_mode="RANDOM WEIGHTED", tag_dropout_probability=0.8)
+    kept = Counter(t for tags in weighted for t in tags)
+    assert kept["ohwx"] == 400 and kept["tag1"] > kept["tag4"] > kept["tag7"]  # later tags go more often
+    assert kept["tag7"] < 400 * 0.35
+    assert draws(5, tag_dropout_probability=0.0)[0] == caption.split(", ")  # probability 0: nothing changes
+
+
+# ---------------------------------------------------------------------------------------------- image variations
+
+
+def test_random_flip_mirrors_every_frame_of_a_clip_in_some_variations(tmp_path, tiny_models):
+    from motiontune.data.video import decode_clips, probe
+
+    path = picture(tmp_path / "clips" / "a.png", 32, 32, "x")
+    config = config_for(tmp_path, tiny_models, [{"path": str(tmp_path / "clips"), "image_variations": 6,
+                                                 "image": {"enable_random_flip": True}}])
+    _, survey, encoding = encoding_for(config)
+    assert [encoding.window_variant(epoch) for epoch in range(8)] == [0, 1, 2, 3, 4, 5, 0, 1]  # six cached draws in turns
+    plain = decode_clips(probe(path), [(0.0,)], (32, 32))[0]
+    looks = [encoding.clips(survey, variant)[0].look for variant in range(6)]
+    frames = encoding.frames_seen
+    assert {look.flip for look in looks} == {True, False}
+    for look, seen in zip(looks, frames):
+        assert np.array_equal(seen, plain[:, :, ::-1] if look.flip else plain)
+    fixed = config_for(tmp_path, tiny_models, [{"path": str(tmp_path / "clips"), "image": {"enable_fixed_flip": True}}])
+    _, survey, encoding = encoding_for(fixed)
+    assert encoding.clips(survey)[0].look.flip and np.array_equal(encoding.frames_seen[0], plain[:, :, ::-1])
+
+
+def test_crop_jitter_moves_the_crop_inside_the_covering_picture(tmp_path, tiny_models):
+    from motiontune.data.cache import Cache
+    from motiontune.data.video import decode_clips, probe
+
+    path = picture(tmp_path / "clips" / "wide.png", 64, 32, "x")  # 2:1 → the 48x16 bucket, scaled to 48x24 to cover it
+    config = config_for(tmp_path, tiny_models, [{"path": str(tmp_path / "clips"), "image_variations": 5,
+                                                 "image": {"enable_crop_jitter": True}}])
+    _, survey, encoding = encoding_for(config)
+    assert survey.usable[0].size == (16, 48)
+    covering = decode_clips(probe(path), [(0.0,)], (24, 48))[0]
+    looks = [encoding.clips(survey, variant)[0].look for variant in range(5)]
+    assert len({look.crop for look in looks}) > 1 and all(0 <= look.crop[0] <= 8 and look.crop[1] == 0 for look in looks)
+    for look, seen in zip(looks, encoding.frames_seen):
+        assert np.array_equal(seen, covering[:, look.crop[0] : look.crop[0] + 16])
+    keys = {Cache.latent_key("f", (0.0,), (16, 48), "vae", look.crop, look.flip) for look in looks}
+    assert len(keys) == len({look.crop for look in looks})  # each crop is its own cache entry
+    assert Cache.latent_key("f", (0.0,), (16, 48), "vae") not in keys
+
+
+def test_resolution_override_sizes_that_concepts_clips(tmp_path, tiny_models):
+    from motiontune.data.survey import survey_dataset
+    from motiontune.models.wan import WanFamily
+
+    picture(tmp_path / "small" / "a.png", 40, 40, "x")
+    picture(tmp_path / "large" / "b.png", 40, 40, "x")
+    picture(tmp_path / "off" / "c.png", 40, 40, "x")
+    config = config_for(tmp_path, tiny_models, [
+        {"path": str(tmp_path / "small")},
+        {"path": str(tmp_path / "large"), "image": {"enable_resolution_override": True, "resolution_override": "64"}},
+        {"path": str(tmp_path / "off"), "image": {"resolution_override": "64"}},  # not enabled: the config's resolution
+    ])
+    survey = survey_dataset(config, WanFamily(config, torch.device("cpu")))
+    assert {e.item.path.parent.name: e.size for e in survey.usable} == {"small": (32, 32), "large": (64, 64), "off": (32, 32)}
