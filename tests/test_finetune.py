@@ -54,6 +54,6 @@ def test_finetuned_transformer_in_the_stock_pipeline_and_as_a_single_file(tmp_pa
 
 
 def test_finetune_rejects_lora_formats(tmp_path, tiny_models, capsys):
-    config = base_config(tmp_path, tiny_models("wan-2.1"), tmp_path, training_method="FINE_TUNE")
+    config = base_config(tmp_path, tiny_models("wan-2.1"), tmp_path, training_method="FINE_TUNE", output_model_format="DIFFUSERS_LORA")
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", **config))]) == 2
     assert 'output_model_format = "DIFFUSERS_LORA": a FINE_TUNE run saves as DIFFUSERS or COMFY_TRANSFORMER' in capsys.readouterr().err

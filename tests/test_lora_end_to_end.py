@@ -125,15 +125,14 @@ def test_stock_pipeline_samples_move_towards_the_trained_clip(family, trained, t
     assert stats_ratio < 0.85, "sample statistics do not match the clip's: latent normalisation broken"
 
 
-def test_diffusers_lora_file_keeps_alpha_and_names(trained):
+def test_default_lora_file_keeps_alpha_and_names(trained):
+    """The default format, COMFY_LORA: original WAN names, and alpha beside each module."""
     _, _, lora, _ = trained
-    with safe_open(str(lora), "pt") as f:
-        keys = list(f.keys())
-        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert all(k.startswith("transformer.blocks.") for k in keys)
-    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in keys
-    assert "transformer.blocks.1.ffn.net.2.lora_B.weight" in keys
-    assert metadata["transformer.r"] == 16 and metadata["transformer.lora_alpha"] == 8
+    weights = load_file(str(lora))
+    assert all(k.startswith("diffusion_model.blocks.") for k in weights)
+    assert weights["diffusion_model.blocks.0.self_attn.q.lora_A.weight"].shape[0] == 16
+    assert "diffusion_model.blocks.1.ffn.2.lora_B.weight" in weights
+    assert weights["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 8
 
 
 def test_comfy_lora_matches_diffusers_lora(trained, tmp_path):
@@ -153,6 +152,11 @@ def test_comfy_lora_matches_diffusers_lora(trained, tmp_path):
         assert main(["train", "--config", str(write_config(tmp_path / fmt / "c.json", **config))]) == 0
         pipe = WanPipeline.from_pretrained(model)
         pipe.load_lora_weights(str(tmp_path / f"{fmt}.safetensors"))
+        if fmt == "DIFFUSERS_LORA":  # diffusers names, and alpha in the adapter metadata
+            with safe_open(str(tmp_path / f"{fmt}.safetensors"), "pt") as f:
+                assert all(k.startswith("transformer.blocks.") for k in f.keys())
+                metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+            assert metadata["transformer.r"] == 8 and metadata["transformer.lora_alpha"] == 2
         generator = torch.Generator().manual_seed(0)
         latents = torch.randn(1, 16, 3, 4, 4, generator=generator)
         text = torch.randn(1, 512, 32, generator=generator)

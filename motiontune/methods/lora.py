@@ -81,7 +81,7 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
                 metadata = expert.module.peft_config[ADAPTER].to_dict()
                 family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
             elif output_format == "COMFY_LORA":
-                save_file(comfy_state_dict(family, state, config.lora_alpha), written)
+                save_file(comfy_state_dict(family, expert.module, state, config.lora_alpha), written)
             else:
                 raise ValueError(f"unknown output_model_format {output_format!r}")
             with open(written, "rb") as handle:  # on disk before it takes the real name
@@ -95,12 +95,35 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
     return destination
 
 
-def comfy_state_dict(family: ModelFamily, state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """ComfyUI's names (`diffusion_model.<original module>.lora_A/B.weight`) plus one `.alpha` per module."""
-    converted = {}
+def comfy_state_dict(family: ModelFamily, module: torch.nn.Module, state: dict[str, torch.Tensor],
+                     alpha: float) -> dict[str, torch.Tensor]:
+    """The LoRA in the original layout, which ComfyUI and diffusers' converters both read:
+    `diffusion_model.<original module>.lora_A.weight` / `.lora_B.weight`, and `.alpha` where the family's readers
+    all scale by it (ComfyUI: scale = alpha / rank of the entry, 1 without `.alpha`).
+
+    Where the original layout fuses several adapted modules into one (HunyuanVideo's q, k, v), that module gets one
+    LoRA: the parts' A matrices stacked, their B matrices block-diagonal, so each part's update lands only on its own
+    output rows; a part without an adapter adds zero rows. Where a reader ignores `.alpha` (diffusers' HiDream and
+    HunyuanVideo loaders even refuse the key), alpha / rank is folded into lora_B and no `.alpha` is written."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}  # adapted module → {"A": ..., "B": ...}
     for key, tensor in state.items():
-        module, suffix = key.rsplit(".lora_", 1)
-        comfy_module = family.comfy_lora_key(module)
-        converted[f"{comfy_module}.lora_{suffix}"] = tensor
-        converted[f"{comfy_module}.alpha"] = torch.tensor(float(alpha))
+        name, suffix = key.rsplit(".lora_", 1)  # suffix "A.weight" / "B.weight"
+        adapters.setdefault(name, {})[suffix[0]] = tensor
+    fused: dict[str, list[str]] = {}  # original module → the modules it holds, in its order
+    for name in adapters:
+        fused.setdefault(family.comfy_lora_key(name), family.comfy_lora_parts(name))
+    converted = {}
+    for original, parts in fused.items():
+        present = [p for p in parts if p in adapters]
+        down = torch.cat([adapters[p]["A"] for p in present])
+        up = torch.block_diag(*(adapters[p]["B"] if p in adapters else torch.zeros(module.get_submodule(p).out_features, 0)
+                                for p in parts))
+        # the stacked entry's rank is the parts' ranks summed: alpha grows with it, keeping alpha / rank
+        entry_alpha = float(alpha) * len(present)
+        if family.comfy_lora_keeps_alpha(present[0]):
+            converted[f"{original}.alpha"] = torch.tensor(entry_alpha)
+        else:
+            up = up * (entry_alpha / down.shape[0])
+        converted[f"{original}.lora_A.weight"] = down.contiguous()
+        converted[f"{original}.lora_B.weight"] = up.contiguous()
     return converted

@@ -183,5 +183,15 @@ class ModelFamily(ABC):
         """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
 
     @abstractmethod
+    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
+        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order (the
+        module itself when the original layout fuses nothing)."""
+
+    @abstractmethod
+    def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
+        """Whether the original-layout entry keeps a `.alpha` key (else alpha / rank is folded into lora_B): it
+        must be what both diffusers' converter and ComfyUI's loader accept there."""
+
+    @abstractmethod
     def sample(self, request: SampleRequest) -> np.ndarray:
         """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3)."""

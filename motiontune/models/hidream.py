@@ -242,7 +242,16 @@ class HiDreamFamily(ModelFamily):
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
-        return f"diffusion_model.{peft_module_name}"
+        return f"diffusion_model.{peft_module_name}"  # ComfyUI's HiDream model has diffusers' names, MoE experts included
+
+    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
+        """HiDream's original layout fuses nothing."""
+        return [peft_module_name]
+
+    def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
+        """diffusers' HiDream loader refuses a LoRA with any `.alpha` key (every name must contain "lora"), so the
+        file carries alpha / rank folded into lora_B."""
+        return False
 
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -265,11 +274,15 @@ class HiDreamFamily(ModelFamily):
             embeds.update(negative_prompt_embeds_t5=t5n.to(dtype), negative_prompt_embeds_llama3=llaman.to(dtype),
                           negative_pooled_prompt_embeds=pooledn.to(dtype))
         try:
-            image = pipeline(
+            latents = pipeline(
                 **embeds, height=request.height, width=request.width, num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale, generator=torch.Generator(device=self.device).manual_seed(request.seed),
-                output_type="np",
-            ).images[0]
+                output_type="latent",
+            ).images
+            # decoded as the pipeline does, but in the VAE's dtype: the pipeline hands it the transformer's
+            # (bfloat16) latents, which a float32 VAE refuses
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            image = pipeline.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0], output_type="np")[0]
         finally:
             self.park_vae()
         return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[None]

@@ -14,6 +14,7 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,63 @@ CLIP_LENGTH = 77
 _DEFAULT_TARGETS = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0", ".attn.add_q_proj", ".attn.add_k_proj",
                     ".attn.add_v_proj", ".attn.to_add_out", ".ff.net.0.proj", ".ff.net.2", ".ff_context.net.0.proj",
                     ".ff_context.net.2", ".proj_mlp", ".proj_out")
+
+# The original (and ComfyUI) HunyuanVideo layout, block by block: original module → the diffusers module(s) it holds.
+# A fused original module holds several, stacked along the output dimension in the order given.
+_DOUBLE_BLOCK = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
+    "img_attn_q_norm": ("attn.norm_q",), "img_attn_k_norm": ("attn.norm_k",),
+    "txt_attn_q_norm": ("attn.norm_added_q",), "txt_attn_k_norm": ("attn.norm_added_k",),
+    "img_mod.linear": ("norm1.linear",), "txt_mod.linear": ("norm1_context.linear",),
+    "img_mlp.fc1": ("ff.net.0.proj",), "img_mlp.fc2": ("ff.net.2",),
+    "txt_mlp.fc1": ("ff_context.net.0.proj",), "txt_mlp.fc2": ("ff_context.net.2",),
+}
+_SINGLE_BLOCK = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),  # q, k, v and the MLP input in one matrix
+    "linear2": ("proj_out",), "q_norm": ("attn.norm_q",), "k_norm": ("attn.norm_k",), "modulation.linear": ("norm.linear",),
+}
+_REFINER_BLOCK = {
+    "self_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "self_attn_proj": ("attn.to_out.0",),
+    "norm1": ("norm1",), "norm2": ("norm2",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
+    "adaLN_modulation.1": ("norm_out.linear",),
+}
+_BLOCKS = (("double_blocks", "transformer_blocks", _DOUBLE_BLOCK),
+           ("single_blocks", "single_transformer_blocks", _SINGLE_BLOCK),
+           ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", _REFINER_BLOCK))
+_OUTSIDE_BLOCKS = {
+    "img_in.proj": "x_embedder.proj",
+    "txt_in.input_embedder": "context_embedder.proj_in",
+    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
+    "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale) where diffusers keeps (scale, shift)
+}
+
+
+def original_module(name: str) -> tuple[str, tuple[str, ...]]:
+    """A diffusers HunyuanVideoTransformer3DModel module → its original module, and the diffusers modules that one
+    holds, in order (just `name` where nothing is fused)."""
+    for original, diffusers_name in _OUTSIDE_BLOCKS.items():
+        if name == diffusers_name:
+            return original, (name,)
+    for original_blocks, blocks, table in _BLOCKS:
+        match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", name)
+        if match:
+            index, inner = match.groups()
+            for original, parts in table.items():
+                if inner in parts:
+                    return f"{original_blocks}.{index}.{original}", tuple(f"{blocks}.{index}.{p}" for p in parts)
+    raise KeyError(f"{name}: not a HunyuanVideo transformer module with an original-layout name")
 
 
 class HunyuanVideoFamily(ModelFamily):
@@ -178,12 +236,32 @@ class HunyuanVideoFamily(ModelFamily):
                                                transformer_lora_adapter_metadata=adapter_metadata)
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
-        raise NotImplementedError("saving a HunyuanVideo transformer in the original layout is not built yet; use "
-                                  "output_model_format DIFFUSERS")
+        """The transformer's weights in the original (ComfyUI) layout, fused projections concatenated: what
+        diffusers' single-file converter (`from_single_file`) turns back into this model."""
+        state = module.state_dict() if state is None else state
+        converted = {}
+        for key in state:
+            name, leaf = key.rsplit(".", 1)
+            original, parts = original_module(name)
+            if f"{original}.{leaf}" in converted:  # written with its first part
+                continue
+            tensor = torch.cat([state[f"{part}.{leaf}"] for part in parts])
+            if original == "final_layer.adaLN_modulation.1":
+                scale, shift = tensor.chunk(2)
+                tensor = torch.cat([shift, scale])
+            converted[f"{original}.{leaf}"] = tensor.detach().to("cpu", dtype).contiguous()
+        return converted
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
-        raise NotImplementedError("COMFY_LORA is not built for HunyuanVideo yet (the original layout fuses q, k and v); "
-                                  "use DIFFUSERS_LORA")
+        return f"diffusion_model.{original_module(peft_module_name)[0]}"
+
+    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
+        return list(original_module(peft_module_name)[1])
+
+    def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
+        """diffusers' HunyuanVideo loader refuses a LoRA with any `.alpha` key (and its converter cannot split one
+        for a fused module), so the file carries alpha / rank folded into lora_B."""
+        return False
 
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -52,6 +52,8 @@ _COMFY_RENAMES = [
     (r"^condition_embedder\.time_embedder\.linear_1$", "time_embedding.0"),
     (r"^condition_embedder\.time_embedder\.linear_2$", "time_embedding.2"),
     (r"^condition_embedder\.time_proj$", "time_projection.1"),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V's CLIP projection
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
     (r"^proj_out$", "head.head"),
 ]
 
@@ -61,6 +63,9 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
     (r"\.attn1\.norm_k$", ".self_attn.norm_k"),
     (r"\.attn2\.norm_q$", ".cross_attn.norm_q"),
     (r"\.attn2\.norm_k$", ".cross_attn.norm_k"),
+    (r"\.attn2\.norm_added_k$", ".cross_attn.norm_k_img"),
+    (r"^condition_embedder\.image_embedder\.norm1$", "img_emb.proj.0"),
+    (r"^condition_embedder\.image_embedder\.norm2$", "img_emb.proj.4"),
     (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"),
     (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
@@ -392,18 +397,48 @@ class WanFamily(ModelFamily):
                 break
         return f"diffusion_model.{name}"
 
+    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
+        """The original WAN layout fuses nothing: each adapted module is its own original module."""
+        return [peft_module_name]
+
+    def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
+        """diffusers' converter for original-layout WAN LoRAs scales by `.alpha` inside the blocks only, and refuses
+        a leftover `.alpha` elsewhere (embeddings, head): there alpha / rank goes into lora_B instead."""
+        return peft_module_name.startswith("blocks.")
+
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, request: SampleRequest) -> np.ndarray:
+        """One video from the stock pipeline. On an accelerator its parts take turns on the device, as in training
+        (an 8 GB GPU holds the 5B transformer or the VAE decoding, not both): the VAE (with WAN 2.1 I2V's CLIP) while
+        the pipeline encodes a given first frame; the transformer while it denoises (A14B: one expert at a time, the
+        high-noise one first, each swapped in when the pipeline first calls it); the VAE alone to decode, in tiles
+        when decoding whole frames would not fit the memory free (`estimate.decode_in_tiles`). `estimate` models
+        these moments."""
+        import logging
+
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
-        self.load_vae()
-        # One expert on the device at a time, as in training (both of A14B's would need twice the memory): the
-        # high-noise one first, and each swapped in when the pipeline first calls it.
+        from ..estimate import decode_in_tiles
+
+        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
+            self.load_vae()
         experts = [m for m in (self.transformer, self.transformer_2) if m is not None]
-        self._bring(experts[0])
+        self._sample_turn = None
+        self._take_turn("encoders" if request.image is not None else "transformer", experts[0])
+
         def bring(module, args) -> None:
-            self._bring(module)
+            self._take_turn("transformer", module)
+
+        def before_decoding(pipeline, step, timestep, tensors):
+            if step == pipeline.num_timesteps - 1:  # the pipeline decodes next
+                self._take_turn("vae")
+                tiles, whole, free = decode_in_tiles(self.vae, tuple(tensors["latents"].shape[2:]), self.device)
+                if tiles:
+                    logging.getLogger("motiontune").info(
+                        "sample: decoding in tiles (whole frames need %.1f GB, %.1f GB free)", whole / 2**30, free / 2**30)
+                    self.vae.enable_tiling()
+            return tensors
 
         hooks = [m.register_forward_pre_hook(bring) for m in experts]
         parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler, transformer=self.transformer,
@@ -431,9 +466,37 @@ class WanFamily(ModelFamily):
                 guidance_scale=request.cfg_scale,
                 generator=torch.Generator(device=self.device).manual_seed(request.seed),
                 output_type="np",
+                callback_on_step_end=before_decoding,
             ).frames[0]
         finally:
             for hook in hooks:
                 hook.remove()
+            if self.vae is not None:
+                self.vae.disable_tiling()  # clips encode whole, always
             self.park_vae()
+            self._sample_turn = None
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
+        """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),
+        "transformer" (`expert`) or "vae"; the others wait on the CPU. On the CPU (one memory) nothing moves, nor
+        does a sharded (FSDP2) model."""
+        from ..train.distributed import is_sharded
+
+        if turn != getattr(self, "_sample_turn", None) and self.device.type != "cpu":
+            encoders = [m for m in (self.vae, self.image_encoder) if m is not None]
+            taking = [m for m in encoders if turn == "encoders" or (turn == "vae" and m is self.vae)]
+            if turn != "transformer" and not is_sharded(self.transformer.parameters()):
+                for module in (self.transformer, self.transformer_2):
+                    if module is not None:
+                        module.to("cpu")
+                self._active = None  # training's `activate` brings its expert back
+            for module in encoders:
+                if module not in taking:
+                    module.to("cpu")
+            _free_accelerator_memory(self.device)  # what left is free before what comes arrives
+            for module in taking:
+                module.to(self.device)
+        self._sample_turn = turn
+        if turn == "transformer":
+            self._bring(expert)  # a no-op when it is there already (this runs before every forward)

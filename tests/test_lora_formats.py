@@ -1,0 +1,336 @@
+"""One LoRA file for diffusers and ComfyUI: COMFY_LORA, the default for LoRA runs, for every model type; and
+HunyuanVideo's fine-tune as one original-layout file.
+
+Per model type, one tiny run (lora_alpha 3, lora_rank 4) saves its LoRA in the default format and, from the same
+adapters, as DIFFUSERS_LORA. Then:
+- diffusers: the default file through the stock pipeline's `load_lora_weights` (diffusers' own converter for
+  original-layout names), fused, gives the transformer weights the DIFFUSERS_LORA file gives;
+- ComfyUI: every key names a weight of the original-layout state dict (the family's `single_file_state_dict`, checked
+  here to be exactly what diffusers' single-file converter turns back into the model) with matching shapes; and each
+  entry applied as ComfyUI applies a LoRA (W += B·A · alpha / rank of the entry; 1 without `.alpha`), the original
+  weights converted back by diffusers give the same transformer weights again.
+Negative controls: without `.alpha`, or with two fused parts swapped, the same checks fail.
+
+diffusers 0.42.1's two HunyuanVideo converters split a single block's fused `linear1` at the real model's width,
+3072, written into the code; the tiny model is 32 wide, so `real_width_as` swaps only that number for the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from motiontune.methods import finetune, lora
+from test_lora_end_to_end import _make_clip
+
+RANK, ALPHA = 4, 3  # alpha != rank: a file that loses alpha scales its update wrongly
+EQUAL = 1e-6  # relative difference of fused weights that counts as equal (float32 rounding gives ~1e-8 here)
+SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")  # of every key of an original-layout (ComfyUI) LoRA
+
+# model type → tiny model, stock pipeline, transformer class, config keys
+MODEL_TYPES = {
+    "WAN_2_1_T2V": ("wan-2.1", "WanPipeline", "WanTransformer3DModel", {}),
+    # every Linear layer, the embeddings and the CLIP image projection included (outside the blocks diffusers'
+    # converter has no `.alpha`: the file folds it there)
+    "WAN_2_1_I2V": ("wan-2.1-i2v", "WanImageToVideoPipeline", "WanTransformer3DModel",
+                    {"layer_filter": "blocks,condition_embedder,proj_out"}),
+    # both experts in one run, one file each; the boundary halfway shares the few steps between them
+    "WAN_2_2_T2V_A14B": ("wan-2.2-a14b", "WanPipeline", "WanTransformer3DModel",
+                         {"experts": "both", "boundary_ratio": 0.5, "timestep_shift": 1.0, "epochs": 4}),
+    "WAN_2_2_TI2V_5B": ("wan-2.2-ti2v-5b", "WanPipeline", "WanTransformer3DModel", {}),
+    "HUNYUAN_VIDEO": ("hunyuan-video", "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel",
+                      {"layer_filter": "blocks"}),  # the modulation layers too
+    "HI_DREAM_DEV": ("hi-dream", "HiDreamImagePipeline", "HiDreamImageTransformer2DModel",
+                     {"video_config": {"max_frames": 1, "target_fps": 8.0}}),
+}
+
+
+@contextlib.contextmanager
+def real_width_as(width: int | None):
+    """Within: torch.split turns the split sizes (3072, 3072, 3072, rest) into (width, width, width, rest)."""
+    if width is None:
+        yield
+        return
+    split = torch.split
+
+    def narrow(tensor, sizes, dim=0):
+        if isinstance(sizes, (tuple, list)) and len(sizes) == 4 and tuple(sizes[:3]) == (3072,) * 3:
+            sizes = (width, width, width, tensor.shape[dim] - 3 * width)
+        return split(tensor, sizes, dim)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "split", narrow)
+        yield
+
+
+def hunyuan_width(model_type: str, transformer) -> int | None:
+    config = transformer.config
+    return config.num_attention_heads * config.attention_head_dim if model_type == "HUNYUAN_VIDEO" else None
+
+
+@contextlib.contextmanager
+def also_saved_as(method, output_format: str, where):
+    """While training: each save of `method` also writes `output_format`, from the same weights, to `where(destination)`."""
+    save = method.save
+
+    def save_both(family, config, destination, *args, **kwargs):
+        paths = save(family, config, destination, *args, **kwargs)
+        save(family, config, where(Path(destination)), output_format)
+        return paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(method, "save", save_both)
+        yield
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    return _make_clip(tmp_path_factory.mktemp("lora-formats") / "data", 32).parent
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, clip_folder, tmp_path_factory):
+    """model type → (tiny model folder, {expert label: (default file, DIFFUSERS_LORA file)}); each model type
+    trains once, on first use."""
+    done = {}
+
+    def get(model_type: str):
+        if model_type not in done:
+            tiny, _, _, keys = MODEL_TYPES[model_type]
+            model, folder = tiny_models(tiny), tmp_path_factory.mktemp(model_type.lower())
+            config = base_config(folder, model, clip_folder, **{
+                "model_type": model_type, "epochs": 2, "learning_rate": 1e-2, "lora_rank": RANK, "lora_alpha": ALPHA,
+                "video_config": {"max_frames": 5, "target_fps": 16.0}, **keys})
+            assert "output_model_format" not in config  # the default format is what is checked
+            with also_saved_as(lora, "DIFFUSERS_LORA", lambda path: path.with_name(f"{path.stem}-diffusers{path.suffix}")):
+                assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 0
+            labels = ("high_noise", "low_noise") if model_type == "WAN_2_2_T2V_A14B" else ("",)
+            tail = {label: f"_{label}.safetensors" if label else ".safetensors" for label in labels}  # lora.output_paths
+            files = {label: (folder / f"lora{tail[label]}", folder / f"lora-diffusers{tail[label]}") for label in labels}
+            done[model_type] = (model, files)
+        return done[model_type]
+
+    return get
+
+
+def pipeline_class(model_type: str):
+    import diffusers
+
+    return getattr(diffusers, MODEL_TYPES[model_type][1])
+
+
+def transformer_class(model_type: str):
+    import diffusers
+
+    return getattr(diffusers, MODEL_TYPES[model_type][2])
+
+
+def stock_pipeline(model_type: str, model: Path):
+    """The stock pipeline with its transformer(s) and scheduler; the encoders, which LoRAs here do not touch, left out."""
+    parts = json.loads((model / "model_index.json").read_text())
+    unused = {name: None for name, part in parts.items() if isinstance(part, list) and name != "scheduler"
+              and not name.startswith("transformer")}
+    return pipeline_class(model_type).from_pretrained(model, **unused)
+
+
+def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each transformer's weights after `load_lora_weights` of `files` (expert label → file) and `fuse_lora`."""
+    pipe = stock_pipeline(model_type, model)
+    components = []
+    with real_width_as(hunyuan_width(model_type, pipe.transformer)):
+        for label, path in files.items():
+            low_noise = label == "low_noise"  # WAN 2.2 A14B's second expert
+            pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if low_noise else {}))
+            components.append("transformer_2" if low_noise else "transformer")
+    pipe.fuse_lora(components=components)
+    return {name: plain_weights(getattr(pipe, name)) for name in components}
+
+
+@functools.cache
+def _fused_once(model_type: str, model: Path, files: tuple[tuple[str, Path], ...]) -> dict[str, dict[str, torch.Tensor]]:
+    return fused_weights(model_type, model, dict(files))
+
+
+def reference_weights(model_type: str, model: Path, files: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights the DIFFUSERS_LORA files of `files` give in diffusers; made once per run (read, do not change)."""
+    return _fused_once(model_type, model, tuple((label, pair[1]) for label, pair in files.items()))
+
+
+def plain_weights(transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their own names, without LoRA matrices (fused ones live in `base_layer`)."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in transformer.state_dict().items() if ".lora_" not in k}
+
+
+def relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    assert sorted(ours) == sorted(reference)
+    return max(((ours[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
+
+
+def diffusers_gap(model_type: str, model: Path, files: dict, default_files: dict | None = None) -> tuple[float, float]:
+    """(the largest relative difference between the weights from the default files and from the DIFFUSERS_LORA ones,
+    the largest relative change the DIFFUSERS_LORA files make to a weight)."""
+    default = fused_weights(model_type, model, default_files or {label: pair[0] for label, pair in files.items()})
+    reference = reference_weights(model_type, model, files)
+    base = stock_pipeline(model_type, model)
+    gap = max(relative_difference(default[name], reference[name]) for name in reference)
+    change = min(relative_difference(reference[name], plain_weights(getattr(base, name))) for name in reference)
+    return gap, change
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_default_lora_in_diffusers_equals_the_diffusers_lora(model_type, runs):
+    model, files = runs(model_type)
+    gap, change = diffusers_gap(model_type, model, files)
+    print(f"{model_type}: fused weights, default file vs DIFFUSERS_LORA: max relative difference {gap:.2e} "
+          f"(largest relative change the LoRA makes to a weight: {change:.2e}; of two experts, the smaller)")
+    assert change > 1e-3  # the LoRA trained (each expert's): a wrong scale could not hide under rounding
+    assert gap <= EQUAL
+
+
+def original_layout(model_type: str, model: Path, expert: str):
+    """(the stock transformer, its original-layout state dict by the family, diffusers' single-file converter:
+    the function `from_single_file` reads a file with)."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from motiontune.config import TrainConfig
+    from motiontune.models import family_for
+
+    family = family_for(TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model)}), torch.device("cpu"))
+    transformer = transformer_class(model_type).from_pretrained(model, subfolder=expert)
+    convert = SINGLE_FILE_LOADABLE_CLASSES[MODEL_TYPES[model_type][2]]["checkpoint_mapping_fn"]
+    return transformer, family.single_file_state_dict(transformer, torch.float32), convert
+
+
+def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tuple[dict, dict]:
+    """(the stock transformer's weights, those weights with the file applied as ComfyUI applies it to the
+    original layout, converted back by diffusers). Asserts every key names an original weight with its shape."""
+    transformer, original, convert = original_layout(model_type, model, expert)
+    width = hunyuan_width(model_type, transformer)
+    stock = plain_weights(transformer)
+    with real_width_as(width):  # our original layout is exactly what diffusers' converter turns back into the model
+        back = convert(dict(original))
+    assert sorted(back) == sorted(stock) and all(torch.equal(back[k], stock[k]) for k in stock)
+
+    entries = load_file(str(path))
+    assert all(k.endswith(SUFFIXES) for k in entries)
+    modules = {k.removesuffix(s) for k in entries for s in SUFFIXES if k.endswith(s)}
+    for module in sorted(modules):
+        assert module.startswith("diffusion_model."), module
+        weight = original.get(module.removeprefix("diffusion_model.") + ".weight")
+        assert weight is not None, f"{module}: no such weight in the original layout"
+        down, up = entries[f"{module}.lora_A.weight"], entries[f"{module}.lora_B.weight"]
+        assert down.shape[1] == weight.shape[1] and up.shape[0] == weight.shape[0] and down.shape[0] == up.shape[1], module
+        alpha = entries.get(f"{module}.alpha")
+        scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
+        original[module.removeprefix("diffusion_model.") + ".weight"] = weight + scale * (up @ down)
+    with real_width_as(width):
+        return stock, convert(original)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_default_lora_names_original_layout_weights_and_applies_as_in_diffusers(model_type, runs):
+    model, files = runs(model_type)
+    for label, (default, _) in files.items():
+        expert = "transformer_2" if label == "low_noise" else "transformer"
+        _, comfy = comfy_applied(model_type, model, expert, default)
+        reference = reference_weights(model_type, model, files)[expert]
+        gap = relative_difference(comfy, reference)
+        print(f"{model_type} {label or ''}: ComfyUI's way on the original layout vs DIFFUSERS_LORA in diffusers: {gap:.2e}")
+        assert gap <= EQUAL
+
+
+def test_alpha_is_written_where_diffusers_reads_it_and_folded_elsewhere(runs):
+    _, files = runs("WAN_2_1_I2V")
+    wan = load_file(str(files[""][0]))
+    assert wan["diffusion_model.blocks.0.cross_attn.k_img.alpha"].item() == ALPHA
+    assert "diffusion_model.img_emb.proj.1.lora_A.weight" in wan and "diffusion_model.img_emb.proj.1.alpha" not in wan
+    _, files = runs("HUNYUAN_VIDEO")
+    hunyuan = load_file(str(files[""][0]))  # the tiny model: 32 wide, MLP 128
+    assert not any(k.endswith(".alpha") for k in hunyuan)
+    assert hunyuan["diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight"].shape == (3 * RANK, 32)
+    assert hunyuan["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape == (3 * 32 + 128, 4 * RANK)
+    assert "diffusion_model.double_blocks.0.img_mod.linear.lora_A.weight" in hunyuan
+
+
+def test_negative_controls_fail_the_checks(runs, tmp_path):
+    """Dropping `.alpha` (WAN), or swapping the q and k parts of a fused entry (HunyuanVideo), fails both checks."""
+    model, files = runs("WAN_2_1_T2V")
+    entries = load_file(str(files[""][0]))
+    save_file({k: v for k, v in entries.items() if not k.endswith(".alpha")}, str(tmp_path / "no-alpha.safetensors"))
+    gap, _ = diffusers_gap("WAN_2_1_T2V", model, files, {"": tmp_path / "no-alpha.safetensors"})
+    _, comfy = comfy_applied("WAN_2_1_T2V", model, "transformer", tmp_path / "no-alpha.safetensors")
+    comfy_gap = relative_difference(comfy, reference_weights("WAN_2_1_T2V", model, files)["transformer"])
+    print(f"WAN 2.1 without .alpha: diffusers {gap:.2e}, ComfyUI's way {comfy_gap:.2e}")
+    assert gap > 1e3 * EQUAL and comfy_gap > 1e3 * EQUAL
+
+    model, files = runs("HUNYUAN_VIDEO")
+    entries = load_file(str(files[""][0]))
+    key = "diffusion_model.double_blocks.0.img_attn_qkv.lora_B.weight"
+    q, k, v = entries[key].chunk(3)
+    entries[key] = torch.cat([k, q, v])
+    save_file(entries, str(tmp_path / "swapped.safetensors"))
+    gap, _ = diffusers_gap("HUNYUAN_VIDEO", model, files, {"": tmp_path / "swapped.safetensors"})
+    _, comfy = comfy_applied("HUNYUAN_VIDEO", model, "transformer", tmp_path / "swapped.safetensors")
+    comfy_gap = relative_difference(comfy, reference_weights("HUNYUAN_VIDEO", model, files)["transformer"])
+    print(f"HunyuanVideo with q and k swapped: diffusers {gap:.2e}, ComfyUI's way {comfy_gap:.2e}")
+    assert gap > 1e3 * EQUAL and comfy_gap > 1e3 * EQUAL
+
+
+def test_hunyuan_fused_entry_with_some_parts_adapted(tiny_models, tmp_path):
+    """A layer_filter that adapts only some parts of a fused module: the others get zero rows, in both readers."""
+    from motiontune.config import TrainConfig
+    from motiontune.models import family_for
+
+    model = tiny_models("hunyuan-video")
+    config = TrainConfig.model_validate({"model_type": "HUNYUAN_VIDEO", "base_model_name": str(model), "lora_rank": RANK,
+                                         "lora_alpha": ALPHA, "layer_filter": "attn.to_k,add_v_proj,proj_mlp"})
+    family = family_for(config, torch.device("cpu"))
+    family.load_transformers()
+    expert = family.trained_experts()[0]
+    torch.manual_seed(0)
+    for parameter in lora.prepare(family, expert, config):
+        parameter.data.normal_(std=0.3)  # as if trained: B is no longer zero
+    files = {"": (tmp_path / "lora.safetensors", tmp_path / "lora-diffusers.safetensors")}
+    lora.save(family, config, files[""][0], "COMFY_LORA")
+    lora.save(family, config, files[""][1], "DIFFUSERS_LORA")
+    entries = load_file(str(files[""][0]))
+    assert entries["diffusion_model.single_blocks.0.linear1.lora_A.weight"].shape[0] == 2 * RANK  # k and the MLP input
+
+    gap, change = diffusers_gap("HUNYUAN_VIDEO", model, files)
+    stock, comfy = comfy_applied("HUNYUAN_VIDEO", model, "transformer", files[""][0])
+    comfy_gap = relative_difference(comfy, reference_weights("HUNYUAN_VIDEO", model, files)["transformer"])
+    print(f"HunyuanVideo, some parts adapted: diffusers {gap:.2e}, ComfyUI's way {comfy_gap:.2e} (change {change:.2e})")
+    assert change > 1e-3 and gap <= EQUAL and comfy_gap <= EQUAL
+    assert torch.equal(comfy["single_transformer_blocks.0.attn.to_q.weight"], stock["single_transformer_blocks.0.attn.to_q.weight"])
+
+
+def test_hunyuan_fine_tune_as_one_original_layout_file_loads_back_bit_for_bit(tiny_models, clip_folder, tmp_path):
+    """COMFY_TRANSFORMER for HunyuanVideo: the original layout, which `from_single_file` reads back into exactly the
+    weights the same run saved as a diffusers folder."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = tiny_models("hunyuan-video")
+    config = base_config(tmp_path, model, clip_folder, model_type="HUNYUAN_VIDEO", training_method="FINE_TUNE",
+                         output_model_format="COMFY_TRANSFORMER", output_model_destination=str(tmp_path / "tuned.safetensors"),
+                         epochs=1, learning_rate=1e-3, video_config={"max_frames": 5, "target_fps": 16.0})
+    with also_saved_as(finetune, "DIFFUSERS", lambda path: path.with_name("tuned-folder")):
+        assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    folder = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "tuned-folder").state_dict()
+    stock = HunyuanVideoTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    with real_width_as(hunyuan_width("HUNYUAN_VIDEO", stock)):
+        single = HunyuanVideoTransformer3DModel.from_single_file(str(tmp_path / "tuned.safetensors"), config=str(model),
+                                                                  subfolder="transformer").state_dict()
+    assert sorted(single) == sorted(folder)
+    assert all(torch.equal(single[k], folder[k]) for k in folder)
+    assert not torch.equal(folder["proj_out.weight"], stock.state_dict()["proj_out.weight"])  # it trained
+    original = load_file(str(tmp_path / "tuned.safetensors"))
+    assert original["double_blocks.0.img_attn_qkv.weight"].shape == (3 * 32, 32)
+    assert original["single_blocks.0.linear1.weight"].shape == (3 * 32 + 128, 32)
