@@ -21,8 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/motiontune demo --out demo-output
 
+# two test processes (pytest-xdist): the suite's tiny models run one torch thread each (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -36,11 +36,16 @@ def _setup_logging(verbose: bool) -> None:
 def _report(result) -> None:
     if not result.report:
         return
+    if result.nothing_to_do:
+        print("\nNothing left to train: the newest backup is the end of the run, whose model is already saved.")
+        return
     print("\nStopped early; continue with --resume." if result.interrupted else "\nDone.")
     for path in result.lora_paths:
         print(f"  {'LoRA:' if result.method == 'LORA' else 'model:':12} {path}")
     for path in result.sample_paths:
         print(f"  sample:      {path}")
+    for error in result.sample_errors:
+        print(f"  failed:      {error}")
     print(f"  TensorBoard: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")
 
 
@@ -131,6 +136,27 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def _describe(error: Exception) -> str:
+    if isinstance(error, OSError) and error.errno is not None:  # a full disk, a missing permission, ...
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _newest_backup(args) -> Path | None:
+    """The newest backup of the run the command was about, if any (said after a failure)."""
+    if args.command != "train":
+        return None
+    try:
+        from .config import load_config
+        from .train.backup import list_backups
+
+        backups = list_backups(Path(load_config(args.config, args.set or []).workspace_dir) / "backup")
+    except Exception:
+        return None
+    return backups[-1] if backups else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .testing.tiny_models import FAMILIES
 
@@ -211,7 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(error, kind):
                 print(f"{label}: {error}", file=sys.stderr)
                 return code
-        raise
+        if args.verbose:
+            raise
+        # anything else: one message, not a traceback (-v shows it)
+        print(f"error: {args.command} failed: {_describe(error)}", file=sys.stderr)
+        saved = _newest_backup(args)
+        if saved:
+            print(f"The newest backup is {saved}: after fixing the cause, continue with `motiontune train --config "
+                  f"{args.config!r} --resume`.", file=sys.stderr)
+        print("Run the same command with -v to see the full traceback (and include it if you report a bug).", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ simulations of the full depth in tests). With FLOAT_8 or NFLOAT_4 weights the si
 quantized layers (what they save for backward, their dequantization temporaries), and CPU_OFFLOADED checkpointing
 moves the checkpointed block inputs to host memory.
 
+The other moments of a run are estimated apart: a first run encoding clips and captions, and rendering a sample
+as models/wan.py does it, its parts taking turns on the device (first frame, denoising, decoding: the decode on
+fake tensors through diffusers' own loop, whole frames and in tiles; sampling itself asks `decode_in_tiles`
+which to use).
+
 What it does not see: the CUDA context and the caching allocator's slack (a fixed 0.5 GB line), other
 programs on the GPU, and memory of the data pipeline (a few cached text embeddings).
 """
@@ -91,10 +96,10 @@ DEQUANT_BYTES_PER_WEIGHT = {"FLOAT_8": 8, "NFLOAT_4": 14}
 KEEP_PRECISION = ("norm", "modulation", "adaln")  # as train/memory.py: Linear layers that stay unquantized
 HALF = {"BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 DTYPES = {"FLOAT_32": torch.float32, **HALF}
-SEED_TABLE = [  # OneTrainer's WAN 2.2 docs: GPU size → batch × frames × resolution²
-    (8, 1, 8, 384),
+SEED_TABLE = [  # the original guide (the OneTrainer fork's docs/VideoTraining.md, "WAN 2.2 Memory Requirements";
+    (8, 1, 8, 384),  # docs/WAN22Training.md has the same table): GPU size → batch × frames × resolution²
     (16, 2, 16, 512),
-    (24, 4, 24, 640),
+    (24, 4, 16, 512),
     (48, 8, 32, 768),
 ]
 
@@ -187,6 +192,7 @@ class Estimate:
     per_block_activation: int = 0
     blocks: int = 0
     source: str = ""  # where the transformer config came from
+    tiled_decode: int = 0  # bytes of decoding the sample in tiles (the "sample decoding" phase counts whole frames)
 
     @property
     def device(self) -> int:
@@ -201,8 +207,25 @@ class Estimate:
         """Device + host: what the step needs on a machine where they are the same memory (the CPU)."""
         return self.device + self.host
 
-    def phase_peak(self, name: str) -> int:
-        return sum(line.device for line in self.phases.get(name, []))
+    def phase_peak(self, name: str, gpu_bytes: int | None = None) -> int:
+        """A phase's bytes on the device; on a card of `gpu_bytes`, a sample's decoding in tiles when sampling would
+        choose them there."""
+        peak = sum(line.device for line in self.phases.get(name, []))
+        if name == DECODING and gpu_bytes is not None and self.decodes_in_tiles(gpu_bytes):
+            peak += self.tiled_decode - self._whole_decode
+        return peak
+
+    @property
+    def _whole_decode(self) -> int:
+        return sum(line.device for line in self.phases.get(DECODING, []) if line.name == DECODE_LINE)
+
+    def decodes_in_tiles(self, gpu_bytes: int) -> bool:
+        """Whether sampling decodes in tiles on a card of `gpu_bytes`: models/wan.py does when decoding whole frames
+        (with TILE_MARGIN) needs more than the memory the rest of that moment leaves free."""
+        if DECODING not in self.phases:
+            return False
+        rest = self.phase_peak(DECODING) - self._whole_decode
+        return TILE_MARGIN * self._whole_decode > gpu_bytes - rest
 
     def fits(self, gpu_bytes: int) -> bool:
         return self.device <= gpu_bytes
@@ -631,10 +654,14 @@ def _vae_config(config: TrainConfig) -> dict:
 
 
 def _vae(config: TrainConfig):
+    return _vae_from(_vae_config(config))
+
+
+def _vae_from(cfg: dict):
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        return AutoencoderKLWan(**_clean(_vae_config(config), AutoencoderKLWan)).float()
+        return AutoencoderKLWan(**_clean(cfg, AutoencoderKLWan)).float()
 
 
 def _text_encoder(config: TrainConfig, layers: int | None = None):
@@ -651,6 +678,175 @@ def _text_encoder(config: TrainConfig, layers: int | None = None):
 def _module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     return sum(t.numel() * (_elem(dtype) if dtype is not None and t.is_floating_point() else t.element_size())
                for t in (*module.parameters(), *module.buffers()))
+
+
+# --- rendering a sample: what models/wan.py's `sample` puts on the device ---------------------------------------
+
+# Sampling decodes in tiles when decoding whole frames needs more than the memory free, with this margin for the
+# allocator's rounding and fragmentation (models/wan.py at run time, `estimate` for a card of a given size).
+TILE_MARGIN = 1.1
+
+
+def _storage_bytes(tensors) -> int:
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
+
+
+_DECODER_CALLS: dict = {}
+
+
+def _decoder_calls(cfg: dict, height: int, width: int) -> list[tuple[int, tuple[int, ...]]]:
+    """What one call of the VAE's decoder on a (height, width) latent tile reaches, for a tile's first, second and
+    later latent frames (its feature cache is full from the third on): (peak bytes above what was live before the
+    call, the cache it found counted in, as a stand-in makes none; the output's shape)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (json.dumps(cfg, sort_keys=True), height, width)
+    if key in _DECODER_CALLS:
+        return _DECODER_CALLS[key]
+    vae = _vae_from(cfg)
+    mode = FakeTensorMode()
+    _fakeify(vae, mode)
+    with mode:
+        z = torch.empty(1, vae.config.z_dim, 3, height, width)
+    tracker = _LiveBytes([*vae.parameters(), *vae.buffers(), z])
+    calls = []
+    with mode, tracker, torch.no_grad(), _quiet():
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        for k in range(3):
+            vae._conv_idx = [0]
+            cache = _storage_bytes(vae._feat_map)
+            start = tracker.current
+            tracker.peak = start
+            out = vae.decoder(x[:, :, k : k + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0)
+            calls.append((tracker.peak - start + cache, tuple(out.shape)))
+            del out
+    _DECODER_CALLS[key] = calls
+    return calls
+
+
+class _DecoderStandIn(torch.nn.Module):
+    """In a simulated decode, in place of the VAE's decoder: each call makes the output a real call makes and raises
+    the tracker's peak by what a real call of its kind reached (measured by `_decoder_calls` on the largest tile,
+    scaled by the tile's area: the decoder's tensors all grow with it)."""
+
+    def __init__(self, calls: list[tuple[int, tuple[int, ...]]], height: int, width: int):
+        super().__init__()
+        self.calls, self.height, self.width = calls, height, width
+        self.tracker: _LiveBytes | None = None
+        self.index = 0
+
+    def forward(self, x, feat_cache=None, feat_idx=None, first_chunk=False):
+        self.index = 0 if first_chunk else min(self.index + 1, 2)
+        extra, shape = self.calls[self.index]
+        height, width = x.shape[-2:]
+        reached = self.tracker.current + extra * height * width // (self.height * self.width)
+        self.tracker.peak = max(self.tracker.peak, reached)
+        scale = shape[-1] // self.width
+        return x.new_empty(x.shape[0], shape[1], shape[2], height * scale, width * scale)
+
+
+_DECODE: dict = {}
+
+
+def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+    """Peak bytes of the tensors AutoencoderKLWan.decode makes for one sample's latents (F', H', W'; the weights not
+    counted), as diffusers runs it: whole frames, or (`tiled`) its tiled_decode with the VAE's default tiles (256
+    pixels, 192 apart), which diffusers uses only when the frame is larger than a tile. On fake tensors: the decode's
+    own loops and concatenations run as written; each decoder call is a stand-in for a real one measured on the
+    largest tile, and the blending of overlapping tiles, which writes into a tile in place a row at a time (tensors
+    of a row: nothing to count), is skipped (a test compares with simulating everything). A full-size decode takes
+    a second or two."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = {k: v for k, v in vae_cfg.items() if not k.startswith("_")}
+    key = (json.dumps(cfg, sort_keys=True), tuple(latent), tiled)
+    if key in _DECODE:
+        return _DECODE[key]
+    vae = _vae_from(cfg)
+    frames, height, width = latent
+    if tiled:
+        vae.enable_tiling()
+        height = min(height, vae.tile_sample_min_height // vae.spatial_compression_ratio)
+        width = min(width, vae.tile_sample_min_width // vae.spatial_compression_ratio)
+    mode = FakeTensorMode()
+    _fakeify(vae, mode)
+    vae.decoder = _DecoderStandIn(_decoder_calls(cfg, height, width), height, width)
+    vae.blend_v = vae.blend_h = lambda above, tile, extent: tile
+    with mode:
+        z = torch.empty(1, vae.config.z_dim, *latent)
+    tracker = _LiveBytes([*vae.parameters(), *vae.buffers(), z])
+    vae.decoder.tracker = tracker
+    with mode, tracker, torch.no_grad(), _quiet():
+        vae.decode(z)
+    _DECODE[key] = tracker.peak
+    return tracker.peak
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device` now: on CUDA what the driver has free plus what PyTorch's allocator
+    holds unused; on the CPU the system's available memory (Linux; elsewhere, and on other devices, unknown: a very
+    large number)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return 2**62
+
+
+def decode_in_tiles(vae, latent: tuple[int, int, int], device: torch.device) -> tuple[bool, int, int]:
+    """Whether a sample's latents (F', H', W') should be decoded in tiles on `device` now, with the VAE there: when
+    decoding whole frames would need more than the memory free (with TILE_MARGIN). (tiles?, bytes of decoding whole
+    frames, bytes free)."""
+    whole = decode_peak(dict(vae.config), latent, tiled=False)
+    free = free_bytes(device)
+    return TILE_MARGIN * whole > free, whole, free
+
+
+_DENOISE: dict = {}
+
+
+def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], quantized: str | None) -> int:
+    """Peak bytes of the tensors one transformer forward makes as the stock pipeline calls it while sampling (no grad,
+    batch 1, in the transformer's dtype; TI2V-5B with a timestep per token), the weights not counted. Two blocks
+    are simulated: without grad a block's tensors are gone before the next one starts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_type, config.training_method,
+           config.lora_rank, config.layer_filter, str(_load_dtype(config)))
+    if key in _DENOISE:
+        return _DENOISE[key]
+    model = _meta_transformer(cfg, min(2, cfg["num_layers"]), config)
+    mode = FakeTensorMode()
+    _fakeify(model, mode)
+    if quantized:
+        from .train.memory import quantize_frozen_linears
+
+        with mode, _quiet():
+            quantize_frozen_linears(list(model.blocks), quantized, torch.device("cpu"))
+    model.eval()
+    dtype = _load_dtype(config)
+    f, h, w = latent
+    patch = cfg.get("patch_size") or (1, 2, 2)
+    with mode:
+        hidden = torch.empty(1, cfg["in_channels"], f, h, w, dtype=dtype)
+        per_token = config.model_type == "WAN_2_2_TI2V_5B"  # the pipeline's expand_timesteps
+        timestep = torch.empty(1, (f // patch[0]) * (h // patch[1]) * (w // patch[2])) if per_token else torch.empty(1)
+        text = torch.empty(1, TEXT_TOKENS, cfg["text_dim"], dtype=dtype)
+        image = {"encoder_hidden_states_image": torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)} \
+            if cfg.get("image_dim") else {}
+    tracker = _LiveBytes([*model.parameters(), *model.buffers(), hidden, timestep, text, *image.values()])
+    with mode, tracker, torch.no_grad(), _quiet():
+        model(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text, return_dict=False, **image)
+    _DENOISE[key] = tracker.peak
+    return tracker.peak
 
 
 # --- the estimate ------------------------------------------------------------------------------------------------
@@ -775,9 +971,15 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         lines.append(Line("CUDA context + allocator reserve", CUDA_OVERHEAD, 0, "not tensors; an allowance"))
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n, source=source)
     if phases:
-        active = counts.frozen_bytes(weight_dtype) + counts.trainable_bytes
-        # sampling brings one A14B expert at a time to a GPU (models/wan.py); on the CPU both are in its memory
-        result.phases = _other_phases(config, shape, active + other_bytes if on_cpu else max(active, other_bytes), on_cpu)
+        # sampling (models/wan.py) brings the transformer as training holds it (offloaded blocks stream in as they run)
+        # with what trains on it; an A14B expert that only samples comes whole, one expert at a time. On the CPU both
+        # are in its memory. Gradients are gone by then (set to None after each step); optimizer state stays.
+        active = lines[0].device + counts.trainable_bytes
+        other_sampled = active if len(parts) == 2 else other_bytes  # 0 without a second expert
+        transformers = active + other_bytes if on_cpu else max(active, other_sampled)
+        left = sum(line.device for line in lines if line.name.startswith("optimizer state")
+                   or (line.name.startswith("text encoder") and "activations" not in line.name))
+        result.phases, result.tiled_decode = _other_phases(config, shape, cfg, transformers, left, quantized, on_cpu)
     return result
 
 
@@ -832,36 +1034,67 @@ def _text_encoder_lines_uncached(config: TrainConfig, shape: Shape, on_cpu: bool
     return lines
 
 
-def _other_phases(config: TrainConfig, shape: Shape, transformers: int, on_cpu: bool) -> dict[str, list[Line]]:
-    """Encoding (the VAE and the text encoder, before training, when something is not cached) and samples."""
+DENOISING, DECODING, FIRST_FRAME = "sample denoising", "sample decoding", "sample first frame"
+DECODE_LINE = "VAE decoding the sample"
+
+
+def _other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int, left: int, quantized: str | None,
+                  on_cpu: bool) -> tuple[dict[str, list[Line]], int]:
+    """Encoding (the VAE and the text encoder, before training, when something is not cached), and rendering a sample
+    as models/wan.py does it: on an accelerator its parts take turns on the device (the VAE encoding a given first
+    frame, the transformer denoising, the VAE decoding) beside what training leaves there (`left`: optimizer state, a
+    live text encoder). (the phases, bytes of the sample's decoding in tiles: 0 without samples)."""
     phases = {}
     vae_bytes = _module_bytes(_vae(config), torch.float32)
     text, _ = _text_encoder(config)
     text_bytes = _text_encoder_bytes(config, text, torch.float32 if on_cpu else _load_dtype(config))
-    vae_key = json.dumps(_vae_config(config), sort_keys=True)
-    encode = simulate_no_grad(("encode", vae_key, shape.frames, shape.height, shape.width), lambda: _vae(config), lambda: (torch.empty(1, 3, shape.frames, shape.height, shape.width),),
-                              lambda model, x: model.encode(x).latent_dist.mean)
+    vae_cfg = _vae_config(config)
+    vae_key = json.dumps(vae_cfg, sort_keys=True)
+
+    def encoded(frames: int, height: int, width: int) -> int:
+        return simulate_no_grad(("encode", vae_key, frames, height, width), lambda: _vae(config),
+                                lambda: (torch.empty(1, 3, frames, height, width),),
+                                lambda model, x: model.encode(x).latent_dist.mean)
+
+    encode = encoded(shape.frames, shape.height, shape.width)
     reserve = [] if on_cpu else [Line("CUDA context + allocator reserve", CUDA_OVERHEAD)]
+    clip = [Line("CLIP image encoder (float32)", 4 * CLIP_VIT_H_PARAMS)] if config.model_type == "WAN_2_1_I2V" else []
     encoding = [Line("VAE weights (float32)", vae_bytes),
                 Line(f"VAE encoding one clip ({shape.frames} × {shape.width}x{shape.height})", encode)]
-    if config.model_type == "WAN_2_1_I2V":
-        encoding.append(Line("CLIP image encoder (float32)", 4 * CLIP_VIT_H_PARAMS))
-    phases["encoding"] = encoding + reserve
+    phases["encoding"] = encoding + clip + reserve
     storage = config.text_encoder.weight_dtype or str(_load_dtype(config)).replace("torch.", "")
     phases["captions"] = [Line("text encoder weights", text_bytes, 0, f"UMT5 ({storage}); the VAE waits in host memory")] + reserve
-    if config.samples and config.sample_after_unit != "NEVER":
-        sample = config.samples[0]
-        latent = make_shape(config, 1, sample.frames, sample.height, sample.width)
-        z_dim = _vae_config(config).get("z_dim", 16)
-        decode = simulate_no_grad(("decode", vae_key, latent.latent), lambda: _vae(config), lambda: (torch.empty(1, z_dim, *latent.latent),),
-                                  lambda model, z: model.decode(z).sample)
-        phases["samples"] = [
-            Line("the transformer", transformers, 0,
-                 "one A14B expert at a time, each brought in when the pipeline calls it"
-                 if config.model_type in A14B_MODEL_TYPES else ""),
-            Line("VAE weights + decoding the sample", vae_bytes + decode, 0, f"{sample.frames} × {sample.width}x{sample.height}"),
-        ] + ([] if on_cpu else [Line("CUDA context + allocator reserve", CUDA_OVERHEAD)])
-    return phases
+    samples = list(config.samples) if config.samples and config.sample_after_unit != "NEVER" else []
+    if not samples:
+        return phases, 0
+
+    def size(sample) -> Shape:
+        return make_shape(config, 1, sample.frames, sample.height, sample.width)
+
+    largest = size(max(samples, key=lambda s: s.frames * s.height * s.width))
+    what = f"{largest.frames} × {largest.width}x{largest.height}"
+    kept = [Line("left on the device by training", left, 0,
+                 "optimizer state" + (", the live text encoder" if _text_live(config) else ""))] if left else []
+    vae = [Line("VAE weights (float32)", vae_bytes)]
+    transformer = [Line("the transformer", transformers, 0,
+                        "one A14B expert at a time, each brought in when the pipeline calls it"
+                        if config.model_type in A14B_MODEL_TYPES and not on_cpu else "")]
+    with_image = [s for s in samples if s.image]
+    if with_image:  # the pipeline encodes the first frame (I2V: with the other frames empty; TI2V-5B: alone)
+        first = size(max(with_image, key=lambda s: s.frames * s.height * s.width))
+        frames = 1 if config.model_type == "WAN_2_2_TI2V_5B" else first.frames
+        phases[FIRST_FRAME] = vae + clip + [
+            Line("VAE encoding the first frame", encoded(frames, first.height, first.width), 0,
+                 f"{frames} × {first.width}x{first.height}" + (" (the other frames empty)" if frames > 1 else ""))
+        ] + kept + (transformer if on_cpu else []) + reserve
+    phases[DENOISING] = transformer + [
+        Line("one transformer forward", denoise_peak(cfg, config, largest.latent, quantized), 0, f"{what}, no grad"),
+    ] + kept + (vae + clip if on_cpu else []) + reserve
+    whole, tiled = decode_peak(vae_cfg, largest.latent, False), decode_peak(vae_cfg, largest.latent, True)
+    phases[DECODING] = vae + [
+        Line(DECODE_LINE, whole, 0, f"{what}, whole frames; in tiles {_gb(tiled)} GB (used when whole frames do not fit)"),
+    ] + kept + (transformer + clip if on_cpu else []) + reserve
+    return phases, tiled
 
 
 # --- what to change so it fits -----------------------------------------------------------------------------------
@@ -973,11 +1206,12 @@ def _gb(value: int) -> str:
     return f"{value / GB:.1f}"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+def _table(rows: list[list[str]], header: list[str], left: tuple[int, ...] = ()) -> list[str]:
+    """Columns aligned: the first, the last and those in `left` to the left, the others (figures) to the right."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row):
-        return "  ".join(str(c).ljust(w) if i == 0 or i == len(row) - 1 else str(c).rjust(w)
+        return "  ".join(str(c).ljust(w) if i in (0, len(row) - 1, *left) else str(c).rjust(w)
                          for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
@@ -1000,46 +1234,60 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
     rows = [[line.name, _gb(line.device), _gb(line.host) if line.host else "", line.note] for line in result.lines]
     rows.append(["total", _gb(result.device), _gb(result.host) if result.host else "", ""])
     out += ["  " + r for r in _table(rows, ["part", "device", "host", ""])]
-    for phase, title in (("encoding", "Encoding clips, before training (a first run, or latent_caching off):"),
-                         ("captions", "Encoding captions, before training (a first run):"),
-                         ("samples", "Rendering a sample:")):
+    for phase, title in PHASE_TITLES.items():
         if phase in result.phases:
             lines = result.phases[phase]
             out += ["", title]
             out += ["  " + r for r in _table([[l.name, _gb(l.device), l.note] for l in lines] +
                                              [["total", _gb(sum(l.device for l in lines)), ""]], ["part", "device", ""])]
     sizes = [gpu_gb] if gpu_gb else [8, 16, 24, 48]
-    out += ["", f"Does the training step fit {gpu_gb:g} GB?" if gpu_gb else "Does the training step fit?"]
+    out += ["", f"Does the training step fit {gpu_gb:g} GB? And the other moments of the run?" if gpu_gb
+            else "Does the training step fit? And the other moments of the run?"]
     fit_rows, hows = [], []
     for size in sizes:
         budget = int(size * GB)
+        others = other_moments(result, budget)
         if result.fits(budget):
-            fit_rows.append([f"{size:g} GB", "yes", f"{_gb(budget - result.device)} GB to spare"])
+            fit_rows.append([f"{size:g} GB", "yes", others, f"{_gb(budget - result.device)} GB to spare"])
             continue
         changes = cheapest_changes(config, budget)
         if changes:
             best = changes[0]
-            fit_rows.append([f"{size:g} GB", "no", f"fits with {best.describe()} ({_gb(best.estimate.device)} GB)"])
+            fit_rows.append([f"{size:g} GB", "no", others, f"fits with {best.describe()} ({_gb(best.estimate.device)} GB)"])
             hows.append(f"  {size:g} GB: " + " ".join(f"--set {s}" for s in best.overrides))
             if gpu_gb and len(changes) > 1:
                 hows += [f"  or: {c.describe()} ({_gb(c.estimate.device)} GB): " + " ".join(f"--set {s}" for s in c.overrides)
                          for c in changes[1:]]
         else:
             floor = smallest_floor(config)
-            fit_rows.append([f"{size:g} GB", "no", f"not with any memory option (at least {_gb(floor.device)} GB at this "
-                             "batch): fewer frames, a lower resolution or a smaller batch"])
-    out += ["  " + r for r in _table(fit_rows, ["GPU", "fits", "cheapest change"])]
+            fit_rows.append([f"{size:g} GB", "no", others, f"not with any memory option (at least {_gb(floor.device)} GB at "
+                             "this batch): fewer frames, a lower resolution or a smaller batch"])
+    header = ["GPU", "step fits", "other moments", "cheapest change for the step"]
+    out += ["  " + r for r in _table(fit_rows, header, left=(2,))]
     if hows:
         out += ["", "The changes, as overrides for `motiontune train`:"] + hows
-    for phase in ("encoding", "captions", "samples"):
-        peak = result.phase_peak(phase)
-        if gpu_gb and peak > gpu_gb * GB:
-            out.append(f"  note: {phase} needs {_gb(peak)} GB on the device, more than {gpu_gb:g} GB")
     if seed_table:
         out += ["", "OneTrainer's WAN 2.2 table (GPU: batch × frames × resolution²), with this config's model and method:"]
         out += ["  " + r for r in _table(seed_rows(config), ["GPU", "seed's setting", "as configured", "fits",
                                                               "cheapest change that fits"])]
     return "\n".join(out)
+
+
+PHASE_TITLES = {
+    "encoding": "Encoding clips, before training (a first run, or latent_caching off):",
+    "captions": "Encoding captions, before training (a first run):",
+    FIRST_FRAME: "Rendering a sample, encoding its first frame (the transformer waits in host memory):",
+    DENOISING: "Rendering a sample, denoising (the VAE waits in host memory):",
+    DECODING: "Rendering a sample, decoding (the transformer waits in host memory):",
+}
+
+
+def other_moments(result: Estimate, gpu_bytes: int) -> str:
+    """Whether every moment of the run other than the training step fits a card of `gpu_bytes`; those that do not."""
+    over = [f"{name} {_gb(peak)} GB" for name in result.phases if (peak := result.phase_peak(name, gpu_bytes)) > gpu_bytes]
+    if over:
+        return "no: " + ", ".join(over)
+    return "yes" + (" (decoding samples in tiles)" if result.decodes_in_tiles(gpu_bytes) else "")
 
 
 def seed_rows(config: TrainConfig) -> list[list[str]]:

@@ -35,7 +35,7 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
         if sample.image:  # resized by the pipeline to the sample's size, as at inference
             from PIL import Image
 
-            image = np.asarray(Image.open(sample.image).convert("RGB"))
+            image = np.asarray(Image.open(sample.image).convert("RGB"))  # checked when the config loaded
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -51,13 +51,17 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
     return requests
 
 
-def render_samples(family: ModelFamily, requests, directory: Path, tag: str, write: bool = True) -> list[Path]:
-    """`write` False renders without writing (a sharded model's other ranks)."""
-    paths = []
+def render_samples(family: ModelFamily, requests, directory: Path, tag: str, write: bool = True):
+    """Render every request; `write` False renders without writing (a sharded model's other ranks). Returns the
+    written paths and (index, exception) for each sample that failed: a sample never stops the run."""
+    paths, failures = [], []
     for index, (request, fps) in enumerate(requests):
         path = directory / f"{tag}-{index}.mp4"
-        frames = family.sample(request)
-        if write:
-            write_video(path, frames, fps)
-            paths.append(path)
-    return paths
+        try:
+            frames = family.sample(request)
+            if write:
+                write_video(path, frames, fps)
+                paths.append(path)
+        except Exception as error:  # out of memory, a pipeline that rejects a size, a full disk...
+            failures.append((index, error))
+    return paths, failures

@@ -216,7 +216,7 @@ def test_config_refusals(tmp_path):
             load_config(str(write_config(tmp_path / "c.json", **config)))
         return str(error.value)
 
-    assert "a EMBEDDING run saves as SAFETENSORS" in problems(training_method="EMBEDDING")
+    assert "a EMBEDDING run saves as SAFETENSORS" in problems(training_method="EMBEDDING", output_model_format="COMFY_LORA")
     twice = problems(additional_embeddings=[{"placeholder": "<a>"}, {"placeholder": "<a>", "train": False}])
     assert 'additional_embeddings[1].placeholder = "<a>": two embeddings use it' in twice
     assert "additional_embeddings[1].train = false needs additional_embeddings[1].model_name" in twice

@@ -208,5 +208,107 @@ def test_estimate_prints_the_table_for_each_full_size_wan_2_2_preset(preset, cap
         assert counts.trainable_count == params
 
 
+def test_the_8gb_preset_fits_8_gb_in_every_moment_of_a_run(capsys):
+    """Training step, encoding clips and captions, and a sample's denoising and decoding: each within 8 GB. (The
+    estimate was made by the preset test above: cached.)"""
+    from motiontune.estimate import DECODING, DENOISING
+
+    result = estimate(load_config("#wan 2.2 LoRA 8GB"), phases=True)
+    assert {"encoding", "captions", DENOISING, DECODING} <= set(result.phases)
+    assert result.device <= 8 * GB
+    for phase in result.phases:
+        assert result.phase_peak(phase, 8 * GB) <= 8 * GB, (phase, result.phases[phase])
+    # the transformer and the VAE take turns: together they would not fit (4.9 + 2.6 GB of weights, plus 3.0 GB of
+    # whole-frame decoding)
+    part = {line.name: line.device for lines in result.phases.values() for line in lines}
+    assert part["the transformer"] + part["VAE weights (float32)"] + part["VAE decoding the sample"] > 8 * GB
+    assert main(["estimate", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "8"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  8 GB ")]
+    assert row[0].split()[2:4] == ["yes", "yes"], row  # the step, and every other moment
+    # 8 GB decodes whole frames (3.0 GB); a card with less room left for the decode counts it in tiles (1.35 GB),
+    # as sampling would decode it there
+    whole = result.phase_peak(DECODING)
+    assert not result.decodes_in_tiles(8 * GB) and result.phase_peak(DECODING, 8 * GB) == whole
+    assert 0 < result.tiled_decode < 0.5 * result._whole_decode
+    assert result.decodes_in_tiles(int(5.5 * GB)) and result.phase_peak(DECODING, int(5.5 * GB)) < 5.5 * GB < whole
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["wan-2.1-vae", "wan-2.2-vae"])
+def test_the_decode_simulation_with_stand_ins_matches_the_whole_simulation(wide):
+    """decode_peak runs diffusers' decode loop with measured stand-ins for the decoder's calls (and no row-by-row tile
+    blending): the same peak as simulating every call, whole frames and tiled (edge tiles included). The blending,
+    which takes most of a whole tiled simulation's time, is simulated once (2.2's VAE)."""
+    from motiontune.estimate import _vae_from, decode_peak, simulate_no_grad
+    from motiontune.testing.tiny_models import _vae
+
+    cfg = {k: v for k, v in _vae(wide).config.items() if not k.startswith("_")}
+    # 2 × 2 tiles of 256 pixels, 192 apart, the second ones narrower; 3 latent frames: the decoder's cache is full
+    latent = (3, 17, 17) if wide else (3, 33, 33)
+
+    def whole_simulation(tiled):
+        def build():
+            vae = _vae_from(cfg)
+            if tiled:
+                vae.enable_tiling()
+            if not wide:
+                vae.blend_v = vae.blend_h = lambda above, tile, extent: tile
+            return vae
+
+        return simulate_no_grad(("test", wide, tiled), build, lambda: (torch.empty(1, cfg["z_dim"], *latent),),
+                                lambda vae, z: vae.decode(z).sample)
+
+    for tiled in (False, True):
+        assert decode_peak(cfg, latent, tiled) == pytest.approx(whole_simulation(tiled), rel=0.02), tiled
+    assert decode_peak(cfg, latent, True) < decode_peak(cfg, latent, False)
+
+
+def test_sampling_decodes_in_tiles_only_when_whole_frames_do_not_fit(measured_config, monkeypatch):
+    """models/wan.py's sampling: the transformer, then the VAE alone (their turns on a GPU); the decode in tiles
+    when the memory free is less than decoding whole frames needs, and the VAE back to whole frames after."""
+    import motiontune.estimate
+    from motiontune.models.base import SampleRequest
+    from motiontune.models.wan import WanFamily
+
+    family = WanFamily(load_config(str(measured_config)), torch.device("cpu"))
+    family.load_transformers()
+    family.load_vae()
+    vae = family.vae
+    vae.tile_sample_min_height = vae.tile_sample_min_width = 16  # tiles a 32x32 sample (diffusers' default: 256)
+    vae.tile_sample_stride_height = vae.tile_sample_stride_width = 12
+    decodes, turns = [], []
+    tiled_decode, take_turn = vae.tiled_decode, family._take_turn
+    vae.tiled_decode = lambda *args, **kwargs: (decodes.append("tiles"), tiled_decode(*args, **kwargs))[1]
+    family._take_turn = lambda turn, *args: (turns.append(turn), take_turn(turn, *args))[1]
+    embeds = torch.randn(1, 512, family.transformer.config.text_dim, generator=torch.Generator().manual_seed(0))
+    request = SampleRequest(prompt_embeds=embeds, negative_prompt_embeds=None, frames=1, height=32, width=32, steps=1,
+                            cfg_scale=1.0, seed=0)
+    whole = family.sample(request)
+    assert decodes == [] and not vae.use_tiling  # plenty of memory: whole frames
+    assert [t for i, t in enumerate(turns) if i == 0 or t != turns[i - 1]] == ["transformer", "vae"]
+    monkeypatch.setattr(motiontune.estimate, "free_bytes", lambda device: 0)  # a device with nothing free
+    tiled = family.sample(request)
+    assert decodes == ["tiles"] and not vae.use_tiling  # tiled for this sample only: clips still encode whole
+    assert tiled.shape == whole.shape == (1, 32, 32, 3)
+    assert not (tiled == whole).all()  # the tiles are blended where they overlap: not the same pixels
+
+
+def test_the_seed_table_is_the_original_guides():
+    """`--seed-table` estimates the settings of the guide's table (the OneTrainer fork's docs/VideoTraining.md and
+    docs/WAN22Training.md): 8 GB 1 × 8 × 384², 16 GB 2 × 16 × 512², 24 GB 4 × 16 × 512², 48 GB 8 × 32 × 768²."""
+    from motiontune.estimate import SEED_TABLE
+
+    assert SEED_TABLE == [(8, 1, 8, 384), (16, 2, 16, 512), (24, 4, 16, 512), (48, 8, 32, 768)]
+
+
+def test_estimate_needs_no_concepts(measured_config, tmp_path, capsys):
+    """`estimate` reads no data: a config with neither `concepts` nor `concept_file_name` is estimated."""
+    config = json.loads(measured_config.read_text())
+    del config["concepts"]
+    path = _write(tmp_path / "no-concepts.json", config)
+    assert main(["estimate", "--config", str(path), "--gpu-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Training step, at its peak" in out and _fit_row(out, 8) == "yes"
+
+
 if __name__ == "__main__":
     print(json.dumps(_measure(sys.argv[1], sys.argv[2:])))

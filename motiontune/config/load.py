@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from .concepts import concept_problems
 from .schema import (
     DEFAULT_NATIVE_COMPRESSION,
     NATIVE_COMPRESSION,
@@ -67,6 +68,10 @@ def apply_override(data: dict, assignment: str) -> None:
     except json.JSONDecodeError:
         value = raw
     parts = key.strip().split(".")
+    # the two ways of naming the data replace each other: `--set concepts=[...]` on a preset drops its concept file
+    other = {"concepts": "concept_file_name", "concept_file_name": "concepts"}.get(key.strip())
+    if other and value is not None:
+        data.pop(other, None)
     node = data
     for part in parts[:-1]:
         if isinstance(node, list):
@@ -113,6 +118,20 @@ def _known_keys(loc: tuple) -> list[str]:
     return [field.alias or key for key, field in model.model_fields.items()]
 
 
+def _sections_with_key(loc: tuple, key: str) -> list[str]:
+    """Dotted names of the sections directly inside `loc` that have `key`, e.g. transformer.weight_dtype."""
+    model = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = (_model_class(field.annotation) if field is not None else None) or model
+    found = []
+    for name, field in model.model_fields.items():
+        inner = _model_class(field.annotation)
+        if inner is not None and key in inner.model_fields:
+            found.append(".".join([*(str(p) for p in loc), name, key]))
+    return found
+
+
 def format_validation_error(error: ValidationError, path: Path) -> str:
     lines = [f"{path}: the config has {error.error_count()} problem(s):"]
     for problem in error.errors():
@@ -120,9 +139,17 @@ def format_validation_error(error: ValidationError, path: Path) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if problem["type"] == "extra_forbidden":
             known = _known_keys(loc[:-1])
+            nested = _sections_with_key(loc[:-1], str(loc[-1]))
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys here: {', '.join(sorted(known))}."
+            if nested:  # a key that exists, one level down (`weight_dtype` belongs to each model part)
+                hint = f" It is set inside a section: {' or '.join(repr(n) for n in nested)}."
+            elif close:
+                hint = f" Did you mean {close[0]!r}?"
+            else:
+                hint = f" Known keys here: {', '.join(sorted(known))}."
             lines.append(f"  - unknown key {key!r}.{hint}")
+        elif not loc:  # a rule about several keys: its message says which; the whole config is no help
+            lines.append(f"  - {problem['msg'].removeprefix('Value error, ')}")
         elif problem["type"] == "missing":
             lines.append(f"  - {key}: this key is required")
         else:
@@ -184,6 +211,31 @@ def _memory_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # Pillow raises many kinds for a file that is not a picture
+        return False
+    return True
+
+
+def config_notices(config: TrainConfig) -> list[str]:
+    """Settings that are valid but change nothing, said once at the start of a run rather than ignored silently."""
+    notices = []
+    native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
+    for key, own in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
+        value = getattr(config.video_config, key)
+        if value < own and key in config.video_config.model_fields_set:  # the default is below some VAEs' own
+            notices.append(f"video_config.{key} = {value} changes nothing: {config.model_type}'s VAE always compresses "
+                           f"{own}x {'spatially' if key.startswith('spatial') else 'in time'}, and only a whole multiple of "
+                           f"{own} adds compression (frames {'downscaled' if key.startswith('spatial') else 'subsampled'} "
+                           "before encoding). Set it to {own} to silence this.".replace("{own}", str(own)))
+    return notices
+
+
 def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     problems = []
     for key, neutral, what in NOT_SUPPORTED_YET:
@@ -193,6 +245,9 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
     problems += _text_training_problems(config) + _memory_problems(config)
+    for index, concept in enumerate(config.concepts or []):
+        if concept.enabled:
+            problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept)]
     formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),
                "EMBEDDING": ("SAFETENSORS",)}
     allowed = formats.get(config.training_method, ())
@@ -215,9 +270,6 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {config.model_type} is "
             f"{'always' if 'I2V' in config.model_type else 'never'} image-conditioned, so remove the key"
         )
-    if config.model_type == "HUNYUAN_VIDEO" and config.output_model_format in ("COMFY_LORA", "COMFY_TRANSFORMER"):
-        problems.append(f"  - output_model_format = {config.output_model_format}: the original (ComfyUI) layout is not built for "
-                        "HunyuanVideo yet; use DIFFUSERS_LORA (ComfyUI reads diffusers-named HunyuanVideo LoRAs) or DIFFUSERS")
     if "_I2V" in config.model_type:
         for index, sample in enumerate(config.samples):
             if not sample.image:
@@ -225,6 +277,8 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     for index, sample in enumerate(config.samples):
         if sample.image and not Path(sample.image).is_file():
             problems.append(f"  - samples[{index}].image = {sample.image!r}: no such file")
+        elif sample.image and not _is_image(Path(sample.image)):
+            problems.append(f"  - samples[{index}].image = {sample.image!r}: not an image Pillow can read; give a PNG, JPEG or WebP file")
         elif sample.image and "I2V" not in config.model_type:
             problems.append(f"  - samples[{index}].image: {config.model_type} does not take a first frame; remove the key")
     if config.model_type in A14B_MODEL_TYPES:

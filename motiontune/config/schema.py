@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .concepts import ConceptConfig, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
+
 # Model types motiontune trains (each served by a family module, see models/__init__.py).
 ModelType = Literal[
     "WAN_2_1_T2V",
@@ -24,27 +26,14 @@ ModelType = Literal[
 ]
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
+# The output format a training method saves in when output_model_format is not set.
+DEFAULT_OUTPUT_FORMAT = {"LORA": "COMFY_LORA", "FINE_TUNE": "DIFFUSERS", "EMBEDDING": "SAFETENSORS"}
 DType = Literal["FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "NFLOAT_4"]
 TimeUnit = Literal["NEVER", "STEP", "EPOCH"]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TextConfig(Strict):
-    # sample: a .txt caption per file; concept (or txt): lines of `prompt_path`; filename: the file's stem.
-    prompt_source: Literal["sample", "concept", "txt", "filename"] = "sample"
-    prompt_path: str = ""
-
-
-class ConceptConfig(Strict):
-    name: str = ""
-    path: str
-    enabled: bool = True
-    include_subdirectories: bool = False
-    repeats: float = Field(1.0, gt=0)
-    text: TextConfig = TextConfig()
 
 
 class ModelPartConfig(Strict):
@@ -183,7 +172,8 @@ class TrainConfig(Strict):
     output_model_destination: str = "models/lora.safetensors"
     # LoRA: DIFFUSERS_LORA, COMFY_LORA; fine-tune: DIFFUSERS (a transformer folder), COMFY_TRANSFORMER (one file)
     # embedding: SAFETENSORS (one file of vectors per embedding)
-    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER", "SAFETENSORS"] = "DIFFUSERS_LORA"
+    # default by training_method (DEFAULT_OUTPUT_FORMAT): COMFY_LORA loads in ComfyUI and in diffusers alike
+    output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER", "SAFETENSORS"] = "COMFY_LORA"
     output_dtype: DType | None = None  # fine-tune saves; default: the weights' dtype
     workspace_dir: str = "workspace/run"
 
@@ -204,6 +194,17 @@ class TrainConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _format_follows_method(cls, data):
+        """An unset output_model_format follows training_method, so a pasted FINE_TUNE or EMBEDDING config saves
+        in its own method's format."""
+        if isinstance(data, dict) and data.get("output_model_format") is None:
+            method = data.get("training_method", "LORA")
+            if isinstance(method, str) and method in DEFAULT_OUTPUT_FORMAT:  # a wrong method is reported by its own field
+                data = {**data, "output_model_format": DEFAULT_OUTPUT_FORMAT[method]}
+        return data
+
     @field_validator("resolution", mode="before")
     @classmethod
     def _resolution_text(cls, value):
@@ -219,8 +220,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.concepts is None and self.concept_file_name is None:
-            raise ValueError("set `concepts` (a list) or `concept_file_name` (a concepts.json file)")
+        # neither is checked where the data is read (a config for `estimate` needs no dataset)
         if self.concepts is not None and self.concept_file_name is not None:
             raise ValueError("set only one of `concepts` and `concept_file_name`, not both")
         return self

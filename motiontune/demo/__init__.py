@@ -32,7 +32,6 @@ def demo_config(out: Path) -> dict:
         "workspace_dir": str(out / "workspace"),
         "cache_dir": str(out / "cache"),
         "output_model_destination": str(out / "demo-lora.safetensors"),
-        "output_model_format": "DIFFUSERS_LORA",
         "sample_after": 0,
         "sample_after_unit": "EPOCH",
         "samples": [

@@ -156,6 +156,7 @@ def _write(directory: Path, config: TrainConfig, position: Position, trainings, 
             "rng_by_rank": rngs,
             "world_size": world_size,
             "expert_steps": [t.steps for t in trainings],
+            "expert_samples": [t.samples for t in trainings],
             "grad_scaler": scaler_state,  # FLOAT_16's loss scale and its growth counter
         }
         with open(partial / "state.pt", "wb") as handle:  # through a Python file: a full disk raises a plain OSError
@@ -234,6 +235,8 @@ def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None,
         training.scheduler.load_state_dict(scheduler_state)
     for training, steps in zip(trainings, state.get("expert_steps", [])):
         training.steps = steps
+    for training, samples in zip(trainings, state.get("expert_samples", [])):
+        training.samples = samples
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
     restore_rng_state(state.get("rng_by_rank", [state["rng"]])[ranks.rank], generators)

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..config import ConfigError, TrainConfig
+from ..config.load import config_notices
 from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
 from ..data.latents import Encoding
@@ -54,7 +56,8 @@ class ExpertTraining:
     optimizer: torch.optim.Optimizer
     scheduler: object
     max_steps: int | None = None  # this expert's own step count (WAN 2.2 A14B: `transformer_2.max_steps`, ...)
-    steps: int = 0  # optimizer steps this expert has taken
+    steps: int = 0  # optimizer steps in which this expert received samples (and its parameters, if any, stepped)
+    samples: int = 0  # training samples routed to this expert
 
     @property
     def done(self) -> bool:
@@ -74,6 +77,9 @@ class RunResult:
     backup: Path | None = None  # the newest backup this run wrote
     method: str = "LORA"
     report: bool = True  # False on ranks other than 0, which leave reporting to it
+    nothing_to_do: bool = False  # --resume of a run that had already finished
+    sample_errors: list[str] = field(default_factory=list)  # samples that failed (the run went on)
+    experts: dict = field(default_factory=dict)  # expert label → samples and optimizer steps it received
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,16 +102,26 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     backup_to_load = find_backup(workspace, resume) if resume else None
     if backup_to_load:
         check_resumable(backup_to_load, config, ranks.world_size)  # before anything slow: a refused resume fails fast
+        saved = json.loads((backup_to_load / "backup.json").read_text())
+        if saved["epoch"] >= config.epochs:
+            log.info("%s is the end of training (step %d, all %d epochs done): nothing left to train. The model that run "
+                     "saved is at %s", backup_to_load, saved["step"], config.epochs,
+                     config.output_model_destination)
+            ranks.finish()
+            return RunResult(lora_paths=[], steps=saved["step"], method=config.training_method, nothing_to_do=True,
+                             report=ranks.main)
+    if config.memory_config_form != "default":
+        log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
+    for notice in config_notices(config):
+        log.warning("%s", notice)
+
+    # Data: the dataset is surveyed before any model loads (a bad dataset fails fast, before the workspace is
+    # made); clips and texts come from the cache, and only what is missing is encoded, with encoders loaded just for that.
+    family = family_for(config, device)
+    survey = survey_dataset(config, family)
     if ranks.main:
         workspace.mkdir(parents=True, exist_ok=True)
         (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
-    if config.memory_config_form != "default":
-        log.info("memory options read in OneTrainer's %s form", config.memory_config_form)
-
-    # Data: the dataset is surveyed before any model loads (a bad dataset fails fast); clips and texts
-    # come from the cache, and only what is missing is encoded, with encoders loaded just for that.
-    family = family_for(config, device)
-    survey = survey_dataset(config, family)
     encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching), ranks)
     clips = encoding.clips(survey, encoding.window_variant(0))
     caption_dropout = config.text_encoder.dropout_probability
@@ -113,11 +129,14 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     text_embeddings = encoding.texts(texts)
     sample_requests = prepare_samples(config, family, text_embeddings)
     moving_windows = encoding.window_variant(1) != 0
-    if moving_windows:
-        variants = config.video_config.window_variants
-        why = "temporal_augmentation" if config.video_config.temporal_augmentation else "frame_sample_strategy random"
+    video = config.video_config
+    if moving_windows and (video.temporal_augmentation or video.frame_sample_strategy == "random"):
+        why = "temporal_augmentation" if video.temporal_augmentation else "frame_sample_strategy random"
         log.info("%s: %s", why, "clips change every epoch, so every epoch decodes and VAE-encodes them again"
-                 if variants == 0 else f"{variants} cached variants per clip; epochs 1-{variants} encode, later ones read the cache")
+                 if video.window_variants == 0 else
+                 f"{video.window_variants} cached variants per clip; epochs 1-{video.window_variants} encode, later ones read the cache")
+    elif moving_windows:
+        log.info("concept image variations (crop jitter, flip): each variant is encoded once, then read from the cache")
     text_side = TextConditioning(family, config, text_embeddings)  # cached, or live when the text side trains
     encoding.release(keep_vae=bool(sample_requests) or moving_windows, keep_text=text_side.live)
 
@@ -173,7 +192,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
         position = load_backup(backup_to_load, trainings + text_trainings, generators, ranks, scaler)
-        log.info("continuing from %s (step %d, epoch %d, batch %d)", backup_to_load, position.step, position.epoch + 1, position.next_batch)
+        log.info("continuing from %s at step %d, epoch %d, batch %d (each counted from 1)", backup_to_load,
+                 position.step + 1, position.epoch + 1, position.next_batch + 1)
     writer = _Writer(workspace / "tensorboard", position.step + 1 if backup_to_load else None, ranks.main)
     progress_file = ProgressFile(workspace, total_steps, position.step, ranks.main)  # for watchers (motiontune ui)
     result = RunResult(lora_paths=[], tensorboard_dir=workspace / "tensorboard", skipped_steps=position.nonfinite_skipped,
@@ -194,11 +214,17 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
         last_backup_time = time.monotonic()
 
+    def sample(tag: str) -> None:
+        """Render the samples; one that fails is logged with its reason and the run goes on."""
+        text_side.refresh_samples(sample_requests, config.samples)
+        paths, errors = _sample(family, sample_requests, config.samples, workspace, tag, not video.use_temporal_attention, ranks)
+        result.sample_paths = paths or result.sample_paths
+        result.sample_errors += errors
+
     def after(unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         if _due(config.sample_after_unit, config.sample_after, unit, count) and sample_requests:
-            text_side.refresh_samples(sample_requests, config.samples)
-            result.sample_paths = _sample(family, sample_requests, workspace, f"{unit.lower()}{count}", not video.use_temporal_attention, ranks)
+            sample(f"{unit.lower()}{count}")
         saving = _due(config.save_every_unit, config.save_every, unit, count)
         minutes = (time.monotonic() - last_backup_time) / 60
         if (saving and config.backup_before_save) or _due(config.backup_after_unit, config.backup_after, unit, count) or (
@@ -224,6 +250,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     part_names = ["loss/flow"] + (["loss/temporal_consistency"] if video.temporal_consistency_weight > 0 else [])
     nonfinite_in_a_row = 0
     finished = False
+    trained_here = Counter()  # samples each expert received on this rank since the last optimizer step
+    text_side_name = text_trainings[0].expert.name if text_trainings else ""
     progress = tqdm(total=total_steps, initial=position.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.main)
     with stop.listening():
@@ -249,7 +277,6 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 images = torch.stack(images).to(device) if images[0] is not None else None
                 x0, conditioning = family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
                 captions = ["" if random.random() < caption_dropout else random.choice(clips[i].captions) for i in batch]
-                text = text_side.batch(captions, device)
                 sigma = sample_sigmas(
                     len(batch), config.timestep_distribution, config.timestep_shift, sigma_range, generators["sigma"],
                     normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
@@ -268,18 +295,22 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 for expert, all_rows in family.route(sigma):  # each sample goes to the expert serving its noise level
                     rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
                     share = len(rows) / len(batch)  # weights summed over ranks: exact however the batch splits
+                    trained_here[expert.name] += len(rows)
+                    trained_here[text_side_name] += len(rows)  # a trained text side learns from every sample
                     if not len(rows):
                         if not ranks.sharded:
                             continue
                         rows = all_rows[:1]  # FSDP needs every rank in every expert's forward: a row weighted 0
                     if not ranks.sharded:
                         family.activate(expert)
+                    # encoded per expert: a trained text side's graph is freed by each expert's backward
+                    text = text_side.batch([captions[r] for r in rows.tolist()], device)
                     with autocast:
-                        prediction = family.predict(noisy[rows], sigma[rows], text[rows], expert,
+                        prediction = family.predict(noisy[rows], sigma[rows], text, expert,
                                                     None if conditioning is None else conditioning.select(rows))
                     part_loss, part_parts = training_loss(
                         prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
-                        None if kept is None else kept[rows],
+                        None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
                     )
                     # FSDP averages gradients over ranks; the weights above need their sum
                     scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
@@ -294,7 +325,9 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                 if (index + 1) % config.gradient_accumulation_steps and index + 1 < len(batches):
                     continue
                 position = Position(position.step, epoch, index + 1, result.skipped_steps)
-                outcome = _optimizer_step(family, trainings + text_trainings, config, ranks, scaler, finite_loss=bool(torch.isfinite(loss)))
+                outcome = _optimizer_step(family, trainings + text_trainings, config, ranks, scaler,
+                                          finite_loss=bool(torch.isfinite(loss)), samples=trained_here)
+                trained_here = Counter()
                 if outcome == "overflow":  # FLOAT_16: the scaler lowered its scale; not a sign of divergence
                     log.debug("float16 gradients overflowed: step skipped, loss scale now %g", scaler.get_scale())
                     continue
@@ -337,11 +370,15 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         log.info("stopping on %s: writing a backup and the LoRA as they are now", stop.requested or "another rank's signal")
         backup(position)
         result.interrupted = True
-    elif sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
-        text_side.refresh_samples(sample_requests, config.samples)
-        result.sample_paths = _sample(family, sample_requests, workspace, "final", not video.use_temporal_attention, ranks)
+    # the model is saved before the final sample, so nothing a sample does can cost the trained weights
     result.lora_paths = save_model(Path(config.output_model_destination))
+    if not stop.stopping and sample_requests and config.sample_after_unit != "NEVER" and not _sampled_at_end(config, position.step, config.epochs):
+        sample("final")
     result.steps = position.step
+    result.experts = {t.expert.label or t.expert.name: {"samples": t.samples, "steps": t.steps} for t in trainings + text_trainings}
+    if len(trainings) > 1 or text_trainings:
+        log.info("samples and steps per part: %s", ", ".join(f"{name} {v['samples']} samples in {v['steps']} steps"
+                                                             for name, v in result.experts.items()))
     result.encoder_calls = dict(encoding.calls)
     writer.close()
     progress_file.finish("stopped" if result.interrupted else "done")
@@ -353,19 +390,22 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         {"lora": str(result.lora_paths[0]), "loras": [str(p) for p in result.lora_paths], "samples": [str(p) for p in result.sample_paths],
          "tensorboard": str(result.tensorboard_dir), "steps": result.steps, "final_loss": result.final_loss,
          "encoder_calls": result.encoder_calls, "interrupted": result.interrupted, "skipped_steps": result.skipped_steps,
-         "backup": str(result.backup) if result.backup else None}, indent=2))
+         "backup": str(result.backup) if result.backup else None, "experts": result.experts,
+         "sample_errors": result.sample_errors}, indent=2))
     return result
 
 
 def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, ranks: distributed.Ranks,
-                    scaler: torch.amp.GradScaler, finite_loss: bool) -> str:
+                    scaler: torch.amp.GradScaler, finite_loss: bool, samples: Counter) -> str:
     """Clip and apply each expert's accumulated gradients: "stepped"; or nothing applied when the loss or a
     gradient is not finite: "overflow" when a float16 loss scale caused it (the scaler lowers its scale),
-    else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike."""
+    else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike. `samples`: how many
+    samples each expert (by name) received on this rank since the last step."""
     norms, stepping = [], []
-    for training in trainings:
+    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device))
+    for training, count in zip(trainings, counts.tolist()):
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
-        had_samples = not ranks.all_agree(all(p.grad is None for p in training.parameters))
+        had_samples = count > 0
         stepping.append(had_samples)
         if had_samples and not distributed.is_sharded(training.parameters):
             # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
@@ -377,9 +417,10 @@ def _optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config
             norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
-    for training, had_samples in zip(trainings, stepping):
+    for training, had_samples, count in zip(trainings, stepping, counts.tolist()):
         if healthy and had_samples:
             training.steps += 1
+            training.samples += int(count)
             if training.expert.name != "text_encoder":  # the text side stays on the device
                 family.activate(training.expert)
             scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
@@ -465,18 +506,20 @@ class _Writer:
             self.writer.close()
 
 
-def _sample(family: ModelFamily, requests, workspace: Path, tag: str, frame_local: bool, ranks: distributed.Ranks) -> list[Path]:
+def _sample(family: ModelFamily, requests, samples, workspace: Path, tag: str, frame_local: bool,
+            ranks: distributed.Ranks) -> tuple[list[Path], list[str]]:
     """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA. Rank 0
-    writes them; with a sharded model the other ranks render along (each forward needs all of them)."""
+    writes them; with a sharded model the other ranks render along (each forward needs all of them).
+    Returns the written paths and, for each sample that failed, why."""
     if not ranks.main and not ranks.sharded:
-        return []
+        return [], []
     experts = family.trained_experts()
     for expert in experts:
         expert.module.eval()
         if frame_local:
             family.set_frame_local_attention(expert, False)
     try:
-        paths = render_samples(family, requests, workspace / "samples", tag, write=ranks.main)
+        paths, failures = render_samples(family, requests, workspace / "samples", tag, write=ranks.main)
     finally:
         for expert in experts:
             expert.module.train()
@@ -484,4 +527,9 @@ def _sample(family: ModelFamily, requests, workspace: Path, tag: str, frame_loca
                 family.set_frame_local_attention(expert, True)
     for path in paths:
         log.info("sample written: %s", path)
-    return paths
+    errors = []
+    for index, error in failures:
+        errors.append(f"sample {tag}-{index} ({samples[index].prompt!r}): {type(error).__name__}: {error}")
+        log.error("%s; training goes on (run with -v for the traceback)", errors[-1])
+        log.debug("sample failure", exc_info=error)
+    return paths, errors

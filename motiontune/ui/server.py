@@ -83,6 +83,9 @@ def validate(data) -> tuple[TrainConfig | None, list[dict]]:
                 message = problem["msg"].removeprefix("Value error, ")
             errors.append({"loc": loc, "msg": message})
         return None, errors
+    if config.concepts is None and config.concept_file_name is None:
+        return config, [{"loc": "", "msg": "the config names no training data: set `concepts` (a list of folders) "
+                                            "or `concept_file_name` (a concepts.json file)"}]
     try:
         check_not_supported_yet(config, Path("config"))
     except ConfigError as error:

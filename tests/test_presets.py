@@ -1,0 +1,226 @@
+"""Every shipped preset runs as a user runs it: `motiontune train --config "<preset>"`, end to end.
+
+Each preset in motiontune/config/presets/ (a new file is picked up without editing this test) trains a tiny
+random model of its own family with its own method, dtypes, memory options (FLOAT_8 weights, gradient
+checkpointing, ...), experts, embedding settings and samples. Only these are overridden: the size (resolution,
+max_frames, the samples' height / width / frames / steps), the paths (model, clips, workspace, cache, output),
+the epochs (2), and backups every step so that the run can be killed after its first one. A preset that ships
+no sample (I2V: a sample needs a first frame the preset cannot know) gets one, with an image.
+
+The data: four clips of different shapes and lengths — a 16:9 VP8 WebM (1 s), a square H.264 (10 s), a portrait
+clip that is landscape on disk with rotation metadata (1.5 s), and a 16:9 variable-frame-rate clip (2.5 s). At
+the tiny resolution they fill two aspect buckets of two clips each, so a preset whose video batch holds two
+clips (`#wan 2.2 Embedding`: batch 4 × multiplier 0.5) routes batches to both WAN 2.2 A14B experts at once.
+
+Each run: started in a subprocess, SIGKILLed once its first backup is complete, continued with `--resume` to
+the end (in-process, which saves an interpreter start), then checked: exit 0, every trained expert stepped
+(result.json), the final sample written, the model file(s) of the preset's method and format saved.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import DATA
+from motiontune.cli import main
+from motiontune.config.load import PRESETS_DIR, load_config
+from motiontune.testing.clips import write_timestamped_clip
+
+PRESETS = sorted(PRESETS_DIR.glob("*.json"))
+
+# model_type → the tiny model family that stands in for it (motiontune.testing.tiny_models.FAMILIES)
+TINY_FAMILY = {
+    "WAN_2_1_T2V": "wan-2.1",
+    "WAN_2_1_I2V": "wan-2.1-i2v",
+    "WAN_2_2_T2V_A14B": "wan-2.2-a14b",
+    "WAN_2_2_I2V_A14B": "wan-2.2-i2v-a14b",
+    "WAN_2_2_TI2V_5B": "wan-2.2-ti2v-5b",
+    "HUNYUAN_VIDEO": "hunyuan-video",
+    "HI_DREAM_FULL": "hi-dream",
+    "HI_DREAM_DEV": "hi-dream",
+    "HI_DREAM_FAST": "hi-dream",
+}
+# the smallest training size of each family: VAE compression × patch size (TI2V-5B's VAE is 16×, patch 2)
+RESOLUTION = {"wan-2.2-ti2v-5b": 64}
+VIDEO_FRAMES = 5  # a 4n+1 count: two latent frames
+SAMPLE_STEPS = 2
+EPOCHS = 2
+PROMPT = "a person walking in a city street"
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="session")
+def preset_data(tmp_path_factory) -> dict[str, Path]:
+    """The same four clips twice: captions for LoRA / fine-tune runs, and captions that use the presets'
+    `<embedding>` placeholder for embedding runs; plus a first frame for image-to-video samples."""
+    root = tmp_path_factory.mktemp("preset-data")
+    made = root / "made"
+    made.mkdir()
+    shutil.copy(DATA / "big_buck_bunny_432_433.webm", made / "bunny.webm")  # 1280x720 VP8, 24 fps, 1 s
+    shutil.copy(DATA / "shapes_200px_30fps.mp4", made / "shapes.mp4")  # 200x200 H.264, 30 fps, 10 s
+    # stored 48 wide × 32 tall, shown rotated a quarter turn: a portrait clip, 1.5 s at 25 fps
+    write_timestamped_clip(made / "portrait.mp4", [Fraction(i, 25) for i in range(38)], rotation=90, size=(32, 48))
+    # 16:9, variable frame rate as phones record: bursts at 60 fps, gaps of 100-200 ms, 2.5 s
+    times = sorted({Fraction(round(t * 1000), 1000) for t in
+                    [i / 60 for i in range(30)] + [0.6 + i * 0.1 for i in range(8)] + [1.5 + i / 60 for i in range(30)]
+                    + [2.1 + i * 0.2 for i in range(3)]})
+    write_timestamped_clip(made / "vfr.mp4", times, size=(36, 64))
+    captions = {"bunny": "a rabbit in a forest", "shapes": "moving shapes", "portrait": "a clip shot up close",
+                "vfr": "a test pattern moving fast"}
+    folders = {}
+    for kind, prefix in (("plain", ""), ("embedding", "<embedding> ")):
+        folder = root / kind
+        folder.mkdir()
+        for clip in made.iterdir():
+            shutil.copy(clip, folder / clip.name)
+            (folder / clip.name).with_suffix(".txt").write_text(prefix + captions[clip.stem] + "\n")
+        folders[kind] = folder
+    with av.open(str(made / "shapes.mp4")) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    Image.fromarray(frame).save(root / "first_frame.png")
+    folders["image"] = root / "first_frame.png"
+    return folders
+
+
+@pytest.fixture(scope="session")
+def preset_cache(tmp_path_factory) -> Path:
+    """One cache for every preset of the session: presets of one family reuse each other's latents."""
+    return tmp_path_factory.mktemp("preset-cache")
+
+
+def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Path], cache: Path, out: Path) -> list[str]:
+    """`--set` lines that change only size, paths and epochs (and give an I2V preset the sample it cannot ship)."""
+    size = RESOLUTION.get(family, 32)
+    still = preset.get("video_config", {}).get("max_frames", 16) == 1  # HiDream: frames of the videos
+    frames = 1 if still else VIDEO_FRAMES
+    method = preset.get("training_method", "LORA")
+    destination = out / "models" / Path(preset["output_model_destination"]).name
+    sets = {
+        "base_model_name": str(model),
+        "concepts": [{"path": str(data["embedding" if method == "EMBEDDING" else "plain"])}],
+        "workspace_dir": str(out / "workspace"),
+        "cache_dir": str(cache),
+        "output_model_destination": str(destination),
+        "resolution": str(size),
+        "video_config.max_frames": frames,
+        "epochs": EPOCHS,
+    }
+    if preset.get("samples"):
+        for index, _ in enumerate(preset["samples"]):
+            sets.update({f"samples.{index}.height": size, f"samples.{index}.width": size,
+                         f"samples.{index}.frames": frames, f"samples.{index}.steps": SAMPLE_STEPS})
+    elif "I2V" in preset.get("model_type", ""):
+        sets["samples"] = [{"prompt": PROMPT, "image": str(data["image"]), "height": size, "width": size,
+                            "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
+    return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
+
+
+def expected_outputs(config, destination: Path) -> list[Path]:
+    """What the preset's method saves: one file or folder, or one per trained WAN 2.2 A14B expert."""
+    if config.training_method == "EMBEDDING":
+        return [destination]
+    choice = config.expert_choice() if config.model_type in ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B") else None
+    if choice != "both":
+        return [destination]
+    folder = config.output_model_format == "DIFFUSERS"
+    stem, suffix = (destination.name, "") if folder else (destination.stem, destination.suffix)
+    return [destination.with_name(f"{stem}_{label}{suffix}") for label in ("high_noise", "low_noise")]
+
+
+def trained_expert_labels(config) -> list[str]:
+    if config.model_type not in ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B"):
+        return []
+    return {"both": ["high_noise", "low_noise"], "high": ["high_noise"], "low": ["low_noise"]}[config.expert_choice()]
+
+
+def command(preset: str, overrides: list[str], *extra: str) -> list[str]:
+    return ["train", "--config", preset, *[a for o in overrides for a in ("--set", o)], *extra]
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def wait_for_first_backup(workspace: Path, process: subprocess.Popen, log: Path, shown: str) -> Path:
+    """A backup folder is written under a temporary name and renamed when complete: any `step-*` is whole."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        backups = sorted((workspace / "backup").glob("step-*"))
+        if backups:
+            return backups[0]
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise AssertionError(f"{shown}: no backup appeared (exit code {process.returncode}):\n{tail(log.read_text())}")
+
+
+@pytest.mark.parametrize("preset_file", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_trains_is_killed_resumes_and_finishes(preset_file, tmp_path, tiny_models, preset_data, preset_cache, capsys):
+    preset = json.loads(preset_file.read_text())
+    model_type = preset.get("model_type", "WAN_2_1_T2V")
+    assert model_type in TINY_FAMILY, f"{preset_file.name}: no tiny model family stands in for {model_type}; add it to TINY_FAMILY"
+    family = TINY_FAMILY[model_type]
+    overrides = preset_overrides(preset, tiny_models(family), family, preset_data, preset_cache, tmp_path)
+    name = preset_file.stem
+    config = load_config(name, overrides)  # what the CLI will read: for the expected outputs
+    workspace, destination = Path(config.workspace_dir), Path(config.output_model_destination)
+    shown = "motiontune " + " ".join(f'"{a}"' if " " in a or "#" in a else a for a in command(name, overrides))
+
+    # 1. the run, backing up after every step, killed with SIGKILL once its first backup is complete
+    every_step = ["backup_after=1", "backup_after_unit=STEP"]
+    first_log = tmp_path / "first-run.log"
+    first = f"{shown} --set backup_after=1 --set backup_after_unit=STEP"
+    with open(first_log, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "motiontune", *command(name, overrides + every_step)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        backup = wait_for_first_backup(workspace, process, first_log, first)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    backup = sorted((workspace / "backup").glob("step-*"))[-1]  # it may have backed up again before the kill landed
+    assert process.returncode == -signal.SIGKILL, (
+        f"{first} ended (exit {process.returncode}) before it could be killed:\n{tail(first_log.read_text())}")
+    assert not any(p.exists() for p in expected_outputs(config, destination)), "killed before the end, yet saved"
+
+    # 2. --resume to the end (the preset's own backup interval again: a setting a resumed run may change)
+    capsys.readouterr()
+    try:
+        code = main(command(name, overrides, "--resume"))
+    except BaseException as error:  # a traceback: report it with the command
+        raise AssertionError(f"{shown} --resume raised {error!r}\n{tail(capsys.readouterr().err)}") from error
+    captured = capsys.readouterr()
+    output = captured.err + captured.out
+    assert code == 0, f"{shown} --resume exited {code}:\n{tail(output)}"
+    assert "continuing from" in output and backup.name in output, tail(output)
+
+    # 3. what the finished run left: result, experts, sample, model file(s)
+    result = json.loads((workspace / "result.json").read_text())
+    assert not result["interrupted"] and result["steps"] > json.loads((backup / "backup.json").read_text())["step"]
+    for label in trained_expert_labels(config):  # each trained WAN 2.2 A14B expert got samples and stepped
+        assert result.get("experts", {}).get(label, {}).get("steps", 0) > 0, f"{label} expert never stepped: {result.get('experts')}"
+        assert result["experts"][label].get("samples", 0) > 0, result["experts"]
+    assert len(result["samples"]) == len(config.samples) >= 1, (result["samples"], tail(output))
+    for sample in result["samples"]:  # the end-of-run sample (the presets sample every 5 or 10 epochs)
+        assert Path(sample).name.startswith("final-") and sample.endswith(".mp4"), sample
+        with av.open(sample) as container:
+            assert sum(1 for _ in container.decode(video=0)) >= 1, sample
+    expected = expected_outputs(config, destination)
+    assert set(map(str, expected)) <= set(result["loras"]), (result["loras"], expected)
+    for path in expected:
+        if config.output_model_format == "DIFFUSERS":  # a diffusers folder: config and weights
+            assert (path / "config.json").is_file() and list(path.glob("*.safetensors")), sorted(path.rglob("*"))
+        else:
+            assert path.is_file() and path.suffix == ".safetensors" and load_file(str(path)), path
