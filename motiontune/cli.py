@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        from .methods.lora import SaveError
+        from .methods.base import SaveError
         from .models import ModelLoadError
         from .train.loop import TrainingDiverged
 

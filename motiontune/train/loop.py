@@ -27,12 +27,13 @@ from ..data.latents import Encoding
 from ..data.survey import survey_dataset
 from ..methods import METHODS
 from ..methods.embedding import save_additional as save_additional_embeddings
-from ..methods.lora import SaveError
+from ..methods.base import SaveError
 from ..models import ModelFamily, family_for
 from ..models.base import Expert
 from ..sample import prepare_samples, render_samples, sample_prompts
 from . import distributed
-from .backup import WRITE_ERRORS, Position, check_resumable, find_backup, load_backup, write_backup, write_error_reason
+from ..util.files import WRITE_ERRORS, write_error_reason
+from .backup import Position, check_resumable, find_backup, load_backup, write_backup
 from .flow import flow_target, noisy_latents, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
 from .memory import MemoryPlan, prepare_memory
@@ -93,7 +94,7 @@ def pick_device(name: str) -> torch.device:
 def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for). Under `torchrun`,
     every rank runs this (see distributed.py)."""
-    ranks, device = distributed.start(pick_device(config.train_device), config.training_method)
+    ranks, device = distributed.start(pick_device(config.train_device), METHODS[config.training_method].SHARDED)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -243,9 +244,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         states = {t.expert.name: distributed.full_state_dict(t.expert.module) for t in trainings} if ranks.sharded else None
         if not ranks.main:
             return []
-        paths = method.save(family, config, destination, **({"states": states} if states else {}))
-        # additional_embeddings beside a LoRA or fine-tune (an EMBEDDING run's save writes them itself)
-        return paths + (save_additional_embeddings(family, config, destination) if config.training_method != "EMBEDDING" else [])
+        # additional_embeddings beside whatever the method saves
+        return method.save(family, config, destination, states=states) + save_additional_embeddings(family, config, destination)
 
     part_names = ["loss/flow"] + (["loss/temporal_consistency"] if video.temporal_consistency_weight > 0 else [])
     nonfinite_in_a_row = 0

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from ..config import TrainConfig
+from ..methods import METHODS
 from ..methods import embedding as embeddings
 from ..models import ModelFamily
 from ..models.base import Expert
@@ -31,7 +32,7 @@ class TextParts(torch.nn.Module):
 class TextConditioning:
     def __init__(self, family: ModelFamily, config: TrainConfig, cached: dict[str, torch.Tensor]):
         self.family, self.config, self.cached = family, config, cached
-        entries = ([config.embedding] if config.training_method == "EMBEDDING" else []) + list(config.additional_embeddings)
+        entries = METHODS[config.training_method].trained_embeddings(config) + list(config.additional_embeddings)
         self.entries = entries
         self.live = bool(config.text_encoder.train or entries)
         self.installed: list[embeddings.Embedding] = []
