@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         from .methods.base import SaveError
         from .models import ModelLoadError
-        from .train.loop import TrainingDiverged
+        from .train.step import TrainingDiverged
 
         for kind, label, code in ((ModelLoadError, "model error", 3), (TrainingDiverged, "training stopped", 5), (SaveError, "save error", 6)):
             if isinstance(error, kind):

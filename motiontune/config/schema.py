@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .concepts import ConceptConfig, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
+from .resolution import parse_resolution
 
 # Model types motiontune trains (each served by a family module, see models/__init__.py).
 ModelType = Literal[
@@ -253,21 +254,6 @@ class TrainConfig(Strict):
 
     def resolution_hw(self) -> tuple[int, int]:
         return parse_resolution(self.resolution)
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """`"512"` → (512, 512); `"832x480"` → height 480, width 832 (written WIDTHxHEIGHT)."""
-    parts = str(text).lower().replace(" ", "").split("x")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or min(numbers, default=0) < 16:
-        raise ValueError(f"resolution must be a size like '480' or '832x480' (width x height, each >= 16), got {text!r}")
-    if len(numbers) == 1:
-        return numbers[0], numbers[0]
-    width, height = numbers
-    return height, width
 
 
 # Keys whose behaviour is not built yet: each accepted only at its neutral value.
