@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        from .methods.lora import SaveError
+        from .methods.base import SaveError
         from .models import ModelLoadError
-        from .train.loop import TrainingDiverged
+        from .train.step import TrainingDiverged
 
         for kind, label, code in ((ModelLoadError, "model error", 3), (TrainingDiverged, "training stopped", 5), (SaveError, "save error", 6)):
             if isinstance(error, kind):

@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .resolution import parse_resolution
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -60,8 +62,6 @@ class ConceptImageConfig(_Section):
     @classmethod
     def _resolution_form(cls, value: str, info):
         if info.data.get("enable_resolution_override"):
-            from .schema import parse_resolution  # schema imports this module
-
             parse_resolution(value)
         return value
 

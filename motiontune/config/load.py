@@ -18,6 +18,7 @@ from .schema import (
     TrainConfig,
     get_dotted,
 )
+from .schema import OUTPUT_FORMATS
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -248,9 +249,7 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
     for index, concept in enumerate(config.concepts or []):
         if concept.enabled:
             problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept)]
-    formats = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),
-               "EMBEDDING": ("SAFETENSORS",)}
-    allowed = formats.get(config.training_method, ())
+    allowed = OUTPUT_FORMATS.get(config.training_method, ())
     if allowed and config.output_model_format not in allowed:
         problems.append(
             f"  - output_model_format = {json.dumps(config.output_model_format)}: a {config.training_method} run saves "

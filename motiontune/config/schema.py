@@ -6,11 +6,13 @@ Every key is either built, or accepted only at its neutral value and rejected ot
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .concepts import ConceptConfig, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
+from .resolution import parse_resolution
 
 # Model types motiontune trains (each served by a family module, see models/__init__.py).
 ModelType = Literal[
@@ -26,7 +28,10 @@ ModelType = Literal[
 ]
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
-# The output format a training method saves in when output_model_format is not set.
+# The formats each training method saves as (methods/*.py write them), and the one used when
+# output_model_format is not set.
+OUTPUT_FORMATS = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),
+                  "EMBEDDING": ("SAFETENSORS",)}
 DEFAULT_OUTPUT_FORMAT = {"LORA": "COMFY_LORA", "FINE_TUNE": "DIFFUSERS", "EMBEDDING": "SAFETENSORS"}
 DType = Literal["FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "NFLOAT_4"]
 TimeUnit = Literal["NEVER", "STEP", "EPOCH"]
@@ -245,27 +250,10 @@ class TrainConfig(Strict):
         return "both" if high and low else "high" if high else "low" if low else None
 
     def use_gradient_checkpointing(self) -> bool:
-        from ..train.memory import MemoryPlan  # the one place both config forms are read
-
         return MemoryPlan.of(self).checkpointing != "OFF"
 
     def resolution_hw(self) -> tuple[int, int]:
         return parse_resolution(self.resolution)
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """`"512"` → (512, 512); `"832x480"` → height 480, width 832 (written WIDTHxHEIGHT)."""
-    parts = str(text).lower().replace(" ", "").split("x")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or min(numbers, default=0) < 16:
-        raise ValueError(f"resolution must be a size like '480' or '832x480' (width x height, each >= 16), got {text!r}")
-    if len(numbers) == 1:
-        return numbers[0], numbers[0]
-    width, height = numbers
-    return height, width
 
 
 # Keys whose behaviour is not built yet: each accepted only at its neutral value.
@@ -304,3 +292,33 @@ def get_dotted(config: BaseModel, dotted: str):
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory options of one transformer part, read from either of OneTrainer's config forms."""
+
+    checkpointing: str  # OFF | ON | CPU_OFFLOADED
+    offload_fraction: float  # of the blocks whose frozen weights live in host memory
+    prefetch: int  # offloaded blocks allowed on the device at once (the one computing and those loading)
+    weight_dtype: str  # the part's weight dtype name (FLOAT_8 / NFLOAT_4: quantized storage)
+
+    @property
+    def offloads(self) -> bool:
+        """Whether anything waits in host memory (block weights or checkpointed inputs)."""
+        return self.offload_fraction > 0 or self.checkpointing == "CPU_OFFLOADED"
+
+    @classmethod
+    def of(cls, config: TrainConfig, part_name: str = "transformer") -> "MemoryPlan":
+        part = getattr(config, part_name)
+        if part.gradient_checkpointing is not None:  # the newer, per-part form
+            checkpointing = "OFF" if not part.gradient_checkpointing else "CPU_OFFLOADED" if part.activation_offloading else "ON"
+        else:
+            checkpointing = config.gradient_checkpointing or "OFF"
+            if part.activation_offloading and checkpointing != "OFF":
+                checkpointing = "CPU_OFFLOADED"
+        fraction = part.offload_fraction or config.layer_offload_fraction or 0.0
+        if fraction > 0 and checkpointing == "OFF":
+            # without recomputation, backward would keep every block's weights alive on the device
+            checkpointing = "ON"
+        return cls(checkpointing, fraction, config.layer_offload_prefetch, part.weight_dtype or config.train_dtype)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..util.files import write_then_rename
+from ..util.processes import process_alive
 
 log = logging.getLogger("motiontune")
 
@@ -83,7 +85,7 @@ class Cache:
 
     def save_fingerprints(self) -> None:
         if self.enabled:
-            _atomic_write_text(self._index, json.dumps(self._fingerprints))
+            write_then_rename(self._index, lambda path: path.write_text(json.dumps(self._fingerprints)))
 
     @staticmethod
     def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
@@ -130,11 +132,9 @@ class Cache:
             return
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         metadata = {"about": json.dumps(about or {}, default=str)}
-        tensors = {"value": value, **(extras or {})}
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {"value": value, **(extras or {})}.items()}
+        write_then_rename(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     def keys(self, kind: str) -> set[str]:
         folder = self.directory / kind
@@ -155,25 +155,3 @@ class Cache:
             pid = path.suffixes[-2].lstrip(".") if len(path.suffixes) >= 2 else ""
             if not pid.isdigit() or not process_alive(int(pid)):
                 path.unlink(missing_ok=True)
-
-
-def process_alive(pid) -> bool:
-    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:  # no /proc (macOS, Windows): kill's answer stands
-        return True
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..config import TrainConfig
 from ..models import ModelFamily
-from ..train.distributed import Ranks
+from ..util.ranks import Ranks
 from .augment import ImageVariant, apply_image_variant, caption_variants, cover_size, image_variant
 from .buckets import clip_repeats
 from .cache import Cache, encoder_identity

@@ -1,6 +1,6 @@
-"""Training methods: what trains and how it is saved. Each module has `prepare(family, expert, config)`
-(make the expert's trainable parameters, return them) and `save(family, config, destination)`."""
+"""Training methods: what trains and how it is saved. Each module is a `TrainingMethod` (base.py)."""
 
 from . import embedding, finetune, lora
+from .base import TrainingMethod
 
-METHODS = {"LORA": lora, "FINE_TUNE": finetune, "EMBEDDING": embedding}
+METHODS: dict[str, TrainingMethod] = {"LORA": lora, "FINE_TUNE": finetune, "EMBEDDING": embedding}

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +23,12 @@ from ..config import ConfigError, TrainConfig
 from ..config.schema import EmbeddingConfig
 from ..models import ModelFamily
 from ..models.base import Expert
-from ..train.backup import WRITE_ERRORS, write_error_reason
-from .lora import SaveError
+from .base import saving
 
 log = logging.getLogger("motiontune")
 
 FORMAT = "motiontune.embedding/1"
+SHARDED = False  # the vectors are replicated on every rank, their gradients summed
 
 
 def token_strings(placeholder: str, count: int) -> list[str]:
@@ -155,17 +153,22 @@ def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[to
     return []
 
 
-def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
-    """An EMBEDDING run's embedding at `destination`, and any additional ones beside it."""
+def trained_embeddings(config: TrainConfig) -> list[EmbeddingConfig]:
+    return [config.embedding]
+
+
+def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
+         states: dict | None = None) -> list[Path]:
+    """An EMBEDDING run's embedding at `destination` (additional ones go beside it: `save_additional`)."""
     main = [e for e in installed(family) if e.config is config.embedding]
-    return [write(main[0], Path(destination), config)] + save_additional(family, config, destination)
+    return [write(main[0], Path(destination), config)]
 
 
 def save_additional(family: ModelFamily, config: TrainConfig, destination: Path) -> list[Path]:
     """additional_embeddings, as OneTrainer places them: `<destination without suffix>_embeddings/<placeholder>.safetensors`."""
     destination = Path(destination)
     folder = destination.with_name(f"{destination.stem if destination.suffix else destination.name}_embeddings")
-    extra = [e for e in installed(family) if e.config is not config.embedding or config.training_method != "EMBEDDING"]
+    extra = [e for e in installed(family) if e.config is not config.embedding]  # an EMBEDDING run's own one: `save`
     return [write(e, folder / f"{_file_name(e.config.placeholder)}.safetensors", config) for e in extra]
 
 
@@ -178,15 +181,6 @@ def write(embedding: Embedding, destination: Path, config: TrainConfig) -> Path:
     tensors = {key: v.detach().to("cpu", torch.float32).contiguous() for key, v in embedding.vectors.items()}
     metadata = {"format": FORMAT, "placeholder": embedding.config.placeholder, "tokens": json.dumps(embedding.tokens),
                 "model_type": config.model_type}
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-            written = os.path.join(scratch, "embedding.safetensors")
-            save_file(tensors, written, metadata=metadata)
-            with open(written, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(written, destination)
-    except WRITE_ERRORS as error:
-        raise SaveError(f"could not save the embedding to {destination}: {write_error_reason(error)}. Any earlier "
-                        "file there is unchanged; free some space or pick another output_model_destination.") from None
+    with saving(destination, "embedding") as written:
+        save_file(tensors, str(written), metadata=metadata)
     return destination

@@ -3,9 +3,6 @@ saved as a diffusers transformer folder or as one safetensors file in the origin
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,10 +11,10 @@ from safetensors.torch import save_file
 from ..config import TrainConfig
 from ..models import ModelFamily
 from ..models.base import Expert
-from ..train.backup import WRITE_ERRORS, write_error_reason
-from .lora import SaveError, output_paths
+from ..util.dtypes import TORCH_DTYPES
+from .base import output_paths, saving
 
-TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
+SHARDED = True  # under torchrun, FSDP2 splits the transformer's weights, gradients and optimizer state
 
 
 def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -32,6 +29,10 @@ def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[to
     if not trainable:
         raise ValueError(f"layer_filter = {config.layer_filter!r} matches no weight of the transformer")
     return trainable
+
+
+def trained_embeddings(config: TrainConfig) -> list:
+    return []
 
 
 def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
@@ -56,32 +57,22 @@ def save_text_encoders(family: ModelFamily, destination: Path, output_format: st
         suffix = "_text_encoder" if len(family.text_encoders()) == 1 else f"_text_encoder_{key}"
         wrapper = encoder.get_input_embeddings()
         table = getattr(wrapper, "table", None)
+        target = (destination.with_name(destination.name + suffix) if output_format == "DIFFUSERS"
+                  else destination.with_name(destination.stem + suffix + ".safetensors"))
         try:
             if table is not None:  # an embedding's token vectors ride on the table: save the plain table
                 encoder.set_input_embeddings(table)
-            if output_format == "DIFFUSERS":
-                target = destination.with_name(destination.name + suffix)
-                with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-                    written = Path(scratch) / "text_encoder"
+            with saving(target, "text encoder", "save") as written:
+                if output_format == "DIFFUSERS":
                     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in encoder.state_dict().items()}
                     encoder.save_pretrained(written, state_dict=state, safe_serialization=True)
-                    if target.exists():
-                        shutil.rmtree(target)
-                    os.replace(written, target)
-            else:
-                target = destination.with_name(destination.stem + suffix + ".safetensors")
-                state, seen = {}, set()
-                for k, v in encoder.state_dict().items():  # tied tables (shared / encoder.embed_tokens) once
-                    if v.data_ptr() not in seen:
-                        seen.add(v.data_ptr())
-                        state[k] = v.detach().to("cpu", dtype).clone().contiguous()
-                with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-                    written = Path(scratch) / "text_encoder.safetensors"
+                else:
+                    state, seen = {}, set()
+                    for k, v in encoder.state_dict().items():  # tied tables (shared / encoder.embed_tokens) once
+                        if v.data_ptr() not in seen:
+                            seen.add(v.data_ptr())
+                            state[k] = v.detach().to("cpu", dtype).clone().contiguous()
                     save_file(state, str(written))
-                    os.replace(written, target)
-        except WRITE_ERRORS as error:
-            raise SaveError(f"could not save the text encoder to {target}: {write_error_reason(error)}. Any earlier "
-                            "save there is unchanged; free some space or pick another output_model_destination.") from None
         finally:
             if table is not None:
                 encoder.set_input_embeddings(wrapper)
@@ -93,32 +84,17 @@ def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_for
               state: dict | None) -> Path:
     gathered = state is not None
     state = expert.module.state_dict() if state is None else state
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-            if output_format == "DIFFUSERS":  # a transformer folder: WanTransformer3DModel.from_pretrained(folder)
-                written = Path(scratch) / "transformer"
-                weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-                if gathered:  # save_pretrained walks the module's own (sharded, freed) parameters: write the files directly
-                    written.mkdir()
-                    expert.module.save_config(written)
-                    save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-                else:
-                    expert.module.save_pretrained(written, state_dict=weights, safe_serialization=True)
-                if destination.exists():  # the old folder goes only once the new one is complete
-                    shutil.rmtree(destination)
-                os.replace(written, destination)
-            elif output_format == "COMFY_TRANSFORMER":
-                written = Path(scratch) / "model.safetensors"
-                save_file(family.single_file_state_dict(expert.module, dtype, state), str(written))
-                with open(written, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(written, destination)
+    with saving(destination, "model", "save") as written:
+        if output_format == "DIFFUSERS":  # a transformer folder: WanTransformer3DModel.from_pretrained(folder)
+            weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+            if gathered:  # save_pretrained walks the module's own (sharded, freed) parameters: write the files directly
+                written.mkdir()
+                expert.module.save_config(written)
+                save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
             else:
-                raise ValueError(f"unknown output_model_format {output_format!r} for a fine-tune")
-    except WRITE_ERRORS as error:
-        raise SaveError(
-            f"could not save the model to {destination}: {write_error_reason(error)}. "
-            "Any earlier save there is unchanged; free some space or pick another output_model_destination."
-        ) from None
+                expert.module.save_pretrained(written, state_dict=weights, safe_serialization=True)
+        elif output_format == "COMFY_TRANSFORMER":
+            save_file(family.single_file_state_dict(expert.module, dtype, state), str(written))
+        else:
+            raise ValueError(f"unknown output_model_format {output_format!r} for a fine-tune")
     return destination

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,13 +11,10 @@ from safetensors.torch import save_file
 from ..config import TrainConfig
 from ..models import ModelFamily
 from ..models.base import Expert
-from ..train.backup import WRITE_ERRORS, write_error_reason
+from .base import SaveError, output_paths, saving  # noqa: F401  (SaveError: where callers found it before)
 
 ADAPTER = "default"
-
-
-class SaveError(Exception):
-    """A LoRA could not be written (disk full, no permission); the previous file is untouched."""
+SHARDED = False  # small adapters: replicated on every rank, their gradients summed
 
 
 def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -51,19 +46,12 @@ def lora_state_dict(expert: Expert) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def output_paths(family: ModelFamily, destination: Path, folder: bool = False) -> dict[str, Path]:
-    """One output per expert: the destination itself for one transformer, `<name>_high_noise` and
-    `<name>_low_noise` beside it for WAN 2.2 A14B's two experts."""
-    experts = family.trained_experts()
-    destination = Path(destination)
-    if len(experts) == 1:
-        return {experts[0].name: destination}
-    suffix = "" if folder else destination.suffix
-    stem = destination.name if folder else destination.stem
-    return {e.name: destination.with_name(f"{stem}_{e.label}{suffix}") for e in experts}
+def trained_embeddings(config: TrainConfig) -> list:
+    return []
 
 
-def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None) -> list[Path]:
+def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
+         states: dict | None = None) -> list[Path]:
     paths = output_paths(family, destination)
     return [_save_one(family, expert, config, paths[expert.name], output_format) for expert in family.trained_experts()]
 
@@ -72,26 +60,15 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
     """Write one expert's LoRA atomically (a temporary file in the same folder, then a rename)."""
     output_format = output_format or config.output_model_format
     state = lora_state_dict(expert)
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".saving-") as scratch:
-            written = os.path.join(scratch, "lora.safetensors")
-            if output_format == "DIFFUSERS_LORA":
-                # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
-                metadata = expert.module.peft_config[ADAPTER].to_dict()
-                family.save_diffusers_lora(scratch, "lora.safetensors", state, metadata)
-            elif output_format == "COMFY_LORA":
-                save_file(comfy_state_dict(family, expert.module, state, config.lora_alpha), written)
-            else:
-                raise ValueError(f"unknown output_model_format {output_format!r}")
-            with open(written, "rb") as handle:  # on disk before it takes the real name
-                os.fsync(handle.fileno())
-            os.replace(written, destination)
-    except WRITE_ERRORS as error:
-        raise SaveError(
-            f"could not save the LoRA to {destination}: {write_error_reason(error)}. "
-            "Any earlier file there is unchanged; free some space or pick another output_model_destination."
-        ) from None
+    with saving(destination, "LoRA") as written:
+        if output_format == "DIFFUSERS_LORA":
+            # The adapter metadata keeps lora_alpha, so the stock loader scales by alpha / rank.
+            metadata = expert.module.peft_config[ADAPTER].to_dict()
+            family.save_diffusers_lora(str(written.parent), written.name, state, metadata)
+        elif output_format == "COMFY_LORA":
+            save_file(comfy_state_dict(family, expert.module, state, config.lora_alpha), str(written))
+        else:
+            raise ValueError(f"unknown output_model_format {output_format!r}")
     return destination
 
 

@@ -179,7 +179,7 @@ class WanFamily(ModelFamily):
         self.text_encoder.requires_grad_(False)
         storage = self.config.text_encoder.weight_dtype
         if storage in ("FLOAT_8", "NFLOAT_4"):  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
-            from ..train.memory import quantize_frozen_linears
+            from ..util.quantize import quantize_frozen_linears
 
             quantize_frozen_linears([self.text_encoder.encoder], storage, self.device)
         self.text_encoder.to(self.device)
@@ -481,7 +481,7 @@ class WanFamily(ModelFamily):
         """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),
         "transformer" (`expert`) or "vae"; the others wait on the CPU. On the CPU (one memory) nothing moves, nor
         does a sharded (FSDP2) model."""
-        from ..train.distributed import is_sharded
+        from ..util.ranks import is_sharded
 
         if turn != getattr(self, "_sample_turn", None) and self.device.type != "cpu":
             encoders = [m for m in (self.vae, self.image_encoder) if m is not None]

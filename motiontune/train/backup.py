@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, TrainConfig
+from ..util.files import WRITE_ERRORS, replacing, write_error_reason
+from ..util.ranks import Ranks
 from . import distributed
-from .distributed import Ranks
 
 log = logging.getLogger("motiontune")
 
@@ -41,17 +40,6 @@ RESUME_SAFE_KEYS = {
 }
 
 
-# What a full disk or a missing permission raises, depending on the writer (Python, safetensors, torch.save).
-WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
-
-
-def write_error_reason(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = str(error)
-    return text.split("I/O error: ")[-1] if "I/O error: " in text else text
-
-
 @dataclass
 class Position:
     """Where a run stands: `next_batch` of `epoch` is the first batch not yet trained."""
@@ -60,19 +48,6 @@ class Position:
     epoch: int
     next_batch: int
     nonfinite_skipped: int = 0
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -137,13 +112,10 @@ def _trained_names(training) -> set[str]:
 
 def _write(directory: Path, config: TrainConfig, position: Position, trainings, weights, optimizers, rngs, world_size: int,
            keep: int | None, scaler_state: dict | None = None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"step-{position.step:07d}-epoch-{position.epoch:04d}-batch-{position.next_batch:05d}"
     final = directory / name
-    partial = directory / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with replacing(final, prefix=f".partial-{name}-") as partial:  # the previous backup stays valid until this one is whole
+        partial.mkdir()
         for training, trained in zip(trainings, weights):
             # what trains: the adapters of a LoRA, the weights of a fine-tune
             adapters = {n: v.to("cpu").contiguous() for n, v in trained.items()}
@@ -164,15 +136,6 @@ def _write(directory: Path, config: TrainConfig, position: Position, trainings, 
         (partial / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
         (partial / "backup.json").write_text(json.dumps(
             {**position.__dict__, "world_size": world_size, "written": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        for path in partial.iterdir():
-            fsync_file(path)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        fsync_dir(directory)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     if keep:
         for old in list_backups(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

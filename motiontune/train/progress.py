@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..util.files import write_then_rename
+
 FILE_NAME = "progress.json"
 
 
@@ -78,8 +80,6 @@ class ProgressFile:
         }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{FILE_NAME}.{os.getpid()}")
-            partial.write_text(json.dumps(self.last, indent=1))
-            os.replace(partial, self.path)
+            write_then_rename(self.path, lambda partial: partial.write_text(json.dumps(self.last, indent=1)))
         except OSError:  # a watcher's convenience: never a reason to stop training
             pass

@@ -9,10 +9,12 @@ import logging
 import torch
 
 from ..config import TrainConfig
+from ..methods import METHODS
 from ..methods import embedding as embeddings
 from ..models import ModelFamily
 from ..models.base import Expert
 from .optim import make_optimizer, make_scheduler
+from .step import ExpertTraining
 
 log = logging.getLogger("motiontune")
 
@@ -31,7 +33,7 @@ class TextParts(torch.nn.Module):
 class TextConditioning:
     def __init__(self, family: ModelFamily, config: TrainConfig, cached: dict[str, torch.Tensor]):
         self.family, self.config, self.cached = family, config, cached
-        entries = ([config.embedding] if config.training_method == "EMBEDDING" else []) + list(config.additional_embeddings)
+        entries = METHODS[config.training_method].trained_embeddings(config) + list(config.additional_embeddings)
         self.entries = entries
         self.live = bool(config.text_encoder.train or entries)
         self.installed: list[embeddings.Embedding] = []
@@ -39,8 +41,6 @@ class TextConditioning:
     def prepare(self, total_steps: int):
         """Load the text encoder, add the embeddings' tokens, and make the optimizer of what trains here: an
         ExpertTraining named `text_encoder` (None when the text side is frozen and comes from the cache)."""
-        from .loop import ExpertTraining
-
         if not self.live:
             return None
         encoders = self.family.text_encoders()
@@ -78,7 +78,7 @@ class TextConditioning:
         log.info("text side: %s; %s trained parameters, AdamW state %.2f MB (two float32 values each)",
                  ", ".join(f"{g['name']} at lr {g['lr']:g}" for g in groups), f"{count:,}", count * 8 / 1e6)
         return ExpertTraining(Expert(NAME, NAME, parts, (0.0, 1.0)), [p for g in groups for p in g["params"]],
-                              optimizer, make_scheduler(optimizer, self.config, total_steps))
+                              optimizer, make_scheduler(optimizer, self.config, total_steps), text_side=True)
 
     def batch(self, captions: list[str], device: torch.device) -> torch.Tensor:
         """The captions' text embeddings: cached, or encoded now with gradients (each distinct caption once)."""

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, check_not_supported_yet
-from ..data.cache import process_alive
+from ..util.processes import process_alive
 from ..train.progress import FILE_NAME as PROGRESS_FILE
 from .schema_help import ui_schema
 

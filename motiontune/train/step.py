@@ -1,0 +1,202 @@
+"""One training step: a batch's noise levels, noise and targets, each sample routed to the expert serving its
+noise level, forward and backward, the losses summed over ranks, then the optimizer step, or none when the
+loss or a gradient is not finite."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import TrainConfig
+from ..models import ModelFamily
+from ..models.base import Expert
+from ..util.dtypes import HALF_DTYPES
+from ..util.ranks import Ranks, is_sharded
+from .backup import Position
+from .flow import flow_target, noisy_latents, sample_sigmas
+from .losses import frame_dropout_mask, training_loss
+
+log = logging.getLogger("motiontune")
+
+
+class TrainingDiverged(Exception):
+    """Too many steps in a row with a non-finite loss or gradient; a backup of the last good state exists."""
+
+
+@dataclass
+class ExpertTraining:
+    """One trained transformer's adapters, optimizer and schedule (WAN 2.2 A14B may train two)."""
+
+    expert: Expert
+    parameters: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    max_steps: int | None = None  # this expert's own step count (WAN 2.2 A14B: `transformer_2.max_steps`, ...)
+    steps: int = 0  # optimizer steps in which this expert received samples (and its parameters, if any, stepped)
+    samples: int = 0  # training samples routed to this expert
+    text_side: bool = False  # the text encoder or embeddings: stays on the device, learns from every sample
+
+    @property
+    def done(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
+
+
+class Step:
+    """What a step needs across the run: the random generators (backed up), the float16 loss scaler, the
+    samples each expert received since the last optimizer step, and the non-finite streak."""
+
+    def __init__(self, family: ModelFamily, config: TrainConfig, ranks: Ranks, trainings: list[ExpertTraining],
+                 text_trainings: list[ExpertTraining], text_side):
+        self.family, self.config, self.ranks, self.device = family, config, ranks, family.device
+        self.trainings, self.everything = trainings, trainings + text_trainings
+        self.text_side = text_side
+        seed = config.seed
+        self.generators = {
+            "noise": torch.Generator(device=self.device).manual_seed(seed),
+            "sigma": torch.Generator().manual_seed(seed + 1),
+            "frame_dropout": torch.Generator().manual_seed(seed + 2),
+            "conditioning": torch.Generator().manual_seed(seed + 3),
+        }
+        # FLOAT_16's narrow range: the loss is scaled up so small gradients do not flush to zero
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train_dtype == "FLOAT_16")
+        half = HALF_DTYPES.get(config.train_dtype)
+        self.autocast = torch.autocast(self.device.type, dtype=half or torch.float32, enabled=half is not None)
+        weight = config.video_config.temporal_consistency_weight
+        self.part_names = ["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
+        self.trained_here = Counter()  # samples each expert received on this rank since the last optimizer step
+        self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
+        self.nonfinite_in_a_row = 0
+        self.skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
+
+    def accumulate(self, clips: list, batch: list[int]) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one batch (gradients add up until the optimizer step); → the global batch's
+        loss and its parts. Random draws cover the global batch on every rank (the same numbers one process
+        would draw); each rank then trains its own rows of it."""
+        config, video, ranks, device, generators = self.config, self.config.video_config, self.ranks, self.device, self.generators
+        # noise levels only where an expert still trains: one that reached max_steps hands its share to the other
+        live = [t for t in self.trainings if not t.done]
+        sigma_range = min(t.expert.sigma_range[0] for t in live), max(t.expert.sigma_range[1] for t in live)
+        mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
+        stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
+        images = [clips[i].image_embeds for i in batch]
+        images = torch.stack(images).to(device) if images[0] is not None else None
+        x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
+        dropout = config.text_encoder.dropout_probability
+        captions = ["" if random.random() < dropout else random.choice(clips[i].captions) for i in batch]
+        sigma = sample_sigmas(
+            len(batch), config.timestep_distribution, config.timestep_shift, sigma_range, generators["sigma"],
+            normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
+        ).to(device)
+        noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
+        noisy = noisy_latents(x0, noise, sigma)
+        target = flow_target(x0, noise)
+        kept = None
+        if video.frame_dropout_probability > 0:
+            kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
+            kept = kept.to(device)
+        if conditioning is not None and conditioning.loss_frames is not None:  # given frames are not predicted
+            given = conditioning.loss_frames.to(device)
+            kept = given if kept is None else kept * given
+        loss, parts = torch.zeros((), device=device), {}
+        for expert, all_rows in self.family.route(sigma):  # each sample goes to the expert serving its noise level
+            rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
+            share = len(rows) / len(batch)  # weights summed over ranks: exact however the batch splits
+            self.trained_here[expert.name] += len(rows)
+            self.trained_here[self.text_side_name] += len(rows)  # a trained text side learns from every sample
+            if not len(rows):
+                if not ranks.sharded:
+                    continue
+                rows = all_rows[:1]  # FSDP needs every rank in every expert's forward: a row weighted 0
+            if not ranks.sharded:
+                self.family.activate(expert)
+            # encoded per expert: a trained text side's graph is freed by each expert's backward
+            text = self.text_side.batch([captions[r] for r in rows.tolist()], device)
+            with self.autocast:
+                prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
+                                                 None if conditioning is None else conditioning.select(rows))
+            part_loss, part_parts = training_loss(
+                prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
+                None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
+            )
+            # FSDP averages gradients over ranks; the weights above need their sum
+            scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
+            self.scaler.scale(part_loss * scale).backward()
+            loss = loss + part_loss.detach() * share
+            for name, value in part_parts.items():
+                parts[name] = parts.get(name, 0.0) + value * share
+        # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
+        totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
+        return totals[0], dict(zip(self.part_names, totals[1:]))
+
+    def apply(self, loss: torch.Tensor, position: Position, backup: Callable[[Position], object]) -> bool:
+        """The optimizer step of the gradients accumulated since the last one; False when none was applied.
+        Too many non-finite steps in a row: a backup of the last good state, then TrainingDiverged."""
+        outcome = optimizer_step(self.family, self.everything, self.config, self.ranks, self.scaler,
+                                 finite_loss=bool(torch.isfinite(loss)), samples=self.trained_here)
+        self.trained_here = Counter()
+        if outcome == "overflow":  # FLOAT_16: the scaler lowered its scale; not a sign of divergence
+            log.debug("float16 gradients overflowed: step skipped, loss scale now %g", self.scaler.get_scale())
+            return False
+        if outcome == "nonfinite":
+            self.skipped += 1
+            self.nonfinite_in_a_row += 1
+            position.nonfinite_skipped = self.skipped
+            log.warning("step skipped: the loss or a gradient is not finite (%d in a row)", self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+                written = backup(position)  # the weights are still the last good ones: no bad step was applied
+                raise TrainingDiverged(
+                    f"{self.nonfinite_in_a_row} steps in a row had a NaN or infinite loss or gradient, so the run "
+                    f"stopped; the last good state is in {written}. Lower learning_rate, or train in "
+                    "FLOAT_32 / BFLOAT_16 rather than FLOAT_16, then continue with --resume."
+                )
+            return False
+        self.nonfinite_in_a_row = 0
+        return True
+
+
+def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config: TrainConfig, ranks: Ranks,
+                   scaler: torch.amp.GradScaler, finite_loss: bool, samples: Counter) -> str:
+    """Clip and apply each expert's accumulated gradients: "stepped"; or nothing applied when the loss or a
+    gradient is not finite: "overflow" when a float16 loss scale caused it (the scaler lowers its scale),
+    else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike. `samples`: how many
+    samples each expert (by name) received on this rank since the last step."""
+    norms, stepping = [], []
+    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device))
+    for training, count in zip(trainings, counts.tolist()):
+        # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
+        had_samples = count > 0
+        stepping.append(had_samples)
+        if had_samples and not is_sharded(training.parameters):
+            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
+            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1)
+        if had_samples and scaler.is_enabled():
+            scaler.unscale_(training.optimizer)  # clipping and the finite check see the true gradients
+        if finite_loss and had_samples:
+            # the norm is needed anyway to spot a non-finite gradient; an infinite limit clips nothing
+            norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
+    for training, had_samples, count in zip(trainings, stepping, counts.tolist()):
+        if healthy and had_samples:
+            training.steps += 1
+            training.samples += int(count)
+            if not training.text_side:  # the text side stays on the device
+                family.activate(training.expert)
+            scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
+        training.optimizer.zero_grad(set_to_none=True)
+        if healthy:
+            with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                training.scheduler.step()
+    if scaler.is_enabled() and any(stepping):
+        scaler.update()
+        if not healthy and finite_loss:
+            return "overflow"
+    return "stepped" if healthy else "nonfinite"

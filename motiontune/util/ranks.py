@@ -1,0 +1,97 @@
+"""Which process of a `torchrun` job this is, and what the processes exchange (train/distributed.py starts them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    sharded: bool = False  # FSDP2: each rank holds a shard of the trained weights
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+    def rows(self, global_rows: int, per_rank: int) -> range:
+        """This rank's rows of a global batch: consecutive blocks of `per_rank` (the last ranks may get fewer)."""
+        start = min(self.rank * per_rank, global_rows)
+        return range(start, min(start + per_rank, global_rows))
+
+    def barrier(self) -> None:
+        if self.several:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over ranks (a copy; gloo and NCCL reduce in place)."""
+        if not self.several:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    def all_agree(self, flag: bool) -> bool:
+        """True only when `flag` is true on every rank (so all ranks take the same branch)."""
+        if not self.several:
+            return flag
+        value = torch.tensor([0 if flag else 1], device=_collective_device())
+        dist.all_reduce(value)
+        return int(value.item()) == 0
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), on every rank, in rank order."""
+        if not self.several:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.several:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter], divide_by: int = 1) -> None:
+        """Sum replicated parameters' gradients over ranks in one flat all-reduce; a rank that had no sample
+        for them contributes zeros. `divide_by` undoes a loss scale meant for FSDP's averaging."""
+        if not self.several or not parameters:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        if divide_by != 1:
+            flat /= divide_by
+        offset = 0
+        for parameter, grad in zip(parameters, grads):
+            count = grad.numel()
+            parameter.grad = flat[offset : offset + count].view_as(grad).clone()
+            offset += count
+
+    def finish(self) -> None:
+        if self.several and dist.is_initialized():
+            dist.barrier()  # a rank leaving while another still talks aborts the job
+            dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def is_sharded(parameters) -> bool:
+    """Whether these parameters are FSDP2 shards (DTensors) rather than whole, replicated tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in parameters)
