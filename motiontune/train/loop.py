@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..config import ConfigError, TrainConfig
-from ..config.load import config_notices
+from ..configure import config_notices
 from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
 from ..data.latents import Encoding
