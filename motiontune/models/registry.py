@@ -19,7 +19,9 @@ def families() -> tuple[type[ModelFamily], ...]:
     """Every family class, each from its own module in this package."""
     for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"{__package__}.{module.name}")
-    return tuple(family for family in _subclasses(ModelFamily) if family.MODEL_TYPES)
+    # a family declares its own MODEL_TYPES (a subclass made elsewhere, a test's, say, serves nothing)
+    return tuple(family for family in _subclasses(ModelFamily)
+                 if "MODEL_TYPES" in vars(family) and family.__module__.startswith(f"{__package__}."))
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -28,14 +30,11 @@ def _subclasses(cls: type) -> list[type]:
 
 def model_types() -> tuple[str, ...]:
     """Every model_type some family serves, family by family."""
-    return tuple(model_type for family in families() for model_type in family.MODEL_TYPES)
+    return _all("MODEL_TYPES")
 
 
 def family_class(model_type: str) -> type[ModelFamily]:
-    for family in families():
-        if model_type in family.MODEL_TYPES:
-            return family
-    raise ValueError(f"model_type {model_type!r} is served by no family; known: {', '.join(model_types())}")
+    return _declaring("MODEL_TYPES", model_type)
 
 
 def family_for(config: TrainConfig, device: torch.device) -> ModelFamily:
@@ -52,11 +51,20 @@ def compression_factors(config: TrainConfig) -> tuple[int, int]:
 
 def tiny_models() -> tuple[str, ...]:
     """The names of every family's tiny test models."""
-    return tuple(name for family in families() for name in family.TINY_MODELS)
+    return _all("TINY_MODELS")
 
 
 def tiny_family(name: str) -> type[ModelFamily]:
+    return _declaring("TINY_MODELS", name)
+
+
+def _all(attribute: str) -> tuple[str, ...]:
+    return tuple(name for family in families() for name in getattr(family, attribute))
+
+
+def _declaring(attribute: str, name: str) -> type[ModelFamily]:
+    """The family whose `attribute` (MODEL_TYPES or TINY_MODELS) lists `name`."""
     for family in families():
-        if name in family.TINY_MODELS:
+        if name in getattr(family, attribute):
             return family
-    raise ValueError(f"unknown family {name!r}; choose one of: {', '.join(tiny_models())}")
+    raise ValueError(f"{name!r} is none of the {attribute} the families declare: {', '.join(_all(attribute))}")
