@@ -116,7 +116,8 @@ class ModelFamily(ABC):
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = device
-        self.weight_dtype = transformer_dtype(config)
+        self.weight_dtype = transformer_dtype(config)  # what the transformer loads and computes in
+        # what the text encoder runs in (part of the text cache's key): the weights' on an accelerator, float32 on the CPU
         self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
     def valid_frame_count(self, frames: int) -> int:

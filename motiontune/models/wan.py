@@ -13,7 +13,6 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
