@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     from .configure import load_config
 
     config = load_config(args.config, args.set or [])
-    from .train.loop import train  # imported after validation: a bad config fails before torch loads
+    from .train.loop import train  # imported after validation: a bad config fails before the trainer loads
 
     _report(train(config, resume=args.resume))
     return 0

@@ -10,8 +10,8 @@ import torch
 
 from .config import TrainConfig, find_config_file
 from .config.load import ConfigError, apply_override
-from .data.survey import FileEntry, Survey, survey_dataset
 from .configure import load_config, validate
+from .data.survey import FileEntry, Survey, survey_dataset
 from .models import family_for
 
 
