@@ -112,6 +112,8 @@ class ModelFamily(ABC):
     #: the diffusers class of the VAE
     VAE_CLASS: str
     vae = transformer = image_encoder = image_processor = None
+    #: name → (tokenizer, text encoder) once `load_text_encoder` has run (see `text_encoders`)
+    encoders: dict[str, tuple] | None = None
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
@@ -178,7 +180,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_text_encoder(self) -> None:
-        """Load the tokenizer(s) and text encoder(s)."""
+        """Load the tokenizer(s) and text encoder(s) into `encoders`."""
 
     def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
         """Text embeddings exactly as the stock pipeline computes them, one float32 row per prompt. `grad`: with the
@@ -192,12 +194,16 @@ class ModelFamily(ABC):
         """The prompts through the text encoder(s), on the training device: what `encode_prompts` returns."""
 
     def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if need be: what embeddings and text-encoder training use."""
-        raise NotImplementedError(f"{type(self).__name__} has no text-encoder training yet")
+        """name → (tokenizer, text encoder), loaded if need be: what embeddings and text-encoder training use. The
+        names key saved files (ComfyUI's names for the family's encoders)."""
+        if self.encoders is None:
+            self.load_text_encoder()
+        return self.encoders
 
-    @abstractmethod
     def release_text_encoder(self) -> None:
-        """Free the text encoder once every prompt the run needs is encoded."""
+        """Free the text encoder(s) once every prompt the run needs is encoded."""
+        self.encoders = None
+        free_accelerator_memory(self.device)
 
     @abstractmethod
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:

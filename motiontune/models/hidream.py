@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import Expert, ModelFamily, SampleRequest
-from .loading import free_accelerator_memory, load_part
+from .loading import load_part
 
 log = logging.getLogger("motiontune")
 
@@ -47,8 +47,6 @@ class HiDreamFamily(ModelFamily):
         "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
                  "tokenizer_4", "text_encoder_4"),
     }
-
-    encoders: dict | None = None
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -76,34 +74,23 @@ class HiDreamFamily(ModelFamily):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, LlamaForCausalLM, T5EncoderModel
 
         base = self.config.base_model_name
-        encoders = {}
-        for index, cls in (("", CLIPTextModelWithProjection), ("_2", CLIPTextModelWithProjection), ("_3", T5EncoderModel),
-                           ("_4", LlamaForCausalLM)):
+        encoders = {}  # keyed by ComfyUI's names for HiDream's four encoders
+        for name, index, cls in (("clip_l", "", CLIPTextModelWithProjection), ("clip_g", "_2", CLIPTextModelWithProjection),
+                                 ("t5", "_3", T5EncoderModel), ("llama", "_4", LlamaForCausalLM)):
             tokenizer = load_part(AutoTokenizer, base, f"tokenizer{index}")
             model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
             model.requires_grad_(False)
-            encoders[index] = (tokenizer, model)
-        encoders["_4"][0].pad_token = encoders["_4"][0].eos_token  # as the pipeline sets it
+            encoders[name] = (tokenizer, model)
+        encoders["llama"][0].pad_token = encoders["llama"][0].eos_token  # as the pipeline sets it
         self.encoders = encoders
-
-    def release_text_encoder(self) -> None:
-        self.encoders = None
-        free_accelerator_memory(self.device)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
-        names for HiDream's four encoders)."""
-        if self.encoders is None:
-            self.load_text_encoder()
-        return dict(zip(("clip_l", "clip_g", "t5", "llama"), (self.encoders[i] for i in ("", "_2", "_3", "_4"))))
 
     # --- encoding ------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("", "_2")], dim=-1)
-        t5_tokenizer, t5 = self.encoders["_3"]
+        pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("clip_l", "clip_g")], dim=-1)
+        t5_tokenizer, t5 = self.encoders["t5"]
         inputs = self._tokenize(t5_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, t5_tokenizer.model_max_length))
         t5_states = t5(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
-        llama_tokenizer, llama = self.encoders["_4"]
+        llama_tokenizer, llama = self.encoders["llama"]
         inputs = self._tokenize(llama_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, llama_tokenizer.model_max_length))
         hidden = llama(inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states[1:]
         used = torch.stack([hidden[k] for k in self._llama_layers()], dim=1)  # (B, K, L, D): only what the transformer reads

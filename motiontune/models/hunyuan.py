@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .base import Expert, ModelFamily, SampleRequest
-from .loading import free_accelerator_memory, load_part
+from .loading import load_part
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
 HIDDEN_LAYERS_TO_SKIP = 2
@@ -96,7 +96,6 @@ class HunyuanVideoFamily(ModelFamily):
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
     ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
-    encoders = None
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -114,33 +113,23 @@ class HunyuanVideoFamily(ModelFamily):
 
         base = self.config.base_model_name
         self.encoders = {}
-        for index, cls in (("", LlamaModel), ("_2", CLIPTextModel)):
+        for name, index, cls in (("llama", "", LlamaModel), ("clip_l", "_2", CLIPTextModel)):
             model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
             model.requires_grad_(False)
-            self.encoders[index] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
-
-    def release_text_encoder(self) -> None:
-        self.encoders = None
-        free_accelerator_memory(self.device)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings."""
-        if self.encoders is None:
-            self.load_text_encoder()
-        return {"llama": self.encoders[""], "clip_l": self.encoders["_2"]}
+            self.encoders[name] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
 
     # --- encoding ------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-        tokenizer, llama = self.encoders[""]
+        tokenizer, llama = self.encoders["llama"]
         crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
         inputs = tokenizer([DEFAULT_PROMPT_TEMPLATE["template"].format(p) for p in prompts], max_length=MAX_SEQUENCE_LENGTH + crop,
                            padding="max_length", truncation=True, return_tensors="pt").to(self.device)
         hidden = llama(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                        output_hidden_states=True).hidden_states[-(HIDDEN_LAYERS_TO_SKIP + 1)]
         embeds, mask = hidden[:, crop:], inputs.attention_mask[:, crop:]
-        clip_tokenizer, clip = self.encoders["_2"]
+        clip_tokenizer, clip = self.encoders["clip_l"]
         ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
         pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
         return torch.stack([self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .base import Conditioning, Expert, ModelFamily, SampleRequest
-from .loading import free_accelerator_memory, load_part, read_model_index
+from .loading import load_part, read_model_index
 
 MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B")
 # The two-expert WAN 2.2 models
@@ -110,7 +110,7 @@ class WanFamily(ModelFamily):
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v")
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
-    text_encoder = tokenizer = transformer_2 = None
+    transformer_2 = None
 
     @classmethod
     def vae_compression(cls, model_type):
@@ -179,38 +179,32 @@ class WanFamily(ModelFamily):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         base = self.config.base_model_name
-        self.tokenizer = load_part(AutoTokenizer, base, "tokenizer")
-        self.text_encoder = load_part(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
-        self.text_encoder.requires_grad_(False)
+        tokenizer = load_part(AutoTokenizer, base, "tokenizer")
+        text_encoder = load_part(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
+        text_encoder.requires_grad_(False)
         storage = self.config.text_encoder.weight_dtype
         if storage in ("FLOAT_8", "NFLOAT_4"):  # see QUANTIZED_TEXT_ENCODER
             from ..train.memory import quantize_frozen_linears
 
-            quantize_frozen_linears([self.text_encoder.encoder], storage, self.device)
-        self.text_encoder.to(self.device)
+            quantize_frozen_linears([text_encoder.encoder], storage, self.device)
+        self.encoders = {"umt5xxl": (tokenizer, text_encoder.to(self.device))}  # ComfyUI's key for WAN's UMT5-XXL
+
+    @property
+    def text_encoder(self):
+        """The UMT5 encoder, once loaded."""
+        return self.encoders["umt5xxl"][1] if self.encoders else None
 
     # --- encoding ------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        inputs = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
-                                truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        tokenizer, text_encoder = self.encoders["umt5xxl"]
+        inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         mask = inputs.attention_mask.to(self.device)
-        hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
+        hidden = text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
         # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
         return hidden * mask.unsqueeze(-1).to(hidden.dtype)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
-        key for WAN's UMT5-XXL)."""
-        if self.text_encoder is None:
-            self.load_text_encoder()
-        return {"umt5xxl": (self.tokenizer, self.text_encoder)}
-
-    def release_text_encoder(self) -> None:
-        self.text_encoder = None
-        self.tokenizer = None
-        free_accelerator_memory(self.device)
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
