@@ -47,11 +47,12 @@ def build_5b_width(folder: Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from motiontune.testing.tiny_models import _calibrate_latent_stats, _vae
+    from motiontune.models.wan import calibrate_latent_stats, tiny_vae
+    from motiontune.testing.tiny_models import demo_clip_pixels
 
     torch.manual_seed(0)
-    vae = _vae(wide=True)
-    _calibrate_latent_stats(vae)  # 48 channels of statistics (the config's defaults are WAN 2.1's 16)
+    vae = tiny_vae(wide=True)
+    calibrate_latent_stats(vae, demo_clip_pixels())  # 48 channels of statistics (the config's defaults are WAN 2.1's 16)
     build_tokenizer(folder / "tokenizer")
     transformer = WanTransformer3DModel(
         num_attention_heads=WIDE_5B["heads"], attention_head_dim=WIDE_5B["head_dim"], ffn_dim=WIDE_5B["ffn"],

@@ -41,7 +41,7 @@ def child(config_path: str, setting: str) -> dict:
     """One setting's run, in this (fresh) process."""
     import torch
 
-    from motiontune.config import load_config
+    from motiontune.configure import load_config
     from motiontune.estimate import estimate
     from motiontune.train import loop
     from motiontune.train.memory import tensor_bytes

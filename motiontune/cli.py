@@ -50,17 +50,17 @@ def _report(result) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .configure import load_config
 
     config = load_config(args.config, args.set or [])
-    from .train.loop import train  # imported after validation: a bad config fails before torch loads
+    from .train.loop import train  # imported after validation: a bad config fails before the trainer loads
 
     _report(train(config, resume=args.resume))
     return 0
 
 
 def cmd_cache(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .data.cache import Cache
     from .data.latents import Encoding
     from .data.survey import survey_dataset
@@ -103,7 +103,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .config import load_config
+    from .configure import load_config
     from .estimate import EstimateError, report
 
     config = load_config(args.config, args.set or [])
@@ -148,7 +148,7 @@ def _newest_backup(args) -> Path | None:
     if args.command != "train":
         return None
     try:
-        from .config import load_config
+        from .configure import load_config
         from .train.backup import list_backups
 
         backups = list_backups(Path(load_config(args.config, args.set or []).workspace_dir) / "backup")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, find_config_file, load_config
+from .config import TrainConfig, find_config_file
 from .config.load import ConfigError, apply_override
+from .configure import load_config, validate
 from .data.survey import FileEntry, Survey, survey_dataset
 from .models import family_for
 
@@ -20,7 +21,7 @@ def config_for(target: str, overrides: list[str]) -> TrainConfig:
         data = {"concepts": [{"path": target, "include_subdirectories": True}]}
         for assignment in overrides:
             apply_override(data, assignment)
-        return TrainConfig.model_validate(data)
+        return validate(data)
     try:
         find_config_file(target)
     except ConfigError:

@@ -150,7 +150,7 @@ def test_what_is_not_built_is_refused_by_name_on_an_enabled_concept(tmp_path):
 
 
 def test_a_bad_concepts_file_is_reported_like_a_bad_config(tmp_path):
-    from motiontune.config.load import load_config
+    from motiontune.configure import load_config
     from motiontune.data.dataset import load_concepts
 
     folder = tmp_path / "clips"

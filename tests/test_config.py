@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import write_config
-from motiontune.config import ConfigError, load_config
+from motiontune.config import ConfigError
+from motiontune.configure import load_config
 
 MISSING_MODEL = "/nonexistent/model-folder"  # a run that got as far as loading would fail differently
 

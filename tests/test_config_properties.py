@@ -7,7 +7,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from motiontune.config import ConfigError, load_config
+from motiontune.config import ConfigError
+from motiontune.configure import load_config
 from motiontune.config.schema import TrainConfig
 
 KEYS = sorted(TrainConfig.model_fields) + ["__version", "video_config", "path", "prompt", "train", "text", "max_frames"]

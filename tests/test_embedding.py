@@ -156,7 +156,7 @@ def test_additional_embedding_trains_beside_a_lora(tmp_path, tiny_models):
 
 
 def test_presets():
-    from motiontune.config.load import load_config
+    from motiontune.configure import load_config
 
     embedding = load_config("#wan 2.2 Embedding")
     assert (embedding.training_method, embedding.batch_size, embedding.learning_rate, embedding.embedding_learning_rate) == (
@@ -208,7 +208,8 @@ def test_backup_holds_the_vectors_and_resumes_exactly(tmp_path, tiny_models):
 
 
 def test_config_refusals(tmp_path):
-    from motiontune.config import ConfigError, load_config
+    from motiontune.config import ConfigError
+    from motiontune.configure import load_config
 
     def problems(**keys) -> str:
         config = {"concepts": [{"path": str(tmp_path)}], **keys}

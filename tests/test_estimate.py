@@ -14,7 +14,7 @@ import torch
 
 from conftest import DATA
 from motiontune.cli import main
-from motiontune.config import load_config
+from motiontune.configure import load_config
 from motiontune.testing.process_memory import process_memory
 from motiontune.estimate import GB, Options, count_weights, estimate, make_shape, simulate_step, transformer_config
 
@@ -239,7 +239,7 @@ def test_the_decode_simulation_with_stand_ins_matches_the_whole_simulation(wide)
     blending): the same peak as simulating every call, whole frames and tiled (edge tiles included). The blending,
     which takes most of a whole tiled simulation's time, is simulated once (2.2's VAE)."""
     from motiontune.estimate import _vae_from, decode_peak, simulate_no_grad
-    from motiontune.testing.tiny_models import _vae
+    from motiontune.models.wan import tiny_vae as _vae
 
     cfg = {k: v for k, v in _vae(wide).config.items() if not k.startswith("_")}
     # 2 × 2 tiles of 256 pixels, 192 apart, the second ones narrower; 3 latent frames: the decoder's cache is full

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DATA, base_config
-from motiontune.config import load_config
+from motiontune.configure import load_config
 from motiontune.config.schema import TrainConfig
 from motiontune.train import loop, memory
 from motiontune.train.memory import MemoryPlan, QuantizedLinear, module_bytes, quantize_frozen_linears

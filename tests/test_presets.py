@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 
 from conftest import DATA
 from motiontune.cli import main
-from motiontune.config.load import PRESETS_DIR, load_config
+from motiontune.config.load import PRESETS_DIR
+from motiontune.configure import load_config
 from motiontune.testing.clips import write_timestamped_clip
 
 PRESETS = sorted(PRESETS_DIR.glob("*.json"))

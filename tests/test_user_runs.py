@@ -169,7 +169,7 @@ def test_compression_ratios_below_the_vaes_own_are_said_to_change_nothing(tmp_pa
 
 
 def test_a_preset_takes_concepts_from_set_and_a_missing_concept_file_leaves_no_workspace(tmp_path, capsys):
-    from motiontune.config import load_config
+    from motiontune.configure import load_config
 
     config = load_config("#wan 2.2 LoRA", ['concepts=[{"path": "my_clips"}]'])
     assert config.concept_file_name is None and config.concepts[0].path == "my_clips"

@@ -1,4 +1,5 @@
-"""Reading a config: shipped presets, JSON files, `--set` overrides, and errors a user can act on."""
+"""Reading a config: shipped presets, JSON files, `--set` overrides, and errors a user can act on. The checks
+here are those that need no model family; motiontune/configure.py adds the family's and is what callers use."""
 
 from __future__ import annotations
 
@@ -10,15 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from .concepts import concept_problems
-from .schema import (
-    DEFAULT_NATIVE_COMPRESSION,
-    NATIVE_COMPRESSION,
-    NOT_SUPPORTED_YET,
-    A14B_MODEL_TYPES,
-    TrainConfig,
-    get_dotted,
-)
-from .schema import OUTPUT_FORMATS
+from .schema import NOT_SUPPORTED_YET, OUTPUT_FORMATS, TrainConfig, get_dotted
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -85,17 +78,13 @@ def apply_override(data: dict, assignment: str) -> None:
         node[parts[-1]] = value
 
 
-def load_config(name: str, overrides: list[str] = ()) -> TrainConfig:
+def read_config(name: str, overrides: list[str] = ()) -> tuple[dict, Path]:
+    """The JSON of a config file or preset with `--set` overrides applied, and where it was found."""
     path = find_config_file(name)
     data = read_json(path)
     for assignment in overrides:
         apply_override(data, assignment)
-    try:
-        config = TrainConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, path)) from None
-    check_not_supported_yet(config, path)
-    return config
+    return data, path
 
 
 def _model_class(annotation) -> type[BaseModel] | None:
@@ -188,15 +177,8 @@ def _text_training_problems(config: TrainConfig) -> list[str]:
 
 
 def _memory_problems(config: TrainConfig) -> list[str]:
-    """Memory options that cannot apply to weights that train, or are not built for a family."""
+    """Memory options that cannot apply to weights that train."""
     problems = []
-    if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4"):
-        if not config.model_type.startswith("WAN_"):
-            problems.append(f"  - text_encoder.weight_dtype = {config.text_encoder.weight_dtype}: quantized text encoders are built "
-                            "for WAN only; leave it unset (the encoders run once, to fill the cache)")
-        elif config.text_encoder.train:
-            problems.append(f"  - text_encoder.weight_dtype = {config.text_encoder.weight_dtype}: the text encoder trains in this run, "
-                            "and quantized weights cannot train; leave it unset or set text_encoder.train false")
     if config.training_method != "FINE_TUNE":
         return problems
     for part in ("transformer", "transformer_2"):
@@ -212,32 +194,23 @@ def _memory_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _is_image(path: Path) -> bool:
+def image_file_problem(path: str) -> str | None:
+    """What is wrong with a picture file a config names, if anything."""
     from PIL import Image
 
+    if not Path(path).is_file():
+        return "no such file"
     try:
         with Image.open(path) as image:
             image.verify()
     except Exception:  # Pillow raises many kinds for a file that is not a picture
-        return False
-    return True
+        return "not an image Pillow can read; give a PNG, JPEG or WebP file"
+    return None
 
 
-def config_notices(config: TrainConfig) -> list[str]:
-    """Settings that are valid but change nothing, said once at the start of a run rather than ignored silently."""
-    notices = []
-    native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
-    for key, own in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
-        value = getattr(config.video_config, key)
-        if value < own and key in config.video_config.model_fields_set:  # the default is below some VAEs' own
-            notices.append(f"video_config.{key} = {value} changes nothing: {config.model_type}'s VAE always compresses "
-                           f"{own}x {'spatially' if key.startswith('spatial') else 'in time'}, and only a whole multiple of "
-                           f"{own} adds compression (frames {'downscaled' if key.startswith('spatial') else 'subsampled'} "
-                           "before encoding). Set it to {own} to silence this.".replace("{own}", str(own)))
-    return notices
-
-
-def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
+def config_problems(config: TrainConfig) -> list[str]:
+    """Every problem that needs no model family, one line each: values not built yet, text training and
+    embeddings, memory options, concepts, the output format."""
     problems = []
     for key, neutral, what in NOT_SUPPORTED_YET:
         value = get_dotted(config, key)
@@ -255,43 +228,4 @@ def check_not_supported_yet(config: TrainConfig, path: Path) -> None:
             f"  - output_model_format = {json.dumps(config.output_model_format)}: a {config.training_method} run saves "
             f"as {' or '.join(allowed)}"
         )
-    native = NATIVE_COMPRESSION.get(config.model_type, DEFAULT_NATIVE_COMPRESSION)
-    for key, own in zip(("spatial_compression_ratio", "temporal_compression_ratio"), native):
-        value = getattr(config.video_config, key)
-        if value > own and value % own:
-            problems.append(
-                f"  - video_config.{key} = {value}: the VAE compresses {own}x itself, so a larger ratio must be a "
-                f"whole multiple of {own} (frames are {'downscaled' if key.startswith('spatial') else 'subsampled'} "
-                f"by ratio / {own} before encoding); use {own}, {2 * own}, {4 * own}, ..."
-            )
-    if config.image_conditioning_probability > 0 and config.model_type != "WAN_2_2_TI2V_5B":
-        problems.append(
-            f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {config.model_type} is "
-            f"{'always' if 'I2V' in config.model_type else 'never'} image-conditioned, so remove the key"
-        )
-    if "_I2V" in config.model_type:
-        for index, sample in enumerate(config.samples):
-            if not sample.image:
-                problems.append(f"  - samples[{index}].image: {config.model_type} makes videos from a first frame; give an image file")
-    for index, sample in enumerate(config.samples):
-        if sample.image and not Path(sample.image).is_file():
-            problems.append(f"  - samples[{index}].image = {sample.image!r}: no such file")
-        elif sample.image and not _is_image(Path(sample.image)):
-            problems.append(f"  - samples[{index}].image = {sample.image!r}: not an image Pillow can read; give a PNG, JPEG or WebP file")
-        elif sample.image and "I2V" not in config.model_type:
-            problems.append(f"  - samples[{index}].image: {config.model_type} does not take a first frame; remove the key")
-    if config.model_type in A14B_MODEL_TYPES:
-        if config.expert_choice() is None:
-            problems.append(
-                "  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
-                "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"
-            )
-    else:
-        if config.experts is not None or config.boundary_ratio is not None:
-            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
-        if config.transformer_2.train:
-            problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
-        if not config.transformer.train and config.training_method != "EMBEDDING":  # an embedding run freezes it anyway
-            problems.append(f"  - transformer.train = false: a {config.training_method} run needs the transformer trained; set it to true")
-    if problems:
-        raise ConfigError(f"{path}:\n" + "\n".join(problems))
+    return problems

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig
-from ..config.schema import compression_factors, parse_resolution
-from ..models import ModelFamily
+from ..config.schema import parse_resolution
+from ..models import ModelFamily, compression_factors
 from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
 from .dataset import Item, scan_dataset

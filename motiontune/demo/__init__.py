@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..config import ConfigError, TrainConfig
-from ..config.load import apply_override, check_not_supported_yet, format_validation_error
+from ..config.load import apply_override
+from ..configure import parse_config
 
 CLIPS = Path(__file__).parent / "clips"
 log = logging.getLogger("motiontune")
@@ -49,11 +47,7 @@ def run_demo(out: Path, overrides: list[str] = ()):
     data = demo_config(out)
     for assignment in overrides:
         apply_override(data, assignment)
-    try:
-        config = TrainConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, Path("demo config"))) from None
-    check_not_supported_yet(config, Path("demo config"))
+    config = parse_config(data, Path("demo config"))
     model = Path(config.base_model_name)
     if not (model / "model_index.json").is_file():
         log.info("building the tiny WAN 2.1 model in %s", model)

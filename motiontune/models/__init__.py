@@ -1,27 +1,8 @@
-"""Which family module serves which `model_type`."""
+"""The model families (one module each) and the registry that finds the one serving a `model_type`."""
 
-from __future__ import annotations
+from .base import ModelFamily, SampleRequest
+from .loading import ModelLoadError
+from .registry import compression_factors, family_class, family_for, model_types
 
-import torch
-
-from ..config import TrainConfig
-from .base import ModelFamily, ModelLoadError, SampleRequest
-
-
-def family_for(config: TrainConfig, device: torch.device) -> ModelFamily:
-    if config.model_type.startswith("WAN_"):
-        from .wan import WanFamily
-
-        return WanFamily(config, device)
-    if config.model_type == "HUNYUAN_VIDEO":
-        from .hunyuan import HunyuanVideoFamily
-
-        return HunyuanVideoFamily(config, device)
-    if config.model_type.startswith("HI_DREAM_"):
-        from .hidream import HiDreamFamily
-
-        return HiDreamFamily(config, device)
-    raise ValueError(f"model_type {config.model_type!r} has no family module yet")
-
-
-__all__ = ["ModelFamily", "ModelLoadError", "SampleRequest", "family_for"]
+__all__ = ["ModelFamily", "ModelLoadError", "SampleRequest", "compression_factors", "family_class", "family_for",
+           "model_types"]

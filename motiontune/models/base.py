@@ -1,23 +1,23 @@
-"""The model family interface: everything the trainer may ask of a model family.
+"""The model family interface: everything the trainer may ask of a model family, and the lifecycle every
+family shares.
 
-A family module (wan.py, ...) is the only place that knows how its parts load, how it encodes
-prompts and pixels, how its transformer is called, how its LoRA keys are named and which stock
-diffusers pipeline samples it. The training loop only talks to this interface.
+A family module (wan.py, ...) is the only place that knows its model types and their config rules, how its
+parts load, how it encodes prompts and pixels, how its transformer is called, how its LoRA keys are named,
+which stock diffusers pipeline samples it and how a tiny random copy of it is built. The training loop only
+talks to this interface; `registry.py` finds the family that serves a model type.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import TrainConfig
-
-
-class ModelLoadError(Exception):
-    """A model part that could not be loaded; the message says which, from where, and what to do."""
+from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype
 
 
 @dataclass
@@ -60,18 +60,67 @@ class SampleRequest:
 
 
 class ModelFamily(ABC):
+    # --- what the family declares: read before anything loads (the registry, config checks, tiny models) ----
+    #: the config's `model_type` values this family serves
+    MODEL_TYPES: tuple[str, ...] = ()
+    #: how error messages name the family
+    NAME: str
+    #: the VAE's own compression, (spatial, temporal): a larger ratio downscales / subsamples before encoding
+    VAE_COMPRESSION = (8, 4)
+    #: whether `text_encoder.weight_dtype` may be FLOAT_8 / NFLOAT_4
+    QUANTIZED_TEXT_ENCODER = False
+    #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
+    TINY_MODELS: tuple[str, ...] = ()
+
+    @classmethod
+    def vae_compression(cls, model_type: str) -> tuple[int, int]:
+        return cls.VAE_COMPRESSION
+
+    @classmethod
+    def first_frame(cls, model_type: str) -> str | None:
+        """Whether a video starts from a given first frame: "required" (image-to-video), "optional" or None."""
+        return None
+
+    @classmethod
+    def config_problems(cls, config: TrainConfig) -> list[str]:
+        """The family's own rules for a config, each a line `  - key: what is wrong; what to do`. This default is a
+        family with one transformer; one with more (WAN 2.2 A14B's experts) says its own."""
+        problems = []
+        if config.experts is not None or config.boundary_ratio is not None:
+            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
+        if config.transformer_2.train:
+            problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
+        if not config.transformer.train and config.training_method != "EMBEDDING":  # an embedding run freezes it anyway
+            problems.append(f"  - transformer.train = false: a {config.training_method} run needs the transformer trained; set it to true")
+        return problems
+
+    @classmethod
+    def tiny_pipeline(cls, name: str, tokenizer, clips: list[torch.Tensor], heads: int | None, layers: int):
+        """A tiny random `name` model (one of TINY_MODELS) of the real architecture, as the stock diffusers pipeline
+        that saves it. `tokenizer(subfolder, max_length)` makes a small tokenizer locally; `clips` are the bundled
+        clips as pixels in [-1, 1], (1, 3, 9, 64, 64) each at 8 frames per second, to measure latent statistics on
+        data as the real ones were."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
+    # --- an instance: one run's model ----------------------------------------------------------------------
     #: the transformer's input size must be a multiple of this (VAE factor × patch size)
     spatial_multiple: int
     #: frames per latent frame (the VAE's temporal factor); valid clip lengths are 4n+1 for 4
     temporal_factor: int
     #: how clip lengths are rounded, for the log
     frame_rule = "the VAE takes 4n+1"
-    #: the dtype the text encoder runs in (part of the text cache's key)
-    text_dtype: torch.dtype
+    #: the diffusers class of the VAE
+    VAE_CLASS: str
+    vae = transformer = image_encoder = image_processor = None
+    #: name → (tokenizer, text encoder) once `load_text_encoder` has run (see `text_encoders`)
+    encoders: dict[str, tuple] | None = None
 
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = device
+        self.weight_dtype = transformer_dtype(config)  # what the transformer loads and computes in
+        # what the text encoder runs in (part of the text cache's key): the weights' on an accelerator, float32 on the CPU
+        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
     def valid_frame_count(self, frames: int) -> int:
         """The largest frame count the VAE accepts that is <= `frames` (4n+1 for a factor of 4)."""
@@ -84,34 +133,77 @@ class ModelFamily(ABC):
     def load_transformers(self) -> None:
         """Load the transformer(s) and scheduler from `config.base_model_name` (or per-part `model_name`)."""
 
-    @abstractmethod
+    def load_transformer(self, cls, subfolder: str, part) -> torch.nn.Module:
+        """One transformer, frozen: `subfolder` of base_model_name, or the part's `model_name` (a diffusers folder,
+        or one .safetensors file in the original or diffusers layout). It stays on the CPU until the trainer has
+        applied the memory options (quantization, offloading) and `activate` brings it."""
+        base, dtype = self.config.base_model_name, self.weight_dtype
+        source = Path(part.model_name)
+        if part.model_name and source.suffix == ".safetensors" and source.is_file():
+            # The architecture comes from base_model_name's own config: without one, diffusers looks it up on the
+            # Hub and would give a WAN 2.2 file WAN 2.1's defaults.
+            try:
+                module = cls.from_single_file(str(source), config=base, subfolder=subfolder, torch_dtype=dtype)
+            except Exception as error:
+                raise ModelLoadError(
+                    f"{subfolder}.model_name = {str(source)!r}: diffusers could not read this single-file "
+                    f"checkpoint with the {subfolder} config of {base!r} ({error}). Use a {self.NAME} checkpoint in "
+                    "the original (ComfyUI) or diffusers layout that matches base_model_name."
+                ) from None
+        elif part.model_name:
+            module = load_part(cls, part.model_name, None, dtype=dtype)
+        else:
+            module = load_part(cls, base, subfolder, dtype=dtype)
+        return module.requires_grad_(False)
+
     def load_vae(self) -> None:
-        """Load the VAE (once) and put it on the training device."""
+        """Load the VAE (once; float32, as the stock examples run it: its latents feed every step) and put it on
+        the training device."""
+        import diffusers
 
-    @abstractmethod
+        if self.vae is None:
+            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae.requires_grad_(False).eval()
+        self.vae.to(self.device)
+
     def release_vae(self) -> None:
-        """Free the VAE."""
+        """Free the VAE (and an image encoder)."""
+        self.vae = self.image_encoder = self.image_processor = None
+        free_accelerator_memory(self.device)
 
-    @abstractmethod
     def park_vae(self) -> None:
-        """Move the VAE off the training device until it is needed again."""
+        """Move the VAE (and an image encoder) off the training device until samples need it again."""
+        for encoder in (self.vae, self.image_encoder):
+            if encoder is not None:
+                encoder.to("cpu")
+        free_accelerator_memory(self.device)
 
     @abstractmethod
     def load_text_encoder(self) -> None:
-        """Load the tokenizer(s) and text encoder(s)."""
+        """Load the tokenizer(s) and text encoder(s) into `encoders`."""
+
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        """Text embeddings exactly as the stock pipeline computes them, one float32 row per prompt. `grad`: with the
+        autograd graph, on the training device (a text encoder or embedding that trains); else on the CPU."""
+        with torch.set_grad_enabled(grad):
+            encoded = self._encode(prompts)
+        return encoded.float() if grad else encoded.detach().to("cpu", torch.float32)
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
-        """Text embeddings exactly as the stock pipeline computes them, one row per prompt. `grad`: with the
-        autograd graph, on the training device (a text encoder or embedding that trains)."""
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts through the text encoder(s), on the training device: what `encode_prompts` returns."""
 
     def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if need be: what embeddings and text-encoder training use."""
-        raise NotImplementedError(f"{type(self).__name__} has no text-encoder training yet")
+        """name → (tokenizer, text encoder), loaded if need be: what embeddings and text-encoder training use. The
+        names key saved files (ComfyUI's names for the family's encoders)."""
+        if self.encoders is None:
+            self.load_text_encoder()
+        return self.encoders
 
-    @abstractmethod
     def release_text_encoder(self) -> None:
-        """Free the text encoder once every prompt the run needs is encoded."""
+        """Free the text encoder(s) once every prompt the run needs is encoded."""
+        self.encoders = None
+        free_accelerator_memory(self.device)
 
     @abstractmethod
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -120,6 +212,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def trained_experts(self) -> list[Expert]:
         """The transformer(s) this run trains (two for WAN 2.2 A14B with experts: both)."""
+
+    def transformers(self) -> list[torch.nn.Module]:
+        """Every transformer loaded, trained or not."""
+        return [self.transformer]
 
     def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
         """Each trained expert with the batch rows whose noise level it serves."""
@@ -133,10 +229,17 @@ class ModelFamily(ABC):
 
     def activate(self, expert: Expert) -> None:
         """Put `expert` on the training device; on an accelerator, the other transformers wait on the CPU."""
-        if getattr(self, "_active", None) is expert.module:  # `.to()` walks every module even when nothing moves
+        self._bring(expert.module)
+
+    def _bring(self, module: torch.nn.Module) -> None:
+        if getattr(self, "_active", None) is module:  # `.to()` walks every module even when nothing moves
             return
-        self._active = expert.module
-        expert.module.to(self.device)
+        self._active = module
+        if self.device.type != "cpu":
+            for other in self.transformers():
+                if other is not module:
+                    other.to("cpu")
+        module.to(self.device)
 
     def fsdp_units(self, module: torch.nn.Module) -> list[torch.nn.Module]:
         """The parts FSDP2 shards one by one (each gathered just before its forward): the transformer blocks."""
@@ -165,33 +268,72 @@ class ModelFamily(ABC):
         """Self-attention within each latent frame only (use_temporal_attention: false)."""
         raise NotImplementedError(f"{type(self).__name__} has no frame-local attention")
 
-    @abstractmethod
+    # --- LoRA and save formats -----------------------------------------------------------------------------
     def lora_target_modules(self, module: torch.nn.Module, layer_filter: str) -> list[str]:
-        """Names of the Linear modules of `module` a LoRA adapts, by default or filtered by `layer_filter`."""
+        """Names of the Linear modules of `module` a LoRA adapts: those `layer_filter` (comma-separated substrings)
+        names, or the family's default targets when it is empty."""
+        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
+        return [name for name, sub in module.named_modules()
+                if isinstance(sub, torch.nn.Linear) and self.lora_may_adapt(name)
+                and (any(f in name for f in filters) if filters else self.lora_default_target(name))]
+
+    def lora_may_adapt(self, name: str) -> bool:
+        """Whether a LoRA may adapt this Linear at all, whatever the filter."""
+        return True
+
+    @abstractmethod
+    def lora_default_target(self, name: str) -> bool:
+        """Whether this Linear is among the family's default LoRA targets."""
 
     @abstractmethod
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
-    @abstractmethod
     def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype, state: dict | None = None) -> dict:
         """A transformer's weights (or `state`, its gathered state dict) named as the family's original
-        single-file checkpoints (ComfyUI's)."""
+        single-file checkpoints (ComfyUI's), as `from_single_file` reads them. This default: diffusers' names are
+        the original ones."""
+        state = module.state_dict() if state is None else state
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     @abstractmethod
     def comfy_lora_key(self, peft_module_name: str) -> str:
         """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
 
-    @abstractmethod
     def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order (the
-        module itself when the original layout fuses nothing)."""
+        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order. This
+        default: the original layout fuses nothing, each adapted module is its own original module."""
+        return [peft_module_name]
 
     @abstractmethod
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """Whether the original-layout entry keeps a `.alpha` key (else alpha / rank is folded into lora_B): it
         must be what both diffusers' converter and ComfyUI's loader accept there."""
 
+    # --- sampling ------------------------------------------------------------------------------------------
     @abstractmethod
     def sample(self, request: SampleRequest) -> np.ndarray:
         """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3)."""
+
+    def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
+        """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),
+        "transformer" (`expert`) or "vae"; the others wait on the CPU. On the CPU (one memory) nothing moves, nor
+        does a sharded (FSDP2) model."""
+        from ..util.ranks import is_sharded
+
+        if turn != getattr(self, "_sample_turn", None) and self.device.type != "cpu":
+            encoders = [m for m in (self.vae, self.image_encoder) if m is not None]
+            taking = [m for m in encoders if turn == "encoders" or (turn == "vae" and m is self.vae)]
+            if turn != "transformer" and not is_sharded(self.transformer.parameters()):
+                for module in self.transformers():
+                    module.to("cpu")
+                self._active = None  # training's `activate` brings its expert back
+            for module in encoders:
+                if module not in taking:
+                    module.to("cpu")
+            free_accelerator_memory(self.device)  # what left is free before what comes arrives
+            for module in taking:
+                module.to(self.device)
+        self._sample_turn = turn
+        if turn == "transformer":
+            self._bring(expert)  # a no-op when it is there already (this runs before every forward)

@@ -19,13 +19,12 @@ embeddings are packed into one flat float32 vector, [T5 tokens, Llama tokens, T5
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import transformer_dtype, free_accelerator_memory, load_part
+from .base import Expert, ModelFamily, SampleRequest
+from .loading import load_part
 
 log = logging.getLogger("motiontune")
 
@@ -37,6 +36,10 @@ _DEFAULT_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out"
 
 
 class HiDreamFamily(ModelFamily):
+    MODEL_TYPES = ("HI_DREAM_FULL", "HI_DREAM_DEV", "HI_DREAM_FAST")
+    NAME = "HiDream"
+    TINY_MODELS = ("hi-dream",)
+    VAE_CLASS = "AutoencoderKL"
     temporal_factor = 1
     frame_rule = "HiDream-I1 is an image model: one frame per clip"
     ENCODER_PARTS = {
@@ -47,10 +50,6 @@ class HiDreamFamily(ModelFamily):
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        self.weight_dtype = transformer_dtype(config)
-        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
-        self.vae = self.transformer = None
-        self.encoders: dict | None = None
         log.info("%s is an image model: it trains on images and on single frames taken from the videos "
                  "(one frame per planned clip)", config.model_type)
 
@@ -65,80 +64,33 @@ class HiDreamFamily(ModelFamily):
     def load_transformers(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImageTransformer2DModel
 
-        base = self.config.base_model_name
-        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
-        part = self.config.transformer
-        if part.model_name and Path(part.model_name).suffix == ".safetensors":
-            try:  # the architecture from base_model_name's own config, not a Hub lookup
-                self.transformer = HiDreamImageTransformer2DModel.from_single_file(
-                    part.model_name, config=base, subfolder="transformer", torch_dtype=self.weight_dtype)
-            except Exception as error:
-                raise ModelLoadError(f"transformer.model_name = {part.model_name!r}: not a HiDream transformer matching "
-                                     f"{base!r} ({error})") from None
-        else:
-            self.transformer = load_part(HiDreamImageTransformer2DModel, part.model_name or base,
-                                         None if part.model_name else "transformer", dtype=self.weight_dtype)
-        self.transformer.requires_grad_(False)
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
+        self.transformer = self.load_transformer(HiDreamImageTransformer2DModel, "transformer", self.config.transformer)
         for module in self.transformer.modules():  # see the module docstring: an unused, costly auxiliary loss
             if type(module).__name__ == "MoEGate":
                 module.alpha = 0.0
-        # on the CPU until the trainer has applied the memory options and calls `activate`
-
-    def load_vae(self) -> None:
-        from diffusers import AutoencoderKL
-
-        if self.vae is None:
-            self.vae = load_part(AutoencoderKL, self.config.base_model_name, "vae", dtype=torch.float32)
-            self.vae.requires_grad_(False).eval()
-        self.vae.to(self.device)
-
-    def release_vae(self) -> None:
-        self.vae = None
-        free_accelerator_memory(self.device)
-
-    def park_vae(self) -> None:
-        if self.vae is not None:
-            self.vae.to("cpu")
-            free_accelerator_memory(self.device)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, LlamaForCausalLM, T5EncoderModel
 
         base = self.config.base_model_name
-        encoders = {}
-        for index, cls in (("", CLIPTextModelWithProjection), ("_2", CLIPTextModelWithProjection), ("_3", T5EncoderModel),
-                           ("_4", LlamaForCausalLM)):
+        encoders = {}  # keyed by ComfyUI's names for HiDream's four encoders
+        for name, index, cls in (("clip_l", "", CLIPTextModelWithProjection), ("clip_g", "_2", CLIPTextModelWithProjection),
+                                 ("t5", "_3", T5EncoderModel), ("llama", "_4", LlamaForCausalLM)):
             tokenizer = load_part(AutoTokenizer, base, f"tokenizer{index}")
             model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
             model.requires_grad_(False)
-            encoders[index] = (tokenizer, model)
-        encoders["_4"][0].pad_token = encoders["_4"][0].eos_token  # as the pipeline sets it
+            encoders[name] = (tokenizer, model)
+        encoders["llama"][0].pad_token = encoders["llama"][0].eos_token  # as the pipeline sets it
         self.encoders = encoders
 
-    def release_text_encoder(self) -> None:
-        self.encoders = None
-        free_accelerator_memory(self.device)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
-        names for HiDream's four encoders)."""
-        if self.encoders is None:
-            self.load_text_encoder()
-        return dict(zip(("clip_l", "clip_g", "t5", "llama"), (self.encoders[i] for i in ("", "_2", "_3", "_4"))))
-
     # --- encoding ------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
-        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
-        with torch.set_grad_enabled(grad):
-            packed = self._encode(prompts)
-        return packed if grad else packed.detach().to("cpu", torch.float32)
-
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("", "_2")], dim=-1)
-        t5_tokenizer, t5 = self.encoders["_3"]
+        pooled = torch.cat([self._clip_pooled(*self.encoders[i], prompts) for i in ("clip_l", "clip_g")], dim=-1)
+        t5_tokenizer, t5 = self.encoders["t5"]
         inputs = self._tokenize(t5_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, t5_tokenizer.model_max_length))
         t5_states = t5(inputs.input_ids, attention_mask=inputs.attention_mask)[0]
-        llama_tokenizer, llama = self.encoders["_4"]
+        llama_tokenizer, llama = self.encoders["llama"]
         inputs = self._tokenize(llama_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, llama_tokenizer.model_max_length))
         hidden = llama(inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states[1:]
         used = torch.stack([hidden[k] for k in self._llama_layers()], dim=1)  # (B, K, L, D): only what the transformer reads
@@ -220,15 +172,11 @@ class HiDreamFamily(ModelFamily):
     def fsdp_units(self, module):
         return list(module.double_stream_blocks) + list(module.single_stream_blocks)
 
-    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
-        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
-        names = []
-        for name, module in transformer.named_modules():
-            if not isinstance(module, torch.nn.Linear) or "gate" in name.split(".")[-1]:
-                continue
-            if filters and any(f in name for f in filters) or not filters and any(t in name for t in _DEFAULT_TARGETS):
-                names.append(name)
-        return names
+    def lora_may_adapt(self, name: str) -> bool:
+        return "gate" not in name.split(".")[-1]  # the MoE router
+
+    def lora_default_target(self, name: str) -> bool:
+        return any(t in name for t in _DEFAULT_TARGETS)
 
     def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
         from diffusers import HiDreamImagePipeline
@@ -236,17 +184,10 @@ class HiDreamFamily(ModelFamily):
         HiDreamImagePipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
                                                transformer_lora_adapter_metadata=adapter_metadata)
 
-    def single_file_state_dict(self, module, dtype, state=None) -> dict:
-        """HiDream's original (and ComfyUI's) parameter names are diffusers' own."""
-        state = module.state_dict() if state is None else state
-        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    # single_file_state_dict: HiDream's original (and ComfyUI's) parameter names are diffusers' own (the default)
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
         return f"diffusion_model.{peft_module_name}"  # ComfyUI's HiDream model has diffusers' names, MoE experts included
-
-    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        """HiDream's original layout fuses nothing."""
-        return [peft_module_name]
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """diffusers' HiDream loader refuses a LoRA with any `.alpha` key (every name must contain "lora"), so the
@@ -286,3 +227,39 @@ class HiDreamFamily(ModelFamily):
         finally:
             self.park_vae()
         return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[None]
+
+    # --- tiny models (motiontune.testing) --------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
+        """HiDream-I1's layout: a 16-channel image VAE, two CLIP text encoders with projections, T5, Llama, and the
+        MoE transformer reading T5, two Llama layers and the pooled CLIP vectors."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+
+        width = 32
+        clip = [CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=128, projection_dim=width, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        )).eval() for _ in range(2)]
+        t5 = T5EncoderModel(T5Config(vocab_size=256, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2,
+                                     relative_attention_num_buckets=8, relative_attention_max_distance=32)).eval()
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                             pad_token_id=1, bos_token_id=1, eos_token_id=1)).eval()
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=4).eval()
+        # shift_factor / scaling_factor from the VAE's own encodings of frames (4 per clip, 0.25 s apart), as real image
+        # VAEs were calibrated: the pipeline's (z - shift) * scale is then about N(0, 1)
+        with torch.no_grad():
+            latents = vae.encode(torch.cat([pixels[0, :, 0:8:2].transpose(0, 1) for pixels in clips])).latent_dist.mean
+        vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+            num_attention_heads=2, caption_channels=[width, width], text_emb_dim=2 * width, num_routed_experts=2,
+            num_activated_experts=1, axes_dims_rope=(16, 8, 8), max_resolution=(16, 16), llama_layers=[0, 1],
+        )
+        tokenizers = {f"tokenizer{i}": tokenizer(f"tokenizer{i}", 128) for i in ("", "_2", "_3", "_4")}
+        return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip[0],
+                                    text_encoder_2=clip[1], text_encoder_3=t5, text_encoder_4=llama, transformer=transformer,
+                                    **tokenizers)

@@ -15,13 +15,12 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import transformer_dtype, free_accelerator_memory, load_part
+from .base import Expert, ModelFamily, SampleRequest
+from .loading import load_part
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
 HIDDEN_LAYERS_TO_SKIP = 2
@@ -90,92 +89,47 @@ def original_module(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 class HunyuanVideoFamily(ModelFamily):
+    MODEL_TYPES = ("HUNYUAN_VIDEO",)
+    NAME = "HunyuanVideo"
+    TINY_MODELS = ("hunyuan-video",)
+    VAE_CLASS = "AutoencoderKLHunyuanVideo"
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
     ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
 
     def __init__(self, config, device):
         super().__init__(config, device)
-        self.weight_dtype = transformer_dtype(config)
-        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
         self.guidance = config.guidance_scale
-        self.vae = self.transformer = self.encoders = None
 
     # --- loading -------------------------------------------------------------------------------
     def load_transformers(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
-        base = self.config.base_model_name
-        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
-        part = self.config.transformer
-        if part.model_name and Path(part.model_name).suffix == ".safetensors":
-            try:  # the original layout, converted by diffusers, with base_model_name's own config
-                self.transformer = HunyuanVideoTransformer3DModel.from_single_file(
-                    part.model_name, config=base, subfolder="transformer", torch_dtype=self.weight_dtype)
-            except Exception as error:
-                raise ModelLoadError(f"transformer.model_name = {part.model_name!r}: not a HunyuanVideo transformer "
-                                     f"matching {base!r} ({error})") from None
-        else:
-            self.transformer = load_part(HunyuanVideoTransformer3DModel, part.model_name or base,
-                                         None if part.model_name else "transformer", dtype=self.weight_dtype)
-        self.transformer.requires_grad_(False)
-        # on the CPU until the trainer has applied the memory options and calls `activate`
-
-    def load_vae(self) -> None:
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        if self.vae is None:
-            self.vae = load_part(AutoencoderKLHunyuanVideo, self.config.base_model_name, "vae", dtype=torch.float32)
-            self.vae.requires_grad_(False).eval()
-        self.vae.to(self.device)
-
-    def release_vae(self) -> None:
-        self.vae = None
-        free_accelerator_memory(self.device)
-
-    def park_vae(self) -> None:
-        if self.vae is not None:
-            self.vae.to("cpu")
-            free_accelerator_memory(self.device)
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
+        self.transformer = self.load_transformer(HunyuanVideoTransformer3DModel, "transformer", self.config.transformer)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
         base = self.config.base_model_name
         self.encoders = {}
-        for index, cls in (("", LlamaModel), ("_2", CLIPTextModel)):
+        for name, index, cls in (("llama", "", LlamaModel), ("clip_l", "_2", CLIPTextModel)):
             model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
             model.requires_grad_(False)
-            self.encoders[index] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
-
-    def release_text_encoder(self) -> None:
-        self.encoders = None
-        free_accelerator_memory(self.device)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings."""
-        if self.encoders is None:
-            self.load_text_encoder()
-        return {"llama": self.encoders[""], "clip_l": self.encoders["_2"]}
+            self.encoders[name] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
 
     # --- encoding ------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
-        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
-        with torch.set_grad_enabled(grad):
-            packed = self._encode(prompts)
-        return packed if grad else packed.detach().to("cpu", torch.float32)
-
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-        tokenizer, llama = self.encoders[""]
+        tokenizer, llama = self.encoders["llama"]
         crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
         inputs = tokenizer([DEFAULT_PROMPT_TEMPLATE["template"].format(p) for p in prompts], max_length=MAX_SEQUENCE_LENGTH + crop,
                            padding="max_length", truncation=True, return_tensors="pt").to(self.device)
         hidden = llama(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                        output_hidden_states=True).hidden_states[-(HIDDEN_LAYERS_TO_SKIP + 1)]
         embeds, mask = hidden[:, crop:], inputs.attention_mask[:, crop:]
-        clip_tokenizer, clip = self.encoders["_2"]
+        clip_tokenizer, clip = self.encoders["clip_l"]
         ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
         pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
         return torch.stack([self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))])
@@ -219,15 +173,11 @@ class HunyuanVideoFamily(ModelFamily):
     def fsdp_units(self, module):
         return list(module.transformer_blocks) + list(module.single_transformer_blocks)
 
-    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
-        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
-        names = []
-        for name, module in transformer.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
-                continue
-            if filters and any(f in name for f in filters) or not filters and name.endswith(_DEFAULT_TARGETS):
-                names.append(name)
-        return names
+    def lora_may_adapt(self, name: str) -> bool:
+        return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+    def lora_default_target(self, name: str) -> bool:
+        return name.endswith(_DEFAULT_TARGETS)
 
     def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
         from diffusers import HunyuanVideoPipeline
@@ -286,3 +236,34 @@ class HunyuanVideoFamily(ModelFamily):
         finally:
             self.park_vae()
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    # --- tiny models (motiontune.testing) --------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
+        """HunyuanVideo's layout: a causal 3D VAE (8x spatial, 4x temporal, 16 channels), a Llama text encoder read
+        at its third-last layer after the prompt template, CLIP's pooled vector, and the guidance-distilled
+        transformer."""
+        from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+        width = 32
+        llama = LlamaModel(LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                            num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, eos_token_id=1,
+                                            bos_token_id=1)).eval()
+        vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                        norm_num_groups=4).eval()
+        with torch.no_grad():  # scaling_factor from the VAE's own encodings of the clips (no shift here)
+            latents = [vae.encode(clip).latent_dist.mean for clip in clips]
+        vae.register_to_config(scaling_factor=round(1 / torch.cat(latents).std().item(), 4))
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+            num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=width, pooled_projection_dim=width,
+            rope_axes_dim=(4, 6, 6),
+        )
+        return HunyuanVideoPipeline(
+            text_encoder=llama, tokenizer=tokenizer("tokenizer", 512), transformer=transformer, vae=vae,  # 95 template tokens + 256
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=tokenizer("tokenizer_2", 77),
+        )

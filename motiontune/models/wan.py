@@ -13,19 +13,16 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config.schema import A14B_MODEL_TYPES
-from .base import Conditioning, Expert, ModelFamily, ModelLoadError, SampleRequest
-from .loading import transformer_dtype
-from .loading import free_accelerator_memory as _free_accelerator_memory
-from .loading import load_part as _load
-from .loading import read_model_index as _read_model_index
+from .base import Conditioning, Expert, ModelFamily, SampleRequest
+from .loading import load_part, read_model_index
 
-
+MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B")
+# The two-expert WAN 2.2 models
+A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
 MAX_SEQUENCE_LENGTH = 512
 
@@ -35,18 +32,12 @@ DEFAULT_BOUNDARY = {"WAN_2_2_T2V_A14B": 0.875, "WAN_2_2_I2V_A14B": 0.9}
 
 # diffusers module names → the original Wan names ComfyUI uses (its WanModel state dict).
 _COMFY_RENAMES = [
-    (r"\.attn1\.to_q$", ".self_attn.q"),
-    (r"\.attn1\.to_k$", ".self_attn.k"),
-    (r"\.attn1\.to_v$", ".self_attn.v"),
-    (r"\.attn1\.to_out\.0$", ".self_attn.o"),
-    (r"\.attn2\.to_q$", ".cross_attn.q"),
-    (r"\.attn2\.to_k$", ".cross_attn.k"),
-    (r"\.attn2\.to_v$", ".cross_attn.v"),
-    (r"\.attn2\.to_out\.0$", ".cross_attn.o"),
-    (r"\.attn2\.add_k_proj$", ".cross_attn.k_img"),
-    (r"\.attn2\.add_v_proj$", ".cross_attn.v_img"),
-    (r"\.ffn\.net\.0\.proj$", ".ffn.0"),
-    (r"\.ffn\.net\.2$", ".ffn.2"),
+    (r"\.attn1\.to_q$", ".self_attn.q"), (r"\.attn1\.to_k$", ".self_attn.k"),
+    (r"\.attn1\.to_v$", ".self_attn.v"), (r"\.attn1\.to_out\.0$", ".self_attn.o"),
+    (r"\.attn2\.to_q$", ".cross_attn.q"), (r"\.attn2\.to_k$", ".cross_attn.k"),
+    (r"\.attn2\.to_v$", ".cross_attn.v"), (r"\.attn2\.to_out\.0$", ".cross_attn.o"),
+    (r"\.attn2\.add_k_proj$", ".cross_attn.k_img"), (r"\.attn2\.add_v_proj$", ".cross_attn.v_img"),
+    (r"\.ffn\.net\.0\.proj$", ".ffn.0"), (r"\.ffn\.net\.2$", ".ffn.2"),
     (r"^condition_embedder\.text_embedder\.linear_1$", "text_embedding.0"),
     (r"^condition_embedder\.text_embedder\.linear_2$", "text_embedding.2"),
     (r"^condition_embedder\.time_embedder\.linear_1$", "time_embedding.0"),
@@ -59,17 +50,22 @@ _COMFY_RENAMES = [
 
 # The rest of the original names, for whole checkpoints (norms and modulation tables).
 _ORIGINAL_RENAMES = _COMFY_RENAMES + [
-    (r"\.attn1\.norm_q$", ".self_attn.norm_q"),
-    (r"\.attn1\.norm_k$", ".self_attn.norm_k"),
-    (r"\.attn2\.norm_q$", ".cross_attn.norm_q"),
-    (r"\.attn2\.norm_k$", ".cross_attn.norm_k"),
+    (r"\.attn1\.norm_q$", ".self_attn.norm_q"), (r"\.attn1\.norm_k$", ".self_attn.norm_k"),
+    (r"\.attn2\.norm_q$", ".cross_attn.norm_q"), (r"\.attn2\.norm_k$", ".cross_attn.norm_k"),
     (r"\.attn2\.norm_added_k$", ".cross_attn.norm_k_img"),
     (r"^condition_embedder\.image_embedder\.norm1$", "img_emb.proj.0"),
     (r"^condition_embedder\.image_embedder\.norm2$", "img_emb.proj.4"),
-    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"),
-    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"), (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
 ]
+
+
+def _renamed(module: str, renames: list) -> str:
+    for pattern, replacement in renames:
+        module, count = re.subn(pattern, replacement, module)
+        if count:
+            break
+    return module
 
 
 def original_name(diffusers_name: str) -> str:
@@ -77,10 +73,7 @@ def original_name(diffusers_name: str) -> str:
     module, _, leaf = diffusers_name.rpartition(".")
     if leaf == "scale_shift_table":  # a parameter that is not inside a sub-module
         module, leaf = diffusers_name, ""
-    for pattern, replacement in _ORIGINAL_RENAMES:
-        module, count = re.subn(pattern, replacement, module)
-        if count:
-            break
+    module = _renamed(module, _ORIGINAL_RENAMES)
     return f"{module}.{leaf}" if leaf else module
 
 
@@ -111,23 +104,43 @@ class FrameLocalAttention:
 
 
 class WanFamily(ModelFamily):
+    MODEL_TYPES = MODEL_TYPES
+    NAME = "WAN"
+    QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
+    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v")
+    VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
+    transformer_2 = None
+
+    @classmethod
+    def vae_compression(cls, model_type):
+        # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify)
+        return (16, 4) if model_type == "WAN_2_2_TI2V_5B" else cls.VAE_COMPRESSION
+
+    @classmethod
+    def first_frame(cls, model_type):
+        return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
+
+    @classmethod
+    def config_problems(cls, config):
+        if config.model_type not in A14B_MODEL_TYPES:
+            return super().config_problems(config)
+        if config.expert_choice() is None:
+            return ["  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
+                    "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"]
+        return []
 
     def __init__(self, config, device):
         super().__init__(config, device)
         self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
-        self.is_i2v = config.model_type.startswith("WAN_") and "_I2V" in config.model_type  # condition channels
+        self.is_i2v = self.first_frame(config.model_type) == "required"  # condition channels
         self.encodes_first_frame = config.model_type == "WAN_2_1_I2V"  # a CLIP embedding of the first frame
-        self.image_encoder = self.image_processor = None
-        # TI2V-5B's VAE compresses 16x (8x plus a 2x patchify); the transformer patches 2x2 more.
-        self.spatial_multiple = (16 if self.is_ti2v else 8) * 2
-        self.weight_dtype = transformer_dtype(config)
+        # the VAE's spatial factor, times the transformer's 2x2 patches
+        self.spatial_multiple = self.vae_compression(config.model_type)[0] * 2
         self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
             config.expert_choice() if self.is_a14b else "high"
         ]
-        self.vae = self.text_encoder = self.tokenizer = None
-        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
     # --- loading -------------------------------------------------------------------------------
     # The encoders load only when something is not in the cache, and leave before training.
@@ -137,35 +150,27 @@ class WanFamily(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         base = self.config.base_model_name
-        self.scheduler = _load(FlowMatchEulerDiscreteScheduler, base, "scheduler")
-        pipeline_config = _read_model_index(base)
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
+        pipeline_config = read_model_index(base)
         self.boundary_ratio = (
             self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or DEFAULT_BOUNDARY.get(self.config.model_type)
         )
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
-        self.transformer = self._load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
-        self.transformer_2 = None
+        self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
         if self.is_a14b:
-            self.transformer_2 = self._load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
-        for module in (self.transformer, self.transformer_2):
-            if module is not None:
-                module.requires_grad_(False)
-        # Experts load on the CPU: the trainer applies memory options (quantization, offloading) first, then
-        # `activate` brings the one a batch needs to the accelerator.
+            self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+
+    def transformers(self):
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
 
     def load_vae(self) -> None:
-        from diffusers import AutoencoderKLWan
-
-        if self.vae is None:  # float32, as the stock WAN examples run it: its latents feed every step
-            self.vae = _load(AutoencoderKLWan, self.config.base_model_name, "vae", dtype=torch.float32)
-            self.vae.requires_grad_(False).eval()
-        self.vae.to(self.device)
+        super().load_vae()
         if self.encodes_first_frame and self.image_encoder is None:  # WAN 2.1 I2V's CLIP, in float32 like the VAE
             from transformers import CLIPImageProcessor, CLIPVisionModel
 
             base = self.config.base_model_name
-            self.image_processor = _load(CLIPImageProcessor, base, "image_processor")
-            self.image_encoder = _load(CLIPVisionModel, base, "image_encoder", dtype=torch.float32).eval()
+            self.image_processor = load_part(CLIPImageProcessor, base, "image_processor")
+            self.image_encoder = load_part(CLIPVisionModel, base, "image_encoder", dtype=torch.float32).eval()
             self.image_encoder.requires_grad_(False)
         if self.image_encoder is not None:
             self.image_encoder.to(self.device)
@@ -174,78 +179,32 @@ class WanFamily(ModelFamily):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         base = self.config.base_model_name
-        self.tokenizer = _load(AutoTokenizer, base, "tokenizer")
-        self.text_encoder = _load(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
-        self.text_encoder.requires_grad_(False)
+        tokenizer = load_part(AutoTokenizer, base, "tokenizer")
+        text_encoder = load_part(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
+        text_encoder.requires_grad_(False)
         storage = self.config.text_encoder.weight_dtype
-        if storage in ("FLOAT_8", "NFLOAT_4"):  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
+        if storage in ("FLOAT_8", "NFLOAT_4"):  # see QUANTIZED_TEXT_ENCODER
             from ..util.quantize import quantize_frozen_linears
 
-            quantize_frozen_linears([self.text_encoder.encoder], storage, self.device)
-        self.text_encoder.to(self.device)
+            quantize_frozen_linears([text_encoder.encoder], storage, self.device)
+        self.encoders = {"umt5xxl": (tokenizer, text_encoder.to(self.device))}  # ComfyUI's key for WAN's UMT5-XXL
 
-    def release_vae(self) -> None:
-        self.vae = self.image_encoder = self.image_processor = None
-        _free_accelerator_memory(self.device)
-
-    def park_vae(self) -> None:
-        """Off the accelerator until samples need it again."""
-        for encoder in (self.vae, self.image_encoder):
-            if encoder is not None:
-                encoder.to("cpu")
-            _free_accelerator_memory(self.device)
-
-    def _load_transformer(self, cls, subfolder, part):
-        if part.model_name:
-            source = Path(part.model_name)
-            if source.suffix == ".safetensors" and source.is_file():
-                # The architecture comes from base_model_name's own config: without one, diffusers looks it
-                # up on the Hub and would give a WAN 2.2 file WAN 2.1's defaults.
-                try:
-                    return cls.from_single_file(
-                        str(source), config=self.config.base_model_name, subfolder=subfolder, torch_dtype=self.weight_dtype
-                    )
-                except Exception as error:
-                    raise ModelLoadError(
-                        f"{subfolder}.model_name = {str(source)!r}: diffusers could not read this single-file "
-                        f"checkpoint with the {subfolder} config of {self.config.base_model_name!r} ({error}). "
-                        "Use a WAN checkpoint in the original (ComfyUI) or diffusers layout that matches base_model_name."
-                    ) from None
-            return _load(cls, part.model_name, None, dtype=self.weight_dtype)
-        return _load(cls, self.config.base_model_name, subfolder, dtype=self.weight_dtype)
+    @property
+    def text_encoder(self):
+        """The UMT5 encoder, once loaded."""
+        return self.encoders["umt5xxl"][1] if self.encoders else None
 
     # --- encoding ------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
-        """`grad`: keep the graph (a trained text encoder or embedding) and stay on the training device."""
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        inputs = self.tokenizer(
-            [prompt_clean(p) for p in prompts],
-            padding="max_length",
-            max_length=MAX_SEQUENCE_LENGTH,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        tokenizer, text_encoder = self.encoders["umt5xxl"]
+        inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         mask = inputs.attention_mask.to(self.device)
-        with torch.set_grad_enabled(grad):
-            hidden = self.text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
-            # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
-            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden.float() if grad else hidden.to("cpu", torch.float32)
-
-    def text_encoders(self) -> dict[str, tuple]:
-        """name → (tokenizer, text encoder), loaded if they are not; the names key saved embeddings (ComfyUI's
-        key for WAN's UMT5-XXL)."""
-        if self.text_encoder is None:
-            self.load_text_encoder()
-        return {"umt5xxl": (self.tokenizer, self.text_encoder)}
-
-    def release_text_encoder(self) -> None:
-        self.text_encoder = None
-        self.tokenizer = None
-        _free_accelerator_memory(self.device)
+        hidden = text_encoder(inputs.input_ids.to(self.device), mask).last_hidden_state
+        # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -309,20 +268,6 @@ class WanFamily(ModelFamily):
             experts.append(Expert(name, label, getattr(self, name), sigma_range))
         return experts
 
-    def activate(self, expert: Expert) -> None:
-        self._bring(expert.module)
-
-    def _bring(self, module: torch.nn.Module) -> None:
-        """`module` on the device; on an accelerator the other expert waits on the CPU."""
-        if getattr(self, "_active", None) is module:  # `.to()` walks every module even when nothing moves
-            return
-        self._active = module
-        if self.device.type != "cpu":
-            for other in (self.transformer, self.transformer_2):
-                if other is not None and other is not module:
-                    other.to("cpu")
-        module.to(self.device)
-
     def predict(self, noisy, sigma, text, expert, conditioning=None):
         timestep = sigma * 1000.0
         image = {}
@@ -337,13 +282,8 @@ class WanFamily(ModelFamily):
             patch = expert.module.config.patch_size
             timestep = (keep_noisy[:, 0, :, :: patch[1], :: patch[2]] * timestep.view(-1, 1, 1, 1)).flatten(1)
         # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
-        return expert.module(
-            hidden_states=noisy.to(self.weight_dtype),
-            timestep=timestep,
-            encoder_hidden_states=text.to(self.weight_dtype),
-            return_dict=False,
-            **image,
-        )[0]
+        return expert.module(hidden_states=noisy.to(self.weight_dtype), timestep=timestep,
+                             encoder_hidden_states=text.to(self.weight_dtype), return_dict=False, **image)[0]
 
     def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:
         """`video_config.use_temporal_attention: false`: each block's self-attention (attn1) sees only its
@@ -364,25 +304,14 @@ class WanFamily(ModelFamily):
             block.attn1.set_processor(processor if enabled else processor.processor)
 
     # --- LoRA ----------------------------------------------------------------------------------
-    def lora_target_modules(self, transformer, layer_filter: str) -> list[str]:
-        filters = [f.strip() for f in layer_filter.split(",") if f.strip()]
-        names = []
-        for name, module in transformer.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if filters and any(f in name for f in filters) or not filters and _DEFAULT_TARGETS.match(name):
-                names.append(name)
-        return names
+    def lora_default_target(self, name: str) -> bool:
+        return bool(_DEFAULT_TARGETS.match(name))
 
     def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
         from diffusers import WanPipeline
 
-        WanPipeline.save_lora_weights(
-            directory,
-            transformer_lora_layers=state_dict,
-            weight_name=weight_name,
-            transformer_lora_adapter_metadata=adapter_metadata,
-        )
+        WanPipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                      transformer_lora_adapter_metadata=adapter_metadata)
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The transformer's weights with original WAN (ComfyUI) names, as `from_single_file` reads them."""
@@ -390,16 +319,7 @@ class WanFamily(ModelFamily):
         return {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
-        name = peft_module_name
-        for pattern, replacement in _COMFY_RENAMES:
-            name, count = re.subn(pattern, replacement, name)
-            if count:
-                break
-        return f"diffusion_model.{name}"
-
-    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        """The original WAN layout fuses nothing: each adapted module is its own original module."""
-        return [peft_module_name]
+        return f"diffusion_model.{_renamed(peft_module_name, _COMFY_RENAMES)}"
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """diffusers' converter for original-layout WAN LoRAs scales by `.alpha` inside the blocks only, and refuses
@@ -423,7 +343,7 @@ class WanFamily(ModelFamily):
 
         if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
             self.load_vae()
-        experts = [m for m in (self.transformer, self.transformer_2) if m is not None]
+        experts = self.transformers()
         self._sample_turn = None
         self._take_turn("encoders" if request.image is not None else "transformer", experts[0])
 
@@ -456,17 +376,11 @@ class WanFamily(ModelFamily):
         negative = request.negative_prompt_embeds
         try:
             video = pipeline(
-                **image,
-                prompt_embeds=request.prompt_embeds.to(self.device, dtype),
+                **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
                 negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
-                height=request.height,
-                width=request.width,
-                num_frames=request.frames,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                generator=torch.Generator(device=self.device).manual_seed(request.seed),
-                output_type="np",
-                callback_on_step_end=before_decoding,
+                height=request.height, width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale, generator=torch.Generator(device=self.device).manual_seed(request.seed),
+                output_type="np", callback_on_step_end=before_decoding,
             ).frames[0]
         finally:
             for hook in hooks:
@@ -477,26 +391,87 @@ class WanFamily(ModelFamily):
             self._sample_turn = None
         return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
 
-    def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
-        """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),
-        "transformer" (`expert`) or "vae"; the others wait on the CPU. On the CPU (one memory) nothing moves, nor
-        does a sharded (FSDP2) model."""
-        from ..util.ranks import is_sharded
+    # --- tiny models (motiontune.testing) --------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
-        if turn != getattr(self, "_sample_turn", None) and self.device.type != "cpu":
-            encoders = [m for m in (self.vae, self.image_encoder) if m is not None]
-            taking = [m for m in encoders if turn == "encoders" or (turn == "vae" and m is self.vae)]
-            if turn != "transformer" and not is_sharded(self.transformer.parameters()):
-                for module in (self.transformer, self.transformer_2):
-                    if module is not None:
-                        module.to("cpu")
-                self._active = None  # training's `activate` brings its expert back
-            for module in encoders:
-                if module not in taking:
-                    module.to("cpu")
-            _free_accelerator_memory(self.device)  # what left is free before what comes arrives
-            for module in taking:
-                module.to(self.device)
-        self._sample_turn = turn
-        if turn == "transformer":
-            self._bring(expert)  # a no-op when it is there already (this runs before every forward)
+        text_dim = 32
+        wide_vae = name == "wan-2.2-ti2v-5b"
+        vae = tiny_vae(wide_vae)
+        calibrate_latent_stats(vae, clips)
+        latent_channels = vae.config.z_dim
+        # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
+        heads = heads or (8 if wide_vae else 4)
+        two_experts = name in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
+        image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v")
+        image_dim = 32 if name == "wan-2.1-i2v" else None  # the tiny CLIP vision encoder's width
+        # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
+        in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
+        transformer = _tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels,
+                                        image_dim=image_dim)
+        transformer_2 = (_tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
+                         if two_experts else None)
+        # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if name.startswith("wan-2.2") else 3.0)
+        parts = dict(tokenizer=tokenizer("tokenizer", 512), text_encoder=_tiny_text_encoder(text_dim), vae=vae,
+                     scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
+                     boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
+                     expand_timesteps=wide_vae)
+        if not image_to_video:
+            return WanPipeline(**parts)
+        # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
+        image_encoder, image_processor = _tiny_clip_vision(image_dim) if image_dim else (None, None)
+        return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
+
+
+def _tiny_text_encoder(text_dim: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=256, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,  # vocab >= the tokenizer's
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )).eval()
+
+
+def tiny_vae(wide: bool):
+    from diffusers import AutoencoderKLWan
+
+    if wide:  # Wan 2.2 VAE: 48 channels, 16x spatial (patchified 2x on top of 8x), residual blocks
+        return AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                                patch_size=2, scale_factor_spatial=16).eval()
+    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+@torch.no_grad()
+def calibrate_latent_stats(vae, clips) -> None:
+    """latents_mean/latents_std from the VAE's own encodings of the clips, as the real WAN statistics were measured
+    on data: normalised latents are then about N(0, 1) per channel, and a missing or wrong normalisation shows up
+    in training results."""
+    latents = [vae.encode(clip).latent_dist.mean for clip in clips]
+    stacked = torch.cat(latents).transpose(0, 1).flatten(1)  # channels × values
+    vae.register_to_config(latents_mean=[round(v, 4) for v in stacked.mean(1).tolist()],
+                           latents_std=[round(v, 4) for v in stacked.std(1).tolist()])
+
+
+def _tiny_clip_vision(width: int):
+    """A tiny CLIP vision encoder and its image processor (WAN 2.1 I2V uses a ViT-H/14 at 224 px)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    return encoder, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def _tiny_transformer(in_channels: int, text_dim: int, *, heads: int, layers: int, out_channels: int, image_dim=None):
+    from diffusers import WanTransformer3DModel
+
+    # WAN 2.1 I2V: cross-attention also attends to the CLIP image tokens, through its own key/value projections
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24} if image_dim else {}
+    return WanTransformer3DModel(**image, patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=24,
+                                 in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=32,
+                                 ffn_dim=4 * heads * 24, num_layers=layers, cross_attn_norm=True,
+                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..config.load import config_notices
+from ..configure import config_notices
 from ..config.schema import MemoryPlan
 from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from ..config import schema as schema_module
 from ..config.schema import NOT_SUPPORTED_YET, TrainConfig
+from ..models import model_types
 
 
 def _comments_by_line(source: str) -> dict[int, str]:
@@ -70,7 +71,8 @@ def _models() -> dict[str, type[BaseModel]]:
 
 
 def ui_schema() -> dict:
-    """The JSON schema with `description` filled in from comments and `x-not-supported` notes added."""
+    """The JSON schema with `description` filled in from comments, model_type's choices and `x-not-supported`
+    notes added."""
     schema = copy.deepcopy(TrainConfig.model_json_schema())
     comments = field_comments()
     models = _models()
@@ -87,6 +89,7 @@ def ui_schema() -> dict:
                 prop["description"] = comments[class_name][name]
 
     fill(schema, "TrainConfig")
+    schema["properties"]["model_type"]["enum"] = list(model_types())  # the families' choices (the schema has a str)
     for name, node in definitions.items():
         fill(node, name)
     notes = _not_supported_notes()

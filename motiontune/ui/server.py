@@ -27,7 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig, list_presets
-from ..config.load import PRESETS_DIR, check_not_supported_yet
+from ..config.load import PRESETS_DIR
+from ..configure import check_config
+from ..configure import validate as validate_schema
 from ..util.processes import process_alive
 from ..train.progress import FILE_NAME as PROGRESS_FILE
 from .schema_help import ui_schema
@@ -70,7 +72,7 @@ def validate(data) -> tuple[TrainConfig | None, list[dict]]:
     if not isinstance(data, dict):
         return None, [{"loc": "", "msg": f"the config must be a JSON object, got {type(data).__name__}"}]
     try:
-        config = TrainConfig.model_validate(data)
+        config = validate_schema(data)
     except ValidationError as error:
         errors = []
         for problem in error.errors():
@@ -87,7 +89,7 @@ def validate(data) -> tuple[TrainConfig | None, list[dict]]:
         return config, [{"loc": "", "msg": "the config names no training data: set `concepts` (a list of folders) "
                                             "or `concept_file_name` (a concepts.json file)"}]
     try:
-        check_not_supported_yet(config, Path("config"))
+        check_config(config, Path("config"))
     except ConfigError as error:
         errors = []
         for line in str(error).splitlines()[1:]:
