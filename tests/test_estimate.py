@@ -238,7 +238,9 @@ def test_the_decode_simulation_with_stand_ins_matches_the_whole_simulation(wide)
     """decode_peak runs diffusers' decode loop with measured stand-ins for the decoder's calls (and no row-by-row tile
     blending): the same peak as simulating every call, whole frames and tiled (edge tiles included). The blending,
     which takes most of a whole tiled simulation's time, is simulated once (2.2's VAE)."""
-    from motiontune.estimate import _vae_from, decode_peak, simulate_no_grad
+    from motiontune.models.fake_memory import simulate_no_grad
+    from motiontune.models.wan_decode import decode_peak
+    from motiontune.models.wan_decode import vae_from as _vae_from
     from motiontune.testing.tiny_models import _vae
 
     cfg = {k: v for k, v in _vae(wide).config.items() if not k.startswith("_")}
@@ -265,7 +267,7 @@ def test_the_decode_simulation_with_stand_ins_matches_the_whole_simulation(wide)
 def test_sampling_decodes_in_tiles_only_when_whole_frames_do_not_fit(measured_config, monkeypatch):
     """models/wan.py's sampling: the transformer, then the VAE alone (their turns on a GPU); the decode in tiles
     when the memory free is less than decoding whole frames needs, and the VAE back to whole frames after."""
-    import motiontune.estimate
+    import motiontune.models.wan_decode
     from motiontune.models.base import SampleRequest
     from motiontune.models.wan import WanFamily
 
@@ -285,7 +287,7 @@ def test_sampling_decodes_in_tiles_only_when_whole_frames_do_not_fit(measured_co
     whole = family.sample(request)
     assert decodes == [] and not vae.use_tiling  # plenty of memory: whole frames
     assert [t for i, t in enumerate(turns) if i == 0 or t != turns[i - 1]] == ["transformer", "vae"]
-    monkeypatch.setattr(motiontune.estimate, "free_bytes", lambda device: 0)  # a device with nothing free
+    monkeypatch.setattr(motiontune.models.wan_decode, "free_bytes", lambda device: 0)  # a device with nothing free
     tiled = family.sample(request)
     assert decodes == ["tiles"] and not vae.use_tiling  # tiled for this sample only: clips still encode whole
     assert tiled.shape == whole.shape == (1, 32, 32, 3)
