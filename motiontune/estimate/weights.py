@@ -29,7 +29,8 @@ def meta_transformer(cfg: dict, config: TrainConfig, depth: int | None = None, t
     owner = family(config)
     cls = getattr(diffusers, owner.transformer_class_name)
     if depth is not None:
-        cfg = dict(cfg, **{key: min(depth, cfg.get(key, depth)) for key, _ in owner.block_groups})
+        short = dict(cfg, **{key: min(depth, cfg.get(key, depth)) for key, _ in owner.block_groups})
+        cfg = owner.estimate_shorten(cfg, short) if hasattr(owner, "estimate_shorten") else short
     with torch.device("meta"):
         model = cls(**init_kwargs(cfg, cls))
     dtype = load_dtype(config)

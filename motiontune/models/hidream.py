@@ -296,6 +296,11 @@ class HiDreamFamily(ModelFamily):
         """(Hub id, its parts' configs): Full, Dev and Fast share one architecture."""
         return (base if base in RELEASE_NAMES else RELEASE_NAMES[0]), RELEASE
 
+    def estimate_shorten(self, cfg: dict, short: dict) -> dict:
+        """A copy with fewer blocks (`short`) reads the Llama layers its blocks read in the full model."""
+        layers, doubles = cfg["llama_layers"], cfg["num_layers"]
+        return dict(short, llama_layers=layers[: short["num_layers"]] + layers[doubles : doubles + short["num_single_layers"]])
+
     def estimate_prepare(self, transformer: torch.nn.Module) -> None:
         """A fake copy as training runs it: no auxiliary loss (as `load_transformers` sets), and the MoE's routing,
         which sizes tensors by the routed data, spread evenly over the experts (the same bytes in total). `predict`
