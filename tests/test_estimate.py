@@ -359,6 +359,33 @@ def test_the_seed_table_is_the_original_guides():
     assert SEED_TABLE == [(8, 1, 8, 384), (16, 2, 16, 512), (24, 4, 16, 512), (48, 8, 32, 768)]
 
 
+@pytest.mark.parametrize("model_type, base, params", [
+    ("HUNYUAN_VIDEO", "hunyuanvideo-community/HunyuanVideo", (12.7e9, 12.9e9)),
+    ("HI_DREAM_FULL", "HiDream-ai/HiDream-I1-Full", (17.0e9, 17.2e9)),
+])
+def test_estimate_prints_the_table_for_full_size_hunyuan_video_and_hidream(model_type, base, params, tmp_path, capsys):
+    """The released HunyuanVideo (13B) and HiDream-I1 (17B) from the configs their family files declare."""
+    import diffusers
+
+    from motiontune.estimate.configs import family
+
+    config = {"model_type": model_type, "base_model_name": base, "resolution": "256", "lora_rank": 16,
+              "video_config": {"max_frames": 17}}
+    path = _write(tmp_path / "c.json", config)
+    assert main(["estimate", "--config", str(path), "--gpu-gb", "80"]) == 0  # fits: no changes to search
+    out = capsys.readouterr().out
+    assert f"the embedded config of {base}" in out and "Encoding captions" in out
+    assert _fit_row(out, 80) == "yes"
+    loaded = load_config(str(path))
+    cfg, _ = transformer_config(loaded)
+    cls = getattr(diffusers, family(loaded).transformer_class_name)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in cls(**{k: v for k, v in cfg.items()}).parameters())
+    assert params[0] < count < params[1]
+    result = estimate(loaded)
+    assert result.lines[0].device == count_weights(cfg, loaded).frozen_bytes("BFLOAT_16")
+
+
 def test_estimate_needs_no_concepts(measured_config, tmp_path, capsys):
     """`estimate` reads no data: a config with neither `concepts` nor `concept_file_name` is estimated."""
     config = json.loads(measured_config.read_text())
