@@ -363,16 +363,17 @@ class HiDreamFamily(ModelFamily):
 def _even_routing(self, x):
     """MOEFeedForwardSwiGLU's training forward with each expert given an equal share of the routed tokens (a stand-in
     for `motiontune estimate`: the real split depends on the data; its total does not)."""
-    identity, shape = x, x.shape
+    identity, shape, dtype = x, x.shape, x.dtype
     _, weight, _ = self.gate(x)
     x = x.view(-1, x.shape[-1]).repeat_interleave(self.num_activated_experts, dim=0)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=dtype)
     share = -(-len(x) // len(self.experts))
     for i, expert in enumerate(self.experts):
-        rows = slice(i * share, (i + 1) * share)
-        y[rows] = expert(x[rows].clone())  # boolean indexing copies the expert's rows
+        # index tensors, as a boolean mask becomes: the same copies forward and full-size scatters backward
+        rows = torch.arange(i * share, min((i + 1) * share, len(x)), device=x.device)
+        y[rows] = expert(x[rows]).to(dtype=dtype)
     y = (y.view(*weight.shape, -1) * weight.unsqueeze(-1)).sum(dim=1)
-    return y.view(*shape) + self.shared_experts(identity)
+    return y.view(*shape).to(dtype=dtype) + self.shared_experts(identity)
 
 
 # --- the released models, for `motiontune estimate` on a Hub id not on this machine --------------------------------
