@@ -303,14 +303,14 @@ class HiDreamFamily(ModelFamily):
 
     def estimate_prepare(self, transformer: torch.nn.Module) -> None:
         """A fake copy as training runs it: no auxiliary loss (as `load_transformers` sets), and the MoE's routing,
-        which sizes tensors by the routed data, spread evenly over the experts (the same bytes in total). `predict`
+        which sizes tensors by the routed data, at its costliest (`_busiest_routing`). `predict`
         reads the Llama layers from the transformer it finds here."""
         self.transformer = transformer
         for module in transformer.modules():
             if type(module).__name__ == "MoEGate":
                 module.alpha = 0.0
             if type(module).__name__ == "MOEFeedForwardSwiGLU":
-                module.forward = _even_routing.__get__(module)
+                module.forward = _busiest_routing.__get__(module)
 
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         t5_dim, llama_dim = cfg["caption_channels"][1], cfg["caption_channels"][0]
@@ -360,17 +360,19 @@ class HiDreamFamily(ModelFamily):
                     ("Llama 3.1 8B", LlamaForCausalLM(LlamaConfig(**configs["text_encoder_4"])))]
 
 
-def _even_routing(self, x):
-    """MOEFeedForwardSwiGLU's training forward with each expert given an equal share of the routed tokens (a stand-in
-    for `motiontune estimate`: the real split depends on the data; its total does not)."""
+def _busiest_routing(self, x):
+    """MOEFeedForwardSwiGLU's training forward for `motiontune estimate`, with its routing at the costliest: each token's
+    k experts are the same k (a router can be that skewed: a random one is, on tokens that share a common part). The
+    experts together keep the same bytes for backward however tokens are routed; the busiest one's temporaries in
+    backward grow with its tokens."""
     identity, shape, dtype = x, x.shape, x.dtype
     _, weight, _ = self.gate(x)
     x = x.view(-1, x.shape[-1]).repeat_interleave(self.num_activated_experts, dim=0)
     y = torch.empty_like(x, dtype=dtype)
-    share = -(-len(x) // len(self.experts))
-    for i, expert in enumerate(self.experts):
+    share = len(x) // self.num_activated_experts
+    for i, expert in enumerate(self.experts[: self.num_activated_experts]):
         # index tensors, as a boolean mask becomes: the same copies forward and full-size scatters backward
-        rows = torch.arange(i * share, min((i + 1) * share, len(x)), device=x.device)
+        rows = torch.arange(i * share, (i + 1) * share, device=x.device)
         y[rows] = expert(x[rows]).to(dtype=dtype)
     y = (y.view(*weight.shape, -1) * weight.unsqueeze(-1)).sum(dim=1)
     return y.view(*shape).to(dtype=dtype) + self.shared_experts(identity)
