@@ -14,6 +14,13 @@ On the CPU the training device and host memory are one, so the estimate printed 
 and host parts together (`estimate(config, device="cpu").total`).
 
     .venv/bin/python benchmarks/memory.py        # about 8 minutes on 2 cores
+
+HunyuanVideo and HiDream are measured the same way at their real width with two blocks (one of each kind):
+
+    .venv/bin/python benchmarks/memory.py hunyuan-video OFF ON FLOAT_8
+    .venv/bin/python benchmarks/memory.py hi-dream OFF ON FLOAT_8
+
+They train two steps (the second beside the optimizer state the first made, as every later step runs).
 """
 
 from __future__ import annotations
@@ -28,6 +35,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ROOT / "tests" / "data" / "shapes_200px_30fps.mp4"
+# family → (model_type, transformer class, its real width with two blocks (text widths: the tiny encoders'),
+#           resolution, frames, steps)
+FAMILIES = {
+    "wan-2.1": ("WAN_2_1_T2V", "WanTransformer3DModel", None, "256", 33, 1),
+    "hunyuan-video": ("HUNYUAN_VIDEO", "HunyuanVideoTransformer3DModel", dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=32, rope_axes_dim=(16, 56, 56)), "256", 17, 2),
+    "hi-dream": ("HI_DREAM_FULL", "HiDreamImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=20, caption_channels=[32, 32], text_emb_dim=64, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(64, 64), llama_layers=[0, 1]), "512", 1, 2),
+}
 SETTINGS = {  # name → config overrides
     "OFF": ["gradient_checkpointing=OFF"],
     "ON": ["gradient_checkpointing=ON"],
@@ -42,6 +62,7 @@ def child(config_path: str, setting: str) -> dict:
     import torch
 
     from motiontune.configure import load_config
+    from motiontune.estimate.configs import family
     from motiontune.estimate import estimate
     from motiontune.train import loop
     from motiontune.train.memory import tensor_bytes
@@ -49,16 +70,17 @@ def child(config_path: str, setting: str) -> dict:
 
     config = load_config(config_path, SETTINGS[setting])
     predicted = estimate(config, device="cpu")
+    transformer_class = family(config).transformer_class_name
     torch.set_num_threads(os.cpu_count() or 1)
     starts, stepped, seen = [], [], {}
 
     def before_forward(module, args):
-        if type(module).__name__ != "WanTransformer3DModel":
+        if type(module).__name__ != transformer_class:
             return
         if not starts:  # the model is loaded and prepared: from here on is the training steps' memory
             frozen = [t for t in (*module.parameters(), *module.buffers()) if not t.requires_grad]
             seen["weights"] = sum(tensor_bytes(t) for t in frozen)
-            seen["block_weights"] = sum(tensor_bytes(t) for b in module.blocks
+            seen["block_weights"] = sum(tensor_bytes(t) for b in family(config).fsdp_units(module)
                                         for t in (*b.parameters(), *b.buffers()) if not t.requires_grad)
             seen["rss_loaded"] = process_memory()["VmRSS"]
             with open("/proc/self/clear_refs", "w") as clear:
@@ -88,19 +110,22 @@ def child(config_path: str, setting: str) -> dict:
     }
 
 
-def build(workspace: Path) -> Path:
-    """The model folder (tiny WAN pipeline, its transformer replaced by a 1.3B-width one with 4 blocks), one clip,
-    a config, and the cache filled (so the measured runs load no encoder)."""
+def build(workspace: Path, name: str) -> Path:
+    """The model folder (a tiny pipeline, its transformer replaced by a real-width one), one clip, a config, and the
+    cache filled (so the measured runs load no encoder)."""
+    import diffusers
     import torch
-    from diffusers import WanTransformer3DModel
 
     from motiontune.testing.tiny_models import make_tiny_model
 
-    model = make_tiny_model("wan-2.1", workspace / "model")
-    text_dim = json.loads((model / "transformer" / "config.json").read_text())["text_dim"]
+    model_type, cls, width, resolution, frames, steps = FAMILIES[name]
+    model = make_tiny_model(name, workspace / "model")
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=4,
-                                        in_channels=16, out_channels=16, text_dim=text_dim)
+    if width is None:  # WAN at 1.3B width, 4 blocks
+        text_dim = json.loads((model / "transformer" / "config.json").read_text())["text_dim"]
+        width = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=4, in_channels=16,
+                     out_channels=16, text_dim=text_dim)
+    transformer = getattr(diffusers, cls)(**width)
     # Saved in float16, a dtype no parameter is trained or kept in: loading converts every tensor, so no weight
     # stays a view of the memory-mapped file. (With a bf16 or float32 file some tensors load as views of it, which
     # keeps the whole mapping, and every page of it loading touched, resident: RSS would count the file beside
@@ -111,12 +136,12 @@ def build(workspace: Path) -> Path:
     (clips / CLIP.name).write_bytes(CLIP.read_bytes())
     (clips / CLIP.with_suffix(".txt").name).write_text("moving shapes\n")
     config = {
-        "model_type": "WAN_2_1_T2V", "base_model_name": str(model), "concepts": [{"path": str(clips)}],
-        "resolution": "256", "epochs": 1, "learning_rate": 1e-4, "train_dtype": "BFLOAT_16", "lora_rank": 16,
+        "model_type": model_type, "base_model_name": str(model), "concepts": [{"path": str(clips)}],
+        "resolution": resolution, "epochs": steps, "learning_rate": 1e-4, "train_dtype": "BFLOAT_16", "lora_rank": 16,
         "lora_alpha": 16, "workspace_dir": str(workspace / "run"), "cache_dir": str(workspace / "cache"),
         "output_model_destination": str(workspace / "lora.safetensors"), "sample_after_unit": "NEVER",
         "backup_after_unit": "NEVER", "dataloader_threads": 0,
-        "video_config": {"max_frames": 33, "target_fps": 16.0, "max_duration": 5.0},
+        "video_config": {"max_frames": frames, "target_fps": 16.0, "max_duration": 5.0},
     }
     path = workspace / "config.json"
     path.write_text(json.dumps(config, indent=2))
@@ -128,12 +153,14 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3])))
         return
+    name = sys.argv[1] if len(sys.argv) > 1 else "wan-2.1"
+    settings = sys.argv[2:] or list(SETTINGS)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="motiontune-memory-") as scratch:
-        config = build(Path(scratch))
+        config = build(Path(scratch), name)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         rows = []
-        for setting in SETTINGS:
+        for setting in settings:
             out = subprocess.run([sys.executable, __file__, "--child", str(config), setting], capture_output=True, text=True,
                                  env=env)
             if out.returncode:
@@ -143,15 +170,20 @@ def main() -> None:
             row = rows[-1]
             print(f"  {setting}: peak {row['peak'] / 2**20:.0f} MB, estimate {row['estimate'] / 2**20:.0f} MB, "
                   f"{row['step_seconds']:.1f} s", file=sys.stderr)
-    report(rows, time.perf_counter() - started)
+    report(rows, time.perf_counter() - started, name)
 
 
-def report(rows: list[dict], seconds: float) -> None:
+def report(rows: list[dict], seconds: float, name: str = "wan-2.1") -> None:
     mb = 2**20
     by = {r["setting"]: r for r in rows}
     off = by.get("OFF")
-    print("LoRA rank 16 steps of a WAN-1.3B-width transformer (dim 1536, 12 heads, ffn 8960, 4 blocks), bf16, "
-          "1 × 33 frames × 256² (2304 tokens), on the CPU")
+    _, cls, width, resolution, frames, steps = FAMILIES[name]
+    if width is None:
+        print("LoRA rank 16 steps of a WAN-1.3B-width transformer (dim 1536, 12 heads, ffn 8960, 4 blocks), bf16, "
+              "1 × 33 frames × 256² (2304 tokens), on the CPU")
+    else:
+        print(f"LoRA rank 16, {steps} steps of a real-width {cls} ({width['num_attention_heads']} heads × 128, one block "
+              f"of each kind), bf16, 1 × {frames} frame(s) × {resolution}², on the CPU")
     print("peak: the process's high-water mark during the training step above its memory before train(); estimate: "
           "`motiontune estimate`'s device + host parts (one memory on the CPU)\n")
     print("| setting | measured peak | estimate | estimate / measured | step time | step time / OFF | frozen weights |")

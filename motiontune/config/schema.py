@@ -16,8 +16,6 @@ from pydantic_core import PydanticCustomError
 from .concepts import ConceptConfig, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
 from .resolution import parse_resolution
 
-# estimate.py's, until it asks the family (models/wan.py declares the model types; issue 18)
-A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The formats each training method saves as (methods/*.py write them), and the one used when
 # output_model_format is not set.
 OUTPUT_FORMATS = {"LORA": ("DIFFUSERS_LORA", "COMFY_LORA"), "FINE_TUNE": ("DIFFUSERS", "COMFY_TRANSFORMER"),

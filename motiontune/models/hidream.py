@@ -263,3 +263,119 @@ class HiDreamFamily(ModelFamily):
         return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip[0],
                                     text_encoder_2=clip[1], text_encoder_3=t5, text_encoder_4=llama, transformer=transformer,
                                     **tokenizers)
+
+    # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
+    transformer_class_name = "HiDreamImageTransformer2DModel"
+    block_groups = (("num_layers", "double_stream_blocks"), ("num_single_layers", "single_stream_blocks"))
+    text_tokens = MAX_SEQUENCE_LENGTH
+
+    def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
+        """(Hub id, its parts' configs): Full, Dev and Fast share one architecture."""
+        return (base if base in RELEASE_NAMES else RELEASE_NAMES[0]), RELEASE
+
+    def estimate_shorten(self, cfg: dict, short: dict) -> dict:
+        """A copy with fewer blocks (`short`) reads the Llama layers its blocks read in the full model."""
+        layers, doubles = cfg["llama_layers"], cfg["num_layers"]
+        return dict(short, llama_layers=layers[: short["num_layers"]] + layers[doubles : doubles + short["num_single_layers"]])
+
+    def estimate_prepare(self, transformer: torch.nn.Module) -> None:
+        """A fake copy as training runs it: no auxiliary loss (as `load_transformers` sets), and the MoE's routing,
+        which sizes tensors by the routed data, at its costliest (`_busiest_routing`). `predict`
+        reads the Llama layers from the transformer it finds here."""
+        self.transformer = transformer
+        for module in transformer.modules():
+            if type(module).__name__ == "MoEGate":
+                module.alpha = 0.0
+            if type(module).__name__ == "MOEFeedForwardSwiGLU":
+                module.forward = _busiest_routing.__get__(module)
+
+    def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
+        t5_dim, llama_dim = cfg["caption_channels"][1], cfg["caption_channels"][0]
+        llama = torch.zeros(len(cfg["llama_layers"]), MAX_SEQUENCE_LENGTH, llama_dim)
+        pooled = torch.zeros(cfg["text_emb_dim"])
+        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, t5_dim), llama, pooled)
+        return row.expand(batch, -1).clone()
+
+    def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
+        """(cached text rows, conditioning): real text rows, as `predict` reads their header; no conditioning."""
+        return self._estimate_text(len(x0), cfg), None
+
+    def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+        """One transformer call as the stock pipeline makes it: classifier-free guidance doubles the batch."""
+        _, h, w = latent
+        llama = torch.empty(max(cfg["llama_layers"]) + 1, 2, MAX_SEQUENCE_LENGTH, cfg["caption_channels"][0], dtype=dtype)
+        return {"hidden_states": torch.empty(2, cfg["in_channels"], h, w, dtype=dtype), "timesteps": torch.empty(2),
+                "encoder_hidden_states_t5": torch.empty(2, MAX_SEQUENCE_LENGTH, cfg["caption_channels"][1], dtype=dtype),
+                "encoder_hidden_states_llama3": llama, "pooled_embeds": torch.empty(2, cfg["text_emb_dim"], dtype=dtype)}
+
+    def estimate_vae(self, cfg: dict):
+        from diffusers import AutoencoderKL
+
+        from .fake_memory import init_kwargs
+
+        with torch.device("meta"):
+            return AutoencoderKL(**init_kwargs(cfg, AutoencoderKL)).float()
+
+    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (1, 3, height, width)
+
+    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+        """One image, decoded whole (the pipeline does not tile); `tiled` is the same."""
+        from .fake_memory import simulate_no_grad
+
+        return simulate_no_grad(("hidream decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
+                                lambda: (torch.empty(1, vae_cfg.get("latent_channels", 16), *latent[1:]),),
+                                lambda vae, z: vae.decode(z).sample)
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+
+        with torch.device("meta"):
+            return [("CLIP-L", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder"]))),
+                    ("CLIP-G", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))),
+                    ("T5-XXL", T5EncoderModel(T5Config(**configs["text_encoder_3"]))),
+                    ("Llama 3.1 8B", LlamaForCausalLM(LlamaConfig(**configs["text_encoder_4"])))]
+
+
+def _busiest_routing(self, x):
+    """MOEFeedForwardSwiGLU's training forward for `motiontune estimate`, with its routing at the costliest: each token's
+    k experts are the same k (a router can be that skewed: a random one is, on tokens that share a common part). The
+    experts together keep the same bytes for backward however tokens are routed; the busiest one's temporaries in
+    backward grow with its tokens."""
+    identity, shape, dtype = x, x.shape, x.dtype
+    _, weight, _ = self.gate(x)
+    x = x.view(-1, x.shape[-1]).repeat_interleave(self.num_activated_experts, dim=0)
+    y = torch.empty_like(x, dtype=dtype)
+    share = len(x) // self.num_activated_experts
+    for i, expert in enumerate(self.experts[: self.num_activated_experts]):
+        # index tensors, as a boolean mask becomes: the same copies forward and full-size scatters backward
+        rows = torch.arange(i * share, (i + 1) * share, device=x.device)
+        y[rows] = expert(x[rows]).to(dtype=dtype)
+    y = (y.view(*weight.shape, -1) * weight.unsqueeze(-1)).sum(dim=1)
+    return y.view(*shape).to(dtype=dtype) + self.shared_experts(identity)
+
+
+# --- the released models, for `motiontune estimate` on a Hub id not on this machine --------------------------------
+RELEASE_NAMES = ("HiDream-ai/HiDream-I1-Full", "HiDream-ai/HiDream-I1-Dev", "HiDream-ai/HiDream-I1-Fast")
+_CLIP = {"vocab_size": 49408, "max_position_embeddings": 77}
+RELEASE = {
+    "transformer": {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 16, "num_single_layers": 32,
+                    "attention_head_dim": 128, "num_attention_heads": 20, "caption_channels": [4096, 4096],
+                    "text_emb_dim": 2048, "num_routed_experts": 4, "num_activated_experts": 2,
+                    "axes_dims_rope": [64, 32, 32], "max_resolution": [128, 128],
+                    "llama_layers": list(range(32)) + [31] * 16},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "layers_per_block": 2, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
+            "scaling_factor": 0.3611, "shift_factor": 0.1159},  # FLUX.1's VAE
+    # CLIP ViT-L/14 and ViT-bigG/14 text towers with projections, T5-XXL's encoder, Llama 3.1 8B Instruct
+    "text_encoder": {**_CLIP, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "projection_dim": 768},
+    "text_encoder_2": {**_CLIP, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                       "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+    "text_encoder_3": {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
+                       "num_heads": 64, "feed_forward_proj": "gated-gelu", "is_gated_act": True},
+    "text_encoder_4": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                       "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                       "rms_norm_eps": 1e-05, "rope_theta": 500000.0},
+}

@@ -267,3 +267,76 @@ class HunyuanVideoFamily(ModelFamily):
             text_encoder=llama, tokenizer=tokenizer("tokenizer", 512), transformer=transformer, vae=vae,  # 95 template tokens + 256
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=tokenizer("tokenizer_2", 77),
         )
+
+    # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
+    transformer_class_name = "HunyuanVideoTransformer3DModel"
+    block_groups = (("num_layers", "transformer_blocks"), ("num_single_layers", "single_transformer_blocks"))
+    text_tokens = MAX_SEQUENCE_LENGTH
+
+    def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
+        """(Hub id, its parts' configs): the one release, whatever `base` names."""
+        return RELEASE_NAME, RELEASE
+
+    def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
+        width = cfg["text_embed_dim"]
+        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.ones(MAX_SEQUENCE_LENGTH),
+                         torch.zeros(cfg["pooled_projection_dim"]))
+        return row.expand(batch, -1).clone()
+
+    def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
+        """(cached text rows, conditioning) of a training batch like `x0`: real text rows, as `predict` reads their
+        header; no conditioning (text-to-video)."""
+        return self._estimate_text(len(x0), cfg), None
+
+    def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+        """One transformer call as the stock pipeline makes it while sampling (batch 1: guidance is distilled)."""
+        return {"hidden_states": torch.empty(1, cfg["in_channels"], *latent, dtype=dtype), "timestep": torch.empty(1),
+                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_embed_dim"], dtype=dtype),
+                "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH, dtype=torch.long),
+                "pooled_projections": torch.empty(1, cfg["pooled_projection_dim"], dtype=dtype),
+                "guidance": torch.empty(1, dtype=dtype)}
+
+    def estimate_vae(self, cfg: dict):
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        from .fake_memory import init_kwargs
+
+        with torch.device("meta"):
+            return AutoencoderKLHunyuanVideo(**init_kwargs(cfg, AutoencoderKLHunyuanVideo)).float()
+
+    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (1, 3, frames, height, width)
+
+    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+        """The stock pipeline decodes whole frames (the VAE's tiling is off by default); `tiled` is the same."""
+        from .fake_memory import simulate_no_grad
+
+        return simulate_no_grad(("hunyuan decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
+                                lambda: (torch.empty(1, vae_cfg.get("latent_channels", 16), *latent),),
+                                lambda vae, z: vae.decode(z).sample)
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+        with torch.device("meta"):
+            return [("Llama", LlamaModel(LlamaConfig(**configs["text_encoder"]))),
+                    ("CLIP-L", CLIPTextModel(CLIPTextConfig(**configs["text_encoder_2"])))]
+
+
+# --- the released model, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
+RELEASE_NAME = "hunyuanvideo-community/HunyuanVideo"
+RELEASE = {
+    "transformer": {"in_channels": 16, "out_channels": 16, "num_attention_heads": 24, "attention_head_dim": 128,
+                    "num_layers": 20, "num_single_layers": 40, "num_refiner_layers": 2, "mlp_ratio": 4.0,
+                    "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm", "guidance_embeds": True,
+                    "text_embed_dim": 4096, "pooled_projection_dim": 768, "rope_theta": 256.0,
+                    "rope_axes_dim": [16, 56, 56]},
+    "vae": {"latent_channels": 16, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "temporal_compression_ratio": 4, "spatial_compression_ratio": 8, "scaling_factor": 0.476986},
+    # the text part of llava-llama-3-8b, and CLIP ViT-L/14's text tower
+    "text_encoder": {"vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                     "rms_norm_eps": 1e-05, "rope_theta": 500000.0},
+    "text_encoder_2": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768},
+}

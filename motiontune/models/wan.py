@@ -333,13 +333,13 @@ class WanFamily(ModelFamily):
         (an 8 GB GPU holds the 5B transformer or the VAE decoding, not both): the VAE (with WAN 2.1 I2V's CLIP) while
         the pipeline encodes a given first frame; the transformer while it denoises (A14B: one expert at a time, the
         high-noise one first, each swapped in when the pipeline first calls it); the VAE alone to decode, in tiles
-        when decoding whole frames would not fit the memory free (`estimate.decode_in_tiles`). `estimate` models
+        when decoding whole frames would not fit the memory free (`wan_decode.decode_in_tiles`). `estimate` models
         these moments."""
         import logging
 
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
-        from ..estimate import decode_in_tiles
+        from .wan_decode import decode_in_tiles
 
         if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
             self.load_vae()
@@ -423,6 +423,133 @@ class WanFamily(ModelFamily):
         # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
         image_encoder, image_processor = _tiny_clip_vision(image_dim) if image_dim else (None, None)
         return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
+
+
+    # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
+    transformer_class_name = "WanTransformer3DModel"
+    block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
+    text_tokens = MAX_SEQUENCE_LENGTH
+
+    def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
+        """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
+        if base in RELEASES:
+            return base, RELEASES[base]
+        name = DEFAULT_RELEASE[self.config.model_type]
+        if "14B" in base and self.config.model_type == "WAN_2_1_T2V":
+            name = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+        return name, RELEASES[name]
+
+    def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
+        """(cached text rows, conditioning) of a training batch like `x0`, the conditioning at its costliest."""
+        batch, _, frames, height, width = x0.shape
+        text = torch.zeros(batch, MAX_SEQUENCE_LENGTH, cfg["text_dim"])
+        rows = torch.ones(batch, dtype=torch.bool)
+        if self.is_i2v:
+            latents = x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width)
+            images = x0.new_empty(batch, CLIP_IMAGE_TOKENS, cfg["image_dim"]) if cfg.get("image_dim") else None
+            return text, Conditioning(latents, rows, image_embeds=images)
+        if self.is_ti2v and self.config.image_conditioning_probability > 0:  # a timestep per token
+            return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
+        return text, None
+
+    def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+        """One transformer call as the stock pipeline makes it while sampling (batch 1)."""
+        f, h, w = latent
+        patch = cfg.get("patch_size") or (1, 2, 2)
+        tokens = (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+        call = {"hidden_states": torch.empty(1, cfg["in_channels"], f, h, w, dtype=dtype),
+                "timestep": torch.empty(1, tokens) if self.is_ti2v else torch.empty(1),  # expand_timesteps
+                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_dim"], dtype=dtype)}
+        if cfg.get("image_dim"):
+            call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
+        return call
+
+    def estimate_vae(self, cfg: dict):
+        from .wan_decode import vae_from
+
+        return vae_from(cfg)
+
+    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (1, 3, frames, height, width)
+
+    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+        from .wan_decode import decode_peak
+
+        return decode_peak(vae_cfg, latent, tiled)
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        """The text encoders on the meta device, from their configs (released or the local folder's)."""
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with torch.device("meta"):
+            return [("UMT5", UMT5EncoderModel(UMT5Config(**_plain(configs["text_encoder"]))))]
+
+    def estimate_image_encoder_bytes(self) -> int:
+        """WAN 2.1 I2V's CLIP ViT-H/14 vision tower, float32, beside the VAE while clips and first frames encode."""
+        return 4 * CLIP_VIT_H_PARAMS if self.encodes_first_frame else 0
+
+    def estimate_first_frame(self, frames: int) -> int:
+        """Frames the pipeline encodes for a sample's first frame (I2V: with the others empty; TI2V-5B: alone)."""
+        return 1 if self.is_ti2v else frames
+
+
+# --- the released models, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
+
+CLIP_IMAGE_TOKENS = 257  # WAN 2.1 I2V: CLIP's tokens for the first frame
+CLIP_VIT_H_PARAMS = 632_076_800  # WAN 2.1 I2V's image encoder (CLIP ViT-H/14 vision tower)
+
+
+def _plain(cfg: dict) -> dict:
+    """A config.json without its bookkeeping keys."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+
+
+_COMMON = {
+    "patch_size": [1, 2, 2], "attention_head_dim": 128, "text_dim": 4096, "freq_dim": 256, "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-06, "image_dim": None, "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024, "pos_embed_seq_len": None,
+}
+_T2V_1_3B = {**_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30, "in_channels": 16, "out_channels": 16}
+_T2V_14B = {**_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 16, "out_channels": 16}
+_I2V_2_1 = {**_T2V_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}  # CLIP tokens
+_I2V_2_2 = {**_T2V_14B, "in_channels": 36}  # no CLIP image encoder in 2.2
+_TI2V_5B = {**_COMMON, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
+# google/umt5-xxl's encoder, as every WAN pipeline ships it
+_UMT5_XXL = {
+    "vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new", "is_gated_act": True, "layer_norm_epsilon": 1e-06, "tie_word_embeddings": False,
+    "scalable_attention": True,
+}
+# AutoencoderKLWan: WAN 2.1's (also 2.2 A14B's) is the class default; TI2V-5B has the 48-channel 16x one
+_VAE_2_1: dict = {}
+_VAE_2_2 = {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+            "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
+            "patch_size": 2, "scale_factor_spatial": 16}
+
+
+def _release(transformer: dict, vae: dict) -> dict[str, dict]:
+    return {"transformer": transformer, "vae": vae, "text_encoder": _UMT5_XXL}
+
+
+# Hub id → its parts' configs (diffusers' transformer/config.json etc.; A14B: both experts have this transformer)
+RELEASES = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": _release(_T2V_1_3B, _VAE_2_1),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": _release(_T2V_14B, _VAE_2_1),
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": _release(_I2V_2_1, _VAE_2_1),
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": _release(_I2V_2_1, _VAE_2_1),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": _release(_T2V_14B, _VAE_2_1),
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": _release(_I2V_2_2, _VAE_2_1),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": _release(_TI2V_5B, _VAE_2_2),
+}
+# model_type → the release estimated when base_model_name is neither a local folder nor a known id
+DEFAULT_RELEASE = {
+    "WAN_2_1_T2V": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "WAN_2_1_I2V": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    "WAN_2_2_T2V_A14B": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "WAN_2_2_I2V_A14B": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    "WAN_2_2_TI2V_5B": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+}
 
 
 def _tiny_text_encoder(text_dim: int):

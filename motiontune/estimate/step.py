@@ -1,0 +1,113 @@
+"""The estimate of one training step at its peak, part by part, and (`phases`) of the other moments of a run."""
+
+from __future__ import annotations
+
+import math
+
+from ..config import TrainConfig
+from . import cuda
+from .configs import DTYPES, family, load_dtype, transformer_config
+from .moments import other_phases, text_encoder_lines, text_live
+from .result import GB, QUANTIZED, Estimate, Line, Options, Shape
+from .shapes import config_shape
+from .simulation import activation_peak
+from .weights import count_weights, elem, optimizer_state_bytes
+
+
+def trained_parts(config: TrainConfig) -> list[str]:
+    """The transformer parts this run trains (WAN 2.2 A14B: one or both experts), as the family lists them."""
+    return list(getattr(family(config), "expert_names", ["transformer"]))
+
+
+def _second_expert(config: TrainConfig) -> bool:
+    return bool(getattr(family(config), "is_a14b", False))
+
+
+def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None = None, options: Options | None = None,
+             phases: bool = False) -> Estimate:
+    """The peak of a training step on `device` ("cuda": device and host memory apart; "cpu": one memory).
+    `options` replaces the config's memory options for every trained transformer part; `phases` also estimates
+    the encoding phase (a first run, or latent_caching off) and sample rendering."""
+    parts = trained_parts(config)
+    options = (options or Options.of(config, parts[0])).effective()
+    shape = shape or config_shape(config)
+    cfg, source = transformer_config(config, parts[0])
+    on_cpu = device == "cpu"
+    counts = count_weights(cfg, config)
+    frozen_method = config.training_method == "FINE_TUNE"  # every weight trains: nothing to quantize or offload
+    plain = {v: k for k, v in DTYPES.items()}[load_dtype(config)]
+    weight_dtype = options.weight_dtype if options.weight_dtype in QUANTIZED and not frozen_method else plain
+    lines: list[Line] = []
+
+    # weights of the expert on the device; offloaded blocks wait in host memory
+    n = counts.blocks
+    per_block = counts.block_bytes(weight_dtype)
+    offloaded = math.floor(options.offload_fraction * n + 1e-9) if not frozen_method else 0
+    resident = n - offloaded + min(options.prefetch, offloaded)
+    label = "frozen weights" + (" of the trained expert" if _second_expert(config) else "")
+    note = f"{n} blocks × {per_block / GB:.3f} GB + {counts.outside / GB:.2f} GB outside the blocks ({weight_dtype})"
+    if frozen_method and not any(kind.linears for kind in counts.kinds):
+        lines.append(Line(label, counts.frozen_bytes(weight_dtype), 0, "every weight trains (below); rotary tables"))
+    elif offloaded and not on_cpu:
+        lines.append(Line(label, counts.outside + resident * per_block, offloaded * per_block,
+                          note + f"; {offloaded} blocks offloaded, at most {min(options.prefetch, offloaded)} of them on the device"))
+    else:
+        lines.append(Line(label, counts.frozen_bytes(weight_dtype), 0, note))
+    other_bytes = 0
+    if _second_expert(config):  # the other expert is loaded too and waits in host memory
+        other_part = "transformer_2" if parts[0] == "transformer" else "transformer"
+        other = count_weights(transformer_config(config, other_part)[0], config, trained=len(parts) == 2)
+        other_bytes = other.frozen_bytes(weight_dtype if len(parts) == 2 else plain) + other.trainable_bytes
+        lines.append(Line("the other expert", 0 if not on_cpu else other_bytes, other_bytes if not on_cpu else 0,
+                          "waits in host memory; " + ("also trained: swapped in for the batches it serves" if len(parts) == 2
+                                                      else "not trained: loaded for samples")))
+
+    # what trains: parameters and gradients, and the optimizer state of every trained expert
+    trainable = counts.trainable_bytes
+    state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * len(parts)
+    what = {"LORA": f"LoRA rank {config.lora_rank}", "FINE_TUNE": "every transformer weight", "EMBEDDING": "nothing"}[config.training_method]
+    if trainable:
+        lines.append(Line("trained parameters + gradients", 2 * trainable, 0,
+                          f"{what}: {counts.trainable_count / 1e6:.1f}M values"))
+        lines.append(Line(f"optimizer state ({options.optimizer})", state, 0,
+                          f"{len(parts)} expert(s)" if len(parts) > 1 else ""))
+
+    # activations
+    live = text_live(config)
+    recompute = options.checkpointing != "OFF"
+    quantized = weight_dtype if weight_dtype in QUANTIZED else None
+    peak, kept, received = activation_peak(cfg, config, shape, recompute, live, quantized)
+    per_block_act = kept // max(1, n)
+    act_name = {"OFF": "activations (no checkpointing)", "ON": "activations (checkpointing ON)",
+                "CPU_OFFLOADED": "activations (checkpointing CPU_OFFLOADED)"}[options.checkpointing]
+    act_note = f"{n} blocks × {per_block_act / GB:.3f} GB + {(peak - kept) / GB:.2f} GB (one block's recompute, embedders, loss)" \
+        if kept else ""
+    if options.checkpointing == "CPU_OFFLOADED" and not on_cpu:
+        # block inputs wait in host memory; the device keeps the running block's input and output
+        hidden = shape.batch * shape.tokens * cfg["num_attention_heads"] * cfg["attention_head_dim"] * elem(load_dtype(config))
+        device_act = max(0, peak - kept) + 2 * hidden
+        lines.append(Line(act_name, device_act, n * received,
+                          f"block inputs in pinned host memory: {n} × {received / GB:.3f} GB"))
+    else:
+        device_act = peak
+        lines.append(Line(act_name, peak, 0, act_note))
+    if live:
+        lines += text_encoder_lines(config, shape, on_cpu)
+    if on_cpu and trainable:  # torch's foreach AdamW on the CPU: one temporary the size of a moment during the step
+        lines.append(Line("optimizer step temporaries", trainable, 0, "foreach update on the CPU (fused on CUDA: none)"))
+    if not on_cpu:
+        lines += cuda.step_lines(shape, cfg, device_act)
+    result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n,
+                      source=source, headroom=0.0 if on_cpu else cuda.HEADROOM)
+    if phases:
+        # sampling brings the transformer as training holds it (offloaded blocks stream in as they run) with what
+        # trains on it; an A14B expert that only samples comes whole, one expert at a time. On the CPU both are in
+        # its memory. Gradients are gone by then (set to None after each step); optimizer state stays.
+        active = lines[0].device + counts.trainable_bytes
+        other_sampled = active if len(parts) == 2 else other_bytes  # 0 without a second expert
+        transformers = active + other_bytes if on_cpu else max(active, other_sampled)
+        left = sum(line.device for line in lines if line.name.startswith("optimizer state")
+                   or (line.name.startswith("text encoder") and "activations" not in line.name))
+        reserve = [] if on_cpu else [cuda.context_line()]
+        result.phases, result.tiled_decode = other_phases(config, shape, cfg, transformers, left, quantized, on_cpu, reserve)
+    return result
