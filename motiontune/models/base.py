@@ -214,8 +214,8 @@ class ModelFamily(ABC):
         """The transformer(s) this run trains (two for WAN 2.2 A14B with experts: both)."""
 
     def transformers(self) -> list[torch.nn.Module]:
-        """Every transformer loaded, trained or not."""
-        return [self.transformer]
+        """Every transformer loaded, trained or not (a second one: WAN 2.2 A14B's low-noise expert)."""
+        return [m for m in (self.transformer, getattr(self, "transformer_2", None)) if m is not None]
 
     def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
         """Each trained expert with the batch rows whose noise level it serves."""
@@ -337,3 +337,30 @@ class ModelFamily(ABC):
         self._sample_turn = turn
         if turn == "transformer":
             self._bring(expert)  # a no-op when it is there already (this runs before every forward)
+
+    # --- what estimate needs to know: the defaults (a family declares the rest at the end of its file) ------------
+    #: a video VAE reads (1, 3, F, H, W); an image family's reads (1, 3, H, W) and sets this False
+    VIDEO_VAE = True
+
+    def estimate_vae(self, cfg: dict) -> torch.nn.Module:
+        """The family's VAE class on the meta device from `cfg`, in float32 (as `load_vae` loads it)."""
+        import diffusers
+
+        from .fake_memory import init_kwargs
+
+        cls = getattr(diffusers, self.VAE_CLASS)
+        with torch.device("meta"):
+            return cls(**init_kwargs(cfg, cls)).float()
+
+    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """The pixel tensor the VAE encodes for one clip (or frame)."""
+        return (1, 3, frames, height, width) if self.VIDEO_VAE else (1, 3, height, width)
+
+    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+        """Peak bytes of decoding one sample's latents (F', H', W'). The stock pipelines decode whole frames unless
+        told otherwise, so `tiled` changes nothing here; a family whose sampling tiles says otherwise."""
+        from .fake_memory import simulate_no_grad
+
+        shape = (1, vae_cfg.get("latent_channels", 16), *(latent if self.VIDEO_VAE else latent[1:]))
+        return simulate_no_grad((self.VAE_CLASS, "decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
+                                lambda: (torch.empty(shape),), lambda vae, z: vae.decode(z).sample)

@@ -40,6 +40,7 @@ class HiDreamFamily(ModelFamily):
     NAME = "HiDream"
     TINY_MODELS = ("hi-dream",)
     VAE_CLASS = "AutoencoderKL"
+    VIDEO_VAE = False  # an image model: frames are encoded one by one
     temporal_factor = 1
     frame_rule = "HiDream-I1 is an image model: one frame per clip"
     ENCODER_PARTS = {
@@ -307,25 +308,6 @@ class HiDreamFamily(ModelFamily):
         return {"hidden_states": torch.empty(2, cfg["in_channels"], h, w, dtype=dtype), "timesteps": torch.empty(2),
                 "encoder_hidden_states_t5": torch.empty(2, MAX_SEQUENCE_LENGTH, cfg["caption_channels"][1], dtype=dtype),
                 "encoder_hidden_states_llama3": llama, "pooled_embeds": torch.empty(2, cfg["text_emb_dim"], dtype=dtype)}
-
-    def estimate_vae(self, cfg: dict):
-        from diffusers import AutoencoderKL
-
-        from .fake_memory import init_kwargs
-
-        with torch.device("meta"):
-            return AutoencoderKL(**init_kwargs(cfg, AutoencoderKL)).float()
-
-    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
-        return (1, 3, height, width)
-
-    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
-        """One image, decoded whole (the pipeline does not tile); `tiled` is the same."""
-        from .fake_memory import simulate_no_grad
-
-        return simulate_no_grad(("hidream decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
-                                lambda: (torch.empty(1, vae_cfg.get("latent_channels", 16), *latent[1:]),),
-                                lambda vae, z: vae.decode(z).sample)
 
     def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel

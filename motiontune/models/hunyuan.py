@@ -296,25 +296,6 @@ class HunyuanVideoFamily(ModelFamily):
                 "pooled_projections": torch.empty(1, cfg["pooled_projection_dim"], dtype=dtype),
                 "guidance": torch.empty(1, dtype=dtype)}
 
-    def estimate_vae(self, cfg: dict):
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        from .fake_memory import init_kwargs
-
-        with torch.device("meta"):
-            return AutoencoderKLHunyuanVideo(**init_kwargs(cfg, AutoencoderKLHunyuanVideo)).float()
-
-    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
-        return (1, 3, frames, height, width)
-
-    def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
-        """The stock pipeline decodes whole frames (the VAE's tiling is off by default); `tiled` is the same."""
-        from .fake_memory import simulate_no_grad
-
-        return simulate_no_grad(("hunyuan decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
-                                lambda: (torch.empty(1, vae_cfg.get("latent_channels", 16), *latent),),
-                                lambda vae, z: vae.decode(z).sample)
-
     def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
         from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 

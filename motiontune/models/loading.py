@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..util.dtypes import TORCH_DTYPES
+
 
 class ModelLoadError(Exception):
     """A model part that could not be loaded; the message says which, from where, and what to do."""
-
-
-TORCH_DTYPES = {"FLOAT_32": torch.float32, "BFLOAT_16": torch.bfloat16, "FLOAT_16": torch.float16}
 
 
 def transformer_dtype(config) -> torch.dtype:

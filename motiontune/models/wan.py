@@ -12,11 +12,14 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .attention import use_frame_local_attention
 from .base import Conditioning, Expert, ModelFamily, SampleRequest
 from .loading import load_part, read_model_index
 
@@ -81,28 +84,6 @@ def original_name(diffusers_name: str) -> str:
 _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$|^blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
 
 
-class FrameLocalAttention:
-    """Self-attention restricted to the tokens of each latent frame, by reshaping: (B, F·S, C) → (B·F, S, C)
-    through diffusers' own WAN attention processor, rotary embeddings sliced to match. WAN orders tokens
-    frame by frame, so a frame's tokens are contiguous. `frames` is set per forward (see `frame_counter`)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self.frames = 1
-
-    def __getattr__(self, name):  # attention backend and other settings stay the wrapped processor's
-        return getattr(self.processor, name)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
-        batch, tokens, channels = hidden_states.shape
-        frames = self.frames
-        local = hidden_states.reshape(batch * frames, tokens // frames, channels)
-        if rotary_emb is not None:  # (1, F·S, 1, D) → (B·F, S, 1, D), frame f of every sample gets frame f's angles
-            rotary_emb = tuple(r.reshape(frames, tokens // frames, 1, -1).repeat(batch, 1, 1, 1) for r in rotary_emb)
-        out = self.processor(attn, local, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        return out.reshape(batch, tokens, -1)
-
-
 class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
@@ -159,9 +140,6 @@ class WanFamily(ModelFamily):
         self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
         if self.is_a14b:
             self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
-
-    def transformers(self):
-        return [m for m in (self.transformer, self.transformer_2) if m is not None]
 
     def load_vae(self) -> None:
         super().load_vae()
@@ -289,19 +267,7 @@ class WanFamily(ModelFamily):
         """`video_config.use_temporal_attention: false`: each block's self-attention (attn1) sees only its
         own latent frame; cross-attention is unchanged. Off again for samples, which use the stock model."""
         module = expert.module
-        if not hasattr(module, "_motiontune_frame_local"):
-            processors = [FrameLocalAttention(block.attn1.processor) for block in module.blocks]
-            patch_frames = module.config.patch_size[0]
-
-            def count_frames(_, args, kwargs):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                for processor in processors:
-                    processor.frames = hidden.shape[2] // patch_frames
-
-            module.register_forward_pre_hook(count_frames, with_kwargs=True)
-            module._motiontune_frame_local = processors
-        for block, processor in zip(module.blocks, module._motiontune_frame_local):
-            block.attn1.set_processor(processor if enabled else processor.processor)
+        use_frame_local_attention(module, [block.attn1 for block in module.blocks], module.config.patch_size[0], enabled)
 
     # --- LoRA ----------------------------------------------------------------------------------
     def lora_default_target(self, name: str) -> bool:
@@ -424,7 +390,6 @@ class WanFamily(ModelFamily):
         image_encoder, image_processor = _tiny_clip_vision(image_dim) if image_dim else (None, None)
         return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
 
-
     # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
     transformer_class_name = "WanTransformer3DModel"
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
@@ -464,15 +429,8 @@ class WanFamily(ModelFamily):
             call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
         return call
 
-    def estimate_vae(self, cfg: dict):
-        from .wan_decode import vae_from
-
-        return vae_from(cfg)
-
-    def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
-        return (1, 3, frames, height, width)
-
     def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+        """Sampling tiles when whole frames would not fit (`sample`): both ways are modelled."""
         from .wan_decode import decode_peak
 
         return decode_peak(vae_cfg, latent, tiled)
@@ -504,52 +462,11 @@ def _plain(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
 
 
-_COMMON = {
-    "patch_size": [1, 2, 2], "attention_head_dim": 128, "text_dim": 4096, "freq_dim": 256, "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads", "eps": 1e-06, "image_dim": None, "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024, "pos_embed_seq_len": None,
-}
-_T2V_1_3B = {**_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30, "in_channels": 16, "out_channels": 16}
-_T2V_14B = {**_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 16, "out_channels": 16}
-_I2V_2_1 = {**_T2V_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}  # CLIP tokens
-_I2V_2_2 = {**_T2V_14B, "in_channels": 36}  # no CLIP image encoder in 2.2
-_TI2V_5B = {**_COMMON, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
-# google/umt5-xxl's encoder, as every WAN pipeline ships it
-_UMT5_XXL = {
-    "vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new", "is_gated_act": True, "layer_norm_epsilon": 1e-06, "tie_word_embeddings": False,
-    "scalable_attention": True,
-}
-# AutoencoderKLWan: WAN 2.1's (also 2.2 A14B's) is the class default; TI2V-5B has the 48-channel 16x one
-_VAE_2_1: dict = {}
-_VAE_2_2 = {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-            "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
-            "patch_size": 2, "scale_factor_spatial": 16}
-
-
-def _release(transformer: dict, vae: dict) -> dict[str, dict]:
-    return {"transformer": transformer, "vae": vae, "text_encoder": _UMT5_XXL}
-
-
-# Hub id → its parts' configs (diffusers' transformer/config.json etc.; A14B: both experts have this transformer)
-RELEASES = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": _release(_T2V_1_3B, _VAE_2_1),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": _release(_T2V_14B, _VAE_2_1),
-    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": _release(_I2V_2_1, _VAE_2_1),
-    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": _release(_I2V_2_1, _VAE_2_1),
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": _release(_T2V_14B, _VAE_2_1),
-    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": _release(_I2V_2_2, _VAE_2_1),
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": _release(_TI2V_5B, _VAE_2_2),
-}
-# model_type → the release estimated when base_model_name is neither a local folder nor a known id
-DEFAULT_RELEASE = {
-    "WAN_2_1_T2V": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    "WAN_2_1_I2V": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-    "WAN_2_2_T2V_A14B": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-    "WAN_2_2_I2V_A14B": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-    "WAN_2_2_TI2V_5B": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-}
+# Hub id → its parts' configs (diffusers' transformer/config.json etc.; A14B: both experts have that transformer;
+# text_encoder: google/umt5-xxl's encoder, as every WAN pipeline ships it; vae {}: AutoencoderKLWan's defaults, which
+# are WAN 2.1's), and model_type → the release estimated when base_model_name is neither a local folder nor a known id
+_RELEASE_DATA = json.loads((Path(__file__).parent / "releases" / "wan.json").read_text())
+RELEASES, DEFAULT_RELEASE = _RELEASE_DATA["releases"], _RELEASE_DATA["default_release"]
 
 
 def _tiny_text_encoder(text_dim: int):
