@@ -152,11 +152,12 @@ def _wider_config(root: Path, name: str) -> Path:
 @pytest.mark.parametrize("name", list(WIDER))
 def test_hunyuan_video_and_hidream_estimates_match_measured_steps(name, tmp_path):
     """`estimate` serves every family: HunyuanVideo (two kinds of block) and HiDream (an image model whose MoE routes
-    by the data; the simulation spreads tokens evenly) against real steps, checkpointing off and on."""
-    rows = _measured_rows(_wider_config(tmp_path, name), ["OFF", "ON"])
-    for row in rows.values():
-        assert abs(row["estimate"] - row["peak"]) < max(0.15 * row["peak"], 16 * 2**20), rows
-    assert rows["ON"]["estimate"] < rows["OFF"]["estimate"]
+    by the data; the simulation takes the costliest routing) against a real step with checkpointing."""
+    path = _wider_config(tmp_path, name)
+    rows = _measured_rows(path, ["ON"])  # one setting measured: the suite's time; benchmarks/memory.py measures more
+    assert abs(rows["ON"]["estimate"] - rows["ON"]["peak"]) < max(0.15 * rows["ON"]["peak"], 16 * 2**20), rows
+    off = estimate(load_config(str(path), ["gradient_checkpointing=OFF"]), device="cpu")
+    assert estimate(load_config(str(path), ["gradient_checkpointing=ON"]), device="cpu").total < off.total
 
 
 def test_checkpointing_and_offloading_lower_the_prediction(measured_config):
