@@ -4,7 +4,8 @@ An entry's name is a hash of everything that decides its content: the file's byt
 (instants, size, crop), the encoder's identity (where it came from, its config files, its weight files'
 sizes and dates, its dtype) and the cache format version. Change any of them and that entry is made
 anew; nothing else is. Entries are written atomically (temporary file, then rename) and checked on
-read: a corrupt or non-finite entry is reported, removed and made again.
+read: a corrupt or non-finite entry is reported, removed and made again. A run keeps only references to
+its entries (`Entry`) and reads each when a step needs it, so its memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -49,41 +50,89 @@ def encoder_identity(source: str, parts: tuple[str, ...], dtype: str) -> str:
     return digest(material)
 
 
+class FileFacts:
+    """Facts learnt about dataset files (a content hash, a probe), kept in one JSON file and trusted while a
+    file's size and modification time are unchanged, so an unchanged file is not read again. `path` None
+    keeps them in memory only. `version` names the code that made them: other versions' facts are dropped."""
+
+    def __init__(self, path: Path | None, version: int = 0):
+        self.path, self.version = path, version
+        self._facts: dict[str, list] = {}
+        self._changed = False
+        if path is not None and path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("version") == version:
+                    self._facts = stored["files"]
+            except (json.JSONDecodeError, AttributeError, KeyError):
+                pass  # unreadable: learnt again
+
+    def get(self, file: Path):
+        stat = file.stat()
+        known = self._facts.get(str(file))
+        return known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else None
+
+    def put(self, file: Path, fact) -> None:
+        stat = file.stat()
+        self._facts[str(file)] = [stat.st_size, stat.st_mtime_ns, fact]
+        self._changed = True
+
+    def save(self) -> None:
+        """Written only when something was learnt (atomically: ranks and nodes may write it at once)."""
+        if self.path is not None and self._changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.path, json.dumps({"version": self.version, "files": self._facts}))
+            self._changed = False
+
+
+class Entry:
+    """A reference to a checked cache entry, read when a step needs it."""
+
+    __slots__ = ("path", "extras", "shape")
+
+    def __init__(self, path: Path, extras: tuple[str, ...], shape: tuple[int, ...]):
+        self.path, self.extras, self.shape = path, extras, shape
+
+    def load(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        try:
+            stored = load_file(str(self.path))
+        except Exception as error:  # removed or damaged while the run was going
+            raise CacheError(f"cache entry {self.path} could not be read during training ({error}); was the cache "
+                             "cleared while this run used it? Run again: missing entries are made again") from None
+        return {name: stored[name] for name in ("value", *self.extras)} if self.extras else stored["value"]
+
+
+class CacheError(Exception):
+    """A cache entry a run relies on went missing or bad under it."""
+
+
 class Cache:
     """`enabled` False keeps nothing on disk (every run encodes again)."""
 
     def __init__(self, directory: str | Path, enabled: bool = True):
         self.directory = Path(directory)
         self.enabled = enabled
-        self._fingerprints: dict[str, list] = {}
+        self._fingerprints = FileFacts(self.directory / "files.json" if enabled else None)
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._index = self.directory / "files.json"
-            if self._index.is_file():
-                try:
-                    self._fingerprints = json.loads(self._index.read_text())
-                except json.JSONDecodeError:
-                    self._fingerprints = {}
             self._remove_stale_temporaries()
 
     # --- keys ------------------------------------------------------------------------------------
     def file_fingerprint(self, path: Path) -> str:
         """The file's content hash; size and modification time skip re-hashing an unchanged file."""
         path = Path(path).resolve()
-        stat = path.stat()
-        known = self._fingerprints.get(str(path))
-        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return known[2]
+        known = self._fingerprints.get(path)
+        if known:
+            return known
         sha = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 sha.update(block)
-        self._fingerprints[str(path)] = [stat.st_size, stat.st_mtime_ns, sha.hexdigest()]
+        self._fingerprints.put(path, sha.hexdigest())
         return sha.hexdigest()
 
     def save_fingerprints(self) -> None:
-        if self.enabled:
-            _atomic_write_text(self._index, json.dumps(self._fingerprints))
+        self._fingerprints.save()
 
     @staticmethod
     def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
@@ -103,9 +152,10 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.directory / kind / key[:2] / f"{key}.safetensors"
 
-    def get(self, kind: str, key: str, extras: tuple[str, ...] = ()) -> torch.Tensor | None:
-        """The entry's value, or None when it is missing or unusable. With `extras` (names of tensors stored
-        beside the value, such as a clip's first-frame image embedding), a dict of the value and those."""
+    def get(self, kind: str, key: str, extras: tuple[str, ...] = ()) -> Entry | None:
+        """A reference to the entry, or None when it is missing or unusable. It is read whole once here, to
+        check it (torn, NaN), and not kept. With `extras` (names of tensors stored beside the value, such as a
+        clip's first-frame image embedding), the reference loads a dict of the value and those."""
         if not self.enabled:
             return None
         path = self.path(kind, key)
@@ -122,12 +172,13 @@ class Cache:
             log.warning("cache entry %s was unusable (%s); making it again", path, error)
             path.unlink(missing_ok=True)
             return None
-        return {name: stored[name] for name in ("value", *extras)} if extras else stored["value"]
+        return Entry(path, extras, tuple(stored["value"].shape))
 
     def put(self, kind: str, key: str, value: torch.Tensor, about: dict | None = None,
-            extras: dict[str, torch.Tensor] | None = None) -> None:
+            extras: dict[str, torch.Tensor] | None = None) -> Entry | None:
+        """Write the entry; the reference to it (None when the cache is off)."""
         if not self.enabled:
-            return
+            return None
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -135,6 +186,7 @@ class Cache:
         tensors = {"value": value, **(extras or {})}
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
         os.replace(temporary, path)
+        return Entry(path, tuple(extras or ()), tuple(value.shape))
 
     def keys(self, kind: str) -> set[str]:
         folder = self.directory / kind

@@ -22,21 +22,28 @@ def map_isolated(function: Callable, jobs: Iterable, workers: int) -> Iterator[t
             yield job, _call(function, job)
         return
     context = multiprocessing.get_context("spawn")  # no inherited CUDA or thread state in the workers
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(_call, function, job) for job in jobs]
-        finished = 0
-        try:
-            for job, future in zip(jobs, futures):
-                result = future.result()
-                finished += 1
-                yield job, result
-            return
-        except BrokenProcessPool:
-            pass
-    # A worker died and took the pool's queue with it: run the rest one job per process, so the
-    # crash is pinned on the file that caused it.
-    for job in jobs[finished:]:
-        yield job, _run_alone(function, job, context)
+    start = 0
+    while start < len(jobs):
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs) - start), mp_context=context) as pool:
+            futures = [pool.submit(_call, function, job) for job in jobs[start:]]
+            first = start
+            for future in futures:
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    break
+                yield jobs[start], result
+                start += 1
+            else:
+                return
+        # A worker died and took the pool's queue with it. The pool hands jobs out in order, so the one that
+        # crashed is among the next 2 x workers + 1 (running, or waiting in its queue): run those one per
+        # process, so the crash is pinned on the file that caused it, then go on with a new pool.
+        suspects = futures[start - first : start - first + 2 * workers + 1]
+        for job, future in zip(jobs[start : start + len(suspects)], suspects):
+            finished = future.done() and not isinstance(future.exception(), BrokenProcessPool)
+            yield job, future.result() if finished else _run_alone(function, job, context)
+            start += 1
 
 
 def _run_alone(function, job, context):
