@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -181,11 +183,11 @@ class Cache:
             return None
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary = _temporary(path)
         metadata = {"about": json.dumps(about or {}, default=str)}
         tensors = {"value": value, **(extras or {})}
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        _publish(temporary, path)
         return Entry(path, tuple(extras or ()), tuple(value.shape))
 
     def keys(self, kind: str) -> set[str]:
@@ -202,10 +204,18 @@ class Cache:
         return removed
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary files of runs that were killed mid-write (their process is gone)."""
+        """Temporary files of runs that were killed mid-write: on this machine, those whose process is gone; from
+        other machines sharing the folder (whose processes cannot be seen from here), those untouched for a day."""
         for path in self.directory.rglob("*.tmp"):
-            pid = path.suffixes[-2].lstrip(".") if len(path.suffixes) >= 2 else ""
-            if not pid.isdigit() or not process_alive(int(pid)):
+            host, _, pid = path.name.rsplit(".", 2)[-2].rpartition("-")
+            try:
+                if host == _HOST:
+                    stale = not pid.isdigit() or not process_alive(int(pid))
+                else:
+                    stale = time.time() - path.stat().st_mtime > 24 * 3600
+            except FileNotFoundError:  # its writer just put it in place
+                continue
+            if stale:
                 path.unlink(missing_ok=True)
 
 
@@ -225,7 +235,30 @@ def process_alive(pid) -> bool:
         return True
 
 
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def _temporary(path: Path) -> Path:
+    """Where a file is written before it is put in place: named by machine and process, so a run that finds it
+    later can tell whether its writer is gone."""
+    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}.tmp")
+
+
+def _publish(temporary: Path, path: Path) -> None:
+    """Put a finished entry in place in one step. A hard link, unlike a rename, fails when the entry exists: ranks and
+    nodes deal the entries out so that each is written once, and if another process got there first, its entry
+    stays and the duplicate work is reported."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        log.warning("cache entry %s was already written by another process (the same clip was encoded twice)", path)
+    except OSError:  # a filesystem without hard links: a rename is atomic too
+        os.replace(temporary, path)
+        return
+    temporary.unlink()
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = _temporary(path)
     temporary.write_text(text)
     os.replace(temporary, path)
