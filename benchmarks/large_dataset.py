@@ -214,6 +214,8 @@ def run_size(root: Path, n: int) -> dict:
 
 def exponent(ns: list[int], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(N)."""
+    if len(ns) < 2:
+        return float("nan")
     xs, ys = [math.log(n) for n in ns], [math.log(max(v, 1e-9)) for v in values]
     mx, my = statistics.mean(xs), statistics.mean(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
@@ -227,6 +229,7 @@ FIGURES = [  # (label, how to read it from a row)
     ("inspect peak RSS (MB)", lambda r: r["inspect_cold"]["rss_mb"]),
     ("survey in train, first (s)", lambda r: r["survey_cold"]["seconds"]),
     ("survey in train, again (s)", lambda r: r["survey_warm"]["seconds"]),
+    ("survey, first / again", lambda r: r["survey_cold"]["seconds"] / r["survey_warm"]["seconds"]),
     ("cache fill (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["fill"]),
     ("decoder alone (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["decode"]),
     ("VAE alone (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["encode"]),
@@ -260,15 +263,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--root", type=Path, default=ROOT_DEFAULT)
+    parser.add_argument("--table", action="store_true", help="only print the table of the results kept in --root")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for n in args.sizes:
+    kept = args.root / "results.json"  # rows of earlier runs are kept, so sizes can be measured in turns
+    rows = {r["n"]: r for r in json.loads(kept.read_text())} if kept.is_file() else {}
+    for n in [] if args.table else args.sizes:
         started = time.perf_counter()
-        rows.append(run_size(args.root, n))
-        (args.root / "results.json").write_text(json.dumps(rows, indent=1))
-        print(f"N = {n}: {rows[-1]['kinds']}, measured in {time.perf_counter() - started:.0f} s", flush=True)
-    print(table(rows))
+        rows[n] = run_size(args.root, n)
+        kept.write_text(json.dumps([rows[k] for k in sorted(rows)], indent=1))
+        print(f"N = {n}: {rows[n]['kinds']}, measured in {time.perf_counter() - started:.0f} s", flush=True)
+    print(table([rows[k] for k in sorted(rows)]))
 
 
 if __name__ == "__main__":
