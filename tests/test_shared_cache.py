@@ -3,6 +3,7 @@ entry is written by exactly one rank, a node killed mid-fill leaves no partial e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,9 +39,20 @@ def start_nodes(config: Path) -> list[subprocess.Popen]:
     return nodes
 
 
+def descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread or process just ended
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for child in children for c in (child, *descendants(child))]
+
+
 def kill(node: subprocess.Popen) -> str:
-    """SIGKILL the node's launcher and its worker (their own session); what the node wrote to stderr."""
-    os.killpg(node.pid, signal.SIGKILL)
+    """SIGKILL the node: its workers first (torchrun starts each in a session of its own, so they would outlive
+    their launcher), then the launcher. What the node wrote to stderr."""
+    for pid in [*descendants(node.pid), node.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return node.communicate()[1]
 
 
@@ -59,10 +71,11 @@ def test_two_nodes_fill_one_cache_each_entry_once_and_survive_a_kill(tmp_path, t
     deadline = time.time() + 300
     while time.time() < deadline and len(entries(cache)) < 6 and all(n.poll() is None for n in nodes):
         time.sleep(0.05)
+    written = entries(cache)
+    states = [n.poll() for n in nodes]
     errors = kill(nodes[1])  # node 1 dies mid-fill; node 0 would wait for it at the next barrier
     errors += kill(nodes[0])
-    written = entries(cache)
-    assert 6 <= len(written) < CLIPS, "the kill did not land mid-fill"
+    assert 6 <= len(written) < CLIPS and states == [None, None], f"the kill did not land mid-fill: {states}\n{errors[-3000:]}"
     for entry in written:  # whatever is in place is whole: partial writes never have an entry's name
         assert torch.isfinite(load_file(str(entry))["value"]).all()
     assert DUPLICATE not in errors
