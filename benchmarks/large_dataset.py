@@ -71,6 +71,12 @@ def child(mode: str, *args) -> dict:
 
 
 # --- measurements run in a child process ---------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (worker pools, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _setup(root: Path, n: int, **extra):
     import torch
 
@@ -86,9 +92,10 @@ def child_survey(root: Path, n: int) -> dict:
     from motiontune.data.survey import survey_dataset
 
     config, family = _setup(root, n)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     survey = survey_dataset(config, family)
-    return {"seconds": time.perf_counter() - start, "usable": len(survey.usable), "files": len(survey.entries)}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu, "usable": len(survey.usable),
+            "files": len(survey.entries)}
 
 
 def child_fill(root: Path, n: int) -> dict:
@@ -104,12 +111,12 @@ def child_fill(root: Path, n: int) -> dict:
     survey = survey_dataset(config, family)
     clips = sum(len(e.clips) for e in survey.usable)
     jobs = [(e.info, e.clips, e.size) for e in survey.usable]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     sample = []
     for _, frames in map_isolated(_decode_job, jobs, config.dataloader_threads):
         if len(sample) < 200 and not isinstance(frames, Exception):
             sample.extend(frames[: 200 - len(sample)])
-    decode = time.perf_counter() - start
+    decode, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu
     family.load_vae()
     start = time.perf_counter()
     with torch.no_grad():
@@ -117,14 +124,15 @@ def child_fill(root: Path, n: int) -> dict:
             family.encode_video(frames)
     encode = (time.perf_counter() - start) / len(sample) * clips
     encoding = Encoding(family, config, Cache(config.cache_dir))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     encoded = encoding.clips(survey)
-    fill = time.perf_counter() - start
+    fill, fill_cpu = time.perf_counter() - start, cpu_seconds() - cpu
     start = time.perf_counter()
     encoding.texts({c for clip in encoded for c in clip.captions} | {""})
     texts = time.perf_counter() - start
     files = [p for p in Path(config.cache_dir).rglob("*") if p.is_file()]
-    return {"clips": clips, "fill": fill, "decode": decode, "encode": encode, "texts": texts,
+    return {"clips": clips, "fill": fill, "decode": decode, "encode": encode, "texts": texts, "fill_cpu": fill_cpu,
+            "decode_cpu": decode_cpu,
             "cache_mb": sum(p.stat().st_size for p in files) / 1e6, "cache_files": len(files)}
 
 
@@ -230,15 +238,20 @@ FIGURES = [  # (label, how to read it from a row)
     ("survey in train, first (s)", lambda r: r["survey_cold"]["seconds"]),
     ("survey in train, again (s)", lambda r: r["survey_warm"]["seconds"]),
     ("survey, first / again", lambda r: r["survey_cold"]["seconds"] / r["survey_warm"]["seconds"]),
+    ("survey in train, first, CPU (s)", lambda r: r["survey_cold"].get("cpu_seconds", math.nan)),
     ("cache fill (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["fill"]),
     ("decoder alone (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["decode"]),
     ("VAE alone (clips/s)", lambda r: r["fill"]["clips"] / r["fill"]["encode"]),
     ("cache fill time (s)", lambda r: r["fill"]["fill"]),
+    ("cache fill, CPU (s)", lambda r: r["fill"].get("fill_cpu", math.nan)),
+    ("decoder alone, CPU (s)", lambda r: r["fill"].get("decode_cpu", math.nan)),
     ("step overhead, cached (ms)", lambda r: r["steps"]["per_step_ms"]),
     ("cache size (MB)", lambda r: r["fill"]["cache_mb"]),
     ("cache files", lambda r: r["fill"]["cache_files"]),
     ("train 6 steps, process (s)", lambda r: r["train"]["wall"]),
+    ("train 6 steps, process CPU (s)", lambda r: r["train"]["cpu"]),
     ("--resume mid-epoch, process (s)", lambda r: r["resume"]["wall"]),
+    ("--resume mid-epoch, process CPU (s)", lambda r: r["resume"]["cpu"]),
     ("peak RSS of training (MB)", lambda r: r["train"]["rss_mb"]),
     ("peak RSS of resumed training (MB)", lambda r: r["resume"]["rss_mb"]),
 ]
@@ -251,7 +264,8 @@ def table(rows: list[dict]) -> str:
     for label, read in FIGURES:
         values = [read(r) for r in rows]
         shown = [f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values]
-        lines.append(f"| {label} | " + " | ".join(shown) + f" | {exponent(ns, values):.2f} |")
+        known = [(n, v) for n, v in zip(ns, values) if not math.isnan(v)]
+        lines.append(f"| {label} | " + " | ".join(shown) + f" | {exponent(*zip(*known)) if known else math.nan:.2f} |")
     return "\n".join(lines)
 
 
