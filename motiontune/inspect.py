@@ -72,14 +72,28 @@ def summary_record(survey: Survey) -> dict:
         "videos": len(videos),
         "images": len(usable) - len(videos),
         "total_duration": round(sum(info.duration for info in videos), 3),  # seconds, of the usable videos
-        # by the stream's base rate: a short clip's average rate (frames / duration) is off by its last frame
-        "fps_mix": {f"{fps:g}": n for fps, n in sorted(Counter(round(info.real_fps or info.fps, 2) for info in videos).items())},
+        "fps_mix": {f"{fps:g}": n for fps, n in sorted(Counter(_typical_fps(info) for info in videos).items())},
         "rotated": sum(1 for e in usable if e.info.rotation),
         "clips_per_bucket": {f"{f}x{w}x{h}": n for (f, h, w), n in sorted(survey.clips_per_bucket().items())},
         "skipped_by_reason": dict(survey.skipped_by_reason()),
         "caption_problems": dict(Counter(_caption_kind(e.item.caption_problem) for e in survey.entries if e.item.caption_problem)),
         "total_frames": sum(len(c) for e in usable for c in e.clips),
     }
+
+
+COMMON_RATES = (8, 10, 12, 15, 16, 23.976, 24, 25, 29.97, 30, 48, 50, 59.94, 60)
+
+
+def _typical_fps(info) -> float:
+    """A file's frame rate for the summary: frames over the span of their timestamps (muxers often store a nominal
+    rate in the header, and frames / duration is off by the last frame's length in a short file), shown as the
+    common rate it is within 0.5 % of (timestamps in milliseconds make 30 fps look like 29.99)."""
+    times = info.frame_times
+    if len(times) < 2 or times[-1] <= times[0]:
+        return round(info.fps, 2)
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    common = min(COMMON_RATES, key=lambda c: abs(c - rate))
+    return common if abs(common - rate) < 0.005 * rate else round(rate, 2)
 
 
 def _caption_kind(problem: str) -> str:
