@@ -81,7 +81,7 @@ DATASET_RATES = (12, 24, 25, 30)
 def write_mixed_dataset(folder: Path, count: int, seed: int = 0) -> dict[str, int]:
     """`count` short files with captions, like a real dataset's mix: videos of several sizes, frame rates and
     codecs (about 1 in 25 rotated), about 1 in 10 an image, and about 1 in 50 broken (cut short, or not media
-    at all). Returns how many of each kind were written."""
+    at all); no two files have the same content. Returns how many of each kind were written."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -102,7 +102,8 @@ def write_mixed_dataset(folder: Path, count: int, seed: int = 0) -> dict[str, in
             rate = DATASET_RATES[rng.integers(len(DATASET_RATES))]
             frames = int(rng.integers(rate // 2, rate + 1))  # 0.5 to 1 s
             rotation = 90 if rng.random() < 0.04 else None
-            path = write_timestamped_clip(name.with_suffix(suffix), [Fraction(i, rate) for i in range(frames)],
+            start = Fraction(index, 1000)  # frames show their time: a start of its own makes each file's content unique
+            path = write_timestamped_clip(name.with_suffix(suffix), [start + Fraction(i, rate) for i in range(frames)],
                                           time_base=Fraction(1, rate * 100), codec=codec, rotation=rotation, size=size)
             if 0.1 <= draw < 0.12:  # broken: half of them cut short, half not media at all
                 data = path.read_bytes()
