@@ -102,6 +102,13 @@ def test_cached_latents_are_read_when_a_step_asks(tmp_path, tiny_models):
     with pytest.raises(CacheError, match=str(entry)):
         read[0].latents
 
+    Encoding(family, config, Cache(tmp_path / "cache")).texts({"a caption"})
+    embeddings = Encoding(family, config, Cache(tmp_path / "cache")).texts({"a caption"})  # from the cache
+    [text_entry] = (tmp_path / "cache" / "text").glob("*/*.safetensors")
+    replacement = torch.full_like(load_file(str(text_entry))["value"], 0.25)
+    save_file({"value": replacement}, str(text_entry))
+    assert torch.equal(embeddings["a caption"], replacement)  # read when asked, not held
+
 
 def test_inspect_prints_a_summary_and_the_table_on_request(tmp_path, mixed, capsys):
     folder, kinds = mixed
