@@ -3,8 +3,8 @@
 An entry's name is a hash of everything that decides its content: the file's bytes, the clip plan
 (instants, size, crop), the encoder's identity (where it came from, its config files, its weight files'
 sizes and dates, its dtype) and the cache format version. Change any of them and that entry is made
-anew; nothing else is. Entries are written atomically (temporary file, then rename) and checked on
-read: a corrupt or non-finite entry is reported, removed and made again. A run keeps only references to
+anew; nothing else is. Entries are written atomically (a temporary file, then a hard link to the entry's
+name, which also keeps two ranks or nodes from both writing one) and checked on read: a corrupt or non-finite entry is reported, removed and made again. A run keeps only references to
 its entries (`Entry`) and reads each when a step needs it, so its memory does not grow with the dataset.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .video import MediaError
 
 log = logging.getLogger("motiontune")
 
@@ -104,8 +106,8 @@ class Entry:
         return {name: stored[name] for name in ("value", *self.extras)} if self.extras else stored["value"]
 
 
-class CacheError(Exception):
-    """A cache entry a run relies on went missing or bad under it."""
+class CacheError(MediaError):
+    """A cache entry a run relies on went missing or bad under it (reported as a data error)."""
 
 
 class Cache:
