@@ -85,10 +85,10 @@ def cmd_cache(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import as_json, as_table, inspect
+    from .inspect import as_json, as_summary, as_table, inspect
 
     survey, _ = inspect(args.target, args.set or [])
-    print(as_json(survey) if args.json else as_table(survey))
+    print(as_json(survey) if args.json else as_table(survey) if args.files else as_summary(survey))
     return 0
 
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="show what a dataset (folder or config) will train on")
     inspect.add_argument("target", help="a dataset folder, a config file or a preset name")
     inspect.add_argument("--json", action="store_true", help="one machine-readable JSON document")
+    inspect.add_argument("--files", action="store_true", help="a table of every file before the summary")
     inspect.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. video_config.target_fps=16")
     inspect.set_defaults(run=cmd_inspect)
 

@@ -1,9 +1,11 @@
-"""`motiontune inspect`: what will train, before any GPU time is spent. A table of every file and a
-summary, or one JSON document."""
+"""`motiontune inspect`: what will train, before any GPU time is spent. A summary (readable however large the
+dataset), the table of every file on request, or one JSON document."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -63,20 +65,75 @@ def file_record(entry: FileEntry) -> dict:
 
 
 def summary_record(survey: Survey) -> dict:
+    usable = survey.usable
+    videos = [e.info for e in usable if not e.info.is_image]
     return {
         "files": len(survey.entries),
-        "usable_files": len(survey.usable),
+        "usable_files": len(usable),
+        "videos": len(videos),
+        "images": len(usable) - len(videos),
+        "total_duration": round(sum(info.duration for info in videos), 3),  # seconds, of the usable videos
+        "fps_mix": {f"{fps:g}": n for fps, n in sorted(Counter(_typical_fps(info) for info in videos).items())},
+        "rotated": sum(1 for e in usable if e.info.rotation),
         "clips_per_bucket": {f"{f}x{w}x{h}": n for (f, h, w), n in sorted(survey.clips_per_bucket().items())},
         "skipped_by_reason": dict(survey.skipped_by_reason()),
-        "total_frames": sum(len(c) for e in survey.usable for c in e.clips),
+        "caption_problems": dict(Counter(_caption_kind(e.item.caption_problem) for e in survey.entries if e.item.caption_problem)),
+        "total_frames": sum(len(c) for e in usable for c in e.clips),
     }
+
+
+COMMON_RATES = (8, 10, 12, 15, 16, 23.976, 24, 25, 29.97, 30, 48, 50, 59.94, 60)
+
+
+def _typical_fps(info) -> float:
+    """A file's frame rate for the summary: frames over the span of their timestamps (muxers often store a nominal
+    rate in the header, and frames / duration is off by the last frame's length in a short file), shown as the
+    common rate it is within 0.5 % of (timestamps in milliseconds make 30 fps look like 29.99)."""
+    times = info.frame_times
+    if len(times) < 2 or times[-1] <= times[0]:
+        return round(info.fps, 2)
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    common = min(COMMON_RATES, key=lambda c: abs(c - rate))
+    return common if abs(common - rate) < 0.005 * rate else round(rate, 2)
+
+
+def _caption_kind(problem: str) -> str:
+    """A short category, without the file name: 'caption a.txt is empty' → 'caption is empty'."""
+    return re.sub(r" \S+\.txt", "", problem).split(" (")[0].split(";")[0]
 
 
 def as_json(survey: Survey) -> str:
     return json.dumps({"files": [file_record(e) for e in survey.entries], "summary": summary_record(survey)}, indent=2)
 
 
+def as_summary(survey: Survey, problems_shown: int = 10) -> str:
+    """What a dataset of any size trains on, in a screenful: counts per bucket and per problem, total duration,
+    frame-rate mix, and the first few files with a problem."""
+    summary = summary_record(survey)
+    hours, rest = divmod(summary["total_duration"], 3600)
+    lines = [f"{summary['usable_files']} of {summary['files']} files usable: {summary['videos']} videos "
+             f"({int(hours)}h {int(rest // 60):02d}m {rest % 60:04.1f}s in all, {summary['rotated']} rotated), "
+             f"{summary['images']} images; {summary['total_frames']} frames in all"]
+    if summary["fps_mix"]:
+        lines.append("frame rates: " + ", ".join(f"{fps} fps x{n}" for fps, n in summary["fps_mix"].items()))
+    for bucket, count in summary["clips_per_bucket"].items():
+        frames, width, height = bucket.split("x")
+        lines.append(f"  bucket {width}x{height}, {frames} frames: {count} clips")
+    for reason, count in summary["skipped_by_reason"].items():
+        lines.append(f"  skipped ({reason}): {count}")
+    for reason, count in summary["caption_problems"].items():
+        lines.append(f"  trained with an empty caption ({reason}): {count}")
+    bad = [e for e in survey.entries if e.problem]
+    if bad and problems_shown:
+        lines.append(f"files that cannot be used ({len(bad)}; --files lists every file):")
+        lines += [f"  {e.problem}" for e in bad[:problems_shown]]
+        if len(bad) > problems_shown:
+            lines.append(f"  ... and {len(bad) - problems_shown} more")
+    return "\n".join(lines)
+
+
 def as_table(survey: Survey) -> str:
+    """One row per file, then the summary."""
     header = ("file", "duration", "fps", "frames", "size", "rot", "clips", "bucket", "caption", "problems")
     rows = [header]
     for entry in survey.entries:
@@ -97,12 +154,4 @@ def as_table(survey: Survey) -> str:
         ))
     widths = [max(len(row[i]) for row in rows[:]) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-    summary = summary_record(survey)
-    lines.append("")
-    lines.append(f"{summary['usable_files']} of {summary['files']} files usable, {summary['total_frames']} frames in all")
-    for bucket, count in summary["clips_per_bucket"].items():
-        frames, width, height = bucket.split("x")
-        lines.append(f"  bucket {width}x{height}, {frames} frames: {count} clips")
-    for reason, count in summary["skipped_by_reason"].items():
-        lines.append(f"  skipped ({reason}): {count}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + as_summary(survey, problems_shown=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,9 @@ def messy_folder(tmp_path) -> Path:
     return folder
 
 
-def test_inspect_reports_every_bad_file_with_its_reason(messy_folder, capsys):
-    assert main(["inspect", str(messy_folder), "--json", "--set", "video_config.target_fps=8"]) == 0
+def test_inspect_reports_every_bad_file_with_its_reason(messy_folder, tmp_path, capsys):
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    assert main(["inspect", str(messy_folder), "--json", "--set", "video_config.target_fps=8", "--set", cache]) == 0
     report = json.loads(capsys.readouterr().out)
     files = {Path(f["path"]).name: f for f in report["files"]}
     assert files["zero.mp4"]["problems"][0] == "empty file (0 bytes)"
@@ -59,8 +61,8 @@ def test_inspect_reports_every_bad_file_with_its_reason(messy_folder, capsys):
     assert summary["total_frames"] == sum(len(c) for f in files.values() for c in f["clips"])
 
 
-def test_inspect_table_summarises(messy_folder, capsys):
-    assert main(["inspect", str(messy_folder)]) == 0
+def test_inspect_table_summarises(messy_folder, tmp_path, capsys):
+    assert main(["inspect", str(messy_folder), "--files", "--set", f"cache_dir={tmp_path / 'cache'}"]) == 0
     out = capsys.readouterr().out
     assert "zero.mp4" in out and "empty file (0 bytes)" in out
     assert "skipped (not a readable video): 2" in out and "files usable" in out
@@ -96,3 +98,38 @@ def test_a_crashing_decoder_costs_one_file_not_the_run():
     results = dict(map_isolated(crash_on_three, range(6), workers=2))
     assert isinstance(results.pop(3), WorkerCrash)
     assert results == {0: 0, 1: 10, 2: 20, 4: 40, 5: 50}
+
+
+def pid_unless_three(job: int) -> int:
+    if job == 3:
+        os._exit(1)
+    return os.getpid()
+
+
+def test_a_crash_among_many_files_isolates_a_few_jobs_not_all_the_rest():
+    """After a crash only the jobs the broken pool may have held run one per process; the rest share a new
+    pool (before, each of the remaining files got a process of its own: thousands for a large dataset)."""
+    results = dict(map_isolated(pid_unless_three, range(40), workers=2))
+    assert isinstance(results.pop(3), WorkerCrash)
+    assert len(results) == 39
+    # two pools of 2 workers, and at most the 4 jobs in flight (2 x workers) run alone
+    assert len(set(results.values())) <= 2 + 2 + 4
+
+
+def mark_started(job: tuple[Path, int]) -> int:
+    folder, index = job
+    (folder / str(index)).touch()
+    return index
+
+
+def test_workers_run_only_a_few_jobs_ahead_of_the_consumer(tmp_path):
+    """Results wait in memory until the consumer takes them: with 2 workers, no more than 4 jobs are in flight,
+    so a slow consumer (the VAE) never has thousands of decoded clips piling up."""
+    results = map_isolated(mark_started, [(tmp_path, i) for i in range(40)], workers=2)
+    assert next(results)[1] == 0
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:  # jobs 1-3 are in flight and run
+        time.sleep(0.05)
+    time.sleep(1)  # room for the workers to run further ahead, if they could
+    assert len(list(tmp_path.iterdir())) == 4  # job 0 and the 3 still in flight; nothing more
+    assert [index for _, index in results] == list(range(1, 40))

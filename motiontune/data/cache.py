@@ -3,8 +3,9 @@
 An entry's name is a hash of everything that decides its content: the file's bytes, the clip plan
 (instants, size, crop), the encoder's identity (where it came from, its config files, its weight files'
 sizes and dates, its dtype) and the cache format version. Change any of them and that entry is made
-anew; nothing else is. Entries are written atomically (temporary file, then rename) and checked on
-read: a corrupt or non-finite entry is reported, removed and made again.
+anew; nothing else is. Entries are written atomically (a temporary file, then a hard link to the entry's
+name, which also keeps two ranks or nodes from both writing one) and checked on read: a corrupt or non-finite entry is reported, removed and made again. A run keeps only references to
+its entries (`Entry`) and reads each when a step needs it, so its memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..util.files import write_then_rename
 from ..util.processes import process_alive
+from .video import MediaError
 
 log = logging.getLogger("motiontune")
 
@@ -51,41 +55,89 @@ def encoder_identity(source: str, parts: tuple[str, ...], dtype: str) -> str:
     return digest(material)
 
 
+class FileFacts:
+    """Facts learnt about dataset files (a content hash, a probe), kept in one JSON file and trusted while a
+    file's size and modification time are unchanged, so an unchanged file is not read again. `path` None
+    keeps them in memory only. `version` names the code that made them: other versions' facts are dropped."""
+
+    def __init__(self, path: Path | None, version: int = 0):
+        self.path, self.version = path, version
+        self._facts: dict[str, list] = {}
+        self._changed = False
+        if path is not None and path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("version") == version:
+                    self._facts = stored["files"]
+            except (json.JSONDecodeError, AttributeError, KeyError):
+                pass  # unreadable: learnt again
+
+    def get(self, file: Path):
+        stat = file.stat()
+        known = self._facts.get(str(file))
+        return known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else None
+
+    def put(self, file: Path, fact) -> None:
+        stat = file.stat()
+        self._facts[str(file)] = [stat.st_size, stat.st_mtime_ns, fact]
+        self._changed = True
+
+    def save(self) -> None:
+        """Written only when something was learnt (atomically: ranks and nodes may write it at once)."""
+        if self.path is not None and self._changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.path, json.dumps({"version": self.version, "files": self._facts}))
+            self._changed = False
+
+
+class Entry:
+    """A reference to a checked cache entry, read when a step needs it."""
+
+    __slots__ = ("path", "extras", "shape")
+
+    def __init__(self, path: Path, extras: tuple[str, ...], shape: tuple[int, ...]):
+        self.path, self.extras, self.shape = path, extras, shape
+
+    def load(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        try:
+            stored = load_file(str(self.path))
+        except Exception as error:  # removed or damaged while the run was going
+            raise CacheError(f"cache entry {self.path} could not be read during training ({error}); was the cache "
+                             "cleared while this run used it? Run again: missing entries are made again") from None
+        return {name: stored[name] for name in ("value", *self.extras)} if self.extras else stored["value"]
+
+
+class CacheError(MediaError):
+    """A cache entry a run relies on went missing or bad under it (reported as a data error)."""
+
+
 class Cache:
     """`enabled` False keeps nothing on disk (every run encodes again)."""
 
     def __init__(self, directory: str | Path, enabled: bool = True):
         self.directory = Path(directory)
         self.enabled = enabled
-        self._fingerprints: dict[str, list] = {}
+        self._fingerprints = FileFacts(self.directory / "files.json" if enabled else None)
         if enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._index = self.directory / "files.json"
-            if self._index.is_file():
-                try:
-                    self._fingerprints = json.loads(self._index.read_text())
-                except json.JSONDecodeError:
-                    self._fingerprints = {}
             self._remove_stale_temporaries()
 
     # --- keys ------------------------------------------------------------------------------------
     def file_fingerprint(self, path: Path) -> str:
         """The file's content hash; size and modification time skip re-hashing an unchanged file."""
         path = Path(path).resolve()
-        stat = path.stat()
-        known = self._fingerprints.get(str(path))
-        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return known[2]
+        known = self._fingerprints.get(path)
+        if known:
+            return known
         sha = hashlib.sha256()
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 sha.update(block)
-        self._fingerprints[str(path)] = [stat.st_size, stat.st_mtime_ns, sha.hexdigest()]
+        self._fingerprints.put(path, sha.hexdigest())
         return sha.hexdigest()
 
     def save_fingerprints(self) -> None:
-        if self.enabled:
-            write_then_rename(self._index, lambda path: path.write_text(json.dumps(self._fingerprints)))
+        self._fingerprints.save()
 
     @staticmethod
     def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
@@ -105,9 +157,10 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.directory / kind / key[:2] / f"{key}.safetensors"
 
-    def get(self, kind: str, key: str, extras: tuple[str, ...] = ()) -> torch.Tensor | None:
-        """The entry's value, or None when it is missing or unusable. With `extras` (names of tensors stored
-        beside the value, such as a clip's first-frame image embedding), a dict of the value and those."""
+    def get(self, kind: str, key: str, extras: tuple[str, ...] = ()) -> Entry | None:
+        """A reference to the entry, or None when it is missing or unusable. It is read whole once here, to
+        check it (torn, NaN), and not kept. With `extras` (names of tensors stored beside the value, such as a
+        clip's first-frame image embedding), the reference loads a dict of the value and those."""
         if not self.enabled:
             return None
         path = self.path(kind, key)
@@ -124,17 +177,21 @@ class Cache:
             log.warning("cache entry %s was unusable (%s); making it again", path, error)
             path.unlink(missing_ok=True)
             return None
-        return {name: stored[name] for name in ("value", *extras)} if extras else stored["value"]
+        return Entry(path, extras, tuple(stored["value"].shape))
 
     def put(self, kind: str, key: str, value: torch.Tensor, about: dict | None = None,
-            extras: dict[str, torch.Tensor] | None = None) -> None:
+            extras: dict[str, torch.Tensor] | None = None) -> Entry | None:
+        """Write the entry; the reference to it (None when the cache is off)."""
         if not self.enabled:
-            return
+            return None
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = _temporary(path)
         metadata = {"about": json.dumps(about or {}, default=str)}
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {"value": value, **(extras or {})}.items()}
-        write_then_rename(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+        tensors = {"value": value, **(extras or {})}
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+        _publish(temporary, path)
+        return Entry(path, tuple(extras or ()), tuple(value.shape))
 
     def keys(self, kind: str) -> set[str]:
         folder = self.directory / kind
@@ -150,8 +207,45 @@ class Cache:
         return removed
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary files of runs that were killed mid-write (their process is gone)."""
+        """Temporary files of runs that were killed mid-write: on this machine, those whose process is gone; from
+        other machines sharing the folder (whose processes cannot be seen from here), those untouched for a day."""
         for path in self.directory.rglob("*.tmp"):
-            pid = path.suffixes[-2].lstrip(".") if len(path.suffixes) >= 2 else ""
-            if not pid.isdigit() or not process_alive(int(pid)):
+            host, _, pid = path.name.rsplit(".", 2)[-2].rpartition("-")
+            try:
+                if host == _HOST:
+                    stale = not pid.isdigit() or not process_alive(int(pid))
+                else:
+                    stale = time.time() - path.stat().st_mtime > 24 * 3600
+            except FileNotFoundError:  # its writer just put it in place
+                continue
+            if stale:
                 path.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
+
+
+def _temporary(path: Path) -> Path:
+    """Where a file is written before it is put in place: named by machine and process, so a run that finds it
+    later can tell whether its writer is gone."""
+    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}.tmp")
+
+
+def _publish(temporary: Path, path: Path) -> None:
+    """Put a finished entry in place in one step. A hard link, unlike a rename, fails when the entry exists: ranks and
+    nodes deal the entries out so that each is written once, and if another process got there first, its entry
+    stays and the duplicate work is reported."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        log.warning("cache entry %s was already written by another process (the same clip was encoded twice)", path)
+    except OSError:  # a filesystem without hard links: a rename is atomic too
+        os.replace(temporary, path)
+        return
+    temporary.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = _temporary(path)
+    temporary.write_text(text)
+    os.replace(temporary, path)

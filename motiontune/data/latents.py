@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..models import ModelFamily
 from ..util.ranks import Ranks
 from .augment import ImageVariant, apply_image_variant, caption_variants, cover_size, image_variant
 from .buckets import clip_repeats
-from .cache import Cache, encoder_identity
+from .cache import Cache, Entry, encoder_identity
 from .dataset import Item, load_concepts
 from .survey import FileEntry, Survey, plan_entry, sampling_grid
 from .video import MediaError, decode_clips
@@ -32,17 +33,48 @@ log = logging.getLogger("motiontune")
 @dataclass
 class EncodedClip:
     source: Path
-    latents: torch.Tensor  # (C, F', H', W'), normalised, on the CPU
+    stored: Entry | torch.Tensor | dict  # the cache entry, read when a step asks (in memory only without a cache)
     captions: tuple[str, ...]  # one is picked per step: the caption lines, or their drawn variations
     repeats: float  # times per epoch on average, from the concept's balancing
     timestamps: tuple[float, ...]
-    image_embeds: torch.Tensor | None = None  # the first frame through the family's image encoder (WAN 2.1 I2V)
     loss_weight: float = 1.0  # the concept's loss_weight
     look: ImageVariant = ImageVariant()  # the crop jitter and flip the frames had before encoding
 
     @property
+    def latents(self) -> torch.Tensor:
+        """(C, F', H', W'), normalised, on the CPU."""
+        value = _value(self.stored)
+        return value["value"] if isinstance(value, dict) else value
+
+    @property
+    def image_embeds(self) -> torch.Tensor | None:
+        """The first frame through the family's image encoder (WAN 2.1 I2V), when the family has one."""
+        value = _value(self.stored)
+        return value["image"] if isinstance(value, dict) else None
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.latents.shape)
+        return tuple(self.stored.shape) if isinstance(self.stored, Entry) else tuple(self.latents.shape)
+
+
+def _value(stored):
+    return stored.load() if isinstance(stored, Entry) else stored
+
+
+class Embeddings(Mapping):
+    """Text → embedding, each read from its cache entry when asked (a dataset's captions need not fit in memory)."""
+
+    def __init__(self, stored: dict):
+        self._stored = stored
+
+    def __getitem__(self, text: str) -> torch.Tensor:
+        return _value(self._stored[text])
+
+    def __iter__(self):
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
 
 
 class Encoding:
@@ -154,9 +186,8 @@ class Encoding:
         encoded = []
         for entry, clip, look, value in found:
             item, concept = entry.item, entry.item.concept
-            latents, image = (value["value"], value["image"]) if self._extras else (value, None)
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
-            encoded.append(EncodedClip(item.path, latents, self._captions(item), repeats, clip, image, concept.loss_weight, look))
+            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
@@ -184,10 +215,11 @@ class Encoding:
                     frames = apply_image_variant(frames, look, entry.size)
                     latents = self.family.encode_video(frames)
                     extras = {"image": self.family.encode_first_frame(frames[0])} if self._extras else None
-                    values[key] = {"value": latents, **extras} if extras else latents
                     self.calls["video"] += 1
                     about = {"file": str(entry.item.path), "instants": clip, "crop": look.crop, "flip": look.flip}
-                    self.cache.put("latents", key, latents, about, extras)
+                    # with a cache, only the reference is kept: memory stays flat however many clips there are
+                    values[key] = self.cache.put("latents", key, latents, about, extras) or (
+                        {"value": latents, **extras} if extras else latents)
                 progress.update()
         progress.close()
 
@@ -218,7 +250,7 @@ class Encoding:
         if self._image_cycles and self._windows_move and windows == 0:
             log.info("clip windows are drawn anew every epoch (window_variants 0), so image variations are encoded anew too")
 
-    def texts(self, texts: set[str], batch: int = 8) -> dict[str, torch.Tensor]:
+    def texts(self, texts: set[str], batch: int = 8) -> Embeddings:
         """Each text's embedding, as the stock pipeline computes it."""
         keys = {text: Cache.text_key(text, self.text_identity) for text in texts}
         self.used["text"].update(keys.values())
@@ -233,13 +265,12 @@ class Encoding:
         for start in range(0, len(missing), batch):
             chunk = missing[start : start + batch]
             for text, row in zip(chunk, self.family.encode_prompts(chunk)):
-                embeddings[text] = row
                 self.calls["text"] += 1
-                self.cache.put("text", keys[text], row, {"text": text})
+                embeddings[text] = self.cache.put("text", keys[text], row, {"text": text}) or row
         if self.split and everything_missing:
             self.ranks.barrier()
             embeddings.update({text: self.cache.get("text", keys[text]) for text in everything_missing if embeddings[text] is None})
-        return embeddings
+        return Embeddings(embeddings)
 
     @property
     def _extras(self) -> tuple[str, ...]:

@@ -1,23 +1,30 @@
 """Survey a dataset before any model loads: probe every file (in worker processes), plan its clip
 windows and bucket, and say what is wrong with each file that cannot be used. `motiontune inspect`
-prints this; training decodes exactly what it planned."""
+prints this; training decodes exactly what it planned. Probe results are kept in the cache folder
+(`probes.json`), so a file whose size and date are unchanged is not probed again."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..config.schema import parse_resolution
 from ..models import ModelFamily, compression_factors
 from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
+from .cache import FileFacts
 from .dataset import Item, scan_dataset
 from .video import MediaError, MediaInfo, plan_clips, probe
 from .workers import WorkerCrash, map_isolated
 
 log = logging.getLogger("motiontune")
+
+PROBE_VERSION = 1  # raise when probe() learns something new: older probes are then made again
 
 
 @dataclass
@@ -103,8 +110,8 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
     max_frames = valid_max_frames(config, family)
     video = config.video_config
     entries = []
-    probes = map_isolated(probe, [item.path for item in items], config.dataloader_threads)
-    for item, (_, info) in zip(items, probes):
+    probes = probe_all([item.path for item in items], config)
+    for item, info in zip(items, probes):
         entry = FileEntry(item)
         entries.append(entry)
         if isinstance(info, WorkerCrash):
@@ -139,6 +146,45 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
             "check the concept paths and run `motiontune inspect` on them"
         )
     return survey
+
+
+def probe_all(paths: list[Path], config: TrainConfig) -> list:
+    """Each file's MediaInfo, or the exception that says why it cannot be used: from the cache folder's
+    probes.json when the file is unchanged, else probed in worker processes (and remembered, problems too;
+    not a worker crash, which may be the machine's fault rather than the file's)."""
+    facts = FileFacts(Path(config.cache_dir) / "probes.json" if config.latent_caching else None, PROBE_VERSION)
+    results = [_from_fact(path, facts.get(path.resolve())) for path in paths]
+    unknown = [path for path, result in zip(paths, results) if result is None]
+    if unknown:
+        if len(unknown) < len(paths):
+            log.info("probing %d new or changed files (%d known from the cache)", len(unknown), len(paths) - len(unknown))
+        found = dict(map_isolated(probe, unknown, config.dataloader_threads))
+        for index, path in enumerate(paths):
+            if results[index] is None:
+                results[index] = result = found[path]
+                if isinstance(result, (MediaInfo, MediaError)):
+                    facts.put(path.resolve(), _as_fact(path, result))
+        facts.save()
+    return results
+
+
+def _as_fact(path: Path, result: MediaInfo | MediaError):
+    if isinstance(result, MediaError):  # kept without the file name, which is the key
+        return {"problem": str(result).removeprefix(f"{path}: ")}
+    fact = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    fact["path"] = None
+    fact["time_base"] = None if result.time_base is None else [result.time_base.numerator, result.time_base.denominator]
+    return fact
+
+
+def _from_fact(path: Path, fact) -> MediaInfo | MediaError | None:
+    if fact is None:
+        return None
+    if "problem" in fact:
+        return MediaError(f"{path}: {fact['problem']}")
+    time_base = fact["time_base"] and Fraction(*fact["time_base"])
+    return MediaInfo(**{**fact, "path": path, "time_base": time_base, "keyframes": tuple(fact["keyframes"]),
+                        "frame_times": tuple(fact["frame_times"])})
 
 
 def _resolution_of(concept, config: TrainConfig) -> str:

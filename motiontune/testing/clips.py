@@ -70,3 +70,47 @@ def write_timestamped_clip(
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
+
+
+# (codec, file suffix) of the synthetic dataset's videos; all in PyAV's bundled FFmpeg
+DATASET_CODECS = (("libx264", ".mp4"), ("libvpx-vp9", ".webm"), ("mpeg4", ".mkv"))
+DATASET_SIZES = ((32, 48), (48, 32), (40, 40), (36, 64))  # (height, width) as stored
+DATASET_RATES = (12, 24, 25, 30)
+
+
+def write_mixed_dataset(folder: Path, count: int, seed: int = 0) -> dict[str, int]:
+    """`count` short files with captions, like a real dataset's mix: videos of several sizes, frame rates and
+    codecs (about 1 in 25 rotated), about 1 in 10 an image, and about 1 in 50 broken (cut short, or not media
+    at all); no two files have the same content. Returns how many of each kind were written."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = {"video": 0, "image": 0, "broken": 0, "rotated": 0}
+    for index in range(count):
+        name = folder / f"clip_{index:05d}"
+        size = DATASET_SIZES[rng.integers(len(DATASET_SIZES))]
+        draw = rng.random()
+        if draw < 0.1:
+            image = timestamp_image(index, *size)
+            path = name.with_suffix(".png" if index % 2 else ".jpg")
+            Image.fromarray(image).save(path)
+            kinds["image"] += 1
+        else:
+            codec, suffix = DATASET_CODECS[rng.integers(len(DATASET_CODECS))]
+            rate = DATASET_RATES[rng.integers(len(DATASET_RATES))]
+            frames = int(rng.integers(rate // 2, rate + 1))  # 0.5 to 1 s
+            rotation = 90 if rng.random() < 0.04 else None
+            start = Fraction(index, 1000)  # frames show their time: a start of its own makes each file's content unique
+            path = write_timestamped_clip(name.with_suffix(suffix), [start + Fraction(i, rate) for i in range(frames)],
+                                          time_base=Fraction(1, rate * 100), codec=codec, rotation=rotation, size=size)
+            if 0.1 <= draw < 0.12:  # broken: half of them cut short, half not media at all
+                data = path.read_bytes()
+                path.write_bytes(data[: len(data) // 5] if index % 2 else b"not a video\n" * 50)
+                kinds["broken"] += 1
+            else:
+                kinds["video"] += 1
+                kinds["rotated"] += rotation is not None
+        name.with_suffix(".txt").write_text(f"synthetic clip {index}\n")
+    return kinds
