@@ -160,7 +160,7 @@ def _newest_backup(args) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     from .testing.tiny_models import FAMILIES
 
-    parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion LoRAs (WAN 2.1/2.2).")
+    parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion models (WAN 2.1/2.2, HunyuanVideo, HiDream-I1): LoRA, full fine-tune or embedding.")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 

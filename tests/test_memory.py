@@ -247,3 +247,20 @@ def test_a_float8_text_encoder_encodes_close_to_the_plain_one_and_caches_apart(t
     identity = [Encoding(wan, config, Cache(config.cache_dir, True), None).text_identity
                 for config, wan in ((plain_config, plain), (quantized_config, quantized))]
     assert identity[0] != identity[1]
+
+
+@pytest.mark.parametrize("optimizer", ["ADAMW", "ADAFACTOR", "PRODIGY"])
+def test_optimizer_state_bytes_is_what_the_optimizer_allocates(optimizer):
+    """The state size the log and `estimate` quote, against the optimizer's own state after a step, for
+    parameters of 1 to 4 dimensions (Adafactor factors each trailing matrix: one value per row and per column)."""
+    from motiontune.train.optim import make_optimizer, optimizer_state_bytes
+
+    config = TrainConfig.model_validate({"concepts": [{"path": "."}], "optimizer": {"optimizer": optimizer}})
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(7,), (6, 5), (3, 4, 5), (2, 3, 4, 5)]]
+    opt = make_optimizer([{"params": params, "lr": 1e-3}], config)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    allocated = sum(v.numel() * v.element_size() for state in opt.state.values() for key, v in state.items()
+                    if torch.is_tensor(v) and v.numel() > 1 and key != "step")
+    assert optimizer_state_bytes(opt, config) == allocated

@@ -57,7 +57,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, config: TrainConfig)
             elif kind == "ADAMW_8BIT":  # small tensors keep full moments, as torchao does below 4096 values
                 total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * size * n
             elif kind == "ADAFACTOR":
-                total += size * (sum(p.shape[-2:]) if p.dim() >= 2 else n)
+                # torch's factored second moment: one value per row and one per column of each trailing matrix
+                total += size * (n // p.shape[-1] + n // p.shape[-2] if p.dim() >= 2 else n)
             elif kind == "PRODIGY":
                 total += 4 * size * n  # two moments, its running sum s and the starting weights
     return total
