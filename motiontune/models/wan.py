@@ -13,6 +13,7 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -41,10 +42,8 @@ _COMFY_RENAMES = [
     (r"\.attn2\.to_v$", ".cross_attn.v"), (r"\.attn2\.to_out\.0$", ".cross_attn.o"),
     (r"\.attn2\.add_k_proj$", ".cross_attn.k_img"), (r"\.attn2\.add_v_proj$", ".cross_attn.v_img"),
     (r"\.ffn\.net\.0\.proj$", ".ffn.0"), (r"\.ffn\.net\.2$", ".ffn.2"),
-    (r"^condition_embedder\.text_embedder\.linear_1$", "text_embedding.0"),
-    (r"^condition_embedder\.text_embedder\.linear_2$", "text_embedding.2"),
-    (r"^condition_embedder\.time_embedder\.linear_1$", "time_embedding.0"),
-    (r"^condition_embedder\.time_embedder\.linear_2$", "time_embedding.2"),
+    (r"^condition_embedder\.(text|time)_embedder\.linear_1$", r"\1_embedding.0"),
+    (r"^condition_embedder\.(text|time)_embedder\.linear_2$", r"\1_embedding.2"),
     (r"^condition_embedder\.time_proj$", "time_projection.1"),
     (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V's CLIP projection
     (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
@@ -295,14 +294,10 @@ class WanFamily(ModelFamily):
     # --- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, request: SampleRequest) -> np.ndarray:
-        """One video from the stock pipeline. On an accelerator its parts take turns on the device, as in training
-        (an 8 GB GPU holds the 5B transformer or the VAE decoding, not both): the VAE (with WAN 2.1 I2V's CLIP) while
-        the pipeline encodes a given first frame; the transformer while it denoises (A14B: one expert at a time, the
-        high-noise one first, each swapped in when the pipeline first calls it); the VAE alone to decode, in tiles
-        when decoding whole frames would not fit the memory free (`wan_decode.decode_in_tiles`). `estimate` models
-        these moments."""
-        import logging
-
+        """One video from the stock pipeline. On an accelerator its parts take turns on the device (an 8 GB GPU holds
+        the 5B transformer or the VAE decoding, not both): the VAE (and CLIP) to encode a given first frame; the
+        transformer to denoise (A14B: each expert swapped in when the pipeline first calls it); the VAE alone to
+        decode, in tiles when whole frames would not fit (`wan_decode.decode_in_tiles`), as `estimate` models it."""
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
         from .wan_decode import decode_in_tiles
@@ -361,6 +356,7 @@ class WanFamily(ModelFamily):
     @classmethod
     def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+        from transformers import UMT5Config, UMT5EncoderModel
 
         text_dim = 32
         wide_vae = name == "wan-2.2-ti2v-5b"
@@ -380,7 +376,11 @@ class WanFamily(ModelFamily):
                          if two_experts else None)
         # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
         scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if name.startswith("wan-2.2") else 3.0)
-        parts = dict(tokenizer=tokenizer("tokenizer", 512), text_encoder=_tiny_text_encoder(text_dim), vae=vae,
+        text_encoder = UMT5EncoderModel(UMT5Config(  # vocab >= the tokenizer's
+            vocab_size=256, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0)).eval()
+        parts = dict(tokenizer=tokenizer("tokenizer", 512), text_encoder=text_encoder, vae=vae,
                      scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
                      boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
                      expand_timesteps=wide_vae)
@@ -397,10 +397,8 @@ class WanFamily(ModelFamily):
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
-        if base in RELEASES:
-            return base, RELEASES[base]
-        name = DEFAULT_RELEASE[self.config.model_type]
-        if "14B" in base and self.config.model_type == "WAN_2_1_T2V":
+        name = base if base in RELEASES else DEFAULT_RELEASE[self.config.model_type]
+        if "14B" in base and name == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers":  # WAN 2.1 T2V comes in two sizes
             name = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
         return name, RELEASES[name]
 
@@ -440,7 +438,7 @@ class WanFamily(ModelFamily):
         from transformers import UMT5Config, UMT5EncoderModel
 
         with torch.device("meta"):
-            return [("UMT5", UMT5EncoderModel(UMT5Config(**_plain(configs["text_encoder"]))))]
+            return [("UMT5", UMT5EncoderModel(UMT5Config(**configs["text_encoder"])))]
 
     def estimate_image_encoder_bytes(self) -> int:
         """WAN 2.1 I2V's CLIP ViT-H/14 vision tower, float32, beside the VAE while clips and first frames encode."""
@@ -452,42 +450,22 @@ class WanFamily(ModelFamily):
 
 
 # --- the released models, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
-
 CLIP_IMAGE_TOKENS = 257  # WAN 2.1 I2V: CLIP's tokens for the first frame
 CLIP_VIT_H_PARAMS = 632_076_800  # WAN 2.1 I2V's image encoder (CLIP ViT-H/14 vision tower)
-
-
-def _plain(cfg: dict) -> dict:
-    """A config.json without its bookkeeping keys."""
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
-
-
-# Hub id → its parts' configs (diffusers' transformer/config.json etc.; A14B: both experts have that transformer;
-# text_encoder: google/umt5-xxl's encoder, as every WAN pipeline ships it; vae {}: AutoencoderKLWan's defaults, which
-# are WAN 2.1's), and model_type → the release estimated when base_model_name is neither a local folder nor a known id
+# Hub id → its parts' configs (A14B: both experts have that transformer; text_encoder: google/umt5-xxl's encoder; vae {}:
+# AutoencoderKLWan's defaults, WAN 2.1's), and model_type → the release estimated for a base_model_name not known here
 _RELEASE_DATA = json.loads((Path(__file__).parent / "releases" / "wan.json").read_text())
 RELEASES, DEFAULT_RELEASE = _RELEASE_DATA["releases"], _RELEASE_DATA["default_release"]
-
-
-def _tiny_text_encoder(text_dim: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    return UMT5EncoderModel(UMT5Config(
-        vocab_size=256, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,  # vocab >= the tokenizer's
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    )).eval()
 
 
 def tiny_vae(wide: bool):
     from diffusers import AutoencoderKLWan
 
+    common = dict(dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
     if wide:  # Wan 2.2 VAE: 48 channels, 16x spatial (patchified 2x on top of 8x), residual blocks
-        return AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                                patch_size=2, scale_factor_spatial=16).eval()
-    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                            temperal_downsample=[False, True, True]).eval()
+        return AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12,
+                                out_channels=12, patch_size=2, scale_factor_spatial=16, **common).eval()
+    return AutoencoderKLWan(base_dim=8, z_dim=16, **common).eval()
 
 
 @torch.no_grad()
