@@ -38,6 +38,7 @@ def _fake_transformer(cfg: dict, config: TrainConfig, depth: int, quantized: str
 
 
 _STEPS: dict = {}
+_MATMULS: dict = {}  # the same key → (distinct half-precision matrix products of the step, new ones every later step)
 
 
 def _step_key(cfg, depth, config, shape, recompute, text_live, quantized):
@@ -106,12 +107,30 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
         loss.backward()
     for handle in handles:
         handle.remove()
+
+    def count_matmuls(run) -> int:  # distinct half-precision matrix products `run` makes, as the step ran them
+        counter = LiveBytes()
+        with mode, counter, quiet(), torch.autocast("cpu", dtype=half or torch.float32, enabled=half is not None):
+            run()
+        return len(counter.matmuls)
+
+    varying = owner.estimate_varying_matmuls(cfg, model, count_matmuls) if hasattr(owner, "estimate_varying_matmuls") else 0
+    _MATMULS[key] = (len(tracker.matmuls), varying)
     # what the second block of a kind left alive for backward (its saved tensors, its output in place of its input);
     # the first is no model for the rest: its input may need no gradient, so it saves less
     shares = [(len(blocks), e[2] - e[1] if len(e) >= 3 else 0) for (_, blocks), e in zip(kinds, entries)]
     result = (tracker.peak, shares, max(received, default=0))
     _STEPS[key] = result
     return result
+
+
+def step_matmuls(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
+                 quantized: str | None = None) -> tuple[int, int]:
+    """(distinct half-precision matrix products one training step runs, how many of new shapes each further step
+    runs: a family whose shapes follow the data, such as HiDream's MoE routing, says so). On the CPU, torch hands
+    these to oneDNN, which compiles a kernel per shape and keeps it (estimate/step.py counts their bytes)."""
+    simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)
+    return _MATMULS[_step_key(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)]
 
 
 def activation_peak(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,

@@ -10,7 +10,7 @@ from .configs import DTYPES, family, load_dtype, transformer_config
 from .moments import other_phases, text_encoder_lines, text_live
 from .result import GB, QUANTIZED, Estimate, Line, Options, Shape
 from .shapes import config_shape
-from .simulation import activation_peak
+from .simulation import activation_peak, step_matmuls
 from .weights import count_weights, elem, optimizer_state_bytes
 
 
@@ -21,6 +21,32 @@ def trained_parts(config: TrainConfig) -> list[str]:
 
 def _second_expert(config: TrainConfig) -> bool:
     return bool(getattr(family(config), "is_a14b", False))
+
+
+# Resident bytes a compiled oneDNN matmul kernel keeps while it is in the primitive cache (its code and descriptors,
+# malloc'ed outside any tensor): 0.6 MiB; 0.61 is the slope of the resident memory left after each step of
+# benchmarks/memory.py's HiDream run against the kernels cached, from 208 after its first step to the cache's 1024
+# from its eighth on (0.56-0.67 MiB per new shape of a lone bf16 matmul; torch 2.13's oneDNN 3.12, AVX-512 bf16)
+ONEDNN_KERNEL_BYTES = 6 * 2**20 // 10
+ONEDNN_CACHE_CAPACITY = 1024  # oneDNN's default primitive cache capacity (ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+
+
+def _onednn_kernels(cfg, config, shape, recompute, live, quantized) -> list[Line]:
+    """On the CPU torch runs half-precision matrix products through oneDNN, which compiles a kernel for every new
+    shape and keeps the last 1024 for the rest of the process. A step's products of fixed shapes are compiled once;
+    shapes that follow the data (HiDream's MoE sends a different number of tokens to each expert every step) bring
+    new kernels every step until the cache is full, which is where a long run stays."""
+    import os
+
+    fixed, varying = step_matmuls(cfg, config, shape, recompute, live, quantized)
+    capacity = int(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+                   or os.environ.get("DNNL_PRIMITIVE_CACHE_CAPACITY") or ONEDNN_CACHE_CAPACITY)
+    kernels = capacity if varying else min(capacity, fixed)
+    if not kernels:
+        return []
+    note = f"{fixed} matmul shapes in a step" + (f"; {varying} new ones every step (MoE routing) until the cache holds "
+                                                 f"{capacity}" if varying else "")
+    return [Line("oneDNN matmul kernels (CPU)", kernels * ONEDNN_KERNEL_BYTES, 0, note)]
 
 
 def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None = None, options: Options | None = None,
@@ -93,6 +119,8 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         lines.append(Line(act_name, peak, 0, act_note))
     if live:
         lines += text_encoder_lines(config, shape, on_cpu)
+    if on_cpu:
+        lines += _onednn_kernels(cfg, config, shape, recompute, live, quantized)
     if on_cpu and trainable:  # torch's foreach AdamW on the CPU: one temporary the size of a moment during the step
         lines.append(Line("optimizer step temporaries", trainable, 0, "foreach update on the CPU (fused on CUDA: none)"))
     if not on_cpu:

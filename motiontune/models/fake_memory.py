@@ -20,6 +20,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 # measured on the CPU)
 NF4_UNPACK_BYTES_PER_WEIGHT = 14
 
+# matrix products torch's CPU build hands to oneDNN in half precision; oneDNN compiles a kernel for each new shape
+# and keeps it (`LiveBytes.matmuls` collects the shapes: motiontune/estimate counts what the kernels take)
+_ONEDNN_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+_HALF = (torch.bfloat16, torch.float16)
+
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Adds up the storage bytes of every tensor created while active and still alive; keeps the peak.
@@ -33,6 +38,7 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         self.bytes: dict[int, int] = {}
         self.refs: dict[int, object] = {}
         self.current = self.peak = 0
+        self.matmuls: set = set()  # the distinct half-precision matrix products run: (op, shapes and layouts, ...)
         for tensor in existing:
             self._track(tensor, count=False)
 
@@ -65,6 +71,9 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func.overloadpacket.__name__ in _ONEDNN_MATMULS and tensors and tensors[0].dtype in _HALF:
+            self.matmuls.add((func, tuple((tuple(t.shape), t.is_contiguous()) for t in tensors),
+                              tuple(sorted(kwargs))))
         for arg in tensors:
             if type(arg).__name__ == "NF4Tensor":
                 self.peak = max(self.peak, self.current + NF4_UNPACK_BYTES_PER_WEIGHT * arg.numel())

@@ -290,6 +290,20 @@ class HiDreamFamily(ModelFamily):
             if type(module).__name__ == "MOEFeedForwardSwiGLU":
                 module.forward = _busiest_routing.__get__(module)
 
+    def estimate_varying_matmuls(self, cfg: dict, transformer: torch.nn.Module, count) -> int:
+        """Matrix products of new shapes every step (oneDNN compiles a kernel for each on the CPU): every MoE layer
+        sends a different number of tokens to each routed expert each step, so each expert's products, forward and
+        backward (LoRA included), come in shapes of their own. `count(run)` counts those `run` makes."""
+        moe = next(m for m in transformer.modules() if type(m).__name__ == "MOEFeedForwardSwiGLU")
+        expert = moe.experts[0]
+        dtype = next(expert.parameters()).dtype
+
+        def run():  # a token count no other product uses, so that every product counts
+            x = torch.empty(13, cfg["num_attention_heads"] * cfg["attention_head_dim"], dtype=dtype, requires_grad=True)
+            expert(x).float().sum().backward()
+
+        return count(run) * cfg["num_routed_experts"] * (cfg["num_layers"] + cfg["num_single_layers"])
+
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         t5_dim, llama_dim = cfg["caption_channels"][1], cfg["caption_channels"][0]
         llama = torch.zeros(len(cfg["llama_layers"]), MAX_SEQUENCE_LENGTH, llama_dim)
