@@ -129,3 +129,10 @@ def test_invalid_json_names_the_line(tmp_path):
     path.write_text('{"epochs": 3,\n "seed": }')
     with pytest.raises(ConfigError, match=r"not valid JSON \(line 2"):
         load_config(str(path))
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors (Notepad) write UTF-8 with a BOM; concept files were read that way already, configs too now."""
+    path = tmp_path / "c.json"
+    path.write_text('{"epochs": 3, "concepts": [{"path": "."}]}', encoding="utf-8-sig")
+    assert load_config(str(path)).epochs == 3

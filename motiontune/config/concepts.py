@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..util.files import read_json_file
 from .resolution import parse_resolution
 
 
@@ -245,10 +246,7 @@ def _known_keys(loc: tuple) -> list[str]:
 
 def read_concept_list(path: Path) -> list:
     """The raw JSON list of a concepts file; ValueError with the reason when it is not one."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    raw = read_json_file(path)
     if not isinstance(raw, list):
         raise ValueError(f"a concepts file is a JSON list of concepts [{{\"path\": ...}}, ...], as OneTrainer writes it; "
                          f"this one holds a {type(raw).__name__}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from ..util.files import read_json_file
 from .concepts import concept_problems
 from .schema import NOT_SUPPORTED_YET, OUTPUT_FORMATS, TrainConfig, get_dotted
 
@@ -44,9 +45,9 @@ def find_config_file(name: str) -> Path:
 
 def read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+        data = read_json_file(path)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a JSON object {{...}}, got {type(data).__name__}")
     return data

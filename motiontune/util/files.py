@@ -15,6 +15,17 @@ from safetensors import SafetensorError
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
+def read_json_file(path: Path):
+    """The JSON in a file (a byte-order mark allowed, as Windows editors write one); ValueError saying where the
+    syntax breaks when it is not JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+
+
 def write_error_reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
