@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from motiontune.data.cache import Cache, CacheError
 from motiontune.data.latents import Encoding
 from motiontune.data.survey import survey_dataset
 from motiontune.models.wan import WanFamily
-from motiontune.testing.clips import write_mixed_dataset
+from motiontune.testing.clips import write_mixed_dataset, write_timestamped_clip
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,12 @@ def test_an_unchanged_file_is_not_probed_again(tmp_path, mixed, caplog):
     folder.mkdir()
     for path in source.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
+    # a variable frame rate: its frame times are kept as they are; a constant rate's as a step and a count
+    write_timestamped_clip(folder / "vfr.mp4", [Fraction(ms, 1000) for ms in (0, 40, 70, 130, 160, 230, 260, 300)])
     first = survey(folder, tmp_path / "cache", caplog)
-    assert (tmp_path / "cache" / "probes.json").is_file()
+    stored = json.loads((tmp_path / "cache" / "probes.json").read_text())["files"]
+    assert stored[str(folder / "vfr.mp4")][2]["frame_times"] == [0.0, 0.04, 0.07, 0.13, 0.16, 0.23, 0.26, 0.3]
+    assert sum(len(fact[2]["frame_times"]) == 4 for fact in stored.values() if "frame_times" in fact[2]) >= 20
     problems = [e.problem for e in first.entries if e.problem]
     assert len(problems) == kinds["broken"] and all(str(folder) in p for p in problems)
 

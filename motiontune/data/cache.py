@@ -73,13 +73,15 @@ class FileFacts:
                 pass  # unreadable: learnt again
 
     def get(self, file: Path):
-        stat = file.stat()
-        known = self._facts.get(str(file))
+        stat = os.stat(file)
+        known = self._facts.get(os.path.abspath(file))
         return known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else None
 
     def put(self, file: Path, fact) -> None:
-        stat = file.stat()
-        self._facts[str(file)] = [stat.st_size, stat.st_mtime_ns, fact]
+        stat = os.stat(file)
+        # keyed by the absolute path, not the resolved one: resolving every file of a large dataset costs more
+        # than the rest of a warm survey, and a file reached two ways is at worst learnt twice
+        self._facts[os.path.abspath(file)] = [stat.st_size, stat.st_mtime_ns, fact]
         self._changed = True
 
     def save(self) -> None:
@@ -125,7 +127,6 @@ class Cache:
     # --- keys ------------------------------------------------------------------------------------
     def file_fingerprint(self, path: Path) -> str:
         """The file's content hash; size and modification time skip re-hashing an unchanged file."""
-        path = Path(path).resolve()
         known = self._fingerprints.get(path)
         if known:
             return known

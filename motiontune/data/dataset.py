@@ -6,6 +6,7 @@ Two layouts are read: captions beside the files (`clip.mp4` + `clip.txt`), and t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,13 +67,9 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
     captions_dir = root / "captions"
     split_layout = captions_dir.is_dir() and any((root / f).is_dir() for f in MEDIA_FOLDERS)
     search_roots = [root / f for f in MEDIA_FOLDERS if (root / f).is_dir()] if split_layout else [root]
-    pattern = "**/*" if concept.include_subdirectories else "*"
-    media = sorted(
-        p
-        for search_root in search_roots
-        for p in search_root.glob(pattern)
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    media = sorted((path for search_root in search_roots for path in _files(search_root, concept.include_subdirectories)
+                    if path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not path.name.startswith(".")),
+                   key=lambda path: path.parts)
     source = concept.text.prompt_source
     concept_lines = _concept_prompts(concept) if source in ("concept", "txt") else ()
     items = []
@@ -102,6 +99,13 @@ def scan_dataset(config: TrainConfig) -> list[Item]:
     return items
 
 
+def _files(folder: Path, recursive: bool) -> list[Path]:
+    if recursive:
+        return [path for path in folder.glob("**/*") if path.is_file()]
+    with os.scandir(folder) as entries:  # the directory entry knows its type: no stat per file
+        return [folder / entry.name for entry in entries if entry.is_file()]
+
+
 def _owning_root(path: Path, roots: list[Path]) -> Path:
     return next(r for r in roots if r in path.parents)
 
@@ -114,10 +118,10 @@ def _read_lines(path: Path) -> tuple[str, ...]:
 
 def _read_caption(path: Path) -> tuple[tuple[str, ...], str]:
     """The caption lines and, when there are none, why (trained with an empty caption)."""
-    if not path.is_file():
-        return ("",), f"no caption file ({path.name})"
     try:
         lines = _read_lines(path)
+    except (FileNotFoundError, IsADirectoryError):
+        return ("",), f"no caption file ({path.name})"
     except UnicodeDecodeError as error:
         return ("",), f"caption {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
     return lines, "" if lines != ("",) else f"caption {path.name} is empty"

@@ -24,7 +24,7 @@ from .workers import WorkerCrash, map_isolated
 
 log = logging.getLogger("motiontune")
 
-PROBE_VERSION = 1  # raise when probe() learns something new: older probes are then made again
+PROBE_VERSION = 2  # raise when probe() learns something new: older probes are then made again
 
 
 @dataclass
@@ -153,7 +153,7 @@ def probe_all(paths: list[Path], config: TrainConfig) -> list:
     probes.json when the file is unchanged, else probed in worker processes (and remembered, problems too;
     not a worker crash, which may be the machine's fault rather than the file's)."""
     facts = FileFacts(Path(config.cache_dir) / "probes.json" if config.latent_caching else None, PROBE_VERSION)
-    results = [_from_fact(path, facts.get(path.resolve())) for path in paths]
+    results = [_from_fact(path, facts.get(path)) for path in paths]
     unknown = [path for path, result in zip(paths, results) if result is None]
     if unknown:
         if len(unknown) < len(paths):
@@ -163,7 +163,7 @@ def probe_all(paths: list[Path], config: TrainConfig) -> list:
             if results[index] is None:
                 results[index] = result = found[path]
                 if isinstance(result, (MediaInfo, MediaError)):
-                    facts.put(path.resolve(), _as_fact(path, result))
+                    facts.put(path, _as_fact(path, result))
         facts.save()
     return results
 
@@ -174,7 +174,42 @@ def _as_fact(path: Path, result: MediaInfo | MediaError):
     fact = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     fact["path"] = None
     fact["time_base"] = None if result.time_base is None else [result.time_base.numerator, result.time_base.denominator]
+    fact["frame_times"] = _packed_times(result.frame_times, result.time_base)
     return fact
+
+
+def _packed_times(times: tuple[float, ...], time_base: Fraction | None):
+    """A constant frame rate's times as [p, q, r, count]: frame i at round(i·p/q + r/q) − round(r/q) ticks of
+    time_base, the rounding a muxer does when a clip's times start off the tick grid. An hour at 30 fps is
+    108,000 floats, which would make probes.json, and every warm survey, slow. Kept as the list when the rate
+    is not constant, or when no such rule gives back exactly the same floats."""
+    if time_base is None or len(times) < 3:
+        return list(times)
+    step = Fraction(times[-1]) / time_base / (len(times) - 1)  # ticks per frame, give or take the rounding
+    for rate in {step.limit_denominator(1001), step.limit_denominator(100)}:
+        for phase in range(rate.denominator):
+            packed = [rate.numerator, rate.denominator, phase, len(times)]
+            if _ticks_match(packed, times, time_base):
+                return packed
+    return list(times)
+
+
+def _unpacked_times(stored: list, time_base: Fraction | None) -> tuple[float, ...]:
+    if len(stored) != 4 or not all(isinstance(value, int) for value in stored) or time_base is None:
+        return tuple(stored)  # the times themselves (floats)
+    return tuple(_ticked_times(stored, time_base))
+
+
+def _ticked_times(packed: list[int], time_base: Fraction):
+    p, q, r, count = packed
+    first = (2 * r + q) // (2 * q)  # rounded half up
+    for i in range(count):
+        tick = (2 * (i * p + r) + q) // (2 * q) - first
+        yield tick * time_base.numerator / time_base.denominator  # int / int rounds exactly as float(Fraction)
+
+
+def _ticks_match(packed: list[int], times: tuple[float, ...], time_base: Fraction) -> bool:
+    return all(t == u for t, u in zip(_ticked_times(packed, time_base), times))  # stops at the first difference
 
 
 def _from_fact(path: Path, fact) -> MediaInfo | MediaError | None:
@@ -184,7 +219,7 @@ def _from_fact(path: Path, fact) -> MediaInfo | MediaError | None:
         return MediaError(f"{path}: {fact['problem']}")
     time_base = fact["time_base"] and Fraction(*fact["time_base"])
     return MediaInfo(**{**fact, "path": path, "time_base": time_base, "keyframes": tuple(fact["keyframes"]),
-                        "frame_times": tuple(fact["frame_times"])})
+                        "frame_times": _unpacked_times(fact["frame_times"], time_base)})
 
 
 def _resolution_of(concept, config: TrainConfig) -> str:
