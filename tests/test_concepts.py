@@ -114,7 +114,7 @@ def test_a_onetrainer_concepts_file_with_every_key_trains(tmp_path, tiny_models)
     assert (tmp_path / "lora.safetensors").is_file()
 
 
-def test_what_is_not_built_is_refused_by_name_on_an_enabled_concept(tmp_path):
+def test_what_is_not_built_or_does_not_fit_the_method_is_refused_by_name_on_an_enabled_concept(tmp_path):
     from motiontune.config.concepts import NOT_BUILT
     from motiontune.data.dataset import load_concepts
 
@@ -128,16 +128,17 @@ def test_what_is_not_built_is_refused_by_name_on_an_enabled_concept(tmp_path):
                 ot_concept(folder, name="fine", **inert)]
     del concepts[1]["type"]  # a version-1 file says validation_concept instead
     (tmp_path / "concepts.json").write_text(json.dumps(concepts))
-    config = TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")})
+    config = TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json"), "training_method": "FINE_TUNE"})
     with pytest.raises(ConfigError) as error:
         load_concepts(config)
     message = str(error.value)
     assert message.startswith(str(tmp_path / "concepts.json"))
     for block, key, _ in NOT_BUILT:
         assert f"concept 0 ('all of it'): {block}.{key} = true: not built yet" in message
-    assert "concept 0 ('all of it'): type = \"PRIOR_PREDICTION\": PRIOR_PREDICTION concepts belong to a later feature" in message
-    assert "set type STANDARD, or remove the concept" in message
-    assert "concept 1 ('validation'): validation_concept = true: VALIDATION concepts belong to a later feature" in message
+    # the frozen model's prediction is the model with its adapters off: a LoRA's
+    assert ("concept 0 ('all of it'): type = \"PRIOR_PREDICTION\": needs training_method LORA (its target is the model "
+            "with the adapters off), and this run is FINE_TUNE; set type STANDARD, or train a LoRA") in message
+    assert "validation" not in message  # VALIDATION concepts are built, in either spelling
     assert "parked" not in message and "fine" not in message  # disabled concepts and inert settings pass
 
     # the enabled ones alone train; `concept_type` is read as another spelling of `type`
@@ -145,7 +146,9 @@ def test_what_is_not_built_is_refused_by_name_on_an_enabled_concept(tmp_path):
     (tmp_path / "concepts.json").write_text(json.dumps(concepts))
     assert [c.name for c in load_concepts(config)] == ["fine", ""]
     config = TrainConfig.model_validate({"concepts": [{"path": str(folder), "concept_type": "VALIDATION"}]})
-    with pytest.raises(ConfigError, match=r"the config's `concepts`: .*\n  - concept 0 \('.*clips'\): type = \"VALIDATION\""):
+    assert [c.role for c in load_concepts(config)] == ["VALIDATION"]
+    config = TrainConfig.model_validate({"concepts": [{"path": str(folder), "type": "PRIOR_PREDICTION"}], "training_method": "EMBEDDING"})
+    with pytest.raises(ConfigError, match=r"the config's `concepts`: .*\n  - concept 0 \('.*clips'\): type = \"PRIOR_PREDICTION\": needs"):
         load_concepts(config)
 
 

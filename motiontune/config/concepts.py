@@ -109,7 +109,8 @@ class ConceptConfig(_Section):
     enabled: bool = Field(True, description="false: the concept is left out (and its settings are not checked)")
     concept_type: Literal["STANDARD", "VALIDATION", "PRIOR_PREDICTION"] = Field(
         "STANDARD", alias="type", validation_alias=AliasChoices("type", "concept_type"),
-        description="STANDARD trains; VALIDATION and PRIOR_PREDICTION are not built yet")
+        description="STANDARD trains on the clips; VALIDATION: never trained on, its loss is logged (with `validation` on); "
+        "PRIOR_PREDICTION (LoRA): the target is the model's own prediction with the adapters off, to keep what it knew")
     include_subdirectories: bool = Field(False, description="also read files in subfolders of path")
     image_variations: int = Field(
         1, ge=1, le=1000, description="with crop jitter or random flip: that many draws of each clip are encoded and cached; "
@@ -126,7 +127,7 @@ class ConceptConfig(_Section):
     concept_stats: dict = Field(default_factory=dict, description="OneTrainer's dataset statistics; read, not used",
                                 json_schema_extra={"properties": {}})  # (no fields of its own for the UI's form)
     validation_concept: bool | None = Field(
-        None, description="the older form of type VALIDATION (OneTrainer concepts of version 1); not built yet")
+        None, description="the older form of type VALIDATION (OneTrainer concepts of version 1)")
     image: ConceptImageConfig = ConceptImageConfig()
     text: TextConfig = TextConfig()
 
@@ -151,6 +152,11 @@ class ConceptConfig(_Section):
     def balance(self) -> float:
         """balancing, or its older name repeats (1 when neither is set)."""
         return self.balancing if self.balancing is not None else self.repeats if self.repeats is not None else 1.0
+
+    @property
+    def role(self) -> str:
+        """STANDARD, VALIDATION or PRIOR_PREDICTION, from `type` or its older form `validation_concept`."""
+        return "VALIDATION" if self.validation_concept else self.concept_type
 
     @property
     def label(self) -> str:
@@ -181,14 +187,13 @@ NOT_BUILT: list[tuple[str, str, str]] = [
 ]
 
 
-def concept_problems(concept: ConceptConfig) -> list[str]:
+def concept_problems(concept: ConceptConfig, training_method: str) -> list[str]:
     """What an enabled concept asks for that is not built: one line per key, `key = value: why; what to do`."""
     problems = []
-    for key, value in (("type", concept.concept_type), ("validation_concept", concept.validation_concept)):
-        if value not in ("STANDARD", None, False):
-            problems.append(
-                f"{key} = {json.dumps(value)}: {'VALIDATION' if value is True else value} concepts belong to a later feature "
-                "(not built yet); set type STANDARD, or remove the concept (or set its enabled false)")
+    if concept.role == "PRIOR_PREDICTION" and training_method != "LORA":
+        problems.append(  # the frozen model's prediction is the model with its adapters switched off
+            f"type = \"PRIOR_PREDICTION\": needs training_method LORA (its target is the model with the adapters off), "
+            f"and this run is {training_method}; set type STANDARD, or train a LoRA")
     for block, key, what in NOT_BUILT:
         if getattr(getattr(concept, block), key):
             problems.append(f"{block}.{key} = true: not built yet (in OneTrainer it {what}); set it to false and the "

@@ -222,7 +222,7 @@ def config_problems(config: TrainConfig) -> list[str]:
     problems += _text_training_problems(config) + _memory_problems(config)
     for index, concept in enumerate(config.concepts or []):
         if concept.enabled:
-            problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept)]
+            problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept, config.training_method)]
     allowed = OUTPUT_FORMATS.get(config.training_method, ())
     if allowed and config.output_model_format not in allowed:
         problems.append(

@@ -175,6 +175,10 @@ class TrainConfig(Strict):
     samples: list[SampleConfig] = []
     save_every: int = Field(0, ge=0)
     save_every_unit: TimeUnit = "NEVER"
+    # a loss on the VALIDATION concepts' clips (never trained on) at fixed noise levels and noise, every N units
+    validation: bool = False
+    validate_after: int = Field(1, ge=0)
+    validate_after_unit: TimeUnit = "EPOCH"
     backup_after: int = Field(30, ge=0)
     backup_after_unit: Literal["NEVER", "STEP", "EPOCH", "MINUTE"] = "MINUTE"
     rolling_backup: bool = False  # keep only the newest rolling_backup_count backups

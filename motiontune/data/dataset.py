@@ -38,7 +38,7 @@ def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
                               "(a concepts.json file), e.g. --set 'concepts=[{\"path\": \"my_clips\"}]'")
         concepts, source = _read_concept_file(Path(config.concept_file_name)), config.concept_file_name
     problems = [f"  - {concept_where(i, c)}: {problem}" for i, c in enumerate(concepts) if c.enabled
-                for problem in concept_problems(c)]
+                for problem in concept_problems(c, config.training_method)]
     if problems:
         raise ConfigError(f"{source}: a concept asks for what is not built yet:\n" + "\n".join(problems))
     enabled = [c for c in concepts if c.enabled]

@@ -39,6 +39,8 @@ class EncodedClip:
     timestamps: tuple[float, ...]
     loss_weight: float = 1.0  # the concept's loss_weight
     look: ImageVariant = ImageVariant()  # the crop jitter and flip the frames had before encoding
+    role: str = "STANDARD"  # the concept's type: STANDARD, PRIOR_PREDICTION, or VALIDATION (never trained on)
+    concept: str = ""  # the concept's name (its path when it has none)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -187,7 +189,8 @@ class Encoding:
         for entry, clip, look, value in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
-            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look))
+            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
+                                       concept.role, concept.name or concept.path))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:

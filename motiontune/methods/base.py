@@ -30,6 +30,10 @@ class TrainingMethod(Protocol):
     def trained_embeddings(self, config: TrainConfig) -> list[EmbeddingConfig]:
         """The embeddings the method itself trains on the text side (`additional_embeddings` train beside any method)."""
 
+    def untrained(self, expert: Expert) -> contextlib.AbstractContextManager:
+        """Inside it, `expert` predicts as it did before training (PRIOR_PREDICTION concepts' target); only
+        a method that can do this cheaply (LoRA: the adapters switched off) allows those concepts."""
+
     def save(self, family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
              states: dict[str, dict] | None = None) -> list[Path]:
         """Write what trained at `destination` (one file or folder per trained expert, beside it when there

@@ -157,6 +157,11 @@ def trained_embeddings(config: TrainConfig) -> list[EmbeddingConfig]:
     return [config.embedding]
 
 
+def untrained(expert: Expert):
+    """Not offered: an embedding run's transformer is the base model already; config checks refuse PRIOR_PREDICTION concepts before a run starts."""
+    raise NotImplementedError("PRIOR_PREDICTION concepts need training_method LORA")
+
+
 def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
          states: dict | None = None) -> list[Path]:
     """An EMBEDDING run's embedding at `destination` (additional ones go beside it: `save_additional`)."""

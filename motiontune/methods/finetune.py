@@ -35,6 +35,11 @@ def trained_embeddings(config: TrainConfig) -> list:
     return []
 
 
+def untrained(expert: Expert):
+    """Not offered: a fine-tune changes the weights themselves, and a frozen copy would double the memory; config checks refuse PRIOR_PREDICTION concepts before a run starts."""
+    raise NotImplementedError("PRIOR_PREDICTION concepts need training_method LORA")
+
+
 def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
          states: dict[str, dict] | None = None) -> list[Path]:
     """`states`: each expert's whole state dict when its weights are sharded across ranks (gathered by the caller)."""

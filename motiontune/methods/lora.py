@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[to
         parameter.data = parameter.data.float()
         parameter.requires_grad_(True)
     return parameters
+
+
+@contextlib.contextmanager
+def untrained(expert: Expert):
+    """The base model's prediction: the adapters switched off, then on again."""
+    expert.module.disable_adapters()
+    try:
+        yield
+    finally:
+        expert.module.enable_adapters()
 
 
 def lora_state_dict(expert: Expert) -> dict[str, torch.Tensor]:

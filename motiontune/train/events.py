@@ -33,8 +33,9 @@ class Events:
     """Samples, saves and backups, decided from the config's units (STEP, EPOCH, MINUTE) and counts."""
 
     def __init__(self, config: TrainConfig, family: ModelFamily, ranks: Ranks, step, text_side, sample_requests,
-                 result, start_step: int, resumed: bool, total_steps: int):
+                 result, start_step: int, resumed: bool, total_steps: int, validation=None):
         self.config, self.family, self.ranks, self.step = config, family, ranks, step
+        self.validation = validation  # None unless `validation` is on
         self.text_side, self.sample_requests, self.result = text_side, sample_requests, result
         self.workspace = Path(config.workspace_dir)
         self.writer = _Writer(self.workspace / "tensorboard", start_step + 1 if resumed else None, ranks.main)
@@ -60,6 +61,8 @@ class Events:
     def after(self, unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""
         config = self.config
+        if self.validation and _due(config.validate_after_unit, config.validate_after, unit, count):
+            self.validate(where.step)
         if _due(config.sample_after_unit, config.sample_after, unit, count) and self.sample_requests:
             self.sample(f"{unit.lower()}{count}")
         saving = _due(config.save_every_unit, config.save_every, unit, count)
@@ -86,6 +89,12 @@ class Events:
             log.error("backup failed (%s); the previous backup is kept", write_error_reason(error))
         self.last_backup_time = time.monotonic()
         return self.result.backup
+
+    def validate(self, step: int) -> None:
+        losses = self.validation.losses()
+        for name, value in losses.items():
+            self.writer.add_scalar(f"loss/validation_step/{name}", value, step)
+        log.info("validation loss at step %d: %s", step, ", ".join(f"{name} {value:.5f}" for name, value in losses.items()))
 
     def sample(self, tag: str) -> None:
         """Render the samples; one that fails is logged with its reason and the run goes on."""

@@ -15,12 +15,13 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
+from ..methods import METHODS
 from ..models import ModelFamily
 from ..models.base import Expert
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
 from .backup import Position
-from .flow import flow_target, noisy_latents, sample_sigmas
+from .flow import flow_target, noisy_latents, predicted_x0, sample_sigmas
 from .losses import frame_dropout_mask, training_loss
 
 log = logging.getLogger("motiontune")
@@ -121,8 +122,13 @@ class Step:
             with self.autocast:
                 prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
                                                  None if conditioning is None else conditioning.select(rows))
+            row_target, row_x0 = target[rows], x0[rows]
+            prior = torch.tensor([clips[batch[r]].role == "PRIOR_PREDICTION" for r in rows.tolist()])
+            if prior.any():
+                row_target, row_x0 = self._prior_targets(expert, noisy[rows], sigma[rows], text, conditioning, rows,
+                                                         prior.to(device), row_target, row_x0)
             part_loss, part_parts = training_loss(
-                prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
+                prediction, row_target, noisy[rows], sigma[rows], row_x0, video.temporal_consistency_weight,
                 None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
             )
             # FSDP averages gradients over ranks; the weights above need their sum
@@ -134,6 +140,16 @@ class Step:
         # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
         totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
         return totals[0], dict(zip(self.part_names, totals[1:]))
+
+    def _prior_targets(self, expert: Expert, noisy, sigma, text, conditioning, rows, prior, target, x0):
+        """PRIOR_PREDICTION rows learn the expert's own prediction as it was before training (same input, same
+        text) instead of the clip: regularisation without a dataset of generated videos. The temporal term
+        compares with the clean latent that prediction implies. → (target, x0) for the rows."""
+        with torch.no_grad(), METHODS[self.config.training_method].untrained(expert), self.autocast:
+            frozen = self.family.predict(noisy, sigma, text, expert, None if conditioning is None else conditioning.select(rows))
+        where = prior.view(-1, *[1] * (target.dim() - 1))
+        return (torch.where(where, frozen.to(target.dtype), target),
+                torch.where(where, predicted_x0(noisy.float(), frozen.float(), sigma).to(x0.dtype), x0))
 
     def apply(self, loss: torch.Tensor, position: Position, backup: Callable[[Position], object]) -> bool:
         """The optimizer step of the gradients accumulated since the last one; False when none was applied.

@@ -1,0 +1,53 @@
+"""The validation loss: the flow-matching loss on the VALIDATION concepts' clips, which never train, at fixed
+noise levels with fixed noise, so the same weights always give the same value and a falling curve means the
+model generalises, not that the draws were kind. Logged under OneTrainer's names (loss/validation_step/...)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..models import ModelFamily
+from .flow import flow_target, noisy_latents
+from .losses import flow_matching_loss
+
+# where in each trained noise range the clips are noised: evenly spread, the ends left out
+LEVELS = (0.125, 0.375, 0.625, 0.875)
+
+
+class Validation:
+    def __init__(self, family: ModelFamily, clips: list, text_side, step, seed: int):
+        self.family, self.clips, self.text_side, self.step, self.seed = family, clips, text_side, step, seed
+
+    @torch.no_grad()
+    def losses(self) -> dict[str, float]:
+        """The mean loss of each validation concept's clips, and `total_average` over every clip."""
+        family, device = self.family, self.family.device
+        low = min(t.expert.sigma_range[0] for t in self.step.trainings)
+        high = max(t.expert.sigma_range[1] for t in self.step.trainings)
+        sigmas = torch.tensor([low + (high - low) * level for level in LEVELS], device=device)
+        # the same draws every time: fresh generators with fixed seeds, one noise per clip in a fixed order
+        noise_generator = torch.Generator(device=device).manual_seed(self.seed + 7919)
+        condition_generator = torch.Generator().manual_seed(self.seed + 7920)
+        per_concept = defaultdict(list)
+        for clip in self.clips:
+            images = None if clip.image_embeds is None else clip.image_embeds[None].to(device)
+            x0, conditioning = family.split_conditioning(clip.latents[None].to(device), condition_generator, images)
+            noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
+            text = self.text_side.batch([clip.captions[0]], device)
+            kept = None if conditioning is None or conditioning.loss_frames is None else conditioning.loss_frames.to(device)
+            losses = []
+            for sigma in sigmas:
+                sigma = sigma[None]
+                for expert, _ in family.route(sigma):  # the one expert serving this level
+                    if not self.step.ranks.sharded:
+                        family.activate(expert)
+                    with self.step.autocast:
+                        prediction = family.predict(noisy_latents(x0, noise, sigma), sigma, text, expert, conditioning)
+                    losses.append(flow_matching_loss(prediction, flow_target(x0, noise), kept).item())
+            per_concept[clip.concept].append(sum(losses) / len(losses))
+        values = {concept: sum(v) / len(v) for concept, v in per_concept.items()}
+        every = [value for v in per_concept.values() for value in v]
+        values["total_average"] = sum(every) / len(every)
+        return values
