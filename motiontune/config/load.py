@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..util.files import read_json_file
 from .concepts import concept_problems
-from .schema import NOT_SUPPORTED_YET, OUTPUT_FORMATS, TrainConfig, get_dotted
+from .schema import NOT_SUPPORTED_YET, OUTPUT_FORMATS, MemoryPlan, TrainConfig, get_dotted
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -195,6 +195,16 @@ def _memory_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _compile_problems(config: TrainConfig) -> list[str]:
+    if not config.compile:
+        return []
+    # an offloaded block's weights are swapped in and out, and a compiled block would compile again each time
+    if any(MemoryPlan.of(config, part).offload_fraction > 0 for part in ("transformer", "transformer_2")):
+        return ["  - compile = true with layer offloading (offload_fraction / layer_offload_fraction): they do not "
+                "combine yet; set compile false, or layer offloading to 0"]
+    return []
+
+
 def image_file_problem(path: str) -> str | None:
     """What is wrong with a picture file a config names, if anything."""
     from PIL import Image
@@ -219,7 +229,7 @@ def config_problems(config: TrainConfig) -> list[str]:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
-    problems += _text_training_problems(config) + _memory_problems(config)
+    problems += _text_training_problems(config) + _memory_problems(config) + _compile_problems(config)
     for index, concept in enumerate(config.concepts or []):
         if concept.enabled:
             problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept, config.training_method)]

@@ -123,6 +123,8 @@ class TrainConfig(Strict):
     learning_rate_warmup_steps: int = Field(0, ge=0)
     clip_grad_norm: float | None = Field(1.0, gt=0)
     train_dtype: DType = "BFLOAT_16"
+    # torch.compile each transformer block (OneTrainer's key): faster steps after a first step that compiles
+    compile: bool = False
 
     # OneTrainer's older form of the memory options; the newer form lives inside each model part.
     gradient_checkpointing: Literal["OFF", "ON", "CPU_OFFLOADED"] | None = None

@@ -27,7 +27,7 @@ from ..util.ranks import Ranks
 from . import distributed
 from .backup import Position, check_resumable, find_backup, load_backup
 from .events import Events, StopRequest, write_result
-from .memory import prepare_memory
+from .memory import compile_blocks, prepare_memory
 from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
 from .step import ExpertTraining, Step
 from .text_conditioning import TextConditioning
@@ -246,6 +246,8 @@ def _setup_experts(config: TrainConfig, family: ModelFamily, ranks: Ranks, devic
             parameters = [p for p in expert.module.parameters() if p.requires_grad]
         else:
             family.activate(expert)  # the optimizer is made for parameters where they train
+        if config.compile:
+            compile_blocks(family, expert)
         optimizer = make_optimizer(parameters, config, getattr(config, expert.name).learning_rate)
         trainings.append(ExpertTraining(expert, parameters, optimizer, make_scheduler(optimizer, config, total_steps),
                                         getattr(config, expert.name).max_steps))

@@ -1,6 +1,6 @@
-"""Fitting a run into less device memory: how block activations are kept (gradient checkpointing, on the
-device or in host memory), which blocks' frozen weights wait in host memory and stream in (layer
-offloading), and FLOAT_8 / NFLOAT_4 storage of frozen Linear weights (util/quantize.py).
+"""Fitting a run into less device memory, and time: how block activations are kept (gradient checkpointing, on
+the device or in host memory), which blocks' frozen weights wait in host memory and stream in (layer
+offloading), FLOAT_8 / NFLOAT_4 storage of frozen Linear weights (util/quantize.py), and compiled blocks.
 
 Everything works on the transformer's blocks (`family.fsdp_units`), so a family needs nothing new.
 """
@@ -41,6 +41,16 @@ def prepare_memory(family, expert, config: TrainConfig, device: torch.device) ->
                  len(offloader.offloaded), len(blocks), offloader.prefetch)
     log.info("%s: gradient checkpointing %s", expert.name, plan.checkpointing)
     return offloader
+
+
+def compile_blocks(family, expert) -> None:
+    """torch.compile each transformer block in place (after sharding, as FSDP2 wants). The blocks share their
+    code, so the first step compiles one graph for all of them (and again for each new latent shape)."""
+    blocks = family.fsdp_units(expert.module)
+    for block in blocks:
+        block.compile()
+    log.info("%s: %d blocks compiled with torch.compile (the first step and each new clip shape compile)",
+             expert.name, len(blocks))
 
 
 # --- CPU_OFFLOADED checkpointing -------------------------------------------------------------------------
