@@ -1,0 +1,226 @@
+"""HunyuanVideo 1.5 against the stock `HunyuanVideo15Pipeline` / `HunyuanVideo15ImageToVideoPipeline`: the packed
+prompt is what the pipeline passes (chat template, crop, third-last Qwen layer, masks, ByT5 glyph text), training's
+shortened text gives the pipeline's full-length prediction, the cached image-to-video condition is the pipeline's
+own, and a LoRA trained with `motiontune train` on a real clip moves the stock pipeline's samples towards that clip
+(text-to-video and image-to-video), while a run with the flow target's sign flipped does not. The default LoRA file
+names original-layout (ComfyUI) modules and holds the same update as the diffusers file.
+
+diffusers 0.42.1 has no LoRA loader mixin for HunyuanVideo 1.5, so the stock way to load a LoRA there is the
+transformer's own `load_lora_adapter(path, prefix="transformer")`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from motiontune.methods import lora
+from test_lora_end_to_end import PROMPT, _channel_stats_distance, _make_clip
+from test_lora_formats import also_saved_as
+
+SIZE = 64  # 16x VAE: a 4 x 4 latent grid
+SEEDS = range(4)
+TRAINING = {"resolution": str(SIZE), "epochs": 300, "learning_rate": 5e-3, "lora_rank": 16, "lora_alpha": 8,
+            "timestep_shift": 5.0, "video_config": {"max_frames": 9, "target_fps": 16.0}}
+
+
+def _frames(clip: Path) -> np.ndarray:
+    with av.open(str(clip)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _family(model: Path, model_type: str):
+    from motiontune.config import TrainConfig
+    from motiontune.models.hunyuan15 import HunyuanVideo15Family
+
+    config = TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         "concepts": [{"path": "."}]})
+    return HunyuanVideo15Family(config, torch.device("cpu"))
+
+
+def _train(tiny, tmp: Path, model_type: str, **keys):
+    """A LoRA run on the clip: the default (COMFY_LORA) file, and the same adapters as DIFFUSERS_LORA beside it."""
+    clip = _make_clip(tmp / "data", SIZE)
+    config = base_config(tmp, tiny, clip.parent, model_type=model_type, **{**TRAINING, **keys})
+    with also_saved_as(lora, "DIFFUSERS_LORA", lambda path: path.with_name(f"{path.stem}-diffusers{path.suffix}")):
+        assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
+    destination = Path(config["output_model_destination"])
+    return clip, destination, destination.with_name(f"{destination.stem}-diffusers{destination.suffix}")
+
+
+def _target(pipe, clip: Path) -> torch.Tensor:
+    """The clip's latents as the stock pipeline's denoiser sees them (it divides by scaling_factor to decode)."""
+    pixels = torch.from_numpy(_frames(clip)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def _samples(pipe, **inputs) -> torch.Tensor:
+    return torch.cat([pipe(prompt=PROMPT, num_frames=9, num_inference_steps=12, output_type="latent",
+                           generator=torch.Generator().manual_seed(seed), **inputs).frames for seed in SEEDS])
+
+
+def _ratios(pipe, clip: Path, lora_file: Path, **inputs) -> tuple[float, float]:
+    """(MSE, channel statistics) distance to the clip with / without the LoRA, in the stock pipeline."""
+    from diffusers import ClassifierFreeGuidance
+
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    target = _target(pipe, clip)
+    without = _samples(pipe, **inputs)
+    pipe.transformer.load_lora_adapter(str(lora_file), prefix="transformer")
+    with_lora = _samples(pipe, **inputs)
+    pipe.transformer.unload_lora()
+    mse = ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+    stats = _channel_stats_distance(with_lora, target) / _channel_stats_distance(without, target)
+    return mse, stats
+
+
+@pytest.fixture(scope="module")
+def t2v(tiny_models, tmp_path_factory):
+    model = tiny_models("hunyuan-video-1.5")
+    return (model, *_train(model, tmp_path_factory.mktemp("hv15-t2v"), "HUNYUAN_VIDEO_1_5"))
+
+
+def test_packed_prompt_is_what_the_pipeline_passes(tiny_models):
+    from diffusers import HunyuanVideo15Pipeline
+
+    model = tiny_models("hunyuan-video-1.5")
+    family = _family(model, "HUNYUAN_VIDEO_1_5")
+    family.load_text_encoder()
+    prompts = [PROMPT, 'a sign that says "moving shapes"']  # the second has glyph text for ByT5
+    pipe = HunyuanVideo15Pipeline.from_pretrained(model)
+    expected = pipe.encode_prompt(prompt=prompts, device=torch.device("cpu"), dtype=torch.float32, batch_size=2)
+    ours = family._unpack(family.encode_prompts(prompts))
+    assert ours[1].sum(1).tolist() == expected[1].sum(1).tolist() and ours[3][0].sum() == 0 < ours[3][1].sum()
+    for got, want in zip(ours, expected):
+        assert torch.allclose(got.float(), want.float(), atol=1e-6)
+
+
+def test_prediction_equals_the_pipelines_full_length_call(tiny_models):
+    """Training passes the text up to the longest prompt only (and one zero image token for text-to-video); the
+    prediction equals the transformer called as HunyuanVideo15Pipeline calls it: 1000 + 256 text tokens, 729 zero
+    image tokens, zero condition channels."""
+    from motiontune.models.hunyuan15 import T2V_IMAGE_TOKENS
+
+    family = _family(tiny_models("hunyuan-video-1.5"), "HUNYUAN_VIDEO_1_5")
+    family.load_transformers()
+    family.load_text_encoder()
+    text = family.encode_prompts([PROMPT, 'a sign that says "hello" in a city street'])
+    noisy = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    embeds, mask, glyph, glyph_mask = family._unpack(text)
+    with torch.no_grad():
+        ours = family.predict(noisy, torch.tensor([0.5, 0.3]), text, family.trained_experts()[0])
+        stock = family.transformer(
+            hidden_states=torch.cat([noisy, torch.zeros(2, 9, 3, 4, 4)], dim=1), timestep=torch.tensor([500.0, 300.0]),
+            encoder_hidden_states=embeds, encoder_attention_mask=mask.float(), encoder_hidden_states_2=glyph,
+            encoder_attention_mask_2=glyph_mask.float(), image_embeds=torch.zeros(2, T2V_IMAGE_TOKENS, 32), return_dict=False)[0]
+    assert torch.allclose(ours, stock, atol=1e-5), (ours - stock).abs().max()
+
+
+def test_cached_condition_is_the_pipelines_own(tiny_models, tmp_path):
+    """Image-to-video: the condition latents + mask cached with a clip, and its first frame's SigLIP embedding, equal
+    what HunyuanVideo15ImageToVideoPipeline builds from that frame."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    model = tiny_models("hunyuan-video-1.5-i2v")
+    frames = _frames(_make_clip(tmp_path / "data", SIZE))
+    family = _family(model, "HUNYUAN_VIDEO_1_5_I2V")
+    family.load_vae()
+    stored, embeds = family.encode_video(frames), family.encode_first_frame(frames[0])
+    assert stored.shape == (17, 3, 4, 4)  # 8 latents + 8 condition + 1 mask
+
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(model)
+    image = Image.fromarray(frames[0])
+    with torch.no_grad():
+        condition, mask = pipe.prepare_cond_latents_and_mask(torch.zeros(1, 8, 3, 4, 4), image, 1, SIZE, SIZE,
+                                                             torch.float32, torch.device("cpu"))
+        expected_embeds = pipe.encode_image(image, 1, torch.device("cpu"), torch.float32)[0]
+    assert torch.allclose(stored[8:16], condition[0], atol=1e-5) and torch.equal(stored[16:], mask[0])
+    assert torch.allclose(embeds, expected_embeds, atol=1e-5)
+
+
+def test_stock_pipeline_samples_move_towards_the_trained_clip(t2v):
+    from diffusers import HunyuanVideo15Pipeline
+
+    model, clip, _, diffusers_lora = t2v
+    pipe = HunyuanVideo15Pipeline.from_pretrained(model)
+    mse, stats = _ratios(pipe, clip, diffusers_lora, height=SIZE, width=SIZE)
+    print(f"hunyuan-video-1.5: MSE ratio with/without LoRA {mse:.3f}; channel statistics ratio {stats:.3f}")
+    assert mse < 0.75, "samples did not move towards the clip: timestep, condition or latent convention broken"
+    assert stats < 0.85
+
+
+def test_flipped_target_fails_the_check(tiny_models, tmp_path):
+    """Negative control: the same run with the flow target's sign flipped does not pass the check above."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    from motiontune.train import step
+
+    model = tiny_models("hunyuan-video-1.5")
+    flow_target = step.flow_target
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "flow_target", lambda x0, noise: -flow_target(x0, noise))
+        clip, _, diffusers_lora = _train(model, tmp_path, "HUNYUAN_VIDEO_1_5")
+    mse, stats = _ratios(HunyuanVideo15Pipeline.from_pretrained(model), clip, diffusers_lora, height=SIZE, width=SIZE)
+    print(f"hunyuan-video-1.5, target sign flipped: MSE ratio {mse:.3f}; channel statistics ratio {stats:.3f}")
+    assert mse > 0.75
+
+
+def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(tiny_models, tmp_path):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    model = tiny_models("hunyuan-video-1.5-i2v")
+    clip, _, diffusers_lora = _train(model, tmp_path, "HUNYUAN_VIDEO_1_5_I2V")
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(model)
+    image = Image.fromarray(_frames(clip)[0])  # the pipeline sizes the video from it: 64 x 64 (target_size 64)
+    mse, stats = _ratios(pipe, clip, diffusers_lora, image=image)
+    print(f"hunyuan-video-1.5-i2v: MSE ratio with/without LoRA {mse:.3f}; channel statistics ratio {stats:.3f}")
+    assert mse < 0.75, "samples did not move towards the clip: the condition or timestep convention is broken"
+    assert stats < 0.85
+
+
+def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2v):
+    """The default (COMFY_LORA) file: every key is `diffusion_model.<original module>` + lora_A / lora_B / alpha of a
+    weight in the original-layout state dict (HunyuanVideo-1.5's own names, which diffusers' conversion script reads),
+    with matching shapes; applied as ComfyUI applies a LoRA (W += B·A · alpha / rank), then renamed back, it changes
+    the transformer exactly as the DIFFUSERS_LORA file of the same run does in diffusers."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from motiontune.models.hunyuan15 import original_module
+
+    model, _, comfy_file, diffusers_lora = t2v
+    family = _family(model, "HUNYUAN_VIDEO_1_5")
+    stock = HunyuanVideo15Transformer3DModel.from_pretrained(model, subfolder="transformer")
+    original = family.single_file_state_dict(stock, torch.float32)
+    comfy = load_file(str(comfy_file))
+    assert "diffusion_model.double_blocks.0.img_attn_q.lora_A.weight" in comfy
+    assert "diffusion_model.double_blocks.1.txt_mlp.fc2.lora_B.weight" in comfy
+    assert comfy["diffusion_model.double_blocks.0.img_attn_q.alpha"].item() == 8
+    applied = dict(original)
+    for key in [k for k in comfy if k.endswith(".lora_A.weight")]:
+        module = key.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
+        down, up = comfy[key], comfy[key.replace("lora_A", "lora_B")]
+        scale = comfy[key.replace("lora_A.weight", "alpha")].item() / down.shape[0]
+        weight = original[f"{module}.weight"]
+        assert (up.shape[0], down.shape[1]) == weight.shape, key
+        applied[f"{module}.weight"] = weight + scale * up @ down
+    stock.load_lora_adapter(str(diffusers_lora), prefix="transformer")
+    stock.fuse_lora()
+    stock.unload_lora()
+    changed = 0
+    for key, reference in stock.state_dict().items():
+        if key.startswith("transformer_blocks."):  # the double blocks: one original module per diffusers module
+            name, leaf = key.rsplit(".", 1)
+            comfy_weight = applied[f"{original_module(name)[0]}.{leaf}"]
+            assert torch.allclose(reference, comfy_weight, atol=1e-6), key
+            changed += not torch.equal(comfy_weight, original[f"{original_module(name)[0]}.{leaf}"])
+    assert changed == len([k for k in comfy if k.endswith(".lora_A.weight")])
