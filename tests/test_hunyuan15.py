@@ -223,4 +223,5 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
             comfy_weight = applied[f"{original_module(name)[0]}.{leaf}"]
             assert torch.allclose(reference, comfy_weight, atol=1e-6), key
             changed += not torch.equal(comfy_weight, original[f"{original_module(name)[0]}.{leaf}"])
-    assert changed == len([k for k in comfy if k.endswith(".lora_A.weight")])
+    # (the last block's text-side modules get no gradient: its text stream is not used after it)
+    assert changed == len([k for k, v in comfy.items() if k.endswith(".lora_B.weight") and v.any()]) > 0

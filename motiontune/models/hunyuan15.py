@@ -247,13 +247,16 @@ class HunyuanVideo15Family(ModelFamily):
         return bool(_DEFAULT_TARGETS.match(name))
 
     def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
-        """`transformer.`-prefixed peft names with the adapter metadata, as diffusers' pipelines save them. diffusers
-        0.42.1 has no LoRA loader mixin for HunyuanVideo 1.5: the file loads with
-        `pipe.transformer.load_lora_adapter(path, prefix="transformer")`."""
+        """`transformer.`-prefixed peft names, as diffusers' pipelines save them. diffusers 0.42.1 has no LoRA loader
+        for HunyuanVideo 1.5: the file loads with `pipe.transformer.load_lora_adapter(path, prefix="transformer")`,
+        which does not read the file's adapter metadata, so alpha / rank is folded into lora_B and the metadata says
+        alpha = rank: every reader applies the same update."""
         from diffusers.loaders.lora_base import LoraBaseMixin
 
-        LoraBaseMixin._save_lora_weights(directory, {"transformer": state_dict}, {"transformer": adapter_metadata},
-                                         weight_name=weight_name)
+        rank, alpha = adapter_metadata["r"], adapter_metadata["lora_alpha"]
+        folded = {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in state_dict.items()}
+        metadata = {**adapter_metadata, "lora_alpha": rank}
+        LoraBaseMixin._save_lora_weights(directory, {"transformer": folded}, {"transformer": metadata}, weight_name=weight_name)
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The transformer's weights in the original layout (the refiner's q, k, v concatenated; the final
