@@ -380,6 +380,18 @@ class HunyuanVideo15Family(ModelFamily):
         name = RELEASE_NAMES[self.config.model_type]
         return name, RELEASE
 
+    def estimate_prepare(self, transformer: torch.nn.Module) -> None:
+        """A fake copy whose forward can run: the transformer sorts every text and image token by its mask (boolean
+        selections, whose sizes depend on the data), and asks whether the image tokens are all zero (text-to-video).
+        Within its forward every token counts as valid, the costliest case (`_EveryTokenValid`)."""
+        forward, text_to_video = transformer.forward, not self.is_i2v
+
+        def every_token_valid(*args, **kwargs):
+            with _EveryTokenValid(text_to_video):
+                return forward(*args, **kwargs)
+
+        transformer.forward = every_token_valid
+
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         row = self._pack(torch.zeros(QWEN_LENGTH, cfg["text_embed_dim"]), torch.ones(QWEN_LENGTH),
                          torch.zeros(BYT5_LENGTH, cfg["text_embed_2_dim"]), torch.ones(BYT5_LENGTH))
@@ -430,6 +442,31 @@ def _trimmed(embeds, mask, glyph, glyph_mask):
     keep = max(1, int(mask.sum(1).max()))
     keep_glyph = max(1, int(glyph_mask.sum(1).max()))
     return embeds[:, :keep], mask[:, :keep], glyph[:, :keep_glyph], glyph_mask[:, :keep_glyph]
+
+
+class _EveryTokenValid(torch.overrides.TorchFunctionMode):
+    """For fake tensors (estimate), where masks have no values: a selection by a boolean mask takes every row, by the
+    mask's inverse none, and `torch.all` (the transformer's test for text-to-video) answers `text_to_video`. Every
+    token then takes part, as in a batch of prompts that fill the pipeline's lengths."""
+
+    class _Inverse:
+        pass
+
+    def __init__(self, text_to_video: bool):
+        super().__init__()
+        self.text_to_video = text_to_video
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__invert__ and args[0].dtype == torch.bool:
+            return self._Inverse()
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], self._Inverse):
+            return args[0][:0]
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool:
+            return args[0]
+        if func is torch.all:
+            return self.text_to_video
+        return func(*args, **kwargs)
 
 
 def _system_message() -> str:
