@@ -229,3 +229,78 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
             changed += not torch.equal(comfy_weight, original[f"{original_module(name)[0]}.{leaf}"])
     # (the last block's text-side modules get no gradient: its text stream is not used after it)
     assert changed == len([k for k, v in comfy.items() if k.endswith(".lora_B.weight") and v.any()]) > 0
+
+
+def test_memory_options_give_the_same_gradients(tiny_models):
+    """The LoRA gradients of one prediction through plain checkpointing, CPU_OFFLOADED checkpointing and fully
+    offloaded blocks are equal (train/memory.py works on the blocks `fsdp_units` lists)."""
+    from peft import LoraConfig
+
+    from motiontune.train import memory
+
+    family = _family(tiny_models("hunyuan-video-1.5"), "HUNYUAN_VIDEO_1_5")
+    family.load_text_encoder()
+    text = family.encode_prompts([PROMPT])
+    gradients, hosts = {}, None
+    for mode in ("ON", "CPU_OFFLOADED", "offloaded"):
+        family.load_transformers()
+        model = family.transformer
+        torch.manual_seed(0)
+        model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "add_v_proj"], init_lora_weights="gaussian"))
+        host = memory.HostCheckpoint(torch.device("cpu")) if mode == "CPU_OFFLOADED" else None
+        model.enable_gradient_checkpointing(**({"gradient_checkpointing_func": host} if host else {}))
+        hosts = hosts if host is None else host
+        if mode == "offloaded":
+            offloader = memory.BlockOffloader(family.fsdp_units(model), 1.0, 1, torch.device("cpu"))
+        model.train()
+        noisy = torch.randn(1, 8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        family.predict(noisy, torch.tensor([0.6]), text, family.trained_experts()[0]).square().mean().backward()
+        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert gradients["ON"].norm() > 0 and hosts.peak_host_bytes > 0
+    assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
+    assert offloader.max_resident <= 1
+
+
+@pytest.mark.parametrize("keys", [
+    {"train_dtype": "BFLOAT_16", "gradient_checkpointing": "CPU_OFFLOADED", "layer_offload_fraction": 0.5,
+     "transformer": {"train": True, "weight_dtype": "FLOAT_8"}},
+    {"model_type": "HUNYUAN_VIDEO_1_5_I2V", "transformer": {"train": True, "weight_dtype": "NFLOAT_4"},
+     "text_encoder": {"train": False, "weight_dtype": "FLOAT_8"}},
+], ids=["bf16-offloaded-float8", "i2v-nf4-float8-text-encoder"])
+def test_memory_options_train(keys, tiny_models, tmp_path):
+    """bf16 training, CPU_OFFLOADED checkpointing, layer offloading, FLOAT_8 / NFLOAT_4 frozen weights and a FLOAT_8
+    Qwen: a run finishes and saves a finite LoRA."""
+    model_type = keys.get("model_type", "HUNYUAN_VIDEO_1_5")
+    model = tiny_models("hunyuan-video-1.5-i2v" if model_type.endswith("I2V") else "hunyuan-video-1.5")
+    clip = _make_clip(tmp_path / "data", SIZE)
+    config = base_config(tmp_path, model, clip.parent, **{**TRAINING, "epochs": 3, "model_type": model_type, **keys})
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    weights = load_file(config["output_model_destination"])
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_config_refuses_what_the_model_has_not(tiny_models, tmp_path):
+    from motiontune.config import ConfigError
+    from motiontune.configure import load_config
+
+    path = write_config(tmp_path / "c.json", **base_config(tmp_path, tiny_models("hunyuan-video-1.5"), tmp_path,
+                                                          model_type="HUNYUAN_VIDEO_1_5", guidance_scale=3.5,
+                                                          video_config={"use_temporal_attention": False}))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert "guidance_scale = 3.5" in str(error.value) and "use_temporal_attention = false" in str(error.value)
+
+
+def test_estimate_of_the_released_model_reads_no_weights():
+    """`motiontune estimate`'s step on the preset: the 480p release's embedded config (its Hub id is not on this
+    machine, nothing is downloaded): 8.3B parameters, 15.5 GB of bf16 weights in 54 blocks; activations simulated
+    through the stock transformer on fake tensors. (`motiontune estimate` on both presets: docs/memory.md.)"""
+    from motiontune.configure import load_config
+    from motiontune.estimate.step import estimate
+
+    result = estimate(load_config("#hunyuan video 1.5 LoRA", ["samples=[]"]))
+    assert "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v" in result.source
+    lines = {line.name: line for line in result.lines}
+    assert lines["frozen weights"].note.startswith("54 blocks × 0.281 GB")
+    assert 16.5e9 < lines["frozen weights"].device < 16.8e9 and result.blocks == 54
+    assert 2e9 < lines["activations (checkpointing ON)"].device < 20e9

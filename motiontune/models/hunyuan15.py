@@ -108,6 +108,17 @@ class HunyuanVideo15Family(ModelFamily):
     def first_frame(cls, model_type):
         return "required" if model_type == "HUNYUAN_VIDEO_1_5_I2V" else None
 
+    @classmethod
+    def config_problems(cls, config):
+        problems = super().config_problems(config)
+        if not config.video_config.use_temporal_attention:
+            problems.append(f"  - video_config.use_temporal_attention = false: {config.model_type}'s blocks attend over text and "
+                            "video tokens together; frame-local attention is built for WAN only. Remove the key")
+        if config.guidance_scale != 1.0:
+            problems.append(f"  - guidance_scale = {config.guidance_scale:g}: {config.model_type} has no guidance embedding (it uses "
+                            "real classifier-free guidance); remove the key and set samples[].cfg_scale for samples")
+        return problems
+
     def __init__(self, config, device):
         super().__init__(config, device)
         self.is_i2v = self.first_frame(config.model_type) == "required"
@@ -120,6 +131,12 @@ class HunyuanVideo15Family(ModelFamily):
 
         self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
         self.transformer = self.load_transformer(HunyuanVideo15Transformer3DModel, "transformer", self.config.transformer)
+        if self.transformer.config.use_meanflow:
+            from .loading import ModelLoadError
+
+            raise ModelLoadError(f"{self.config.base_model_name}: a step-distilled (MeanFlow) HunyuanVideo 1.5 transformer "
+                                 "(use_meanflow: true) takes a second timestep motiontune does not train; use a 480p/720p "
+                                 "T2V or I2V release")
 
     def load_vae(self) -> None:
         super().load_vae()
