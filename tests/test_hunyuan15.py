@@ -304,3 +304,37 @@ def test_estimate_of_the_released_model_reads_no_weights():
     assert lines["frozen weights"].note.startswith("54 blocks × 0.281 GB")
     assert 16.5e9 < lines["frozen weights"].device < 16.8e9 and result.blocks == 54
     assert 2e9 < lines["activations (checkpointing ON)"].device < 20e9
+
+
+def test_fine_tune_and_embedding_runs_save_what_the_stock_parts_load(tiny_models, tmp_path):
+    """FINE_TUNE: the saved transformer folder loads as the stock HunyuanVideo15Transformer3DModel with changed
+    block weights. EMBEDDING: the placeholder's vectors train in the Qwen2.5-VL encoder and are saved keyed
+    `qwen25_7b` (ComfyUI's name for it); the ByT5 glyph encoder, which reads quoted text only, stays as it is."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from safetensors import safe_open
+
+    model = tiny_models("hunyuan-video-1.5")
+    clip = _make_clip(tmp_path / "data", SIZE)
+    tuned = tmp_path / "tuned"
+    config = base_config(tmp_path / "ft", model, clip.parent, **{**TRAINING, "epochs": 3, "model_type": "HUNYUAN_VIDEO_1_5",
+                         "training_method": "FINE_TUNE", "output_model_format": "DIFFUSERS", "output_model_destination": str(tuned)})
+    assert main(["train", "--config", str(write_config(tmp_path / "ft.json", **config))]) == 0
+    base = HunyuanVideo15Transformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()
+    after = HunyuanVideo15Transformer3DModel.from_pretrained(tuned).state_dict()
+    assert not torch.equal(base["transformer_blocks.0.attn.to_q.weight"], after["transformer_blocks.0.attn.to_q.weight"])
+
+    (clip.parent / "shapes.txt").write_text("<shapes> moving\n")
+    destination = tmp_path / "shapes.safetensors"
+    config = base_config(tmp_path / "emb", model, clip.parent, **{**TRAINING, "epochs": 3, "model_type": "HUNYUAN_VIDEO_1_5",
+                         "training_method": "EMBEDDING", "output_model_format": "SAFETENSORS", "output_model_destination": str(destination),
+                         "embedding_learning_rate": 0.1, "embedding": {"placeholder": "<shapes>", "token_count": 2,
+                                                                       "initial_embedding_text": "shapes"}})
+    assert main(["train", "--config", str(write_config(tmp_path / "emb.json", **config))]) == 0
+    family = _family(model, "HUNYUAN_VIDEO_1_5")
+    family.load_text_encoder()
+    table = family.encoders["qwen25_7b"][1].get_input_embeddings().weight
+    initial = table[family.encoders["qwen25_7b"][0].convert_tokens_to_ids("shapes")]
+    with safe_open(str(destination), "pt") as f:
+        assert list(f.keys()) == ["qwen25_7b"]
+        vectors = f.get_tensor("qwen25_7b")
+    assert vectors.shape == (2, 32) and not torch.allclose(vectors, initial.expand(2, -1))
