@@ -5,6 +5,9 @@ own, and a LoRA trained with `motiontune train` on a real clip moves the stock p
 (text-to-video and image-to-video), while a run with the flow target's sign flipped does not. The default LoRA file
 names original-layout (ComfyUI) modules and holds the same update as the diffusers file.
 
+Measured here (2 seeds, 100 steps), MSE / per-channel statistics ratios with / without the LoRA: text-to-video
+0.25 / 0.10, image-to-video 0.25 / 0.12; with the target's sign flipped 1.64 / 2.66.
+
 diffusers 0.42.1 has no LoRA loader mixin for HunyuanVideo 1.5, so the stock way to load a LoRA there is the
 transformer's own `load_lora_adapter(path, prefix="transformer")`.
 """
@@ -27,8 +30,8 @@ from test_lora_end_to_end import PROMPT, _channel_stats_distance, _make_clip
 from test_lora_formats import also_saved_as
 
 SIZE = 64  # 16x VAE: a 4 x 4 latent grid
-SEEDS = range(3)
-TRAINING = {"resolution": str(SIZE), "epochs": 150, "learning_rate": 1e-2, "lora_rank": 16, "lora_alpha": 8,
+SEEDS = range(2)
+TRAINING = {"resolution": str(SIZE), "epochs": 100, "learning_rate": 1e-2, "lora_rank": 16, "lora_alpha": 8,
             "timestep_shift": 5.0, "video_config": {"max_frames": 9, "target_fps": 16.0}}
 
 
@@ -205,6 +208,12 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
     family = _family(model, "HUNYUAN_VIDEO_1_5")
     stock = HunyuanVideo15Transformer3DModel.from_pretrained(model, subfolder="transformer")
     original = family.single_file_state_dict(stock, torch.float32)
+    # every weight named (the token refiner's q, k, v fused into one, weights and biases), with the conversion script's names
+    refiners = stock.config.num_refiner_layers
+    assert len(original) == len(stock.state_dict()) - 4 * refiners
+    assert {"txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", "vision_in.proj.4.weight", "byt5_in.fc3.weight",
+            "final_layer.adaLN_modulation.1.weight", "cond_type_embedding.weight", "double_blocks.1.txt_attn_k_norm.weight",
+            "img_in.proj.weight"} <= set(original)
     comfy = load_file(str(comfy_file))
     assert "diffusion_model.double_blocks.0.img_attn_q.lora_A.weight" in comfy
     assert "diffusion_model.double_blocks.1.txt_mlp.fc2.lora_B.weight" in comfy

@@ -281,7 +281,7 @@ class HunyuanVideo15Family(ModelFamily):
         state = module.state_dict() if state is None else state
         converted = {}
         for key in state:
-            name, leaf = key.rsplit(".", 1) if key != "cond_type_embed.weight" else ("cond_type_embed", "weight")
+            name, leaf = key.rsplit(".", 1)
             original, parts = original_module(name)
             if f"{original}.{leaf}" in converted:  # written with its first part
                 continue
