@@ -197,9 +197,10 @@ def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(tiny_models, t
 
 def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2v):
     """The default (COMFY_LORA) file: every key is `diffusion_model.<original module>` + lora_A / lora_B / alpha of a
-    weight in the original-layout state dict (HunyuanVideo-1.5's own names, which diffusers' conversion script reads),
-    with matching shapes; applied as ComfyUI applies a LoRA (W += B·A · alpha / rank), then renamed back, it changes
-    the transformer exactly as the DIFFUSERS_LORA file of the same run does in diffusers."""
+    weight in the original-layout state dict ComfyUI reads (its HunyuanVideo model's names: q, k, v fused as
+    `img_attn_qkv` / `txt_attn_qkv`), with matching shapes; applied as ComfyUI applies a LoRA (W += B·A · alpha /
+    rank of the entry), then split back into diffusers' modules, it changes the transformer exactly as the same run's
+    DIFFUSERS_LORA file does in diffusers."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     from motiontune.models.hunyuan15 import original_module
@@ -208,16 +209,17 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
     family = _family(model, "HUNYUAN_VIDEO_1_5")
     stock = HunyuanVideo15Transformer3DModel.from_pretrained(model, subfolder="transformer")
     original = family.single_file_state_dict(stock, torch.float32)
-    # every weight named (the token refiner's q, k, v fused into one, weights and biases), with the conversion script's names
-    refiners = stock.config.num_refiner_layers
-    assert len(original) == len(stock.state_dict()) - 4 * refiners
-    assert {"txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", "vision_in.proj.4.weight", "byt5_in.fc3.weight",
-            "final_layer.adaLN_modulation.1.weight", "cond_type_embedding.weight", "double_blocks.1.txt_attn_k_norm.weight",
-            "img_in.proj.weight"} <= set(original)
+    # every weight named once: q, k, v fused (weights and biases) in each double block and each refiner block
+    config = stock.config
+    assert len(original) == len(stock.state_dict()) - 8 * config.num_layers - 4 * config.num_refiner_layers
+    assert {"double_blocks.1.txt_attn_qkv.weight", "double_blocks.0.img_attn_q_norm.weight", "double_blocks.0.img_mod.linear.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", "vision_in.proj.4.weight", "byt5_in.fc3.weight",
+            "final_layer.adaLN_modulation.1.weight", "cond_type_embedding.weight", "img_in.proj.weight"} <= set(original)
     comfy = load_file(str(comfy_file))
-    assert "diffusion_model.double_blocks.0.img_attn_q.lora_A.weight" in comfy
-    assert "diffusion_model.double_blocks.1.txt_mlp.fc2.lora_B.weight" in comfy
-    assert comfy["diffusion_model.double_blocks.0.img_attn_q.alpha"].item() == 8
+    rank, alpha = TRAINING["lora_rank"], TRAINING["lora_alpha"]
+    assert comfy["diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight"].shape[0] == 3 * rank
+    assert comfy["diffusion_model.double_blocks.0.img_attn_qkv.alpha"].item() == 3 * alpha  # alpha / rank kept
+    assert comfy["diffusion_model.double_blocks.1.txt_mlp.fc2.alpha"].item() == alpha
     applied = dict(original)
     for key in [k for k in comfy if k.endswith(".lora_A.weight")]:
         module = key.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
@@ -226,18 +228,21 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
         weight = original[f"{module}.weight"]
         assert (up.shape[0], down.shape[1]) == weight.shape, key
         applied[f"{module}.weight"] = weight + scale * up @ down
+    diffusers_file = load_file(str(diffusers_lora))
     stock.load_lora_adapter(str(diffusers_lora), prefix="transformer")
     stock.fuse_lora()
     stock.unload_lora()
     changed = 0
     for key, reference in stock.state_dict().items():
-        if key.startswith("transformer_blocks."):  # the double blocks: one original module per diffusers module
-            name, leaf = key.rsplit(".", 1)
-            comfy_weight = applied[f"{original_module(name)[0]}.{leaf}"]
-            assert torch.allclose(reference, comfy_weight, atol=1e-6), key
-            changed += not torch.equal(comfy_weight, original[f"{original_module(name)[0]}.{leaf}"])
+        if key.startswith("transformer_blocks.") and key.endswith(".weight"):
+            name = key.removesuffix(".weight")
+            fused, parts = original_module(name)
+            rows = applied[f"{fused}.weight"].chunk(len(parts))[parts.index(name)]  # this part's rows
+            assert torch.allclose(reference, rows, atol=1e-6), key
+            changed += not torch.equal(rows, original[f"{fused}.weight"].chunk(len(parts))[parts.index(name)])
     # (the last block's text-side modules get no gradient: its text stream is not used after it)
-    assert changed == len([k for k, v in comfy.items() if k.endswith(".lora_B.weight") and v.any()]) > 0
+    trained = [k for k, v in diffusers_file.items() if k.endswith(".lora_B.weight") and v.any()]
+    assert changed == len(trained) > 0
 
 
 def test_memory_options_give_the_same_gradients(tiny_models):

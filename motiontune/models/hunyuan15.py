@@ -39,11 +39,14 @@ _DEFAULT_TARGETS = re.compile(
     r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$")
 
-# The original (Tencent HunyuanVideo-1.5, ComfyUI) layout: original module → the diffusers module(s) it holds. Only
-# the token refiner's qkv is fused; the double blocks keep q, k and v apart.
+# The original layout ComfyUI reads: original module → the diffusers module(s) it holds, stacked along the output
+# dimension in the order given. ComfyUI runs HunyuanVideo 1.5 on its HunyuanVideo model (the same double-stream blocks,
+# with q, k and v fused as `img_attn_qkv` / `txt_attn_qkv`, plus `byt5_in`, `vision_in` and `cond_type_embedding`),
+# and its LoRA key map for that model takes these names. (Tencent's own checkpoints keep q, k and v apart:
+# `img_attn_q`, ...; ComfyUI fuses them.)
 _DOUBLE_BLOCK = {
-    "img_attn_q": ("attn.to_q",), "img_attn_k": ("attn.to_k",), "img_attn_v": ("attn.to_v",),
-    "txt_attn_q": ("attn.add_q_proj",), "txt_attn_k": ("attn.add_k_proj",), "txt_attn_v": ("attn.add_v_proj",),
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
     "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
     "img_attn_q_norm": ("attn.norm_q",), "img_attn_k_norm": ("attn.norm_k",),
     "txt_attn_q_norm": ("attn.norm_added_q",), "txt_attn_k_norm": ("attn.norm_added_k",),
@@ -276,8 +279,8 @@ class HunyuanVideo15Family(ModelFamily):
         LoraBaseMixin._save_lora_weights(directory, {"transformer": folded}, {"transformer": metadata}, weight_name=weight_name)
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
-        """The transformer's weights in the original layout (the refiner's q, k, v concatenated; the final
-        modulation as (shift, scale)): the names diffusers' conversion script reads."""
+        """The transformer's weights in the original layout ComfyUI reads (q, k, v concatenated where it fuses them;
+        the final modulation as (shift, scale))."""
         state = module.state_dict() if state is None else state
         converted = {}
         for key in state:
@@ -299,7 +302,8 @@ class HunyuanVideo15Family(ModelFamily):
         return list(original_module(peft_module_name)[1])
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
-        """ComfyUI scales each entry by its `.alpha`; diffusers has no reader of this layout to refuse one."""
+        """ComfyUI scales each entry by its `.alpha` (a fused entry's alpha grows with its stacked rank); diffusers has
+        no reader of this layout to refuse one."""
         return True
 
     # --- sampling ------------------------------------------------------------------------------
