@@ -64,7 +64,8 @@ _BLOCKS = (("double_blocks", "transformer_blocks", _DOUBLE_BLOCK),
 _OUTSIDE_BLOCKS = {
     "img_in.proj": "x_embedder.proj", "cond_type_embedding": "cond_type_embed",
     "time_in.mlp.0": "time_embed.timestep_embedder.linear_1", "time_in.mlp.2": "time_embed.timestep_embedder.linear_2",
-    "time_r_in.mlp.0": "time_embed.timestep_embedder_r.linear_1", "time_r_in.mlp.2": "time_embed.timestep_embedder_r.linear_2",
+    "time_r_in.mlp.0": "time_embed.timestep_embedder_r.linear_1",
+    "time_r_in.mlp.2": "time_embed.timestep_embedder_r.linear_2",
     "txt_in.input_embedder": "context_embedder.proj_in",
     "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
     "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
@@ -115,11 +116,11 @@ class HunyuanVideo15Family(ModelFamily):
     def config_problems(cls, config):
         problems = super().config_problems(config)
         if not config.video_config.use_temporal_attention:
-            problems.append(f"  - video_config.use_temporal_attention = false: {config.model_type}'s blocks attend over text and "
-                            "video tokens together; frame-local attention is built for WAN only. Remove the key")
+            problems.append(f"  - video_config.use_temporal_attention = false: {config.model_type}'s blocks attend over "
+                            "text and video tokens together; frame-local attention is built for WAN only. Remove the key")
         if config.guidance_scale != 1.0:
-            problems.append(f"  - guidance_scale = {config.guidance_scale:g}: {config.model_type} has no guidance embedding (it uses "
-                            "real classifier-free guidance); remove the key and set samples[].cfg_scale for samples")
+            problems.append(f"  - guidance_scale = {config.guidance_scale:g}: {config.model_type} has no guidance embedding "
+                            "(it uses real classifier-free guidance); remove the key and set samples[].cfg_scale for samples")
         return problems
 
     def __init__(self, config, device):
@@ -276,7 +277,8 @@ class HunyuanVideo15Family(ModelFamily):
         rank, alpha = adapter_metadata["r"], adapter_metadata["lora_alpha"]
         folded = {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in state_dict.items()}
         metadata = {**adapter_metadata, "lora_alpha": rank}
-        LoraBaseMixin._save_lora_weights(directory, {"transformer": folded}, {"transformer": metadata}, weight_name=weight_name)
+        LoraBaseMixin._save_lora_weights(directory, {"transformer": folded}, {"transformer": metadata},
+                                         weight_name=weight_name)
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The transformer's weights in the original layout ComfyUI reads (q, k, v concatenated where it fuses them;
@@ -432,7 +434,8 @@ class HunyuanVideo15Family(ModelFamily):
         """One transformer call as the stock pipeline makes it while sampling (batch 1: the guider runs the
         conditional and unconditional passes one after the other)."""
         tokens = SIGLIP_TOKENS if self.is_i2v else T2V_IMAGE_TOKENS
-        return {"hidden_states": torch.empty(1, cfg["in_channels"], *latent, dtype=dtype), "timestep": torch.empty(1, dtype=dtype),
+        return {"hidden_states": torch.empty(1, cfg["in_channels"], *latent, dtype=dtype),
+                "timestep": torch.empty(1, dtype=dtype),
                 "encoder_hidden_states": torch.empty(1, QWEN_LENGTH, cfg["text_embed_dim"], dtype=dtype),
                 "encoder_attention_mask": torch.ones(1, QWEN_LENGTH),
                 "encoder_hidden_states_2": torch.empty(1, BYT5_LENGTH, cfg["text_embed_2_dim"], dtype=dtype),
@@ -514,12 +517,14 @@ def _tiny_qwen_tokenizer(tokenizer):
     tokenizer.padding_side = "right"
     tokenizer.chat_template = _CHAT_TEMPLATE.replace("FILLER", "")
     marker = tokenizer.convert_tokens_to_ids("rabbit")
-    ids = tokenizer.apply_chat_template([[{"role": "system", "content": _system_message()}, {"role": "user", "content": "rabbit"}]],
-                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
+    messages = [[{"role": "system", "content": _system_message()}, {"role": "user", "content": "rabbit"}]]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
     missing = QWEN_CROP - ids.index(marker)
-    assert missing >= 0, "the tiny tokenizer's template is longer than the crop"
+    if missing < 0:
+        raise ValueError(f"the tiny tokenizer makes {ids.index(marker)} template tokens, more than the {QWEN_CROP} cropped")
     tokenizer.chat_template = _CHAT_TEMPLATE.replace("FILLER", " <pad>" * missing)
     return tokenizer
+
 
 # --- the released models, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
 RELEASE_NAMES = {"HUNYUAN_VIDEO_1_5": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
