@@ -49,6 +49,8 @@ TINY_FAMILY = {
     "WAN_2_2_I2V_A14B": "wan-2.2-i2v-a14b",
     "WAN_2_2_TI2V_5B": "wan-2.2-ti2v-5b",
     "HUNYUAN_VIDEO": "hunyuan-video",
+    "HUNYUAN_VIDEO_1_5": "hunyuan-video-1.5",
+    "HUNYUAN_VIDEO_1_5_I2V": "hunyuan-video-1.5-i2v",
     "HI_DREAM_FULL": "hi-dream",
     "HI_DREAM_DEV": "hi-dream",
     "HI_DREAM_FAST": "hi-dream",
