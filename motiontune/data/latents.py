@@ -265,7 +265,9 @@ class Encoding:
                 self.calls["mask"] += 1
                 made += 1
                 key, entry, clip = masks[index], found[index][0], found[index][1]
-                about = {"file": str(entry.item.path), "mask": str(entry.mask.path), "instants": clip}
+                look = found[index][2]
+                about = {"file": str(entry.item.path), "mask": str(entry.mask.path), "instants": clip, "crop": look.crop,
+                         "flip": look.flip}
                 masks[index] = (self.cache.put("masks", key, mask, about) if self.ranks.main else None) or mask
         with_mask = sum(mask is not None and mask is not _FAILED for mask in masks)
         if not with_mask:
