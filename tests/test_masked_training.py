@@ -202,3 +202,34 @@ def test_inspect_lists_masks_and_reports_those_that_do_not_fit(tmp_path, capsys)
     assert usable == ["good.mp4", "none.mp4"]
     assert report["summary"]["skipped_by_reason"] == {"mask size does not fit the clip": 1,
                                                       "mask length does not fit the clip": 1}
+
+
+def test_mask_combines_with_frame_dropout_loss_weight_and_the_temporal_term():
+    """The loss as a step computes it: outside the mask (unmasked_weight 0) neither term gives a gradient, nor does a
+    dropped frame to the flow term; normalised, a sample's flow loss is the plain MSE over the inside of its kept
+    frames; a clip without a mask, or a sample drawn to train unmasked, weighs every latent 1."""
+    from motiontune.train.losses import loss_mask, training_loss
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 4, 3, 4, 4)
+    prediction, target, noisy, x0 = (torch.randn(shape, generator=generator) for _ in range(4))
+    prediction.requires_grad_(True)
+    sigma = torch.tensor([0.3, 0.7])
+    left = torch.zeros(3, 4, 4)
+    left[..., :2] = 1.0
+    mask = loss_mask([left, None], shape, unmasked_probability=0.0, unmasked_weight=0.0, generator=generator)
+    assert mask[1].eq(1).all() and mask[0, 0].equal(left)
+    assert loss_mask([left], (1, *shape[1:]), 1.0, 0.0, generator).eq(1).all()  # drawn to train unmasked
+    kept = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+
+    total, parts = training_loss(prediction, target, noisy, sigma, x0, 1.0, kept, [2.0, 1.0], mask, normalize_mask=True)
+    total.backward()
+    assert prediction.grad[0, ..., 2:].eq(0).all() and prediction.grad[0, ..., :2].ne(0).all()
+
+    prediction.grad = None
+    flow, _ = training_loss(prediction[:1], target[:1], noisy[:1], sigma[:1], x0[:1], 0.0, kept[:1], None, mask[:1],
+                            normalize_mask=True)
+    flow.backward()
+    assert prediction.grad[0, :, 2].eq(0).all()  # the dropped frame
+    inside = (prediction[0, :, :2, :, :2] - target[0, :, :2, :, :2]).pow(2).mean()
+    torch.testing.assert_close(flow, inside)
