@@ -156,9 +156,18 @@ def test_masks_follow_the_clips_instants_crop_and_flip(tiny_models, tmp_path, ca
         # the mask is scaled up 2x to the clip's size: its edge softens by a pixel
         torch.testing.assert_close(mask[frame], (weight * left_to_right).expand(4, 4), atol=0.05, rtol=0)
 
+    # the masks are cached by the mask file's content: an edited mask is made again, the latents are not
+    before = set((tmp_path / "cache" / "masks").glob("*/*.safetensors"))
+    _write_mask_video(data / "a-masklabel.mp4", fps=24, frames=15, size=(16, 16), white_until=0.3)
+    assert main(["cache", "--config", str(tmp_path / "config.json")]) == 0
+    assert "(0 and 0 encoded now), 2 masks (1 made now)" in capsys.readouterr().out
+    [new] = set((tmp_path / "cache" / "masks").glob("*/*.safetensors")) - before
+    edited = load_file(str(new))["value"]  # white until 0.3 s: 1 of the last 4 instants (0.25 s) is white
+    torch.testing.assert_close(edited[1:, 0, 3], torch.tensor([1.0, 0.25]), atol=0.02, rtol=0)
+
     mask, about = masks["b.mp4"]
     top, left = about["crop"]  # in the 64 x 32 picture the mask is white left of x = 40
-    assert top == 0 and 8 < left < 32  # (the seed's draw: a crop that cuts through the white part)
+    assert top == 0 and 0 <= left <= 32  # drawn from the seeds and the file's path: any crop cuts the white part
     white = (np.arange(32) + left < 40).astype(np.float32)[::-1]  # then flipped
     expected = torch.from_numpy(white.reshape(4, 8).mean(axis=1).copy())
     for frame in range(3):
