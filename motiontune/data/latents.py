@@ -196,7 +196,8 @@ class Encoding:
         for entry, clip, look, value, mask in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
-            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look, mask))
+            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
+                                       mask_stored=mask))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
@@ -262,19 +263,19 @@ class Encoding:
                     masks[index] = _FAILED
                 continue
             for index, mask in zip(indices, result):
-                self.calls["mask"] += 1
-                made += 1
-                key, entry, clip = masks[index], found[index][0], found[index][1]
-                look = found[index][2]
+                entry, clip, look, _ = found[index]
                 about = {"file": str(entry.item.path), "mask": str(entry.mask.path), "instants": clip, "crop": look.crop,
                          "flip": look.flip}
-                masks[index] = (self.cache.put("masks", key, mask, about) if self.ranks.main else None) or mask
+                masks[index] = (self.cache.put("masks", masks[index], mask, about) if self.ranks.main else None) or mask
+                made += 1
+        self.calls["mask"] += made
         with_mask = sum(mask is not None and mask is not _FAILED for mask in masks)
-        if not with_mask:
+        if with_mask:
+            log.info("masked training: %d of %d clips have a mask (%d made now, the rest from the cache); clips without "
+                     "one train on the whole frame", with_mask, len(found), made)
+        else:
             log.warning("masked_training is on, but no clip has a mask: every clip trains on the whole frame. A clip's "
                         "mask lies beside it, named <clip name>-masklabel.png (one picture) or -masklabel.mp4 (a video)")
-        log.info("masked training: %d of %d clips have a mask (%d made now, the rest from the cache); clips without "
-                 "one train on the whole frame", with_mask, len(found), made)
         return masks
 
     def _tell_costs(self, entries: list[FileEntry], clip_counts: Counter) -> None:
