@@ -243,3 +243,16 @@ def test_mask_combines_with_frame_dropout_loss_weight_and_the_temporal_term():
     assert prediction.grad[0, :, 2].eq(0).all()  # the dropped frame
     inside = (prediction[0, :, :2, :, :2] - target[0, :, :2, :, :2]).pow(2).mean()
     torch.testing.assert_close(flow, inside)
+
+
+def test_split_layout_masks_lie_beside_the_clips(tmp_path, capsys):
+    """videos/ + captions/: the mask is in videos/ beside its clip (captions/ holds text only)."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "captions").mkdir()
+    write_timestamped_clip(tmp_path / "videos" / "a.mp4", [Fraction(i, 16) for i in range(16)], size=(32, 32))
+    _left_half_mask(tmp_path / "videos" / "a-masklabel.png")
+    (tmp_path / "captions" / "a.txt").write_text("a clip\n")
+    assert main(["inspect", str(tmp_path), "--json", "--set", "masked_training=true"]) == 0
+    [record] = json.loads(capsys.readouterr().out)["files"]
+    assert record["usable"] and record["caption"] == "a clip"
+    assert record["mask"] == {"path": str(tmp_path / "videos" / "a-masklabel.png"), "fits": True, "problem": None}
