@@ -77,8 +77,9 @@ def cmd_cache(args) -> int:
     clips = [clip for variant in variants for clip in encoding.clips(survey, variant)]
     dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
     encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
+    masks = f", {len(encoding.used['masks'])} masks ({encoding.calls['mask']} made now)" if config.masked_training else ""
     print(f"cache {config.cache_dir}: {len(encoding.used['latents'])} clip latents and {len(encoding.used['text'])} "
-          f"text embeddings in use ({encoding.calls['video']} and {encoding.calls['text']} encoded now)")
+          f"text embeddings in use ({encoding.calls['video']} and {encoding.calls['text']} encoded now){masks}")
     if args.clear:
         print(f"removed {cache.remove_unused(encoding.used)} entries no current clip or caption uses")
     return 0

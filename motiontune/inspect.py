@@ -33,7 +33,8 @@ def config_for(target: str, overrides: list[str]) -> TrainConfig:
 
 def inspect(target: str, overrides: list[str] = ()) -> Survey:
     config = config_for(target, list(overrides))
-    return survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False), config
+    # masks are checked whatever masked_training says: inspect is where a user finds out whether theirs fit
+    return survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False, masks=True), config
 
 
 def file_record(entry: FileEntry) -> dict:
@@ -41,6 +42,8 @@ def file_record(entry: FileEntry) -> dict:
     problems = [entry.problem.split(": ", 1)[-1]] if entry.problem else []
     if entry.item.caption_problem:
         problems.append(f"caption: {entry.item.caption_problem}")
+    if entry.mask_problem and not entry.problem:  # with masked_training on, it is the file's problem already
+        problems.append(entry.mask_problem)
     return {
         "path": str(entry.item.path),
         "usable": entry.usable,
@@ -60,6 +63,8 @@ def file_record(entry: FileEntry) -> dict:
         "caption": entry.item.captions[0] if entry.item.captions != ("",) else None,
         "bucket": None if entry.size is None else {"height": entry.size[0], "width": entry.size[1]},
         "clips": [[round(t, 6) for t in clip] for clip in entry.clips],
+        "mask": {"path": str(entry.item.masks[0]) if len(entry.item.masks) == 1 else [str(m) for m in entry.item.masks],
+                 "fits": entry.mask is not None, "problem": entry.mask_problem or None} if entry.item.masks else None,
         "problems": problems,
     }
 
@@ -79,6 +84,8 @@ def summary_record(survey: Survey) -> dict:
         "skipped_by_reason": dict(survey.skipped_by_reason()),
         "caption_problems": dict(Counter(_caption_kind(e.item.caption_problem) for e in survey.entries if e.item.caption_problem)),
         "total_frames": sum(len(c) for e in usable for c in e.clips),
+        "masks": sum(1 for e in survey.entries if e.item.masks),  # files with a -masklabel mask beside them
+        "masks_not_fitting": sum(1 for e in survey.entries if e.mask_problem),
     }
 
 
@@ -123,6 +130,15 @@ def as_summary(survey: Survey, problems_shown: int = 10) -> str:
         lines.append(f"  skipped ({reason}): {count}")
     for reason, count in summary["caption_problems"].items():
         lines.append(f"  trained with an empty caption ({reason}): {count}")
+    if summary["masks"]:
+        lines.append(f"masks (masked training): {summary['masks']} of {summary['files']} files have one"
+                     + (f", {summary['masks_not_fitting']} of them do not fit their clip" if summary["masks_not_fitting"] else ""))
+    unfit = [e for e in survey.entries if e.mask_problem and not e.problem]
+    if unfit and problems_shown:
+        lines.append(f"masks that do not fit their clips ({len(unfit)}; with masked_training on, these clips are skipped):")
+        lines += [f"  {e.item.path}: {e.mask_problem}" for e in unfit[:problems_shown]]
+        if len(unfit) > problems_shown:
+            lines.append(f"  ... and {len(unfit) - problems_shown} more")
     bad = [e for e in survey.entries if e.problem]
     if bad and problems_shown:
         lines.append(f"files that cannot be used ({len(bad)}; --files lists every file):")
@@ -134,7 +150,7 @@ def as_summary(survey: Survey, problems_shown: int = 10) -> str:
 
 def as_table(survey: Survey) -> str:
     """One row per file, then the summary."""
-    header = ("file", "duration", "fps", "frames", "size", "rot", "clips", "bucket", "caption", "problems")
+    header = ("file", "duration", "fps", "frames", "size", "rot", "clips", "bucket", "caption", "mask", "problems")
     rows = [header]
     for entry in survey.entries:
         record = file_record(entry)
@@ -150,6 +166,7 @@ def as_table(survey: Survey) -> str:
             str(len(entry.clips)) if entry.clips else "-",
             f"{'/'.join(map(str, sorted(clip_frames)))}f {entry.size[1]}x{entry.size[0]}" if entry.size else "-",
             "yes" if record["caption"] else "no",
+            "-" if not entry.item.masks else "bad" if entry.mask_problem else "yes",
             "; ".join(record["problems"]) or "",
         ))
     widths = [max(len(row[i]) for row in rows[:]) for i in range(len(header) - 1)]

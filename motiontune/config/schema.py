@@ -189,6 +189,12 @@ class TrainConfig(Strict):
     continue_last_backup: bool = False  # as `motiontune train --resume`
     max_nonfinite_steps: int = Field(5, ge=1)  # steps in a row with a NaN/inf loss or gradient before the run stops
 
+    # masked training, OneTrainer's keys and defaults: a clip's `<stem>-masklabel.<ext>` mask weighs its loss
+    masked_training: bool = False
+    unmasked_probability: float = Field(0.1, ge=0, le=1)  # the chance a sample trains without its mask
+    unmasked_weight: float = Field(0.1, ge=0, le=1)  # the loss weight outside the mask (1: as without a mask)
+    normalize_masked_area_loss: bool = False  # each sample's loss divided by its mask's mean weight
+
     video_config: VideoConfig = VideoConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

@@ -1,4 +1,4 @@
-"""The on-disk cache of VAE latents and text embeddings.
+"""The on-disk cache of VAE latents, text embeddings and masks on the latent grid.
 
 An entry's name is a hash of everything that decides its content: the file's bytes, the clip plan
 (instants, size, crop), the encoder's identity (where it came from, its config files, its weight files'
@@ -151,6 +151,18 @@ class Cache:
         })
 
     @staticmethod
+    def mask_key(fingerprint: str, timestamps, size, clip_size: tuple[int, int], crop: tuple[int, int] | None,
+                 flip: bool, grid: tuple[int, ...], pooling: str) -> str:
+        """A clip's mask: the mask file's content, the clip's instants, size, crop and flip, the clip's own
+        (width, height) (the mask is scaled as its frames are), and the latent grid it is pooled to. Not the VAE:
+        editing a mask makes the mask again, never the latents."""
+        return digest({
+            "v": FORMAT_VERSION, "kind": "mask", "mask": fingerprint,
+            "instants": [round(t, 6) for t in timestamps], "size": list(size), "clip": list(clip_size),
+            "crop": "center" if crop is None else list(crop), "flip": bool(flip), "grid": list(grid), "pooling": pooling,
+        })
+
+    @staticmethod
     def text_key(text: str, encoder: str) -> str:
         return digest({"v": FORMAT_VERSION, "kind": "text", "text": text, "encoder": encoder})
 
@@ -201,7 +213,7 @@ class Cache:
     def remove_unused(self, used: dict[str, set[str]]) -> int:
         """Delete every entry no current clip or caption uses; returns how many."""
         removed = 0
-        for kind in ("latents", "text"):
+        for kind in ("latents", "text", "masks"):
             for key in self.keys(kind) - used.get(kind, set()):
                 self.path(kind, key).unlink()
                 removed += 1

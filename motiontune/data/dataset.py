@@ -1,7 +1,8 @@
 """Finding training items: concept folders, media files and their captions.
 
 Two layouts are read: captions beside the files (`clip.mp4` + `clip.txt`), and the split layout
-`videos/` (or `images/`) + `captions/` with the same file stem.
+`videos/` (or `images/`) + `captions/` with the same file stem. In both, a clip's mask (masked training) lies
+beside the clip itself: `clip-masklabel.mp4` or `clip-masklabel.png` (data/masks.py); masks are never items.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..config import ConfigError, TrainConfig
 from ..config.concepts import ConceptConfig, concept_problems, concept_where, format_concept_errors, read_concept_list
+from .masks import is_mask_file, masks_by_clip
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 MEDIA_FOLDERS = ("videos", "images")
@@ -25,6 +27,7 @@ class Item:
     captions: tuple[str, ...]  # one is picked per step; a caption file may hold several lines
     concept: ConceptConfig = field(compare=False, repr=False)  # the concept the file belongs to
     caption_problem: str = ""  # why the caption is empty, when it is
+    masks: tuple[Path, ...] = ()  # the files named as this clip's mask (more than one is a problem)
 
 
 def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
@@ -67,9 +70,10 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
     captions_dir = root / "captions"
     split_layout = captions_dir.is_dir() and any((root / f).is_dir() for f in MEDIA_FOLDERS)
     search_roots = [root / f for f in MEDIA_FOLDERS if (root / f).is_dir()] if split_layout else [root]
-    media = sorted((path for search_root in search_roots for path in _files(search_root, concept.include_subdirectories)
-                    if path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not path.name.startswith(".")),
-                   key=lambda path: path.parts)
+    files = [path for search_root in search_roots for path in _files(search_root, concept.include_subdirectories)
+             if path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not path.name.startswith(".")]
+    masks = masks_by_clip(files)
+    media = sorted((path for path in files if not is_mask_file(path)), key=lambda path: path.parts)
     source = concept.text.prompt_source
     concept_lines = _concept_prompts(concept) if source in ("concept", "txt") else ()
     items = []
@@ -85,7 +89,7 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
             else:
                 caption_file = path.with_suffix(".txt")
             captions, problem = _read_caption(caption_file)
-        items.append(Item(path, captions, concept, problem))
+        items.append(Item(path, captions, concept, problem, masks.get(path.with_suffix(""), ())))
     return items
 
 

@@ -23,6 +23,7 @@ from .augment import ImageVariant, apply_image_variant, caption_variants, cover_
 from .buckets import clip_repeats
 from .cache import Cache, Entry, encoder_identity
 from .dataset import Item, load_concepts
+from .masks import POOLING, clip_masks
 from .survey import FileEntry, Survey, plan_entry, sampling_grid
 from .video import MediaError, decode_clips
 from .workers import map_isolated
@@ -41,6 +42,12 @@ class EncodedClip:
     look: ImageVariant = ImageVariant()  # the crop jitter and flip the frames had before encoding
     role: str = "STANDARD"  # the concept's type: STANDARD, PRIOR_PREDICTION, or VALIDATION (never trained on)
     concept: str = ""  # the concept's name (its path when it has none)
+    mask_stored: Entry | torch.Tensor | None = None  # masked training: the clip's mask on its latent grid
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(F', H', W') loss weights in [0, 1] (masked training); None: the clip has no mask."""
+        return None if self.mask_stored is None else _value(self.mask_stored)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -95,7 +102,7 @@ class Encoding:
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
                                               f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else ""))
         self.calls: Counter = Counter()
-        self.used: dict[str, set[str]] = {"latents": set(), "text": set()}  # every key this run asked for
+        self.used: dict[str, set[str]] = {"latents": set(), "text": set(), "masks": set()}  # every key this run asked for
         self._text_loaded = False
         video = config.video_config
         self._windows_move = video.frame_sample_strategy == "random" or video.temporal_augmentation
@@ -184,13 +191,15 @@ class Encoding:
             values.update({key: self.cache.get("latents", key, self._extras) for key, value in values.items() if value is None})
         found = [(entry, clip, look, values[key]) for entry, plan, file_looks, file_keys in zip(entries, plans, looks, keys)
                  for clip, look, key in zip(plan, file_looks, file_keys) if values.get(key) is not None]
+        masks = self._masks(found) if self.config.masked_training else [None] * len(found)
+        found = [(*clip, mask) for clip, mask in zip(found, masks) if mask is not _FAILED]
         clip_counts = Counter(id(entry.item.concept) for entry, *_ in found)
         encoded = []
-        for entry, clip, look, value in found:
+        for entry, clip, look, value, mask in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
             encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
-                                       concept.role, concept.name or concept.path))
+                                       concept.role, concept.name or concept.path, mask_stored=mask))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
@@ -225,6 +234,51 @@ class Encoding:
                         {"value": latents, **extras} if extras else latents)
                 progress.update()
         progress.close()
+
+    def _masks(self, found: list) -> list:
+        """Each clip's mask on its latent grid, from the cache or made now (None: the clip has no mask; _FAILED: its
+        mask could not be read, so the clip is skipped rather than trained on what the mask leaves out). Masks are
+        small and cheap: with several ranks each makes what it misses, and the first rank writes it."""
+        masks: list = [None] * len(found)
+        missing: dict = {}  # file entry → indices of its clips whose mask is not in the cache
+        for index, (entry, clip, look, value) in enumerate(found):
+            if entry.mask is None:
+                continue
+            key = Cache.mask_key(self.cache.file_fingerprint(entry.mask.path), clip, entry.size,
+                                 (entry.info.width, entry.info.height), look.crop, look.flip, _grid(value), POOLING)
+            self.used["masks"].add(key)
+            masks[index] = self.cache.get("masks", key) or key
+            if isinstance(masks[index], str):
+                missing.setdefault(id(entry), []).append(index)
+        if self.ranks.main:
+            self.cache.save_fingerprints()
+        jobs = []
+        for indices in missing.values():
+            entry = found[indices[0]][0]
+            jobs.append((entry.info, entry.mask, [found[i][1] for i in indices], [found[i][2] for i in indices],
+                         entry.size, [_grid(found[i][3]) for i in indices]))
+        made = 0
+        for indices, (job, result) in zip(missing.values(), map_isolated(_mask_job, jobs, self.config.dataloader_threads)):
+            if isinstance(result, Exception):
+                log.warning("skipped %s: its mask %s could not be read (%s)", job[0].path, job[1].path, result)
+                for index in indices:
+                    masks[index] = _FAILED
+                continue
+            for index, mask in zip(indices, result):
+                entry, clip, look, _ = found[index]
+                about = {"file": str(entry.item.path), "mask": str(entry.mask.path), "instants": clip, "crop": look.crop,
+                         "flip": look.flip}
+                masks[index] = (self.cache.put("masks", masks[index], mask, about) if self.ranks.main else None) or mask
+                made += 1
+        self.calls["mask"] += made
+        with_mask = sum(mask is not None and mask is not _FAILED for mask in masks)
+        if with_mask:
+            log.info("masked training: %d of %d clips have a mask (%d made now, the rest from the cache); clips without "
+                     "one train on the whole frame", with_mask, len(found), made)
+        else:
+            log.warning("masked_training is on, but no clip has a mask: every clip trains on the whole frame. A clip's "
+                        "mask lies beside it, named <clip name>-masklabel.png (one picture) or -masklabel.mp4 (a video)")
+        return masks
 
     def _tell_costs(self, entries: list[FileEntry], clip_counts: Counter) -> None:
         """Log, per concept, the settings that cost encoding time or change how often its clips train."""
@@ -316,6 +370,19 @@ class Encoding:
             self.family.park_vae()
         else:
             self.family.release_vae()
+
+
+_FAILED = object()  # a clip whose mask could not be read
+
+
+def _grid(value) -> tuple[int, int, int]:
+    """(F', H', W') of a clip's latents, however they are held."""
+    shape = value.shape if isinstance(value, Entry) else (value["value"] if isinstance(value, dict) else value).shape
+    return tuple(shape[-3:])
+
+
+def _mask_job(job):
+    return clip_masks(*job)
 
 
 def _decode_job(job):

@@ -19,6 +19,7 @@ from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
 from .cache import FileFacts
 from .dataset import Item, scan_dataset
+from .masks import fit_problem
 from .video import MediaError, MediaInfo, plan_clips, probe
 from .workers import WorkerCrash, map_isolated
 
@@ -34,6 +35,8 @@ class FileEntry:
     problem: str = ""  # why the file is skipped; empty when it trains
     size: tuple[int, int] | None = None  # training (height, width)
     clips: list[tuple[float, ...]] = field(default_factory=list)  # planned windows (first epoch)
+    mask: MediaInfo | None = None  # the clip's mask, when it has one that fits (masks are looked at when asked)
+    mask_problem: str = ""  # why its mask cannot be used (with masked_training on, the clip is skipped for it)
 
     @property
     def usable(self) -> bool:
@@ -103,14 +106,18 @@ def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_f
     return clips
 
 
-def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True) -> Survey:
-    """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required)."""
+def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True, masks: bool | None = None) -> Survey:
+    """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required). Masks are probed
+    and checked against their clips when `masks` (default: with masked_training on)."""
     items = scan_dataset(config)
     buckets = _bucket_sets(config, family, {id(item.concept): item.concept for item in items}.values())
     max_frames = valid_max_frames(config, family)
     video = config.video_config
     entries = []
-    probes = probe_all([item.path for item in items], config)
+    check_masks = config.masked_training if masks is None else masks
+    mask_files = sorted({m for item in items for m in item.masks}) if check_masks else []
+    probes = probe_all([item.path for item in items] + mask_files, config)
+    mask_probes = dict(zip(mask_files, probes[len(items):]))
     for item, info in zip(items, probes):
         entry = FileEntry(item)
         entries.append(entry)
@@ -129,7 +136,12 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
                 )
             else:
                 entry.size = nearest_bucket(info.width, info.height, buckets[_resolution_of(item.concept, config)])
+                if item.masks and check_masks:
+                    _check_mask(entry, mask_probes, config.masked_training)
     survey = Survey(entries)
+    unused = sum(1 for item in items if item.masks) if not check_masks else 0
+    if unused:
+        log.info("%d clips have a -masklabel mask; masked_training is off, so they train on the whole frame", unused)
     if survey.usable:
         frames = len(survey.usable[0].clips[0])
         shapes = sorted({(h // family.spatial_multiple * 2, w // family.spatial_multiple * 2) for h, w in (e.size for e in survey.usable)})
@@ -146,6 +158,23 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
             "check the concept paths and run `motiontune inspect` on them"
         )
     return survey
+
+
+def _check_mask(entry: FileEntry, probes: dict, skip_bad: bool) -> None:
+    """Attach the clip's mask, or say why it cannot be used; with `skip_bad` (masked training) such a clip is
+    skipped: trained unmasked, it would learn what its mask leaves out."""
+    masks = entry.item.masks
+    mask = probes[masks[0]]
+    if len(masks) > 1:
+        entry.mask_problem = f"several masks ({', '.join(str(m) for m in masks)}); keep one"
+    elif isinstance(mask, Exception):
+        entry.mask_problem = f"mask unreadable ({mask})"  # the probe's message names the mask file
+    else:
+        entry.mask_problem = fit_problem(entry.info, mask)
+    if not entry.mask_problem:
+        entry.mask = mask
+    elif skip_bad:
+        entry.problem = f"{entry.item.path}: {entry.mask_problem}"
 
 
 def probe_all(paths: list[Path], config: TrainConfig) -> list:

@@ -22,7 +22,7 @@ from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
 from .backup import Position
 from .flow import flow_target, noisy_latents, predicted_x0, sample_sigmas
-from .losses import frame_dropout_mask, training_loss
+from .losses import frame_dropout_mask, loss_mask, training_loss
 
 log = logging.getLogger("motiontune")
 
@@ -64,6 +64,7 @@ class Step:
             "sigma": torch.Generator().manual_seed(seed + 1),
             "frame_dropout": torch.Generator().manual_seed(seed + 2),
             "conditioning": torch.Generator().manual_seed(seed + 3),
+            "mask": torch.Generator().manual_seed(seed + 4),  # masked training: which samples train unmasked
         }
         # FLOAT_16's narrow range: the loss is scaled up so small gradients do not flush to zero
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train_dtype == "FLOAT_16")
@@ -105,6 +106,10 @@ class Step:
         if conditioning is not None and conditioning.loss_frames is not None:  # given frames are not predicted
             given = conditioning.loss_frames.to(device)
             kept = given if kept is None else kept * given
+        mask = None
+        if config.masked_training:  # each latent weighted by its clip's mask (data/masks.py)
+            mask = loss_mask([clips[i].mask for i in batch], x0.shape, config.unmasked_probability,
+                             config.unmasked_weight, generators["mask"]).to(device)
         loss, parts = torch.zeros((), device=device), {}
         for expert, all_rows in self.family.route(sigma):  # each sample goes to the expert serving its noise level
             rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
@@ -130,6 +135,7 @@ class Step:
             part_loss, part_parts = training_loss(
                 prediction, row_target, noisy[rows], sigma[rows], row_x0, video.temporal_consistency_weight,
                 None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
+                None if mask is None else mask[rows], config.normalize_masked_area_loss,
             )
             # FSDP averages gradients over ranks; the weights above need their sum
             scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
