@@ -16,12 +16,13 @@ import torch
 
 from ..config import TrainConfig
 from ..models import ModelFamily
-from ..models.base import Expert
+from ..data.survey import sampling_grid
+from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
 from .backup import Position
 from .flow import flow_target, noisy_latents, sample_sigmas
-from .losses import frame_dropout_mask, training_loss
+from .losses import audio_loss, frame_dropout_mask, training_loss
 
 log = logging.getLogger("motiontune")
 
@@ -69,7 +70,8 @@ class Step:
         half = HALF_DTYPES.get(config.train_dtype)
         self.autocast = torch.autocast(self.device.type, dtype=half or torch.float32, enabled=half is not None)
         weight = config.video_config.temporal_consistency_weight
-        self.part_names = ["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
+        self.part_names = (["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
+                           + (["loss/audio"] if family.AUDIO_SAMPLE_RATE else []))
         self.trained_here = Counter()  # samples each expert received on this rank since the last optimizer step
         self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
         self.nonfinite_in_a_row = 0
@@ -97,6 +99,7 @@ class Step:
         noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
         noisy = noisy_latents(x0, noise, sigma)
         target = flow_target(x0, noise)
+        sound = self._sound(clips, batch, sigma)  # a family that generates sound denoises the clips' audio too
         kept = None
         if video.frame_dropout_probability > 0:
             kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
@@ -118,13 +121,22 @@ class Step:
                 self.family.activate(expert)
             # encoded per expert: a trained text side's graph is freed by each expert's backward
             text = self.text_side.batch([captions[r] for r in rows.tolist()], device)
+            weights = [clips[batch[r]].loss_weight for r in rows.tolist()]
             with self.autocast:
                 prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
-                                                 None if conditioning is None else conditioning.select(rows))
+                                                 None if conditioning is None else conditioning.select(rows),
+                                                 **({} if sound is None else {"sound": sound[0].select(rows)}))
+            if sound is not None:
+                prediction, audio_prediction = prediction
             part_loss, part_parts = training_loss(
                 prediction, target[rows], noisy[rows], sigma[rows], x0[rows], video.temporal_consistency_weight,
-                None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
+                None if kept is None else kept[rows], weights,
             )
+            if sound is not None:  # the audio's flow loss beside the video's, over the clips that have sound
+                _, audio_target, present = sound
+                audio = audio_loss(audio_prediction, audio_target[rows], present[rows], weights)
+                part_loss = part_loss + audio
+                part_parts["loss/audio"] = audio.detach()
             # FSDP averages gradients over ranks; the weights above need their sum
             scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
             self.scaler.scale(part_loss * scale).backward()
@@ -134,6 +146,23 @@ class Step:
         # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
         totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
         return totals[0], dict(zip(self.part_names, totals[1:]))
+
+    def _sound(self, clips: list, batch: list[int], sigma: torch.Tensor):
+        """(Sound, audio target, (B,) which clips have sound) for a family that generates sound, else None. The clips
+        that have sound are noised at the video's noise level, as the stock pipeline denoises both together; one
+        without sound is given pure noise at level 1 (what the pipeline's first step shows the transformer), and
+        the loss leaves its audio out, so it trains the video alone."""
+        if not self.family.AUDIO_SAMPLE_RATE:
+            return None
+        audio = [clips[i].audio for i in batch]
+        present = torch.tensor([a is not None for a in audio], device=self.device)
+        frames = len(clips[batch[0]].timestamps)
+        shape = next((a.shape for a in audio if a is not None), None) or self.family.audio_latent_shape(
+            frames, sampling_grid(self.config, self.family)[0])
+        x0 = torch.stack([torch.zeros(shape) if a is None else a for a in audio]).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generators["noise"], device=self.device, dtype=x0.dtype)
+        level = torch.where(present, sigma, torch.ones_like(sigma))
+        return Sound(noisy_latents(x0, noise, level), level), flow_target(x0, noise), present
 
     def apply(self, loss: torch.Tensor, position: Position, backup: Callable[[Position], object]) -> bool:
         """The optimizer step of the gradients accumulated since the last one; False when none was applied.
