@@ -348,7 +348,7 @@ def _decode_job(job):
     with the sound or ""). Sound that cannot be decoded is reported and its clips train without it."""
     info, clips, size, sound = job
     frames = decode_clips(info, clips, size)
-    sounds, problem = [None] * len(clips), ""
+    sounds, problem = [None] * len(clips), info.audio_problem if sound else ""
     if sound and info.audio is not None and not info.audio_problem and not info.is_image:
         rate, channels, fps = sound
         try:
