@@ -242,3 +242,35 @@ def test_estimate_for_the_released_model(tmp_path, capsys):
     with torch.device("meta"):
         count = sum(p.numel() for p in diffusers.LTX2VideoTransformer3DModel(**RELEASE["transformer"]).parameters())
     assert 18.5e9 < count < 19.2e9
+
+
+def test_memory_options_on_ltx2_blocks_give_the_same_gradients(family):
+    """LTX-2's blocks take video and audio streams, rotary tables and masks, and return two tensors: the LoRA
+    gradients through CPU_OFFLOADED checkpointing and through fully offloaded blocks equal those through plain
+    checkpointing."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from peft import LoraConfig
+
+    from motiontune.models.base import Expert, Sound
+    from motiontune.train import memory
+
+    text = family.encode_prompts([PROMPT])
+    gradients = {}
+    for mode in ("ON", "CPU_OFFLOADED", "offloaded"):
+        model = LTX2VideoTransformer3DModel.from_pretrained(family.config.base_model_name, subfolder="transformer").requires_grad_(False)
+        torch.manual_seed(0)
+        model.add_adapter(LoraConfig(r=2, target_modules=family.lora_target_modules(model, ""), init_lora_weights="gaussian"))
+        host = memory.HostCheckpoint(torch.device("cpu")) if mode == "CPU_OFFLOADED" else None
+        model.enable_gradient_checkpointing(**({"gradient_checkpointing_func": host} if host else {}))
+        if mode == "offloaded":
+            offloader = memory.BlockOffloader(family.fsdp_units(model), 1.0, 1, torch.device("cpu"))
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        sound = Sound(torch.randn(1, 14, 16, generator=g), torch.tensor([0.3]))
+        video, audio = family.predict(torch.randn(1, 16, 2, 2, 2, generator=g), torch.tensor([0.3]), text,
+                                      Expert("transformer", "", model, (0.0, 1.0)), sound=sound)
+        (video.square().mean() + audio.square().mean()).backward()
+        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert gradients["ON"].norm() > 0
+    assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
+    assert offloader.max_resident <= 1
