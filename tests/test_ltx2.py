@@ -274,3 +274,28 @@ def test_memory_options_on_ltx2_blocks_give_the_same_gradients(family):
     assert gradients["ON"].norm() > 0
     assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
     assert offloader.max_resident <= 1
+
+
+def test_fine_tune_saves_load_in_diffusers_both_ways(tiny_models, tmp_path):
+    """FINE_TUNE of the transformer: the COMFY_TRANSFORMER file (original names) read by `from_single_file` holds
+    exactly the weights the same run saved as a diffusers folder, and they trained."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from test_lora_formats import also_saved_as
+
+    from motiontune.methods import finetune
+    from motiontune.testing.clips import write_clip_with_tone
+
+    model = tiny_models("ltx-2")
+    (tmp_path / "data").mkdir()
+    write_clip_with_tone(tmp_path / "data" / "tone.mkv", 12 / FPS, fps=FPS, frames=_shapes(12), layout="stereo")
+    config = base_config(tmp_path, model, tmp_path / "data", model_type="LTX_2", training_method="FINE_TUNE",
+                         output_model_format="COMFY_TRANSFORMER", output_model_destination=str(tmp_path / "tuned.safetensors"),
+                         resolution=str(SIZE), epochs=1, video_config={"max_frames": FRAMES, "target_fps": float(FPS)})
+    with also_saved_as(finetune, "DIFFUSERS", lambda path: path.with_name("tuned-folder")):
+        assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    folder = LTX2VideoTransformer3DModel.from_pretrained(tmp_path / "tuned-folder").state_dict()
+    single = LTX2VideoTransformer3DModel.from_single_file(str(tmp_path / "tuned.safetensors"), config=str(model),
+                                                          subfolder="transformer").state_dict()
+    assert sorted(single) == sorted(folder) and all(torch.equal(single[k], folder[k]) for k in folder)
+    stock = LTX2VideoTransformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()
+    assert not torch.equal(folder["audio_proj_out.weight"], stock["audio_proj_out.weight"])  # the audio side trained too
