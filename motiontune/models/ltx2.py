@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .base import Expert, ModelFamily, SampleRequest, Sound
-from .loading import ModelLoadError, free_accelerator_memory, load_part
+from .loading import ModelLoadError, load_part
 
 MAX_SEQUENCE_LENGTH = 1024  # the pipeline's default
 N_FFT = 1024  # ltx-core's AudioProcessor
