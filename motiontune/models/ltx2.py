@@ -30,7 +30,7 @@ from .base import Expert, ModelFamily, SampleRequest, Sound
 from .loading import ModelLoadError, load_part
 
 MAX_SEQUENCE_LENGTH = 1024  # the pipeline's default
-N_FFT = 1024  # ltx-core's AudioProcessor
+N_FFT = 1024  # ltx-core reads it from its audio VAE config, which diffusers does not carry: 1024 not checked here
 AUDIO_TEMPORAL_COMPRESSION = 4  # AutoencoderKLLTX2Audio.temporal_compression_ratio (fixed in diffusers)
 
 # every attention projection (video, audio, and the audio↔video cross-attention) and both feed-forwards: the stock
