@@ -110,12 +110,12 @@ def child_fill(root: Path, n: int) -> dict:
     config, family = _setup(root, n)
     survey = survey_dataset(config, family)
     clips = sum(len(e.clips) for e in survey.usable)
-    jobs = [(e.info, e.clips, e.size) for e in survey.usable]
+    jobs = [(e.info, e.clips, e.size, None) for e in survey.usable]
     start, cpu = time.perf_counter(), cpu_seconds()
     sample = []
-    for _, frames in map_isolated(_decode_job, jobs, config.dataloader_threads):
-        if len(sample) < 200 and not isinstance(frames, Exception):
-            sample.extend(frames[: 200 - len(sample)])
+    for _, result in map_isolated(_decode_job, jobs, config.dataloader_threads):
+        if len(sample) < 200 and not isinstance(result, Exception):
+            sample.extend(result[0][: 200 - len(sample)])
     decode, decode_cpu = time.perf_counter() - start, cpu_seconds() - cpu
     family.load_vae()
     start = time.perf_counter()

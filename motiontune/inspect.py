@@ -44,6 +44,8 @@ def file_record(entry: FileEntry) -> dict:
         problems.append(f"caption: {entry.item.caption_problem}")
     if entry.mask_problem and not entry.problem:  # with masked_training on, it is the file's problem already
         problems.append(entry.mask_problem)
+    if info is not None and info.audio_problem:
+        problems.append(info.audio_problem.split(": ", 1)[-1])
     return {
         "path": str(entry.item.path),
         "usable": entry.usable,
@@ -59,6 +61,9 @@ def file_record(entry: FileEntry) -> dict:
             "pix_fmt": info.pix_fmt,
             "alpha": info.has_alpha,
             "keyframes": len(info.keyframes),
+            "audio": None if info.audio is None else {"codec": info.audio.codec, "rate": info.audio.rate,
+                                                      "channels": info.audio.channels, "start": round(info.audio.start, 6),
+                                                      "decodes": not info.audio_problem},
         },
         "caption": entry.item.captions[0] if entry.item.captions != ("",) else None,
         "bucket": None if entry.size is None else {"height": entry.size[0], "width": entry.size[1]},
@@ -80,6 +85,8 @@ def summary_record(survey: Survey) -> dict:
         "total_duration": round(sum(info.duration for info in videos), 3),  # seconds, of the usable videos
         "fps_mix": {f"{fps:g}": n for fps, n in sorted(Counter(_typical_fps(info) for info in videos).items())},
         "rotated": sum(1 for e in usable if e.info.rotation),
+        "with_sound": sum(1 for info in videos if info.audio is not None and not info.audio_problem),
+        "sound_problems": sum(1 for info in videos if info.audio_problem),
         "clips_per_bucket": {f"{f}x{w}x{h}": n for (f, h, w), n in sorted(survey.clips_per_bucket().items())},
         "skipped_by_reason": dict(survey.skipped_by_reason()),
         "caption_problems": dict(Counter(_caption_kind(e.item.caption_problem) for e in survey.entries if e.item.caption_problem)),
@@ -121,6 +128,13 @@ def as_summary(survey: Survey, problems_shown: int = 10) -> str:
     lines = [f"{summary['usable_files']} of {summary['files']} files usable: {summary['videos']} videos "
              f"({int(hours)}h {int(rest // 60):02d}m {rest % 60:04.1f}s in all, {summary['rotated']} rotated), "
              f"{summary['images']} images; {summary['total_frames']} frames in all"]
+    lines.append(f"sound: {summary['with_sound']} of {summary['videos']} videos carry an audio stream that decodes")
+    sound_problems = [e.info.audio_problem for e in survey.usable if e.info.audio_problem]
+    if sound_problems and problems_shown:
+        lines.append(f"audio that cannot be decoded ({len(sound_problems)}; those clips train without sound):")
+        lines += [f"  {problem}" for problem in sound_problems[:problems_shown]]
+        if len(sound_problems) > problems_shown:
+            lines.append(f"  ... and {len(sound_problems) - problems_shown} more")
     if summary["fps_mix"]:
         lines.append("frame rates: " + ", ".join(f"{fps} fps x{n}" for fps, n in summary["fps_mix"].items()))
     for bucket, count in summary["clips_per_bucket"].items():
@@ -148,9 +162,16 @@ def as_summary(survey: Survey, problems_shown: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _audio_cell(meta: dict) -> str:
+    audio = meta.get("audio")
+    if audio is None:
+        return "no" if meta.get("kind") == "video" else "-"
+    return f"{audio['codec']} {audio['rate']}Hz" if audio["decodes"] else "bad"
+
+
 def as_table(survey: Survey) -> str:
     """One row per file, then the summary."""
-    header = ("file", "duration", "fps", "frames", "size", "rot", "clips", "bucket", "caption", "mask", "problems")
+    header = ("file", "duration", "fps", "frames", "size", "rot", "audio", "clips", "bucket", "caption", "mask", "problems")
     rows = [header]
     for entry in survey.entries:
         record = file_record(entry)
@@ -163,6 +184,7 @@ def as_table(survey: Survey) -> str:
             str(meta.get("frames") or "-"),
             f"{meta['width']}x{meta['height']}" if meta else "-",
             str(meta.get("rotation", "-")),
+            _audio_cell(meta),
             str(len(entry.clips)) if entry.clips else "-",
             f"{'/'.join(map(str, sorted(clip_frames)))}f {entry.size[1]}x{entry.size[0]}" if entry.size else "-",
             "yes" if record["caption"] else "no",

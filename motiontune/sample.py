@@ -46,6 +46,7 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             cfg_scale=sample.cfg_scale,
             seed=sample.seed,
             image=image,
+            fps=sample.fps,
         )
         requests.append((request, sample.fps))
     return requests
@@ -58,9 +59,10 @@ def render_samples(family: ModelFamily, requests, directory: Path, tag: str, wri
     for index, (request, fps) in enumerate(requests):
         path = directory / f"{tag}-{index}.mp4"
         try:
-            frames = family.sample(request)
+            result = family.sample(request)
+            frames, audio, rate = result if isinstance(result, tuple) else (result, None, 0)  # with its sound track
             if write:
-                write_video(path, frames, fps)
+                write_video(path, frames, fps, audio, rate)
                 paths.append(path)
         except Exception as error:  # out of memory, a pipeline that rejects a size, a full disk...
             failures.append((index, error))

@@ -50,6 +50,9 @@ MODEL_TYPES = {
                       {"layer_filter": "blocks"}),  # the modulation layers too
     "HI_DREAM_DEV": ("hi-dream", "HiDreamImagePipeline", "HiDreamImageTransformer2DModel",
                      {"video_config": {"max_frames": 1, "target_fps": 8.0}}),
+    # 32x VAE: two latent pixels a side; 8n+1 frames (the clip has no sound: the video trains alone)
+    "LTX_2": ("ltx-2", "LTX2Pipeline", "LTX2VideoTransformer3DModel",
+              {"resolution": "64", "video_config": {"max_frames": 9, "target_fps": 16.0}}),
 }
 
 

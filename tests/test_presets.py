@@ -54,9 +54,11 @@ TINY_FAMILY = {
     "HI_DREAM_FULL": "hi-dream",
     "HI_DREAM_DEV": "hi-dream",
     "HI_DREAM_FAST": "hi-dream",
+    "LTX_2": "ltx-2",
 }
-# the smallest training size of each family: VAE compression × patch size (TI2V-5B's VAE is 16×, patch 2)
-RESOLUTION = {"wan-2.2-ti2v-5b": 64}
+# the smallest training size of each family: VAE compression × patch size (TI2V-5B's VAE is 16×, patch 2; LTX-2's
+# VAE is 32× and its decoder needs two latent pixels a side)
+RESOLUTION = {"wan-2.2-ti2v-5b": 64, "ltx-2": 64}
 VIDEO_FRAMES = 5  # a 4n+1 count: two latent frames
 SAMPLE_STEPS = 2
 EPOCHS = 2

@@ -142,13 +142,17 @@ class Cache:
 
     @staticmethod
     def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
-                   flip: bool = False) -> str:
-        """`crop`: (top, left) of a jittered crop in the picture scaled to cover `size` (None: centred)."""
-        return digest({
+                   flip: bool = False, audio: dict | None = None) -> str:
+        """`crop`: (top, left) of a jittered crop in the picture scaled to cover `size` (None: centred). `audio`: how
+        the clip's sound is read (rate, channels, window) for a family that generates sound."""
+        material = {
             "v": FORMAT_VERSION, "kind": "latent", "file": fingerprint,
             "instants": [round(t, 6) for t in timestamps], "size": list(size),
             "crop": "center" if crop is None else list(crop), "flip": bool(flip), "encoder": encoder,
-        })
+        }
+        if audio is not None:  # absent otherwise: the other families' entries keep their names
+            material["audio"] = audio
+        return digest(material)
 
     @staticmethod
     def mask_key(fingerprint: str, timestamps, size, clip_size: tuple[int, int], crop: tuple[int, int] | None,

@@ -25,6 +25,7 @@ from .cache import Cache, Entry, encoder_identity
 from .dataset import Item, load_concepts
 from .masks import POOLING, clip_masks
 from .survey import FileEntry, Survey, plan_entry, sampling_grid
+from .audio import AudioError, decode_audio
 from .video import MediaError, decode_clips
 from .workers import map_isolated
 
@@ -59,7 +60,14 @@ class EncodedClip:
     def image_embeds(self) -> torch.Tensor | None:
         """The first frame through the family's image encoder (WAN 2.1 I2V), when the family has one."""
         value = _value(self.stored)
-        return value["image"] if isinstance(value, dict) else None
+        return value.get("image") if isinstance(value, dict) else None
+
+    @property
+    def audio(self) -> torch.Tensor | None:
+        """The clip's normalised audio latents, for a family that generates sound; None when the clip has none."""
+        value = _value(self.stored)
+        audio = value.get("audio") if isinstance(value, dict) else None
+        return audio if audio is not None and audio.numel() else None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -174,7 +182,7 @@ class Encoding:
         keys = []
         for entry, plan, file_looks in zip(entries, plans, looks):
             fingerprint = self.cache.file_fingerprint(entry.item.path)
-            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity, look.crop, look.flip)
+            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity, look.crop, look.flip, self._audio_key)
                          for clip, look in zip(plan, file_looks)])
         if self.ranks.main:
             self.cache.save_fingerprints()
@@ -212,8 +220,8 @@ class Encoding:
     def _encode_missing(self, entries, plans, looks, keys, values) -> None:
         self.family.load_vae()
         # a jittered crop is cut here from frames decoded at the size that covers the bucket
-        jobs = [(e.info, plan, cover_size(e.info.width, e.info.height, e.size) if any(look.cover for look in file_looks) else e.size)
-                for e, plan, file_looks in zip(entries, plans, looks)]
+        jobs = [(e.info, plan, cover_size(e.info.width, e.info.height, e.size) if any(look.cover for look in file_looks) else e.size,
+                 self._sound) for e, plan, file_looks in zip(entries, plans, looks)]
         decoded = map_isolated(_decode_job, jobs, self.config.dataloader_threads)
         progress = tqdm(total=sum(len(k) for k in keys), desc="encoding clips", unit="clip", leave=False)
         for entry, plan, file_looks, file_keys, (_, result) in zip(entries, plans, looks, keys, decoded):
@@ -222,11 +230,19 @@ class Encoding:
                 log.warning("skipped %s", reason)
                 progress.update(len(file_keys))
                 continue
-            for frames, clip, look, key in zip(result, plan, file_looks, file_keys):
+            clips_frames, sounds, audio_problem = result
+            if audio_problem:
+                log.warning("%s", audio_problem)
+            for frames, sound, clip, look, key in zip(clips_frames, sounds, plan, file_looks, file_keys):
                 if values[key] is None:
                     frames = apply_image_variant(frames, look, entry.size)
                     latents = self.family.encode_video(frames)
-                    extras = {"image": self.family.encode_first_frame(frames[0])} if self._extras else None
+                    extras = {}
+                    if self.family.encodes_first_frame:
+                        extras["image"] = self.family.encode_first_frame(frames[0])
+                    if self._sound:  # a clip without sound keeps an empty tensor: it trains the video alone
+                        extras["audio"] = torch.zeros(0) if sound is None else self.family.encode_audio(sound, len(clip), self._sound[2])
+                    extras = extras or None
                     self.calls["video"] += 1
                     about = {"file": str(entry.item.path), "instants": clip, "crop": look.crop, "flip": look.flip}
                     # with a cache, only the reference is kept: memory stays flat however many clips there are
@@ -332,7 +348,19 @@ class Encoding:
     @property
     def _extras(self) -> tuple[str, ...]:
         """Tensors a clip's cache entry holds beside its latents."""
-        return ("image",) if self.family.encodes_first_frame else ()
+        return ("image",) * self.family.encodes_first_frame + ("audio",) * bool(self._sound)
+
+    @property
+    def _sound(self) -> tuple[int, int, float] | None:
+        """(sample rate, channels, frames per second) of the sound decoded with each clip, for a family that
+        generates sound; None for the others."""
+        rate = self.family.AUDIO_SAMPLE_RATE
+        return (rate, self.family.AUDIO_CHANNELS, sampling_grid(self.config, self.family)[0]) if rate else None
+
+    @property
+    def _audio_key(self) -> dict | None:
+        sound = self._sound
+        return None if sound is None else {"rate": sound[0], "channels": sound[1], "window": "frames / fps"}
 
     def _read_all(self, kind: str, keys: list[str], extras: tuple[str, ...] = ()) -> dict:
         """What the cache holds for `keys`; with several ranks, every rank reads before any writes, so all
@@ -386,5 +414,15 @@ def _mask_job(job):
 
 
 def _decode_job(job):
-    info, clips, size = job
-    return decode_clips(info, clips, size)
+    """A file's clips as frames, with each clip's sound when asked: (frames per clip, sound per clip, a problem
+    with the sound or ""). Sound that cannot be decoded is reported and its clips train without it."""
+    info, clips, size, sound = job
+    frames = decode_clips(info, clips, size)
+    sounds, problem = [None] * len(clips), info.audio_problem if sound else ""
+    if sound and info.audio is not None and not info.audio_problem and not info.is_image:
+        rate, channels, fps = sound
+        try:
+            sounds = [decode_audio(info.path, info.start, clip[0], len(clip) / fps, rate, channels) for clip in clips]
+        except AudioError as error:
+            problem = f"{error}; its clips train without sound"
+    return frames, sounds, problem

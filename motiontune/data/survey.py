@@ -17,6 +17,7 @@ from ..config.schema import parse_resolution
 from ..models import ModelFamily, compression_factors
 from .augment import augment_clip
 from .buckets import aspect_buckets, nearest_bucket
+from .audio import AudioInfo
 from .cache import FileFacts
 from .dataset import Item, scan_dataset
 from .masks import fit_problem
@@ -25,7 +26,7 @@ from .workers import WorkerCrash, map_isolated
 
 log = logging.getLogger("motiontune")
 
-PROBE_VERSION = 2  # raise when probe() learns something new: older probes are then made again
+PROBE_VERSION = 3  # raise when probe() learns something new: older probes are then made again
 
 
 @dataclass
@@ -144,7 +145,8 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
         log.info("%d clips have a -masklabel mask; masked_training is off, so they train on the whole frame", unused)
     if survey.usable:
         frames = len(survey.usable[0].clips[0])
-        shapes = sorted({(h // family.spatial_multiple * 2, w // family.spatial_multiple * 2) for h, w in (e.size for e in survey.usable)})
+        spatial = family.vae_compression(config.model_type)[0]
+        shapes = sorted({(h // spatial, w // spatial) for h, w in (e.size for e in survey.usable)})
         log.info("latent grid per clip: %d frames x %s (frames x height x width)", (frames - 1) // family.temporal_factor + 1,
                  ", ".join(f"{h}x{w}" for h, w in shapes))
     if not require_usable:
@@ -202,6 +204,7 @@ def _as_fact(path: Path, result: MediaInfo | MediaError):
         return {"problem": str(result).removeprefix(f"{path}: ")}
     fact = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     fact["path"] = None
+    fact["audio"] = None if result.audio is None else dataclasses.asdict(result.audio)
     fact["time_base"] = None if result.time_base is None else [result.time_base.numerator, result.time_base.denominator]
     fact["frame_times"] = _packed_times(result.frame_times, result.time_base)
     return fact
@@ -247,8 +250,9 @@ def _from_fact(path: Path, fact) -> MediaInfo | MediaError | None:
     if "problem" in fact:
         return MediaError(f"{path}: {fact['problem']}")
     time_base = fact["time_base"] and Fraction(*fact["time_base"])
+    audio = fact.get("audio") and AudioInfo(**fact["audio"])
     return MediaInfo(**{**fact, "path": path, "time_base": time_base, "keyframes": tuple(fact["keyframes"]),
-                        "frame_times": _unpacked_times(fact["frame_times"], time_base)})
+                        "frame_times": _unpacked_times(fact["frame_times"], time_base), "audio": audio})
 
 
 def _resolution_of(concept, config: TrainConfig) -> str:

@@ -18,6 +18,8 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
+from .audio import AudioInfo, probe_audio
+
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v", ".gif"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MIN_SIDE = 8  # pixels; anything smaller is not a picture worth training on
@@ -45,6 +47,8 @@ class MediaInfo:
     start: float = 0.0  # presentation time of the first frame, in the stream's clock
     keyframes: tuple[float, ...] = field(default=(0.0,), repr=False)  # seconds from the first frame
     frame_times: tuple[float, ...] = field(default=(), repr=False)  # every frame's time, from the packets
+    audio: AudioInfo | None = None  # the first audio stream; None: the file has no sound
+    audio_problem: str = ""  # why its audio cannot be decoded ("" when it can): its clips train without sound
 
 
 def probe(path: Path) -> MediaInfo:
@@ -81,6 +85,7 @@ def probe(path: Path) -> MediaInfo:
             real = float(stream.base_rate or avg or 0)
             width, height = frame.width, frame.height
             frame_count = stream.frames or packets
+            audio, audio_problem = probe_audio(container, path)
     except MediaError:
         raise
     except Exception as error:
@@ -105,6 +110,8 @@ def probe(path: Path) -> MediaInfo:
         start=float(first * time_base),
         keyframes=tuple(sorted({float((k - first) * time_base) for k in keyframes})) or (0.0,),
         frame_times=tuple(float((t - first) * time_base) for t in times),
+        audio=audio,
+        audio_problem=audio_problem,
     )
 
 
@@ -326,8 +333,9 @@ def decode_frames(path: Path, timestamps: list[float], size: tuple[int, int] | N
     return decode_clips(probe(Path(path)), [tuple(timestamps)], size)[0]
 
 
-def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
-    """Write uint8 (F, H, W, 3) frames as an H.264 mp4 (yuv420p, so every player opens it), atomically."""
+def write_video(path: Path, frames: np.ndarray, fps: float, audio: np.ndarray | None = None, audio_rate: int = 0) -> None:
+    """Write uint8 (F, H, W, 3) frames as an H.264 mp4 (yuv420p, so every player opens it), atomically; with `audio`,
+    float (channels, samples) in [-1, 1] at `audio_rate`, as its AAC sound track."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
@@ -337,7 +345,16 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = even.shape[2], even.shape[1]
         stream.pix_fmt = "yuv420p"
+        sound = None
+        if audio is not None:
+            sound = container.add_stream("aac", rate=audio_rate, layout="stereo" if audio.shape[0] == 2 else "mono")
         for array in even:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())
+        if sound is not None:
+            pcm = np.ascontiguousarray(np.clip(audio, -1.0, 1.0).astype(np.float32))
+            frame = av.AudioFrame.from_ndarray(pcm, format="fltp", layout=sound.layout.name)
+            frame.sample_rate, frame.pts = audio_rate, 0
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode())
     temporary.replace(path)

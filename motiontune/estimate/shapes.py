@@ -33,4 +33,5 @@ def make_shape(config: TrainConfig, batch: int, frames: int, height: int, width:
     latent = ((frames - 1) // owner.temporal_factor + 1, height // vae_scale, width // vae_scale)
     if from_config:
         batch = bucket_batch_size(batch, latent[0], config.video_config.video_batch_size_multiplier)
-    return Shape(batch, frames, height, width, latent)
+    patch = owner.spatial_multiple // vae_scale  # the transformer's spatial patch (2 for WAN, HunyuanVideo; 1 for LTX-2)
+    return Shape(batch, frames, height, width, latent, (1, patch, patch))

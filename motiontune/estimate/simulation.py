@@ -161,7 +161,8 @@ def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], q
     model.eval()
     with mode:
         call = family(config).estimate_sample_call(cfg, latent, load_dtype(config))
-    tracker = LiveBytes([*model.parameters(), *model.buffers(), *call.values()])
+    tensors = [v for v in call.values() if isinstance(v, torch.Tensor)]  # a call may also pass sizes and rates
+    tracker = LiveBytes([*model.parameters(), *model.buffers(), *tensors])
     with mode, tracker, torch.no_grad(), quiet():
         model(**call, return_dict=False)
     _DENOISE[key] = tracker.peak

@@ -47,6 +47,18 @@ class Conditioning:
 
 
 @dataclass
+class Sound:
+    """The audio latents a family that generates sound denoises with the video: noisy latents (B, ...) and their
+    noise levels (B,); a clip without sound has pure noise at level 1 there, and the loss leaves it out."""
+
+    noisy: torch.Tensor
+    sigma: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "Sound":
+        return Sound(self.noisy[rows.to(self.noisy.device)], self.sigma[rows.to(self.sigma.device)])
+
+
+@dataclass
 class SampleRequest:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
@@ -57,6 +69,7 @@ class SampleRequest:
     cfg_scale: float
     seed: int
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
+    fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
 class ModelFamily(ABC):
@@ -209,6 +222,20 @@ class ModelFamily(ABC):
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (F, H, W, 3) frames → normalised latents (C, F', H', W') as the pipeline's denoiser sees them."""
 
+    #: the audio VAE's sample rate when the family generates sound with the video (None: video only); clips are then
+    #: decoded with their sound, resampled to this rate and AUDIO_CHANNELS channels over each clip's time window
+    AUDIO_SAMPLE_RATE: int | None = None
+    AUDIO_CHANNELS = 2
+
+    def encode_audio(self, waveform: np.ndarray, frames: int, fps: float) -> torch.Tensor:
+        """float32 (AUDIO_CHANNELS, samples) over a clip of `frames` frames at `fps` → normalised audio latents as
+        the denoiser sees them (`audio_latent_shape`)."""
+        raise NotImplementedError(f"{type(self).__name__} generates no sound")
+
+    def audio_latent_shape(self, frames: int, fps: float) -> tuple[int, ...]:
+        """The shape of one clip's audio latents (what a clip without sound is given as noise)."""
+        raise NotImplementedError(f"{type(self).__name__} generates no sound")
+
     @abstractmethod
     def trained_experts(self) -> list[Expert]:
         """The transformer(s) this run trains (two for WAN 2.2 A14B with experts: both)."""
@@ -261,8 +288,9 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, expert: Expert,
-                conditioning: Conditioning | None = None) -> torch.Tensor:
-        """The expert's flow prediction for noisy latents at noise levels `sigma` (B,)."""
+                conditioning: Conditioning | None = None, sound: Sound | None = None):
+        """The expert's flow prediction for noisy latents at noise levels `sigma` (B,). A family that generates sound
+        is given `sound` and returns (video prediction, audio prediction)."""
 
     def set_frame_local_attention(self, expert: Expert, enabled: bool) -> None:
         """Self-attention within each latent frame only (use_temporal_attention: false)."""
@@ -312,8 +340,9 @@ class ModelFamily(ABC):
 
     # --- sampling ------------------------------------------------------------------------------------------
     @abstractmethod
-    def sample(self, request: SampleRequest) -> np.ndarray:
-        """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3)."""
+    def sample(self, request: SampleRequest):
+        """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3), or with its sound track
+        (frames, float32 (channels, samples), sample rate) for a family that generates sound."""
 
     def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
         """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),

@@ -114,3 +114,82 @@ def write_mixed_dataset(folder: Path, count: int, seed: int = 0) -> dict[str, in
                 kinds["rotated"] += rotation is not None
         name.with_suffix(".txt").write_text(f"synthetic clip {index}\n")
     return kinds
+
+
+def write_clip_with_tone(
+    path: Path,
+    seconds: float,
+    fps: int = 24,
+    tones: tuple[tuple[float, float], ...] = ((0.0, 440.0),),
+    audio_start: float = 0.0,
+    audio_codec: str = "flac",
+    sample_rate: int = 16000,
+    layout: str = "mono",
+    size: tuple[int, int] = (32, 48),
+    frames: np.ndarray | None = None,
+) -> Path:
+    """A timestamped clip (`write_timestamped_clip`'s frames, from 0 s; or uint8 (F, H, W, 3) `frames`, lossless)
+    with a sound track: a sine whose pitch is tones[i][1] Hz from tones[i][0] seconds (on the video's clock) until
+    the next tone, starting at `audio_start` seconds (after the video: the audio stream's own start time differs
+    from the video's)."""
+    path = Path(path)
+    video_base = Fraction(1, fps * 100)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.height, video.width = size if frames is None else frames.shape[1:3]
+        video.pix_fmt = "yuv444p"
+        video.options = {"qp": "0"}
+        video.codec_context.time_base = video_base
+        audio = container.add_stream(audio_codec, rate=sample_rate, layout=layout)
+        channels = audio.codec_context.channels
+        for i in range(round(seconds * fps)):
+            t = Fraction(i, fps)
+            image = timestamp_image(round(t * 1000), *size) if frames is None else frames[i]
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(t / video_base), video_base
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        total = round((seconds - audio_start) * sample_rate)
+        times = audio_start + np.arange(total) / sample_rate
+        pitch = np.full(total, tones[0][1])
+        for start, hertz in tones:
+            pitch[times >= start] = hertz
+        wave = 0.5 * np.sin(2 * np.pi * np.cumsum(pitch) / sample_rate)
+        pcm = (np.tile(wave, (channels, 1)) * 32767).astype(np.int16)
+        block = 1024
+        for offset in range(0, total, block):
+            chunk = np.ascontiguousarray(pcm[:, offset : offset + block])
+            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1) if channels > 1 else chunk, format="s16", layout=layout)
+            frame.sample_rate = sample_rate
+            frame.pts = round(audio_start * sample_rate) + offset
+            frame.time_base = Fraction(1, sample_rate)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
+def write_clip_with_broken_audio(path: Path, frames: int | np.ndarray = 24, fps: int = 24, size: tuple[int, int] = (32, 48)) -> Path:
+    """A timestamped clip of `frames` frames (or these uint8 (F, H, W, 3) frames, lossless) whose audio stream (FLAC
+    in Matroska) holds random bytes: the video plays, no audio frame decodes."""
+    path = Path(path)
+    rng = np.random.default_rng(0)
+    images = None if isinstance(frames, int) else frames
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.height, video.width = size if images is None else images.shape[1:3]
+        video.pix_fmt = "yuv444p"
+        video.options = {"qp": "0"}
+        audio = container.add_stream("flac", rate=16000, layout="mono")
+        frames = len(images) if images is not None else frames
+        for i in range(frames):
+            image = timestamp_image(round(i * 1000 / fps), *size) if images is None else images[i]
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        for i in range(frames):
+            packet = av.Packet(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+            packet.stream, packet.time_base = audio, Fraction(1, 16000)
+            packet.pts = packet.dts = i * 1024
+            container.mux(packet)
+    return path

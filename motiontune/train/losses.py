@@ -94,3 +94,12 @@ def training_loss(prediction, target, noisy, sigma, x0, temporal_weight: float, 
         total = total + temporal_weight * temporal
         parts["loss/temporal_consistency"] = temporal.detach()
     return total, parts
+
+
+def audio_loss(prediction: torch.Tensor, target: torch.Tensor, present: torch.Tensor, loss_weights) -> torch.Tensor:
+    """The flow MSE of audio latents (B, ...) over the samples that have sound (`present`), each scaled by its loss
+    weight; zero (with a gradient path) when none has."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    weights = present.to(per_sample.dtype) * torch.as_tensor([float(w) for w in loss_weights], dtype=per_sample.dtype,
+                                                             device=per_sample.device)
+    return (per_sample * weights).sum() / present.sum().clamp(min=1)

@@ -17,12 +17,13 @@ import torch
 from ..config import TrainConfig
 from ..methods import METHODS
 from ..models import ModelFamily
-from ..models.base import Expert
+from ..data.survey import sampling_grid
+from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
 from .backup import Position
 from .flow import flow_target, noisy_latents, predicted_x0, sample_sigmas
-from .losses import frame_dropout_mask, loss_mask, training_loss
+from .losses import audio_loss, frame_dropout_mask, loss_mask, training_loss
 
 log = logging.getLogger("motiontune")
 
@@ -71,7 +72,8 @@ class Step:
         half = HALF_DTYPES.get(config.train_dtype)
         self.autocast = torch.autocast(self.device.type, dtype=half or torch.float32, enabled=half is not None)
         weight = config.video_config.temporal_consistency_weight
-        self.part_names = ["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
+        self.part_names = (["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
+                           + (["loss/audio"] if family.AUDIO_SAMPLE_RATE else []))
         self.trained_here = Counter()  # samples each expert received on this rank since the last optimizer step
         self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
         self.nonfinite_in_a_row = 0
@@ -99,6 +101,7 @@ class Step:
         noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
         noisy = noisy_latents(x0, noise, sigma)
         target = flow_target(x0, noise)
+        sound = self._sound(clips, batch, sigma)  # a family that generates sound denoises the clips' audio too
         kept = None
         if video.frame_dropout_probability > 0:
             kept = frame_dropout_mask(len(batch), x0.shape[2], video.frame_dropout_probability, generators["frame_dropout"])
@@ -124,19 +127,29 @@ class Step:
                 self.family.activate(expert)
             # encoded per expert: a trained text side's graph is freed by each expert's backward
             text = self.text_side.batch([captions[r] for r in rows.tolist()], device)
+            weights = [clips[batch[r]].loss_weight for r in rows.tolist()]
+            sound_rows = {} if sound is None else {"sound": sound[0].select(rows)}
             with self.autocast:
                 prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
-                                                 None if conditioning is None else conditioning.select(rows))
+                                                 None if conditioning is None else conditioning.select(rows), **sound_rows)
+            if sound is not None:
+                prediction, audio_prediction = prediction
             row_target, row_x0 = target[rows], x0[rows]
+            audio_target = None if sound is None else sound[1][rows]
             prior = torch.tensor([clips[batch[r]].role == "PRIOR_PREDICTION" for r in rows.tolist()])
             if prior.any():
-                row_target, row_x0 = self._prior_targets(expert, noisy[rows], sigma[rows], text, conditioning, rows,
-                                                         prior.to(device), row_target, row_x0)
+                row_target, row_x0, audio_target = self._prior_targets(
+                    expert, noisy[rows], sigma[rows], text, conditioning, rows, sound_rows, prior.to(device),
+                    row_target, row_x0, audio_target)
             part_loss, part_parts = training_loss(
                 prediction, row_target, noisy[rows], sigma[rows], row_x0, video.temporal_consistency_weight,
-                None if kept is None else kept[rows], [clips[batch[r]].loss_weight for r in rows.tolist()],
+                None if kept is None else kept[rows], weights,
                 None if mask is None else mask[rows], config.normalize_masked_area_loss,
             )
+            if sound is not None:  # the audio's flow loss beside the video's, over the clips that have sound
+                audio = audio_loss(audio_prediction, audio_target, sound[2][rows], weights)
+                part_loss = part_loss + audio
+                part_parts["loss/audio"] = audio.detach()
             # FSDP averages gradients over ranks; the weights above need their sum
             scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
             self.scaler.scale(part_loss * scale).backward()
@@ -147,15 +160,39 @@ class Step:
         totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
         return totals[0], dict(zip(self.part_names, totals[1:]))
 
-    def _prior_targets(self, expert: Expert, noisy, sigma, text, conditioning, rows, prior, target, x0):
+    def _prior_targets(self, expert: Expert, noisy, sigma, text, conditioning, rows, sound_rows, prior, target, x0,
+                       audio_target):
         """PRIOR_PREDICTION rows learn the expert's own prediction as it was before training (same input, same
         text) instead of the clip: regularisation without a dataset of generated videos. The temporal term
-        compares with the clean latent that prediction implies. → (target, x0) for the rows."""
+        compares with the clean latent that prediction implies; a family that generates sound has its audio
+        target replaced alike. → (target, x0, audio target) for the rows."""
         with torch.no_grad(), METHODS[self.config.training_method].untrained(expert), self.autocast:
-            frozen = self.family.predict(noisy, sigma, text, expert, None if conditioning is None else conditioning.select(rows))
+            frozen = self.family.predict(noisy, sigma, text, expert,
+                                         None if conditioning is None else conditioning.select(rows), **sound_rows)
+        if audio_target is not None:
+            frozen, frozen_audio = frozen
+            audio_target = torch.where(prior.view(-1, *[1] * (audio_target.dim() - 1)), frozen_audio.to(audio_target.dtype),
+                                       audio_target)
         where = prior.view(-1, *[1] * (target.dim() - 1))
         return (torch.where(where, frozen.to(target.dtype), target),
-                torch.where(where, predicted_x0(noisy.float(), frozen.float(), sigma).to(x0.dtype), x0))
+                torch.where(where, predicted_x0(noisy.float(), frozen.float(), sigma).to(x0.dtype), x0), audio_target)
+
+    def _sound(self, clips: list, batch: list[int], sigma: torch.Tensor):
+        """(Sound, audio target, (B,) which clips have sound) for a family that generates sound, else None. The clips
+        that have sound are noised at the video's noise level, as the stock pipeline denoises both together; one
+        without sound is given pure noise at level 1 (what the pipeline's first step shows the transformer), and
+        the loss leaves its audio out, so it trains the video alone."""
+        if not self.family.AUDIO_SAMPLE_RATE:
+            return None
+        audio = [clips[i].audio for i in batch]
+        present = torch.tensor([a is not None for a in audio], device=self.device)
+        frames = len(clips[batch[0]].timestamps)
+        shape = next((a.shape for a in audio if a is not None), None) or self.family.audio_latent_shape(
+            frames, sampling_grid(self.config, self.family)[0])
+        x0 = torch.stack([torch.zeros(shape) if a is None else a for a in audio]).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generators["noise"], device=self.device, dtype=x0.dtype)
+        level = torch.where(present, sigma, torch.ones_like(sigma))
+        return Sound(noisy_latents(x0, noise, level), level), flow_target(x0, noise), present
 
     def apply(self, loss: torch.Tensor, position: Position, backup: Callable[[Position], object]) -> bool:
         """The optimizer step of the gradients accumulated since the last one; False when none was applied.

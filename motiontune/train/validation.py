@@ -23,6 +23,14 @@ class Validation:
     @torch.no_grad()
     def losses(self) -> dict[str, float]:
         """The mean loss of each validation concept's clips, and `total_average` over every clip."""
+        # a family may draw noise of its own in predict (LTX-2's audio tokens when no sound is given): seeded here,
+        # and training's random state is left as it was
+        devices = [self.family.device] if self.family.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return self._losses()
+
+    def _losses(self) -> dict[str, float]:
         family, device = self.family, self.family.device
         low = min(t.expert.sigma_range[0] for t in self.step.trainings)
         high = max(t.expert.sigma_range[1] for t in self.step.trainings)

@@ -1,0 +1,473 @@
+"""LTX-2 (Lightricks' audio-video model), as the stock `LTX2Pipeline` runs it: video and its sound are denoised
+together by one transformer, and trained together here.
+
+- Prompts: Gemma 3 reads the prompt (stripped; left-padded to 1024 tokens); every hidden state (the embeddings and
+  each layer's) is stacked per token, and the pipeline's `LTX2TextConnectors` turn that stack into the video and the
+  audio text embeddings and their mask. The connectors are frozen, so the cached row per prompt is their output:
+  [tokens, video width, audio width, video embeds (L×Dv), audio embeds (L×Da), mask (L)], flat float32.
+- Video latents: the VAE's mean, normalised per channel with the VAE's `latents_mean` / `latents_std` (and
+  `scaling_factor`); 32x spatial, 8x temporal compression, so clips are 8n+1 frames. The transformer reads them as
+  tokens (`_pack_latents`, patch 1).
+- Sound: the clip's audio resampled to 16 kHz stereo over exactly the clip's window (frames / fps seconds from its
+  first frame, as the pipeline's duration), a log-mel spectrogram (1024-point STFT, hop 160, Hann window, Slaney
+  mel scale and norm, log of the magnitude clamped at 1e-5, as ltx-core's AudioProcessor), the audio VAE's mean,
+  packed to (L, channels × mel bins) and normalised with the audio VAE's `latents_mean` / `latents_std`, as the
+  pipeline normalises packed audio latents. L = round(frames / fps × 16000 / 160 / 4), the pipeline's
+  `audio_num_frames`.
+- Flow: the shared convention (x_t = (1-σ)x0 + σε, target ε - x0); the transformer takes t = 1000σ for both the
+  timestep and `sigma` inputs, with `use_cross_timestep` as the pipeline passes it, and the video's frame rate for
+  its positions. Both modalities share σ, as the pipeline's two schedulers step together.
+- A clip without sound trains the video alone: its audio tokens are pure noise at σ = 1 (what the pipeline's first
+  step shows the transformer) and its audio loss is left out; nothing teaches the model silence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Expert, ModelFamily, SampleRequest, Sound
+from .loading import ModelLoadError, load_part
+
+MAX_SEQUENCE_LENGTH = 1024  # the pipeline's default
+N_FFT = 1024  # ltx-core reads it from its audio VAE config, which diffusers does not carry: 1024 not checked here
+AUDIO_TEMPORAL_COMPRESSION = 4  # AutoencoderKLLTX2Audio.temporal_compression_ratio (fixed in diffusers)
+
+# every attention projection (video, audio, and the audio↔video cross-attention) and both feed-forwards: the stock
+# joint audio-video LoRA of the LTX-2 trainer
+_DEFAULT_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".ff.net.2", ".audio_ff.net.0.proj",
+                    ".audio_ff.net.2")
+
+
+class LTX2Family(ModelFamily):
+    MODEL_TYPES = ("LTX_2",)
+    NAME = "LTX-2"
+    TINY_MODELS = ("ltx-2",)
+    VAE_CLASS = "AutoencoderKLLTX2Video"
+    VAE_COMPRESSION = (32, 8)
+    temporal_factor = 8
+    spatial_multiple = 32  # the VAE's 32x, patch 1
+    frame_rule = "the VAE takes 8n+1"
+    AUDIO_SAMPLE_RATE = 16000
+    AUDIO_CHANNELS = 2
+    ENCODER_PARTS = {"vae": ("vae", "audio_vae"), "text": ("tokenizer", "text_encoder", "connectors")}
+    audio_vae = vocoder = None
+
+    def __init__(self, config, device):
+        from .registry import compression_factors
+
+        super().__init__(config, device)
+        self.fps = config.video_config.target_fps / compression_factors(config)[1]  # the frame rate clips train at
+
+    @classmethod
+    def config_problems(cls, config) -> list[str]:
+        problems = super().config_problems(config)
+        if config.training_method == "EMBEDDING" or config.additional_embeddings:
+            problems.append("  - training_method EMBEDDING / additional_embeddings: the stock LTX2Pipeline has no "
+                            "textual-inversion loader for its Gemma 3 encoder; train a LoRA instead")
+        if config.text_encoder.train:
+            problems.append("  - text_encoder.train = true: training Gemma 3 with LTX-2 is not supported; set it to false")
+        if not config.video_config.use_temporal_attention:
+            problems.append("  - video_config.use_temporal_attention = false: LTX-2's audio and video tokens attend "
+                            "across the whole clip (audio-video cross-attention); set it to true")
+        return problems
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_transformers(self) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+
+        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
+        self.transformer = self.load_transformer(LTX2VideoTransformer3DModel, "transformer", self.config.transformer)
+
+    def load_vae(self) -> None:
+        """The video VAE and the audio VAE (float32, as the video VAE of every family)."""
+        from diffusers import AutoencoderKLLTX2Audio
+
+        super().load_vae()
+        if self.audio_vae is None:
+            self.audio_vae = load_part(AutoencoderKLLTX2Audio, self.config.base_model_name, "audio_vae", dtype=torch.float32)
+            self.audio_vae.requires_grad_(False).eval()
+            found = (self.audio_vae.config.sample_rate, self.audio_vae.config.in_channels)
+            if found != (self.AUDIO_SAMPLE_RATE, self.AUDIO_CHANNELS):
+                raise ModelLoadError(f"{self.config.base_model_name}/audio_vae reads {found[0]} Hz, {found[1]} channels; "
+                                     f"LTX-2's reads {self.AUDIO_SAMPLE_RATE} Hz stereo. Use an LTX-2 model folder.")
+        self.audio_vae.to(self.device)
+
+    def release_vae(self) -> None:
+        self.audio_vae = self.vocoder = None
+        super().release_vae()
+
+    def park_vae(self) -> None:
+        for module in (self.audio_vae, self.vocoder):
+            if module is not None:
+                module.to("cpu")
+        super().park_vae()
+
+    def load_text_encoder(self) -> None:
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+        from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+        base = self.config.base_model_name
+        model = load_part(Gemma3ForConditionalGeneration, base, "text_encoder", dtype=self.text_dtype).to(self.device).eval()
+        self.connectors = load_part(LTX2TextConnectors, base, "connectors", dtype=self.text_dtype).to(self.device).eval()
+        for part in (model, self.connectors):
+            part.requires_grad_(False)
+        self.encoders = {"gemma3": (load_part(AutoTokenizer, base, "tokenizer"), model)}
+
+    def release_text_encoder(self) -> None:
+        self.connectors = None
+        super().release_text_encoder()
+
+    # --- encoding ------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer, gemma = self.encoders["gemma3"]
+        tokenizer.padding_side = "left"  # as the pipeline sets it
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        inputs = tokenizer([p.strip() for p in prompts], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                           truncation=True, add_special_tokens=True, return_tensors="pt").to(self.device)
+        hidden = gemma(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states
+        stacked = torch.stack(hidden, dim=-1).flatten(2, 3).to(gemma.dtype)
+        video, audio, mask = self.connectors(stacked, inputs.attention_mask, padding_side="left")
+        return torch.stack([self._pack(video[i], audio[i], mask[i]) for i in range(len(prompts))])
+
+    @staticmethod
+    def _pack(video, audio, mask) -> torch.Tensor:
+        header = torch.tensor([video.shape[0], video.shape[1], audio.shape[1]], dtype=torch.float32, device=video.device)
+        return torch.cat([header, video.float().flatten(), audio.float().flatten(), mask.float()])
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N) → video embeds (B, L, Dv), audio embeds (B, L, Da), mask (B, L) as integers."""
+        length, video_width, audio_width = (int(v) for v in packed[0, :3].tolist())
+        start = 3
+        video = packed[:, start : start + length * video_width].reshape(-1, length, video_width)
+        start += length * video_width
+        audio = packed[:, start : start + length * audio_width].reshape(-1, length, audio_width)
+        start += length * audio_width
+        return video, audio, packed[:, start : start + length].round().long()
+
+    @torch.no_grad()
+    def encode_video(self, frames: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        latents = self.vae.encode(pixels).latent_dist.mean
+        mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
+        std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
+        return ((latents - mean) * self.vae.config.scaling_factor / std)[0].to("cpu")
+
+    def audio_steps(self, frames: int, fps: float) -> int:
+        """Audio latent steps for `frames` frames at `fps`: the pipeline's `audio_num_frames`."""
+        return round(frames / fps * self.AUDIO_SAMPLE_RATE / self._hop / AUDIO_TEMPORAL_COMPRESSION)
+
+    @property
+    def _hop(self) -> int:
+        return self.audio_vae.config.mel_hop_length if self.audio_vae is not None else 160
+
+    def audio_latent_shape(self, frames: int, fps: float) -> tuple[int, ...]:
+        width = self.transformer.config.audio_in_channels if self.transformer is not None else None
+        if width is None:
+            cfg = self.audio_vae.config
+            width = cfg.latent_channels * (cfg.mel_bins // AUDIO_TEMPORAL_COMPRESSION)
+        return (self.audio_steps(frames, fps), width)
+
+    @torch.no_grad()
+    def encode_audio(self, waveform: np.ndarray, frames: int, fps: float) -> torch.Tensor:
+        cfg = self.audio_vae.config
+        mel = log_mel(torch.from_numpy(waveform).float(), cfg.sample_rate, cfg.mel_hop_length, cfg.mel_bins)
+        latents = self.audio_vae.encode(mel[None].to(self.device)).latent_dist.mean  # (1, C, L', M')
+        packed = latents.transpose(1, 2).flatten(2, 3)[0]  # (L', C × M'): the pipeline's _pack_audio_latents
+        steps = self.audio_steps(frames, fps)
+        if packed.shape[0] < steps:  # the causal encoder's last step may be short of the pipeline's rounding
+            packed = torch.cat([packed, packed[-1:].expand(steps - packed.shape[0], -1)])
+        packed = packed[:steps]
+        mean, std = self.audio_vae.latents_mean.to(packed), self.audio_vae.latents_std.to(packed)
+        return ((packed - mean) / std).to("cpu")
+
+    # --- training ------------------------------------------------------------------------------
+    def trained_experts(self) -> list[Expert]:
+        return [Expert("transformer", "", self.transformer, (0.0, 1.0))]
+
+    def predict(self, noisy, sigma, text, expert, conditioning=None, sound=None):
+        """(video prediction, audio prediction) given `sound`; without it (memory estimates), the audio tokens are
+        pure noise at σ = 1 as for a clip without sound, and only the video prediction is returned."""
+        from diffusers import LTX2Pipeline
+
+        model, dtype = expert.module, self.weight_dtype
+        video_text, audio_text, mask = self._unpack(text.to(noisy.device, torch.float32))
+        batch, _, frames, height, width = noisy.shape
+        patch, patch_t = model.config.patch_size, model.config.patch_size_t
+        given = sound
+        if sound is None:
+            shape = (batch, self.audio_steps((frames - 1) * self.temporal_factor + 1, self.fps), model.config.audio_in_channels)
+            sound = Sound(torch.randn(shape, device=noisy.device), torch.ones_like(sigma))
+        t, t_audio = sigma.float() * 1000.0, sound.sigma.float() * 1000.0
+        video, audio = model(
+            hidden_states=LTX2Pipeline._pack_latents(noisy, patch, patch_t).to(dtype),
+            audio_hidden_states=sound.noisy.to(dtype), encoder_hidden_states=video_text.to(dtype),
+            audio_encoder_hidden_states=audio_text.to(dtype), timestep=t, audio_timestep=t_audio, sigma=t, audio_sigma=t_audio,
+            encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=frames // patch_t,
+            height=height // patch, width=width // patch, fps=self.fps, audio_num_frames=sound.noisy.shape[1],
+            use_cross_timestep=True, return_dict=False,
+        )
+        video = LTX2Pipeline._unpack_latents(video, frames // patch_t, height // patch, width // patch, patch, patch_t)
+        return video if given is None else (video, audio)
+
+    def fsdp_units(self, module):
+        return list(module.transformer_blocks)
+
+    def lora_may_adapt(self, name: str) -> bool:
+        return name.startswith("transformer_blocks.")
+
+    def lora_default_target(self, name: str) -> bool:
+        return name.endswith(_DEFAULT_TARGETS)
+
+    def save_diffusers_lora(self, directory, weight_name, state_dict, adapter_metadata):
+        from diffusers import LTX2Pipeline
+
+        LTX2Pipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
+                                       transformer_lora_adapter_metadata=adapter_metadata)
+
+    def single_file_state_dict(self, module, dtype, state=None) -> dict:
+        """The transformer's weights named as the original LTX-2 checkpoints (ComfyUI's): what diffusers' single-file
+        converter renames back. Only the embedders, modulations, norms' and cross-modal tables' names differ."""
+        state = module.state_dict() if state is None else state
+        return {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        """Inside the blocks (the only place a LoRA adapts), the original LTX-2 names are diffusers' own."""
+        return f"diffusion_model.{peft_module_name}"
+
+    def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
+        """diffusers' LTX-2 reader renames original-layout keys and hands them to peft, which has no use for `.alpha`;
+        alpha / rank goes into lora_B (ComfyUI then applies the file at scale 1, the same weights)."""
+        return False
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, request: SampleRequest):
+        from diffusers import LTX2Pipeline
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+        self.load_vae()
+        if self.vocoder is None:
+            self.vocoder = load_part(LTX2Vocoder, self.config.base_model_name, "vocoder", dtype=torch.float32).eval()
+        self.vocoder.to(self.device)
+        dtype = self.weight_dtype
+        video, audio, mask = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
+        inputs = dict(prompt_embeds=video.to(dtype), prompt_attention_mask=mask)
+        given = _GivenText(audio.to(dtype))
+        guidance = 1.0
+        if request.negative_prompt_embeds is not None:
+            negative, negative_audio, negative_mask = self._unpack(request.negative_prompt_embeds.to(self.device, torch.float32))
+            inputs.update(negative_prompt_embeds=negative.to(dtype), negative_prompt_attention_mask=negative_mask)
+            given = _GivenText(torch.cat([negative_audio, audio]).to(dtype))  # the pipeline batches negative first
+            guidance = request.cfg_scale
+        pipeline = LTX2Pipeline(scheduler=self.scheduler, vae=self.vae, audio_vae=self.audio_vae, text_encoder=None,
+                                tokenizer=None, connectors=given, transformer=self.transformer, vocoder=self.vocoder)
+        pipeline.set_progress_bar_config(disable=True)
+        try:
+            frames, sound = pipeline(
+                **inputs, height=request.height, width=request.width, num_frames=request.frames,
+                frame_rate=request.fps or self.fps, num_inference_steps=request.steps, guidance_scale=guidance,
+                audio_guidance_scale=guidance, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+                audio_modality_scale=1.0, generator=torch.Generator(device=self.device).manual_seed(request.seed),
+                output_type="np", return_dict=False,
+            )
+        finally:
+            self.park_vae()
+        video_frames = (np.clip(frames[0], 0.0, 1.0) * 255).round().astype(np.uint8)
+        return video_frames, sound[0].float().cpu().numpy(), self.vocoder.config.output_sampling_rate
+
+    # --- tiny models (motiontune.testing) --------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
+        """LTX-2's layout, tiny: Gemma 3 (with its vision tower, as released) read at every layer, the text connectors,
+        the 32x/8x video VAE (128 → 16 latent channels), the audio VAE on 16 kHz stereo log-mels (16 mel bins here),
+        the vocoder, and the joint audio-video transformer. Latent statistics are measured on the bundled clips
+        (video) and on tones and noise (audio)."""
+        from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                               LTX2Pipeline, LTX2VideoTransformer3DModel)
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        width, audio_width = 32, 16
+        gemma = Gemma3ForConditionalGeneration(Gemma3Config(
+            text_config=dict(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                             sliding_window=256, query_pre_attn_scalar=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255)).eval()
+        connectors = LTX2TextConnectors(
+            caption_channels=width, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=16, video_connector_num_layers=1, video_connector_num_learnable_registers=8,
+            audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=16, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=8, rope_type="split")
+        vae = AutoencoderKLLTX2Video(latent_channels=16, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
+                                     layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                                     decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8).eval()
+        audio_vae = AutoencoderKLLTX2Audio(base_channels=audio_width, latent_channels=4, mel_bins=16, num_res_blocks=1).eval()
+        with torch.no_grad():  # per-channel statistics of the VAEs' own encodings, as the released ones were measured
+            latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
+            vae.latents_mean.copy_(latents.mean(dim=(0, 2, 3, 4)))
+            vae.latents_std.copy_(latents.std(dim=(0, 2, 3, 4)))
+            sounds = [np.sin(2 * np.pi * hz * np.arange(16000) / 16000) * 0.5 for hz in (220, 440, 880)]
+            sounds.append(np.random.default_rng(0).normal(0, 0.1, 16000))
+            mels = [log_mel(torch.tensor(np.stack([s, s]), dtype=torch.float32), 16000, 160, 16) for s in sounds]
+            packed = torch.cat([audio_vae.encode(m[None]).latent_dist.mean.transpose(1, 2).flatten(2, 3)[0] for m in mels])
+            audio_vae.latents_mean.copy_(packed.mean(0))
+            audio_vae.latents_std.copy_(packed.std(0))
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=heads or 2, attention_head_dim=16, cross_attention_dim=32,
+            audio_in_channels=audio_width, audio_out_channels=audio_width, audio_num_attention_heads=2,
+            audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=layers, caption_channels=width,
+            rope_type="split")
+        vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=16, upsample_kernel_sizes=[12, 10, 16],
+                              upsample_factors=[6, 5, 8], resnet_kernel_sizes=[3], resnet_dilations=[[1]])
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+        return LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=gemma,
+                            tokenizer=tokenizer("tokenizer", MAX_SEQUENCE_LENGTH), connectors=connectors,
+                            transformer=transformer, vocoder=vocoder)
+
+    # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
+    transformer_class_name = "LTX2VideoTransformer3DModel"
+    block_groups = (("num_layers", "transformer_blocks"),)
+    text_tokens = MAX_SEQUENCE_LENGTH
+
+    def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
+        """(Hub id, its parts' configs): the one release, whatever `base` names."""
+        return RELEASE_NAME, RELEASE
+
+    def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
+        width = cfg.get("caption_channels", 3840)  # the connectors' output (their width is Gemma's)
+        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.zeros(MAX_SEQUENCE_LENGTH, width),
+                         torch.ones(MAX_SEQUENCE_LENGTH))
+        return row.expand(batch, -1).clone()
+
+    def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
+        """(cached text rows, no conditioning); `predict` adds the clip's audio tokens (noise, as for a clip without
+        sound: the same tensors, without the audio loss's few bytes)."""
+        return self._estimate_text(len(x0), cfg), None
+
+    def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+        """One transformer call as the stock pipeline makes it while sampling (batch 1, guidance off)."""
+        f, h, w = latent
+        width = cfg.get("caption_channels", 3840)
+        steps = self.audio_steps((f - 1) * self.temporal_factor + 1, self.fps)
+        return {"hidden_states": torch.empty(1, f * h * w, cfg["in_channels"], dtype=dtype),
+                "audio_hidden_states": torch.empty(1, steps, cfg.get("audio_in_channels", 128), dtype=dtype),
+                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, width, dtype=dtype),
+                "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, width, dtype=dtype),
+                "timestep": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
+                "audio_encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH), "num_frames": f, "height": h,
+                "width": w, "fps": self.fps, "audio_num_frames": steps}
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        from .fake_memory import init_kwargs
+
+        with torch.device("meta"):
+            return [("Gemma 3", Gemma3ForConditionalGeneration(Gemma3Config(**configs["text_encoder"]))),
+                    ("connectors", LTX2TextConnectors(**init_kwargs(configs["connectors"], LTX2TextConnectors)))]
+
+
+# --- the released model, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
+RELEASE_NAME = "Lightricks/LTX-2"
+RELEASE = {
+    # Lightricks/LTX-2 transformer/config.json (the 19B dev model)
+    "transformer": {"in_channels": 128, "out_channels": 128, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 32,
+                    "attention_head_dim": 128, "cross_attention_dim": 4096, "vae_scale_factors": [8, 32, 32],
+                    "pos_embed_max_pos": 20, "base_height": 2048, "base_width": 2048, "audio_in_channels": 128,
+                    "audio_out_channels": 128, "audio_patch_size": 1, "audio_patch_size_t": 1,
+                    "audio_num_attention_heads": 32, "audio_attention_head_dim": 64, "audio_cross_attention_dim": 2048,
+                    "audio_scale_factor": 4, "audio_pos_embed_max_pos": 20, "audio_sampling_rate": 16000,
+                    "audio_hop_length": 160, "num_layers": 48, "activation_fn": "gelu-approximate",
+                    "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False, "norm_eps": 1e-06,
+                    "caption_channels": 3840, "attention_bias": True, "attention_out_bias": True, "rope_theta": 10000.0,
+                    "rope_double_precision": True, "causal_offset": 1, "timestep_scale_multiplier": 1000,
+                    "cross_attn_timestep_scale_multiplier": 1000, "rope_type": "split"},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 128, "block_out_channels": [256, 512, 1024, 2048],
+            "decoder_block_out_channels": [256, 512, 1024], "layers_per_block": [4, 6, 6, 2, 2],
+            "decoder_layers_per_block": [5, 5, 5, 5], "spatio_temporal_scaling": [True, True, True, True],
+            "decoder_spatio_temporal_scaling": [True, True, True], "downsample_type": ["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+            "patch_size": 4, "patch_size_t": 1, "encoder_causal": True, "decoder_causal": False, "scaling_factor": 1.0,
+            "spatial_compression_ratio": 32, "temporal_compression_ratio": 8, "timestep_conditioning": False},
+    "audio_vae": {"base_channels": 128, "output_channels": 2, "ch_mult": [1, 2, 4], "num_res_blocks": 2, "in_channels": 2,
+                  "resolution": 256, "latent_channels": 8, "norm_type": "pixel", "causality_axis": "height",
+                  "mid_block_add_attention": False, "sample_rate": 16000, "mel_hop_length": 160, "is_causal": True,
+                  "mel_bins": 64},
+    "connectors": {"caption_channels": 3840, "text_proj_in_factor": 49, "video_connector_num_attention_heads": 30,
+                   "video_connector_attention_head_dim": 128, "video_connector_num_layers": 2,
+                   "video_connector_num_learnable_registers": 128, "audio_connector_num_attention_heads": 30,
+                   "audio_connector_attention_head_dim": 128, "audio_connector_num_layers": 2,
+                   "audio_connector_num_learnable_registers": 128, "connector_rope_base_seq_len": 4096},
+    # google/gemma-3-12b-it: Gemma 3 12B with its SigLIP vision tower (48 layers + the embeddings = the connectors' 49)
+    "text_encoder": {"text_config": {"vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360,
+                                     "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8,
+                                     "head_dim": 256, "sliding_window": 1024, "query_pre_attn_scalar": 256,
+                                     "rope_theta": 1000000.0},
+                     "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                                       "num_attention_heads": 16, "image_size": 896, "patch_size": 14},
+                     "mm_tokens_per_image": 256},
+}
+
+# diffusers name → original (ltx-core / ComfyUI) name, in the order they apply (diffusers' converter in reverse)
+_TO_ORIGINAL = (("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_proj"),
+                ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+                ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+                ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+                ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+                ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+                ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+                ("norm_q", "q_norm"), ("norm_k", "k_norm"), ("audio_prompt_adaln", "audio_prompt_adaln_single"))
+
+
+def original_name(name: str) -> str:
+    """A diffusers LTX2VideoTransformer3DModel key → its original LTX-2 name."""
+    for ours, theirs in _TO_ORIGINAL:
+        if ours in name and theirs not in name:
+            name = name.replace(ours, theirs)
+    if name.startswith("time_embed."):
+        name = "adaln_single." + name.removeprefix("time_embed.")
+    elif name.startswith("audio_time_embed."):
+        name = "audio_adaln_single." + name.removeprefix("audio_time_embed.")
+    elif name.startswith("prompt_adaln."):
+        name = "prompt_adaln_single." + name.removeprefix("prompt_adaln.")
+    return name
+
+
+class _GivenText(torch.nn.Module):
+    """Stands in for the pipeline's text connectors while sampling: the prompts' cached connector outputs go in as
+    `prompt_embeds` (video) and here (audio), so the frozen Gemma 3 and connectors need not be loaded again."""
+
+    def __init__(self, audio: torch.Tensor):
+        super().__init__()
+        self.audio = audio
+
+    @property
+    def device(self) -> torch.device:  # what the pipeline asks of each of its parts
+        return self.audio.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.audio.dtype
+
+    def forward(self, video, mask, padding_side="left"):
+        return video, self.audio.to(video.device, video.dtype), mask
+
+
+def log_mel(waveform: torch.Tensor, rate: int, hop: int, bins: int) -> torch.Tensor:
+    """(channels, samples) → (channels, frames, bins): the log-mel spectrogram the audio VAE reads, as ltx-core's
+    AudioProcessor computes it (torchaudio's MelSpectrogram with these settings)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    spectrum = torch.stft(waveform, N_FFT, hop_length=hop, win_length=N_FFT, window=torch.hann_window(N_FFT),
+                          center=True, pad_mode="reflect", return_complex=True).abs()  # (channels, freqs, frames)
+    bank = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=bins, min_frequency=0.0,
+                           max_frequency=rate / 2, sampling_rate=rate, norm="slaney", mel_scale="slaney")
+    mel = torch.einsum("cft,fm->ctm", spectrum, torch.from_numpy(bank).float())
+    return torch.log(mel.clamp(min=1e-5))

@@ -1,0 +1,301 @@
+"""LTX-2 against the stock `LTX2Pipeline`: a LoRA trained with `motiontune train` on a real clip with a known tone
+moves the stock pipeline's video AND audio latents towards that clip's (each measured on its own), the cached
+prompt is what the pipeline computes, clips without sound (or with sound that cannot be decoded) train the video
+alone, samples are mp4 files with their sound track, and the LoRA file has the original (ComfyUI) names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, base_config, write_config
+from motiontune.cli import main
+
+PROMPT = "moving shapes"
+SEEDS = range(4)
+FPS, FRAMES, SIZE = 16, 9, 64
+GUIDANCE_OFF = dict(guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+                    audio_modality_scale=1.0)
+
+
+def _shapes(count: int) -> np.ndarray:
+    """`count` frames of the real shapes clip from 3 s in (its first second is black), SIZE x SIZE."""
+    with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24", width=SIZE, height=SIZE) for _, f in zip(range(90 + count), container.decode(video=0))]
+    return np.stack(frames[90:])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    """One LoRA run on 12 frames of a real clip with a 440 Hz stereo tone (FLAC, lossless); 9 frames at 16 fps train."""
+    from motiontune.testing.clips import write_clip_with_tone
+
+    tmp = tmp_path_factory.mktemp("ltx2")
+    model = tiny_models("ltx-2")
+    data = tmp / "data"
+    data.mkdir()
+    frames = _shapes(12)
+    clip = write_clip_with_tone(data / "tone.mkv", 12 / FPS, fps=FPS, tones=((0.0, 440.0),), frames=frames, layout="stereo")
+    (data / "tone.txt").write_text(PROMPT + "\n")
+    config = base_config(tmp, model, data, model_type="LTX_2", resolution=str(SIZE), epochs=300, learning_rate=5e-3,
+                         lora_rank=16, lora_alpha=16, video_config={"max_frames": FRAMES, "target_fps": float(FPS)},
+                         samples=[{"prompt": PROMPT, "frames": FRAMES, "height": SIZE, "width": SIZE, "steps": 2, "fps": FPS}],
+                         sample_after=300, sample_after_unit="EPOCH")
+    assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
+    return model, clip, Path(config["output_model_destination"]), tmp
+
+
+def test_stock_pipeline_video_and_audio_move_towards_the_trained_clip(trained):
+    """No motiontune code below: the stock pipeline, its LoRA loader, and the clip's latents computed here (the
+    log-mel with transformers' numpy spectrogram, not the family's torch one)."""
+    from diffusers import LTX2Pipeline
+
+    model, clip, lora, _ = trained
+    pipe = LTX2Pipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    video_target, audio_target = _clip_latents(pipe, clip)
+    video_base, audio_base = _samples(pipe)
+    pipe.load_lora_weights(str(lora))
+    video_lora, audio_lora = _samples(pipe)
+
+    def ratio(with_lora, without, target):
+        return ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+
+    video_ratio, audio_ratio = ratio(video_lora, video_base, video_target), ratio(audio_lora, audio_base, audio_target)
+    # the negative control: what a trainer with the target's sign flipped would aim at. A LoRA that only shrank the
+    # samples would come closer to it too; this one moves away from it
+    flipped = ratio(video_lora, video_base, -video_target), ratio(audio_lora, audio_base, -audio_target)
+    print(f"ltx-2: MSE ratio with/without LoRA: video {video_ratio:.3f}, audio {audio_ratio:.3f}; against the "
+          f"sign-flipped latents (negative control): video {flipped[0]:.3f}, audio {flipped[1]:.3f}")
+    assert video_ratio < 0.6, "video samples did not move towards the clip: timestep, sign or normalisation broken"
+    assert audio_ratio < 0.75, "audio samples did not move towards the clip's sound: window, mel or normalisation broken"
+    assert min(flipped) > 1.0
+
+
+def _clip_latents(pipe, clip: Path):
+    """The clip's first FRAMES frames and their sound (FRAMES / FPS seconds, 16 kHz stereo) as the pipeline's
+    denoiser sees them: video (1, C, F', H', W'), audio packed (1, L, C × M)."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    with av.open(str(clip)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(FRAMES), container.decode(video=0))])
+    with av.open(str(clip)) as container:
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=16000)
+        sound = np.concatenate([r.to_ndarray() for f in container.decode(audio=0) for r in resampler.resample(f)], axis=1)
+    sound = sound[:, : round(FRAMES / FPS * 16000)]
+    cfg = pipe.audio_vae.config
+    bank = mel_filter_bank(num_frequency_bins=513, num_mel_filters=cfg.mel_bins, min_frequency=0.0, max_frequency=8000.0,
+                           sampling_rate=16000, norm="slaney", mel_scale="slaney")
+    mel = np.stack([spectrogram(channel, window_function(1024, "hann"), frame_length=1024, hop_length=cfg.mel_hop_length,
+                                power=1.0, mel_filters=bank, mel_floor=1e-5, log_mel=None).T for channel in sound])
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        video = pipe.vae.encode(pixels).latent_dist.mean
+        audio = pipe.audio_vae.encode(torch.log(torch.from_numpy(mel).float())[None]).latent_dist.mean
+    steps = round(FRAMES / FPS * 16000 / cfg.mel_hop_length / 4)  # the pipeline's audio_num_frames
+    audio = pipe._pack_audio_latents(audio)[:, :steps]
+    return (pipe._normalize_latents(video, pipe.vae.latents_mean, pipe.vae.latents_std, pipe.vae.config.scaling_factor),
+            pipe._normalize_audio_latents(audio, pipe.audio_vae.latents_mean, pipe.audio_vae.latents_std))
+
+
+def _samples(pipe):
+    """Normalised video and packed audio latents for each seed (the pipeline returns both denormalised)."""
+    videos, audios = [], []
+    for seed in SEEDS:
+        video, audio = pipe(PROMPT, height=SIZE, width=SIZE, num_frames=FRAMES, frame_rate=float(FPS), num_inference_steps=10,
+                            output_type="latent", return_dict=False, generator=torch.Generator().manual_seed(seed), **GUIDANCE_OFF)
+        videos.append(pipe._normalize_latents(video, pipe.vae.latents_mean, pipe.vae.latents_std, pipe.vae.config.scaling_factor))
+        audios.append(pipe._normalize_audio_latents(pipe._pack_audio_latents(audio), pipe.audio_vae.latents_mean,
+                                                    pipe.audio_vae.latents_std))
+    return torch.cat(videos), torch.cat(audios)
+
+
+def test_the_sample_is_an_mp4_with_its_sound_track(trained):
+    """The sample rendered during training: H.264 video and the vocoder's 24 kHz stereo as AAC, equally long."""
+    *_, tmp = trained
+    sample = tmp / "workspace" / "samples" / "epoch300-0.mp4"
+    with av.open(str(sample)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        assert (audio.codec_context.name, audio.rate, audio.channels) == ("aac", 24000, 2)
+    with av.open(str(sample)) as container:
+        samples = sum(f.samples for f in container.decode(audio=0))
+    assert frames == FRAMES and abs(samples / 24000 - FRAMES / FPS) < 0.1
+
+
+def test_lora_file_has_the_original_names_comfyui_reads(trained):
+    """The default format (COMFY_LORA): `diffusion_model.` + the original LTX-2 names, the audio, video and
+    audio↔video modules, alpha / rank folded into lora_B. diffusers' own converter of original LTX-2 checkpoints
+    maps every name to the module trained, so ComfyUI's LTX-2 model (whose state dict has those original names)
+    takes the file as it is."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    model, _, lora, _ = trained
+    weights = load_file(str(lora))
+    assert all(k.startswith("diffusion_model.transformer_blocks.") for k in weights) and not any(k.endswith(".alpha") for k in weights)
+    modules = {k.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for k in weights}
+    for name in ("attn1.to_q", "attn2.to_k", "audio_attn1.to_v", "audio_attn2.to_out.0", "audio_to_video_attn.to_q",
+                 "video_to_audio_attn.to_k", "ff.net.0.proj", "audio_ff.net.2"):
+        assert f"transformer_blocks.0.{name}" in modules, name
+    stock = LTX2VideoTransformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()
+    converted = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{m}.weight": torch.zeros(1) for m in modules})
+    assert sorted(converted) == sorted(f"{m}.weight" for m in modules) and all(k in stock for k in converted)
+
+
+@pytest.fixture(scope="module")
+def family(tiny_models):
+    from motiontune.config import TrainConfig
+    from motiontune.models.ltx2 import LTX2Family
+
+    config = TrainConfig.model_validate({"model_type": "LTX_2", "base_model_name": str(tiny_models("ltx-2")),
+                                         "train_dtype": "FLOAT_32", "concepts": [{"path": "."}]})
+    ltx = LTX2Family(config, torch.device("cpu"))
+    ltx.load_transformers()
+    ltx.load_text_encoder()
+    return ltx
+
+
+def test_cached_prompt_is_what_the_pipeline_computes(family):
+    """Gemma 3's every hidden state through the pipeline's connectors: video and audio embeddings and their mask."""
+    from diffusers import LTX2Pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(family.config.base_model_name)
+    embeds, mask, _, _ = pipe.encode_prompt([PROMPT, " a rabbit "], do_classifier_free_guidance=False, device=torch.device("cpu"))
+    video, audio, connector_mask = pipe.connectors(embeds, mask, padding_side="left")
+    ours = family._unpack(family.encode_prompts([PROMPT, " a rabbit "]))
+    assert torch.equal(ours[2], connector_mask.long())
+    assert torch.allclose(ours[0], video, atol=1e-5) and torch.allclose(ours[1], audio, atol=1e-5)
+
+
+def test_single_file_weights_have_the_original_names(family):
+    """FINE_TUNE's single-file layout: diffusers' converter of original LTX-2 checkpoints gives the model back."""
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
+    state = family.transformer.state_dict()
+    original = family.single_file_state_dict(family.transformer, torch.float32)
+    assert "patchify_proj.weight" in original and "adaln_single.linear.weight" in original
+    assert "transformer_blocks.0.attn1.q_norm.weight" in original and "transformer_blocks.0.scale_shift_table_a2v_ca_audio" in original
+    converted = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()})
+    assert sorted(converted) == sorted(state) and all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_clips_without_sound_train_the_video_alone(tiny_models, tmp_path, capsys):
+    """A clip without an audio stream and one whose audio cannot be decoded train beside one with sound: the run
+    finishes, the bad file is named, and their cache entries hold no audio (their audio loss is left out)."""
+    from safetensors.torch import load_file
+
+    from motiontune.testing.clips import write_clip_with_broken_audio, write_clip_with_tone
+
+    data = tmp_path / "data"
+    data.mkdir()
+    frames = _shapes(12)
+    write_clip_with_tone(data / "tone.mkv", 12 / FPS, fps=FPS, frames=frames, layout="stereo")
+    write_clip_with_broken_audio(data / "broken.mkv", frames, fps=FPS)
+    with av.open(str(data / "silent.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv444p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    config = base_config(tmp_path, tiny_models("ltx-2"), data, model_type="LTX_2", resolution=str(SIZE), epochs=1,
+                         video_config={"max_frames": FRAMES, "target_fps": float(FPS)})
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    captured = capsys.readouterr()
+    assert f"{data / 'broken.mkv'}: the audio stream (flac) cannot be decoded" in captured.err + captured.out
+    entries = [load_file(str(p)) for p in (tmp_path / "cache" / "latents").rglob("*.safetensors")]
+    assert sorted(tuple(e["audio"].shape) for e in entries) == [(0,), (0,), (round(FRAMES / FPS * 25), 16)]
+
+
+def test_config_refuses_what_ltx2_cannot_train():
+    from motiontune.config import TrainConfig
+    from motiontune.models.ltx2 import LTX2Family
+
+    def problems(**keys):
+        return "\n".join(LTX2Family.config_problems(TrainConfig.model_validate({"model_type": "LTX_2", "concepts": [{"path": "."}], **keys})))
+
+    assert problems() == "" and problems(training_method="FINE_TUNE") == ""
+    assert "EMBEDDING" in problems(training_method="EMBEDDING", embedding={"placeholder": "<x>"})
+    assert "text_encoder.train" in problems(training_method="FINE_TUNE", text_encoder={"train": True})
+    assert "use_temporal_attention" in problems(video_config={"use_temporal_attention": False})
+
+
+def test_estimate_for_the_released_model(tmp_path, capsys):
+    """The released LTX-2 (19B transformer, Gemma 3 12B) from the configs the family file declares; no weights read."""
+    import diffusers
+
+    from motiontune.models.ltx2 import RELEASE
+
+    path = write_config(tmp_path / "c.json", model_type="LTX_2", base_model_name="Lightricks/LTX-2", resolution="256",
+                        lora_rank=16, video_config={"max_frames": 17})
+    assert main(["estimate", "--config", str(path), "--gpu-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "the embedded config of Lightricks/LTX-2" in out and "Gemma 3 + connectors" in out
+    assert "17 frames × 256x256 (latents 3×8×8" in out
+    with torch.device("meta"):
+        count = sum(p.numel() for p in diffusers.LTX2VideoTransformer3DModel(**RELEASE["transformer"]).parameters())
+    assert 18.5e9 < count < 19.2e9
+
+
+def test_memory_options_on_ltx2_blocks_give_the_same_gradients(family):
+    """LTX-2's blocks take video and audio streams, rotary tables and masks, and return two tensors: the LoRA
+    gradients through CPU_OFFLOADED checkpointing and through fully offloaded blocks equal those through plain
+    checkpointing."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from peft import LoraConfig
+
+    from motiontune.models.base import Expert, Sound
+    from motiontune.train import memory
+
+    text = family.encode_prompts([PROMPT])
+    gradients = {}
+    for mode in ("ON", "CPU_OFFLOADED", "offloaded"):
+        model = LTX2VideoTransformer3DModel.from_pretrained(family.config.base_model_name, subfolder="transformer").requires_grad_(False)
+        torch.manual_seed(0)
+        model.add_adapter(LoraConfig(r=2, target_modules=family.lora_target_modules(model, ""), init_lora_weights="gaussian"))
+        host = memory.HostCheckpoint(torch.device("cpu")) if mode == "CPU_OFFLOADED" else None
+        model.enable_gradient_checkpointing(**({"gradient_checkpointing_func": host} if host else {}))
+        if mode == "offloaded":
+            offloader = memory.BlockOffloader(family.fsdp_units(model), 1.0, 1, torch.device("cpu"))
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        sound = Sound(torch.randn(1, 14, 16, generator=g), torch.tensor([0.3]))
+        video, audio = family.predict(torch.randn(1, 16, 2, 2, 2, generator=g), torch.tensor([0.3]), text,
+                                      Expert("transformer", "", model, (0.0, 1.0)), sound=sound)
+        (video.square().mean() + audio.square().mean()).backward()
+        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert gradients["ON"].norm() > 0
+    assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
+    assert offloader.max_resident <= 1
+
+
+def test_fine_tune_saves_load_in_diffusers_both_ways(tiny_models, tmp_path):
+    """FINE_TUNE of the transformer: the COMFY_TRANSFORMER file (original names) read by `from_single_file` holds
+    exactly the weights the same run saved as a diffusers folder, and they trained."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from test_lora_formats import also_saved_as
+
+    from motiontune.methods import finetune
+    from motiontune.testing.clips import write_clip_with_tone
+
+    model = tiny_models("ltx-2")
+    (tmp_path / "data").mkdir()
+    write_clip_with_tone(tmp_path / "data" / "tone.mkv", 12 / FPS, fps=FPS, frames=_shapes(12), layout="stereo")
+    config = base_config(tmp_path, model, tmp_path / "data", model_type="LTX_2", training_method="FINE_TUNE",
+                         output_model_format="COMFY_TRANSFORMER", output_model_destination=str(tmp_path / "tuned.safetensors"),
+                         resolution=str(SIZE), epochs=1, video_config={"max_frames": FRAMES, "target_fps": float(FPS)})
+    with also_saved_as(finetune, "DIFFUSERS", lambda path: path.with_name("tuned-folder")):
+        assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    folder = LTX2VideoTransformer3DModel.from_pretrained(tmp_path / "tuned-folder").state_dict()
+    single = LTX2VideoTransformer3DModel.from_single_file(str(tmp_path / "tuned.safetensors"), config=str(model),
+                                                          subfolder="transformer").state_dict()
+    assert sorted(single) == sorted(folder) and all(torch.equal(single[k], folder[k]) for k in folder)
+    stock = LTX2VideoTransformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()
+    assert not torch.equal(folder["audio_proj_out.weight"], stock["audio_proj_out.weight"])  # the audio side trained too
