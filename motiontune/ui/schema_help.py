@@ -1,7 +1,8 @@
 """The config schema the UI's forms are built from: `TrainConfig.model_json_schema()` (types, defaults,
-ranges, choices), with each field's help text taken from the schema's description or, where the schema
-has none, from the comments beside the field in `config/schema.py`. Both are read from the code at
-request time, so the forms never drift from what training validates."""
+ranges, choices), with each field's help text from docs/config.md, the one place the keys are explained (its
+tables: a row per key, with units, ranges and rounding rules), followed by the schema's description or the
+comment beside the field in `config/schema.py` when it adds something. All are read at request time, so the
+forms never drift from what training validates or from the documentation."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import ast
 import copy
 import inspect
 import io
+import re
 import tokenize
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -54,6 +57,68 @@ def field_comments() -> dict[str, dict[str, str]]:
             if texts:
                 fields[statement.target.id] = " ".join(t for t in texts if t)
     return found
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"  # a source checkout's; absent from a wheel
+# docs/config.md's sections whose tables name keys inside a section; "part." serves every model part
+DOC_PREFIXES = {"video_config": "video_config.", "Concepts": "concepts.", "Model parts": "part.",
+                "Samples": "samples.", "Embeddings": "embedding."}
+PARTS = ("transformer", "transformer_2", "text_encoder", "vae")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]+\)")
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+@lru_cache(maxsize=1)
+def docs_help(path: Path = DOCS) -> dict[str, str]:
+    """Dotted key → its row of docs/config.md's tables, as one line of text ("default 16 · 1 – 1024")."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    found, prefix, header = {}, "", []
+    for index, line in enumerate(lines):
+        if line.startswith("#"):
+            prefix, header = DOC_PREFIXES.get(line.lstrip("#").strip(), ""), []
+            continue
+        if not line.startswith("|"):
+            header = []
+            continue
+        cells = _cells(line)
+        if not header:  # the first row of a table names its columns; the second is the --- line
+            header = cells
+            continue
+        if set(cells[0]) <= set("- "):
+            continue
+        keys, inherited = [], ""
+        for key in re.findall(r"`([^`]+)`", cells[0]):
+            if "." in key:
+                inherited = key.rsplit(".", 1)[0] + "."
+            elif inherited:
+                key = inherited + key
+            keys.append(prefix + key)
+        for number, key in enumerate(keys):
+            parts = []
+            for title, cell in zip(header[1:], cells[1:]):
+                values = cell.split(", ")
+                if title == "default" and len(keys) > 1 and len(values) == len(keys):
+                    cell = values[number]  # `a`, `b` | 1, 2: each key its own default
+                if cell:
+                    parts.append(f"{title} {cell}" if title in ("default", "range") else cell)
+            found[key] = _LINK.sub(r"\1", " · ".join(parts)).replace("`", "")
+    return found
+
+
+def doc_key(path: list) -> str:
+    """A field's path in the config → its key in docs/config.md (list items and model parts share one row)."""
+    names = [str(p) for p in path if not isinstance(p, int) and not str(p).isdigit()]
+    if names and names[0] in PARTS and len(names) > 1:
+        names[0] = "part"
+    if names and names[0] == "additional_embeddings":
+        names[0] = "embedding"
+    return ".".join(names)
 
 
 def _not_supported_notes() -> dict[str, str]:
@@ -105,3 +170,31 @@ def ui_schema() -> dict:
             # keyed by the section path: `vae.train` is refused, `transformer.train` (the same model) is not
             prop.setdefault("x-not-supported", {})[".".join(parts[:-1])] = note
     return schema
+
+
+def schema_keys(schema: dict | None = None) -> list[tuple[list, dict]]:
+    """Every key of the config at every depth: (its path, with 0 for list items; its schema property)."""
+    schema = schema or ui_schema()
+    definitions = schema.get("$defs", {})
+
+    def inner(prop: dict) -> tuple[dict | None, bool]:
+        branches = prop.get("anyOf", [prop])
+        for branch in branches:
+            if branch.get("type") == "array":
+                items = branch.get("items", {})
+                return definitions.get(items.get("$ref", "").rsplit("/", 1)[-1]), True
+            if "$ref" in branch:
+                return definitions.get(branch["$ref"].rsplit("/", 1)[-1]), False
+        return None, False
+
+    found = []
+
+    def walk(node: dict, path: list) -> None:
+        for key, prop in node.get("properties", {}).items():
+            found.append(([*path, key], prop))
+            child, is_list = inner(prop)
+            if child is not None and child.get("properties"):
+                walk(child, [*path, key, 0] if is_list else [*path, key])
+
+    walk(schema, [])
+    return found
