@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig
 from ..config.load import _known_keys, _sections_with_key
+from ..config.schema import NOT_SUPPORTED_YET
 from ..configure import check_config, config_notices
 from ..configure import validate as validate_schema
 from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
@@ -22,6 +23,7 @@ from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 _PROBLEM_KEY = re.compile(r"^\s*-\s+([A-Za-z_0-9.\[\]]+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face Hub names models
 MEDIA = set(VIDEO_EXTENSIONS) | set(IMAGE_EXTENSIONS)
+NOT_SUPPORTED_VALUES = {key: neutral if isinstance(neutral, tuple) else (neutral,) for key, neutral, _ in NOT_SUPPORTED_YET}
 
 
 def _field_loc(loc: tuple, data, missing: bool) -> str:
@@ -54,13 +56,23 @@ def _message(problem: dict) -> str:
     if kind in ("bool_parsing", "bool_type"):
         return f"enter true or false (got {shown})"
     if kind == "literal_error":
-        expected = problem.get("ctx", {}).get("expected", "")
-        choices = re.findall(r"'([^']*)'", expected)
         message = problem["msg"].split(". Did you mean")[0]
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if choices else []
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{shown} is not a choice: {message.removeprefix('Input should be ').replace('should be', 'one of')}{hint}"
+        close = _close_choice(problem)
+        hint = f"; did you mean {close!r}?" if close is not None else ""
+        return f"{shown} is not a choice: {message.removeprefix('Input should be ')}{hint}"
     return problem["msg"].removeprefix("Value error, ")
+
+
+def _close_choice(problem: dict) -> str | None:
+    """For a value that is not one of the choices: the choice closest to what was typed, if one is close."""
+    if problem["type"] != "literal_error":
+        return None
+    choices = re.findall(r"'([^']*)'", problem.get("ctx", {}).get("expected", ""))
+    key = ".".join(str(p) for p in problem["loc"])
+    accepted = NOT_SUPPORTED_VALUES.get(key)  # train_dtype: only what is built, not every name the schema knows
+    choices = [c for c in choices if accepted is None or c in accepted]
+    close = difflib.get_close_matches(str(problem.get("input")), choices, n=1, cutoff=0.5)
+    return close[0] if close else None
 
 
 def _unknown_key(loc: tuple) -> dict:
@@ -86,6 +98,9 @@ def _schema_errors(error: ValidationError, data: dict) -> list[dict]:
             entry = {"loc": _field_loc(loc, data, problem["type"] == "missing"), "msg": _message(problem)}
             if problem["type"] != "missing" and "input" in problem and not isinstance(problem["input"], (dict, list)):
                 entry["value"] = problem["input"]
+            close = _close_choice(problem)
+            if close is not None:
+                entry["suggest"] = close  # the page offers it as a one-click fix
         errors.append(entry)
     return errors
 
@@ -128,7 +143,7 @@ def _combination_errors(config: TrainConfig) -> list[dict]:
 
 def validate(data) -> tuple[TrainConfig | None, list[dict]]:
     """Every problem of the config: the schema's and the combinations' together (a key that fails the schema is
-    left out to check the rest). Each error: {"loc": "video_config.max_frames", "msg": ...}, loc "" for the whole
+    left out to check the rest; the config returned is then that one, for warnings: use it only without errors). Each error: {"loc": "video_config.max_frames", "msg": ...}, loc "" for the whole
     config; unknown keys carry "unknown" and, when one is close, "suggest"; a wrong value carries "value"."""
     if not isinstance(data, dict):
         return None, [{"loc": "", "msg": f"the config must be a JSON object, got {type(data).__name__}"}]
@@ -143,7 +158,7 @@ def validate(data) -> tuple[TrainConfig | None, list[dict]]:
             attempt = _without(attempt, [e["loc"] for e in found])
             continue
         combination = [e for e in _combination_errors(config) if e not in errors]
-        return (config if not errors else None), errors + combination
+        return config, errors + combination
     return None, errors
 
 

@@ -169,7 +169,42 @@ def ui_schema() -> dict:
         if prop is not None:
             # keyed by the section path: `vae.train` is refused, `transformer.train` (the same model) is not
             prop.setdefault("x-not-supported", {})[".".join(parts[:-1])] = note
+            if "." not in key and ("enum" in prop or "anyOf" in prop):  # offer only the values accepted today
+                prop["x-accepted"] = [v for v in NOT_SUPPORTED_YET_VALUES[key] if v is not None]
+    for key, prop in schema["properties"].items():
+        prop["x-group"] = GROUP_OF.get(key, "general")
+    schema["x-groups"] = list(GROUPS)
+    helps = docs_help()
+    for path, prop in schema_keys(schema):
+        text = helps.get(doc_key(path))
+        if text:
+            prop["x-help"] = text
     return schema
+
+
+# OneTrainer's tabs, and the top-level keys each holds in the form ("concepts" is the concept editor; "tools" the
+# memory estimate). A key not listed shows under general: tests/test_ui.py checks that none is left out.
+GROUPS = {
+    "general": ["workspace_dir", "cache_dir", "train_device", "seed", "dataloader_threads", "__version"],
+    "model": ["model_type", "training_method", "base_model_name", "train_dtype", "transformer", "transformer_2",
+              "text_encoder", "vae", "experts", "boundary_ratio", "image_conditioning_probability", "guidance_scale",
+              "gradient_checkpointing", "layer_offload_fraction", "layer_offload_prefetch", "output_model_destination",
+              "output_model_format", "output_dtype"],
+    "data": ["resolution", "aspect_ratio_bucketing", "latent_caching", "concept_file_name", "video_config"],
+    "concepts": ["concepts"],
+    "training": ["batch_size", "gradient_accumulation_steps", "learning_rate", "epochs", "optimizer",
+                 "learning_rate_scheduler", "learning_rate_warmup_steps", "clip_grad_norm", "lora_rank", "lora_alpha",
+                 "lora_dropout", "layer_filter", "timestep_distribution", "timestep_shift", "noising_weight",
+                 "noising_bias", "max_nonfinite_steps", "embedding", "additional_embeddings", "embedding_learning_rate",
+                 "preserve_embedding_norm", "embedding_weight_dtype"],
+    "sampling": ["sample_after", "sample_after_unit", "samples"],
+    "backup": ["backup_after", "backup_after_unit", "rolling_backup", "rolling_backup_count", "backup_before_save",
+               "save_every", "save_every_unit", "continue_last_backup"],
+    "tools": [],
+}
+GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys}
+
+NOT_SUPPORTED_YET_VALUES = {key: neutral if isinstance(neutral, tuple) else (neutral,) for key, neutral, _ in NOT_SUPPORTED_YET}
 
 
 def schema_keys(schema: dict | None = None) -> list[tuple[list, dict]]:
