@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import HTTPException
 
@@ -87,8 +88,8 @@ def samples(folder: Path, config: dict, result: dict | None) -> list[dict]:
     found = []
     for path in sorted(directory.glob("*.mp4"), key=lambda p: p.stat().st_mtime):
         match = SAMPLE_NAME.match(path.name)
-        entry = {"name": path.name, "path": str(path), "modified": path.stat().st_mtime, "step": None, "epoch": None,
-                 "prompt": "", "asked": False}
+        entry = {"name": path.name, "path": str(path), "url": f"/api/file?path={quote(str(path))}",
+                 "modified": path.stat().st_mtime, "step": None, "epoch": None, "prompt": "", "asked": False}
         if match:
             index = int(match["index"])
             entry["prompt"] = prompts[index] if index < len(prompts) else ""

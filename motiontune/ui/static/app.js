@@ -694,7 +694,7 @@ function drawChart(canvas, lines, yTitle, logScale = false) {
   context.fillStyle = "#667";
   const all = lines.flatMap((line) => line.series);
   if (!all.length) { context.fillText("no data yet", 10, 20); return; }
-  const left = 62, right = 12, top = 10, bottom = 34;
+  const left = 72, right = 12, top = 10, bottom = 34;
   const value = (v) => (logScale ? Math.log10(Math.max(v, 1e-30)) : v);
   let [minX, maxX] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
   let [minY, maxY] = [Math.min(...all.map((p) => value(p[1]))), Math.max(...all.map((p) => value(p[1])))];
@@ -708,7 +708,8 @@ function drawChart(canvas, lines, yTitle, logScale = false) {
   for (let i = 0; i <= 4; i++) { // grid and tick labels
     const gy = top + (i / 4) * (height - top - bottom);
     context.beginPath(); context.moveTo(left, gy); context.lineTo(width - right, gy); context.stroke();
-    context.fillText(label(maxY - (i / 4) * (maxY - minY)), 4, gy + 4);
+    const tick = label(maxY - (i / 4) * (maxY - minY));
+    context.fillText(tick, left - 5 - context.measureText(tick).width, gy + 4);
     const gx = left + (i / 4) * (width - left - right);
     context.beginPath(); context.moveTo(gx, top); context.lineTo(gx, height - bottom); context.stroke();
     const step = String(Math.round(minX + (i / 4) * (maxX - minX)));
@@ -721,7 +722,7 @@ function drawChart(canvas, lines, yTitle, logScale = false) {
   context.rotate(-Math.PI / 2);
   context.fillText(yTitle, 0, 0);
   context.restore();
-  for (const line of lines) {
+  for (const line of [...lines].reverse()) { // the run shown is drawn last, on top of the one compared
     context.strokeStyle = line.color;
     context.lineWidth = 1.5;
     context.beginPath();
@@ -811,7 +812,7 @@ function renderRun(run, other) {
   const present = new Set(run.samples.map((s) => s.path));
   for (const figure of [...samples.children]) if (!present.has(figure.dataset.path)) figure.remove();
   for (const sample of run.samples) {
-    const url = `/api/file?path=${encodeURIComponent(sample.path)}&v=${sample.modified}`;
+    const url = `${sample.url}&v=${sample.modified}`;
     let figure = samples.querySelector(`figure[data-path="${CSS.escape(sample.path)}"]`);
     if (figure && figure.dataset.url !== url) { figure.remove(); figure = null; }
     if (!figure) {
