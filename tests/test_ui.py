@@ -220,6 +220,7 @@ def test_typos_unknown_keys_combinations_and_warnings(ui):
 
     data = ui.config(learning_rate_scheduler="COSINUS", lora_rnak=8, bogus=1, learning_rate_warmup_steps=5000, epochs=2)
     data["vae"] = {"train": True}
+    data["video_config"]["spatial_compression_ratio"] = 4  # below the VAE's own 8: changes nothing
     page = ui.page()
     ui.load(page, data, "typos.json")
     expect(page.locator("#config-status")).to_have_text("4 problem(s) in the config")
@@ -230,6 +231,9 @@ def test_typos_unknown_keys_combinations_and_warnings(ui):
     expect(page.locator('[data-error-for="learning_rate_scheduler"]')).to_contain_text("did you mean 'COSINE'")
     expect(page.locator('[data-error-for="vae.train"]')).to_contain_text("not supported yet")  # with the schema's errors
     expect(page.locator('[data-warning-for="learning_rate_warmup_steps"]')).to_contain_text("longer than the run")
+    page.click("#group-data")
+    expect(page.locator('[data-warning-for="video_config.spatial_compression_ratio"]')).to_contain_text("changes nothing")
+    page.click("#group-training")
     unknown = page.locator("#unknown-keys li")
     expect(unknown).to_have_count(2)
     expect(page.locator('#unknown-keys li[data-key="lora_rnak"]')).to_contain_text("= 8")

@@ -158,7 +158,7 @@ function helpBox(prop, info, path, fallback, required) {
   if (required) facts.push("required");
   else if (!(prop["x-help"] || "").startsWith("default") || fallback !== prop.default) facts.push(`default ${shown(fallback)}`);
   const range = rangeText(info.inner);
-  if (range) facts.push(range);
+  if (range && !prop["x-help"]) facts.push(range); // the docs' row says the range in words
   if (facts.length) help.append(el("div", { class: "facts" }, facts.join(" · ")));
   const notes = prop["x-not-supported"] || {};
   const note = notes[pathText(path.slice(0, -1).filter((p) => typeof p === "string"))];
@@ -238,7 +238,7 @@ function makeControl(path, prop, info, effective, fallback, id) {
     return select;
   }
   const numeric = info.kind === "integer" || info.kind === "number";
-  const placeholder = fallback === null || fallback === undefined ? "not set" : `default ${fallback}`;
+  const placeholder = fallback === null || fallback === undefined ? "not set" : fallback === "" ? "(empty)" : `default ${fallback}`;
   const input = el("input", {
     type: "text", id, name, inputmode: numeric ? "decimal" : undefined, spellcheck: "false",
     value: effective === null || effective === undefined ? "" : String(effective), placeholder,
@@ -374,6 +374,7 @@ function showErrors() {
       target.append(el("div", {}, warning.msg));
       const field = target.closest(".field");
       if (field) field.classList.add("warned");
+      openTo(target);
     } else general.append(el("li", { class: "warning" }, warning.msg));
   }
   const status = $("#config-status");
