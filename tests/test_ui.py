@@ -129,6 +129,7 @@ class Browser:
         page.wait_for_selector("body[data-ready='1']")
 
     def shot(self, page, name: str) -> None:
+        page.evaluate("() => window.scrollTo(0, 0)")  # the sticky header at the top of a full-page capture
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
     def config(self, **changes) -> dict:

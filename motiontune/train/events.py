@@ -72,7 +72,8 @@ class Events:
             else:
                 result = "the config has no samples"
         elif action == "backup":
-            result = str(self.backup(where))
+            written = self.backup(where)
+            result = str(written) if written else "failed (see the log)"
         elif action == "save":
             try:
                 result = ", ".join(str(p) for p in self.save_model(self.workspace / "save" / f"step{where.step}-now{_suffix(self.config)}"))

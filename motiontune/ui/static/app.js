@@ -490,6 +490,7 @@ async function runEstimate() {
       $("#estimate-changes").append(el("li", {}, `${change.change}: ${gb(change.device_gb)} GB `,
         el("button", { type: "button", class: "apply-change", title: change.set.join(" "), onclick: () => {
           state.config = change.config;
+          message("#config-message", `applied: ${change.change} (${change.set.join(", ")})`);
           renderForm();
           changed();
           runEstimate();
@@ -749,6 +750,7 @@ async function pollRun() {
     const listed = state.runs.find((r) => r.path === run.path);
     if (listed && (listed.state !== run.state || listed.step !== run.step)) refreshRuns();
   } catch (error) {
+    if (error.status === 404 && view.run) remember({ run: null }); // the run's folder is gone: show the newest
     $("#run-state").textContent = `(${error.message})`;
   } finally {
     polling = false;
