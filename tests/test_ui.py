@@ -556,6 +556,9 @@ def test_requests_from_other_sites_or_hosts_are_refused(served_workspace):
     client = TestClient(create_app(workspace), base_url="http://127.0.0.1:8765")
     assert client.get("/api/run").status_code == 200
     assert client.get("/api/run", headers={"host": "attacker.example:8765"}).status_code == 403  # DNS rebinding
+    # a GET (which another site's <img> can send) never adds a folder to those served
+    assert client.get("/api/run?path=/etc").status_code == 403
+    assert client.get("/api/file?path=/etc/passwd").status_code == 403
     refused = client.post("/api/train/stop", json={}, headers={"origin": "http://attacker.example"})
     assert refused.status_code == 403
     # a plain HTML form can post text/plain cross-site without a preflight: only JSON is taken

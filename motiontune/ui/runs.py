@@ -206,6 +206,9 @@ class Runs:
 
     def status(self, folder: Path | None = None) -> dict:
         """Everything the Training page shows of a run."""
+        if folder is not None and not any(folder.resolve().is_relative_to(root) for root in self.served):
+            # a GET changes nothing: a folder is served once it was started, listed or watched (POST, same origin)
+            raise HTTPException(403, f"{folder} is not a run of a listed or watched workspace")
         folder = folder or self.current
         if folder is None:
             return {"workspace": None}
