@@ -198,7 +198,8 @@ class Runs:
             "total_steps": progress.get("total_steps"),
             "epoch": progress.get("epoch"),
             "epochs": config.get("epochs", 10),
-            "started": progress.get("started") or ((folder / RUN_CONFIG).stat().st_mtime if (folder / RUN_CONFIG).is_file() else None),
+            # when the UI made the run (a resumed run's progress.json starts again), else when its trainer started
+            "started": (folder / RUN_CONFIG).stat().st_mtime if (folder / RUN_CONFIG).is_file() else progress.get("started"),
             "model_type": config.get("model_type"),
             "resumable": not running and state != "done" and bool(saved),
             "backups": len(saved),
