@@ -582,6 +582,8 @@ function renderInspect(report) {
       el("td", { class: "caption-cell" }, file.usable ? captionEditor(file) : "-"),
       thumbs,
       el("td", { class: "problems" }, file.problems.join("; ")));
+    const titles = [...document.querySelectorAll("#inspect-table thead th")].map((th) => th.textContent);
+    [...row.children].forEach((cell, n) => { cell.dataset.label = titles[n]; }); // the column's name on a phone's cards
     body.append(row);
   }
   if (!problems.children.length) problems.append(el("li", { class: "none" }, "none"));
