@@ -435,6 +435,8 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=10_000)
     second = Path(page.locator("#runs-table tbody tr.selected").get_attribute("data-path"))
     assert second != first and second.parent == first.parent
+    expect(page.locator("#run-id")).to_have_text(second.name)
+    expect(page.locator("#run-state")).to_have_text("training", timeout=60_000)
     _wait_steps(page, 2)
     steps = _chart_steps(page)
     assert steps == list(range(1, len(steps) + 1)), steps  # from step 1: nothing of the first run's

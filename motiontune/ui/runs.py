@@ -122,6 +122,7 @@ class Runs:
         self.home = home  # where the working config is kept between page loads
         self.processes: dict[Path, subprocess.Popen] = {}
         self.current: Path | None = None  # the run shown on the Training page (/api/run without a path)
+        self.stopped: set[Path] = set()  # runs this UI was asked to stop
         self.served: set[Path] = set()  # workspaces and output folders files may be served from
         self._scalars: dict[str, object] = {}
 
@@ -178,6 +179,8 @@ class Runs:
             state = "training" if progress.get("state") == "training" else "starting"
         elif progress.get("state") in ("done", "stopped"):
             state = progress["state"]
+        elif folder in self.stopped and progress.get("state") != "training":
+            state = "stopped"  # before its first step: nothing was trained, so nothing was backed up
         elif exit_code not in (None, 0):
             state = "failed"
         elif progress.get("state") == "training":
@@ -280,6 +283,7 @@ class Runs:
                 start_new_session=True,  # Ctrl-C on the UI server leaves the run going; it can be watched again
             )
         self.processes[folder] = process
+        self.stopped.discard(folder)
         self.current = folder
         self.serve(folder)
         return process
@@ -331,6 +335,7 @@ class Runs:
                 raise HTTPException(409, "no run is watched")
             process = self.processes.get(folder)
             if process is not None and process.poll() is None:
+                self.stopped.add(folder)
                 process.send_signal(signal.SIGINT)
                 return {"signalled": process.pid}
             progress = read_json(folder / PROGRESS_FILE)
