@@ -719,3 +719,23 @@ def test_binds_loopback_by_default_and_warns_for_another_address(monkeypatch, ca
     with pytest.raises(ValueError, match="--host"):
         check_bind("0.0.0.0", explicit=False)  # another caller cannot bind a public address by accident
     assert check_bind("127.0.0.1", explicit=False) is True and check_bind("0.0.0.0", explicit=True) is False
+
+
+def test_requests_to_a_run_are_taken_once_in_order_and_old_ones_dropped(tmp_path):
+    """train/requests.py, the trainer's side of Sample / Backup / Save now."""
+    from motiontune.train.requests import Requests, answers, ask
+
+    ask(tmp_path, "backup")  # left before the run started: not for it
+    requests = Requests(tmp_path, enabled=True)
+    assert requests.take() == []
+    for action in ("sample", "save", "backup"):
+        ask(tmp_path, action)
+    (tmp_path / "requests" / "junk.json").write_text("not json")
+    assert requests.take() == ["sample", "save", "backup"]
+    assert requests.take() == [] and not list((tmp_path / "requests").glob("*.json"))
+    requests.answer("sample", 7, "done")
+    assert answers(tmp_path) == [{"action": "sample", "step": 7, "result": "done", "done": answers(tmp_path)[0]["done"]}]
+    with pytest.raises(ValueError, match="unknown request"):
+        ask(tmp_path, "explode")
+    ask(tmp_path, "sample")
+    assert Requests(tmp_path / "elsewhere", enabled=True).take() == [] and Requests(tmp_path, enabled=False).take() == []
