@@ -185,7 +185,8 @@ def ui_schema() -> dict:
 # OneTrainer's tabs, and the top-level keys each holds in the form ("concepts" is the concept editor; "tools" the
 # memory estimate). A key not listed shows under general: tests/test_ui.py checks that none is left out.
 GROUPS = {
-    "general": ["workspace_dir", "cache_dir", "train_device", "seed", "dataloader_threads", "__version"],
+    "general": ["workspace_dir", "cache_dir", "train_device", "seed", "dataloader_threads", "validation",
+                "validate_after", "validate_after_unit", "__version"],
     "model": ["model_type", "training_method", "base_model_name", "train_dtype", "transformer", "transformer_2",
               "text_encoder", "vae", "experts", "boundary_ratio", "image_conditioning_probability", "guidance_scale",
               "gradient_checkpointing", "layer_offload_fraction", "layer_offload_prefetch", "output_model_destination",
@@ -195,7 +196,8 @@ GROUPS = {
     "training": ["batch_size", "gradient_accumulation_steps", "learning_rate", "epochs", "optimizer",
                  "learning_rate_scheduler", "learning_rate_warmup_steps", "clip_grad_norm", "lora_rank", "lora_alpha",
                  "lora_dropout", "layer_filter", "timestep_distribution", "timestep_shift", "noising_weight",
-                 "noising_bias", "max_nonfinite_steps", "embedding", "additional_embeddings", "embedding_learning_rate",
+                 "noising_bias", "max_nonfinite_steps", "compile", "masked_training", "unmasked_probability",
+                 "unmasked_weight", "normalize_masked_area_loss", "embedding", "additional_embeddings", "embedding_learning_rate",
                  "preserve_embedding_norm", "embedding_weight_dtype"],
     "sampling": ["sample_after", "sample_after_unit", "samples"],
     "backup": ["backup_after", "backup_after_unit", "rolling_backup", "rolling_backup_count", "backup_before_save",
