@@ -73,10 +73,7 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc):
-        run = self.app.state.run
-        if run.owned_running():  # never leave a trainer behind
-            run.process.kill()
-            run.process.wait()
+        self.app.state.run.kill_all()  # never leave a trainer behind
         self.server.should_exit = True
         self.thread.join(10)
 
@@ -108,121 +105,408 @@ def tiny_training_config(tmp_path: Path, model: Path) -> dict:
     return config
 
 
-# ---------------------------------------------------------------------------------------------- end to end
+# ---------------------------------------------------------------------------------------------- in the browser
+# One server and one browser for the module's browser tests (they share the server's working config and runs, in
+# the order written); each page is opened at a desktop and a phone width where the test says so.
 
-def test_ui_end_to_end_in_chromium(chromium, tiny_models, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+DESKTOP, PHONE = 1280, 390
+
+
+class Browser:
+    def __init__(self, server: LiveServer, browser, root: Path, model: Path, dataset: Path):
+        self.server, self.browser, self.root, self.model, self.dataset = server, browser, root, model, dataset
+        self.errors: list[str] = []
+
+    def page(self, width: int = DESKTOP):
+        page = self.browser.new_page(viewport={"width": width, "height": 900})
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.goto(self.server.url)
+        page.wait_for_selector("body[data-ready='1']")
+        return page
+
+    def reload(self, page):
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+
+    def shot(self, page, name: str) -> None:
+        page.evaluate("() => window.scrollTo(0, 0)")  # the sticky header at the top of a full-page capture
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+    def kept(self, check, why: str = "") -> None:
+        """The working config the server keeps (written 300 ms after an edit) passes `check` within 10 s."""
+        deadline = time.time() + 10
+        while True:
+            kept = json.loads((self.root / "home" / "ui-working.json").read_text())["config"]
+            if check(kept):
+                return
+            assert time.time() < deadline, (why, kept)
+            time.sleep(0.1)
+
+    def config(self, **changes) -> dict:
+        """The tiny WAN 2.1 run: 64x48, 9-frame clips of the module's dataset, a long run the tests stop."""
+        data = tiny_training_config(self.root, self.model)
+        data["concepts"] = [{"name": "clips", "path": str(self.dataset)}]
+        data.update({"sample_after": 1000, "sample_after_unit": "STEP", "epochs": 300, **changes})
+        return data
+
+    def load(self, page, data: dict, name: str = "config.json") -> None:
+        """Load a config file through the page, as a user does."""
+        path = self.root / name
+        path.write_text(json.dumps(data, indent=2))
+        page.click("#tab-config")
+        page.fill("#load-path", str(path))
+        page.click("#load-file")
+        from playwright.sync_api import expect
+
+        expect(page.locator("#config-message")).to_contain_text(str(path))
+
+
+def sideways_scroll(page) -> int:
+    """How far the page scrolls sideways (0: none)."""
+    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+@pytest.fixture(scope="module")
+def ui(chromium, tiny_models, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    config_file = tmp_path / "tiny.json"
-    config_file.write_text(json.dumps(tiny_training_config(tmp_path, tiny_models("wan-2.1")), indent=2))
-    dataset = tmp_path / "dataset"
+    root = tmp_path_factory.mktemp("ui")
+    dataset = root / "dataset"
     dataset.mkdir()
     for name in ("shapes_200px_30fps.mp4", "big_buck_bunny_432_433.webm"):
         shutil.copy(DATA / name, dataset / name)
     (dataset / "shapes_200px_30fps.txt").write_text("moving shapes\n")
     (dataset / "broken.mp4").write_bytes(b"this is not a video" * 10)
-
-    with LiveServer() as server, sync_playwright() as playwright:
+    with LiveServer(root / "home") as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
                                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        console_errors = []
-        page.on("pageerror", lambda error: console_errors.append(str(error)))
+        session = Browser(server, browser, root, tiny_models("wan-2.1"), dataset)
         try:
-            page.goto(server.url)
-            page.wait_for_selector("body[data-ready='1']")
-
-            # Config: a preset loads into the generated form, with help text from the schema
-            page.select_option("#preset-select", "#wan 2.2 LoRA")
-            page.click("#load-preset")
-            expect(page.locator("#field-model_type")).to_have_value('"WAN_2_2_T2V_A14B"')
-            expect(page.locator("#field-lora_rank")).to_have_value("32")
-            expect(page.locator("#config-status")).to_have_text("config valid")
-            rank_help = page.locator('.field[data-path="lora_rank"] .help')
-            expect(rank_help).to_contain_text("default 16")
-            expect(rank_help).to_contain_text("≥ 1, ≤ 1024")
-            expect(page.locator('.field[data-path="video_config.clips_per_file"] .help')).to_contain_text("clip windows taken from each video")
-            page.screenshot(path=str(ARTIFACTS / "1-config-preset.png"), full_page=True)
-
-            # an invalid value: the error appears next to the field (top level and nested)
-            page.fill("#field-lora_rank", "0")
-            expect(page.locator('[data-error-for="lora_rank"]')).to_contain_text("greater than or equal to 1")
-            expect(page.locator('.field[data-path="lora_rank"]')).to_have_class("field set invalid")
-            page.locator('details[data-path="video_config"] > summary').click()
-            page.fill("#field-video_config-frame_dropout_probability", "0.9")
-            expect(page.locator('[data-error-for="video_config.frame_dropout_probability"]')).to_contain_text("less than or equal to 0.3")
-            expect(page.locator("#config-status")).to_have_text("2 problem(s) in the config")
-            page.locator('.field[data-path="lora_rank"]').scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "2-config-invalid.png"), full_page=True)
-            page.fill("#field-lora_rank", "8")
-            expect(page.locator('[data-error-for="lora_rank"]')).to_have_text("")
-
-            # save the edited config and load another file
-            saved = tmp_path / "saved" / "edited.json"
-            page.fill("#save-path", str(saved))
-            page.click("#save-file")
-            expect(page.locator("#config-message")).to_contain_text("saved")
-            written = json.loads(saved.read_text())
-            assert written["lora_rank"] == 8 and written["video_config"]["frame_dropout_probability"] == 0.9
-            assert written["model_type"] == "WAN_2_2_T2V_A14B"
-
-            page.fill("#load-path", str(config_file))
-            page.click("#load-file")
-            expect(page.locator("#field-resolution")).to_have_value("64x48")
-            expect(page.locator("#config-status")).to_have_text("config valid")
-
-            # Dataset: the inspect report as a table, thumbnails of the planned clips, the problems
-            page.click("#tab-dataset")
-            page.fill("#dataset-folder", str(dataset))
-            page.click("#inspect")
-            expect(page.locator("#inspect-status")).to_have_text("2 of 3 files usable", timeout=60_000)
-            rows = page.locator("#inspect-table tbody tr")
-            expect(rows).to_have_count(3)
-            thumbs = page.locator("#inspect-table img")
-            assert thumbs.count() == 6  # two usable files, one clip each, first/middle/last frame
-            assert page.evaluate("() => [...document.querySelectorAll('#inspect-table img')].every(i => i.complete && i.naturalWidth > 0)")
-            expect(page.locator("#inspect-problems")).to_contain_text("broken.mp4")
-            expect(page.locator("#inspect-problems")).to_contain_text("no caption file (big_buck_bunny_432_433.txt)")
-            expect(page.locator("#inspect-table tr.skipped td.problems")).not_to_be_empty()
-            page.screenshot(path=str(ARTIFACTS / "3-dataset.png"), full_page=True)
-
-            # Training: start, progress with ETA and memory, the loss chart grows, a sample plays
-            page.click("#tab-training")
-            page.click("#start-training")
-            expect(page.locator("#train-message")).to_contain_text("started", timeout=10_000)
-            page.wait_for_function("() => +document.querySelector('#loss-chart').dataset.points >= 1", timeout=150_000)
-            first_points = int(page.locator("#loss-chart").get_attribute("data-points"))
-            page.wait_for_function(f"() => +document.querySelector('#loss-chart').dataset.points > {first_points}", timeout=60_000)
-            page.wait_for_function("() => { const v = document.querySelector('#samples video'); return v && v.readyState >= 2 && v.videoWidth === 64; }",
-                                   timeout=60_000)
-            expect(page.locator("#run-state")).to_have_text("training")
-            expect(page.locator("#run-step")).to_contain_text("/ 120")
-            expect(page.locator("#run-memory")).to_contain_text("RAM")
-            expect(page.locator("#run-lr")).to_have_text("1.00e-3")
-            expect(page.locator("#run-eta")).not_to_have_text("-", timeout=10_000)
-            assert page.evaluate("() => document.querySelector('#samples video').duration") > 0
-            page.screenshot(path=str(ARTIFACTS / "4-training.png"), full_page=True)
-
-            # Stop: the graceful path (SIGINT): a backup and the LoRA, listed on the page
-            page.click("#stop-training")
-            expect(page.locator("#train-message")).to_contain_text("stop requested")
-            expect(page.locator("#backups li[data-name^='step-']")).to_have_count(1, timeout=60_000)
-            expect(page.locator("#run-state")).to_contain_text("stopped", timeout=30_000)
-            expect(page.locator("#run-result")).to_contain_text("Stopped early")
-            page.screenshot(path=str(ARTIFACTS / "5-training-stopped.png"), full_page=True)
+            yield session
         finally:
-            page.screenshot(path=str(ARTIFACTS / "last.png"), full_page=True)
             browser.close()
-        process = server.app.state.run.process
-        assert process.wait(30) == 0
-    assert not console_errors, console_errors
-    workspace = tmp_path / "workspace"
-    result = json.loads((workspace / "result.json").read_text())
-    assert result["interrupted"] is True and result["backup"]
-    assert Path(result["backup"]).is_dir() and (tmp_path / "out" / "tiny-lora.safetensors").is_file()
-    progress = json.loads((workspace / "progress.json").read_text())
-    assert progress["state"] == "stopped" and 0 < progress["step"] < progress["total_steps"]
+    assert not session.errors, session.errors
+
+
+def test_first_impression_help_and_fields(ui):
+    """Before anything is done: no problem count, an empty state; `__version` not a field, no "null" in empty
+    fields, train_dtype offering only what is accepted; help with units and rounding beside the fields."""
+    from playwright.sync_api import expect
+
+    for width in (DESKTOP, PHONE):
+        page = ui.page(width)
+        expect(page.locator("#config-status")).to_have_text("no config loaded")
+        assert "bad" not in page.locator("#config-status").get_attribute("class")
+        expect(page.locator("#empty-state")).to_be_visible()
+        expect(page.locator("#general-errors li")).to_have_count(0)
+        assert page.locator("#field-__version").count() == 0
+        texts = page.evaluate("""() => [...[...document.querySelectorAll('#config-form input')].flatMap(n => [n.value, n.placeholder]),
+            ...[...document.querySelectorAll('#config-form option')].map(o => o.text)]""")
+        assert "null" not in texts and not any("null" in t.split() for t in texts)
+        page.click("#group-model")
+        options = page.locator("#field-train_dtype option").all_text_contents()
+        assert options == ["FLOAT_32", "BFLOAT_16", "FLOAT_16"]
+        expect(page.locator('.field[data-path="lora_rank"]')).to_be_hidden()  # in the Training group
+        page.click("#group-training")
+        expect(page.locator('.field[data-path="lora_rank"] .help')).to_contain_text("1 – 1024")
+        expect(page.locator('.field[data-path="learning_rate"] .help')).to_contain_text("> 0")
+        page.click("#group-data")
+        page.locator('details[data-path="video_config"] > summary').click()
+        expect(page.locator('.field[data-path="video_config.max_frames"] .help')).to_contain_text("4n+1")
+        expect(page.locator('.field[data-path="video_config.target_fps"] .help')).to_contain_text("frames per second")
+        expect(page.locator('.field[data-path="video_config.max_duration"] .help')).to_contain_text("> 0 s")
+        for group in ("general", "model", "data", "concepts", "training", "sampling", "backup", "tools"):
+            page.click(f"#group-{group}")
+            assert sideways_scroll(page) == 0, (width, group)
+        ui.shot(page, f"1-first-impression-{width}")
+        page.close()
+
+
+def test_typos_unknown_keys_combinations_and_warnings(ui):
+    """A file with a typo'd choice, an unknown key, a combination that cannot work and a warm-up longer than the
+    run: all shown at once, the typed value kept visible, "did you mean" with a one-click fix, unknown keys
+    renamed or removed, integers asked for in words."""
+    from playwright.sync_api import expect
+
+    data = ui.config(learning_rate_scheduler="COSINUS", lora_rnak=8, bogus=1, learning_rate_warmup_steps=5000, epochs=2)
+    data["vae"] = {"train": True}
+    data["video_config"]["spatial_compression_ratio"] = 4  # below the VAE's own 8: changes nothing
+    page = ui.page()
+    ui.load(page, data, "typos.json")
+    expect(page.locator("#config-status")).to_have_text("4 problem(s) in the config")
+    page.click("#group-training")
+    scheduler = page.locator("#field-learning_rate_scheduler")
+    expect(scheduler).to_have_value('"COSINUS"')
+    expect(scheduler.locator("option:checked")).to_have_text("COSINUS (not valid)")
+    expect(page.locator('[data-error-for="learning_rate_scheduler"]')).to_contain_text("did you mean 'COSINE'")
+    expect(page.locator('[data-error-for="vae.train"]')).to_contain_text("not supported yet")  # with the schema's errors
+    expect(page.locator('[data-warning-for="learning_rate_warmup_steps"]')).to_contain_text("longer than the run")
+    page.click("#group-data")
+    expect(page.locator('[data-warning-for="video_config.spatial_compression_ratio"]')).to_contain_text("changes nothing")
+    page.click("#group-training")
+    unknown = page.locator("#unknown-keys li")
+    expect(unknown).to_have_count(2)
+    expect(page.locator('#unknown-keys li[data-key="lora_rnak"]')).to_contain_text("= 8")
+    expect(page.locator('#unknown-keys li[data-key="lora_rnak"]')).to_contain_text("did you mean 'lora_rank'")
+    ui.shot(page, "2-typos")
+    page.click('[data-error-for="learning_rate_scheduler"] button.fix')
+    expect(scheduler).to_have_value('"COSINE"')
+    page.click('#unknown-keys li[data-key="lora_rnak"] button.rename-key')
+    expect(page.locator("#field-lora_rank")).to_have_value("8")
+    page.click('#unknown-keys li[data-key="bogus"] button.remove-key')
+    expect(page.locator("#unknown-keys")).to_be_hidden()
+    page.fill("#field-epochs", "1.5")
+    expect(page.locator('[data-error-for="epochs"]')).to_have_text("enter a whole number (got 1.5)")
+    page.fill("#field-epochs", "abc")
+    expect(page.locator('[data-error-for="epochs"]')).to_have_text('enter a whole number (got "abc")')
+    page.fill("#field-epochs", "2")
+    page.click("#group-model")
+    page.locator('details[data-path="vae"]').evaluate("d => d.open = true")
+    page.uncheck("#field-vae-train")
+    expect(page.locator("#config-status")).to_have_text("config valid")
+    ui.kept(lambda kept: kept["learning_rate_scheduler"] == "COSINE" and kept["lora_rank"] == 8
+            and "lora_rnak" not in kept and "bogus" not in kept)
+    page.close()
+
+
+def test_missing_paths_are_flagged_before_start(ui):
+    from playwright.sync_api import expect
+
+    page = ui.page(PHONE)
+    data = ui.config()
+    data["concepts"][0]["path"] = str(ui.root / "no-such-folder")
+    ui.load(page, data, "missing.json")
+    page.click("#group-concepts")
+    expect(page.locator('[data-error-for="concepts.0.path"]')).to_contain_text("no-such-folder: no such folder")
+    page.click("#group-model")
+    page.fill("#field-base_model_name", str(ui.root / "no-model"))
+    expect(page.locator('[data-error-for="base_model_name"]')).to_contain_text("no such folder or file")
+    page.fill("#field-base_model_name", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")  # a Hub id is not a local path
+    expect(page.locator('[data-error-for="base_model_name"]')).to_have_text("")
+    ui.shot(page, "3-missing-path-390")
+    page.click("#tab-training")
+    expect(page.locator("#start-training")).to_be_disabled()
+    expect(page.locator("#start-hint")).to_contain_text("fix the config's problems")
+    refused = page.request.post(f"{ui.server.url}/api/train/start", data={"config": data})
+    assert refused.status == 422 and "no such folder" in refused.text()
+    assert not (ui.root / "workspace" / "runs").exists()
+    page.close()
+
+
+def test_estimate_panel_applies_the_cheapest_change_that_fits(ui):
+    """The WAN 2.1 preset on an 8 GB card (the released model's config, no weights): it does not fit; the
+    cheapest change, applied in one click, makes the estimate fit."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    page.select_option("#preset-select", "#wan 2.1 LoRA")
+    page.click("#load-preset")
+    page.click("#group-model")
+    page.fill("#estimate-gpu", "8")
+    page.click("#estimate-run")
+    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=60_000)
+    first = page.locator("#estimate-changes li").first
+    expect(first).to_contain_text("GB")
+    change = first.text_content()
+    first.locator("button.apply-change").click()
+    expect(page.locator("#estimate-result")).to_contain_text("fits 8 GB", timeout=60_000)
+    expect(page.locator("#estimate-panel")).to_have_attribute("data-fits", "yes")
+    # the change is in the config, and kept by the server
+    ui.kept(lambda kept: kept["transformer"] != {"train": True, "gradient_checkpointing": True}, change)
+    ui.shot(page, "4-estimate")
+    page.close()
+
+
+def test_dataset_page_edits_captions_in_place(ui):
+    from playwright.sync_api import expect
+
+    page = ui.page(PHONE)
+    ui.load(page, ui.config())
+    page.click("#tab-dataset")
+    expect(page.locator("#inspect-empty")).to_be_visible()
+    page.click("#tab-config")
+    page.click("#group-concepts")  # the concept editor: a card per concept, its folder inspected from there
+    card = page.locator('.array-item[data-path="concepts.0"]')
+    expect(card.locator(".item-head")).to_contain_text("1. clips")
+    expect(card.locator("#field-concepts-0-path")).to_have_value(str(ui.dataset))
+    card.locator("button.inspect-concept").click()
+    expect(page.locator("#page-dataset")).to_be_visible()
+    expect(page.locator("#dataset-folder")).to_have_value(str(ui.dataset))
+    expect(page.locator("#inspect-status")).to_have_text("2 of 3 files usable", timeout=60_000)
+    expect(page.locator("#inspect-problems")).to_contain_text("broken.mp4")
+    expect(page.locator("#inspect-problems")).to_contain_text("no caption file (big_buck_bunny_432_433.txt)")
+    assert page.locator("#inspect-table img").count() == 6  # two usable files, one clip each, first/middle/last frame
+    page.locator("#inspect-problems button", has_text="write one").click()
+    row = page.locator('#inspect-table tr[data-name="big_buck_bunny_432_433.webm"]')
+    row.locator("textarea").fill("a rabbit in a meadow")
+    row.locator("button.save-caption").click()
+    expect(row.locator("button.save-caption")).to_have_text("saved")
+    assert (ui.dataset / "big_buck_bunny_432_433.txt").read_text() == "a rabbit in a meadow\n"
+    expect(page.locator('#inspect-table tr[data-name="shapes_200px_30fps.mp4"] textarea')).to_have_value("moving shapes")
+    assert sideways_scroll(page) == 0
+    ui.shot(page, "5-dataset-390")
+    page.click("#inspect")  # inspected again: the caption is the file's now
+    expect(page.locator("#inspect-problems")).not_to_contain_text("big_buck_bunny_432_433.txt", timeout=60_000)
+    page.close()
+
+
+def _wait_steps(page, at_least: int, timeout: float = 120_000) -> None:
+    page.wait_for_function(f"() => JSON.parse(document.querySelector('#loss-chart').dataset.steps || '[]').length >= {at_least}",
+                           timeout=timeout)
+
+
+def _chart_steps(page) -> list[int]:
+    return json.loads(page.locator("#loss-chart").get_attribute("data-steps"))
+
+
+def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
+    """A run in its own folder; a reload mid-run keeps the form; Sample now writes a sample at the step then;
+    Backup now and Save now; Stop; Resume continues the same run (step count and chart unbroken); a second run
+    has its own folder and chart, and both overlay for comparison. Start/Stop/Resume enabled as the state allows."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(lora_rank=8))
+    page.click("#tab-training")
+    expect(page.locator("#runs-empty")).to_be_visible()
+    expect(page.locator("#stop-training")).to_be_disabled()
+    expect(page.locator("#resume-run")).to_be_disabled()
+    expect(page.locator("#start-training")).to_be_enabled()
+    page.click("#start-training")
+    expect(page.locator("#train-message")).to_contain_text("started", timeout=10_000)
+    expect(page.locator("#start-training")).to_be_disabled()
+    expect(page.locator("#runs-table tbody tr")).to_have_count(1)
+    first = Path(page.locator("#runs-table tbody tr").first.get_attribute("data-path"))
+    assert first.parent == ui.root / "workspace" / "runs"
+    _wait_steps(page, 2)
+
+    # a reload mid-run: the same page, the same form, the run still shown
+    ui.reload(page)
+    expect(page.locator("#page-training")).to_be_visible()
+    expect(page.locator("#run-state")).to_have_text("training")
+    page.click("#tab-config")
+    expect(page.locator("#config-status")).to_have_text("config valid")
+    page.click("#group-training")
+    expect(page.locator("#field-lora_rank")).to_have_value("8")
+    page.click("#tab-training")
+
+    expect(page.locator("#run-step")).to_contain_text("%")
+    expect(page.locator("#run-epoch")).to_contain_text("/ 300")
+    expect(page.locator("#run-speed")).to_contain_text("s/step", timeout=20_000)
+    expect(page.locator("#run-memory")).to_contain_text("RAM")
+    expect(page.locator("#stop-training")).to_be_enabled()
+    expect(page.locator("#resume-run")).to_be_disabled()
+
+    # Sample now: a sample of the step the run was at, labelled with the step and its prompt
+    asked_at = int(json.loads((first / "progress.json").read_text())["step"])
+    page.click("#sample-now")
+    expect(page.locator("#train-message")).to_contain_text("sample asked for")
+    figure = page.locator("#samples figure").first
+    expect(figure).to_contain_text("(asked for)", timeout=60_000)
+    step = int(figure.get_attribute("data-step"))
+    now = int(json.loads((first / "progress.json").read_text())["step"])
+    assert asked_at <= step <= now, (asked_at, step, now)  # the step the run was at when it took the request
+    taken = [json.loads(line) for line in (first / "requests" / "taken.jsonl").read_text().splitlines()]
+    assert [(a["action"], a["step"], a["result"]) for a in taken] == [("sample", step, "done")]
+    assert (first / "samples" / f"step{step}-now-0.mp4").is_file()
+    expect(figure).to_contain_text(f"step {step}")
+    expect(figure).to_contain_text(ui.config()["samples"][0]["prompt"])
+    page.wait_for_function("() => { const v = document.querySelector('#samples video'); return v && v.readyState >= 2 && v.videoWidth === 64; }",
+                           timeout=30_000)
+    page.click("#backup-now")
+    expect(page.locator("#backups li[data-name^='step-']")).to_have_count(1, timeout=60_000)
+    page.click("#save-now")
+    expect(page.locator("#outputs li.save")).to_have_count(1, timeout=60_000)
+    ui.shot(page, "6-run-training")
+
+    # Stop, then Resume: the same run goes on from its backup
+    page.click("#stop-training")
+    expect(page.locator("#run-state")).to_have_text("stopped", timeout=60_000)
+    stopped_at = json.loads((first / "result.json").read_text())["steps"]
+    total = json.loads((first / "progress.json").read_text())["total_steps"]
+    expect(page.locator("#resume-run")).to_be_enabled()
+    expect(page.locator("#stop-training")).to_be_disabled()
+    expect(page.locator("#run-result")).to_contain_text("Stopped early")
+    page.click("#resume-run")
+    expect(page.locator("#train-message")).to_contain_text("resumed")
+    page.wait_for_function(f"() => JSON.parse(document.querySelector('#loss-chart').dataset.steps || '[]').length >= {stopped_at + 2}",
+                           timeout=120_000)
+    steps = _chart_steps(page)
+    assert steps == list(range(1, len(steps) + 1)), steps  # no gap, no step twice, no jump back
+    progress = json.loads((first / "progress.json").read_text())
+    assert progress["step"] > stopped_at and progress["total_steps"] == total
+    assert "continuing from" in (first / "train.log").read_text()
+    page.click("#stop-training")
+    expect(page.locator("#run-state")).to_have_text("stopped", timeout=60_000)
+    first_steps = _chart_steps(page)
+
+    # a second run: its own folder and chart, the first one kept and overlaid for comparison
+    page.click("#start-training")
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=10_000)
+    second = Path(page.locator("#runs-table tbody tr.selected").get_attribute("data-path"))
+    assert second != first and second.parent == first.parent
+    expect(page.locator("#run-id")).to_have_text(second.name)
+    expect(page.locator("#run-state")).to_have_text("training", timeout=60_000)
+    _wait_steps(page, 2)
+    steps = _chart_steps(page)
+    assert steps == list(range(1, len(steps) + 1)), steps  # from step 1: nothing of the first run's
+    page.locator(f'#runs-table tr[data-path="{first}"] input.compare').check()
+    page.wait_for_function("() => +document.querySelector('#loss-chart').dataset.compared > 0", timeout=10_000)
+    assert int(page.locator("#loss-chart").get_attribute("data-compared")) == len(first_steps)
+    expect(page.locator("#chart-legend span")).to_have_count(2)
+    assert (first / "samples").is_dir() and not (second / "samples").exists()  # the first run's samples stay its own
+    ui.shot(page, "7-second-run-compared")
+    page.set_viewport_size({"width": PHONE, "height": 900})
+    page.wait_for_timeout(1500)
+    assert sideways_scroll(page) == 0
+    canvas_width = page.evaluate("() => document.querySelector('#loss-chart').getBoundingClientRect().width")
+    assert canvas_width >= 300, canvas_width  # the charts use the phone's width
+    ui.shot(page, "7-second-run-390")
+    page.click("#stop-training")
+    expect(page.locator("#run-state")).to_have_text("stopped", timeout=60_000)
+    expect(page.locator("#start-training")).to_be_enabled()
+    for folder in (first, second):
+        assert (folder / "run-config.json").is_file() and (folder / "train.log").is_file()
+        assert (folder / "output" / "tiny-lora.safetensors").is_file()
+        assert list((folder / "backup").glob("step-*"))
+    page.close()
+
+
+def test_no_page_scrolls_sideways_at_390_px(ui):
+    from playwright.sync_api import expect
+
+    page = ui.page(PHONE)
+    for group in ("general", "model", "data", "concepts", "training", "sampling", "backup", "tools"):
+        page.click(f"#group-{group}")
+        for details in page.locator("#config-form details").all():
+            if details.is_visible():
+                details.evaluate("d => d.open = true")
+        assert sideways_scroll(page) == 0, group
+    page.click("#tab-dataset")
+    page.fill("#dataset-folder", str(ui.dataset))
+    page.click("#inspect")
+    expect(page.locator("#inspect-table tbody tr")).to_have_count(3, timeout=60_000)
+    assert sideways_scroll(page) == 0
+    page.click("#tab-training")
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2)
+    assert sideways_scroll(page) == 0
+    ui.shot(page, "8-runs-390")
+    page.close()
+
+
+def test_every_key_has_help_from_docs_config_md():
+    """Every key at every depth has its row in docs/config.md, the one text the form's help and the docs share;
+    every top-level key belongs to one of the form's groups."""
+    from motiontune.ui.schema_help import GROUP_OF, doc_key, schema_keys, ui_schema
+
+    schema = ui_schema()
+    keys = schema_keys(schema)
+    assert len(keys) > 150  # nested sections and list items included
+    missing = sorted({doc_key(path) for path, prop in keys if not prop.get("x-help")})
+    assert not missing, f"keys without a row in docs/config.md: {missing}"
+    assert not [key for key in schema["properties"] if key not in GROUP_OF]
+    assert "4n+1" in schema["$defs"]["VideoConfig"]["properties"]["max_frames"]["x-help"]
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -291,6 +575,9 @@ def test_requests_from_other_sites_or_hosts_are_refused(served_workspace):
     client = TestClient(create_app(workspace), base_url="http://127.0.0.1:8765")
     assert client.get("/api/run").status_code == 200
     assert client.get("/api/run", headers={"host": "attacker.example:8765"}).status_code == 403  # DNS rebinding
+    # a GET (which another site's <img> can send) never adds a folder to those served
+    assert client.get("/api/run?path=/etc").status_code == 403
+    assert client.get("/api/file?path=/etc/passwd").status_code == 403
     refused = client.post("/api/train/stop", json={}, headers={"origin": "http://attacker.example"})
     assert refused.status_code == 403
     # a plain HTML form can post text/plain cross-site without a preflight: only JSON is taken
@@ -432,3 +719,23 @@ def test_binds_loopback_by_default_and_warns_for_another_address(monkeypatch, ca
     with pytest.raises(ValueError, match="--host"):
         check_bind("0.0.0.0", explicit=False)  # another caller cannot bind a public address by accident
     assert check_bind("127.0.0.1", explicit=False) is True and check_bind("0.0.0.0", explicit=True) is False
+
+
+def test_requests_to_a_run_are_taken_once_in_order_and_old_ones_dropped(tmp_path):
+    """train/requests.py, the trainer's side of Sample / Backup / Save now."""
+    from motiontune.train.requests import Requests, answers, ask
+
+    ask(tmp_path, "backup")  # left before the run started: not for it
+    requests = Requests(tmp_path, enabled=True)
+    assert requests.take() == []
+    for action in ("sample", "save", "backup"):
+        ask(tmp_path, action)
+    (tmp_path / "requests" / "junk.json").write_text("not json")
+    assert requests.take() == ["sample", "save", "backup"]
+    assert requests.take() == [] and not list((tmp_path / "requests").glob("*.json"))
+    requests.answer("sample", 7, "done")
+    assert answers(tmp_path) == [{"action": "sample", "step": 7, "result": "done", "done": answers(tmp_path)[0]["done"]}]
+    with pytest.raises(ValueError, match="unknown request"):
+        ask(tmp_path, "explode")
+    ask(tmp_path, "sample")
+    assert Requests(tmp_path / "elsewhere", enabled=True).take() == [] and Requests(tmp_path, enabled=False).take() == []

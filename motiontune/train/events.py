@@ -25,6 +25,7 @@ from ..util.ranks import Ranks
 from . import distributed
 from .backup import Position, write_backup
 from .progress import ProgressFile
+from .requests import Requests
 
 log = logging.getLogger("motiontune")
 
@@ -43,6 +44,8 @@ class Events:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                         disable=not ranks.main)
         self.last_backup_time = time.monotonic()
+        # Sample / Backup / Save now, asked from outside (motiontune ui); a single process takes them
+        self.requests = Requests(self.workspace, ranks.main and not ranks.several)
 
     def stepped(self, position: Position, epoch: int, loss, parts: dict) -> None:
         """An optimizer step was applied: record it, then what is due after it."""
@@ -57,6 +60,28 @@ class Events:
         self.bar.update()
         self.progress_file.update(position.step, epoch + 1, self.result.final_loss)
         self.after("STEP", position.step, position)
+        for action in self.requests.take():
+            self.requested(action, position)
+
+    def requested(self, action: str, where: Position) -> None:
+        """A request taken between steps: what is due anyway (after()) has run already."""
+        log.info("requested from outside: %s now, at step %d", action, where.step)
+        result = "done"
+        if action == "sample":
+            if self.sample_requests:
+                self.sample(f"step{where.step}-now")
+            else:
+                result = "the config has no samples"
+        elif action == "backup":
+            written = self.backup(where)
+            result = str(written) if written else "failed (see the log)"
+        elif action == "save":
+            try:
+                result = ", ".join(str(p) for p in self.save_model(self.workspace / "save" / f"step{where.step}-now{_suffix(self.config)}"))
+            except SaveError as error:
+                log.error("%s", error)
+                result = f"failed: {error}"
+        self.requests.answer(action, where.step, result)
 
     def after(self, unit: str, count: int, where: Position) -> None:
         """Samples, saves and backups that are due after `count` units (steps or epochs)."""

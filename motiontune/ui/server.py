@@ -12,92 +12,30 @@ import base64
 import io
 import json
 import logging
-import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig, list_presets
-from ..config.load import PRESETS_DIR
-from ..configure import check_config
-from ..configure import validate as validate_schema
-from ..util.processes import process_alive
-from ..train.progress import FILE_NAME as PROGRESS_FILE
+from ..config.load import PRESETS_DIR, apply_override
+from ..util.files import write_then_rename
+from .checks import MEDIA, path_problems, validate, warnings
+from .runs import Runs
 from .schema_help import ui_schema
+
+__all__ = ["create_app", "run_server", "validate"]
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-UI_CONFIG = "ui-config.json"  # the config a UI-started run trains with, in its workspace
-UI_LOG = "ui-train.log"  # that run's output
+WORKING_CONFIG = "ui-working.json"  # the form as last edited, so a reload (or a restart) shows it again
 THUMB_HEIGHT = 72
 MAX_THUMB_CLIPS = 4  # clips per file shown (first/middle/last frame each)
 
 log = logging.getLogger("motiontune")
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-def _field_loc(loc: tuple, data, missing: bool) -> str:
-    """pydantic's error location cut to the field the user edits (union branch tags such as
-    `constrained-float` dropped); empty for a whole-config problem."""
-    parts, node = [], data
-    for index, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        elif missing and index == len(loc) - 1 and isinstance(node, dict):
-            pass  # a required key that is absent: it is still the field
-        else:
-            break
-        parts.append(str(part))
-    return ".".join(parts)
-
-
-_PROBLEM_KEY = re.compile(r"^\s*-\s+([A-Za-z_0-9.\[\]]+)")
-
-
-def validate(data) -> tuple[TrainConfig | None, list[dict]]:
-    """The same checks as `load_config`: the schema, then what is not built yet and combinations that
-    cannot work. Each error: {"loc": "video_config.max_frames", "msg": ...} (loc "" for the whole config)."""
-    if not isinstance(data, dict):
-        return None, [{"loc": "", "msg": f"the config must be a JSON object, got {type(data).__name__}"}]
-    try:
-        config = validate_schema(data)
-    except ValidationError as error:
-        errors = []
-        for problem in error.errors():
-            loc = _field_loc(tuple(problem["loc"]), data, problem["type"] == "missing")
-            if problem["type"] == "missing":
-                message = "this key is required"
-            elif problem["type"] == "extra_forbidden":
-                message = "unknown key"
-            else:
-                message = problem["msg"].removeprefix("Value error, ")
-            errors.append({"loc": loc, "msg": message})
-        return None, errors
-    if config.concepts is None and config.concept_file_name is None:
-        return config, [{"loc": "", "msg": "the config names no training data: set `concepts` (a list of folders) "
-                                            "or `concept_file_name` (a concepts.json file)"}]
-    try:
-        check_config(config, Path("config"))
-    except ConfigError as error:
-        errors = []
-        for line in str(error).splitlines()[1:]:
-            match = _PROBLEM_KEY.match(line)
-            loc = re.sub(r"\[(\d+)\]", r".\1", match.group(1)) if match else ""
-            errors.append({"loc": loc, "msg": line.strip().removeprefix("- ")})
-        return config, errors
-    return config, []
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -134,6 +72,12 @@ def inspect_report(config: TrainConfig) -> dict:
     for entry in survey.entries:
         record = file_record(entry)
         record["name"] = entry.item.path.name
+        caption_file = entry.item.path.with_suffix(".txt")
+        record["caption_file"] = str(caption_file)
+        try:
+            record["caption_text"] = caption_file.read_text(encoding="utf-8-sig") if caption_file.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            record["caption_text"] = None  # not text this page can edit; the problems column says why
         try:
             record["thumbnails"] = thumbnails(entry)
         except Exception as error:  # a file that probes but will not decode: say so, keep the report
@@ -143,139 +87,33 @@ def inspect_report(config: TrainConfig) -> dict:
     return {"files": files, "summary": summary_record(survey)}
 
 
-# ---------------------------------------------------------------------------------------------- runs
+# ---------------------------------------------------------------------------------------------- memory advice
 
-def _is_motiontune(pid: int) -> bool:
+def estimate_panel(data: dict, gpu_gb: float) -> dict:
+    """`motiontune estimate` for the config as edited: the training step's peak on the device, whether it fits a
+    card of `gpu_gb`, and the cheapest changes that make it fit, each as the config it makes (applied in one click)."""
+    from ..estimate import GB, EstimateError, cheapest_changes, estimate
+
+    config, errors = validate(data)
+    if config is None or errors:
+        raise HTTPException(422, "fix the config's problems first: " + "; ".join(e["msg"] for e in errors[:3]))
     try:
-        return b"motiontune" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class RunState:
-    """The watched workspace and, when the UI started it, the training process."""
-
-    def __init__(self, workspace: Path | None = None):
-        self.lock = threading.Lock()
-        self.workspace: Path | None = None
-        self.output_dir: Path | None = None
-        self.process: subprocess.Popen | None = None
-        self.process_workspace: Path | None = None
-        self._scalars: dict = {}  # workspace → (EventAccumulator, last reload time)
-        if workspace is not None:
-            self.watch(workspace)
-
-    def watch(self, workspace: Path) -> None:
-        workspace = Path(workspace).expanduser().resolve()
-        if workspace == Path(workspace.anchor) or workspace == Path.home().resolve():
-            raise HTTPException(400, f"{workspace} is too wide to serve files from; pick the run's workspace_dir")
-        self.workspace = workspace
-        config = _read_json(workspace / "config.json") or _read_json(workspace / UI_CONFIG) or {}
-        destination = config.get("output_model_destination") if isinstance(config, dict) else None
-        self.output_dir = Path(destination).expanduser().resolve().parent if destination else None
-        if self.output_dir is not None and self.output_dir in (Path(self.output_dir.anchor), Path.home().resolve()):
-            self.output_dir = None  # an output file straight in / or ~: its folder is not served
-
-    def roots(self) -> list[Path]:
-        return [root for root in (self.workspace, self.output_dir) if root is not None]
-
-    def scalars(self) -> dict[str, list]:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        directory = self.workspace / "tensorboard"
-        if not directory.is_dir():
-            return {}
-        key = str(directory)
-        if key not in self._scalars:
-            self._scalars = {key: EventAccumulator(key, size_guidance={"scalars": 0})}
-        accumulator = self._scalars[key]
-        try:
-            accumulator.Reload()
-        except Exception as error:  # a file mid-write: the next poll reads it
-            log.debug("tensorboard reload: %s", error)
-        tags = accumulator.Tags().get("scalars", [])
-        return {tag: [[e.step, e.value] for e in accumulator.Scalars(tag)] for tag in tags}
-
-    def owned_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def status(self) -> dict:
-        if self.workspace is None:
-            return {"workspace": None}
-        workspace = self.workspace
-        progress = _read_json(workspace / PROGRESS_FILE)
-        owned = self.process is not None and self.process_workspace == workspace
-        if owned:
-            running = self.owned_running()
-        else:
-            running = bool(progress and progress.get("state") == "training" and process_alive(progress.get("pid")))
-        samples = sorted((workspace / "samples").glob("*.mp4"), key=lambda p: p.stat().st_mtime) if (workspace / "samples").is_dir() else []
-        backups = []
-        if (workspace / "backup").is_dir():
-            for folder in sorted((workspace / "backup").iterdir()):
-                if folder.is_dir() and folder.name.startswith("step-") and (folder / "state.pt").is_file():
-                    backups.append({"name": folder.name, "path": str(folder), "info": _read_json(folder / "backup.json")})
-        log_tail = ""
-        if (workspace / UI_LOG).is_file():
-            with open(workspace / UI_LOG, "rb") as handle:
-                handle.seek(max(0, handle.seek(0, 2) - 6000))
-                log_tail = handle.read().decode(errors="replace").replace("\r", "\n")
-                log_tail = "\n".join(line for line in log_tail.splitlines() if line.strip())[-4000:]
-        return {
-            "workspace": str(workspace),
-            "running": running,
-            "owned": owned,
-            "exit_code": self.process.poll() if owned else None,
-            "progress": progress,
-            "scalars": self.scalars(),
-            "samples": [{"name": p.name, "url": f"/files/samples/{p.name}", "modified": p.stat().st_mtime} for p in samples],
-            "backups": backups,
-            "result": _read_json(workspace / "result.json"),
-            "log": log_tail,
-        }
-
-    def start(self, data: dict, config: TrainConfig) -> dict:
-        with self.lock:
-            if self.owned_running():
-                raise HTTPException(409, "a run started here is still going; stop it first")
-            workspace = Path(config.workspace_dir).expanduser().resolve()
-            progress = _read_json(workspace / PROGRESS_FILE)
-            if progress and progress.get("state") == "training" and process_alive(progress.get("pid")):
-                raise HTTPException(409, f"another process (pid {progress['pid']}) is training in {workspace}")
-            workspace.mkdir(parents=True, exist_ok=True)
-            (workspace / PROGRESS_FILE).unlink(missing_ok=True)  # the last run's present moment, not this one's
-            config_path = workspace / UI_CONFIG
-            config_path.write_text(json.dumps(data, indent=2))
-            with open(workspace / UI_LOG, "wb") as output:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "motiontune", "train", "--config", str(config_path)],
-                    stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                    start_new_session=True,  # Ctrl-C on the UI server leaves the run going; it can be watched again
-                )
-            self.process_workspace = workspace
-            self.watch(workspace)
-            return {"pid": self.process.pid, "workspace": str(workspace), "config": str(config_path)}
-
-    def stop(self) -> dict:
-        """SIGINT, as Ctrl-C: the trainer finishes its step, writes a backup and the model, and exits."""
-        with self.lock:
-            if self.owned_running() and self.process_workspace == self.workspace:
-                self.process.send_signal(signal.SIGINT)
-                return {"signalled": self.process.pid}
-            progress = _read_json(self.workspace / PROGRESS_FILE) if self.workspace else None
-            pid = progress.get("pid") if progress and progress.get("state") == "training" else None
-            if pid and process_alive(pid) and _is_motiontune(pid):  # a run started from the command line
-                os.kill(pid, signal.SIGINT)
-                return {"signalled": pid}
-            raise HTTPException(409, "no run is training in the watched workspace")
+        result = estimate(config)
+        budget = int(gpu_gb * GB)
+        changes = [] if result.fits(budget) else cheapest_changes(config, budget)
+    except EstimateError as error:
+        raise HTTPException(400, str(error)) from None
+    suggestions = []
+    for change in changes:
+        changed = json.loads(json.dumps(data))
+        for assignment in change.overrides:
+            apply_override(changed, assignment)
+        suggestions.append({"change": change.describe(), "set": change.overrides, "device_gb": change.estimate.device / GB,
+                            "config": changed})
+    return {"gpu_gb": gpu_gb, "device_gb": result.device / GB, "host_gb": result.host / GB,
+            "usable_gb": result.usable(budget) / GB, "fits": result.fits(budget), "shape": result.shape.describe(),
+            "lines": [{"name": line.name, "device_gb": line.device / GB, "note": line.note} for line in result.lines],
+            "changes": suggestions}
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -285,10 +123,15 @@ def _host_name(netloc: str) -> str:
 
 
 def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | None = LOOPBACK_NAMES) -> FastAPI:
-    """`allowed_hosts`: names the Host header may carry (None: any, when bound to a non-loopback address)."""
+    """`workspace`: a run's workspace to show at once, and where the working config is kept (default
+    ./workspace). `allowed_hosts`: names the Host header may carry (None: any, when bound to a non-loopback
+    address)."""
     app = FastAPI(title="motiontune ui", docs_url=None, redoc_url=None, openapi_url=None)
-    state = RunState(Path(workspace) if workspace else None)
-    app.state.run = state
+    home = Path(workspace).expanduser().resolve() if workspace else Path("workspace").resolve()
+    runs = Runs(home)
+    if workspace is not None:
+        runs.watch(Path(workspace))
+    app.state.run = runs
 
     @app.middleware("http")
     async def same_origin_only(request: Request, call_next):
@@ -308,6 +151,8 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    # ------------------------------------------------------------------------------------------ config
+
     @app.get("/api/schema")
     def schema():
         return ui_schema()
@@ -324,8 +169,24 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
 
     @app.post("/api/validate")
     def validate_config(config=Body(..., embed=True)):
-        _, errors = validate(config)
-        return {"ok": not errors, "errors": errors}
+        parsed, errors = validate(config)
+        paths = path_problems(config) if isinstance(config, dict) else []
+        return {"ok": not errors and not paths, "errors": errors + [p for p in paths if p not in errors],
+                "warnings": warnings(parsed)}
+
+    @app.get("/api/working")
+    def working():
+        """The form as it was last edited (kept in the UI's workspace, so a reload mid-run shows it again)."""
+        return _read_json(home / WORKING_CONFIG) or {"config": None}
+
+    @app.put("/api/working")
+    def keep_working(config=Body(...), source: str = Body(""), save_path: str = Body("")):
+        if not isinstance(config, dict):
+            raise HTTPException(400, "the config must be a JSON object")
+        home.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"config": config, "source": source, "save_path": save_path}, indent=1)
+        write_then_rename(home / WORKING_CONFIG, lambda partial: partial.write_text(text))
+        return {"kept": str(home / WORKING_CONFIG)}
 
     @app.post("/api/config/load")
     def load_file(path: str = Body(..., embed=True)):
@@ -335,7 +196,7 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         if not file.is_file():
             raise HTTPException(404, f"{file}: no such file")
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
         except (ValueError, UnicodeDecodeError) as error:
             raise HTTPException(400, f"{file}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
@@ -354,6 +215,16 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         _, errors = validate(config)
         return {"path": str(file.resolve()), "ok": not errors, "errors": errors}
 
+    @app.post("/api/estimate")
+    def memory_estimate(config=Body(...), gpu_gb: float = Body(24.0)):
+        if not isinstance(config, dict):
+            raise HTTPException(400, "the config must be a JSON object")
+        if not 0 < gpu_gb <= 4096:
+            raise HTTPException(400, "the card's memory is a number of GB above 0")
+        return estimate_panel(config, gpu_gb)
+
+    # ------------------------------------------------------------------------------------------ dataset
+
     @app.post("/api/inspect")
     def inspect_dataset(config=Body(None), folder: str | None = Body(None)):
         from ..data.video import MediaError
@@ -367,41 +238,80 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         else:
             data = config
         parsed, errors = validate(data)
-        if parsed is None:
+        if parsed is None or errors:
             return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
         try:
             return inspect_report(parsed)
         except (ConfigError, MediaError) as error:
             raise HTTPException(400, str(error)) from None
 
+    @app.post("/api/caption")
+    def write_caption(file: str = Body(...), text: str = Body(...)):
+        """A media file's caption (`<name>.txt` beside it), as edited on the Dataset page."""
+        media = Path(file).expanduser().resolve()
+        if media.suffix.lower() not in MEDIA or not media.is_file():
+            raise HTTPException(400, f"{file}: not a video or image file of a dataset")
+        caption = media.with_suffix(".txt")
+        caption.write_text(text.strip() + "\n", encoding="utf-8")
+        return {"path": str(caption), "caption": text.strip()}
+
+    # ------------------------------------------------------------------------------------------ runs
+
+    def folder_of(path: str | None) -> Path | None:
+        if not path:
+            return None
+        folder = Path(path).expanduser().resolve()
+        if not folder.is_dir():
+            raise HTTPException(404, f"{path}: no such run folder")
+        return folder
+
     @app.post("/api/train/start")
     def start(config=Body(..., embed=True)):
         parsed, errors = validate(config)
-        if errors:
+        errors = errors + (path_problems(config) if isinstance(config, dict) else [])
+        if errors or parsed is None:
             return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
-        return state.start(config, parsed)
+        return runs.start(config, parsed.workspace_dir)
 
     @app.post("/api/train/stop")
-    def stop():
-        return state.stop()
+    def stop(path: str | None = Body(None, embed=True)):
+        return runs.stop(folder_of(path))
+
+    @app.post("/api/runs/resume")
+    def resume(path: str = Body(..., embed=True)):
+        return runs.resume(folder_of(path))
+
+    @app.post("/api/runs/ask")
+    def ask(path: str = Body(...), action: str = Body(...)):
+        return runs.ask(folder_of(path), action)
+
+    @app.post("/api/runs")
+    def list_runs(workspace: str = Body(..., embed=True)):
+        folder = Path(workspace).expanduser().resolve()
+        if not folder.is_dir():
+            return {"workspace": str(folder), "runs": []}
+        runs.serve(folder)
+        return {"workspace": str(folder), "runs": runs.list(folder)}
 
     @app.post("/api/watch")
     def watch(workspace: str = Body(..., embed=True)):
         if not Path(workspace).expanduser().is_dir():
             raise HTTPException(404, f"{workspace}: no such folder")
-        state.watch(Path(workspace))
-        return {"workspace": str(state.workspace), "output_dir": str(state.output_dir) if state.output_dir else None}
+        shown = runs.watch(Path(workspace))
+        return {"workspace": str(shown)}
 
     @app.get("/api/run")
-    def run():
-        return state.status()
+    def run(path: str | None = None):
+        return runs.status(folder_of(path))
+
+    # ------------------------------------------------------------------------------------------ files
 
     def serve(candidate: Path) -> FileResponse:
         try:
             resolved = candidate.resolve()
         except (OSError, RuntimeError):
             raise HTTPException(404, "not found") from None
-        if not any(resolved.is_relative_to(root) for root in state.roots()):
+        if not any(resolved.is_relative_to(root) for root in runs.served):
             raise HTTPException(403, "outside the workspace and output folders")
         if not resolved.is_file():
             raise HTTPException(404, "not found")
@@ -409,18 +319,25 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
 
     @app.get("/files/{path:path}")
     def workspace_file(path: str):
-        """A file of the watched workspace, by its path inside it."""
-        if state.workspace is None:
+        """A file of the shown run, by its path inside it."""
+        if runs.current is None:
             raise HTTPException(404, "no workspace is watched")
-        return serve(state.workspace / path)
+        return serve(runs.current / path)
 
     @app.get("/api/file")
     def any_file(path: str):
-        """A file by absolute path (or relative to the workspace), inside the workspace or output folder."""
-        base = state.workspace or Path.cwd()
+        """A file by absolute path (or relative to the shown run), inside a served workspace or output folder."""
+        base = runs.current or Path.cwd()
         return serve(base / Path(path).expanduser())
 
     return app
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def is_loopback(host: str) -> bool:

@@ -1,5 +1,6 @@
 // motiontune ui: plain JavaScript, no build step. The config form is generated from the JSON schema the
-// server derives from the pydantic TrainConfig (/api/schema), and validated by the server (/api/validate).
+// server derives from the pydantic TrainConfig and docs/config.md (/api/schema), checked by the server
+// (/api/validate) as it is edited, and kept by the server (/api/working) so a reload shows it again.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -11,7 +12,7 @@ const el = (tag, attrs = {}, ...children) => {
     else if (key === "dataset") Object.assign(node.dataset, value);
     else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) if (child !== null && child !== undefined) node.append(child);
+  for (const child of children.flat()) if (child !== null && child !== undefined && child !== false) node.append(child);
   return node;
 };
 
@@ -34,16 +35,24 @@ async function api(method, url, body) {
 }
 
 // ------------------------------------------------------------------------------------------- state
-const state = { schema: null, config: {}, errors: [], validateTimer: null, source: "" };
+// config: the working config; touched: something was loaded or edited (before that, no problems are shown)
+const state = { schema: null, config: {}, errors: [], warnings: [], touched: false, source: "", validateTimer: null,
+                keepTimer: null, run: null, runs: [], valid: false };
+const view = JSON.parse(localStorage.getItem("motiontune-view") || "{}"); // page, group, run, compare: this browser's
+const remember = (changes) => { Object.assign(view, changes); localStorage.setItem("motiontune-view", JSON.stringify(view)); };
 
-// ------------------------------------------------------------------------------------------- tabs
-for (const tab of document.querySelectorAll("nav .tab")) {
-  tab.addEventListener("click", () => showPage(tab.dataset.page));
+function message(selector, text, bad = false) {
+  $(selector).textContent = text;
+  $(selector).className = `message${bad ? " bad" : ""}`;
 }
+
+// ------------------------------------------------------------------------------------------- pages
+for (const tab of document.querySelectorAll("header nav .tab")) tab.addEventListener("click", () => showPage(tab.dataset.page));
 function showPage(name) {
-  for (const tab of document.querySelectorAll("nav .tab")) tab.classList.toggle("active", tab.dataset.page === name);
+  for (const tab of document.querySelectorAll("header nav .tab")) tab.classList.toggle("active", tab.dataset.page === name);
   for (const page of document.querySelectorAll(".page")) page.classList.toggle("active", page.id === `page-${name}`);
-  if (name === "training") pollRun();
+  remember({ page: name });
+  if (name === "training") { refreshRuns(); pollRun(); }
 }
 
 // ------------------------------------------------------------------------------------------- paths in the config
@@ -65,9 +74,10 @@ function setPath(object, path, value) {
 }
 function deletePath(object, path) {
   const parent = getPath(object, path.slice(0, -1));
-  if (parent && typeof parent === "object") delete parent[path[path.length - 1]];
+  if (parent && typeof parent === "object" && !Array.isArray(parent)) delete parent[path[path.length - 1]];
 }
 const pathText = (path) => path.join(".");
+const splitPath = (text) => text.split(".").map((p) => (/^\d+$/.test(p) ? Number(p) : p));
 
 // ------------------------------------------------------------------------------------------- schema helpers
 function resolveRef(node) {
@@ -98,21 +108,69 @@ function rangeText(inner) {
   if (inner.minLength !== undefined) parts.push(`at least ${inner.minLength} character(s)`);
   return parts.join(", ");
 }
-const shown = (value) => (value === undefined ? "(none)" : JSON.stringify(value));
+const shown = (value) => (value === undefined || value === null ? "not set" : JSON.stringify(value));
 
 // ------------------------------------------------------------------------------------------- the form
+const GROUP_TITLES = { general: "General", model: "Model", data: "Data", concepts: "Concepts", training: "Training",
+                       sampling: "Sampling", backup: "Backup", tools: "Tools" };
+
+function renderGroups() {
+  const nav = $("#groups");
+  nav.replaceChildren(...state.schema["x-groups"].map((group) => el("button", {
+    type: "button", class: "group-tab", id: `group-${group}`, dataset: { group },
+    onclick: () => showGroup(group) }, GROUP_TITLES[group] || group)));
+}
+function showGroup(group) {
+  remember({ group });
+  for (const tab of document.querySelectorAll(".group-tab")) tab.classList.toggle("active", tab.dataset.group === group);
+  for (const box of document.querySelectorAll("#config-form > .group")) box.hidden = box.dataset.group !== group;
+  for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = !panel.dataset.groupPanel.split(" ").includes(group);
+  if (group === "tools") $("#config-json").textContent = JSON.stringify(state.config, null, 2);
+}
+
 function renderForm() {
   const form = $("#config-form");
+  const open = new Set([...form.querySelectorAll("details[open]")].map((d) => d.dataset.path));
   form.replaceChildren();
   const root = state.schema;
-  const general = el("details", { open: true, dataset: { section: "general" } }, el("summary", {}, "General"));
-  form.append(general);
-  for (const [key, prop] of Object.entries(root.properties)) {
-    const info = describe(prop);
-    const target = info.kind === "object" || info.kind === "array" ? form : general;
-    target.append(renderField([key], prop, root, undefined));
+  const boxes = {};
+  for (const group of root["x-groups"]) {
+    boxes[group] = el("div", { class: "group", dataset: { group } });
+    form.append(boxes[group]);
   }
+  boxes.tools.append(el("p", { class: "hint" }, "The memory estimate for this config, and the config as JSON."));
+  for (const [key, prop] of Object.entries(root.properties)) {
+    if (key === "__version") continue; // OneTrainer's format version: kept as loaded, not a setting
+    const field = key === "concepts" ? renderConcepts(prop) : renderField([key], prop, root, undefined);
+    boxes[prop["x-group"] || "general"].append(field);
+  }
+  for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
+  showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+}
+
+function helpBox(prop, info, path, fallback, required) {
+  const help = el("div", { class: "help" });
+  // docs/config.md's row for the key (units, ranges, rounding); the schema's own words where the docs have none
+  const text = prop["x-help"] || prop.description || info.inner.description;
+  if (text) help.append(el("div", { class: "doc" }, text));
+  const facts = [];
+  if (required) facts.push("required");
+  else if (!(prop["x-help"] || "").startsWith("default") || fallback !== prop.default) facts.push(`default ${shown(fallback)}`);
+  const range = rangeText(info.inner);
+  if (range && !prop["x-help"]) facts.push(range); // the docs' row says the range in words
+  if (facts.length) help.append(el("div", { class: "facts" }, facts.join(" · ")));
+  const notes = prop["x-not-supported"] || {};
+  const note = notes[pathText(path.slice(0, -1).filter((p) => typeof p === "string"))];
+  if (note) help.append(el("div", { class: "notsupported" }, note));
+  return help;
+}
+
+function changed() {
+  state.touched = true;
+  scheduleValidate();
+  keepWorking();
+  if (!$("#config-json").closest("[hidden]")) $("#config-json").textContent = JSON.stringify(state.config, null, 2);
 }
 
 function renderField(path, prop, parentSchema, parentDefault) {
@@ -122,17 +180,17 @@ function renderField(path, prop, parentSchema, parentDefault) {
   if (parentDefault && typeof parentDefault === "object" && key in parentDefault) fallback = parentDefault[key];
   const value = getPath(state.config, path);
   const isSet = value !== undefined;
-  const effective = isSet ? value : fallback;
   const required = (parentSchema.required || []).includes(key);
 
   if (info.kind === "object") {
     const box = el("details", { dataset: { path: pathText(path) }, class: "object" },
-      el("summary", {}, `${key}`, prop.description ? el("span", { class: "hint" }, ` — ${prop.description}`) : null),
-      el("div", { class: "error array-error", dataset: { errorFor: pathText(path) } }));
-    if (info.inner.description && !prop.description) box.append(el("p", { class: "hint" }, info.inner.description));
-    // a child's default: the section's default (transformer_2 defaults to train=false), else the child's own
+      el("summary", {}, String(key)),
+      el("div", { class: "help" }, prop["x-help"] || prop.description || info.inner.description || ""),
+      el("div", { class: "error array-error", dataset: { errorFor: pathText(path) } }),
+      el("div", { class: "warning", dataset: { warningFor: pathText(path) } }));
     const defaults = fallback && typeof fallback === "object" ? fallback : {};
     for (const [childKey, childProp] of Object.entries(info.inner.properties)) {
+      if (childKey === "__version") continue;
       box.append(renderField([...path, childKey], childProp, info.inner, defaults));
     }
     return box;
@@ -141,66 +199,56 @@ function renderField(path, prop, parentSchema, parentDefault) {
 
   const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path) } });
   const id = `field-${pathText(path).replace(/[^A-Za-z0-9_]/g, "-")}`;
-  const control = makeControl(path, info, effective, id);
+  const control = makeControl(path, prop, info, isSet ? value : fallback, fallback, id);
   const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", onclick: () => {
     deletePath(state.config, path);
     renderForm();
-    scheduleValidate();
+    changed();
   } }, "↺");
-  const help = el("div", { class: "help" });
-  if (prop.description) help.append(el("div", {}, prop.description));
-  const facts = [];
-  if (required) facts.push("required");
-  else facts.push(`default ${shown(fallback)}`);
-  const range = rangeText(info.inner);
-  if (range) facts.push(range);
-  if (info.kind === "enum") facts.push(`one of ${info.inner.enum.join(", ")}${info.nullable ? " or null" : ""}`);
-  else if (info.nullable) facts.push("null allowed (empty)");
-  help.append(el("div", {}, facts.join(" · ")));
-  const notes = prop["x-not-supported"] || {};
-  const note = notes[pathText(path.slice(0, -1).filter((p) => typeof p === "string"))];
-  if (note) help.append(el("div", { class: "notsupported" }, note));
-  wrapper.append(el("label", { for: id }, key), el("div", { class: "control" }, control, reset), help,
-    el("div", { class: "error", dataset: { errorFor: pathText(path) } }));
+  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset),
+    helpBox(prop, info, path, fallback, required),
+    el("div", { class: "error", dataset: { errorFor: pathText(path) } }),
+    el("div", { class: "warning", dataset: { warningFor: pathText(path) } }));
   return wrapper;
 }
 
-function makeControl(path, info, effective, id) {
+function makeControl(path, prop, info, effective, fallback, id) {
   const name = pathText(path);
   const commit = (value) => {
-    setPath(state.config, path, value);
-    const wrapper = $(`[data-path="${CSS.escape(name)}"]`);
-    if (wrapper) { wrapper.classList.add("set"); wrapper.classList.remove("default"); }
-    scheduleValidate();
+    if (value === undefined) deletePath(state.config, path);
+    else setPath(state.config, path, value);
+    const wrapper = $(`.field[data-path="${CSS.escape(name)}"]`);
+    if (wrapper) { wrapper.classList.toggle("set", value !== undefined); wrapper.classList.toggle("default", value === undefined); }
+    changed();
   };
   if (info.kind === "boolean" && !info.nullable) {
     return el("input", { type: "checkbox", id, name, checked: effective === true, onchange: (e) => commit(e.target.checked) });
   }
   if (info.kind === "enum" || info.kind === "boolean") {
-    const options = info.kind === "boolean" ? [true, false] : info.inner.enum;
+    // only the values training accepts today; a value typed in a file that is not one stays visible, marked
+    const options = info.kind === "boolean" ? [true, false] : prop["x-accepted"] || info.inner.enum;
     const select = el("select", { id, name, onchange: (e) => commit(JSON.parse(e.target.value)) });
-    if (info.nullable) select.append(el("option", { value: "null" }, "null"));
+    if (info.nullable) select.append(el("option", { value: "null" }, fallback === null || fallback === undefined ? "(not set)" : `(not set: ${fallback})`));
     for (const option of options) select.append(el("option", { value: JSON.stringify(option) }, String(option)));
-    select.value = JSON.stringify(effective === undefined ? null : effective);
+    const current = JSON.stringify(effective === undefined ? null : effective);
+    if (![...select.options].some((o) => o.value === current)) {
+      select.append(el("option", { value: current, class: "invalid-choice" }, `${effective} (not valid)`));
+    }
+    select.value = current;
     return select;
   }
-  if (info.kind === "integer" || info.kind === "number") {
-    const input = el("input", {
-      type: "number", id, name, step: info.kind === "integer" ? "1" : "any",
-      min: info.inner.minimum ?? info.inner.exclusiveMinimum, max: info.inner.maximum ?? info.inner.exclusiveMaximum,
-      value: effective === null || effective === undefined ? "" : String(effective),
-      placeholder: info.nullable ? "null" : "",
-    });
-    input.addEventListener("input", (e) => {
-      const text = e.target.value.trim();
-      if (text === "") commit(info.nullable ? null : "");
-      else commit(Number(text));
-    });
-    return input;
-  }
-  const input = el("input", { type: "text", id, name, value: effective === null || effective === undefined ? "" : String(effective),
-    placeholder: info.nullable ? "null" : "" });
-  input.addEventListener("input", (e) => commit(e.target.value === "" && info.nullable ? null : e.target.value));
+  const numeric = info.kind === "integer" || info.kind === "number";
+  const placeholder = fallback === null || fallback === undefined ? "not set" : fallback === "" ? "(empty)" : `default ${fallback}`;
+  const input = el("input", {
+    type: "text", id, name, inputmode: numeric ? "decimal" : undefined, spellcheck: "false",
+    value: effective === null || effective === undefined ? "" : String(effective), placeholder,
+  });
+  input.addEventListener("input", (e) => {
+    const text = e.target.value.trim();
+    if (text === "") commit(info.nullable ? null : undefined); // empty: not set (null), or back to the default
+    else if (numeric && text !== "" && !Number.isNaN(Number(text))) commit(Number(text));
+    else commit(e.target.value); // the server says what is wrong with it ("enter a whole number")
+  });
   return input;
 }
 
@@ -213,47 +261,60 @@ function newItem(itemSchema) {
   return item;
 }
 
-function renderArray(path, prop, info, value, fallback) {
+function renderArray(path, prop, info, value, fallback, title = null) {
   const items = Array.isArray(value) ? value : Array.isArray(fallback) ? fallback : null;
   const itemSchema = resolveRef(info.inner.items) || {};
+  const key = path[path.length - 1];
   const box = el("details", { dataset: { path: pathText(path) }, class: "array", open: Array.isArray(items) && items.length > 0 },
-    el("summary", {}, `${path[path.length - 1]} (${items ? items.length : "null"})`,
-      prop.description ? el("span", { class: "hint" }, ` — ${prop.description}`) : null),
+    el("summary", {}, `${key} (${items ? items.length : "none"})`),
+    el("div", { class: "help" }, prop["x-help"] || prop.description || ""),
     el("div", { class: "error array-error", dataset: { errorFor: pathText(path) } }));
-  if (itemSchema.description) box.append(el("p", { class: "hint" }, itemSchema.description));
-  (items || []).forEach((_, index) => {
+  (items || []).forEach((item, index) => {
     const itemPath = [...path, index];
-    const item = el("div", { class: "array-item", dataset: { path: pathText(itemPath) } },
-      el("div", { class: "item-head" }, `${path[path.length - 1]}[${index}]`,
-        el("button", { type: "button", onclick: () => {
+    const head = title ? title(item, index) : `${key}[${index}]`;
+    const card = el("div", { class: "array-item", dataset: { path: pathText(itemPath) } },
+      el("div", { class: "item-head" }, el("span", {}, head),
+        el("button", { type: "button", class: "remove", onclick: () => {
           const list = getPath(state.config, path) || [...items];
           list.splice(index, 1);
           setPath(state.config, path, list);
           renderForm();
-          scheduleValidate();
+          changed();
         } }, "remove")),
       el("div", { class: "error array-error", dataset: { errorFor: pathText(itemPath) } }));
-    if (itemSchema.properties) {
-      for (const [childKey, childProp] of Object.entries(itemSchema.properties)) {
-        item.append(renderField([...itemPath, childKey], childProp, itemSchema, undefined));
-      }
+    for (const [childKey, childProp] of Object.entries(itemSchema.properties || {})) {
+      if (childKey === "__version" || childKey === "concept_stats") continue;
+      card.append(renderField([...itemPath, childKey], childProp, itemSchema, undefined));
     }
-    box.append(item);
+    box.append(card);
   });
   const buttons = el("div", { class: "toolbar" },
-    el("button", { type: "button", onclick: () => {
+    el("button", { type: "button", class: "add", onclick: () => {
       const list = Array.isArray(getPath(state.config, path)) ? getPath(state.config, path) : [...(items || [])];
       list.push(newItem(itemSchema));
       setPath(state.config, path, list);
+      if (path[0] === "concepts") delete state.config.concept_file_name; // the two ways of naming the data exclude each other
       renderForm();
-      $(`[data-path="${CSS.escape(pathText(path))}"]`).open = true;
-      scheduleValidate();
-    } }, `add ${path[path.length - 1].replace(/s$/, "")}`));
-  if (info.nullable && Array.isArray(value)) {
-    buttons.append(el("button", { type: "button", onclick: () => { deletePath(state.config, path); renderForm(); scheduleValidate(); } },
-      "unset (null)"));
-  }
+      $(`details[data-path="${CSS.escape(pathText(path))}"]`).open = true;
+      changed();
+    } }, `add ${String(key).replace(/s$/, "")}`));
   box.append(buttons);
+  return box;
+}
+
+function renderConcepts(prop) {
+  // the concept editor: a card per concept, titled by its name or folder, with Inspect for its folder
+  const info = describe(prop);
+  const box = renderArray(["concepts"], prop, info, getPath(state.config, ["concepts"]), undefined, (concept, index) => {
+    const label = `${index + 1}. ${concept.name || concept.path || "(no folder yet)"}${concept.enabled === false ? " (disabled)" : ""}`;
+    return el("span", {}, label, " ", el("button", { type: "button", class: "inspect-concept", onclick: (e) => {
+      e.preventDefault();
+      $("#dataset-folder").value = concept.path || "";
+      showPage("dataset");
+      $("#inspect").click();
+    } }, "inspect"));
+  });
+  box.open = true;
   return box;
 }
 
@@ -265,44 +326,109 @@ function scheduleValidate() {
 async function validateNow() {
   const result = await api("POST", "/api/validate", { config: state.config });
   state.errors = result.errors;
+  state.warnings = result.warnings;
+  state.valid = result.ok;
   showErrors();
+  updateButtons();
   return result;
 }
+function targetFor(loc, attribute) {
+  const parts = loc ? loc.split(".") : [];
+  for (let n = parts.length; n > 0; n--) {
+    const target = document.querySelector(`[${attribute}="${CSS.escape(parts.slice(0, n).join("."))}"]`);
+    if (target) return target;
+  }
+  return null;
+}
+function openTo(node) {
+  for (let details = node.closest("details"); details; details = details.parentElement.closest("details")) details.open = true;
+}
 function showErrors() {
-  for (const node of document.querySelectorAll("[data-error-for]")) node.textContent = "";
-  for (const node of document.querySelectorAll(".field.invalid")) node.classList.remove("invalid");
+  for (const node of document.querySelectorAll("[data-error-for], [data-warning-for]")) node.replaceChildren();
+  for (const node of document.querySelectorAll(".field.invalid, .field.warned")) node.classList.remove("invalid", "warned");
+  for (const tab of document.querySelectorAll(".group-tab")) tab.classList.remove("has-errors");
   const general = $("#general-errors");
   general.replaceChildren();
-  for (const error of state.errors) {
-    let target = null;
-    const parts = error.loc ? error.loc.split(".") : [];
-    for (let n = parts.length; n > 0 && !target; n--) {
-      target = document.querySelector(`[data-error-for="${CSS.escape(parts.slice(0, n).join("."))}"]`);
-    }
+  const unknown = $("#unknown-keys ul");
+  unknown.replaceChildren();
+  const active = state.touched;
+  $("#empty-state").hidden = active;
+  for (const error of active ? state.errors : []) {
+    if (error.unknown) { unknown.append(unknownKeyItem(error)); continue; }
+    const target = targetFor(error.loc, "data-error-for");
     if (target) {
-      target.textContent = target.textContent ? `${target.textContent}; ${error.msg}` : error.msg;
+      target.append(el("div", {}, error.msg, fixButton(error)));
       const field = target.closest(".field");
       if (field) field.classList.add("invalid");
-      for (let details = target.closest("details"); details; details = details.parentElement.closest("details")) details.open = true;
+      openTo(target);
+      const group = target.closest(".group");
+      if (group) $(`#group-${group.dataset.group}`).classList.add("has-errors");
     } else {
       general.append(el("li", {}, error.loc ? `${error.loc}: ${error.msg}` : error.msg));
     }
   }
+  $("#unknown-keys").hidden = !unknown.children.length;
+  for (const warning of active ? state.warnings : []) {
+    const target = targetFor(warning.loc, "data-warning-for");
+    if (target) {
+      target.append(el("div", {}, warning.msg));
+      const field = target.closest(".field");
+      if (field) field.classList.add("warned");
+      openTo(target);
+    } else general.append(el("li", { class: "warning" }, warning.msg));
+  }
   const status = $("#config-status");
-  status.textContent = state.errors.length ? `${state.errors.length} problem(s) in the config` : "config valid";
-  status.className = `status ${state.errors.length ? "bad" : "ok"}`;
+  if (!active) {
+    status.textContent = "no config loaded";
+    status.className = "status";
+  } else {
+    const count = state.errors.length;
+    status.textContent = count ? `${count} problem(s) in the config` : "config valid";
+    status.className = `status ${count ? "bad" : "ok"}`;
+  }
+}
+function fixButton(error) {
+  // a choice typed wrong in a file: one click puts the close one in
+  if (error.suggest === undefined || error.unknown) return null;
+  return el("button", { type: "button", class: "fix", onclick: () => {
+    setPath(state.config, splitPath(error.loc), error.suggest);
+    renderForm();
+    changed();
+  } }, `use ${JSON.stringify(error.suggest)}`);
+}
+function unknownKeyItem(error) {
+  const path = splitPath(error.loc);
+  const value = getPath(state.config, path);
+  const remove = el("button", { type: "button", class: "remove-key", onclick: () => {
+    deletePath(state.config, path);
+    renderForm();
+    changed();
+  } }, "remove");
+  const rename = error.suggest ? el("button", { type: "button", class: "rename-key", onclick: () => {
+    deletePath(state.config, path);
+    setPath(state.config, [...path.slice(0, -1), error.suggest], value);
+    renderForm();
+    changed();
+  } }, `rename to ${error.suggest}`) : null;
+  return el("li", { dataset: { key: error.loc } }, el("code", {}, error.loc), ` = ${JSON.stringify(value)}: ${error.msg} `, rename, remove);
 }
 
+// ------------------------------------------------------------------------------------------- working config
+function keepWorking() {
+  clearTimeout(state.keepTimer);
+  state.keepTimer = setTimeout(() => api("PUT", "/api/working", { config: state.config, source: state.source, save_path: $("#save-path").value })
+    .catch((error) => message("#config-message", `could not keep the form: ${error.message}`, true)), 300);
+}
 function setConfig(config, source) {
   state.config = config;
   state.source = source;
-  $("#config-message").textContent = `loaded ${source}`;
-  $("#config-message").className = "message";
+  state.touched = true;
+  message("#config-message", `loaded ${source}`);
   renderForm();
   validateNow();
+  keepWorking();
 }
 
-// ------------------------------------------------------------------------------------------- load and save
 $("#load-preset").addEventListener("click", async () => {
   const name = $("#preset-select").value;
   const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
@@ -311,21 +437,19 @@ $("#load-preset").addEventListener("click", async () => {
 $("#load-file").addEventListener("click", async () => {
   try {
     const data = await api("POST", "/api/config/load", { path: $("#load-path").value });
-    setConfig(data.config, data.path);
     $("#save-path").value = data.path;
+    setConfig(data.config, data.path);
   } catch (error) {
-    $("#config-message").textContent = error.message;
-    $("#config-message").className = "message bad";
+    message("#config-message", error.message, true);
   }
 });
 $("#save-file").addEventListener("click", async () => {
   try {
     const data = await api("POST", "/api/config/save", { path: $("#save-path").value, config: state.config });
-    $("#config-message").textContent = `saved ${data.path}${data.ok ? "" : ` (with ${data.errors.length} problem(s))`}`;
-    $("#config-message").className = "message";
+    message("#config-message", `saved ${data.path}${data.ok ? "" : ` (with ${data.errors.length} problem(s))`}`);
+    keepWorking();
   } catch (error) {
-    $("#config-message").textContent = error.message;
-    $("#config-message").className = "message bad";
+    message("#config-message", error.message, true);
   }
 });
 $("#download").addEventListener("click", () => {
@@ -343,11 +467,40 @@ $("#upload").addEventListener("change", async (event) => {
     if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error("the config must be a JSON object");
     setConfig(data, file.name);
   } catch (error) {
-    $("#config-message").textContent = `${file.name}: ${error.message}`;
-    $("#config-message").className = "message bad";
+    message("#config-message", `${file.name}: ${error.message}`, true);
   }
   event.target.value = "";
 });
+
+// ------------------------------------------------------------------------------------------- memory estimate
+const gb = (value) => (value >= 10 ? value.toFixed(1) : value >= 0.1 ? value.toFixed(2) : value.toPrecision(2));
+async function runEstimate() {
+  const gpu = Number($("#estimate-gpu").value);
+  message("#estimate-result", "estimating…");
+  $("#estimate-changes").replaceChildren();
+  try {
+    const result = await api("POST", "/api/estimate", { config: state.config, gpu_gb: gpu });
+    const panel = $("#estimate-panel");
+    panel.dataset.fits = result.fits ? "yes" : "no";
+    message("#estimate-result", `The training step needs ${gb(result.device_gb)} GB on the GPU (${result.shape}): ` +
+      (result.fits ? `fits ${gpu} GB (${gb(result.usable_gb - result.device_gb)} GB to spare).`
+                   : `does not fit ${gpu} GB (${gb(result.usable_gb)} GB usable).`), !result.fits);
+    if (!result.fits && !result.changes.length) $("#estimate-changes").append(el("li", {}, "nothing fits at this size: lower resolution, frames or batch_size"));
+    for (const change of result.changes) {
+      $("#estimate-changes").append(el("li", {}, `${change.change}: ${gb(change.device_gb)} GB `,
+        el("button", { type: "button", class: "apply-change", title: change.set.join(" "), onclick: () => {
+          state.config = change.config;
+          message("#config-message", `applied: ${change.change} (${change.set.join(", ")})`);
+          renderForm();
+          changed();
+          runEstimate();
+        } }, "apply")));
+    }
+  } catch (error) {
+    message("#estimate-result", error.message, true);
+  }
+}
+$("#estimate-run").addEventListener("click", runEstimate);
 
 // ------------------------------------------------------------------------------------------- dataset
 $("#inspect").addEventListener("click", async () => {
@@ -367,7 +520,25 @@ $("#inspect").addEventListener("click", async () => {
   }
 });
 
+function captionEditor(file) {
+  if (file.caption_text === null) return el("span", { class: "hint" }, "unreadable caption file");
+  const text = el("textarea", { rows: "2", class: "caption", placeholder: "no caption yet: write one" });
+  text.value = (file.caption_text || "").trim();
+  const save = el("button", { type: "button", class: "save-caption", onclick: async () => {
+    try {
+      const saved = await api("POST", "/api/caption", { file: file.path, text: text.value });
+      save.textContent = "saved";
+      save.title = saved.path;
+    } catch (error) {
+      save.textContent = error.message;
+    }
+  } }, "Save caption");
+  text.addEventListener("input", () => { save.textContent = "Save caption"; });
+  return el("div", { class: "caption-edit" }, text, save);
+}
+
 function renderInspect(report) {
+  $("#inspect-empty").hidden = true;
   const summary = report.summary;
   const lines = [`${summary.usable_files} of ${summary.files} files usable, ${summary.total_frames} frames in all`];
   for (const [bucket, count] of Object.entries(summary.clips_per_bucket)) {
@@ -381,7 +552,15 @@ function renderInspect(report) {
   const body = $("#inspect-table tbody");
   body.replaceChildren();
   for (const file of report.files) {
-    for (const problem of file.problems) problems.append(el("li", {}, `${file.name}: ${problem}`));
+    const row = el("tr", { class: file.usable ? "usable" : "skipped", dataset: { name: file.name } });
+    for (const problem of file.problems) {
+      // a missing caption has a fix here: the caption cell of its row
+      const fix = /caption/.test(problem) && file.usable ? el("button", { type: "button", onclick: () => {
+        row.scrollIntoView({ block: "center" });
+        $("textarea", row).focus();
+      } }, "write one") : null;
+      problems.append(el("li", {}, `${file.name}: ${problem} `, fix));
+    }
     const meta = file.metadata || {};
     const thumbs = el("td", { class: "thumbnails" });
     file.thumbnails.forEach((frames, index) => {
@@ -391,7 +570,7 @@ function renderInspect(report) {
     if (file.clips.length > file.thumbnails.length && file.thumbnails.length) {
       thumbs.append(el("div", { class: "hint" }, `+${file.clips.length - file.thumbnails.length} more clip(s)`));
     }
-    body.append(el("tr", { class: file.usable ? "usable" : "skipped" },
+    row.append(
       el("td", { title: file.path }, file.name),
       el("td", {}, meta.kind || "-"),
       el("td", {}, meta.kind === "video" ? `${meta.duration.toFixed(2)} s` : "-"),
@@ -400,43 +579,103 @@ function renderInspect(report) {
       el("td", {}, meta.width ? `${meta.width}x${meta.height}` : "-"),
       el("td", {}, file.bucket ? `${file.bucket.width}x${file.bucket.height}` : "-"),
       el("td", {}, file.clips.length ? `${file.clips.length} × ${file.clips[0].length} frames` : "-"),
-      el("td", {}, file.caption ? file.caption : "no"),
+      el("td", { class: "caption-cell" }, file.usable ? captionEditor(file) : "-"),
       thumbs,
-      el("td", { class: "problems" }, file.problems.join("; "))));
+      el("td", { class: "problems" }, file.problems.join("; ")));
+    const titles = [...document.querySelectorAll("#inspect-table thead th")].map((th) => th.textContent);
+    [...row.children].forEach((cell, n) => { cell.dataset.label = titles[n]; }); // the column's name on a phone's cards
+    body.append(row);
   }
   if (!problems.children.length) problems.append(el("li", { class: "none" }, "none"));
 }
 
-// ------------------------------------------------------------------------------------------- training
-function trainMessage(text, bad = false, errors = []) {
-  $("#train-message").textContent = text;
-  $("#train-message").className = `message${bad ? " bad" : ""}`;
-  $("#train-errors").replaceChildren(...errors.map((e) => el("li", {}, e.loc ? `${e.loc}: ${e.msg}` : e.msg)));
+// ------------------------------------------------------------------------------------------- runs
+function workspaceDir() {
+  return state.config.workspace_dir || state.schema.properties.workspace_dir.default;
 }
+async function refreshRuns() {
+  try {
+    const listed = await api("POST", "/api/runs", { workspace: view.workspace || workspaceDir() });
+    state.runs = listed.runs;
+    $("#runs-workspace").textContent = listed.workspace;
+    renderRuns();
+  } catch (error) {
+    message("#train-message", error.message, true);
+  }
+}
+const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "-");
+function renderRuns() {
+  const body = $("#runs-table tbody");
+  body.replaceChildren(...state.runs.map((run) => {
+    const compare = el("input", { type: "checkbox", class: "compare", title: "overlay on the chart",
+      checked: view.compare === run.path, disabled: view.run === run.path, onchange: (e) => {
+        remember({ compare: e.target.checked ? run.path : null });
+        renderRuns();
+        pollRun();
+      } });
+    return el("tr", { class: view.run === run.path ? "selected" : "", dataset: { path: run.path, state: run.state },
+      onclick: (e) => { if (e.target.type !== "checkbox") { remember({ run: run.path }); renderRuns(); pollRun(); } } },
+    el("td", {}, el("a", { href: "#", onclick: (e) => e.preventDefault() }, run.id)),
+    el("td", { class: "run-state" }, run.state),
+    el("td", {}, run.total_steps ? `${run.step} / ${run.total_steps}` : "-"),
+    el("td", {}, when(run.started)),
+    el("td", {}, compare));
+  }));
+  $("#runs-empty").hidden = state.runs.length > 0;
+  if (!view.run && state.runs.length) remember({ run: state.runs[0].path });
+}
+
+function updateButtons() {
+  const run = state.run || {};
+  const anyRunning = state.runs.some((r) => r.running) || run.running;
+  $("#start-training").disabled = !state.touched || !state.valid || anyRunning;
+  $("#start-hint").textContent = !state.touched ? "load or edit a config first" : !state.valid
+    ? "fix the config's problems first (Config page)" : anyRunning ? "a run is training: stop it first" : "";
+  $("#resume-run").disabled = !run.resumable || anyRunning;
+  $("#stop-training").disabled = !run.running;
+  for (const id of ["#sample-now", "#backup-now", "#save-now"]) $(id).disabled = !(run.running && run.state === "training");
+}
+
 $("#start-training").addEventListener("click", async () => {
   try {
     const started = await api("POST", "/api/train/start", { config: state.config });
-    trainMessage(`started (pid ${started.pid}); config saved as ${started.config}`);
+    remember({ run: started.path, workspace: null });
+    message("#train-message", `run ${started.run} started (pid ${started.pid}) in ${started.path}`);
+    $("#train-errors").replaceChildren();
+    await refreshRuns();
     pollRun();
   } catch (error) {
-    trainMessage(error.message, true, (error.data && error.data.errors) || []);
+    message("#train-message", error.message, true);
+    $("#train-errors").replaceChildren(...((error.data && error.data.errors) || []).map((e) => el("li", {}, e.loc ? `${e.loc}: ${e.msg}` : e.msg)));
   }
 });
-$("#stop-training").addEventListener("click", async () => {
+async function runAction(url, body, done) {
   try {
-    const stopped = await api("POST", "/api/train/stop", {});
-    trainMessage(`stop requested (SIGINT to pid ${stopped.signalled}): the step finishes, then a backup and the model are written`);
+    const answer = await api("POST", url, body);
+    message("#train-message", done(answer));
+    await refreshRuns();
+    pollRun();
   } catch (error) {
-    trainMessage(error.message, true);
+    message("#train-message", error.message, true);
   }
-});
+}
+$("#stop-training").addEventListener("click", () => runAction("/api/train/stop", { path: view.run },
+  (a) => `stop requested (Ctrl-C to pid ${a.signalled}): the step finishes, then a backup and the model are written`));
+$("#resume-run").addEventListener("click", () => runAction("/api/runs/resume", { path: view.run },
+  (a) => `run ${a.run} resumed from its newest backup (pid ${a.pid})`));
+for (const [id, action] of [["#sample-now", "sample"], ["#backup-now", "backup"], ["#save-now", "save"]]) {
+  $(id).addEventListener("click", () => runAction("/api/runs/ask", { path: view.run, action },
+    () => `${action} asked for: the run does it after the step in progress`));
+}
 $("#watch").addEventListener("click", async () => {
   try {
     const watched = await api("POST", "/api/watch", { workspace: $("#watch-path").value });
-    trainMessage(`watching ${watched.workspace}`);
+    remember({ run: watched.workspace, workspace: $("#watch-path").value });
+    message("#train-message", `watching ${watched.workspace}`);
+    await refreshRuns();
     pollRun();
   } catch (error) {
-    trainMessage(error.message, true);
+    message("#train-message", error.message, true);
   }
 });
 
@@ -447,75 +686,111 @@ function duration(seconds) {
   return h ? `${h}h ${m}m ${s}s` : m ? `${m}m ${s}s` : `${s}s`;
 }
 
-function drawChart(canvas, series, color, logScale = false) {
-  // series: [[step, value], ...]; a line with min/max/last labels, drawn by hand (no chart library)
+function drawChart(canvas, lines, yTitle, logScale = false) {
+  // lines: [{series: [[step, value], ...], color, label}]; axes with titles, a grid, drawn by hand (no library)
+  canvas.width = Math.max(200, canvas.parentElement.clientWidth - 24);
   const context = canvas.getContext("2d");
   const { width, height } = canvas;
   context.clearRect(0, 0, width, height);
-  canvas.dataset.points = String(series.length);
+  canvas.dataset.points = String(lines.length ? lines[0].series.length : 0);
+  canvas.dataset.steps = JSON.stringify(lines.length ? lines[0].series.map((p) => p[0]) : []);
   context.font = "11px sans-serif";
   context.fillStyle = "#667";
-  if (!series.length) { context.fillText("no data yet", 10, 20); return; }
-  const left = 56, right = 10, top = 10, bottom = 22;
-  const steps = series.map((p) => p[0]);
-  const values = series.map((p) => (logScale ? Math.log10(Math.max(p[1], 1e-30)) : p[1]));
-  let [minX, maxX] = [Math.min(...steps), Math.max(...steps)];
-  let [minY, maxY] = [Math.min(...values), Math.max(...values)];
+  const all = lines.flatMap((line) => line.series);
+  if (!all.length) { context.fillText("no data yet", 10, 20); return; }
+  const left = 72, right = 12, top = 10, bottom = 34;
+  const value = (v) => (logScale ? Math.log10(Math.max(v, 1e-30)) : v);
+  let [minX, maxX] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
+  let [minY, maxY] = [Math.min(...all.map((p) => value(p[1]))), Math.max(...all.map((p) => value(p[1])))];
   if (maxX === minX) maxX = minX + 1;
   if (maxY === minY) { const pad = Math.abs(maxY) * 0.1 || 0.5; maxY += pad; minY -= pad; }
   const x = (s) => left + ((s - minX) / (maxX - minX)) * (width - left - right);
   const y = (v) => top + (1 - (v - minY) / (maxY - minY)) * (height - top - bottom);
-  context.strokeStyle = "#ccd";
-  context.beginPath();
-  context.moveTo(left, top); context.lineTo(left, height - bottom); context.lineTo(width - right, height - bottom);
-  context.stroke();
   const label = (v) => (logScale ? Number(10 ** v).toExponential(1) : String(Number(v.toPrecision(3))));
-  context.fillText(label(maxY), 2, top + 8);
-  context.fillText(label(minY), 2, height - bottom);
-  context.fillText(`step ${minX}`, left, height - 6);
-  const endLabel = `step ${maxX}`;
-  context.fillText(endLabel, width - right - context.measureText(endLabel).width, height - 6);
-  context.strokeStyle = color;
-  context.lineWidth = 1.5;
-  context.beginPath();
-  series.forEach((p, i) => (i ? context.lineTo(x(p[0]), y(values[i])) : context.moveTo(x(p[0]), y(values[i]))));
-  context.stroke();
-  if (series.length === 1) { context.fillStyle = color; context.fillRect(x(series[0][0]) - 2, y(values[0]) - 2, 4, 4); }
+  context.strokeStyle = "#e4e7ee";
+  context.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) { // grid and tick labels
+    const gy = top + (i / 4) * (height - top - bottom);
+    context.beginPath(); context.moveTo(left, gy); context.lineTo(width - right, gy); context.stroke();
+    const tick = label(maxY - (i / 4) * (maxY - minY));
+    context.fillText(tick, left - 5 - context.measureText(tick).width, gy + 4);
+    const gx = left + (i / 4) * (width - left - right);
+    context.beginPath(); context.moveTo(gx, top); context.lineTo(gx, height - bottom); context.stroke();
+    const step = String(Math.round(minX + (i / 4) * (maxX - minX)));
+    context.fillText(step, Math.min(gx - context.measureText(step).width / 2, width - right - context.measureText(step).width), height - bottom + 13);
+  }
+  context.fillStyle = "#334";
+  context.fillText("step", left + (width - left - right) / 2 - 10, height - 4);
+  context.save();
+  context.translate(11, top + (height - top - bottom) / 2 + 14);
+  context.rotate(-Math.PI / 2);
+  context.fillText(yTitle, 0, 0);
+  context.restore();
+  for (const line of [...lines].reverse()) { // the run shown is drawn last, on top of the one compared
+    context.strokeStyle = line.color;
+    context.lineWidth = 1.5;
+    context.beginPath();
+    line.series.forEach((p, i) => (i ? context.lineTo(x(p[0]), y(value(p[1]))) : context.moveTo(x(p[0]), y(value(p[1])))));
+    context.stroke();
+    if (line.series.length === 1) { context.fillStyle = line.color; context.fillRect(x(line.series[0][0]) - 2, y(value(line.series[0][1])) - 2, 4, 4); }
+  }
 }
 
 let pollTimer = null;
+let polling = false;
 async function pollRun() {
   clearTimeout(pollTimer);
+  if (polling) return;
+  polling = true;
   try {
-    renderRun(await api("GET", "/api/run"));
+    const run = view.run ? await api("GET", `/api/run?path=${encodeURIComponent(view.run)}`) : await api("GET", "/api/run");
+    let other = null;
+    if (view.compare && view.compare !== view.run) {
+      other = await api("GET", `/api/run?path=${encodeURIComponent(view.compare)}`).catch(() => null);
+    }
+    renderRun(run, other);
+    const listed = state.runs.find((r) => r.path === run.path);
+    if (listed && (listed.state !== run.state || listed.step !== run.step)) refreshRuns();
   } catch (error) {
+    if (error.status === 404 && view.run) remember({ run: null }); // the run's folder is gone: show the newest
     $("#run-state").textContent = `(${error.message})`;
+  } finally {
+    polling = false;
   }
   if ($("#page-training").classList.contains("active")) pollTimer = setTimeout(pollRun, 1000);
 }
 
-function renderRun(run) {
+const link = (path, text) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, target: "_blank" }, text || path);
+
+function renderRun(run, other) {
+  state.run = run.workspace ? run : null;
+  updateButtons();
   $("#run-workspace").textContent = run.workspace || "none (start a run, or watch a workspace)";
   if (!run.workspace) return;
-  if (!$("#watch-path").value) $("#watch-path").value = run.workspace;
+  if (!view.run) remember({ run: run.path });
+  $("#run-id").textContent = run.id === "." ? "" : run.id;
   const progress = run.progress || {};
-  let stateText = run.running ? "training" : progress.state || (run.result ? "finished" : "not running");
-  if (run.running && !run.progress) stateText = "starting (surveying data, encoding, loading the model)";
-  if (!run.running && progress.state === "training") stateText = "ended without finishing (see the log)";
-  if (run.owned && run.exit_code !== null && run.exit_code !== undefined) stateText += ` (exit code ${run.exit_code})`;
+  let stateText = run.state;
+  if (run.state === "starting") stateText = "starting (surveying data, encoding, loading the model)";
+  if (run.state === "failed") stateText = `failed (exit code ${run.exit_code}; see the log)`;
+  if (run.state === "ended without finishing") stateText += " (see the log; Resume continues from the newest backup)";
   $("#run-state").textContent = stateText;
-  $("#run-state").dataset.state = run.running ? "running" : progress.state || "idle";
-  $("#run-step").textContent = progress.total_steps ? `${progress.step} / ${progress.total_steps}` : "-";
-  $("#run-progress").max = progress.total_steps || 1;
+  $("#run-state").dataset.state = run.state;
+  const total = progress.total_steps;
+  $("#run-step").textContent = total ? `${progress.step} / ${total} (${Math.floor((100 * progress.step) / total)}%)` : "-";
+  $("#run-progress").max = total || 1;
   $("#run-progress").value = progress.step || 0;
-  $("#run-epoch").textContent = progress.epoch ?? "-";
+  $("#run-epoch").textContent = progress.epoch ? `${progress.epoch} / ${run.epochs}` : "-";
+  $("#run-speed").textContent = progress.seconds_per_step ? `${progress.seconds_per_step.toFixed(2)} s/step` : run.running ? "measuring…" : "-";
   $("#run-elapsed").textContent = duration(progress.elapsed_seconds);
   $("#run-eta").textContent = run.running && progress.eta_seconds !== undefined
     ? (progress.eta_seconds === null ? "measuring…" : duration(progress.eta_seconds))
-    : progress.state === "done" ? "done" : "-";
+    : run.state === "done" ? "done" : "-";
   const memory = progress.memory || {};
   const memoryParts = [];
-  if (memory.rss_mb !== undefined) memoryParts.push(`RAM ${memory.rss_mb} MB (peak ${memory.peak_rss_mb} MB)`);
+  if (run.live_rss_mb) memoryParts.push(`RAM ${run.live_rss_mb} MB now`);
+  else if (memory.rss_mb !== undefined) memoryParts.push(`RAM ${memory.rss_mb} MB`);
+  if (memory.peak_rss_mb !== undefined) memoryParts.push(`peak ${memory.peak_rss_mb} MB`);
   if (memory.cuda_allocated_mb !== undefined) memoryParts.push(`GPU ${memory.cuda_allocated_mb} MB (peak ${memory.cuda_peak_mb} MB)`);
   $("#run-memory").textContent = memoryParts.join(", ") || "-";
   const scalars = run.scalars || {};
@@ -526,29 +801,44 @@ function renderRun(run) {
     const series = scalars[tag];
     return series.length ? `${tag === "lr" ? "" : tag.slice(3) + " "}${series[series.length - 1][1].toExponential(2)}` : "";
   }).filter(Boolean).join(", ") || "-";
-  drawChart($("#loss-chart"), loss, "#2b6cb0");
-  drawChart($("#lr-chart"), lrTags.length ? scalars[lrTags[0]] : [], "#c05621");
+  const lossLines = [{ series: loss, color: "#2b6cb0", label: run.id }];
+  const lrLines = [{ series: lrTags.length ? scalars[lrTags[0]] : [], color: "#c05621", label: run.id }];
+  if (other && other.scalars) {
+    lossLines.push({ series: other.scalars.loss || [], color: "#38a169", label: other.id });
+    const otherLr = Object.keys(other.scalars).find((tag) => tag === "lr" || tag.startsWith("lr/"));
+    lrLines.push({ series: otherLr ? other.scalars[otherLr] : [], color: "#38a169", label: other.id });
+  }
+  $("#chart-legend").replaceChildren(...lossLines.map((line) => el("span", { style: `color:${line.color}` }, `■ ${line.label}`)));
+  drawChart($("#loss-chart"), lossLines, "loss");
+  drawChart($("#lr-chart"), lrLines, "learning rate");
+  $("#loss-chart").dataset.compared = String(other && other.scalars && other.scalars.loss ? other.scalars.loss.length : 0);
 
   const samples = $("#samples");
-  const present = new Set(run.samples.map((s) => s.name));
-  for (const figure of [...samples.children]) if (!present.has(figure.dataset.name)) figure.remove();
+  const present = new Set(run.samples.map((s) => s.path));
+  for (const figure of [...samples.children]) if (!present.has(figure.dataset.path)) figure.remove();
   for (const sample of run.samples) {
-    const url = `${sample.url}?v=${sample.modified}`;
-    let figure = samples.querySelector(`figure[data-name="${CSS.escape(sample.name)}"]`);
+    const url = `${sample.url}&v=${sample.modified}`;
+    let figure = samples.querySelector(`figure[data-path="${CSS.escape(sample.path)}"]`);
     if (figure && figure.dataset.url !== url) { figure.remove(); figure = null; }
     if (!figure) {
-      figure = el("figure", { dataset: { name: sample.name, url } },
+      const when = sample.step !== null ? `step ${sample.step}` : sample.epoch !== null ? `epoch ${sample.epoch}` : sample.name;
+      figure = el("figure", { dataset: { path: sample.path, url, name: sample.name, step: sample.step ?? "" } },
         el("video", { src: url, controls: true, loop: true, muted: true, preload: "auto", playsinline: true }),
-        el("figcaption", {}, sample.name));
+        el("figcaption", {}, el("strong", {}, when + (sample.asked ? " (asked for)" : "")), el("br"),
+          sample.prompt ? `“${sample.prompt}”` : sample.name));
       samples.prepend(figure);
     }
   }
+  if (!run.samples.length && !samples.querySelector(".none")) samples.append(el("p", { class: "none hint" }, "no samples yet"));
+  if (run.samples.length) for (const none of samples.querySelectorAll(".none")) none.remove();
   $("#backups").replaceChildren(...run.backups.map((backup) => el("li", { dataset: { name: backup.name } },
-    `${backup.name}`, backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
-  if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "none yet"));
+    "backup ", link(`${backup.path}/backup.json`, backup.name), backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
+  if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "no backups yet"));
+  $("#outputs").replaceChildren(...run.saves.map((path) => el("li", { class: "save" }, "saved ", link(path))),
+    ...run.outputs.map((path) => el("li", { class: "output" }, "model ", link(path))));
   const result = run.result;
   $("#run-result").replaceChildren(...(result && !run.running ? [el("p", {},
-    `${result.interrupted ? "Stopped early (continue with --resume)" : "Finished"} after ${result.steps} steps; model: ${(result.loras || [result.lora]).join(", ")}`)] : []));
+    `${result.interrupted ? "Stopped early (Resume continues it)" : "Finished"} after ${result.steps} steps.`)] : []));
   const logBox = $("#run-log");
   const atBottom = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 5;
   logBox.textContent = run.log || "";
@@ -560,8 +850,21 @@ function renderRun(run) {
   state.schema = await api("GET", "/api/schema");
   const { presets } = await api("GET", "/api/presets");
   $("#preset-select").replaceChildren(...presets.map((name) => el("option", { value: name }, name)));
+  if (presets.includes("#wan 2.1 LoRA")) $("#preset-select").value = "#wan 2.1 LoRA";
+  renderGroups();
+  const working = await api("GET", "/api/working");
+  if (working.config) {
+    state.config = working.config;
+    state.source = working.source || "";
+    state.touched = true;
+    $("#save-path").value = working.save_path || "";
+    message("#config-message", `the config as last edited${state.source ? ` (from ${state.source})` : ""}`);
+  }
   renderForm();
-  validateNow();
-  pollRun();
+  if (state.touched) await validateNow();
+  else { showErrors(); updateButtons(); }
+  showPage(view.page || "config");
+  await refreshRuns();
   document.body.dataset.ready = "1";
 })();
+window.addEventListener("resize", () => { if (state.run) pollRun(); });
