@@ -360,6 +360,29 @@ def _chart_steps(page) -> list[int]:
     return json.loads(page.locator("#loss-chart").get_attribute("data-steps"))
 
 
+def test_the_validation_loss_is_drawn_beside_the_training_loss(ui):
+    """A run with a VALIDATION concept (run from the command line, watched): its held-out loss is a second line on
+    the loss chart."""
+    from playwright.sync_api import expect
+
+    from motiontune.cli import main
+
+    held_out = ui.root / "held-out"
+    held_out.mkdir()
+    shutil.copy(DATA / "big_buck_bunny_432_433.webm", held_out / "rabbit.webm")
+    config = tiny_training_config(ui.root / "validated", ui.model)
+    config.update(concepts=[{"path": str(ui.dataset)}, {"name": "held out", "path": str(held_out), "type": "VALIDATION"}],
+                  epochs=2, sample_after_unit="NEVER", validation=True, validate_after=1, validate_after_unit="STEP")
+    (ui.root / "validated.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(ui.root / "validated.json")]) == 0
+    page = ui.page()
+    page.click("#tab-training")
+    page.fill("#watch-path", config["workspace_dir"])
+    page.click("#watch")
+    expect(page.locator("#chart-legend span")).to_have_count(2, timeout=15_000)
+    expect(page.locator("#chart-legend span").nth(1)).to_contain_text("validation")
+
+
 def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     """A run in its own folder; a reload mid-run keeps the form; Sample now writes a sample at the step then;
     Backup now and Save now; Stop; Resume continues the same run (step count and chart unbroken); a second run

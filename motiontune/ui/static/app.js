@@ -802,6 +802,8 @@ function renderRun(run, other) {
     return series.length ? `${tag === "lr" ? "" : tag.slice(3) + " "}${series[series.length - 1][1].toExponential(2)}` : "";
   }).filter(Boolean).join(", ") || "-";
   const lossLines = [{ series: loss, color: "#2b6cb0", label: run.id }];
+  const validation = scalars["loss/validation_step/total_average"];  // VALIDATION concepts' clips, never trained on
+  if (validation && validation.length) lossLines.push({ series: validation, color: "#805ad5", label: `${run.id} validation` });
   const lrLines = [{ series: lrTags.length ? scalars[lrTags[0]] : [], color: "#c05621", label: run.id }];
   if (other && other.scalars) {
     lossLines.push({ series: other.scalars.loss || [], color: "#38a169", label: other.id });
