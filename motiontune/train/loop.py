@@ -31,7 +31,7 @@ from .memory import compile_blocks, prepare_memory
 from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
 from .step import ExpertTraining, Step
 from .text_conditioning import TextConditioning
-from .validation import Validation
+from .validation import Validation, trained_clips, validation_clips
 
 log = logging.getLogger("motiontune")
 
@@ -110,7 +110,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         clips, finished = data.clips, False
         for epoch in range(position.epoch, config.epochs):
             if data.moving_windows and epoch > 0:  # new clip windows or image variants: encoded, or read from the cache
-                clips = _trained(data.encoding.clips(data.survey, data.encoding.window_variant(epoch)))
+                clips = trained_clips(data.encoding.clips(data.survey, data.encoding.window_variant(epoch)))
                 family.park_vae()
             batches = epoch_batches([c.shape for c in clips], [c.repeats for c in clips], global_batch_size,
                                     config.video_config.video_batch_size_multiplier, config.seed, epoch)
@@ -183,7 +183,7 @@ def _setup_data(config: TrainConfig, family: ModelFamily, ranks: Ranks) -> _Data
         (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
     encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching), ranks)
     encoded = encoding.clips(survey, encoding.window_variant(0))
-    clips, validation_clips = _trained(encoded), _validation_clips(encoded, config)
+    clips, held_out = trained_clips(encoded), validation_clips(encoded, config)
     caption_dropout = config.text_encoder.dropout_probability
     texts = {c for clip in encoded for c in clip.captions} | sample_prompts(config) | ({""} if caption_dropout > 0 else set())
     text_embeddings = encoding.texts(texts)
@@ -199,30 +199,8 @@ def _setup_data(config: TrainConfig, family: ModelFamily, ranks: Ranks) -> _Data
         log.info("concept image variations (crop jitter, flip): each variant is encoded once, then read from the cache")
     text_side = TextConditioning(family, config, text_embeddings)  # cached, or live when the text side trains
     encoding.release(keep_vae=bool(sample_requests) or moving_windows, keep_text=text_side.live)
-    return _Data(survey, encoding, clips, text_side, sample_requests, validation_clips, moving_windows)
+    return _Data(survey, encoding, clips, text_side, sample_requests, held_out, moving_windows)
 
-
-def _trained(clips: list) -> list:
-    """The clips that train: all but the VALIDATION concepts'."""
-    trained = [clip for clip in clips if clip.role != "VALIDATION"]
-    if not trained:
-        raise ConfigError("every clip belongs to a VALIDATION concept, so nothing trains; give at least one concept "
-                          "type STANDARD (VALIDATION concepts are only measured)")
-    return trained
-
-
-def _validation_clips(clips: list, config: TrainConfig) -> list:
-    held_out = [clip for clip in clips if clip.role == "VALIDATION"]
-    if held_out and not config.validation:
-        log.warning("%d clips of VALIDATION concepts are left out of training and not measured; set `validation` "
-                    "true to log their loss every `validate_after` %s", len(held_out), config.validate_after_unit.lower())
-    elif config.validation and not held_out:
-        raise ConfigError("`validation` is true but no concept is of type VALIDATION: add a concept of clips to measure "
-                          "(\"type\": \"VALIDATION\"), or set validation false")
-    elif held_out:
-        log.info("validation: %d clips (%s), measured every %d %s", len(held_out),
-                 ", ".join(sorted({c.concept for c in held_out})), config.validate_after, config.validate_after_unit.lower())
-    return held_out
 
 
 def _setup_experts(config: TrainConfig, family: ModelFamily, ranks: Ranks, device: torch.device,

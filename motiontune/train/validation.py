@@ -4,13 +4,17 @@ model generalises, not that the draws were kind. Logged under OneTrainer's names
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import torch
 
+from ..config import ConfigError, TrainConfig
 from ..models import ModelFamily
 from .flow import flow_target, noisy_latents
 from .losses import flow_matching_loss
+
+log = logging.getLogger("motiontune")
 
 # where in each trained noise range the clips are noised: evenly spread, the ends left out
 LEVELS = (0.125, 0.375, 0.625, 0.875)
@@ -59,3 +63,26 @@ class Validation:
         every = [value for v in per_concept.values() for value in v]
         values["total_average"] = sum(every) / len(every)
         return values
+
+
+def trained_clips(clips: list) -> list:
+    """The clips that train: all but the VALIDATION concepts'."""
+    trained = [clip for clip in clips if clip.role != "VALIDATION"]
+    if not trained:
+        raise ConfigError("every clip belongs to a VALIDATION concept, so nothing trains; give at least one concept "
+                          "type STANDARD (VALIDATION concepts are only measured)")
+    return trained
+
+
+def validation_clips(clips: list, config: TrainConfig) -> list:
+    held_out = [clip for clip in clips if clip.role == "VALIDATION"]
+    if held_out and not config.validation:
+        log.warning("%d clips of VALIDATION concepts are left out of training and not measured; set `validation` "
+                    "true to log their loss every `validate_after` %s", len(held_out), config.validate_after_unit.lower())
+    elif config.validation and not held_out:
+        raise ConfigError("`validation` is true but no concept is of type VALIDATION: add a concept of clips to measure "
+                          "(\"type\": \"VALIDATION\"), or set validation false")
+    elif held_out:
+        log.info("validation: %d clips (%s), measured every %d %s", len(held_out),
+                 ", ".join(sorted({c.concept for c in held_out})), config.validate_after, config.validate_after_unit.lower())
+    return held_out
