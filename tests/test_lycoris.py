@@ -1,0 +1,210 @@
+"""LoHa, LoKr and DoRA (`peft_type`, `lora_decompose`): trained with `motiontune train` on WAN 2.1 and
+HunyuanVideo, then
+- loaded with no motiontune code into the stock pipeline (DoRA: `load_lora_weights`; LoKr: diffusers'
+  `transformer.load_lora_adapter`, as the WAN and HunyuanVideo pipelines' `load_lora_weights` only take LoRA names;
+  LoHa, which diffusers does not read: peft's `inject_adapter_in_model` + `set_peft_model_state_dict`), whose samples
+  move towards the trained clip;
+- the default file (COMFY_LORA, ComfyUI's LyCORIS names) applied to the original-layout weights as ComfyUI's
+  comfy/weight_adapter/ computes it (written out here from the saved tensors), converted back by diffusers, equals the
+  transformer with the trained adapter merged by peft (its own `get_delta_weight`, DoRA's magnitude included);
+- a run continued from a backup ends with the same adapter as the run that was not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from motiontune.methods import lora
+from test_lora_end_to_end import _channel_stats_distance, _make_clip, _stock_target_latents
+from test_lora_formats import also_saved_as, hunyuan_width, original_layout, real_width_as
+
+KINDS = {"loha": {"peft_type": "LOHA"}, "lokr": {"peft_type": "LOKR", "lokr_dim": 4}, "dora": {"lora_decompose": True}}
+# tiny model → model type, stock pipeline, config keys (timestep shifts as the tiny models' schedulers)
+FAMILIES = {
+    "wan-2.1": ("WAN_2_1_T2V", "WanPipeline", {"timestep_shift": 3.0}),
+    "hunyuan-video": ("HUNYUAN_VIDEO", "HunyuanVideoPipeline", {"timestep_shift": 7.0}),
+}
+EPOCHS, SEEDS, STEPS = 120, range(4), 12
+EQUAL = 1e-5  # relative difference of weights that counts as equal (float32 rounding)
+SUFFIXES = {  # ComfyUI's names for each kind's tensors (comfy/weight_adapter/lora.py, loha.py, lokr.py, comfy/lora.py)
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"),
+    "dora": ("lora_A.weight", "lora_B.weight", "dora_scale", "alpha"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tmp_path_factory):
+    """(kind, tiny model) → (model folder, clip, default COMFY_LORA file, DIFFUSERS_LORA file of the same adapter)."""
+    done = {}
+
+    def get(kind: str, family: str):
+        if (kind, family) not in done:
+            model_type, _, keys = FAMILIES[family]
+            model, folder = tiny_models(family), tmp_path_factory.mktemp(f"{kind}-{family}")
+            clip = _make_clip(folder / "data", 32)
+            config = base_config(folder, model, clip.parent, model_type=model_type, resolution="32", epochs=EPOCHS,
+                                 learning_rate=1e-2, lora_rank=8, lora_alpha=4,  # alpha != rank: files keep the scale
+                                 video_config={"max_frames": 9, "target_fps": 16.0}, **keys, **KINDS[kind])
+            with also_saved_as(lora, "DIFFUSERS_LORA", lambda path: path.with_name(f"{path.stem}-diffusers{path.suffix}")):
+                assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 0
+            done[kind, family] = (model, clip, folder / "lora.safetensors", folder / "lora-diffusers.safetensors")
+        return done[kind, family]
+
+    return get
+
+
+def load_stock(kind: str, transformer_or_pipe, path: Path) -> None:
+    """The adapter file into the stock pipeline (or transformer) by diffusers where it can, else by peft."""
+    if kind == "dora":
+        transformer_or_pipe.load_lora_weights(str(path))
+        return
+    transformer = getattr(transformer_or_pipe, "transformer", transformer_or_pipe)
+    if kind == "lokr":
+        # a folder and weight_name: given only a file's path, diffusers 0.42.1 skips its metadata (alpha)
+        transformer.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="transformer")
+        return
+    from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    with safe_open(str(path), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    config = LoHaConfig(**{k.removeprefix("transformer."): v for k, v in metadata.items()})
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    inject_adapter_in_model(config, transformer)
+    assert not set_peft_model_state_dict(transformer, state).unexpected_keys
+
+
+def stock_pipeline(family: str, model: Path):
+    import diffusers
+
+    pipe = getattr(diffusers, FAMILIES[family][1]).from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def clip_latents(family: str, pipe, clip: Path) -> torch.Tensor:
+    if family == "wan-2.1":
+        return _stock_target_latents(pipe, clip)
+    from test_hunyuan import _clip_latents
+
+    return _clip_latents(pipe, clip)
+
+
+def samples(pipe) -> torch.Tensor:
+    return torch.cat([pipe("moving shapes", height=32, width=32, num_frames=9, num_inference_steps=STEPS, guidance_scale=1.0,
+                           output_type="latent", generator=torch.Generator().manual_seed(seed)).frames for seed in SEEDS])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_stock_pipeline_samples_move_towards_the_trained_clip(kind, family, runs):
+    model, clip, _, diffusers_file = runs(kind, family)
+    pipe = stock_pipeline(family, model)
+    target = clip_latents(family, pipe, clip)
+    without = samples(pipe)
+    load_stock(kind, pipe, diffusers_file)
+    adapted = samples(pipe)
+    mse_ratio = ((adapted - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+    stats_ratio = _channel_stats_distance(adapted, target) / _channel_stats_distance(without, target)
+    print(f"{kind} on {family}: MSE ratio to the clip with/without the adapter {mse_ratio:.3f}; "
+          f"channel statistics ratio {stats_ratio:.3f}")
+    assert mse_ratio < 0.8
+
+
+def merged_by_peft(kind: str, family: str, model: Path, path: Path) -> dict[str, torch.Tensor]:
+    """The stock transformer with the adapter of `path` loaded as above and merged by peft (get_delta_weight)."""
+    import diffusers
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    transformer = getattr(diffusers, _transformer_class(family)).from_pretrained(model, subfolder="transformer")
+    if kind == "dora":  # the same reader as the pipeline's load_lora_weights, on the transformer alone
+        transformer.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="transformer")
+    else:
+        load_stock(kind, transformer, path)
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return plain(transformer)
+
+
+def _transformer_class(family: str) -> str:
+    return {"wan-2.1": "WanTransformer3DModel", "hunyuan-video": "HunyuanVideoTransformer3DModel"}[family]
+
+
+def plain(transformer) -> dict[str, torch.Tensor]:
+    """Weights under the model's own names, adapters left out (a merged layer keeps its weight in `base_layer`)."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in transformer.state_dict().items()
+            if not any(f".{a}" in k for a in lora.ADAPTER_PARAMETERS)}
+
+
+def comfy_applied(kind: str, family: str, model: Path, path: Path) -> tuple[dict, dict]:
+    """(the stock weights, the weights after ComfyUI's way with the file on the original layout, converted back by
+    diffusers). Every key must name an original weight with ComfyUI's suffixes for `kind`, shapes matching."""
+    model_type = FAMILIES[family][0]
+    transformer, original, convert = original_layout(model_type, model, "transformer")
+    stock = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    entries = load_file(str(path))
+    modules = {}
+    for key in entries:
+        suffix = next((s for s in SUFFIXES[kind] if key.endswith(f".{s}")), None)
+        assert suffix is not None, f"{key}: not one of ComfyUI's names for {kind}"
+        modules.setdefault(key.removesuffix(f".{suffix}"), {})[suffix] = entries[key]
+    for module, found in modules.items():
+        name = module.removeprefix("diffusion_model.") + ".weight"
+        assert module.startswith("diffusion_model.") and name in original, f"{module}: no such weight in the original layout"
+        original[name] = comfy_weight(original[name], found)
+    with real_width_as(hunyuan_width(model_type, transformer)):
+        return stock, convert(original)
+
+
+def comfy_weight(weight: torch.Tensor, entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One weight as ComfyUI patches it at strength 1 (read from comfy/weight_adapter/*.py, calculate_weight):
+    LoRA ΔW = up @ down, LoHa ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), LoKr ΔW = kron(w1, w2) with w = w_a @ w_b where
+    split; scale alpha / rank of the entry (LoRA: down's rows; LoHa: w1_b's; LoKr: w2_b's, else w1_b's; LoKr of two
+    full factors: 1) and 1 without `.alpha`; with `dora_scale` of shape (rows, 1) (its output axis),
+    W' = (W + scale ΔW) · dora_scale / ‖W‖ (row norms of the base weight, plus the dtype's eps)."""
+    if "lora_A.weight" in entry:
+        delta, rank = entry["lora_B.weight"] @ entry["lora_A.weight"], entry["lora_A.weight"].shape[0]
+    elif "hada_w1_a" in entry:
+        delta = (entry["hada_w1_a"] @ entry["hada_w1_b"]) * (entry["hada_w2_a"] @ entry["hada_w2_b"])
+        rank = entry["hada_w1_b"].shape[0]
+    else:
+        w1 = entry["lokr_w1"] if "lokr_w1" in entry else entry["lokr_w1_a"] @ entry["lokr_w1_b"]
+        w2 = entry["lokr_w2"] if "lokr_w2" in entry else entry["lokr_w2_a"] @ entry["lokr_w2_b"]
+        delta = torch.kron(w1, w2)
+        rank = entry["lokr_w2_b"].shape[0] if "lokr_w2_b" in entry else entry["lokr_w1_b"].shape[0] if "lokr_w1_b" in entry else None
+    scale = entry["alpha"].item() / rank if "alpha" in entry and rank is not None else 1.0
+    if "dora_scale" not in entry:
+        return weight + scale * delta.reshape(weight.shape)
+    dora_scale = entry["dora_scale"]
+    assert dora_scale.shape == (weight.shape[0], 1)  # the output axis, where ComfyUI divides by the base weight's norm
+    norm = weight.norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps
+    return (weight + scale * delta) * (dora_scale / norm)
+
+
+def relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest relative difference of a weight (absolute where the reference is zero, as some biases are)."""
+    assert sorted(ours) == sorted(reference)
+    return max(((ours[k] - reference[k]).norm() / max(reference[k].norm(), 1.0)).item() for k in reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_comfy_file_applies_as_the_trained_adapter_merged_by_peft(kind, family, runs):
+    model, _, comfy_file, diffusers_file = runs(kind, family)
+    stock, comfy = comfy_applied(kind, family, model, comfy_file)
+    reference = merged_by_peft(kind, family, model, diffusers_file)
+    gap = relative_difference(comfy, reference)
+    change = relative_difference(reference, stock)
+    print(f"{kind} on {family}: ComfyUI's way on the original layout vs peft's merge: {gap:.2e} (largest change {change:.2e})")
+    assert change > 1e-3 and gap <= EQUAL
