@@ -208,3 +208,55 @@ def test_comfy_file_applies_as_the_trained_adapter_merged_by_peft(kind, family, 
     change = relative_difference(reference, stock)
     print(f"{kind} on {family}: ComfyUI's way on the original layout vs peft's merge: {gap:.2e} (largest change {change:.2e})")
     assert change > 1e-3 and gap <= EQUAL
+
+
+# memory options ride along (checkpointing with block inputs in host memory, half the blocks streamed; or checkpointing)
+RESUME_MEMORY = {"loha": {"gradient_checkpointing": "CPU_OFFLOADED", "layer_offload_fraction": 0.5},
+                 "lokr": {"transformer": {"gradient_checkpointing": True}}, "dora": {}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_run_continued_from_a_mid_run_backup_ends_with_the_same_adapter(kind, tiny_models, dataset, tmp_path):
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=3, learning_rate=1e-2, backup_after=2,
+                         backup_after_unit="STEP", video_config={"max_frames": 5, "target_fps": 8.0},
+                         **KINDS[kind], **RESUME_MEMORY[kind])
+    path = write_config(tmp_path / "config.json", **config)
+    assert main(["train", "--config", str(path)]) == 0
+    reference = load_file(config["output_model_destination"])
+    backups = sorted((tmp_path / "workspace" / "backup").glob("step-*"))
+    middle = backups[0]  # after 2 of the 6 steps
+    assert json.loads((middle / "backup.json").read_text())["step"] == 2
+    for later in backups[1:]:
+        shutil.rmtree(later)
+    Path(config["output_model_destination"]).unlink()
+    assert main(["train", "--config", str(path), "--resume", str(middle)]) == 0
+    resumed = load_file(config["output_model_destination"])
+    assert sorted(resumed) == sorted(reference) and any(k.endswith(SUFFIXES[kind][0]) for k in resumed)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_adapter_settings_are_checked_by_name(tmp_path):
+    """OneTrainer's spellings load; combinations peft cannot do are refused naming the keys and what to do."""
+    from motiontune.config import ConfigError
+    from motiontune.configure import load_config
+
+    def problems(**keys) -> str:
+        path = write_config(tmp_path / "c.json", **{"concepts": [{"path": str(tmp_path)}], **keys})
+        with pytest.raises(ConfigError) as error:
+            load_config(str(path))
+        return str(error.value)
+
+    path = write_config(tmp_path / "ot.json", peft_type="LOKR", lokr_dim=8, lokr_decompose_both=False, lokr_decompose_factor=-1,
+                        lokr_use_tucker=False, lokr_weight_decompose=False, lokr_dora_on_output=True, lokr_full_matrix=False,
+                        lokr_vec_trick=True, lora_decompose=False, lora_decompose_norm_epsilon=True,
+                        lora_decompose_output_axis=True, min_noising_strength=0.1, max_noising_strength=0.9)
+    assert load_config(str(path)).peft_type == "LOKR"
+    assert "transformer.weight_dtype = FLOAT_8 with LOHA" in problems(peft_type="LOHA", transformer={"weight_dtype": "FLOAT_8"})
+    assert "DoRA (lora_decompose)" in problems(lora_decompose=True, transformer={"weight_dtype": "NFLOAT_4"})
+    assert "lora_decompose = true with peft_type = LOKR" in problems(peft_type="LOKR", lora_decompose=True)
+    assert "lora_dropout = 0.1 with peft_type = LOHA" in problems(peft_type="LOHA", lora_dropout=0.1)
+    assert "peft_type = \"OFT_2\": not supported yet" in problems(peft_type="OFT_2")
+    assert "lora_decompose_output_axis = false" in problems(lora_decompose=True, lora_decompose_output_axis=False)
+    assert "lokr_weight_decompose = true" in problems(peft_type="LOKR", lokr_weight_decompose=True)
+    assert "peft_type" in problems(peft_type="LOCON")
+    assert "text_encoder.min_noising_strength" in problems(text_encoder={"min_noising_strength": 0.2})

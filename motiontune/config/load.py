@@ -203,6 +203,9 @@ def _adapter_problems(config: TrainConfig) -> list[str]:
     if config.lora_decompose and config.peft_type != "LORA":
         problems.append(f"  - lora_decompose = true with peft_type = {config.peft_type}: DoRA is built for peft_type LORA "
                         "only; set lora_decompose to false, or peft_type to LORA")
+    if config.lora_dropout and config.peft_type != "LORA":
+        problems.append(f"  - lora_dropout = {config.lora_dropout} with peft_type = {config.peft_type}: peft's {config.peft_type} "
+                        "has no input dropout; set lora_dropout to 0")
     kind = "DoRA (lora_decompose)" if config.lora_decompose else config.peft_type
     if kind != "LORA":
         for part in ("transformer", "transformer_2"):
