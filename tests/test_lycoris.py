@@ -5,10 +5,11 @@ HunyuanVideo, then
   LoHa, which diffusers does not read: peft's `inject_adapter_in_model` + `set_peft_model_state_dict`), whose samples
   move towards the trained clip. Measured (150 steps, 4 seeds), MSE ratio with/without the adapter and per-channel
   statistics ratio: WAN 2.1 LoHa 0.79 / 0.22, LoKr 0.79 / 0.25, DoRA 0.79 / 0.23; HunyuanVideo LoHa 0.77 / 0.57,
-  LoKr 0.81 / 0.62 (without the fused q, k, v, which a ComfyUI LoKr cannot hold), DoRA 0.78 / 0.57;
+  LoKr 0.81 / 0.63 (without the fused q, k, v, which a ComfyUI LoKr cannot hold), DoRA 0.78 / 0.57;
 - the default file (COMFY_LORA, ComfyUI's LyCORIS names) applied to the original-layout weights as ComfyUI's
   comfy/weight_adapter/ computes it (written out here from the saved tensors), converted back by diffusers, equals the
   transformer with the trained adapter merged by peft (its own `get_delta_weight`, DoRA's magnitude included);
+  Negative controls (a fused entry's rows swapped, `.alpha` or `dora_scale` left out) fail that check;
 - a run continued from a backup ends with the same adapter as the run that was not stopped.
 """
 
@@ -29,7 +30,7 @@ from motiontune.methods import lora
 from test_lora_end_to_end import _channel_stats_distance, _make_clip, _stock_target_latents
 from test_lora_formats import also_saved_as, hunyuan_width, original_layout, real_width_as
 
-KINDS = {"loha": {"peft_type": "LOHA"}, "lokr": {"peft_type": "LOKR", "lokr_dim": 4}, "dora": {"lora_decompose": True}}
+KINDS = {"loha": {"peft_type": "LOHA"}, "lokr": {"peft_type": "LOKR", "lokr_dim": 2}, "dora": {"lora_decompose": True}}
 # tiny model → model type, stock pipeline, config keys (timestep shifts as the tiny models' schedulers)
 FAMILIES = {
     "wan-2.1": ("WAN_2_1_T2V", "WanPipeline", {"timestep_shift": 3.0}),
@@ -266,3 +267,29 @@ def test_adapter_settings_are_checked_by_name(tmp_path):
     assert "lokr_weight_decompose = true" in problems(peft_type="LOKR", lokr_weight_decompose=True)
     assert "peft_type" in problems(peft_type="LOCON")
     assert "text_encoder.min_noising_strength" in problems(text_encoder={"min_noising_strength": 0.2})
+
+
+def test_negative_controls_fail_the_comfy_check(runs, tmp_path):
+    """The check above catches a wrong file: HunyuanVideo's fused LoHa entry with its q and k rows swapped, a WAN
+    LoKr without its `.alpha`, a DoRA file without `dora_scale`."""
+    from safetensors.torch import save_file
+
+    def gap(kind: str, family: str, change) -> float:
+        model, _, comfy_file, diffusers_file = runs(kind, family)
+        entries = load_file(str(comfy_file))
+        change(entries)
+        save_file(entries, str(tmp_path / "changed.safetensors"))
+        _, comfy = comfy_applied(kind, family, model, tmp_path / "changed.safetensors")
+        return relative_difference(comfy, merged_by_peft(kind, family, model, diffusers_file))
+
+    def swap_q_k(entries):
+        key = "diffusion_model.double_blocks.0.img_attn_qkv.hada_w1_a"
+        q, k, v = entries[key].chunk(3)
+        entries[key] = torch.cat([k, q, v])
+
+    def drop(suffix):
+        return lambda entries: [entries.pop(k) for k in [k for k in entries if k.endswith(suffix)]]
+
+    gaps = [gap("loha", "hunyuan-video", swap_q_k), gap("lokr", "wan-2.1", drop(".alpha")), gap("dora", "wan-2.1", drop(".dora_scale"))]
+    print("negative controls (LoHa q/k swapped, LoKr without alpha, DoRA without dora_scale):", [f"{g:.2e}" for g in gaps])
+    assert all(g > 1e3 * EQUAL for g in gaps)
