@@ -267,6 +267,9 @@ def test_adapter_settings_are_checked_by_name(tmp_path):
     assert "lokr_weight_decompose = true" in problems(peft_type="LOKR", lokr_weight_decompose=True)
     assert "peft_type" in problems(peft_type="LOCON")
     assert "text_encoder.min_noising_strength" in problems(text_encoder={"min_noising_strength": 0.2})
+    assert "WAN_2_1_T2V has no second transformer" in problems(transformer_2={"max_noising_strength": 0.5})
+    assert "peft_type = \"LOHA\": a FINE_TUNE run trains no adapter" in problems(peft_type="LOHA", training_method="FINE_TUNE",
+                                                                                 output_model_format="DIFFUSERS")
 
 
 def test_negative_controls_fail_the_comfy_check(runs, tmp_path):

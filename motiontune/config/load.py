@@ -198,7 +198,10 @@ def _memory_problems(config: TrainConfig) -> list[str]:
 def _adapter_problems(config: TrainConfig) -> list[str]:
     """Adapter kinds (peft_type, DoRA) against each other and against quantized base weights."""
     if config.training_method != "LORA":
-        return []
+        chosen = [f"{k} = {json.dumps(v)}" for k, v in (("peft_type", config.peft_type), ("lora_decompose", config.lora_decompose))
+                  if v not in ("LORA", False)]
+        return [f"  - {key}: a {config.training_method} run trains no adapter; remove it, or set training_method to LORA"
+                for key in chosen]
     problems = []
     if config.lora_decompose and config.peft_type != "LORA":
         problems.append(f"  - lora_decompose = true with peft_type = {config.peft_type}: DoRA is built for peft_type LORA "

@@ -50,7 +50,8 @@ class ModelPartConfig(Strict):
 
     @model_validator(mode="after")
     def _noise_range(self):
-        if None not in (self.min_noising_strength, self.max_noising_strength) and self.min_noising_strength >= self.max_noising_strength:
+        low, high = self.min_noising_strength, self.max_noising_strength
+        if low is not None and high is not None and low >= high:
             raise ValueError(f"min_noising_strength ({self.min_noising_strength}) must be below max_noising_strength "
                              f"({self.max_noising_strength})")
         return self
