@@ -3,9 +3,8 @@ transformer, and saving them in each output format."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict
@@ -86,20 +85,20 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
             metadata = expert.module.peft_config[ADAPTER].to_dict()
             family.save_diffusers_lora(str(written.parent), written.name, state, metadata)
         elif output_format == "COMFY_LORA":
-            save_file(comfy_state_dict(family, expert.module, state, config.lora_alpha), str(written),
+            save_file(comfy_state_dict(family, expert.module, state), str(written),
                       metadata={"peft_type": config.peft_type + (" (DoRA)" if config.lora_decompose else "")})
         else:
             raise ValueError(f"unknown output_model_format {output_format!r}")
     return destination
 
 
-def comfy_state_dict(family: ModelFamily, module: torch.nn.Module, state: dict[str, torch.Tensor],
-                     alpha: float) -> dict[str, torch.Tensor]:
+def comfy_state_dict(family: ModelFamily, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter in the original layout, which ComfyUI (and, for LoRA, diffusers' converters) read, with ComfyUI's
     names: `diffusion_model.<original module>.lora_A.weight` / `.lora_B.weight` (+ `.dora_scale` for DoRA),
     `.hada_w1_a` / `.hada_w1_b` / `.hada_w2_a` / `.hada_w2_b` (LoHa), `.lokr_w1[_a/_b]` / `.lokr_w2[_a/_b]` (LoKr), and
     `.alpha` where the family's readers all scale by it (ComfyUI: scale = alpha / rank of the entry, 1 without
-    `.alpha`); else the scale is folded into the first factor. docs/formats.md has the check of each formula.
+    `.alpha`); else the scale is folded into the first factor. The scale is peft's own, read from each adapted layer
+    of `module`. docs/formats.md has the check of each formula.
 
     Where the original layout fuses several adapted modules into one (HunyuanVideo's q, k, v), that module gets one
     entry: the parts' down factors stacked, their up factors block-diagonal, so each part's update lands only on its
