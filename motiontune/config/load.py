@@ -205,6 +205,33 @@ def _compile_problems(config: TrainConfig) -> list[str]:
     return []
 
 
+def _adapter_problems(config: TrainConfig) -> list[str]:
+    """Adapter kinds (peft_type, DoRA) against each other and against quantized base weights."""
+    if config.training_method != "LORA":
+        chosen = [f"{k} = {json.dumps(v)}" for k, v in (("peft_type", config.peft_type), ("lora_decompose", config.lora_decompose))
+                  if v not in ("LORA", False)]
+        return [f"  - {key}: a {config.training_method} run trains no adapter; remove it, or set training_method to LORA"
+                for key in chosen]
+    problems = []
+    if config.lora_decompose and config.peft_type != "LORA":
+        problems.append(f"  - lora_decompose = true with peft_type = {config.peft_type}: DoRA is built for peft_type LORA "
+                        "only; set lora_decompose to false, or peft_type to LORA")
+    if config.lora_dropout and config.peft_type != "LORA":
+        problems.append(f"  - lora_dropout = {config.lora_dropout} with peft_type = {config.peft_type}: peft's {config.peft_type} "
+                        "has no input dropout; set lora_dropout to 0")
+    kind = "DoRA (lora_decompose)" if config.lora_decompose else config.peft_type
+    if kind != "LORA":
+        for part in ("transformer", "transformer_2"):
+            settings = getattr(config, part)
+            storage = settings.weight_dtype or config.train_dtype
+            if settings.train and storage in ("FLOAT_8", "NFLOAT_4"):
+                problems.append(
+                    f"  - {part}.weight_dtype = {storage} with {kind}: peft's {kind} reads the layer's plain weight, which "
+                    f"a quantized layer does not keep; use peft_type LORA with lora_decompose false on a quantized model, "
+                    f"or set {part}.weight_dtype to BFLOAT_16")
+    return problems
+
+
 def image_file_problem(path: str) -> str | None:
     """What is wrong with a picture file a config names, if anything."""
     from PIL import Image
@@ -229,7 +256,8 @@ def config_problems(config: TrainConfig) -> list[str]:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
-    problems += _text_training_problems(config) + _memory_problems(config) + _compile_problems(config)
+    problems += (_text_training_problems(config) + _memory_problems(config) + _compile_problems(config)
+                 + _adapter_problems(config))
     for index, concept in enumerate(config.concepts or []):
         if concept.enabled:
             problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept, config.training_method)]

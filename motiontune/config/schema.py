@@ -43,6 +43,18 @@ class ModelPartConfig(Strict):
     # this transformer stops after this many optimizer steps; with two WAN 2.2 experts the other one then gets
     # every noise level's share of the steps until it reaches its own count or the epochs end
     max_steps: int | None = Field(None, ge=1)
+    # the noise levels (σ, the shifted one the transformer sees) this transformer trains on, inside its share of
+    # them (WAN 2.2 A14B: the high-noise expert's [boundary, 1], the low-noise one's [0, boundary)); None: all of it
+    min_noising_strength: float | None = Field(None, ge=0, le=1)
+    max_noising_strength: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _noise_range(self):
+        low, high = self.min_noising_strength, self.max_noising_strength
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"min_noising_strength ({self.min_noising_strength}) must be below max_noising_strength "
+                             f"({self.max_noising_strength})")
+        return self
 
 
 class OptimizerConfig(Strict):
@@ -153,15 +165,37 @@ class TrainConfig(Strict):
     preserve_embedding_norm: bool = False
     embedding_weight_dtype: DType = "FLOAT_32"  # the vectors train in float32
 
-    lora_rank: int = Field(16, ge=1, le=1024)
+    # OneTrainer's PeftType: LORA, LOHA (Hadamard product of two low-rank pairs), LOKR (Kronecker product);
+    # OFT_2 is refused (not built)
+    peft_type: Literal["LORA", "LOHA", "LOKR", "OFT_2"] = "LORA"
+    lora_rank: int = Field(16, ge=1, le=1024)  # LORA and LOHA (LOKR: lokr_dim)
     lora_alpha: float = Field(1.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_decompose: bool = False  # DoRA: LORA with a trained magnitude per output row (peft's use_dora)
+    lora_decompose_norm_epsilon: bool = True  # OneTrainer's key; peft's DoRA norm has no epsilon (see docs/config.md)
+    # peft's DoRA normalises each output row: OneTrainer's `true`; None (unset) means the same; false is refused
+    lora_decompose_output_axis: bool | None = None
+    lokr_dim: int = Field(16, ge=1, le=1024)  # LOKR: the rank of its decomposed Kronecker factor
+    lokr_decompose_both: bool = False  # LOKR: the first Kronecker factor low-rank too
+    lokr_decompose_factor: int = Field(-1, ge=-1)  # LOKR: -1 splits each dimension near its square root
+    # OneTrainer's other LoKr options, accepted at their defaults only (NOT_SUPPORTED_YET)
+    lokr_use_tucker: bool = False
+    lokr_weight_decompose: bool = False
+    lokr_dora_on_output: bool = True
+    lokr_full_matrix: bool = False
+    lokr_vec_trick: bool = True
     layer_filter: str = ""  # comma-separated substrings of module names; empty: the family's default targets
 
     timestep_distribution: Literal["UNIFORM", "LOGIT_NORMAL", "SIGMOID"] = "LOGIT_NORMAL"
     timestep_shift: float = Field(1.0, gt=0, le=100)
     noising_weight: float = Field(0.0, ge=-0.99, le=10)  # normal's scale is 1 + noising_weight
     noising_bias: float = Field(0.0, ge=-10, le=10)  # normal's mean
+    # the noise levels (shifted σ) the whole run trains on; each transformer may narrow its own (`transformer.`...)
+    min_noising_strength: float = Field(0.0, ge=0, le=1)
+    max_noising_strength: float = Field(1.0, ge=0, le=1)
+    # how a range limits the distribution: RESCALE squeezes the whole of it into the range (OneTrainer's way),
+    # CUT keeps only its part inside the range, its shape there unchanged (musubi-tuner's --preserve_distribution_shape)
+    noising_strength_mode: Literal["RESCALE", "CUT"] = "RESCALE"
     seed: int = 42
 
     output_model_destination: str = "models/lora.safetensors"
@@ -241,6 +275,9 @@ class TrainConfig(Strict):
         # neither is checked where the data is read (a config for `estimate` needs no dataset)
         if self.concepts is not None and self.concept_file_name is not None:
             raise ValueError("set only one of `concepts` and `concept_file_name`, not both")
+        if self.min_noising_strength >= self.max_noising_strength:
+            raise ValueError(f"min_noising_strength ({self.min_noising_strength}) must be below max_noising_strength "
+                             f"({self.max_noising_strength})")
         return self
 
     @property
@@ -284,6 +321,17 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),
+    ("text_encoder.min_noising_strength", None, "it applies to the transformers only"),
+    ("text_encoder.max_noising_strength", None, "it applies to the transformers only"),
+    ("vae.min_noising_strength", None, "it applies to the transformers only"),
+    ("vae.max_noising_strength", None, "it applies to the transformers only"),
+    ("peft_type", ("LORA", "LOHA", "LOKR"), "OFT_2 adapters"),
+    ("lora_decompose_output_axis", (None, True), "DoRA on the input axis: peft's DoRA normalises each output row"),
+    ("lokr_use_tucker", False, "Tucker-decomposed LoKr: it only changes convolutions, which no family adapts"),
+    ("lokr_weight_decompose", False, "DoRA on LoKr (lora_decompose works with peft_type LORA)"),
+    ("lokr_dora_on_output", True, "DoRA on LoKr"),
+    ("lokr_full_matrix", False, "a forced full second LoKr factor"),
+    ("lokr_vec_trick", True, "OneTrainer's LoKr forward; peft computes the Kronecker product"),
 ]
 
 

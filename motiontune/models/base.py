@@ -103,6 +103,9 @@ class ModelFamily(ABC):
             problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
         if config.transformer_2.train:
             problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
+        if (config.transformer_2.min_noising_strength, config.transformer_2.max_noising_strength) != (None, None):
+            problems.append(f"  - transformer_2.min_noising_strength / max_noising_strength: {config.model_type} has no second "
+                            "transformer; set the range on transformer (or for the whole run)")
         if not config.transformer.train and config.training_method != "EMBEDDING":  # an embedding run freezes it anyway
             problems.append(f"  - transformer.train = false: a {config.training_method} run needs the transformer trained; set it to true")
         return problems

@@ -22,7 +22,7 @@ from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
 from .backup import Position
-from .flow import flow_target, noisy_latents, predicted_x0, sample_sigmas
+from .flow import NoiseSpan, flow_target, noise_spans, noisy_latents, predicted_x0, sample_spans
 from .losses import audio_loss, frame_dropout_mask, loss_mask, training_loss
 
 log = logging.getLogger("motiontune")
@@ -48,6 +48,35 @@ class ExpertTraining:
     @property
     def done(self) -> bool:
         return self.max_steps is not None and self.steps >= self.max_steps
+
+
+def noise_plan(config: TrainConfig, experts: list[Expert]) -> dict[str, NoiseSpan]:
+    """Each trained transformer's noise levels: its share (routing), its own range (`transformer.min_noising_strength`
+    ...) and the run's (`min_noising_strength` ...), cut or rescaled as `noising_strength_mode` says. Raises
+    ValueError naming the keys when a range leaves a transformer nothing or reaches outside its share."""
+    spans = {}
+    for expert in experts:
+        part = getattr(config, expert.name)
+        try:
+            [spans[expert.name]] = noise_spans(
+                [expert.sigma_range], [(part.min_noising_strength, part.max_noising_strength)],
+                (config.min_noising_strength, config.max_noising_strength), config.noising_strength_mode)
+        except ValueError as error:
+            served = f"the {expert.label.replace('_', '-')} expert" if expert.label else "the transformer"
+            raise ValueError(
+                f"{expert.name}.min_noising_strength / max_noising_strength with min_noising_strength = "
+                f"{config.min_noising_strength}, max_noising_strength = {config.max_noising_strength}: {error} "
+                f"({served}). Give each trained transformer a range inside the noise levels it serves, which overlaps "
+                "the run's range; move WAN 2.2's split between its experts with boundary_ratio") from None
+    return spans
+
+
+def expected_shares(config: TrainConfig, spans: dict[str, NoiseSpan]) -> dict[str, float]:
+    """The fraction of samples each transformer gets (their spans' shares of the distribution's mass)."""
+    masses = {name: span.mass(config.timestep_distribution, config.timestep_shift, config.noising_bias,
+                              1.0 + config.noising_weight) for name, span in spans.items()}
+    total = sum(masses.values())
+    return {name: mass / total for name, mass in masses.items()}
 
 
 class Step:
@@ -78,6 +107,7 @@ class Step:
         self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
         self.nonfinite_in_a_row = 0
         self.skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
+        self.spans = noise_plan(config, [t.expert for t in trainings])  # where each expert's noise levels come from
 
     def accumulate(self, clips: list, batch: list[int]) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one batch (gradients add up until the optimizer step); → the global batch's
@@ -86,7 +116,6 @@ class Step:
         config, video, ranks, device, generators = self.config, self.config.video_config, self.ranks, self.device, self.generators
         # noise levels only where an expert still trains: one that reached max_steps hands its share to the other
         live = [t for t in self.trainings if not t.done]
-        sigma_range = min(t.expert.sigma_range[0] for t in live), max(t.expert.sigma_range[1] for t in live)
         mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
         stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
         images = [clips[i].image_embeds for i in batch]
@@ -94,9 +123,9 @@ class Step:
         x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
         dropout = config.text_encoder.dropout_probability
         captions = ["" if random.random() < dropout else random.choice(clips[i].captions) for i in batch]
-        sigma = sample_sigmas(
-            len(batch), config.timestep_distribution, config.timestep_shift, sigma_range, generators["sigma"],
-            normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
+        sigma = sample_spans(
+            len(batch), [self.spans[t.expert.name] for t in live], config.timestep_distribution, config.timestep_shift,
+            generators["sigma"], normal_mean=config.noising_bias, normal_scale=1.0 + config.noising_weight,
         ).to(device)
         noise = torch.randn(x0.shape, generator=generators["noise"], device=device, dtype=x0.dtype)
         noisy = noisy_latents(x0, noise, sigma)
