@@ -126,15 +126,14 @@ def test_bad_ranges_are_refused_by_name():
 
 
 def test_the_log_states_each_experts_noise_levels_and_share(caplog):
-    """What a run logs after its experts are set up (train/loop.py), for the ranges of the test above (CUT)."""
-    from motiontune.train.loop import _log_noise_levels
-    from motiontune.train.step import ExpertTraining
+    """What a run logs once its step is set up (train/step.py), for the ranges of the test above (CUT)."""
+    from motiontune.train.step import ExpertTraining, log_noise_levels
 
     config = TrainConfig.model_validate({"timestep_shift": 5.0, "noising_strength_mode": "CUT",
                                          "transformer": {"min_noising_strength": 0.9},
                                          "transformer_2": {"min_noising_strength": 0.2, "max_noising_strength": 0.7}})
     trainings = [ExpertTraining(expert, [], None, None) for expert in (HIGH, LOW)]
     with caplog.at_level(logging.INFO, logger="motiontune"):
-        _log_noise_levels(config, trainings, noise_plan(config, [HIGH, LOW]))
+        log_noise_levels(config, trainings, noise_plan(config, [HIGH, LOW]))
     assert caplog.messages == ["high_noise trains on noise levels [0.900, 1.000]: 55.7% of the samples",
                                "low_noise trains on noise levels [0.200, 0.700]: 44.3% of the samples"]

@@ -29,7 +29,7 @@ from .backup import Position, check_resumable, find_backup, load_backup
 from .events import Events, StopRequest, write_result
 from .memory import compile_blocks, prepare_memory
 from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
-from .step import ExpertTraining, Step, expected_shares
+from .step import ExpertTraining, Step
 from .text_conditioning import TextConditioning
 from .validation import Validation, trained_clips, validation_clips
 
@@ -92,11 +92,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     trainings = _setup_experts(config, family, ranks, device, total_steps)
     text_trainings = [t for t in [data.text_side.prepare(total_steps)] if t]  # a trained text encoder or embeddings
     _log_what_trains(config, trainings, total_steps)
-    try:
-        step = Step(family, config, ranks, trainings, text_trainings, data.text_side)
-    except ValueError as error:  # a noise range that leaves a transformer nothing (noise_plan)
-        raise ConfigError(str(error)) from None
-    _log_noise_levels(config, trainings, step.spans)
+    step = Step(family, config, ranks, trainings, text_trainings, data.text_side)
 
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
@@ -243,13 +239,3 @@ def _log_what_trains(config: TrainConfig, trainings: list[ExpertTraining], total
              " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps, trained / 1e6,
              config.optimizer.optimizer, state_bytes / 1e6)
 
-
-def _log_noise_levels(config: TrainConfig, trainings: list[ExpertTraining], spans: dict) -> None:
-    """Each transformer's noise levels and, with several, the fraction of samples each gets."""
-    shares = expected_shares(config, spans)
-    for training in trainings:
-        span = spans[training.expert.name]
-        how = "" if span.source == span.target else f" (the distribution's [{span.source[0]:.3f}, {span.source[1]:.3f}] rescaled)"
-        share = f": {100 * shares[training.expert.name]:.1f}% of the samples" if len(trainings) > 1 else ""
-        log.info("%s trains on noise levels [%.3f, %.3f]%s%s", training.expert.label or training.expert.name,
-                 span.target[0], span.target[1], how, share)

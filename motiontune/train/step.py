@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..methods import METHODS
 from ..models import ModelFamily
 from ..data.survey import sampling_grid
@@ -79,6 +79,17 @@ def expected_shares(config: TrainConfig, spans: dict[str, NoiseSpan]) -> dict[st
     return {name: mass / total for name, mass in masses.items()}
 
 
+def log_noise_levels(config: TrainConfig, trainings: list[ExpertTraining], spans: dict) -> None:
+    """Each transformer's noise levels and, with several, the fraction of samples each gets."""
+    shares = expected_shares(config, spans)
+    for training in trainings:
+        span = spans[training.expert.name]
+        how = "" if span.source == span.target else f" (the distribution's [{span.source[0]:.3f}, {span.source[1]:.3f}] rescaled)"
+        share = f": {100 * shares[training.expert.name]:.1f}% of the samples" if len(trainings) > 1 else ""
+        log.info("%s trains on noise levels [%.3f, %.3f]%s%s", training.expert.label or training.expert.name,
+                 span.target[0], span.target[1], how, share)
+
+
 class Step:
     """What a step needs across the run: the random generators (backed up), the float16 loss scaler, the
     samples each expert received since the last optimizer step, and the non-finite streak."""
@@ -107,7 +118,11 @@ class Step:
         self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
         self.nonfinite_in_a_row = 0
         self.skipped = 0  # optimizer steps skipped for a non-finite loss or gradient, over the whole run
-        self.spans = noise_plan(config, [t.expert for t in trainings])  # where each expert's noise levels come from
+        try:  # where each expert's noise levels come from
+            self.spans = noise_plan(config, [t.expert for t in trainings])
+        except ValueError as error:  # a noise range that leaves a transformer nothing
+            raise ConfigError(str(error)) from None
+        log_noise_levels(config, trainings, self.spans)
 
     def accumulate(self, clips: list, batch: list[int]) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one batch (gradients add up until the optimizer step); → the global batch's
