@@ -33,10 +33,12 @@ def _shapes(count: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     """One LoRA run on 12 frames of a real clip with a 440 Hz stereo tone (FLAC, lossless); 9 frames at 16 fps train."""
+    return _train(tiny_models("ltx-2"), tmp_path_factory.mktemp("ltx2"))
+
+
+def _train(model: Path, tmp: Path):
     from motiontune.testing.clips import write_clip_with_tone
 
-    tmp = tmp_path_factory.mktemp("ltx2")
-    model = tiny_models("ltx-2")
     data = tmp / "data"
     data.mkdir()
     frames = _shapes(12)
@@ -63,18 +65,40 @@ def test_stock_pipeline_video_and_audio_move_towards_the_trained_clip(trained):
     pipe.load_lora_weights(str(lora))
     video_lora, audio_lora = _samples(pipe)
 
-    def ratio(with_lora, without, target):
-        return ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
-
-    video_ratio, audio_ratio = ratio(video_lora, video_base, video_target), ratio(audio_lora, audio_base, audio_target)
+    video_ratio, audio_ratio = _ratio(video_lora, video_base, video_target), _ratio(audio_lora, audio_base, audio_target)
     # the negative control: what a trainer with the target's sign flipped would aim at. A LoRA that only shrank the
     # samples would come closer to it too; this one moves away from it
-    flipped = ratio(video_lora, video_base, -video_target), ratio(audio_lora, audio_base, -audio_target)
+    flipped = _ratio(video_lora, video_base, -video_target), _ratio(audio_lora, audio_base, -audio_target)
     print(f"ltx-2: MSE ratio with/without LoRA: video {video_ratio:.3f}, audio {audio_ratio:.3f}; against the "
           f"sign-flipped latents (negative control): video {flipped[0]:.3f}, audio {flipped[1]:.3f}")
     assert video_ratio < 0.6, "video samples did not move towards the clip: timestep, sign or normalisation broken"
     assert audio_ratio < 0.75, "audio samples did not move towards the clip's sound: window, mel or normalisation broken"
     assert min(flipped) > 1.0
+
+
+def test_a_run_with_the_target_sign_flipped_fails_the_check(tiny_models, tmp_path):
+    """Negative control: the same run with the flow target's sign flipped (video and audio alike) does not pass."""
+    from diffusers import LTX2Pipeline
+
+    from motiontune.train import step
+
+    flow_target = step.flow_target
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "flow_target", lambda x0, noise: -flow_target(x0, noise))
+        model, clip, lora, _ = _train(tiny_models("ltx-2"), tmp_path)
+    pipe = LTX2Pipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    video_target, audio_target = _clip_latents(pipe, clip)
+    video_base, audio_base = _samples(pipe)
+    pipe.load_lora_weights(str(lora))
+    video_lora, audio_lora = _samples(pipe)
+    video_ratio, audio_ratio = _ratio(video_lora, video_base, video_target), _ratio(audio_lora, audio_base, audio_target)
+    print(f"ltx-2, target sign flipped: MSE ratio video {video_ratio:.3f}, audio {audio_ratio:.3f}")
+    assert video_ratio > 0.6 and audio_ratio > 0.75
+
+
+def _ratio(with_lora, without, target) -> float:
+    return ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
 
 
 def _clip_latents(pipe, clip: Path):
