@@ -9,6 +9,7 @@ talks to this interface; `registry.py` finds the family that serves a model type
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,60 @@ class SampleRequest:
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
 
 
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """A stock pipeline's frames in [0, 1] → uint8, as samples are saved."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae, clips: list[torch.Tensor]) -> None:
+    """A tiny VAE's scaling_factor from its own encodings of the clips (no shift), as real ones were measured."""
+    latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
+    vae.register_to_config(scaling_factor=round(1 / latents.std().item(), 4))
+
+
+class OriginalLayout:
+    """A transformer's original (ComfyUI) layout where one original module may hold several diffusers modules, stacked
+    along the output dimension in the order given (HunyuanVideo's fused q, k and v)."""
+
+    def __init__(self, model: str, outside: dict[str, str], blocks: tuple[tuple[str, str, dict], ...],
+                 swapped: tuple[str, ...] = ()):
+        self.model = model  # how errors name the transformer
+        self.outside = outside  # original module → its diffusers module, outside the blocks
+        self.blocks = blocks  # (original blocks, diffusers blocks, original module → the diffusers modules it holds)
+        self.swapped = swapped  # original modules whose two halves are the other way round (diffusers' (scale, shift))
+
+    def original_module(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """A diffusers module → its original module, and the diffusers modules that one holds, in order (just `name`
+        where nothing is fused)."""
+        for original, diffusers_name in self.outside.items():
+            if name == diffusers_name:
+                return original, (name,)
+        for original_blocks, blocks, table in self.blocks:
+            match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", name)
+            if match:
+                index, inner = match.groups()
+                for original, parts in table.items():
+                    if inner in parts:
+                        return f"{original_blocks}.{index}.{original}", tuple(f"{blocks}.{index}.{p}" for p in parts)
+        raise KeyError(f"{name}: not a {self.model} transformer module with an original-layout name")
+
+    def state_dict(self, state: dict, dtype: torch.dtype) -> dict:
+        """A diffusers state dict in this layout, the modules an original one holds concatenated."""
+        converted = {}
+        for key in state:
+            name, leaf = key.rsplit(".", 1)
+            original, parts = self.original_module(name)
+            if f"{original}.{leaf}" in converted:  # written with its first part
+                continue
+            tensor = torch.cat([state[f"{part}.{leaf}"] for part in parts])
+            if original in self.swapped:
+                scale, shift = tensor.chunk(2)
+                tensor = torch.cat([shift, scale])
+            converted[f"{original}.{leaf}"] = tensor.detach().to("cpu", dtype).contiguous()
+        return converted
+
+
 class ModelFamily(ABC):
     # --- what the family declares: read before anything loads (the registry, config checks, tiny models) ----
     #: the config's `model_type` values this family serves
@@ -71,6 +126,14 @@ class ModelFamily(ABC):
     QUANTIZED_TEXT_ENCODER = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
+
+    @classmethod
+    def tiny_model(cls, model_type: str) -> str:
+        """The tiny model that stands in for `model_type` in tests: the one at its place in TINY_MODELS (which lists
+        them in MODEL_TYPES' order), or the only one."""
+        if len(cls.TINY_MODELS) == 1:
+            return cls.TINY_MODELS[0]
+        return cls.TINY_MODELS[cls.MODEL_TYPES.index(model_type)]
 
     @classmethod
     def vae_compression(cls, model_type: str) -> tuple[int, int]:
@@ -156,15 +219,33 @@ class ModelFamily(ABC):
             module = load_part(cls, base, subfolder, dtype=dtype)
         return module.requires_grad_(False)
 
+    #: transformers' (image encoder, its processor, the processor's subfolder) where clips carry an image-encoder
+    #: embedding of their first frame (`encodes_first_frame`)
+    IMAGE_ENCODER: tuple[str, str, str] | None = None
+
     def load_vae(self) -> None:
-        """Load the VAE (once; float32, as the stock examples run it: its latents feed every step) and put it on
-        the training device."""
+        """Load the VAE and an image encoder (once; float32, as the stock examples run them: their outputs feed every
+        step) and put them on the training device."""
         import diffusers
 
+        base = self.config.base_model_name
         if self.vae is None:
-            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), base, "vae", dtype=torch.float32)
             self.vae.requires_grad_(False).eval()
         self.vae.to(self.device)
+        if self.encodes_first_frame:
+            if self.image_encoder is None:
+                import transformers
+
+                encoder, processor, subfolder = self.IMAGE_ENCODER
+                self.image_processor = load_part(getattr(transformers, processor), base, subfolder)
+                model = load_part(getattr(transformers, encoder), base, "image_encoder", dtype=torch.float32)
+                self.image_encoder = model.requires_grad_(False).eval()
+            self.image_encoder.to(self.device)
+
+    def video_pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (F, H, W, 3) frames → (1, 3, F, H, W) float32 in [-1, 1] on the device, as a video VAE reads them."""
+        return torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
 
     def release_vae(self) -> None:
         """Free the VAE (and an image encoder)."""
@@ -181,6 +262,19 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_text_encoder(self) -> None:
         """Load the tokenizer(s) and text encoder(s) into `encoders`."""
+
+    def load_text_model(self, cls, subfolder: str, quantize: str | None = None) -> torch.nn.Module:
+        """One text encoder of base_model_name, frozen, in `text_dtype`, on the training device. `quantize`: its
+        submodule whose Linears text_encoder.weight_dtype FLOAT_8 / NFLOAT_4 stores quantized (see
+        QUANTIZED_TEXT_ENCODER)."""
+        model = load_part(cls, self.config.base_model_name, subfolder, dtype=self.text_dtype)
+        model.eval().requires_grad_(False)
+        storage = self.config.text_encoder.weight_dtype
+        if quantize is not None and storage in ("FLOAT_8", "NFLOAT_4"):
+            from ..util.quantize import quantize_frozen_linears
+
+            quantize_frozen_linears([getattr(model, quantize)], storage, self.device)
+        return model.to(self.device)
 
     def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
         """Text embeddings exactly as the stock pipeline computes them, one float32 row per prompt. `grad`: with the
@@ -289,21 +383,30 @@ class ModelFamily(ABC):
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
+    #: the original layout where it fuses diffusers modules (None: each module is its own original one)
+    ORIGINAL_LAYOUT: OriginalLayout | None = None
+
     def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype, state: dict | None = None) -> dict:
         """A transformer's weights (or `state`, its gathered state dict) named as the family's original
-        single-file checkpoints (ComfyUI's), as `from_single_file` reads them. This default: diffusers' names are
-        the original ones."""
+        single-file checkpoints (ComfyUI's), as `from_single_file` reads them. This default: ORIGINAL_LAYOUT's names,
+        or diffusers' names where they are the original ones."""
         state = module.state_dict() if state is None else state
+        if self.ORIGINAL_LAYOUT is not None:
+            return self.ORIGINAL_LAYOUT.state_dict(state, dtype)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
-    @abstractmethod
+    def original_module(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """A diffusers module → its original module and the diffusers modules that one holds, in order."""
+        return self.ORIGINAL_LAYOUT.original_module(name) if self.ORIGINAL_LAYOUT is not None else (name, (name,))
+
     def comfy_lora_key(self, peft_module_name: str) -> str:
-        """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
+        """The ComfyUI name of one adapted module (without `.lora_A.weight`). This default: its original module's."""
+        return f"diffusion_model.{self.original_module(peft_module_name)[0]}"
 
     def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order. This
-        default: the original layout fuses nothing, each adapted module is its own original module."""
-        return [peft_module_name]
+        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order (the adapted
+        module alone where the original layout fuses nothing)."""
+        return list(self.original_module(peft_module_name)[1])
 
     @abstractmethod
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:

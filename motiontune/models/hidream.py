@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, SampleRequest
+from .base import Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part
 
 log = logging.getLogger("motiontune")
@@ -79,9 +79,7 @@ class HiDreamFamily(ModelFamily):
         for name, index, cls in (("clip_l", "", CLIPTextModelWithProjection), ("clip_g", "_2", CLIPTextModelWithProjection),
                                  ("t5", "_3", T5EncoderModel), ("llama", "_4", LlamaForCausalLM)):
             tokenizer = load_part(AutoTokenizer, base, f"tokenizer{index}")
-            model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
-            model.requires_grad_(False)
-            encoders[name] = (tokenizer, model)
+            encoders[name] = (tokenizer, self.load_text_model(cls, f"text_encoder{index}"))
         encoders["llama"][0].pad_token = encoders["llama"][0].eos_token  # as the pipeline sets it
         self.encoders = encoders
 
@@ -227,7 +225,7 @@ class HiDreamFamily(ModelFamily):
             image = pipeline.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0], output_type="np")[0]
         finally:
             self.park_vae()
-        return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[None]
+        return to_uint8(image)[None]
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
