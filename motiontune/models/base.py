@@ -444,6 +444,19 @@ class ModelFamily(ABC):
     # --- what estimate needs to know: the defaults (a family declares the rest at the end of its file) ------------
     #: a video VAE reads (1, 3, F, H, W); an image family's reads (1, 3, H, W) and sets this False
     VIDEO_VAE = True
+    #: each text encoder's subfolder → (how estimate names it, its transformers class)
+    TEXT_ENCODER_CLASSES: dict[str, tuple[str, str]] = {}
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        """The text encoders on the meta device, from their configs (released or the local folder's)."""
+        import transformers
+
+        encoders = []
+        with torch.device("meta"):
+            for subfolder, (name, class_name) in self.TEXT_ENCODER_CLASSES.items():
+                cls = getattr(transformers, class_name)
+                encoders.append((name, cls(cls.config_class(**configs[subfolder]))))
+        return encoders
 
     def estimate_vae(self, cfg: dict) -> torch.nn.Module:
         """The family's VAE class on the meta device from `cfg`, in float32 (as `load_vae` loads it)."""

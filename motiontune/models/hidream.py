@@ -267,6 +267,9 @@ class HiDreamFamily(ModelFamily):
     transformer_class_name = "HiDreamImageTransformer2DModel"
     block_groups = (("num_layers", "double_stream_blocks"), ("num_single_layers", "single_stream_blocks"))
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("CLIP-L", "CLIPTextModelWithProjection"),
+                            "text_encoder_2": ("CLIP-G", "CLIPTextModelWithProjection"),
+                            "text_encoder_3": ("T5-XXL", "T5EncoderModel"), "text_encoder_4": ("Llama 3.1 8B", "LlamaForCausalLM")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): Full, Dev and Fast share one architecture."""
@@ -320,15 +323,6 @@ class HiDreamFamily(ModelFamily):
         return {"hidden_states": torch.empty(2, cfg["in_channels"], h, w, dtype=dtype), "timesteps": torch.empty(2),
                 "encoder_hidden_states_t5": torch.empty(2, MAX_SEQUENCE_LENGTH, cfg["caption_channels"][1], dtype=dtype),
                 "encoder_hidden_states_llama3": llama, "pooled_embeds": torch.empty(2, cfg["text_emb_dim"], dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
-
-        with torch.device("meta"):
-            return [("CLIP-L", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder"]))),
-                    ("CLIP-G", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))),
-                    ("T5-XXL", T5EncoderModel(T5Config(**configs["text_encoder_3"]))),
-                    ("Llama 3.1 8B", LlamaForCausalLM(LlamaConfig(**configs["text_encoder_4"])))]
 
 
 def _busiest_routing(self, x):

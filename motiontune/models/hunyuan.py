@@ -231,6 +231,7 @@ class HunyuanVideoFamily(ModelFamily):
     transformer_class_name = "HunyuanVideoTransformer3DModel"
     block_groups = (("num_layers", "transformer_blocks"), ("num_single_layers", "single_transformer_blocks"))
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("Llama", "LlamaModel"), "text_encoder_2": ("CLIP-L", "CLIPTextModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): the one release, whatever `base` names."""
@@ -254,13 +255,6 @@ class HunyuanVideoFamily(ModelFamily):
                 "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH, dtype=torch.long),
                 "pooled_projections": torch.empty(1, cfg["pooled_projection_dim"], dtype=dtype),
                 "guidance": torch.empty(1, dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
-        with torch.device("meta"):
-            return [("Llama", LlamaModel(LlamaConfig(**configs["text_encoder"]))),
-                    ("CLIP-L", CLIPTextModel(CLIPTextConfig(**configs["text_encoder_2"])))]
 
 
 # --- the released model, for `motiontune estimate` on a Hub id not on this machine ---------------------------------

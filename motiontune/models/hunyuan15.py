@@ -150,13 +150,10 @@ class HunyuanVideo15Family(ModelFamily):
     def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, N) → Qwen embeds (B, L, D), mask (B, L), ByT5 embeds (B, L2, D2), mask (B, L2); masks as integers."""
         length, width, glyph_length, glyph_width = (int(v) for v in packed[0, :4].tolist())
-        parts, start = [], 4
-        for size, shape in ((length * width, (length, width)), (length, None), (glyph_length * glyph_width,
-                            (glyph_length, glyph_width)), (glyph_length, None)):
-            part = packed[:, start : start + size]
-            parts.append(part.reshape(-1, *shape) if shape else part.round().long())
-            start += size
-        return tuple(parts)
+        embeds, mask, glyph, glyph_mask = packed[:, 4:].split(
+            [length * width, length, glyph_length * glyph_width, glyph_length], dim=1)
+        return (embeds.reshape(-1, length, width), mask.round().long(),
+                glyph.reshape(-1, glyph_length, glyph_width), glyph_mask.round().long())
 
     def _scaled_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
         posterior = self.vae.encode(pixels).latent_dist
@@ -323,6 +320,7 @@ class HunyuanVideo15Family(ModelFamily):
     transformer_class_name = "HunyuanVideo15Transformer3DModel"
     block_groups = (("num_layers", "transformer_blocks"),)
     text_tokens = QWEN_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("Qwen2.5-VL", "Qwen2_5_VLTextModel"), "text_encoder_2": ("ByT5", "T5EncoderModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): the 480p release of this model type, whatever `base` names."""
@@ -367,13 +365,6 @@ class HunyuanVideo15Family(ModelFamily):
                 "encoder_hidden_states_2": torch.empty(1, BYT5_LENGTH, cfg["text_embed_2_dim"], dtype=dtype),
                 "encoder_attention_mask_2": torch.ones(1, BYT5_LENGTH),
                 "image_embeds": torch.ones(1, tokens, cfg["image_embed_dim"], dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
-
-        with torch.device("meta"):
-            return [("Qwen2.5-VL", Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**configs["text_encoder"]))),
-                    ("ByT5", T5EncoderModel(T5Config(**configs["text_encoder_2"])))]
 
     def estimate_image_encoder_bytes(self) -> int:
         """Image-to-video's SigLIP so400m vision tower, float32, beside the VAE while clips and first frames encode."""

@@ -375,6 +375,7 @@ class WanFamily(ModelFamily):
     transformer_class_name = "WanTransformer3DModel"
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
@@ -413,13 +414,6 @@ class WanFamily(ModelFamily):
         from .wan_decode import decode_peak
 
         return decode_peak(vae_cfg, latent, tiled)
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        """The text encoders on the meta device, from their configs (released or the local folder's)."""
-        from transformers import UMT5Config, UMT5EncoderModel
-
-        with torch.device("meta"):
-            return [("UMT5", UMT5EncoderModel(UMT5Config(**configs["text_encoder"])))]
 
     def estimate_image_encoder_bytes(self) -> int:
         """WAN 2.1 I2V's CLIP ViT-H/14 vision tower, float32, beside the VAE while clips and first frames encode."""
