@@ -9,8 +9,8 @@ talks to this interface; `registry.py` finds the family that serves a model type
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from .layout import OriginalLayout
 from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype
 
 
@@ -70,48 +71,6 @@ def calibrate_scaling_factor(vae, clips: list[torch.Tensor]) -> None:
     """A tiny VAE's scaling_factor from its own encodings of the clips (no shift), as real ones were measured."""
     latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
     vae.register_to_config(scaling_factor=round(1 / latents.std().item(), 4))
-
-
-class OriginalLayout:
-    """A transformer's original (ComfyUI) layout where one original module may hold several diffusers modules, stacked
-    along the output dimension in the order given (HunyuanVideo's fused q, k and v)."""
-
-    def __init__(self, model: str, outside: dict[str, str], blocks: tuple[tuple[str, str, dict], ...],
-                 swapped: tuple[str, ...] = ()):
-        self.model = model  # how errors name the transformer
-        self.outside = outside  # original module → its diffusers module, outside the blocks
-        self.blocks = blocks  # (original blocks, diffusers blocks, original module → the diffusers modules it holds)
-        self.swapped = swapped  # original modules whose two halves are the other way round (diffusers' (scale, shift))
-
-    def original_module(self, name: str) -> tuple[str, tuple[str, ...]]:
-        """A diffusers module → its original module, and the diffusers modules that one holds, in order (just `name`
-        where nothing is fused)."""
-        for original, diffusers_name in self.outside.items():
-            if name == diffusers_name:
-                return original, (name,)
-        for original_blocks, blocks, table in self.blocks:
-            match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", name)
-            if match:
-                index, inner = match.groups()
-                for original, parts in table.items():
-                    if inner in parts:
-                        return f"{original_blocks}.{index}.{original}", tuple(f"{blocks}.{index}.{p}" for p in parts)
-        raise KeyError(f"{name}: not a {self.model} transformer module with an original-layout name")
-
-    def state_dict(self, state: dict, dtype: torch.dtype) -> dict:
-        """A diffusers state dict in this layout, the modules an original one holds concatenated."""
-        converted = {}
-        for key in state:
-            name, leaf = key.rsplit(".", 1)
-            original, parts = self.original_module(name)
-            if f"{original}.{leaf}" in converted:  # written with its first part
-                continue
-            tensor = torch.cat([state[f"{part}.{leaf}"] for part in parts])
-            if original in self.swapped:
-                scale, shift = tensor.chunk(2)
-                tensor = torch.cat([shift, scale])
-            converted[f"{original}.{leaf}"] = tensor.detach().to("cpu", dtype).contiguous()
-        return converted
 
 
 class ModelFamily(ABC):
@@ -417,6 +376,26 @@ class ModelFamily(ABC):
     @abstractmethod
     def sample(self, request: SampleRequest) -> np.ndarray:
         """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3)."""
+
+    @contextmanager
+    def taking_turns(self, first_frame: bool):
+        """While a sample renders: the VAE (and an image encoder) loaded, and the parts taking turns on the
+        accelerator (`_take_turn`): the encoders first where a first frame is given, each transformer when the pipeline
+        calls it, the VAE when it decodes; the VAE parked after."""
+        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
+            self.load_vae()
+        self._sample_turn = None
+        self._take_turn("encoders" if first_frame else "transformer", self.transformers()[0])
+        hooks = [m.register_forward_pre_hook(lambda module, args: self._take_turn("transformer", module))
+                 for m in self.transformers()]
+        hooks.append(self.vae.decoder.register_forward_pre_hook(lambda module, args: self._take_turn("vae")))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.park_vae()
+            self._sample_turn = None
 
     def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
         """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, OriginalLayout, SampleRequest, calibrate_scaling_factor, to_uint8
+from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
+from .layout import OriginalLayout
 from .loading import load_part
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)

@@ -26,8 +26,9 @@ import re
 import numpy as np
 import torch
 
-from .base import Conditioning, Expert, ModelFamily, OriginalLayout, SampleRequest, calibrate_scaling_factor, to_uint8
+from .base import Conditioning, Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .hunyuan import DOUBLE_BLOCKS, REFINER_BLOCKS, SWAPPED
+from .layout import OriginalLayout
 from .loading import ModelLoadError, load_part
 
 MODEL_TYPES = ("HUNYUAN_VIDEO_1_5", "HUNYUAN_VIDEO_1_5_I2V")
@@ -240,16 +241,8 @@ class HunyuanVideo15Family(ModelFamily):
         ratio and the transformer's `target_size` (it ignores height / width) and crops the image to it."""
         from diffusers import ClassifierFreeGuidance, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 
-        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
-            self.load_vae()
-        self._sample_turn = None
-        self._take_turn("encoders" if request.image is not None else "transformer", self.transformer)
-        hooks = [self.transformer.register_forward_pre_hook(lambda module, args: self._take_turn("transformer", module)),
-                 self.vae.decoder.register_forward_pre_hook(lambda module, args: self._take_turn("vae"))]
         negative = request.negative_prompt_embeds
         guider = ClassifierFreeGuidance(guidance_scale=request.cfg_scale if negative is not None else 1.0)
-        parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=self.transformer,
-                     vae=self.vae, scheduler=self.scheduler, guider=guider)
         dtype = self.weight_dtype
         embeds, mask, glyph, glyph_mask = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
         inputs = dict(prompt_embeds=embeds.to(dtype), prompt_embeds_mask=mask, prompt_embeds_2=glyph.to(dtype),
@@ -258,25 +251,21 @@ class HunyuanVideo15Family(ModelFamily):
             embeds, mask, glyph, glyph_mask = self._unpack(negative.to(self.device, torch.float32))
             inputs.update(negative_prompt_embeds=embeds.to(dtype), negative_prompt_embeds_mask=mask,
                           negative_prompt_embeds_2=glyph.to(dtype), negative_prompt_embeds_mask_2=glyph_mask)
-        if request.image is not None:
-            from PIL import Image
+        with self.taking_turns(first_frame=request.image is not None):
+            parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                         transformer=self.transformer, vae=self.vae, scheduler=self.scheduler, guider=guider)
+            if request.image is not None:
+                from PIL import Image
 
-            pipeline = HunyuanVideo15ImageToVideoPipeline(image_encoder=self.image_encoder,
-                                                          feature_extractor=self.image_processor, **parts)
-            inputs["image"] = Image.fromarray(request.image)
-        else:
-            pipeline = HunyuanVideo15Pipeline(**parts)
-            inputs.update(height=request.height, width=request.width)
-        pipeline.set_progress_bar_config(disable=True)
-
-        try:
+                pipeline = HunyuanVideo15ImageToVideoPipeline(image_encoder=self.image_encoder,
+                                                              feature_extractor=self.image_processor, **parts)
+                inputs["image"] = Image.fromarray(request.image)
+            else:
+                pipeline = HunyuanVideo15Pipeline(**parts)
+                inputs.update(height=request.height, width=request.width)
+            pipeline.set_progress_bar_config(disable=True)
             video = pipeline(**inputs, num_frames=request.frames, num_inference_steps=request.steps, output_type="np",
                              generator=torch.Generator(device=self.device).manual_seed(request.seed)).frames[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.park_vae()
-            self._sample_turn = None
         return to_uint8(video)
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------

@@ -283,15 +283,6 @@ class WanFamily(ModelFamily):
 
         from .wan_decode import decode_in_tiles
 
-        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
-            self.load_vae()
-        experts = self.transformers()
-        self._sample_turn = None
-        self._take_turn("encoders" if request.image is not None else "transformer", experts[0])
-
-        def bring(module, args) -> None:
-            self._take_turn("transformer", module)
-
         def before_decoding(pipeline, step, timestep, tensors):
             if step == pipeline.num_timesteps - 1:  # the pipeline decodes next
                 self._take_turn("vae")
@@ -302,35 +293,33 @@ class WanFamily(ModelFamily):
                     self.vae.enable_tiling()
             return tensors
 
-        hooks = [m.register_forward_pre_hook(bring) for m in experts]
-        parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler, transformer=self.transformer,
-                     transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
-        image = {}
-        if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
-            from PIL import Image
-
-            pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor, **parts)
-            image = {"image": Image.fromarray(request.image)}
-        else:
-            pipeline = WanPipeline(**parts)
-        pipeline.set_progress_bar_config(disable=True)
         dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
-        try:
-            video = pipeline(
-                **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
-                negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
-                height=request.height, width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale, generator=torch.Generator(device=self.device).manual_seed(request.seed),
-                output_type="np", callback_on_step_end=before_decoding,
-            ).frames[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-            if self.vae is not None:
+        with self.taking_turns(first_frame=request.image is not None):
+            parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
+                         transformer=self.transformer, transformer_2=self.transformer_2,
+                         boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+            image = {}
+            if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
+                from PIL import Image
+
+                pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor,
+                                                   **parts)
+                image = {"image": Image.fromarray(request.image)}
+            else:
+                pipeline = WanPipeline(**parts)
+            pipeline.set_progress_bar_config(disable=True)
+            try:
+                video = pipeline(
+                    **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
+                    negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
+                    height=request.height, width=request.width, num_frames=request.frames,
+                    num_inference_steps=request.steps, guidance_scale=request.cfg_scale,
+                    generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np",
+                    callback_on_step_end=before_decoding,
+                ).frames[0]
+            finally:
                 self.vae.disable_tiling()  # clips encode whole, always
-            self.park_vae()
-            self._sample_turn = None
         return to_uint8(video)
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
