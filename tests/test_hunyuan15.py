@@ -203,8 +203,6 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
     DIFFUSERS_LORA file does in diffusers."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    from motiontune.models.hunyuan15 import original_module
-
     model, _, comfy_file, diffusers_lora = t2v
     family = _family(model, "HUNYUAN_VIDEO_1_5")
     stock = HunyuanVideo15Transformer3DModel.from_pretrained(model, subfolder="transformer")
@@ -236,7 +234,7 @@ def test_default_lora_names_original_layout_weights_with_the_diffusers_update(t2
     for key, reference in stock.state_dict().items():
         if key.startswith("transformer_blocks.") and key.endswith(".weight"):
             name = key.removesuffix(".weight")
-            fused, parts = original_module(name)
+            fused, parts = family.original_module(name)
             rows = applied[f"{fused}.weight"].chunk(len(parts))[parts.index(name)]  # this part's rows
             assert torch.allclose(reference, rows, atol=1e-6), key
             changed += not torch.equal(rows, original[f"{fused}.weight"].chunk(len(parts))[parts.index(name)])

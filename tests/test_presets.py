@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -37,25 +38,11 @@ from conftest import DATA
 from motiontune.cli import main
 from motiontune.config.load import PRESETS_DIR
 from motiontune.configure import load_config
+from motiontune.models.registry import family_class, model_types, tiny_family, tiny_model
 from motiontune.testing.clips import write_timestamped_clip
 
 PRESETS = sorted(PRESETS_DIR.glob("*.json"))
 
-# model_type → the tiny model family that stands in for it (motiontune.testing.tiny_models.FAMILIES)
-TINY_FAMILY = {
-    "WAN_2_1_T2V": "wan-2.1",
-    "WAN_2_1_I2V": "wan-2.1-i2v",
-    "WAN_2_2_T2V_A14B": "wan-2.2-a14b",
-    "WAN_2_2_I2V_A14B": "wan-2.2-i2v-a14b",
-    "WAN_2_2_TI2V_5B": "wan-2.2-ti2v-5b",
-    "HUNYUAN_VIDEO": "hunyuan-video",
-    "HUNYUAN_VIDEO_1_5": "hunyuan-video-1.5",
-    "HUNYUAN_VIDEO_1_5_I2V": "hunyuan-video-1.5-i2v",
-    "HI_DREAM_FULL": "hi-dream",
-    "HI_DREAM_DEV": "hi-dream",
-    "HI_DREAM_FAST": "hi-dream",
-    "LTX_2": "ltx-2",
-}
 # the smallest training size of each family: VAE compression × patch size (TI2V-5B's VAE is 16×, patch 2; LTX-2's
 # VAE is 32× and its decoder needs two latent pixels a side)
 RESOLUTION = {"wan-2.2-ti2v-5b": 64, "ltx-2": 64}
@@ -173,12 +160,24 @@ def wait_for_first_backup(workspace: Path, process: subprocess.Popen, log: Path,
     raise AssertionError(f"{shown}: no backup appeared (exit code {process.returncode}):\n{tail(log.read_text())}")
 
 
+@pytest.mark.parametrize("model_type", model_types())
+def test_each_model_type_has_a_tiny_model_of_its_own_kind(model_type):
+    """The tiny model the presets of a model type train (`ModelFamily.tiny_model`, TINY_MODELS in MODEL_TYPES' order):
+    its own family's, named with words of the model type (wan-2.2-i2v-a14b for WAN_2_2_I2V_A14B: a family that lists
+    TINY_MODELS in another order fails here), and an image-to-video one exactly where the model type needs a first
+    frame."""
+    family, tiny = family_class(model_type), tiny_model(model_type)
+    assert tiny_family(tiny) is family, f"{model_type} → {tiny}, a tiny model of another family"
+    words = Counter(tiny.replace(".", "-").split("-"))
+    assert not words - Counter(model_type.lower().split("_")), f"{model_type} → {tiny}: not its tiny model"
+    assert ("i2v" in words) == (family.first_frame(model_type) == "required"), f"{model_type} → {tiny}"
+
+
 @pytest.mark.parametrize("preset_file", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_trains_is_killed_resumes_and_finishes(preset_file, tmp_path, tiny_models, preset_data, preset_cache, capsys):
     preset = json.loads(preset_file.read_text())
     model_type = preset.get("model_type", "WAN_2_1_T2V")
-    assert model_type in TINY_FAMILY, f"{preset_file.name}: no tiny model family stands in for {model_type}; add it to TINY_FAMILY"
-    family = TINY_FAMILY[model_type]
+    family = tiny_model(model_type)  # the tiny model that stands in for it, as its family declares
     overrides = preset_overrides(preset, tiny_models(family), family, preset_data, preset_cache, tmp_path)
     name = preset_file.stem
     config = load_config(name, overrides)  # what the CLI will read: for the expected outputs

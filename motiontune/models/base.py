@@ -10,6 +10,7 @@ talks to this interface; `registry.py` finds the family that serves a model type
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
+from .layout import OriginalLayout
 from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype
 
 
@@ -72,6 +74,18 @@ class SampleRequest:
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """A stock pipeline's frames in [0, 1] → uint8, as samples are saved."""
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae, clips: list[torch.Tensor]) -> None:
+    """A tiny VAE's scaling_factor from its own encodings of the clips (no shift), as real ones were measured."""
+    latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
+    vae.register_to_config(scaling_factor=round(1 / latents.std().item(), 4))
+
+
 class ModelFamily(ABC):
     # --- what the family declares: read before anything loads (the registry, config checks, tiny models) ----
     #: the config's `model_type` values this family serves
@@ -84,6 +98,14 @@ class ModelFamily(ABC):
     QUANTIZED_TEXT_ENCODER = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
+
+    @classmethod
+    def tiny_model(cls, model_type: str) -> str:
+        """The tiny model that stands in for `model_type` in tests: the one at its place in TINY_MODELS (which lists
+        them in MODEL_TYPES' order), or the only one."""
+        if len(cls.TINY_MODELS) == 1:
+            return cls.TINY_MODELS[0]
+        return cls.TINY_MODELS[cls.MODEL_TYPES.index(model_type)]
 
     @classmethod
     def vae_compression(cls, model_type: str) -> tuple[int, int]:
@@ -172,15 +194,33 @@ class ModelFamily(ABC):
             module = load_part(cls, base, subfolder, dtype=dtype)
         return module.requires_grad_(False)
 
+    #: transformers' (image encoder, its processor, the processor's subfolder) where clips carry an image-encoder
+    #: embedding of their first frame (`encodes_first_frame`)
+    IMAGE_ENCODER: tuple[str, str, str] | None = None
+
     def load_vae(self) -> None:
-        """Load the VAE (once; float32, as the stock examples run it: its latents feed every step) and put it on
-        the training device."""
+        """Load the VAE and an image encoder (once; float32, as the stock examples run them: their outputs feed every
+        step) and put them on the training device."""
         import diffusers
 
+        base = self.config.base_model_name
         if self.vae is None:
-            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), self.config.base_model_name, "vae", dtype=torch.float32)
+            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), base, "vae", dtype=torch.float32)
             self.vae.requires_grad_(False).eval()
         self.vae.to(self.device)
+        if self.encodes_first_frame:
+            if self.image_encoder is None:
+                import transformers
+
+                encoder, processor, subfolder = self.IMAGE_ENCODER
+                self.image_processor = load_part(getattr(transformers, processor), base, subfolder)
+                model = load_part(getattr(transformers, encoder), base, "image_encoder", dtype=torch.float32)
+                self.image_encoder = model.requires_grad_(False).eval()
+            self.image_encoder.to(self.device)
+
+    def video_pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (F, H, W, 3) frames → (1, 3, F, H, W) float32 in [-1, 1] on the device, as a video VAE reads them."""
+        return torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
 
     def release_vae(self) -> None:
         """Free the VAE (and an image encoder)."""
@@ -197,6 +237,19 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_text_encoder(self) -> None:
         """Load the tokenizer(s) and text encoder(s) into `encoders`."""
+
+    def load_text_model(self, cls, subfolder: str, quantize: str | None = None) -> torch.nn.Module:
+        """One text encoder of base_model_name, frozen, in `text_dtype`, on the training device. `quantize`: its
+        submodule whose Linears text_encoder.weight_dtype FLOAT_8 / NFLOAT_4 stores quantized (see
+        QUANTIZED_TEXT_ENCODER)."""
+        model = load_part(cls, self.config.base_model_name, subfolder, dtype=self.text_dtype)
+        model.eval().requires_grad_(False)
+        storage = self.config.text_encoder.weight_dtype
+        if quantize is not None and storage in ("FLOAT_8", "NFLOAT_4"):
+            from ..util.quantize import quantize_frozen_linears
+
+            quantize_frozen_linears([getattr(model, quantize)], storage, self.device)
+        return model.to(self.device)
 
     def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
         """Text embeddings exactly as the stock pipeline computes them, one float32 row per prompt. `grad`: with the
@@ -320,21 +373,30 @@ class ModelFamily(ABC):
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
+    #: the original layout where it fuses diffusers modules (None: each module is its own original one)
+    ORIGINAL_LAYOUT: OriginalLayout | None = None
+
     def single_file_state_dict(self, module: torch.nn.Module, dtype: torch.dtype, state: dict | None = None) -> dict:
         """A transformer's weights (or `state`, its gathered state dict) named as the family's original
-        single-file checkpoints (ComfyUI's), as `from_single_file` reads them. This default: diffusers' names are
-        the original ones."""
+        single-file checkpoints (ComfyUI's), as `from_single_file` reads them. This default: ORIGINAL_LAYOUT's names,
+        or diffusers' names where they are the original ones."""
         state = module.state_dict() if state is None else state
+        if self.ORIGINAL_LAYOUT is not None:
+            return self.ORIGINAL_LAYOUT.state_dict(state, dtype)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
-    @abstractmethod
+    def original_module(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """A diffusers module → its original module and the diffusers modules that one holds, in order."""
+        return self.ORIGINAL_LAYOUT.original_module(name) if self.ORIGINAL_LAYOUT is not None else (name, (name,))
+
     def comfy_lora_key(self, peft_module_name: str) -> str:
-        """The ComfyUI name of one adapted module (without `.lora_A.weight`)."""
+        """The ComfyUI name of one adapted module (without `.lora_A.weight`). This default: its original module's."""
+        return f"diffusion_model.{self.original_module(peft_module_name)[0]}"
 
     def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order. This
-        default: the original layout fuses nothing, each adapted module is its own original module."""
-        return [peft_module_name]
+        """The diffusers modules that the original module named by `comfy_lora_key` fuses, in its order (the adapted
+        module alone where the original layout fuses nothing)."""
+        return list(self.original_module(peft_module_name)[1])
 
     @abstractmethod
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
@@ -346,6 +408,26 @@ class ModelFamily(ABC):
     def sample(self, request: SampleRequest):
         """Render a video with the stock diffusers pipeline; uint8 (F, H, W, 3), or with its sound track
         (frames, float32 (channels, samples), sample rate) for a family that generates sound."""
+
+    @contextmanager
+    def taking_turns(self, first_frame: bool):
+        """While a sample renders: the VAE (and an image encoder) loaded, and the parts taking turns on the
+        accelerator (`_take_turn`): the encoders first where a first frame is given, each transformer when the pipeline
+        calls it, the VAE when it decodes; the VAE parked after."""
+        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
+            self.load_vae()
+        self._sample_turn = None
+        self._take_turn("encoders" if first_frame else "transformer", self.transformers()[0])
+        hooks = [m.register_forward_pre_hook(lambda module, args: self._take_turn("transformer", module))
+                 for m in self.transformers()]
+        hooks.append(self.vae.decoder.register_forward_pre_hook(lambda module, args: self._take_turn("vae")))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.park_vae()
+            self._sample_turn = None
 
     def _take_turn(self, turn: str, expert: torch.nn.Module | None = None) -> None:
         """Whose turn it is on the accelerator while a sample renders: "encoders" (the VAE and an image encoder),
@@ -373,6 +455,19 @@ class ModelFamily(ABC):
     # --- what estimate needs to know: the defaults (a family declares the rest at the end of its file) ------------
     #: a video VAE reads (1, 3, F, H, W); an image family's reads (1, 3, H, W) and sets this False
     VIDEO_VAE = True
+    #: each text encoder's subfolder → (how estimate names it, its transformers class)
+    TEXT_ENCODER_CLASSES: dict[str, tuple[str, str]] = {}
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        """The text encoders on the meta device, from their configs (released or the local folder's)."""
+        import transformers
+
+        encoders = []
+        with torch.device("meta"):
+            for subfolder, (name, class_name) in self.TEXT_ENCODER_CLASSES.items():
+                cls = getattr(transformers, class_name)
+                encoders.append((name, cls(cls.config_class(**configs[subfolder]))))
+        return encoders
 
     def estimate_vae(self, cfg: dict) -> torch.nn.Module:
         """The family's VAE class on the meta device from `cfg`, in float32 (as `load_vae` loads it)."""

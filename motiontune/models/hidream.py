@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, SampleRequest
+from .base import Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part
 
 log = logging.getLogger("motiontune")
@@ -79,9 +79,7 @@ class HiDreamFamily(ModelFamily):
         for name, index, cls in (("clip_l", "", CLIPTextModelWithProjection), ("clip_g", "_2", CLIPTextModelWithProjection),
                                  ("t5", "_3", T5EncoderModel), ("llama", "_4", LlamaForCausalLM)):
             tokenizer = load_part(AutoTokenizer, base, f"tokenizer{index}")
-            model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
-            model.requires_grad_(False)
-            encoders[name] = (tokenizer, model)
+            encoders[name] = (tokenizer, self.load_text_model(cls, f"text_encoder{index}"))
         encoders["llama"][0].pad_token = encoders["llama"][0].eos_token  # as the pipeline sets it
         self.encoders = encoders
 
@@ -227,7 +225,7 @@ class HiDreamFamily(ModelFamily):
             image = pipeline.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0], output_type="np")[0]
         finally:
             self.park_vae()
-        return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[None]
+        return to_uint8(image)[None]
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
@@ -269,6 +267,9 @@ class HiDreamFamily(ModelFamily):
     transformer_class_name = "HiDreamImageTransformer2DModel"
     block_groups = (("num_layers", "double_stream_blocks"), ("num_single_layers", "single_stream_blocks"))
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("CLIP-L", "CLIPTextModelWithProjection"),
+                            "text_encoder_2": ("CLIP-G", "CLIPTextModelWithProjection"),
+                            "text_encoder_3": ("T5-XXL", "T5EncoderModel"), "text_encoder_4": ("Llama 3.1 8B", "LlamaForCausalLM")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): Full, Dev and Fast share one architecture."""
@@ -322,15 +323,6 @@ class HiDreamFamily(ModelFamily):
         return {"hidden_states": torch.empty(2, cfg["in_channels"], h, w, dtype=dtype), "timesteps": torch.empty(2),
                 "encoder_hidden_states_t5": torch.empty(2, MAX_SEQUENCE_LENGTH, cfg["caption_channels"][1], dtype=dtype),
                 "encoder_hidden_states_llama3": llama, "pooled_embeds": torch.empty(2, cfg["text_emb_dim"], dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
-
-        with torch.device("meta"):
-            return [("CLIP-L", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder"]))),
-                    ("CLIP-G", CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))),
-                    ("T5-XXL", T5EncoderModel(T5Config(**configs["text_encoder_3"]))),
-                    ("Llama 3.1 8B", LlamaForCausalLM(LlamaConfig(**configs["text_encoder_4"])))]
 
 
 def _busiest_routing(self, x):

@@ -14,12 +14,11 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, SampleRequest
+from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
+from .layout import OriginalLayout
 from .loading import load_part
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
@@ -51,9 +50,10 @@ _REFINER_BLOCK = {
     "norm1": ("norm1",), "norm2": ("norm2",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
     "adaLN_modulation.1": ("norm_out.linear",),
 }
-_BLOCKS = (("double_blocks", "transformer_blocks", _DOUBLE_BLOCK),
-           ("single_blocks", "single_transformer_blocks", _SINGLE_BLOCK),
-           ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", _REFINER_BLOCK))
+# (original blocks, diffusers blocks, table), as OriginalLayout reads them; HunyuanVideo 1.5's blocks are these too
+DOUBLE_BLOCKS = ("double_blocks", "transformer_blocks", _DOUBLE_BLOCK)
+REFINER_BLOCKS = ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", _REFINER_BLOCK)
+SWAPPED = ("final_layer.adaLN_modulation.1",)  # (shift, scale) where diffusers keeps (scale, shift)
 _OUTSIDE_BLOCKS = {
     "img_in.proj": "x_embedder.proj",
     "txt_in.input_embedder": "context_embedder.proj_in",
@@ -68,24 +68,8 @@ _OUTSIDE_BLOCKS = {
     "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
     "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale) where diffusers keeps (scale, shift)
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale): SWAPPED
 }
-
-
-def original_module(name: str) -> tuple[str, tuple[str, ...]]:
-    """A diffusers HunyuanVideoTransformer3DModel module → its original module, and the diffusers modules that one
-    holds, in order (just `name` where nothing is fused)."""
-    for original, diffusers_name in _OUTSIDE_BLOCKS.items():
-        if name == diffusers_name:
-            return original, (name,)
-    for original_blocks, blocks, table in _BLOCKS:
-        match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", name)
-        if match:
-            index, inner = match.groups()
-            for original, parts in table.items():
-                if inner in parts:
-                    return f"{original_blocks}.{index}.{original}", tuple(f"{blocks}.{index}.{p}" for p in parts)
-    raise KeyError(f"{name}: not a HunyuanVideo transformer module with an original-layout name")
 
 
 class HunyuanVideoFamily(ModelFamily):
@@ -96,6 +80,8 @@ class HunyuanVideoFamily(ModelFamily):
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
     ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+    ORIGINAL_LAYOUT = OriginalLayout("HunyuanVideo", _OUTSIDE_BLOCKS, (
+        DOUBLE_BLOCKS, ("single_blocks", "single_transformer_blocks", _SINGLE_BLOCK), REFINER_BLOCKS), SWAPPED)
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -111,12 +97,9 @@ class HunyuanVideoFamily(ModelFamily):
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-        base = self.config.base_model_name
-        self.encoders = {}
-        for name, index, cls in (("llama", "", LlamaModel), ("clip_l", "_2", CLIPTextModel)):
-            model = load_part(cls, base, f"text_encoder{index}", dtype=self.text_dtype).to(self.device).eval()
-            model.requires_grad_(False)
-            self.encoders[name] = (load_part(AutoTokenizer, base, f"tokenizer{index}"), model)
+        self.encoders = {name: (load_part(AutoTokenizer, self.config.base_model_name, f"tokenizer{index}"),
+                                self.load_text_model(cls, f"text_encoder{index}"))
+                         for name, index, cls in (("llama", "", LlamaModel), ("clip_l", "_2", CLIPTextModel))}
 
     # --- encoding ------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> torch.Tensor:
@@ -152,8 +135,7 @@ class HunyuanVideoFamily(ModelFamily):
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
-        latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        latents = self.vae.encode(self.video_pixels(frames)).latent_dist.mean * self.vae.config.scaling_factor
         return latents[0].to("cpu")
 
     # --- training ------------------------------------------------------------------------------
@@ -185,28 +167,8 @@ class HunyuanVideoFamily(ModelFamily):
         HunyuanVideoPipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
                                                transformer_lora_adapter_metadata=adapter_metadata)
 
-    def single_file_state_dict(self, module, dtype, state=None) -> dict:
-        """The transformer's weights in the original (ComfyUI) layout, fused projections concatenated: what
-        diffusers' single-file converter (`from_single_file`) turns back into this model."""
-        state = module.state_dict() if state is None else state
-        converted = {}
-        for key in state:
-            name, leaf = key.rsplit(".", 1)
-            original, parts = original_module(name)
-            if f"{original}.{leaf}" in converted:  # written with its first part
-                continue
-            tensor = torch.cat([state[f"{part}.{leaf}"] for part in parts])
-            if original == "final_layer.adaLN_modulation.1":
-                scale, shift = tensor.chunk(2)
-                tensor = torch.cat([shift, scale])
-            converted[f"{original}.{leaf}"] = tensor.detach().to("cpu", dtype).contiguous()
-        return converted
-
-    def comfy_lora_key(self, peft_module_name: str) -> str:
-        return f"diffusion_model.{original_module(peft_module_name)[0]}"
-
-    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        return list(original_module(peft_module_name)[1])
+    # single_file_state_dict, comfy_lora_key / _parts: ORIGINAL_LAYOUT's, what diffusers' single-file converter
+    # (`from_single_file`) turns back into this model
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """diffusers' HunyuanVideo loader refuses a LoRA with any `.alpha` key (and its converter cannot split one
@@ -235,7 +197,7 @@ class HunyuanVideoFamily(ModelFamily):
                              generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np").frames[0]
         finally:
             self.park_vae()
-        return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8(video)
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
@@ -255,9 +217,7 @@ class HunyuanVideoFamily(ModelFamily):
                                             bos_token_id=1)).eval()
         vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
                                         norm_num_groups=4).eval()
-        with torch.no_grad():  # scaling_factor from the VAE's own encodings of the clips (no shift here)
-            latents = [vae.encode(clip).latent_dist.mean for clip in clips]
-        vae.register_to_config(scaling_factor=round(1 / torch.cat(latents).std().item(), 4))
+        calibrate_scaling_factor(vae, clips)
         transformer = HunyuanVideoTransformer3DModel(
             in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
             num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=width, pooled_projection_dim=width,
@@ -272,6 +232,7 @@ class HunyuanVideoFamily(ModelFamily):
     transformer_class_name = "HunyuanVideoTransformer3DModel"
     block_groups = (("num_layers", "transformer_blocks"), ("num_single_layers", "single_transformer_blocks"))
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("Llama", "LlamaModel"), "text_encoder_2": ("CLIP-L", "CLIPTextModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): the one release, whatever `base` names."""
@@ -295,13 +256,6 @@ class HunyuanVideoFamily(ModelFamily):
                 "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH, dtype=torch.long),
                 "pooled_projections": torch.empty(1, cfg["pooled_projection_dim"], dtype=dtype),
                 "guidance": torch.empty(1, dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
-        with torch.device("meta"):
-            return [("Llama", LlamaModel(LlamaConfig(**configs["text_encoder"]))),
-                    ("CLIP-L", CLIPTextModel(CLIPTextConfig(**configs["text_encoder_2"])))]
 
 
 # --- the released model, for `motiontune estimate` on a Hub id not on this machine ---------------------------------

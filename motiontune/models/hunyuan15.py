@@ -26,8 +26,10 @@ import re
 import numpy as np
 import torch
 
-from .base import Conditioning, Expert, ModelFamily, SampleRequest
-from .loading import load_part
+from .base import Conditioning, Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
+from .hunyuan import DOUBLE_BLOCKS, REFINER_BLOCKS, SWAPPED
+from .layout import OriginalLayout
+from .loading import ModelLoadError, load_part
 
 MODEL_TYPES = ("HUNYUAN_VIDEO_1_5", "HUNYUAN_VIDEO_1_5_I2V")
 # The pipeline's own constants (HunyuanVideo15Pipeline.__init__): Qwen tokens after the crop, the crop, ByT5 tokens,
@@ -39,28 +41,10 @@ _DEFAULT_TARGETS = re.compile(
     r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$")
 
-# The original layout ComfyUI reads: original module → the diffusers module(s) it holds, stacked along the output
-# dimension in the order given. ComfyUI runs HunyuanVideo 1.5 on its HunyuanVideo model (the same double-stream blocks,
-# with q, k and v fused as `img_attn_qkv` / `txt_attn_qkv`, plus `byt5_in`, `vision_in` and `cond_type_embedding`),
-# and its LoRA key map for that model takes these names. (Tencent's own checkpoints keep q, k and v apart:
-# `img_attn_q`, ...; ComfyUI fuses them.)
-_DOUBLE_BLOCK = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
-    "img_attn_q_norm": ("attn.norm_q",), "img_attn_k_norm": ("attn.norm_k",),
-    "txt_attn_q_norm": ("attn.norm_added_q",), "txt_attn_k_norm": ("attn.norm_added_k",),
-    "img_mod.linear": ("norm1.linear",), "txt_mod.linear": ("norm1_context.linear",),
-    "img_mlp.fc1": ("ff.net.0.proj",), "img_mlp.fc2": ("ff.net.2",),
-    "txt_mlp.fc1": ("ff_context.net.0.proj",), "txt_mlp.fc2": ("ff_context.net.2",),
-}
-_REFINER_BLOCK = {
-    "self_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "self_attn_proj": ("attn.to_out.0",),
-    "norm1": ("norm1",), "norm2": ("norm2",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
-    "adaLN_modulation.1": ("norm_out.linear",),
-}
-_BLOCKS = (("double_blocks", "transformer_blocks", _DOUBLE_BLOCK),
-           ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", _REFINER_BLOCK))
+# The original layout ComfyUI reads. ComfyUI runs HunyuanVideo 1.5 on its HunyuanVideo model (the same double-stream
+# and refiner blocks, with q, k and v fused as `img_attn_qkv` / `txt_attn_qkv`, plus `byt5_in`, `vision_in` and
+# `cond_type_embedding`), and its LoRA key map for that model takes these names. (Tencent's own checkpoints keep q, k
+# and v apart: `img_attn_q`, ...; ComfyUI fuses them.)
 _OUTSIDE_BLOCKS = {
     "img_in.proj": "x_embedder.proj", "cond_type_embedding": "cond_type_embed",
     "time_in.mlp.0": "time_embed.timestep_embedder.linear_1", "time_in.mlp.2": "time_embed.timestep_embedder.linear_2",
@@ -76,24 +60,8 @@ _OUTSIDE_BLOCKS = {
     "vision_in.proj.0": "image_embedder.norm_in", "vision_in.proj.1": "image_embedder.linear_1",
     "vision_in.proj.3": "image_embedder.linear_2", "vision_in.proj.4": "image_embedder.norm_out",
     "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale) where diffusers keeps (scale, shift)
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale): SWAPPED
 }
-
-
-def original_module(name: str) -> tuple[str, tuple[str, ...]]:
-    """A diffusers HunyuanVideo15Transformer3DModel module → its original module, and the diffusers modules that one
-    holds, in order (just `name` where nothing is fused)."""
-    for original, diffusers_name in _OUTSIDE_BLOCKS.items():
-        if name == diffusers_name:
-            return original, (name,)
-    for original_blocks, blocks, table in _BLOCKS:
-        match = re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)", name)
-        if match:
-            index, inner = match.groups()
-            for original, parts in table.items():
-                if inner in parts:
-                    return f"{original_blocks}.{index}.{original}", tuple(f"{blocks}.{index}.{p}" for p in parts)
-    raise KeyError(f"{name}: not a HunyuanVideo 1.5 transformer module with an original-layout name")
 
 
 class HunyuanVideo15Family(ModelFamily):
@@ -107,6 +75,8 @@ class HunyuanVideo15Family(ModelFamily):
     spatial_multiple = 16  # the VAE's 16x; the transformer's patches are 1x1
     ENCODER_PARTS = {"vae": ("vae", "image_encoder", "feature_extractor"),
                      "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+    IMAGE_ENCODER = ("SiglipVisionModel", "SiglipImageProcessor", "feature_extractor")  # image-to-video's
+    ORIGINAL_LAYOUT = OriginalLayout("HunyuanVideo 1.5", _OUTSIDE_BLOCKS, (DOUBLE_BLOCKS, REFINER_BLOCKS), SWAPPED)
 
     @classmethod
     def first_frame(cls, model_type):
@@ -136,38 +106,18 @@ class HunyuanVideo15Family(ModelFamily):
         self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
         self.transformer = self.load_transformer(HunyuanVideo15Transformer3DModel, "transformer", self.config.transformer)
         if self.transformer.config.use_meanflow:
-            from .loading import ModelLoadError
-
             raise ModelLoadError(f"{self.config.base_model_name}: a step-distilled (MeanFlow) HunyuanVideo 1.5 transformer "
                                  "(use_meanflow: true) takes a second timestep motiontune does not train; use a 480p/720p "
                                  "T2V or I2V release")
-
-    def load_vae(self) -> None:
-        super().load_vae()
-        if self.is_i2v and self.image_encoder is None:  # SigLIP, in float32 like the VAE
-            from transformers import SiglipImageProcessor, SiglipVisionModel
-
-            base = self.config.base_model_name
-            self.image_processor = load_part(SiglipImageProcessor, base, "feature_extractor")
-            self.image_encoder = load_part(SiglipVisionModel, base, "image_encoder", dtype=torch.float32).eval()
-            self.image_encoder.requires_grad_(False)
-        if self.image_encoder is not None:
-            self.image_encoder.to(self.device)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, ByT5Tokenizer, Qwen2_5_VLTextModel, T5EncoderModel
 
         base = self.config.base_model_name
-        qwen = load_part(Qwen2_5_VLTextModel, base, "text_encoder", dtype=self.text_dtype).eval()
-        qwen.requires_grad_(False)
-        if self.config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4"):  # see QUANTIZED_TEXT_ENCODER
-            from ..util.quantize import quantize_frozen_linears
-
-            quantize_frozen_linears([qwen.layers], self.config.text_encoder.weight_dtype, self.device)
-        byt5 = load_part(T5EncoderModel, base, "text_encoder_2", dtype=self.text_dtype).eval().requires_grad_(False)
         # ComfyUI's keys for these encoders
-        self.encoders = {"qwen25_7b": (load_part(AutoTokenizer, base, "tokenizer"), qwen.to(self.device))}
-        self.glyph = (load_part(ByT5Tokenizer, base, "tokenizer_2"), byt5.to(self.device))
+        self.encoders = {"qwen25_7b": (load_part(AutoTokenizer, base, "tokenizer"),
+                                       self.load_text_model(Qwen2_5_VLTextModel, "text_encoder", quantize="layers"))}
+        self.glyph = (load_part(ByT5Tokenizer, base, "tokenizer_2"), self.load_text_model(T5EncoderModel, "text_encoder_2"))
 
     def release_text_encoder(self) -> None:
         self.glyph = None
@@ -201,13 +151,10 @@ class HunyuanVideo15Family(ModelFamily):
     def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, N) → Qwen embeds (B, L, D), mask (B, L), ByT5 embeds (B, L2, D2), mask (B, L2); masks as integers."""
         length, width, glyph_length, glyph_width = (int(v) for v in packed[0, :4].tolist())
-        parts, start = [], 4
-        for size, shape in ((length * width, (length, width)), (length, None), (glyph_length * glyph_width,
-                            (glyph_length, glyph_width)), (glyph_length, None)):
-            part = packed[:, start : start + size]
-            parts.append(part.reshape(-1, *shape) if shape else part.round().long())
-            start += size
-        return tuple(parts)
+        embeds, mask, glyph, glyph_mask = packed[:, 4:].split(
+            [length * width, length, glyph_length * glyph_width, glyph_length], dim=1)
+        return (embeds.reshape(-1, length, width), mask.round().long(),
+                glyph.reshape(-1, glyph_length, glyph_width), glyph_mask.round().long())
 
     def _scaled_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
         posterior = self.vae.encode(pixels).latent_dist
@@ -215,7 +162,7 @@ class HunyuanVideo15Family(ModelFamily):
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        pixels = self.video_pixels(frames)
         latents = self._scaled_latents(pixels)
         if self.is_i2v:  # + the condition channels HunyuanVideo15ImageToVideoPipeline.prepare_cond_latents_and_mask builds
             condition = torch.zeros_like(latents)
@@ -280,28 +227,7 @@ class HunyuanVideo15Family(ModelFamily):
         LoraBaseMixin._save_lora_weights(directory, {"transformer": folded}, {"transformer": metadata},
                                          weight_name=weight_name)
 
-    def single_file_state_dict(self, module, dtype, state=None) -> dict:
-        """The transformer's weights in the original layout ComfyUI reads (q, k, v concatenated where it fuses them;
-        the final modulation as (shift, scale))."""
-        state = module.state_dict() if state is None else state
-        converted = {}
-        for key in state:
-            name, leaf = key.rsplit(".", 1)
-            original, parts = original_module(name)
-            if f"{original}.{leaf}" in converted:  # written with its first part
-                continue
-            tensor = torch.cat([state[f"{part}.{leaf}"] for part in parts])
-            if original == "final_layer.adaLN_modulation.1":
-                scale, shift = tensor.chunk(2)
-                tensor = torch.cat([shift, scale])
-            converted[f"{original}.{leaf}"] = tensor.detach().to("cpu", dtype).contiguous()
-        return converted
-
-    def comfy_lora_key(self, peft_module_name: str) -> str:
-        return f"diffusion_model.{original_module(peft_module_name)[0]}"
-
-    def comfy_lora_parts(self, peft_module_name: str) -> list[str]:
-        return list(original_module(peft_module_name)[1])
+    # single_file_state_dict, comfy_lora_key / _parts: ORIGINAL_LAYOUT's, the layout ComfyUI reads
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """ComfyUI scales each entry by its `.alpha` (a fused entry's alpha grows with its stacked rank); diffusers has
@@ -315,16 +241,8 @@ class HunyuanVideo15Family(ModelFamily):
         ratio and the transformer's `target_size` (it ignores height / width) and crops the image to it."""
         from diffusers import ClassifierFreeGuidance, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 
-        if self.vae is None or (self.is_i2v and self.image_encoder is None):
-            self.load_vae()
-        self._sample_turn = None
-        self._take_turn("encoders" if request.image is not None else "transformer", self.transformer)
-        hooks = [self.transformer.register_forward_pre_hook(lambda module, args: self._take_turn("transformer", module)),
-                 self.vae.decoder.register_forward_pre_hook(lambda module, args: self._take_turn("vae"))]
         negative = request.negative_prompt_embeds
         guider = ClassifierFreeGuidance(guidance_scale=request.cfg_scale if negative is not None else 1.0)
-        parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=self.transformer,
-                     vae=self.vae, scheduler=self.scheduler, guider=guider)
         dtype = self.weight_dtype
         embeds, mask, glyph, glyph_mask = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
         inputs = dict(prompt_embeds=embeds.to(dtype), prompt_embeds_mask=mask, prompt_embeds_2=glyph.to(dtype),
@@ -333,26 +251,22 @@ class HunyuanVideo15Family(ModelFamily):
             embeds, mask, glyph, glyph_mask = self._unpack(negative.to(self.device, torch.float32))
             inputs.update(negative_prompt_embeds=embeds.to(dtype), negative_prompt_embeds_mask=mask,
                           negative_prompt_embeds_2=glyph.to(dtype), negative_prompt_embeds_mask_2=glyph_mask)
-        if request.image is not None:
-            from PIL import Image
+        with self.taking_turns(first_frame=request.image is not None):
+            parts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                         transformer=self.transformer, vae=self.vae, scheduler=self.scheduler, guider=guider)
+            if request.image is not None:
+                from PIL import Image
 
-            pipeline = HunyuanVideo15ImageToVideoPipeline(image_encoder=self.image_encoder,
-                                                          feature_extractor=self.image_processor, **parts)
-            inputs["image"] = Image.fromarray(request.image)
-        else:
-            pipeline = HunyuanVideo15Pipeline(**parts)
-            inputs.update(height=request.height, width=request.width)
-        pipeline.set_progress_bar_config(disable=True)
-
-        try:
+                pipeline = HunyuanVideo15ImageToVideoPipeline(image_encoder=self.image_encoder,
+                                                              feature_extractor=self.image_processor, **parts)
+                inputs["image"] = Image.fromarray(request.image)
+            else:
+                pipeline = HunyuanVideo15Pipeline(**parts)
+                inputs.update(height=request.height, width=request.width)
+            pipeline.set_progress_bar_config(disable=True)
             video = pipeline(**inputs, num_frames=request.frames, num_inference_steps=request.steps, output_type="np",
                              generator=torch.Generator(device=self.device).manual_seed(request.seed)).frames[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.park_vae()
-            self._sample_turn = None
-        return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8(video)
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
@@ -376,9 +290,7 @@ class HunyuanVideo15Family(ModelFamily):
                                        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
         vae = AutoencoderKLHunyuanVideo15(latent_channels=channels, block_out_channels=(8, 8, 16, 16, 16),
                                           layers_per_block=1).eval()
-        with torch.no_grad():  # scaling_factor from the VAE's own encodings of the clips (no shift here)
-            latents = [vae.encode(clip).latent_dist.mean for clip in clips]
-        vae.register_to_config(scaling_factor=round(1 / torch.cat(latents).std().item(), 4))
+        calibrate_scaling_factor(vae, clips)
         transformer = HunyuanVideo15Transformer3DModel(
             in_channels=2 * channels + 1, out_channels=channels, num_attention_heads=heads or 2, attention_head_dim=16,
             num_layers=layers, num_refiner_layers=1, text_embed_dim=width, text_embed_2_dim=width, image_embed_dim=width,
@@ -397,6 +309,7 @@ class HunyuanVideo15Family(ModelFamily):
     transformer_class_name = "HunyuanVideo15Transformer3DModel"
     block_groups = (("num_layers", "transformer_blocks"),)
     text_tokens = QWEN_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("Qwen2.5-VL", "Qwen2_5_VLTextModel"), "text_encoder_2": ("ByT5", "T5EncoderModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): the 480p release of this model type, whatever `base` names."""
@@ -441,13 +354,6 @@ class HunyuanVideo15Family(ModelFamily):
                 "encoder_hidden_states_2": torch.empty(1, BYT5_LENGTH, cfg["text_embed_2_dim"], dtype=dtype),
                 "encoder_attention_mask_2": torch.ones(1, BYT5_LENGTH),
                 "image_embeds": torch.ones(1, tokens, cfg["image_embed_dim"], dtype=dtype)}
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
-
-        with torch.device("meta"):
-            return [("Qwen2.5-VL", Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**configs["text_encoder"]))),
-                    ("ByT5", T5EncoderModel(T5Config(**configs["text_encoder_2"])))]
 
     def estimate_image_encoder_bytes(self) -> int:
         """Image-to-video's SigLIP so400m vision tower, float32, beside the VAE while clips and first frames encode."""

@@ -54,6 +54,11 @@ def tiny_models() -> tuple[str, ...]:
     return _all("TINY_MODELS")
 
 
+def tiny_model(model_type: str) -> str:
+    """The tiny model that stands in for `model_type` in tests."""
+    return family_class(model_type).tiny_model(model_type)
+
+
 def tiny_family(name: str) -> type[ModelFamily]:
     return _declaring("TINY_MODELS", name)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .attention import use_frame_local_attention
-from .base import Conditioning, Expert, ModelFamily, SampleRequest
+from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
 
 MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B")
@@ -87,7 +87,7 @@ class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
-    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.2-i2v-a14b", "wan-2.1-i2v")
+    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b")
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
     transformer_2 = None
@@ -125,6 +125,7 @@ class WanFamily(ModelFamily):
     # --- loading -------------------------------------------------------------------------------
     # The encoders load only when something is not in the cache, and leave before training.
     ENCODER_PARTS = {"vae": ("vae", "image_encoder", "image_processor"), "text": ("tokenizer", "text_encoder")}
+    IMAGE_ENCODER = ("CLIPVisionModel", "CLIPImageProcessor", "image_processor")  # WAN 2.1 I2V's
 
     def load_transformers(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -140,31 +141,12 @@ class WanFamily(ModelFamily):
         if self.is_a14b:
             self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
 
-    def load_vae(self) -> None:
-        super().load_vae()
-        if self.encodes_first_frame and self.image_encoder is None:  # WAN 2.1 I2V's CLIP, in float32 like the VAE
-            from transformers import CLIPImageProcessor, CLIPVisionModel
-
-            base = self.config.base_model_name
-            self.image_processor = load_part(CLIPImageProcessor, base, "image_processor")
-            self.image_encoder = load_part(CLIPVisionModel, base, "image_encoder", dtype=torch.float32).eval()
-            self.image_encoder.requires_grad_(False)
-        if self.image_encoder is not None:
-            self.image_encoder.to(self.device)
-
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        base = self.config.base_model_name
-        tokenizer = load_part(AutoTokenizer, base, "tokenizer")
-        text_encoder = load_part(UMT5EncoderModel, base, "text_encoder", dtype=self.text_dtype).eval()
-        text_encoder.requires_grad_(False)
-        storage = self.config.text_encoder.weight_dtype
-        if storage in ("FLOAT_8", "NFLOAT_4"):  # see QUANTIZED_TEXT_ENCODER
-            from ..util.quantize import quantize_frozen_linears
-
-            quantize_frozen_linears([text_encoder.encoder], storage, self.device)
-        self.encoders = {"umt5xxl": (tokenizer, text_encoder.to(self.device))}  # ComfyUI's key for WAN's UMT5-XXL
+        tokenizer = load_part(AutoTokenizer, self.config.base_model_name, "tokenizer")
+        text_encoder = self.load_text_model(UMT5EncoderModel, "text_encoder", quantize="encoder")
+        self.encoders = {"umt5xxl": (tokenizer, text_encoder)}  # ComfyUI's key for WAN's UMT5-XXL
 
     @property
     def text_encoder(self):
@@ -185,8 +167,7 @@ class WanFamily(ModelFamily):
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0)  # 1, 3, F, H, W
-        pixels = pixels.to(torch.float32) / 127.5 - 1.0
+        pixels = self.video_pixels(frames)
         latents = self.vae.encode(pixels).latent_dist.mean
         mean, std = self._latent_stats(latents)
         latents = (latents - mean) / std
@@ -302,15 +283,6 @@ class WanFamily(ModelFamily):
 
         from .wan_decode import decode_in_tiles
 
-        if self.vae is None or (self.encodes_first_frame and self.image_encoder is None):
-            self.load_vae()
-        experts = self.transformers()
-        self._sample_turn = None
-        self._take_turn("encoders" if request.image is not None else "transformer", experts[0])
-
-        def bring(module, args) -> None:
-            self._take_turn("transformer", module)
-
         def before_decoding(pipeline, step, timestep, tensors):
             if step == pipeline.num_timesteps - 1:  # the pipeline decodes next
                 self._take_turn("vae")
@@ -321,36 +293,34 @@ class WanFamily(ModelFamily):
                     self.vae.enable_tiling()
             return tensors
 
-        hooks = [m.register_forward_pre_hook(bring) for m in experts]
-        parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler, transformer=self.transformer,
-                     transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
-        image = {}
-        if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
-            from PIL import Image
-
-            pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor, **parts)
-            image = {"image": Image.fromarray(request.image)}
-        else:
-            pipeline = WanPipeline(**parts)
-        pipeline.set_progress_bar_config(disable=True)
         dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
-        try:
-            video = pipeline(
-                **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
-                negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
-                height=request.height, width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale, generator=torch.Generator(device=self.device).manual_seed(request.seed),
-                output_type="np", callback_on_step_end=before_decoding,
-            ).frames[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-            if self.vae is not None:
+        with self.taking_turns(first_frame=request.image is not None):
+            parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
+                         transformer=self.transformer, transformer_2=self.transformer_2,
+                         boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+            image = {}
+            if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
+                from PIL import Image
+
+                pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor,
+                                                   **parts)
+                image = {"image": Image.fromarray(request.image)}
+            else:
+                pipeline = WanPipeline(**parts)
+            pipeline.set_progress_bar_config(disable=True)
+            try:
+                video = pipeline(
+                    **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
+                    negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
+                    height=request.height, width=request.width, num_frames=request.frames,
+                    num_inference_steps=request.steps, guidance_scale=request.cfg_scale,
+                    generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np",
+                    callback_on_step_end=before_decoding,
+                ).frames[0]
+            finally:
                 self.vae.disable_tiling()  # clips encode whole, always
-            self.park_vae()
-            self._sample_turn = None
-        return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8(video)
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
@@ -394,6 +364,7 @@ class WanFamily(ModelFamily):
     transformer_class_name = "WanTransformer3DModel"
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
     text_tokens = MAX_SEQUENCE_LENGTH
+    TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
@@ -432,13 +403,6 @@ class WanFamily(ModelFamily):
         from .wan_decode import decode_peak
 
         return decode_peak(vae_cfg, latent, tiled)
-
-    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
-        """The text encoders on the meta device, from their configs (released or the local folder's)."""
-        from transformers import UMT5Config, UMT5EncoderModel
-
-        with torch.device("meta"):
-            return [("UMT5", UMT5EncoderModel(UMT5Config(**configs["text_encoder"])))]
 
     def estimate_image_encoder_bytes(self) -> int:
         """WAN 2.1 I2V's CLIP ViT-H/14 vision tower, float32, beside the VAE while clips and first frames encode."""
