@@ -55,20 +55,12 @@ def _train(model: Path, tmp: Path):
 def test_stock_pipeline_video_and_audio_move_towards_the_trained_clip(trained):
     """No motiontune code below: the stock pipeline, its LoRA loader, and the clip's latents computed here (the
     log-mel with transformers' numpy spectrogram, not the family's torch one)."""
-    from diffusers import LTX2Pipeline
-
     model, clip, lora, _ = trained
-    pipe = LTX2Pipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    video_target, audio_target = _clip_latents(pipe, clip)
-    video_base, audio_base = _samples(pipe)
-    pipe.load_lora_weights(str(lora))
-    video_lora, audio_lora = _samples(pipe)
-
-    video_ratio, audio_ratio = _ratio(video_lora, video_base, video_target), _ratio(audio_lora, audio_base, audio_target)
+    targets, base, trained_samples = _stock_samples(model, clip, lora)
+    video_ratio, audio_ratio = map(_ratio, trained_samples, base, targets)
     # the negative control: what a trainer with the target's sign flipped would aim at. A LoRA that only shrank the
     # samples would come closer to it too; this one moves away from it
-    flipped = _ratio(video_lora, video_base, -video_target), _ratio(audio_lora, audio_base, -audio_target)
+    flipped = [_ratio(with_lora, without, -target) for with_lora, without, target in zip(trained_samples, base, targets)]
     print(f"ltx-2: MSE ratio with/without LoRA: video {video_ratio:.3f}, audio {audio_ratio:.3f}; against the "
           f"sign-flipped latents (negative control): video {flipped[0]:.3f}, audio {flipped[1]:.3f}")
     assert video_ratio < 0.6, "video samples did not move towards the clip: timestep, sign or normalisation broken"
@@ -77,24 +69,29 @@ def test_stock_pipeline_video_and_audio_move_towards_the_trained_clip(trained):
 
 
 def test_a_run_with_the_target_sign_flipped_fails_the_check(tiny_models, tmp_path):
-    """Negative control: the same run with the flow target's sign flipped (video and audio alike) does not pass."""
-    from diffusers import LTX2Pipeline
-
+    """Negative control: the same run with the flow target's sign flipped (video and audio alike) does not pass
+    (measured: MSE ratios 1.29 video, 1.35 audio)."""
     from motiontune.train import step
 
     flow_target = step.flow_target
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step, "flow_target", lambda x0, noise: -flow_target(x0, noise))
         model, clip, lora, _ = _train(tiny_models("ltx-2"), tmp_path)
-    pipe = LTX2Pipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    video_target, audio_target = _clip_latents(pipe, clip)
-    video_base, audio_base = _samples(pipe)
-    pipe.load_lora_weights(str(lora))
-    video_lora, audio_lora = _samples(pipe)
-    video_ratio, audio_ratio = _ratio(video_lora, video_base, video_target), _ratio(audio_lora, audio_base, audio_target)
+    targets, base, trained_samples = _stock_samples(model, clip, lora)
+    video_ratio, audio_ratio = map(_ratio, trained_samples, base, targets)
     print(f"ltx-2, target sign flipped: MSE ratio video {video_ratio:.3f}, audio {audio_ratio:.3f}")
     assert video_ratio > 0.6 and audio_ratio > 0.75
+
+
+def _stock_samples(model: Path, clip: Path, lora: Path):
+    """The clip's (video, audio) latents, then the stock pipeline's samples without and with the LoRA."""
+    from diffusers import LTX2Pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    targets, base = _clip_latents(pipe, clip), _samples(pipe)
+    pipe.load_lora_weights(str(lora))
+    return targets, base, _samples(pipe)
 
 
 def _ratio(with_lora, without, target) -> float:
