@@ -121,7 +121,6 @@ def build_models(work: Path, args, peers: Path) -> dict[str, Path]:
         vae = AutoencoderKLWan()
 
     build_tokenizer(diffusers_dir / "tokenizer")
-    portable_tokenizer(diffusers_dir / "tokenizer")
     # one UMT5 layer of the real width; the original layout (Wan's T5Encoder) has no separate head size, so the
     # relative-position settings are the original's (32 buckets, distance 128)
     text_encoder = UMT5EncoderModel(UMT5Config(
@@ -136,6 +135,7 @@ def build_models(work: Path, args, peers: Path) -> dict[str, Path]:
         tokenizer=AutoTokenizer.from_pretrained(diffusers_dir / "tokenizer"), text_encoder=text_encoder, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
     ).save_pretrained(diffusers_dir)
+    portable_tokenizer(diffusers_dir / "tokenizer")  # after save_pretrained, which writes the tokenizer again
 
     save_file({original_name(k): v.contiguous() for k, v in transformer.state_dict().items()}, str(paths["dit"]))
     save_file(original_t5(text_encoder.state_dict()), str(paths["t5"]))

@@ -84,10 +84,25 @@ setup_musubi() {
 # Local patches of musubi-tuner's copy (never of motiontune), each an exact replacement that fails loudly if the
 # peer's code moved. They let it load the benchmark's reduced model (it hard-codes the full-size one) and run on
 # a CPU build of torch. See benchmarks/RESULTS.md for why each is needed.
-patch_musubi() {
-  "$PEERS/venv-musubi-tuner/bin/python" - "$PEERS/musubi-tuner/src/musubi_tuner" <<'PY'
+# patch_peer NAME ROOT < python defining PATCHES = [(file under ROOT, old text, new text[, count]), ...]
+patch_peer() {
+  local code; code="$(cat)
 import pathlib, sys
 root = pathlib.Path(sys.argv[1])
+for name, old, new, *count in PATCHES:
+    path = root / name
+    text = path.read_text()
+    if new in text:
+        continue
+    if text.count(old) != (count or [1])[0]:
+        sys.exit(f'$1 patch: {name} no longer has {(count or [1])[0]} of {old!r}')
+    path.write_text(text.replace(old, new))
+    print(f'  patched $1: {name}')"
+  "$PEERS/venv-$1/bin/python" -c "$code" "$2"
+}
+
+patch_musubi() {
+  patch_peer musubi-tuner "$PEERS/musubi-tuner/src/musubi_tuner" <<'PY'
 PATCHES = [
     # 1. the UMT5-XXL encoder's shape is fixed in umt5_xxl(): read the benchmark's one-layer encoder shape
     ("wan/modules/t5.py", "model = umt5_xxl(encoder_only=True, return_tokenizer=False)",
@@ -103,25 +118,73 @@ PATCHES = [
     # 4. CPU blocker: a default argument calls torch.cuda.current_device() when the module is imported, which
     #    raises "Torch not compiled with CUDA enabled" on a CPU build of torch (every WAN script imports it)
     ("wan/modules/t5.py", "        device=torch.cuda.current_device(),", "        device=\"cpu\","),
+    # 5. CPU blocker: the time embedding is computed in float32 under `autocast(dtype=torch.float32)`, which CUDA
+    #    honours and the CPU does not ("CPU autocast only supports bfloat16/float16": disabled), so its bf16
+    #    weights meet a float32 input: "mat1 and mat2 must have the same dtype". Compute it in float32 as on
+    #    CUDA by casting those two frozen layers to float32 (their outputs must be float32: asserted below it).
+    ("wan/modules/model.py",
+     "                e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t).float())\n"
+     "                e0 = self.time_projection(e).unflatten(1, (6, self.dim))",
+     "                e = self.time_embedding.float()(sinusoidal_embedding_1d(self.freq_dim, t).float())\n"
+     "                e0 = self.time_projection.float()(e).unflatten(1, (6, self.dim))"),
+    # 6. CPU blocker: WanLayerNorm normalises in float32 with the affine weights still bf16 (norm3, the
+    #    cross-attention norm); CUDA's layer_norm accepts mixed dtypes, the CPU's does not ("mixed dtype (CPU):
+    #    expect parameter to have scalar type of Float"). Upcast the weights as CUDA does internally.
+    ("wan/modules/model.py", "        return super().forward(x.float()).type_as(x)",
+     "        w, b = self.weight, self.bias\n"
+     "        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, None if w is None else w.float(),\n"
+     "            None if b is None else b.float(), self.eps).type_as(x)"),
 ]
-for name, old, new in PATCHES:
-    path = root / name
-    text = path.read_text()
-    if new in text:
-        continue
-    if text.count(old) != 1:
-        sys.exit(f"musubi-tuner patch: {name} no longer has exactly one {old!r}")
-    path.write_text(text.replace(old, new))
-    print(f"  patched {name}")
 PY
 }
 
 setup_finetrainers() {
   checkout finetrainers; venv finetrainers
-  # requirements.txt less bitsandbytes (CUDA), wandb (logging service) and ruff (lint); decord is its video reader.
-  grep -v -E '^(bitsandbytes|wandb|ruff)' "$PEERS/finetrainers/requirements.txt" > "$PEERS/finetrainers-req.txt"
-  "$PEERS/venv-finetrainers/bin/pip" install -q -c "$CONSTRAINTS" -r "$PEERS/finetrainers-req.txt"
+  # requirements.txt less bitsandbytes (CUDA), ruff (lint) and torchao (finetrainers never imports it; today's
+  # torchao breaks diffusers 0.33's import: "name 'logger' is not defined" in diffusers/quantizers/torchao);
+  # wandb stays (imported at the top of its trainer, disabled by WANDB_MODE at run time); decord is its video
+  # reader. Its requirements are unpinned: pin the libraries to their releases of the commit's time (June 2025),
+  # as a user installing it then got them; datasets at its floor, 3.3.2, the last that decodes videos with decord
+  # (3.4+ returns torchvision's VideoReader, which torchvision 0.28 no longer has).
+  grep -v -E '^(bitsandbytes|ruff|torchao)' "$PEERS/finetrainers/requirements.txt" > "$PEERS/finetrainers-req.txt"
+  "$PEERS/venv-finetrainers/bin/pip" uninstall -q -y torchao 2>/dev/null || true
+  printf '%s\n' diffusers==0.33.1 transformers==4.52.4 accelerate==1.7.0 peft==0.15.2 datasets==3.3.2 \
+    torchdata==0.11.0 huggingface-hub==0.32.4 > "$PEERS/finetrainers-pins.txt"
+  "$PEERS/venv-finetrainers/bin/pip" install -q -c "$CONSTRAINTS" -c "$PEERS/finetrainers-pins.txt" \
+    -r "$PEERS/finetrainers-req.txt"
   "$PEERS/venv-finetrainers/bin/pip" install -q --no-deps -e "$PEERS/finetrainers"
+  patch_peer finetrainers "$PEERS/finetrainers/finetrainers" <<'PY'
+PATCHES = [
+    # 1. import error with torch >= 2.8 (the only CPU torch here is 2.13): torch's private context-parallel API
+    #    moved (`from torch.distributed.tensor.experimental._attention import _AttentionOp` fails). We train
+    #    without context parallelism: take the branch it has for torch < 2.6.
+    ("models/attention_dispatch.py", 'if is_torch_version(">=", "2.6.0"):\n    from torch.distributed.tensor.experimental._attention import (',
+     'def _has_cp_api():\n    try:\n        from torch.distributed.tensor.experimental._attention import _AttentionOp  # noqa: F401\n'
+     '    except ImportError:\n        return False\n    return True\n\n\n'
+     'if is_torch_version(">=", "2.6.0") and _has_cp_api():\n    from torch.distributed.tensor.experimental._attention import ('),
+    # 2. CPU blocker: with no accelerator, the device type falls back to "cuda" (utils/torch.py, get_device_info)
+    ("utils/torch.py", '    if device_type is None:\n        device_type = "cuda"',
+     '    if device_type is None:\n        device_type = "cpu"'),
+    # 3. torchvision 0.28 (the release for torch 2.13) has no io.video_reader: a type check names it. Videos here
+    #    are read with decord (datasets < 3.4, pinned above), so check for decord's reader alone.
+    ("data/dataset.py", "(decord.VideoReader, torchvision.io.video_reader.VideoReader)", "(decord.VideoReader,)"),
+    # 4. CPU blocker: without WORLD_SIZE the world size is torch.cuda.device_count(), 0 on a CPU, and then
+    #    "Data parallel degree must be equal to world size" (trainer/base.py). One process is one.
+    ("trainer/base.py", 'world_size = int(os.environ.get("WORLD_SIZE", torch.cuda.device_count()))',
+     'world_size = int(os.environ.get("WORLD_SIZE", max(1, torch.cuda.device_count())))'),
+    # 5. CPU blocker: the memory statistics it logs are None without CUDA or MPS, and round(None) raises
+    #    (utils/memory.py, get_memory_statistics). Report 0 GB there.
+    ("utils/memory.py", "    if x is not None:\n        return x / 1024**3", "    if x is not None:\n        return x / 1024**3\n    return 0.0"),
+    # 6. CPU blocker: after precomputing (and validating) it resets CUDA's peak-memory counter on the training
+    #    device: "Expected a cuda device, but got: cpu" (trainer/sft_trainer/trainer.py, twice). Only with CUDA.
+    ("trainer/sft_trainer/trainer.py", "torch.cuda.reset_peak_memory_stats(parallel_backend.device)",
+     "torch.cuda.is_available() and torch.cuda.reset_peak_memory_stats(parallel_backend.device)", 2),
+    # 7. CPU blocker: precomputed items are loaded to `torch.device(self._rank)`, an accelerator index: "Cannot
+    #    access accelerator device when none is available" (data/precomputation.py, twice). Load to the CPU there.
+    ("data/precomputation.py", "        map_location = torch.device(self._rank)",
+     "        map_location = torch.device(self._rank) if torch.cuda.is_available() else torch.device(\"cpu\")", 2),
+]
+PY
 }
 
 setup_diffusion_pipe() {
