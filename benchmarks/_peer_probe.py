@@ -4,8 +4,11 @@ optimizer: torch's global step hook fires after each step.
 
     python _peer_probe.py OUT.json script.py ARGS...      # or: python _peer_probe.py OUT.json -m module ARGS...
 
-OUT.json: {"steps": [[time, rss_at_end, peak_rss_during_step], ...], "start": time}. RSS is sampled every 5 ms
-from /proc/self/statm by a thread (torch releases the GIL in its kernels, so the sampler keeps running).
+OUT.json: {"steps": [[time, rss_at_end, peak_rss_during_step], ...], "start": time, "loaded": rss}. RSS is sampled
+every 5 ms from /proc/self/statm by a thread (torch releases the GIL in its kernels, so the sampler keeps running).
+"loaded" is the RSS at the first forward that can train (grad enabled, a module with trainable parameters) after
+an optimizer is made: the model, the adapter and the optimizer loaded, no step run yet. A freed allocation stays in
+the process (the allocator keeps it), so a step's need shows against this, not against the previous step's end.
 """
 
 import json
@@ -17,7 +20,7 @@ import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 out_path, target, *rest = sys.argv[1:]
-state = {"peak": 0, "steps": [], "start": time.time()}
+state = {"peak": 0, "steps": [], "start": time.time(), "loaded": None}
 
 
 def rss() -> int:
@@ -33,7 +36,7 @@ def sample() -> None:
 
 def write() -> None:
     with open(out_path, "w") as f:
-        json.dump({"start": state["start"], "steps": state["steps"]}, f)
+        json.dump({"start": state["start"], "steps": state["steps"], "loaded": state["loaded"]}, f)
 
 
 def after_step(optimizer, args, kwargs) -> None:
@@ -43,8 +46,28 @@ def after_step(optimizer, args, kwargs) -> None:
     write()
 
 
+import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
+
+def first_training_forward(module, args) -> None:
+    if state["loaded"] is None and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        state["loaded"] = rss()
+        state["peak"] = state["loaded"]  # the first step's peak counts from here
+        hook.remove()
+
+
+def optimizer_made(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        global hook
+        if state["loaded"] is None and hook is None:
+            hook = torch.nn.modules.module.register_module_forward_pre_hook(first_training_forward)
+    return wrapped
+
+
+hook = None
+torch.optim.Optimizer.__init__ = optimizer_made(torch.optim.Optimizer.__init__)
 register_optimizer_step_post_hook(after_step)
 threading.Thread(target=sample, daemon=True).start()
 write()

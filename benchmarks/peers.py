@@ -18,8 +18,8 @@ Figures per tool:
 - wall: from the raw clips to the finished LoRA file, every process the tool needs (caching, training) included;
 - step: the median time between optimizer steps once every clip is cached (steps after the first epoch);
 - peak RSS: the training process's maximum resident set (from wait4's rusage);
-- step peak: the most a cached step's resident memory rose above where the previous step left it (the
-  activations and gradients over the loaded model and optimizer).
+- step peak: the most the training steps' resident memory rose above the process's resident memory just before
+  the first training forward (model, adapter and optimizer loaded): activations, gradients, optimizer state.
 Step times and memory come from benchmarks/_peer_probe.py, which runs each trainer's own entry point in its process
 and hooks torch's optimizer step; nothing in the trainers is changed for it.
 """
@@ -215,13 +215,15 @@ def run_phase(result: Result, name: str, command: list[str], cwd: Path, env: dic
 
 
 def read_probe(result: Result, probe: Path, clips: int) -> None:
-    steps = json.loads(probe.read_text())["steps"]
+    probe = json.loads(probe.read_text())
+    steps = probe["steps"]
     result.steps = len(steps)
     # steps after the first epoch read every latent and embedding from the cache
     cached = [(steps[k - 1], steps[k]) for k in range(max(clips, 1), len(steps))]
     if cached:
         result.step = statistics.median(b[0] - a[0] for a, b in cached)
-        result.step_peak = max(b[2] - a[1] for a, b in cached)
+    if steps and probe["loaded"]:
+        result.step_peak = max(s[2] for s in steps) - probe["loaded"]
 
 
 def base_env(args) -> dict:
@@ -349,6 +351,11 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def git_commit() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -399,7 +406,7 @@ def main() -> None:
                 result.train_peak_rss = result.phases[-1].peak_rss
                 if result.lora is None or not result.lora.exists():
                     result.error = "no LoRA file written"
-        version = commit.read_text().strip()[:10] if commit.exists() else ""
+        version = commit.read_text().strip()[:10] if commit.exists() else git_commit()
         print(f"  {tool} {version}: " + ("; ".join(f"{p.name} {p.seconds:.1f} s, peak {mb(p.peak_rss)}"
                                                    for p in result.phases) or "-")
               + (f"\n    ERROR {result.error}" if result.error else ""), flush=True)

@@ -198,7 +198,8 @@ setup_diffusion_pipe() {
     > "$PEERS/diffusion-pipe-req.txt"
   DS_BUILD_OPS=0 "$PEERS/venv-diffusion-pipe/bin/pip" install -q -c "$CONSTRAINTS" -r "$PEERS/diffusion-pipe-req.txt"
   if [ -f "$PEERS/ComfyUI/requirements.txt" ]; then
-    grep -v -E '^(torch|comfy)' "$PEERS/ComfyUI/requirements.txt" > "$PEERS/comfyui-req.txt"
+    # less torch/torchvision (pinned above) and ComfyUI's web front-end packages
+    grep -v -E '^(torch|torchvision)$|^comfyui-' "$PEERS/ComfyUI/requirements.txt" > "$PEERS/comfyui-req.txt"
     "$PEERS/venv-diffusion-pipe/bin/pip" install -q -c "$CONSTRAINTS" -r "$PEERS/comfyui-req.txt" || true
   fi
 }
