@@ -318,6 +318,10 @@ def run_finetrainers(result: Result, ctx) -> None:
 
 
 RUNNERS = {"motiontune": run_motiontune, "musubi-tuner": run_musubi, "finetrainers": run_finetrainers}
+# diffusion-pipe is CUDA-only from its first import on (benchmarks/RESULTS.md lists the lines); no runner
+NOT_ON_CPU = {"diffusion-pipe": "CUDA only: models/base.py:12 `import torchaudio` (a CUDA build on PyPI), "
+                                "models/wan/t5.py:547 `device=torch.cuda.current_device()`, train.py:299 "
+                                "`torch.cuda.set_device`, `.to('cuda')` through models/wan/wan.py (RESULTS.md)"}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -396,8 +400,8 @@ def main() -> None:
         commit = args.peers / tool / ".commit"
         if tool != "motiontune" and not (args.peers / f"venv-{tool}" / "bin" / "python").exists():
             result.error = f"not set up ({args.peers}/venv-{tool} missing: run benchmarks/peers_setup.sh)"
-        elif tool not in RUNNERS:
-            result.error = "see benchmarks/RESULTS.md (no runner)"
+        elif tool in NOT_ON_CPU:
+            result.error = f"does not run on a CPU: {NOT_ON_CPU[tool]}"
         else:
             start = time.perf_counter()
             RUNNERS[tool](result, ctx)
