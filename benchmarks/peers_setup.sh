@@ -8,7 +8,7 @@
 #
 # Source: a bare git mirror of each repository is expected at $MIRRORS/<owner>+<name>/repo (the agent tooling's
 # `fetch github:<owner>/<name>` puts it there); without one, the script clones from GitHub. The work tree is the
-# mirror's HEAD, and the commit is checked against PINNED below (a different commit is used but reported).
+# pinned commit below (PINNED) when the repository has it, else its HEAD, which is then reported.
 # torch: pinned to 2.13.0 (this machine's pip finds the CPU wheel locally; elsewhere add
 # --index-url https://download.pytorch.org/whl/cpu) through a constraints file, so no peer's requirement upgrades it.
 set -euo pipefail
@@ -35,9 +35,13 @@ checkout() {
     git_dir="$PEERS/.git-$name"
     [ -d "$git_dir" ] || git clone --bare --filter=blob:limit=5m "https://github.com/${REPO[$1]}" "$git_dir"
   fi
-  local commit; commit=$(git --git-dir="$git_dir" rev-parse HEAD)
+  local rev=HEAD  # the pinned commit where the repository has it
+  if [ -n "${PINNED[$name]:-}" ] && git --git-dir="$git_dir" cat-file -e "${PINNED[$name]}^{commit}" 2>/dev/null; then
+    rev=${PINNED[$name]}
+  fi
+  local commit; commit=$(git --git-dir="$git_dir" rev-parse "$rev")
   rm -rf "$dest"; mkdir -p "$dest"
-  git --git-dir="$git_dir" ls-tree -r HEAD | while read -r _mode type sha path; do
+  git --git-dir="$git_dir" ls-tree -r "$rev" | while read -r _mode type sha path; do
     [ "$type" = blob ] || continue
     mkdir -p "$dest/$(dirname "$path")"
     git --git-dir="$git_dir" cat-file blob "$sha" > "$dest/$path" 2>/dev/null \
