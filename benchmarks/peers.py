@@ -4,7 +4,9 @@ diffusion-pipe, each in its own processes, from the same raw clips and the same 
 Set-up first (each peer in its own virtualenv outside the repo, CPU torch): `bash benchmarks/peers_setup.sh`. Then
 
     PYTHONPATH=. .venv/bin/python benchmarks/peers.py                      # the job, every peer set up
-    PYTHONPATH=. .venv/bin/python benchmarks/peers.py --width tiny --epochs 2 --frames 9 --resolution 64   # quick
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py --epochs 2 --frames 9 --resolution 64   # a quick try-out
+
+(`--width tiny` is for motiontune and finetrainers only: musubi-tuner takes the width from its task, t2v-1.3B.)
 
 The job: WAN 2.1 T2V at 1.3B width (dim 1536, 12 heads, ffn 8960; --layers blocks, 2 by default), random weights
 written once in each tool's layout (a diffusers folder for motiontune and finetrainers; original WAN single files
@@ -374,7 +376,7 @@ def main() -> None:
     parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     parser.add_argument("--epochs", type=int, default=4, help="steps = 3 clips x epochs (default 4: 12 steps)")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", default="1.3B", choices=list(WIDTHS))
+    parser.add_argument("--width", default="1.3B", choices=list(WIDTHS), help="tiny: not for musubi-tuner")
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
