@@ -1,0 +1,425 @@
+"""motiontune beside its peers: the same WAN 2.1 T2V LoRA job trained by motiontune, musubi-tuner, finetrainers and
+diffusion-pipe, each in its own processes, from the same raw clips and the same random weights.
+
+Set-up first (each peer in its own virtualenv outside the repo, CPU torch): `bash benchmarks/peers_setup.sh`. Then
+
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py                      # the issue's job, every peer set up
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py --epochs 2 --frames 9 --resolution 64   # a quick try-out
+
+(`--width tiny` is for motiontune and finetrainers only: musubi-tuner takes the width from its task, t2v-1.3B.)
+
+The job: WAN 2.1 T2V at 1.3B width (dim 1536, 12 heads, ffn 8960; --layers blocks, 2 by default), random weights
+written once in each tool's layout (a diffusers folder for motiontune and finetrainers; original WAN single files
+for musubi-tuner and diffusion-pipe: the DiT, the UMT5 encoder, the WAN 2.1 VAE); the same 3 clips from
+shared/videos at 17 frames x 256², LoRA rank 16 (alpha 16) on every attention projection and feed-forward layer of
+every block, batch 1, AdamW at 1e-4, bf16 autocast (or bf16 weights where a tool has no autocast), gradient
+checkpointing, 3 x --epochs steps. The text encoder is a one-layer UMT5 of the real width (4096) and a tiny
+vocabulary, the VAE the real WAN 2.1 architecture: both random.
+
+Figures per tool:
+- wall: from the raw clips to the finished LoRA file, every process the tool needs (caching, training) included;
+- step: the median time between optimizer steps once every clip is cached (steps after the first epoch);
+- peak RSS: the training process's maximum resident set (from wait4's rusage);
+- step peak: the most the training steps' resident memory rose above the process's resident memory just before
+  the first training forward (model, adapter and optimizer loaded): activations, gradients, optimizer state.
+Step times and memory come from benchmarks/_peer_probe.py, which runs each trainer's own entry point in its process
+and hooks torch's optimizer step; nothing in the trainers is changed for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PROBE = HERE / "_peer_probe.py"
+VIDEOS = REPO.parent / "shared" / "videos"
+# three clips of different shape and codec; captions use words the tiny tokenizer knows
+CLIPS = {
+    "shapes_200px_30fps.mp4": "moving shapes circle square triangle",
+    "chaplin.mp4": "old silent comedy film a man walks",
+    "big_buck_bunny_432_433.webm": "cartoon animation rabbit in a forest",
+}
+WIDTHS = {  # heads, head_dim, ffn
+    "1.3B": (12, 128, 8960),
+    "tiny": (2, 32, 256),  # for trying the script out
+}
+TEXT_DIM = 4096  # WAN's text_dim: the UMT5-XXL width, fixed in the original layout
+TOOLS = ["motiontune", "musubi-tuner", "finetrainers", "diffusion-pipe"]
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    peak_rss: int  # bytes
+    returncode: int
+
+
+@dataclass
+class Result:
+    tool: str
+    phases: list[Phase] = field(default_factory=list)
+    wall: float = 0.0
+    step: float | None = None
+    steps: int = 0
+    train_peak_rss: int | None = None
+    step_peak: int | None = None
+    error: str | None = None
+    lora: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+def build_models(work: Path, args, peers: Path) -> dict[str, Path]:
+    """Random weights once: a diffusers folder plus the same weights in the original WAN layout."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from motiontune.models.wan import original_name
+    from motiontune.testing.tiny_models import build_tokenizer
+
+    heads, head_dim, ffn = WIDTHS[args.width]
+    diffusers_dir, original = work / "model-diffusers", work / "model-original"
+    paths = {"diffusers": diffusers_dir, "dit": original / "wan2.1_t2v_dit.safetensors",
+             "t5": original / "umt5_encoder.safetensors", "vae": original / "wan_2.1_vae.safetensors",
+             "tokenizer": diffusers_dir / "tokenizer"}
+    if (work / "models.done").exists():
+        return paths
+    original.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    # The VAE: the real WAN 2.1 architecture, random, written in the original layout by the original-layout
+    # class in a peer's venv, then read into diffusers with diffusers' own converter (so both hold the same weights).
+    vae_script = (
+        "import sys, torch; from safetensors.torch import save_file\n"
+        "from musubi_tuner.wan.modules.vae import WanVAE_\n"
+        "torch.manual_seed(0)\n"
+        "m = WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],"
+        " temperal_downsample=[False, True, True], dropout=0.0)\n"
+        "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[1])\n"
+    )
+    musubi_python = peers / "venv-musubi-tuner" / "bin" / "python"
+    if musubi_python.exists():
+        subprocess.run([str(musubi_python), "-c", vae_script, str(paths["vae"])], check=True)
+        config_dir = work / "vae-config"
+        AutoencoderKLWan().save_config(config_dir)  # the default config is WAN 2.1's VAE
+        vae = AutoencoderKLWan.from_single_file(str(paths["vae"]), config=str(config_dir))
+    else:
+        print("  (musubi-tuner not set up: the VAE exists in the diffusers layout only)")
+        vae = AutoencoderKLWan()
+
+    build_tokenizer(diffusers_dir / "tokenizer")
+    # one UMT5 layer of the real width; the original layout (Wan's T5Encoder) has no separate head size, so the
+    # relative-position settings are the original's (32 buckets, distance 128)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=256, d_model=TEXT_DIM, d_kv=64, d_ff=256, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    )).to(torch.bfloat16)
+    transformer = WanTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=ffn, num_layers=args.layers,
+        text_dim=TEXT_DIM, freq_dim=256, in_channels=16, out_channels=16,
+    ).to(torch.bfloat16)
+    WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(diffusers_dir / "tokenizer"), text_encoder=text_encoder, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+    ).save_pretrained(diffusers_dir)
+    portable_tokenizer(diffusers_dir / "tokenizer")  # after save_pretrained, which writes the tokenizer again
+
+    save_file({original_name(k): v.contiguous() for k, v in transformer.state_dict().items()}, str(paths["dit"]))
+    save_file(original_t5(text_encoder.state_dict()), str(paths["t5"]))
+    (work / "t5-config.json").write_text(json.dumps(t5_config(text_encoder.config)))
+    (work / "models.done").touch()
+    return paths
+
+
+def portable_tokenizer(folder: Path) -> None:
+    """transformers 5 names its fast tokenizer class TokenizersBackend, which the peers' transformers 4 do not
+    know; PreTrainedTokenizerFast reads the same tokenizer.json in both."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def original_t5(state: dict) -> dict:
+    """transformers' UMT5 encoder names -> the original Wan T5Encoder names (models_t5_umt5-xxl-enc-bf16.pth)."""
+    names = {"encoder.embed_tokens.weight": None, "shared.weight": "token_embedding.weight",
+             "encoder.final_layer_norm.weight": "norm.weight"}
+    block = {"layer.0.layer_norm.weight": "norm1.weight", "layer.1.layer_norm.weight": "norm2.weight",
+             "layer.0.SelfAttention.q.weight": "attn.q.weight", "layer.0.SelfAttention.k.weight": "attn.k.weight",
+             "layer.0.SelfAttention.v.weight": "attn.v.weight", "layer.0.SelfAttention.o.weight": "attn.o.weight",
+             "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+             "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",
+             "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight", "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight"}
+    out = {}
+    for key, value in state.items():
+        if key in names:
+            if names[key]:
+                out[names[key]] = value.contiguous()
+            continue
+        _, _, index, rest = key.split(".", 3)  # encoder.block.<i>.<rest>
+        out[f"blocks.{index}.{block[rest]}"] = value.contiguous()
+    return out
+
+
+def t5_config(config) -> dict:
+    """The original-layout T5 constructor's arguments for this encoder (the peers' umt5_xxl() keyword names)."""
+    return {"vocab_size": config.vocab_size, "dim": config.d_model, "dim_attn": config.num_heads * config.d_kv,
+            "dim_ffn": config.d_ff, "num_heads": config.num_heads, "encoder_layers": config.num_layers,
+            "num_buckets": config.relative_attention_num_buckets}
+
+
+def write_clips(folder: Path) -> Path:
+    """The raw clips, each beside its caption (.txt), as every tool here reads a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, caption in CLIPS.items():
+        if not (folder / name).exists():
+            shutil.copy(VIDEOS / name, folder / name)
+        (folder / name).with_suffix(".txt").write_text(caption)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+
+def run_phase(result: Result, name: str, command: list[str], cwd: Path, env: dict, log: Path) -> bool:
+    """One process of a tool; its time and peak RSS (wait4's rusage for this child alone)."""
+    print(f"  {result.tool}: {name} ...", flush=True)
+    with open(log, "a") as out:
+        out.write(f"\n$ (cd {cwd}) {' '.join(map(str, command))}\n")
+        out.flush()
+        start = time.perf_counter()
+        process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    phase = Phase(name, seconds, usage.ru_maxrss * 1024, process.returncode)
+    result.phases.append(phase)
+    if process.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-15:]
+        result.error = f"{name} exited {process.returncode}; last lines of {log}:\n      " + "\n      ".join(tail)
+        return False
+    return True
+
+
+def read_probe(result: Result, probe: Path, clips: int) -> None:
+    probe = json.loads(probe.read_text())
+    steps = probe["steps"]
+    result.steps = len(steps)
+    # steps after the first epoch read every latent and embedding from the cache
+    cached = [(steps[k - 1], steps[k]) for k in range(max(clips, 1), len(steps))]
+    if cached:
+        result.step = statistics.median(b[0] - a[0] for a, b in cached)
+    if steps and probe["loaded"]:
+        result.step_peak = max(s[2] for s in steps) - probe["loaded"]
+
+
+def base_env(args) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    threads = str(args.threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_motiontune(result: Result, ctx) -> None:
+    work = ctx.work / "motiontune"
+    config = {
+        "model_type": "WAN_2_1_T2V", "base_model_name": str(ctx.paths["diffusers"]),
+        "concepts": [{"path": str(ctx.clips)}], "resolution": str(ctx.args.resolution), "epochs": ctx.args.epochs,
+        "batch_size": 1, "learning_rate": 1e-4, "train_dtype": "BFLOAT_16", "gradient_checkpointing": "ON",
+        "lora_rank": ctx.args.rank, "lora_alpha": ctx.args.rank, "optimizer": {"optimizer": "ADAMW"},
+        "workspace_dir": str(work / "workspace"), "cache_dir": str(work / "cache"),
+        "output_model_destination": str(work / "lora.safetensors"), "sample_after_unit": "NEVER",
+        "video_config": {"max_frames": ctx.args.frames, "target_fps": 16.0},
+    }
+    (work / "config.json").write_text(json.dumps(config, indent=1))
+    env = base_env(ctx.args) | {"PYTHONPATH": str(REPO)}
+    if run_phase(result, "train (caches as it goes)",
+                 [sys.executable, PROBE, work / "probe.json", "-m", "motiontune", "train", "--config", work / "config.json"],
+                 REPO, env, work / "log.txt"):
+        read_probe(result, work / "probe.json", len(CLIPS))
+        result.lora = work / "lora.safetensors"
+
+
+def run_musubi(result: Result, ctx) -> None:
+    work, root = ctx.work / "musubi-tuner", ctx.peers / "musubi-tuner"
+    python = ctx.peers / "venv-musubi-tuner" / "bin" / "python"
+    (work / "dataset.toml").write_text(
+        f'[general]\nresolution = [{ctx.args.resolution}, {ctx.args.resolution}]\ncaption_extension = ".txt"\n'
+        f"batch_size = 1\nenable_bucket = true\nbucket_no_upscale = false\n\n"
+        f'[[datasets]]\nvideo_directory = "{ctx.clips}"\ncache_directory = "{work / "cache"}"\n'
+        f'target_frames = [{ctx.args.frames}]\nframe_extraction = "head"\n'
+    )
+    # the local patches (peers_setup.sh) read the tiny text encoder's shape, its tokenizer and the block count here
+    env = base_env(ctx.args) | {
+        "MUSUBI_T5_CONFIG": (ctx.work / "t5-config.json").read_text(),
+        "MUSUBI_T5_TOKENIZER": str(ctx.paths["tokenizer"]), "MUSUBI_WAN_NUM_LAYERS": str(ctx.args.layers)}
+    src, log, toml = root / "src" / "musubi_tuner", work / "log.txt", work / "dataset.toml"
+    ok = run_phase(result, "cache latents", [python, src / "wan_cache_latents.py", "--dataset_config", toml,
+                                             "--vae", ctx.paths["vae"], "--device", "cpu"], root, env, log)
+    ok = ok and run_phase(result, "cache text", [python, src / "wan_cache_text_encoder_outputs.py", "--dataset_config",
+                                                 toml, "--t5", ctx.paths["t5"], "--device", "cpu", "--batch_size", "16"],
+                          root, env, log)
+    steps = ctx.args.epochs * len(CLIPS)
+    ok = ok and run_phase(result, "train", [
+        python, PROBE, work / "probe.json", src / "wan_train_network.py", "--task", "t2v-1.3B",
+        "--dit", ctx.paths["dit"], "--dataset_config", toml, "--sdpa", "--mixed_precision", "bf16",
+        "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--gradient_checkpointing",
+        "--max_data_loader_n_workers", "2", "--network_module", "networks.lora_wan",
+        "--network_dim", str(ctx.args.rank), "--network_alpha", str(ctx.args.rank),
+        "--timestep_sampling", "sigmoid", "--max_train_steps", str(steps), "--seed", "42",
+        "--output_dir", work / "output", "--output_name", "lora"], root, env, log)
+    if ok:
+        read_probe(result, work / "probe.json", len(CLIPS))
+        result.lora = work / "output" / "lora.safetensors"
+
+
+def run_finetrainers(result: Result, ctx) -> None:
+    work, root = ctx.work / "finetrainers", ctx.peers / "finetrainers"
+    python = ctx.peers / "venv-finetrainers" / "bin" / "python"
+    a = ctx.args
+    (work / "dataset.json").write_text(json.dumps({"datasets": [{
+        "data_root": str(ctx.clips), "dataset_type": "video",
+        "video_resolution_buckets": [[a.frames, a.resolution, a.resolution]], "reshape_mode": "bicubic"}]}))
+    steps = a.epochs * len(CLIPS)
+    env = base_env(a)
+    ok = run_phase(result, "precompute + train", [
+        python, PROBE, work / "probe.json", root / "train.py",
+        "--parallel_backend", "accelerate", "--pp_degree", "1", "--dp_degree", "1", "--dp_shards", "1",
+        "--cp_degree", "1", "--tp_degree", "1",
+        "--model_name", "wan", "--pretrained_model_name_or_path", ctx.paths["diffusers"],
+        "--dataset_config", work / "dataset.json", "--dataset_shuffle_buffer_size", "1",
+        "--enable_precomputation", "--precomputation_items", str(len(CLIPS)), "--precomputation_once",
+        "--dataloader_num_workers", "0", "--flow_weighting_scheme", "logit_normal",
+        "--training_type", "lora", "--seed", "42", "--batch_size", "1", "--train_steps", str(steps),
+        "--rank", str(a.rank), "--lora_alpha", str(a.rank),
+        "--target_modules", r"blocks.*(to_q|to_k|to_v|to_out.0|ffn.net.0.proj|ffn.net.2)",
+        "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "--checkpointing_steps", str(10 ** 6),
+        "--transformer_dtype", "bf16", "--text_encoder_dtype", "bf16", "--vae_dtype", "bf16",
+        "--optimizer", "adamw", "--lr", "1e-4", "--lr_scheduler", "constant", "--max_grad_norm", "1.0",
+        "--output_dir", work / "output", "--report_to", "none"], root, env, work / "log.txt")
+    if ok:
+        read_probe(result, work / "probe.json", len(CLIPS))
+        result.lora = next(iter(sorted((work / "output").rglob("*.safetensors"))), None)
+
+
+RUNNERS = {"motiontune": run_motiontune, "musubi-tuner": run_musubi, "finetrainers": run_finetrainers}
+# diffusion-pipe is CUDA-only from its first import on (benchmarks/RESULTS.md lists the lines); no runner
+NOT_ON_CPU = {"diffusion-pipe": "CUDA only: models/base.py:12 `import torchaudio` (a CUDA build on PyPI), "
+                                "models/wan/t5.py:547 `device=torch.cuda.current_device()`, train.py:299 "
+                                "`torch.cuda.set_device`, `.to('cuda')` through models/wan/wan.py (RESULTS.md)"}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2 ** 20:.0f} MB"
+
+
+def table(results: list[Result]) -> str:
+    ours = next((r for r in results if r.tool == "motiontune" and not r.error), None)
+
+    def ratio(get, r):
+        a, b = (get(ours) if ours else None), get(r)
+        return f"{a / b:.2f}" if a and b else "–"
+
+    rows = ["| tool | wall, raw clips → LoRA | cached step (median) | peak RSS (training process) | step peak over "
+            "loaded model | steps |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if r.error:
+            rows.append(f"| {r.tool} | did not run: {r.error.splitlines()[0]} | | | | |")
+            continue
+        rows.append(f"| {r.tool} | {r.wall:.1f} s | {r.step:.2f} s | {mb(r.train_peak_rss)} | {mb(r.step_peak)} | "
+                    f"{r.steps} |" if r.step is not None else f"| {r.tool} | {r.wall:.1f} s | – | "
+                    f"{mb(r.train_peak_rss)} | – | {r.steps} |")
+    rows += ["", "| motiontune / peer | wall | cached step | peak RSS | step peak |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        if r.tool != "motiontune" and not r.error:
+            rows.append(f"| {r.tool} | {ratio(lambda x: x.wall, r)} | {ratio(lambda x: x.step, r)} | "
+                        f"{ratio(lambda x: x.train_peak_rss, r)} | {ratio(lambda x: x.step_peak, r)} |")
+    return "\n".join(rows)
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    work: Path
+    peers: Path
+    paths: dict
+    clips: Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
+    parser.add_argument("--epochs", type=int, default=4, help="steps = 3 clips x epochs (default 4: 12 steps)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", default="1.3B", choices=list(WIDTHS), help="tiny: not for musubi-tuner")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS", "/work/peers")))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/motiontune-peers"),
+                        help="scratch folder (models are reused across runs with the same sizes)")
+    args = parser.parse_args()
+
+    work = args.work / f"{args.width}-L{args.layers}"
+    models = build_models(work, args, args.peers)
+    for tool in args.tools:  # each run starts from raw clips and empty caches
+        shutil.rmtree(work / tool, ignore_errors=True)
+        (work / tool).mkdir(parents=True)
+    ctx = Context(args, work, args.peers, models, write_clips(work / "clips"))
+    print(f"torch {torch.__version__}; {args.width} width, {args.layers} blocks, {args.frames} frames x "
+          f"{args.resolution}², rank {args.rank}, {args.epochs * len(CLIPS)} steps; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+
+    results = []
+    for tool in args.tools:
+        result = Result(tool)
+        commit = args.peers / tool / ".commit"
+        if tool != "motiontune" and not (args.peers / f"venv-{tool}" / "bin" / "python").exists():
+            result.error = f"not set up ({args.peers}/venv-{tool} missing: run benchmarks/peers_setup.sh)"
+        elif tool in NOT_ON_CPU:
+            result.error = f"does not run on a CPU: {NOT_ON_CPU[tool]}"
+        else:
+            start = time.perf_counter()
+            RUNNERS[tool](result, ctx)
+            result.wall = time.perf_counter() - start
+            if result.phases and not result.error:
+                result.train_peak_rss = result.phases[-1].peak_rss
+                if result.lora is None or not result.lora.exists():
+                    result.error = "no LoRA file written"
+        version = commit.read_text().strip()[:10] if commit.exists() else git_commit()
+        print(f"  {tool} {version}: " + ("; ".join(f"{p.name} {p.seconds:.1f} s, peak {mb(p.peak_rss)}"
+                                                   for p in result.phases) or "-")
+              + (f"\n    ERROR {result.error}" if result.error else ""), flush=True)
+        results.append(result)
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
