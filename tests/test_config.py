@@ -55,6 +55,19 @@ def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
     assert "preserve_embedding_norm = true: not supported yet" in message
     assert 'output_dtype = "FLOAT_8": not supported yet' in message
     assert "vae.train = true: not supported yet" in message
+    # the VAE encodes and decodes in float32: another dtype is refused, not silently ignored
+    path = write_config(tmp_path / "d.json", **minimal(vae={"weight_dtype": "BFLOAT_16"}))
+    with pytest.raises(ConfigError, match='vae.weight_dtype = "BFLOAT_16": not supported yet'):
+        load_config(str(path))
+
+
+def test_a_part_section_given_in_part_keeps_that_parts_defaults(tmp_path):
+    """`"text_encoder": {"weight_dtype": "FLOAT_8"}` quantizes the frozen text encoder; it does not make it train."""
+    config = load_config(str(write_config(tmp_path / "c.json", **minimal(text_encoder={"weight_dtype": "FLOAT_8"},
+                                                                           vae={"model_name": ""}))))
+    assert config.text_encoder.weight_dtype == "FLOAT_8"
+    assert config.text_encoder.train is False and config.vae.train is False
+    assert config.transformer.train is True
 
 
 def test_compression_ratios_are_checked_against_each_vae(tmp_path):

@@ -235,6 +235,18 @@ class TrainConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _parts_over_their_defaults(cls, data):
+        """A part section given in part is laid over that part's own defaults, as OneTrainer lays a file over its
+        defaults: `"text_encoder": {"weight_dtype": "FLOAT_8"}` must not switch the text encoder's training on."""
+        if isinstance(data, dict):
+            for part in ("text_encoder", "vae"):
+                section = data.get(part)
+                if isinstance(section, dict) and "train" not in section:
+                    data = {**data, part: {**section, "train": False}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _format_follows_method(cls, data):
         """An unset output_model_format follows training_method, so a pasted FINE_TUNE or EMBEDDING config saves
         in its own method's format."""
@@ -318,6 +330,7 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("preserve_embedding_norm", False, "embedding norm preservation"),
     ("embedding_weight_dtype", "FLOAT_32", "embeddings in other dtypes"),
     ("vae.train", False, "VAE training"),
+    ("vae.weight_dtype", (None, "FLOAT_32"), "a VAE in another dtype: it encodes clips and decodes samples in float32"),
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),
