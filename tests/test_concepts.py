@@ -384,3 +384,13 @@ def test_resolution_override_sizes_that_concepts_clips(tmp_path, tiny_models):
     ])
     survey = survey_dataset(config, WanFamily(config, torch.device("cpu")))
     assert {e.item.path.parent.name: e.size for e in survey.usable} == {"small": (32, 32), "large": (64, 64), "off": (32, 32)}
+
+
+def test_validation_concept_and_another_type_together_are_refused():
+    from pydantic import ValidationError
+
+    from motiontune.config.concepts import ConceptConfig
+
+    assert ConceptConfig.model_validate({"path": ".", "validation_concept": True}).role == "VALIDATION"
+    with pytest.raises(ValidationError, match="older form of type VALIDATION, and type is PRIOR_PREDICTION"):
+        ConceptConfig.model_validate({"path": ".", "type": "PRIOR_PREDICTION", "validation_concept": True})

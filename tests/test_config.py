@@ -68,6 +68,10 @@ def test_a_part_section_given_in_part_keeps_that_parts_defaults(tmp_path):
     assert config.text_encoder.weight_dtype == "FLOAT_8"
     assert config.text_encoder.train is False and config.vae.train is False
     assert config.transformer.train is True
+    # WAN 2.2 A14B: a noise range for the low-noise expert does not make it train as well
+    config = load_config(str(write_config(tmp_path / "d.json", **minimal(
+        model_type="WAN_2_2_T2V_A14B", transformer={"train": True}, transformer_2={"max_noising_strength": 0.8}))))
+    assert config.transformer_2.train is False and config.transformer_2.max_noising_strength == 0.8
 
 
 def test_compression_ratios_are_checked_against_each_vae(tmp_path):

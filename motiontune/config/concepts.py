@@ -131,6 +131,15 @@ class ConceptConfig(_Section):
     image: ConceptImageConfig = ConceptImageConfig()
     text: TextConfig = TextConfig()
 
+    @field_validator("validation_concept")
+    @classmethod
+    def _one_type(cls, value, info):
+        kind = info.data.get("concept_type", "STANDARD")
+        if value and kind not in ("STANDARD", "VALIDATION"):
+            raise ValueError(f"`validation_concept` true is the older form of type VALIDATION, and type is {kind}; "
+                             "keep only `type`")
+        return value
+
     @field_validator("repeats")
     @classmethod
     def _one_balancing(cls, value, info):

@@ -239,10 +239,10 @@ class TrainConfig(Strict):
         """A part section given in part is laid over that part's own defaults, as OneTrainer lays a file over its
         defaults: `"text_encoder": {"weight_dtype": "FLOAT_8"}` must not switch the text encoder's training on."""
         if isinstance(data, dict):
-            for part in ("text_encoder", "vae"):
+            for part in ("transformer", "transformer_2", "text_encoder", "vae"):
                 section = data.get(part)
                 if isinstance(section, dict) and "train" not in section:
-                    data = {**data, part: {**section, "train": False}}
+                    data = {**data, part: {**section, "train": cls.model_fields[part].default.train}}
         return data
 
     @model_validator(mode="before")

@@ -16,7 +16,7 @@ from .losses import flow_matching_loss
 
 log = logging.getLogger("motiontune")
 
-# where in each trained noise range the clips are noised: evenly spread, the ends left out
+# where in each transformer's trained noise range the clips are noised: evenly spread, the ends left out
 LEVELS = (0.125, 0.375, 0.625, 0.875)
 
 
@@ -30,15 +30,22 @@ class Validation:
         # a family may draw noise of its own in predict (LTX-2's audio tokens when no sound is given): seeded here,
         # and training's random state is left as it was
         devices = [self.family.device] if self.family.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            return self._losses()
+        modules = [training.expert.module for training in self.step.trainings]
+        for module in modules:  # the model's own loss: no LoRA dropout
+            module.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                return self._losses()
+        finally:
+            for module in modules:
+                module.train()
 
     def _losses(self) -> dict[str, float]:
         family, device = self.family, self.family.device
-        low = min(t.expert.sigma_range[0] for t in self.step.trainings)
-        high = max(t.expert.sigma_range[1] for t in self.step.trainings)
-        sigmas = torch.tensor([low + (high - low) * level for level in LEVELS], device=device)
+        # the levels each transformer trains on (its noise range, when one is set), not the ones it never sees
+        spans = [self.step.spans[training.expert.name].target for training in self.step.trainings]
+        sigmas = torch.tensor([low + (high - low) * level for low, high in spans for level in LEVELS], device=device)
         # the same draws every time: fresh generators with fixed seeds, one noise per clip in a fixed order
         noise_generator = torch.Generator(device=device).manual_seed(self.seed + 7919)
         condition_generator = torch.Generator().manual_seed(self.seed + 7920)
