@@ -251,7 +251,8 @@ def run_motiontune(result: Result, ctx) -> None:
     (work / "config.json").write_text(json.dumps(config, indent=1))
     env = base_env(ctx.args) | {"PYTHONPATH": str(REPO)}
     if run_phase(result, "train (caches as it goes)",
-                 [sys.executable, PROBE, work / "probe.json", "-m", "motiontune", "train", "--config", work / "config.json"],
+                 [sys.executable, PROBE, work / "probe.json", "-m", "motiontune", "train", "--config", work / "config.json",
+                  *(arg for setting in ctx.args.motiontune_set for arg in ("--set", setting))],
                  REPO, env, work / "log.txt"):
         read_probe(result, work / "probe.json", len(CLIPS))
         result.lora = work / "lora.safetensors"
@@ -381,6 +382,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--motiontune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key for motiontune's run, as `motiontune train --set` takes it (e.g. compile=true)")
     parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS", "/work/peers")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/motiontune-peers"),
                         help="scratch folder (models are reused across runs with the same sizes)")
