@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Expert, ModelFamily, SampleRequest, Sound
+from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .loading import ModelLoadError, load_part
 
 MAX_SEQUENCE_LENGTH = 1024  # the pipeline's default
@@ -108,10 +108,8 @@ class LTX2Family(ModelFamily):
         from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
         base = self.config.base_model_name
-        model = load_part(Gemma3ForConditionalGeneration, base, "text_encoder", dtype=self.text_dtype).to(self.device).eval()
-        self.connectors = load_part(LTX2TextConnectors, base, "connectors", dtype=self.text_dtype).to(self.device).eval()
-        for part in (model, self.connectors):
-            part.requires_grad_(False)
+        model = self.load_text_model(Gemma3ForConditionalGeneration, "text_encoder")
+        self.connectors = self.load_text_model(LTX2TextConnectors, "connectors")
         self.encoders = {"gemma3": (load_part(AutoTokenizer, base, "tokenizer"), model)}
 
     def release_text_encoder(self) -> None:
@@ -149,7 +147,7 @@ class LTX2Family(ModelFamily):
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+        pixels = self.video_pixels(frames)
         latents = self.vae.encode(pixels).latent_dist.mean
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
         std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
@@ -275,7 +273,7 @@ class LTX2Family(ModelFamily):
             )
         finally:
             self.park_vae()
-        video_frames = (np.clip(frames[0], 0.0, 1.0) * 255).round().astype(np.uint8)
+        video_frames = to_uint8(frames[0])
         return video_frames, sound[0].float().cpu().numpy(), self.vocoder.config.output_sampling_rate
 
     # --- tiny models (motiontune.testing) --------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, apply_override
 from ..util.files import write_then_rename
 from .checks import MEDIA, path_problems, validate, warnings
-from .runs import Runs
+from .runs import Runs, read_json
 from .schema_help import ui_schema
 
 __all__ = ["create_app", "run_server", "validate"]
@@ -177,7 +177,7 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
     @app.get("/api/working")
     def working():
         """The form as it was last edited (kept in the UI's workspace, so a reload mid-run shows it again)."""
-        return _read_json(home / WORKING_CONFIG) or {"config": None}
+        return read_json(home / WORKING_CONFIG) or {"config": None}
 
     @app.put("/api/working")
     def keep_working(config=Body(...), source: str = Body(""), save_path: str = Body("")):
@@ -331,13 +331,6 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         return serve(base / Path(path).expanduser())
 
     return app
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_loopback(host: str) -> bool:
