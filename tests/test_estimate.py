@@ -23,8 +23,10 @@ PRESETS = ["#wan 2.2 LoRA", "#wan 2.2 LoRA 8GB", "#wan 2.2 Finetune", "#wan 2.2 
 
 def _measure(config_path: str, settings: list[str]) -> list[dict]:
     """Runs in a fresh process (see __main__ below): imports and the cache first, then one run per setting, each
-    measured as benchmarks/memory.py does: VmHWM, reset when the transformer's first forward starts, here minus
-    VmRSS at that moment (the step's own memory)."""
+    measured as benchmarks/memory.py does: VmHWM, reset when the transformer's forward starts, here minus VmRSS at
+    that moment: the last step's own memory. (A run's first step also pays once for what the process meets for the
+    first time: code pages of the kernels it runs, the BLAS library's buffers; 16 MB at this size, nothing a step
+    repeats.)"""
     import diffusers  # noqa: F401  (what train() would import on the way: before the baseline)
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -41,7 +43,7 @@ def _measure(config_path: str, settings: list[str]) -> list[dict]:
         loaded = []
 
         def before_forward(module, args):
-            if type(module).__name__ == transformer_class and not loaded:
+            if type(module).__name__ == transformer_class:
                 loaded.append(process_memory()["VmRSS"])
                 with open("/proc/self/clear_refs", "w") as clear:
                     clear.write("5")
@@ -51,15 +53,16 @@ def _measure(config_path: str, settings: list[str]) -> list[dict]:
             train(config)
         finally:
             hook.remove()
-        # the step's own memory: above what the process held as the step began
-        results.append({"setting": setting, "peak": process_memory()["VmHWM"] - loaded[0]})
+        # the last step's own memory: above what the process held as it began
+        results.append({"setting": setting, "peak": process_memory()["VmHWM"] - loaded[-1], "steps": len(loaded)})
     return results
 
 
 def _measured_rows(config_path: Path, settings: list[str]) -> dict[str, dict]:
     """Measured peaks of real steps (a fresh process) beside the estimate's, both the step's own memory: the
-    estimate less what is there before the step begins (weights and adapters; not the few MB of data-pipeline
-    state the estimate does not model, which would weigh on a model this small)."""
+    estimate less what is there before the step begins (weights and adapters, and from the second step on the
+    optimizer state; not the few MB of data-pipeline state the estimate does not model, which would weigh on a
+    model this small)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")  # freed tensors go back to the OS: RSS follows live memory
     out = subprocess.run([sys.executable, __file__, str(config_path), *settings], capture_output=True, text=True,
                          env=env, cwd=Path(__file__).parent)
@@ -67,9 +70,8 @@ def _measured_rows(config_path: Path, settings: list[str]) -> dict[str, dict]:
     rows = {r["setting"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
     for setting, row in rows.items():
         predicted = estimate(load_config(str(config_path), [f"gradient_checkpointing={setting}"]), device="cpu")
-        present = sum(line.device for line in predicted.lines if line.name.startswith("frozen weights"))
-        present += sum(line.device for line in predicted.lines if line.name.startswith("trained")) // 2  # no gradients yet
-        row["estimate"] = predicted.total - present
+        before = ("frozen weights", "trained parameters") + (("optimizer state",) if row["steps"] > 1 else ())
+        row["estimate"] = predicted.total - sum(line.device for line in predicted.lines if line.name.startswith(before))
     return rows
 
 
@@ -111,7 +113,8 @@ def test_estimate_is_within_15_percent_of_measured_training_steps_off_and_on(mea
 
 
 # A transformer wider than the tiny recipe's (its per-token tensors exceed malloc's mmap threshold, so RSS follows
-# live memory), with more blocks of each kind than the estimate simulates: the extrapolation is measured too
+# live memory), with more blocks of each kind than the estimate simulates: the extrapolation is measured too.
+# Two steps: the second, measured, runs beside the optimizer state the first made, as every later step does.
 WIDER = {
     "hunyuan-video": ("HUNYUAN_VIDEO", "HunyuanVideoTransformer3DModel", 17, "192", dict(
         in_channels=16, out_channels=16, num_attention_heads=8, attention_head_dim=24, num_layers=4, num_single_layers=4,
@@ -139,7 +142,6 @@ def _wider_config(root: Path, name: str) -> Path:
     (clips / "shapes.txt").write_text("moving shapes\n")
     config = {
         "model_type": model_type, "base_model_name": str(model), "concepts": [{"path": str(clips)}],
-        # two steps: the second runs beside the optimizer state the first made, as every later step does
         "resolution": resolution, "epochs": 2, "train_dtype": "FLOAT_32", "lora_rank": 16, "lora_alpha": 16,
         "workspace_dir": str(root / "workspace"), "cache_dir": str(root / "cache"),
         "output_model_destination": str(root / "lora.safetensors"), "sample_after_unit": "NEVER",
@@ -152,10 +154,13 @@ def _wider_config(root: Path, name: str) -> Path:
 @pytest.mark.parametrize("name", list(WIDER))
 def test_hunyuan_video_and_hidream_estimates_match_measured_steps(name, tmp_path):
     """`estimate` serves every family: HunyuanVideo (two kinds of block) and HiDream (an image model whose MoE routes
-    by the data; the simulation takes the costliest routing) against a real step with checkpointing."""
+    by the data; the simulation takes the costliest routing) against a real step with checkpointing: the second
+    step's own memory (activations, and the gradients backward has made by their peak) within 5 % (measured 2 % high
+    for both: malloc reuses some memory the first step freed)."""
     path = _wider_config(tmp_path, name)
     rows = _measured_rows(path, ["ON"])  # one setting measured: the suite's time; benchmarks/memory.py measures more
-    assert abs(rows["ON"]["estimate"] - rows["ON"]["peak"]) < max(0.15 * rows["ON"]["peak"], 16 * 2**20), rows
+    assert rows["ON"]["steps"] == 2, rows
+    assert abs(rows["ON"]["estimate"] - rows["ON"]["peak"]) < 0.05 * rows["ON"]["peak"], rows
     off = estimate(load_config(str(path), ["gradient_checkpointing=OFF"]), device="cpu")
     assert estimate(load_config(str(path), ["gradient_checkpointing=ON"]), device="cpu").total < off.total
 

@@ -53,7 +53,8 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
                   quantized: str | None = None) -> tuple[int, list[tuple[int, int]], int]:
     """One training step of a copy with `depth` blocks of each kind, on fake tensors: (peak bytes of the tensors it
     made, [(blocks of the kind in the copy, bytes its second block left alive for backward)] per kind, bytes of
-    the tensors one block receives). Gradients of trained parameters are left out (counted with the parameters).
+    the tensors one block receives). The peak counts the gradients of trained parameters made by its moment: backward
+    frees activations as it makes gradients, so a step's peak holds only some of them (none, early in backward).
     `quantized` (FLOAT_8, NFLOAT_4): the frozen block Linear layers are train/memory.py's quantized ones."""
     from ..models.base import Expert
     from ..train.flow import flow_target, noisy_latents
@@ -80,8 +81,7 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
     text, conditioning = owner.estimate_step_inputs(cfg, x0, load_dtype(config))  # real text: families unpack it
     text.requires_grad_(text_live)
     tracker = LiveBytes([*model.parameters(), *model.buffers(), x0, noise, sigma, text])
-    handles = [p.register_post_accumulate_grad_hook(lambda p: tracker.leave_out(p.grad))
-               for p in model.parameters() if p.requires_grad]
+    handles = []
     kinds = block_lists(model, config)
     entries: list[list[int]] = [[] for _ in kinds]  # live bytes as each block starts its first forward
     received: list[int] = []
@@ -135,8 +135,9 @@ def step_matmuls(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, 
 
 def activation_peak(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
                     quantized: str | None = None) -> tuple[int, int, int]:
-    """(peak activation bytes of a step at the model's full depth, bytes all blocks keep for backward, bytes of the
-    tensors each block receives: what CPU_OFFLOADED copies to host memory per block). Every block of a kind after
+    """(peak activation bytes of a step at the model's full depth, the gradients made by then included, bytes all
+    blocks keep for backward, bytes of the tensors each block receives: what CPU_OFFLOADED copies to host memory per
+    block). Every block of a kind after
     the first adds the same bytes by the time backward starts (tests check this against the full depth)."""
     peak, shares, received = simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)
     counts = [cfg[key] for key, _ in family(config).block_groups]

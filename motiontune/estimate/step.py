@@ -93,12 +93,11 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * len(parts)
     what = {"LORA": f"LoRA rank {config.lora_rank}", "FINE_TUNE": "every transformer weight", "EMBEDDING": "nothing"}[config.training_method]
     if trainable:
-        lines.append(Line("trained parameters + gradients", 2 * trainable, 0,
-                          f"{what}: {counts.trainable_count / 1e6:.1f}M values"))
+        lines.append(Line("trained parameters", trainable, 0, f"{what}: {counts.trainable_count / 1e6:.1f}M values"))
         lines.append(Line(f"optimizer state ({options.optimizer})", state, 0,
                           f"{len(parts)} expert(s)" if len(parts) > 1 else ""))
 
-    # activations
+    # activations, with the gradients backward has made by their peak (few: it frees activations as it makes them)
     live = text_live(config)
     recompute = options.checkpointing != "OFF"
     quantized = weight_dtype if weight_dtype in QUANTIZED else None
@@ -121,8 +120,13 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         lines += text_encoder_lines(config, shape, on_cpu)
     if on_cpu:
         lines += _onednn_kernels(cfg, config, shape, recompute, live, quantized)
-    if on_cpu and trainable:  # torch's foreach AdamW on the CPU: one temporary the size of a moment during the step
-        lines.append(Line("optimizer step temporaries", trainable, 0, "foreach update on the CPU (fused on CUDA: none)"))
+    if trainable:
+        # after backward: every gradient, and on the CPU torch's foreach AdamW makes a temporary the size of a moment
+        # (fused on CUDA: none); the activations are gone by then, so only what exceeds their peak adds
+        update = trainable + (trainable if on_cpu else 0)
+        lines.append(Line("gradients at the optimizer step", max(0, update - device_act), 0,
+                          f"{update / GB:.2f} GB (every gradient" + (", the foreach update's temporary" if on_cpu else "")
+                          + "), beyond the activations' peak"))
     if not on_cpu:
         lines += cuda.step_lines(shape, cfg, device_act)
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n,

@@ -61,13 +61,6 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
         self.refs[key] = weakref.ref(storage, gone) if count else storage
 
-    def leave_out(self, tensor: torch.Tensor) -> None:
-        """Stop counting `tensor` (a trained parameter's gradient: counted with the parameters)."""
-        key = id(tensor.untyped_storage())
-        self.current -= self.bytes.get(key, 0)
-        if key in self.bytes:
-            self.bytes[key] = 0
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
