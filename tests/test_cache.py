@@ -121,3 +121,27 @@ def test_clear_removes_only_what_the_config_no_longer_uses(tmp_path, tiny_models
     assert "removed 2 entries" in out  # the two 8 fps latents; the captions are still in use
     assert len(list((tmp_path / "cache" / "latents").glob("*/*.safetensors"))) == 2
     assert len(list((tmp_path / "cache" / "text").glob("*/*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("model_type", ["HUNYUAN_VIDEO", "HI_DREAM_FULL", "HUNYUAN_VIDEO_1_5", "LTX_2"])
+def test_a_new_text_row_layout_is_a_new_text_key(model_type, tmp_path, monkeypatch):
+    """Families that pack a prompt's tensors into one cached row (models/packing.py) name the layout in the text
+    key: captions cached in another layout are encoded again, never read with the wrong header. WAN caches the
+    encoder's output as is: its key names no layout."""
+    from motiontune.configure import load_config
+    from motiontune.data.cache import Cache
+    from motiontune.data.latents import Encoding
+    from motiontune.models import family_for
+    from motiontune.models.packing import FORMAT
+
+    def identity(model_type):
+        config = load_config(str(write_config(tmp_path / "c.json", model_type=model_type, base_model_name=str(tmp_path),
+                                              concepts=[{"path": "."}], cache_dir=str(tmp_path / "cache"))))
+        family = family_for(config, torch.device("cpu"))
+        return family, Encoding(family, config, Cache(config.cache_dir, True), None).text_identity
+
+    family, packed = identity(model_type)
+    assert family.TEXT_FORMAT == FORMAT
+    monkeypatch.setattr(type(family), "TEXT_FORMAT", "packed-1")
+    assert identity(model_type)[1] != packed
+    assert WanFamily.TEXT_FORMAT == ""

@@ -108,7 +108,8 @@ class Encoding:
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
         storage = config.text_encoder.weight_dtype if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4") else ""
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
-                                              f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else ""))
+                                              f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else "")
+                                              + (f":{family.TEXT_FORMAT}" if family.TEXT_FORMAT else ""))
         self.calls: Counter = Counter()
         self.used: dict[str, set[str]] = {"latents": set(), "text": set(), "masks": set()}  # every key this run asked for
         self._text_loaded = False

@@ -166,6 +166,9 @@ class ModelFamily(ABC):
 
     #: encoder kind ("vae", "text") → the model parts (subfolders) whose files decide its outputs
     ENCODER_PARTS: dict[str, tuple[str, ...]]
+    #: the layout of a cached text row when it is not the encoder's output as is (models/packing.py: several tensors
+    #: in one row); part of the text cache's key, so a new layout re-encodes the captions instead of misreading them
+    TEXT_FORMAT = ""
 
     @abstractmethod
     def load_transformers(self) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from .base import Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part
+from .packing import FORMAT as PACKED, pack, unpack
 
 log = logging.getLogger("motiontune")
 
@@ -48,6 +49,7 @@ class HiDreamFamily(ModelFamily):
         "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3",
                  "tokenizer_4", "text_encoder_4"),
     }
+    TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -93,7 +95,7 @@ class HiDreamFamily(ModelFamily):
         inputs = self._tokenize(llama_tokenizer, prompts, min(MAX_SEQUENCE_LENGTH, llama_tokenizer.model_max_length))
         hidden = llama(inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states[1:]
         used = torch.stack([hidden[k] for k in self._llama_layers()], dim=1)  # (B, K, L, D): only what the transformer reads
-        return torch.stack([self._pack(t5_states[i], used[i], pooled[i]) for i in range(len(prompts))])
+        return torch.stack([pack(t5_states[i], used[i], pooled[i]) for i in range(len(prompts))])
 
     def _tokenize(self, tokenizer, prompts, length):
         return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
@@ -111,23 +113,12 @@ class HiDreamFamily(ModelFamily):
 
         return list(HiDreamImageTransformer2DModel.load_config(self.config.base_model_name, subfolder="transformer")["llama_layers"])
 
-    @staticmethod
-    def _pack(t5, llama, pooled) -> torch.Tensor:
-        shape = [t5.shape[0], t5.shape[1], llama.shape[0], llama.shape[1], llama.shape[2]]
-        header = torch.tensor(shape, dtype=torch.float32, device=t5.device)
-        return torch.cat([header, t5.float().flatten(), llama.float().flatten(), pooled.float().flatten()])
-
     def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N) packed rows → T5 (B, L, D), Llama (layers, B, L, D) indexed as the pipeline's, pooled (B, P)."""
-        t5_len, t5_dim, layers, llama_len, llama_dim = (int(v) for v in packed[0, :5].tolist())
-        start = 5
-        t5 = packed[:, start : start + t5_len * t5_dim].reshape(-1, t5_len, t5_dim)
-        start += t5_len * t5_dim
-        used = packed[:, start : start + layers * llama_len * llama_dim].reshape(-1, layers, llama_len, llama_dim)
-        pooled = packed[:, start + layers * llama_len * llama_dim :]
+        t5, used, pooled = unpack(packed)
         # the transformer indexes the full stack of layers by `llama_layers`: put the used ones where it looks
         indices = self._llama_layers()
-        full = used.new_zeros(max(indices) + 1, len(packed), llama_len, llama_dim)
+        full = used.new_zeros(max(indices) + 1, *used[:, 0].shape)
         for slot, index in enumerate(indices):
             full[index] = used[:, slot]
         return t5, full, pooled
@@ -309,7 +300,7 @@ class HiDreamFamily(ModelFamily):
         t5_dim, llama_dim = cfg["caption_channels"][1], cfg["caption_channels"][0]
         llama = torch.zeros(len(cfg["llama_layers"]), MAX_SEQUENCE_LENGTH, llama_dim)
         pooled = torch.zeros(cfg["text_emb_dim"])
-        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, t5_dim), llama, pooled)
+        row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, t5_dim), llama, pooled)
         return row.expand(batch, -1).clone()
 
     def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):

@@ -20,6 +20,7 @@ import torch
 from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .layout import OriginalLayout
 from .loading import load_part
+from .packing import FORMAT as PACKED, pack, unpack
 
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default (after the template's crop)
 HIDDEN_LAYERS_TO_SKIP = 2
@@ -80,6 +81,7 @@ class HunyuanVideoFamily(ModelFamily):
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
     ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+    TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
     ORIGINAL_LAYOUT = OriginalLayout("HunyuanVideo", _OUTSIDE_BLOCKS, (
         DOUBLE_BLOCKS, ("single_blocks", "single_transformer_blocks", _SINGLE_BLOCK), REFINER_BLOCKS), SWAPPED)
 
@@ -115,23 +117,13 @@ class HunyuanVideoFamily(ModelFamily):
         clip_tokenizer, clip = self.encoders["clip_l"]
         ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt").input_ids
         pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
-        return torch.stack([self._pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))])
-
-    @staticmethod
-    def _pack(embeds, mask, pooled) -> torch.Tensor:
-        header = torch.tensor([embeds.shape[0], embeds.shape[1], pooled.shape[0]], dtype=torch.float32, device=embeds.device)
-        return torch.cat([header, embeds.float().flatten(), mask.float(), pooled.float()])
+        return torch.stack([pack(embeds[i], mask[i], pooled[i]) for i in range(len(prompts))])
 
     @staticmethod
     def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N) → embeds (B, L, D), attention mask (B, L) as integers, pooled (B, P)."""
-        length, width, pooled_width = (int(v) for v in packed[0, :3].tolist())
-        start = 3
-        embeds = packed[:, start : start + length * width].reshape(-1, length, width)
-        start += length * width
-        mask = packed[:, start : start + length].round().long()
-        pooled = packed[:, start + length : start + length + pooled_width]
-        return embeds, mask, pooled
+        embeds, mask, pooled = unpack(packed)
+        return embeds, mask.round().long(), pooled
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -240,7 +232,7 @@ class HunyuanVideoFamily(ModelFamily):
 
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         width = cfg["text_embed_dim"]
-        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.ones(MAX_SEQUENCE_LENGTH),
+        row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.ones(MAX_SEQUENCE_LENGTH),
                          torch.zeros(cfg["pooled_projection_dim"]))
         return row.expand(batch, -1).clone()
 

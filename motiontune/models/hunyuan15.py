@@ -30,6 +30,7 @@ from .base import Conditioning, Expert, ModelFamily, SampleRequest, calibrate_sc
 from .hunyuan import DOUBLE_BLOCKS, REFINER_BLOCKS, SWAPPED
 from .layout import OriginalLayout
 from .loading import ModelLoadError, load_part
+from .packing import FORMAT as PACKED, pack, unpack
 
 MODEL_TYPES = ("HUNYUAN_VIDEO_1_5", "HUNYUAN_VIDEO_1_5_I2V")
 # The pipeline's own constants (HunyuanVideo15Pipeline.__init__): Qwen tokens after the crop, the crop, ByT5 tokens,
@@ -75,6 +76,7 @@ class HunyuanVideo15Family(ModelFamily):
     spatial_multiple = 16  # the VAE's 16x; the transformer's patches are 1x1
     ENCODER_PARTS = {"vae": ("vae", "image_encoder", "feature_extractor"),
                      "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+    TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
     IMAGE_ENCODER = ("SiglipVisionModel", "SiglipImageProcessor", "feature_extractor")  # image-to-video's
     ORIGINAL_LAYOUT = OriginalLayout("HunyuanVideo 1.5", _OUTSIDE_BLOCKS, (DOUBLE_BLOCKS, REFINER_BLOCKS), SWAPPED)
 
@@ -140,21 +142,13 @@ class HunyuanVideo15Family(ModelFamily):
         glyph_tokenizer, byt5 = self.glyph  # the pipeline's own glyph extraction (quoted text) and ByT5 call
         glyph, glyph_mask = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(glyph_tokenizer, byt5, prompts, self.device,
                                                                            BYT5_LENGTH)
-        return torch.stack([self._pack(embeds[i], mask[i], glyph[i], glyph_mask[i]) for i in range(len(prompts))])
-
-    @staticmethod
-    def _pack(embeds, mask, glyph, glyph_mask) -> torch.Tensor:
-        header = torch.tensor([*embeds.shape, *glyph.shape], dtype=torch.float32, device=embeds.device)
-        return torch.cat([header, embeds.float().flatten(), mask.float(), glyph.float().flatten(), glyph_mask.float()])
+        return torch.stack([pack(embeds[i], mask[i], glyph[i], glyph_mask[i]) for i in range(len(prompts))])
 
     @staticmethod
     def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, N) → Qwen embeds (B, L, D), mask (B, L), ByT5 embeds (B, L2, D2), mask (B, L2); masks as integers."""
-        length, width, glyph_length, glyph_width = (int(v) for v in packed[0, :4].tolist())
-        embeds, mask, glyph, glyph_mask = packed[:, 4:].split(
-            [length * width, length, glyph_length * glyph_width, glyph_length], dim=1)
-        return (embeds.reshape(-1, length, width), mask.round().long(),
-                glyph.reshape(-1, glyph_length, glyph_width), glyph_mask.round().long())
+        embeds, mask, glyph, glyph_mask = unpack(packed)
+        return embeds, mask.round().long(), glyph, glyph_mask.round().long()
 
     def _scaled_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
         posterior = self.vae.encode(pixels).latent_dist
@@ -329,7 +323,7 @@ class HunyuanVideo15Family(ModelFamily):
         transformer.forward = every_token_valid
 
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
-        row = self._pack(torch.zeros(QWEN_LENGTH, cfg["text_embed_dim"]), torch.ones(QWEN_LENGTH),
+        row = pack(torch.zeros(QWEN_LENGTH, cfg["text_embed_dim"]), torch.ones(QWEN_LENGTH),
                          torch.zeros(BYT5_LENGTH, cfg["text_embed_2_dim"]), torch.ones(BYT5_LENGTH))
         return row.expand(batch, -1).clone()
 

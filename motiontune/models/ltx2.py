@@ -28,6 +28,7 @@ import torch
 
 from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .loading import ModelLoadError, load_part
+from .packing import FORMAT as PACKED, pack, unpack
 
 MAX_SEQUENCE_LENGTH = 1024  # the pipeline's default
 N_FFT = 1024  # ltx-core reads it from its audio VAE config, which diffusers does not carry: 1024 not checked here
@@ -51,6 +52,7 @@ class LTX2Family(ModelFamily):
     AUDIO_SAMPLE_RATE = 16000
     AUDIO_CHANNELS = 2
     ENCODER_PARTS = {"vae": ("vae", "audio_vae"), "text": ("tokenizer", "text_encoder", "connectors")}
+    TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
     audio_vae = vocoder = None
 
     def __init__(self, config, device):
@@ -127,23 +129,13 @@ class LTX2Family(ModelFamily):
         hidden = gemma(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True).hidden_states
         stacked = torch.stack(hidden, dim=-1).flatten(2, 3).to(gemma.dtype)
         video, audio, mask = self.connectors(stacked, inputs.attention_mask, padding_side="left")
-        return torch.stack([self._pack(video[i], audio[i], mask[i]) for i in range(len(prompts))])
-
-    @staticmethod
-    def _pack(video, audio, mask) -> torch.Tensor:
-        header = torch.tensor([video.shape[0], video.shape[1], audio.shape[1]], dtype=torch.float32, device=video.device)
-        return torch.cat([header, video.float().flatten(), audio.float().flatten(), mask.float()])
+        return torch.stack([pack(video[i], audio[i], mask[i]) for i in range(len(prompts))])
 
     @staticmethod
     def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N) → video embeds (B, L, Dv), audio embeds (B, L, Da), mask (B, L) as integers."""
-        length, video_width, audio_width = (int(v) for v in packed[0, :3].tolist())
-        start = 3
-        video = packed[:, start : start + length * video_width].reshape(-1, length, video_width)
-        start += length * video_width
-        audio = packed[:, start : start + length * audio_width].reshape(-1, length, audio_width)
-        start += length * audio_width
-        return video, audio, packed[:, start : start + length].round().long()
+        video, audio, mask = unpack(packed)
+        return video, audio, mask.round().long()
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
@@ -340,7 +332,7 @@ class LTX2Family(ModelFamily):
 
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         width = cfg.get("caption_channels", 3840)  # the connectors' output (their width is Gemma's)
-        row = self._pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.zeros(MAX_SEQUENCE_LENGTH, width),
+        row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.zeros(MAX_SEQUENCE_LENGTH, width),
                          torch.ones(MAX_SEQUENCE_LENGTH))
         return row.expand(batch, -1).clone()
 
