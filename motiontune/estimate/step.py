@@ -88,7 +88,7 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
                           "waits in host memory; " + ("also trained: swapped in for the batches it serves" if len(parts) == 2
                                                       else "not trained: loaded for samples")))
 
-    # what trains: parameters and gradients, and the optimizer state of every trained expert
+    # what trains: its parameters, and the optimizer state of every trained expert (gradients: at their moments, below)
     trainable = counts.trainable_bytes
     state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * len(parts)
     what = {"LORA": f"LoRA rank {config.lora_rank}", "FINE_TUNE": "every transformer weight", "EMBEDDING": "nothing"}[config.training_method]
