@@ -19,7 +19,7 @@ from .fake_memory import LiveBytes, fakeify, init_kwargs, quiet, storage_bytes
 TILE_MARGIN = 1.1
 
 
-def vae_from(cfg: dict, dtype: torch.dtype):
+def vae_from(cfg: dict, dtype: torch.dtype = torch.float32):
     """AutoencoderKLWan on the meta device, in `dtype` (as the trainer loads it: vae.weight_dtype)."""
     from diffusers import AutoencoderKLWan
 
