@@ -16,6 +16,10 @@ every block, batch 1, AdamW at 1e-4, bf16 autocast (or bf16 weights where a tool
 checkpointing, 3 x --epochs steps. The text encoder is a one-layer UMT5 of the real width (4096) and a tiny
 vocabulary, the VAE the real WAN 2.1 architecture: both random.
 
+motiontune runs twice: `motiontune` is one `train` process (it encodes what the cache lacks, releases the encoders,
+then trains); `motiontune-cache-first` runs `motiontune cache` and then `motiontune train`, two processes as
+musubi-tuner runs, so its training process never holds the VAE or the text encoder.
+
 Figures per tool:
 - wall: from the raw clips to the finished LoRA file, every process the tool needs (caching, training) included;
 - step: the median time between optimizer steps once every clip is cached (steps after the first epoch);
