@@ -16,6 +16,10 @@ every block, batch 1, AdamW at 1e-4, bf16 autocast (or bf16 weights where a tool
 checkpointing, 3 x --epochs steps. The text encoder is a one-layer UMT5 of the real width (4096) and a tiny
 vocabulary, the VAE the real WAN 2.1 architecture: both random.
 
+motiontune runs twice: `motiontune` is one `train` process (it encodes what the cache lacks, releases the encoders,
+then trains); `motiontune-cache-first` runs `motiontune cache` and then `motiontune train`, two processes as
+musubi-tuner runs, so its training process never holds the VAE or the text encoder.
+
 Figures per tool:
 - wall: from the raw clips to the finished LoRA file, every process the tool needs (caching, training) included;
 - step: the median time between optimizer steps once every clip is cached (steps after the first epoch);
@@ -56,7 +60,9 @@ WIDTHS = {  # heads, head_dim, ffn
     "tiny": (2, 32, 256),  # for trying the script out
 }
 TEXT_DIM = 4096  # WAN's text_dim: the UMT5-XXL width, fixed in the original layout
-TOOLS = ["motiontune", "musubi-tuner", "finetrainers", "diffusion-pipe"]
+# motiontune runs twice: one `train` (encoding what is not cached, then training), and `cache` then `train` in two
+# processes, as musubi-tuner runs (its training process never holds an encoder)
+TOOLS = ["motiontune", "motiontune-cache-first", "musubi-tuner", "finetrainers", "diffusion-pipe"]
 
 
 @dataclass
@@ -237,12 +243,13 @@ def base_env(args) -> dict:
     return env
 
 
-def run_motiontune(result: Result, ctx) -> None:
-    work = ctx.work / "motiontune"
+def run_motiontune(result: Result, ctx, cache_first: bool = False) -> None:
+    work = ctx.work / result.tool
     config = {
         "model_type": "WAN_2_1_T2V", "base_model_name": str(ctx.paths["diffusers"]),
         "concepts": [{"path": str(ctx.clips)}], "resolution": str(ctx.args.resolution), "epochs": ctx.args.epochs,
         "batch_size": 1, "learning_rate": 1e-4, "train_dtype": "BFLOAT_16", "gradient_checkpointing": "ON",
+        "vae": {"weight_dtype": "BFLOAT_16"},  # the peers encode in bf16 too (musubi-tuner's default, finetrainers' flag)
         "lora_rank": ctx.args.rank, "lora_alpha": ctx.args.rank, "optimizer": {"optimizer": "ADAMW"},
         "workspace_dir": str(work / "workspace"), "cache_dir": str(work / "cache"),
         "output_model_destination": str(work / "lora.safetensors"), "sample_after_unit": "NEVER",
@@ -250,9 +257,13 @@ def run_motiontune(result: Result, ctx) -> None:
     }
     (work / "config.json").write_text(json.dumps(config, indent=1))
     env = base_env(ctx.args) | {"PYTHONPATH": str(REPO)}
-    if run_phase(result, "train (caches as it goes)",
+    sets = [arg for setting in ctx.args.motiontune_set for arg in ("--set", setting)]
+    if cache_first and not run_phase(result, "cache", [sys.executable, "-m", "motiontune", "cache", "--config",
+                                                        work / "config.json", *sets], REPO, env, work / "log.txt"):
+        return
+    if run_phase(result, "train" if cache_first else "train (encodes, then trains)",
                  [sys.executable, PROBE, work / "probe.json", "-m", "motiontune", "train", "--config", work / "config.json",
-                  *(arg for setting in ctx.args.motiontune_set for arg in ("--set", setting))],
+                  *sets],
                  REPO, env, work / "log.txt"):
         read_probe(result, work / "probe.json", len(CLIPS))
         result.lora = work / "lora.safetensors"
@@ -320,7 +331,8 @@ def run_finetrainers(result: Result, ctx) -> None:
         result.lora = next(iter(sorted((work / "output").rglob("*.safetensors"))), None)
 
 
-RUNNERS = {"motiontune": run_motiontune, "musubi-tuner": run_musubi, "finetrainers": run_finetrainers}
+RUNNERS = {"motiontune": run_motiontune, "motiontune-cache-first": lambda r, c: run_motiontune(r, c, cache_first=True),
+           "musubi-tuner": run_musubi, "finetrainers": run_finetrainers}
 # diffusion-pipe is CUDA-only from its first import on (benchmarks/RESULTS.md lists the lines); no runner
 NOT_ON_CPU = {"diffusion-pipe": "CUDA only: models/base.py:12 `import torchaudio` (a CUDA build on PyPI), "
                                 "models/wan/t5.py:547 `device=torch.cuda.current_device()`, train.py:299 "
@@ -335,10 +347,10 @@ def mb(n: int | None) -> str:
 
 
 def table(results: list[Result]) -> str:
-    ours = next((r for r in results if r.tool == "motiontune" and not r.error), None)
+    ours = [r for r in results if r.tool.startswith("motiontune") and not r.error]
 
-    def ratio(get, r):
-        a, b = (get(ours) if ours else None), get(r)
+    def ratio(get, mine, r):
+        a, b = get(mine), get(r)
         return f"{a / b:.2f}" if a and b else "–"
 
     rows = ["| tool | wall, raw clips → LoRA | cached step (median) | peak RSS (training process) | step peak over "
@@ -351,10 +363,12 @@ def table(results: list[Result]) -> str:
                     f"{r.steps} |" if r.step is not None else f"| {r.tool} | {r.wall:.1f} s | – | "
                     f"{mb(r.train_peak_rss)} | – | {r.steps} |")
     rows += ["", "| motiontune / peer | wall | cached step | peak RSS | step peak |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        if r.tool != "motiontune" and not r.error:
-            rows.append(f"| {r.tool} | {ratio(lambda x: x.wall, r)} | {ratio(lambda x: x.step, r)} | "
-                        f"{ratio(lambda x: x.train_peak_rss, r)} | {ratio(lambda x: x.step_peak, r)} |")
+    for mine in ours:
+        for r in results:
+            if not r.tool.startswith("motiontune") and not r.error:
+                rows.append(f"| {mine.tool} / {r.tool} | {ratio(lambda x: x.wall, mine, r)} | "
+                            f"{ratio(lambda x: x.step, mine, r)} | {ratio(lambda x: x.train_peak_rss, mine, r)} | "
+                            f"{ratio(lambda x: x.step_peak, mine, r)} |")
     return "\n".join(rows)
 
 
@@ -403,7 +417,7 @@ def main() -> None:
     for tool in args.tools:
         result = Result(tool)
         commit = args.peers / tool / ".commit"
-        if tool != "motiontune" and not (args.peers / f"venv-{tool}" / "bin" / "python").exists():
+        if not tool.startswith("motiontune") and not (args.peers / f"venv-{tool}" / "bin" / "python").exists():
             result.error = f"not set up ({args.peers}/venv-{tool} missing: run benchmarks/peers_setup.sh)"
         elif tool in NOT_ON_CPU:
             result.error = f"does not run on a CPU: {NOT_ON_CPU[tool]}"

@@ -145,3 +145,38 @@ def test_a_new_text_row_layout_is_a_new_text_key(model_type, tmp_path, monkeypat
     monkeypatch.setattr(type(family), "TEXT_FORMAT", "packed-1")
     assert identity(model_type)[1] != packed
     assert WanFamily.TEXT_FORMAT == ""
+
+
+def test_a_bfloat16_vae_encodes_in_bfloat16_into_its_own_cache_entries(tmp_path, tiny_models, dataset):
+    """vae.weight_dtype BFLOAT_16 (how musubi-tuner and finetrainers encode by default): latents of a bf16 VAE, close
+    to float32's but not the same, cached under their own key (switching re-encodes, switching back reads the
+    cache), and samples decode through the bf16 VAE."""
+    import av
+    import numpy as np
+
+    from motiontune.configure import load_config
+
+    from test_training import frame_count
+
+    sample = {"prompt": "moving shapes", "frames": 5, "height": 32, "width": 32, "steps": 2}
+    fp32 = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1)
+    bf16 = {**fp32, "train_dtype": "BFLOAT_16", "vae": {"weight_dtype": "BFLOAT_16"}, "samples": [sample],
+            "sample_after_unit": "EPOCH", "sample_after": 1}
+    first = train_once(tmp_path, fp32)
+    assert first["video"] >= 2
+    # its own latents; of the texts only the sample's prompt is new
+    assert train_once(tmp_path, bf16) == {"video": first["video"], "text": 1}
+    assert frame_count(tmp_path / "workspace" / "samples" / "epoch1-0.mp4") == (5, 32, 32)
+    assert train_once(tmp_path, fp32) == {}  # the float32 entries are still there
+
+    with av.open(str(dataset / "shapes_200px_30fps.mp4")) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24")[:64, :64] for _, f in zip(range(5), container.decode(video=0))])
+    latents = {}
+    for name, keys in (("fp32", fp32), ("bf16", bf16)):
+        family = WanFamily(load_config(str(write_config(tmp_path / f"{name}.json", **keys))), torch.device("cpu"))
+        family.load_vae()
+        assert family.vae.dtype == (torch.bfloat16 if name == "bf16" else torch.float32)
+        latents[name] = family.encode_video(frames)
+    assert latents["bf16"].dtype == torch.float32  # what follows the VAE stays float32
+    error = ((latents["bf16"] - latents["fp32"]).pow(2).mean() / latents["fp32"].pow(2).mean()).sqrt().item()
+    assert 1e-4 < error < 0.05, error  # really bf16, and close

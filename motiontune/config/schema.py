@@ -330,7 +330,7 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("preserve_embedding_norm", False, "embedding norm preservation"),
     ("embedding_weight_dtype", "FLOAT_32", "embeddings in other dtypes"),
     ("vae.train", False, "VAE training"),
-    ("vae.weight_dtype", (None, "FLOAT_32"), "a VAE in another dtype: it encodes clips and decodes samples in float32"),
+    ("vae.weight_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "a VAE stored as FLOAT_8 / NFLOAT_4"),
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("vae.dropout_probability", 0.0, "it applies to text_encoder only"),

@@ -105,7 +105,8 @@ class Encoding:
         self.ranks = ranks or Ranks()
         self.split = self.ranks.several and cache.enabled and self._cache_is_shared()
         base = config.base_model_name
-        self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], "float32")
+        # float32 keeps the name it always had, so existing caches stay valid
+        self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], str(family.vae_dtype).removeprefix("torch."))
         storage = config.text_encoder.weight_dtype if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4") else ""
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
                                               f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else "")

@@ -92,20 +92,21 @@ def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int
     owner = family(config)
     parts = part_configs(config)
     vae_cfg = parts["vae"]
-    vae_bytes = module_bytes(owner.estimate_vae(vae_cfg), torch.float32)
+    vae_bytes = module_bytes(owner.estimate_vae(vae_cfg), owner.vae_dtype)
+    vae_weights = f"VAE weights ({str(owner.vae_dtype).removeprefix('torch.')})"
     text_dtype = torch.float32 if on_cpu else load_dtype(config)
     encoders = _text_encoders(config)
     text_bytes = sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders)
     vae_key = json.dumps(vae_cfg, sort_keys=True)
 
     def encoded(frames: int, height: int, width: int) -> int:
-        return simulate_no_grad(("encode", vae_key, frames, height, width), lambda: owner.estimate_vae(vae_cfg),
-                                lambda: (torch.empty(owner.estimate_pixels(frames, height, width)),),
+        return simulate_no_grad(("encode", vae_key, frames, height, width, owner.vae_dtype), lambda: owner.estimate_vae(vae_cfg),
+                                lambda: (torch.empty(owner.estimate_pixels(frames, height, width), dtype=owner.vae_dtype),),
                                 lambda model, x: model.encode(x).latent_dist.mean)
 
     image_encoder = getattr(owner, "estimate_image_encoder_bytes", lambda: 0)()
     clip = [Line("CLIP image encoder (float32)", image_encoder)] if image_encoder else []
-    phases = {ENCODING: [Line("VAE weights (float32)", vae_bytes),
+    phases = {ENCODING: [Line(vae_weights, vae_bytes),
                          Line(f"VAE encoding one clip ({shape.frames} × {shape.width}x{shape.height})",
                               encoded(shape.frames, shape.height, shape.width))] + clip + reserve}
     storage = config.text_encoder.weight_dtype or str(load_dtype(config)).replace("torch.", "")
@@ -122,7 +123,7 @@ def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int
     what = f"{largest.frames} × {largest.width}x{largest.height}"
     kept = [Line("left on the device by training", left, 0,
                  "optimizer state" + (", the live text encoder" if text_live(config) else ""))] if left else []
-    vae = [Line("VAE weights (float32)", vae_bytes)]
+    vae = [Line(vae_weights, vae_bytes)]
     transformer = [Line("the transformer", transformers, 0,
                         "one A14B expert at a time, each brought in when the pipeline calls it"
                         if getattr(owner, "is_a14b", False) and not on_cpu else "")]

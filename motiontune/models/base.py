@@ -19,7 +19,7 @@ import torch
 
 from ..config import TrainConfig
 from .layout import OriginalLayout
-from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype
+from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype, vae_dtype
 
 
 @dataclass
@@ -157,6 +157,7 @@ class ModelFamily(ABC):
         self.config = config
         self.device = device
         self.weight_dtype = transformer_dtype(config)  # what the transformer loads and computes in
+        self.vae_dtype = vae_dtype(config)  # what the VAE loads and encodes in (part of the latent cache's key)
         # what the text encoder runs in (part of the text cache's key): the weights' on an accelerator, float32 on the CPU
         self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
 
@@ -202,13 +203,13 @@ class ModelFamily(ABC):
     IMAGE_ENCODER: tuple[str, str, str] | None = None
 
     def load_vae(self) -> None:
-        """Load the VAE and an image encoder (once; float32, as the stock examples run them: their outputs feed every
-        step) and put them on the training device."""
+        """Load the VAE (once; in vae.weight_dtype, float32 unless set) and an image encoder (float32, as the stock
+        examples run it) and put them on the training device."""
         import diffusers
 
         base = self.config.base_model_name
         if self.vae is None:
-            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), base, "vae", dtype=torch.float32)
+            self.vae = load_part(getattr(diffusers, self.VAE_CLASS), base, "vae", dtype=self.vae_dtype)
             self.vae.requires_grad_(False).eval()
         self.vae.to(self.device)
         if self.encodes_first_frame:
@@ -224,6 +225,11 @@ class ModelFamily(ABC):
     def video_pixels(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (F, H, W, 3) frames → (1, 3, F, H, W) float32 in [-1, 1] on the device, as a video VAE reads them."""
         return torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+
+    def vae_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
+        """Pixels through the VAE in its own dtype → the posterior's mean (or mode), float32 for what follows."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return (posterior.mode() if mode else posterior.mean).float()
 
     def release_vae(self) -> None:
         """Free the VAE (and an image encoder)."""
@@ -473,14 +479,14 @@ class ModelFamily(ABC):
         return encoders
 
     def estimate_vae(self, cfg: dict) -> torch.nn.Module:
-        """The family's VAE class on the meta device from `cfg`, in float32 (as `load_vae` loads it)."""
+        """The family's VAE class on the meta device from `cfg`, in vae.weight_dtype (as `load_vae` loads it)."""
         import diffusers
 
         from .fake_memory import init_kwargs
 
         cls = getattr(diffusers, self.VAE_CLASS)
         with torch.device("meta"):
-            return cls(**init_kwargs(cfg, cls)).float()
+            return cls(**init_kwargs(cfg, cls)).to(self.vae_dtype)
 
     def estimate_pixels(self, frames: int, height: int, width: int) -> tuple[int, ...]:
         """The pixel tensor the VAE encodes for one clip (or frame)."""
@@ -492,5 +498,5 @@ class ModelFamily(ABC):
         from .fake_memory import simulate_no_grad
 
         shape = (1, vae_cfg.get("latent_channels", 16), *(latent if self.VIDEO_VAE else latent[1:]))
-        return simulate_no_grad((self.VAE_CLASS, "decode", str(vae_cfg), latent), lambda: self.estimate_vae(vae_cfg),
-                                lambda: (torch.empty(shape),), lambda vae, z: vae.decode(z).sample)
+        return simulate_no_grad((self.VAE_CLASS, "decode", str(vae_cfg), latent, self.vae_dtype), lambda: self.estimate_vae(vae_cfg),
+                                lambda: (torch.empty(shape, dtype=self.vae_dtype),), lambda vae, z: vae.decode(z).sample)

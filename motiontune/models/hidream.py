@@ -127,7 +127,7 @@ class HiDreamFamily(ModelFamily):
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         """One frame (1, H, W, 3) → normalised latents (C, 1, H/8, W/8)."""
         pixels = torch.from_numpy(frames[:1]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents = self.vae.encode(pixels).latent_dist.mean
+        latents = self.vae_latents(pixels)
         latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return latents[0, :, None].to("cpu")
 

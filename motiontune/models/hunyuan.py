@@ -127,7 +127,7 @@ class HunyuanVideoFamily(ModelFamily):
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
-        latents = self.vae.encode(self.video_pixels(frames)).latent_dist.mean * self.vae.config.scaling_factor
+        latents = self.vae_latents(self.video_pixels(frames)) * self.vae.config.scaling_factor
         return latents[0].to("cpu")
 
     # --- training ------------------------------------------------------------------------------

@@ -151,8 +151,7 @@ class HunyuanVideo15Family(ModelFamily):
         return embeds, mask.round().long(), glyph, glyph_mask.round().long()
 
     def _scaled_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
-        posterior = self.vae.encode(pixels).latent_dist
-        return (posterior.mode() if mode else posterior.mean) * self.vae.config.scaling_factor
+        return self.vae_latents(pixels, mode) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:

@@ -140,7 +140,7 @@ class LTX2Family(ModelFamily):
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         pixels = self.video_pixels(frames)
-        latents = self.vae.encode(pixels).latent_dist.mean
+        latents = self.vae_latents(pixels)
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
         std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
         return ((latents - mean) * self.vae.config.scaling_factor / std)[0].to("cpu")

@@ -168,7 +168,7 @@ class WanFamily(ModelFamily):
     @torch.no_grad()
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         pixels = self.video_pixels(frames)
-        latents = self.vae.encode(pixels).latent_dist.mean
+        latents = self.vae_latents(pixels)
         mean, std = self._latent_stats(latents)
         latents = (latents - mean) / std
         if self.is_i2v:
@@ -180,7 +180,7 @@ class WanFamily(ModelFamily):
         followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots."""
         frames = pixels.shape[2]
         video = torch.cat([pixels[:, :, :1], pixels.new_zeros(*pixels.shape[:2], frames - 1, *pixels.shape[3:])], dim=2)
-        condition = (self.vae.encode(video).latent_dist.mode() - mean) / std
+        condition = (self.vae_latents(video, mode=True) - mean) / std
         _, _, latent_frames, height, width = condition.shape
         mask = torch.zeros(1, 1, frames, height, width, device=pixels.device)
         mask[:, :, 0] = 1
@@ -402,7 +402,7 @@ class WanFamily(ModelFamily):
         """Sampling tiles when whole frames would not fit (`sample`): both ways are modelled."""
         from .wan_decode import decode_peak
 
-        return decode_peak(vae_cfg, latent, tiled)
+        return decode_peak(vae_cfg, latent, tiled, self.vae_dtype)
 
     def estimate_image_encoder_bytes(self) -> int:
         """WAN 2.1 I2V's CLIP ViT-H/14 vision tower, float32, beside the VAE while clips and first frames encode."""

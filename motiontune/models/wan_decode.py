@@ -19,29 +19,29 @@ from .fake_memory import LiveBytes, fakeify, init_kwargs, quiet, storage_bytes
 TILE_MARGIN = 1.1
 
 
-def vae_from(cfg: dict):
-    """AutoencoderKLWan on the meta device, in float32 (as the trainer loads it)."""
+def vae_from(cfg: dict, dtype: torch.dtype = torch.float32):
+    """AutoencoderKLWan on the meta device, in `dtype` (as the trainer loads it: vae.weight_dtype)."""
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        return AutoencoderKLWan(**init_kwargs(cfg, AutoencoderKLWan)).float()
+        return AutoencoderKLWan(**init_kwargs(cfg, AutoencoderKLWan)).to(dtype)
 
 
 _DECODER_CALLS: dict = {}
 
 
-def _decoder_calls(cfg: dict, height: int, width: int) -> list[tuple[int, tuple[int, ...]]]:
+def _decoder_calls(cfg: dict, height: int, width: int, dtype: torch.dtype) -> list[tuple[int, tuple[int, ...]]]:
     """What one call of the VAE's decoder on a (height, width) latent tile reaches, for a tile's first, second and
     later latent frames (its feature cache is full from the third on): (peak bytes above what was live before the
     call, the cache it found counted in, as a stand-in makes none; the output's shape)."""
-    key = (json.dumps(cfg, sort_keys=True), height, width)
+    key = (json.dumps(cfg, sort_keys=True), height, width, dtype)
     if key in _DECODER_CALLS:
         return _DECODER_CALLS[key]
-    vae = vae_from(cfg)
+    vae = vae_from(cfg, dtype)
     mode = FakeTensorMode()
     fakeify(vae, mode)
     with mode:
-        z = torch.empty(1, vae.config.z_dim, 3, height, width)
+        z = torch.empty(1, vae.config.z_dim, 3, height, width, dtype=dtype)
     tracker = LiveBytes([*vae.parameters(), *vae.buffers(), z])
     calls = []
     with mode, tracker, torch.no_grad(), quiet():
@@ -83,7 +83,7 @@ class _DecoderStandIn(torch.nn.Module):
 _DECODE: dict = {}
 
 
-def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
+def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool, dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes of the tensors AutoencoderKLWan.decode makes for one sample's latents (F', H', W'; the weights not
     counted), as diffusers runs it: whole frames, or (`tiled`) its tiled_decode with the VAE's default tiles (256
     pixels, 192 apart), which diffusers uses only when the frame is larger than a tile. On fake tensors: the decode's
@@ -92,10 +92,10 @@ def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int
     of a row: nothing to count), is skipped (a test compares with simulating everything). A full-size decode takes
     a second or two."""
     cfg = {k: v for k, v in vae_cfg.items() if not k.startswith("_")}
-    key = (json.dumps(cfg, sort_keys=True), tuple(latent), tiled)
+    key = (json.dumps(cfg, sort_keys=True), tuple(latent), tiled, dtype)
     if key in _DECODE:
         return _DECODE[key]
-    vae = vae_from(cfg)
+    vae = vae_from(cfg, dtype)
     frames, height, width = latent
     if tiled:
         vae.enable_tiling()
@@ -103,10 +103,10 @@ def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int
         width = min(width, vae.tile_sample_min_width // vae.spatial_compression_ratio)
     mode = FakeTensorMode()
     fakeify(vae, mode)
-    vae.decoder = _DecoderStandIn(_decoder_calls(cfg, height, width), height, width)
+    vae.decoder = _DecoderStandIn(_decoder_calls(cfg, height, width, dtype), height, width)
     vae.blend_v = vae.blend_h = lambda above, tile, extent: tile
     with mode:
-        z = torch.empty(1, vae.config.z_dim, *latent)
+        z = torch.empty(1, vae.config.z_dim, *latent, dtype=dtype)
     tracker = LiveBytes([*vae.parameters(), *vae.buffers(), z])
     vae.decoder.tracker = tracker
     with mode, tracker, torch.no_grad(), quiet():
@@ -136,6 +136,6 @@ def decode_in_tiles(vae, latent: tuple[int, int, int], device: torch.device) -> 
     """Whether a sample's latents (F', H', W') should be decoded in tiles on `device` now, with the VAE there: when
     decoding whole frames would need more than the memory free (with TILE_MARGIN). (tiles?, bytes of decoding whole
     frames, bytes free)."""
-    whole = decode_peak(dict(vae.config), latent, tiled=False)
+    whole = decode_peak(dict(vae.config), latent, tiled=False, dtype=vae.dtype)
     free = free_bytes(device)
     return TILE_MARGIN * whole > free, whole, free

@@ -21,6 +21,7 @@ from ..data.survey import sampling_grid
 from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
+from ..util.host_memory import return_free_memory
 from .backup import Position
 from .flow import NoiseSpan, flow_target, noise_spans, noisy_latents, predicted_x0, sample_spans
 from .losses import audio_loss, frame_dropout_mask, loss_mask, training_loss
@@ -244,6 +245,7 @@ class Step:
         outcome = optimizer_step(self.family, self.everything, self.config, self.ranks, self.scaler,
                                  finite_loss=bool(torch.isfinite(loss)), samples=self.trained_here)
         self.trained_here = Counter()
+        return_free_memory()  # the step's activations are gone: without this the process stays at its highest
         if outcome == "overflow":  # FLOAT_16: the scaler lowered its scale; not a sign of divergence
             log.debug("float16 gradients overflowed: step skipped, loss scale now %g", self.scaler.get_scale())
             return False
