@@ -8,8 +8,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from .config import TrainConfig, find_config_file
 from .config.load import ConfigError, apply_override
 from .configure import load_config, validate
@@ -34,7 +32,7 @@ def config_for(target: str, overrides: list[str]) -> TrainConfig:
 def inspect(target: str, overrides: list[str] = ()) -> Survey:
     config = config_for(target, list(overrides))
     # masks are checked whatever masked_training says: inspect is where a user finds out whether theirs fit
-    return survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False, masks=True), config
+    return survey_dataset(config, family_for(config, None), require_usable=False, masks=True), config
 
 
 def file_record(entry: FileEntry) -> dict:

@@ -15,8 +15,8 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from ..util.lazy import no_grad, torch
 from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .layout import OriginalLayout
 from .loading import load_part
@@ -133,7 +133,7 @@ class HunyuanVideoFamily(ModelFamily):
         pooled = packed[:, start + length : start + length + pooled_width]
         return embeds, mask, pooled
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         latents = self.vae.encode(self.video_pixels(frames)).latent_dist.mean * self.vae.config.scaling_factor
         return latents[0].to("cpu")
@@ -176,7 +176,7 @@ class HunyuanVideoFamily(ModelFamily):
         return False
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest) -> np.ndarray:
         from diffusers import HunyuanVideoPipeline
 

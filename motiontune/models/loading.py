@@ -6,9 +6,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import torch
-
-from ..util.dtypes import TORCH_DTYPES
+from ..util.lazy import torch
 
 
 class ModelLoadError(Exception):
@@ -18,6 +16,8 @@ class ModelLoadError(Exception):
 def transformer_dtype(config) -> torch.dtype:
     """The dtype the transformer loads and computes in: its weight_dtype, or train_dtype when its weights are
     to be stored as FLOAT_8 / NFLOAT_4 (quantized after loading, see train/memory.py)."""
+    from ..util.dtypes import TORCH_DTYPES  # torch itself: not imported until a family needs a dtype
+
     return TORCH_DTYPES.get(config.transformer.weight_dtype or config.train_dtype, TORCH_DTYPES[config.train_dtype])
 
 
