@@ -7,14 +7,17 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 
 class _TqdmHandler(logging.Handler):
     """Log lines printed above the progress bar instead of through it."""
 
     def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stderr)
+        # a bar is on screen only if something imported tqdm: commands without one (inspect) need not import it
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        else:
+            print(self.format(record), file=sys.stderr)
 
 
 def _setup_logging(verbose: bool, models: bool) -> None:

@@ -17,14 +17,14 @@ import numpy as np
 
 from ..util.lazy import torch
 from .augment import ImageVariant, apply_image_variant, cover_size
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaInfo, decode_clips
+from .video import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, MediaInfo, decode_clips
 
 MASK_SUFFIX = "-masklabel"
 POOLING = "area"  # named in the cache key: a change of rule makes the masks again
 
 
 def is_mask_file(path) -> bool:
-    return path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+    return path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in MEDIA_EXTENSIONS
 
 
 def masks_by_clip(files) -> dict:

@@ -22,6 +22,7 @@ from .audio import AudioInfo, probe_audio
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v", ".gif"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 MIN_SIDE = 8  # pixels; anything smaller is not a picture worth training on
 _EPS = 1e-6
 
@@ -202,7 +203,7 @@ def plan_clips(
     else:
         raise ValueError(f"unknown frame_sample_strategy {strategy!r}")
     unique = sorted({round(s, 6) for s in starts})
-    return [tuple(start + i / target_fps for i in range(frames)) for start in unique]
+    return [tuple([start + i / target_fps for i in range(frames)]) for start in unique]
 
 
 # --- decoding ------------------------------------------------------------------------------------

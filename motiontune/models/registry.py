@@ -71,6 +71,7 @@ def _all(attribute: str) -> tuple[str, ...]:
     return tuple(name for family in families() for name in getattr(family, attribute))
 
 
+@cache  # asked per file while planning (compression_factors)
 def _declaring(attribute: str, name: str) -> type[ModelFamily]:
     """The family whose `attribute` (MODEL_TYPES or TINY_MODELS) lists `name`."""
     for family in families():
