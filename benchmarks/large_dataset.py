@@ -19,6 +19,10 @@ Peak RSS is ru_maxrss of the measured process tree (the largest single process: 
 (user + sys of the process and its children) is printed too: on a loaded machine it is steadier than wall time.
 
     nice -n 10 .venv/bin/python benchmarks/large_dataset.py --sizes 100 1000 10000 [--root /tmp/large-dataset]
+
+`--again N [--repeats 3]` measures only the second survey of an unchanged folder of N files against the first
+(`inspect` and the survey in train, in turns, with the load average before each), and prints each repetition and
+the medians.
 """
 
 from __future__ import annotations
@@ -220,6 +224,62 @@ def run_size(root: Path, n: int) -> dict:
     return row
 
 
+def run_again(root: Path, n: int, repeats: int) -> str:
+    """A second survey of an unchanged folder: `motiontune inspect` with no probes kept, then again, and the survey in
+    train the same way, `repeats` times in turn; the 1-minute load average is read before each measurement (on a
+    shared machine it says how far to trust the wall times). A table of each repetition and the medians."""
+    import shutil
+
+    folder = root / f"clips-{n}"
+    if not folder.is_dir():  # an existing folder (made by an earlier run) is used as it is
+        from motiontune.testing.clips import write_mixed_dataset
+
+        write_mixed_dataset(folder, n)
+    inspect = [sys.executable, "-m", "motiontune", "inspect", str(folder), "--set", f"cache_dir={root / f'inspect-cache-{n}'}"]
+
+    def load() -> float:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+
+    runs = []
+    for _ in range(repeats):
+        run = {}
+        shutil.rmtree(root / f"inspect-cache-{n}", ignore_errors=True)
+        for key in ("inspect_first", "inspect_again"):
+            run[f"{key}_load"] = load()
+            run[key] = measured(inspect)
+        shutil.rmtree(root / f"cache-{n}", ignore_errors=True)
+        for key in ("survey_first", "survey_again"):
+            run[f"{key}_load"] = load()
+            run[key] = child("survey", root, n)
+        runs.append(run)
+        print(json.dumps({k: v if "load" in k else {f: v[f] for f in ("wall", "cpu", "seconds", "cpu_seconds") if f in v}
+                          for k, v in run.items()}), flush=True)
+    figures = [
+        ("load average before inspect, first", lambda r: r["inspect_first_load"]),
+        ("`inspect` process, first (s)", lambda r: r["inspect_first"]["wall"]),
+        ("`inspect` process, first, CPU with the probing workers (s)", lambda r: r["inspect_first"]["cpu"]),
+        ("load average before inspect, again", lambda r: r["inspect_again_load"]),
+        ("`inspect` process, again (s)", lambda r: r["inspect_again"]["wall"]),
+        ("`inspect` process, again, CPU (s)", lambda r: r["inspect_again"]["cpu"]),
+        ("`inspect` first / again, wall", lambda r: r["inspect_first"]["wall"] / r["inspect_again"]["wall"]),
+        ("`inspect` first / again, CPU", lambda r: r["inspect_first"]["cpu"] / r["inspect_again"]["cpu"]),
+        ("load average before survey, first", lambda r: r["survey_first_load"]),
+        ("survey in train, first (s)", lambda r: r["survey_first"]["seconds"]),
+        ("survey, first, CPU with the probing workers (s)", lambda r: r["survey_first"]["cpu_seconds"]),
+        ("load average before survey, again", lambda r: r["survey_again_load"]),
+        ("survey in train, again (s)", lambda r: r["survey_again"]["seconds"]),
+        ("survey, again, CPU (s)", lambda r: r["survey_again"]["cpu_seconds"]),
+        ("survey first / again, wall", lambda r: r["survey_first"]["seconds"] / r["survey_again"]["seconds"]),
+        ("survey first / again, CPU", lambda r: r["survey_first"]["cpu_seconds"] / r["survey_again"]["cpu_seconds"]),
+    ]
+    lines = ["| figure | " + " | ".join(f"rep {i + 1}" for i in range(repeats)) + " | median |",
+             "| --- | " + " | ".join("---" for _ in range(repeats + 1)) + " |"]
+    for label, read in figures:
+        values = [read(r) for r in runs]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {statistics.median(values):.3g} |")
+    return "\n".join(lines)
+
+
 def exponent(ns: list[int], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(N)."""
     if len(ns) < 2:
@@ -281,8 +341,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--root", type=Path, default=ROOT_DEFAULT)
     parser.add_argument("--table", action="store_true", help="only print the table of the results kept in --root")
+    parser.add_argument("--again", type=int, metavar="N", help="only the second survey of an unchanged folder of N "
+                        "files against the first (inspect and the survey in train), --repeats times in turn")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
+    if args.again:
+        print(run_again(args.root, args.again, args.repeats))
+        return
     kept = args.root / "results.json"  # rows of earlier runs are kept, so sizes can be measured in turns
     rows = {r["n"]: r for r in json.loads(kept.read_text())} if kept.is_file() else {}
     for n in [] if args.table else args.sizes:

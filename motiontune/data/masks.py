@@ -13,9 +13,7 @@ cell by how much of it is the subject: max pooling would give a one-pixel outlin
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..util.lazy import torch
+from ..util.lazy import np, torch
 from .augment import ImageVariant, apply_image_variant, cover_size
 from .video import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, MediaInfo, decode_clips
 

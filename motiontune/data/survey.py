@@ -6,6 +6,8 @@ prints this; training decodes exactly what it planned. Probe results are kept in
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -107,6 +109,25 @@ def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_f
     return clips
 
 
+def _without_cycle_collection(function):
+    """Run `function` with Python's cyclic garbage collector paused. A survey makes a few objects per file that all
+    live as long as it does and form no cycles; at 10,000 files the collector, started again and again while they
+    are made, walked them for a seventh of a warm survey's time and freed nothing."""
+
+    @functools.wraps(function)
+    def paused(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_without_cycle_collection
 def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True, masks: bool | None = None) -> Survey:
     """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required). Masks are probed
     and checked against their clips when `masks` (default: with masked_training on)."""

@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
-from PIL import Image, ImageOps
-
+from ..util.lazy import av, np
 from .audio import AudioInfo, probe_audio
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v", ".gif"}
@@ -117,6 +114,8 @@ def probe(path: Path) -> MediaInfo:
 
 
 def _probe_image(path: Path) -> MediaInfo:
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(path) as image:
             width, height = ImageOps.exif_transpose(image).size
@@ -321,6 +320,8 @@ def _to_array(frame: av.VideoFrame, rotation: int, size: tuple[int, int] | None)
 
 
 def _image_frames(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, ImageOps
+
     with Image.open(path) as image:
         rgb = ImageOps.exif_transpose(image).convert("RGB")
     if size is not None:

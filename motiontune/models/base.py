@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-
 from ..config import TrainConfig
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .layout import OriginalLayout
 from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part
 

@@ -14,9 +14,7 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .layout import OriginalLayout
 from .loading import load_part

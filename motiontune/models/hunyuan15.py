@@ -24,9 +24,7 @@ from __future__ import annotations
 import functools
 import re
 
-import numpy as np
-
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .hunyuan import DOUBLE_BLOCKS, REFINER_BLOCKS, SWAPPED
 from .layout import OriginalLayout

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .loading import ModelLoadError, load_part
 

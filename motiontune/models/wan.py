@@ -17,9 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
-
-from ..util.lazy import no_grad, torch
+from ..util.lazy import no_grad, np, torch
 from .attention import use_frame_local_attention
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index

@@ -1,10 +1,12 @@
-"""`torch`, imported when a function first uses it rather than when a module that names it is imported.
+"""torch, numpy and PyAV, imported when a function first uses them rather than when a module that names them is
+imported.
 
-The family modules and the data modules are read for a few facts long before any model runs (`motiontune inspect`
-asks a family for its VAE compression and frame rule); importing torch, and with it what it pulls in, would cost
-those commands seconds. A module writes `from ..util.lazy import torch` and uses `torch` as usual inside its
-functions; what runs at import time (decorators, base classes, default values) must not touch it, so functions use
-`@no_grad` below instead of `@torch.no_grad()`. tests/test_large_datasets.py checks that inspect stays torch-free.
+The family modules and the data modules are read for a few facts long before anything is decoded or any model runs:
+`motiontune inspect` of an unchanged folder plans from the stored probes and asks the family for its VAE compression
+and frame rule. Importing torch (and what it pulls in) would cost that command seconds, numpy and PyAV a fifth of
+what is left. A module writes `from ..util.lazy import np, torch` and uses them as usual inside its functions; what
+runs at import time (decorators, base classes, default values) must not touch them, so functions use `@no_grad`
+below instead of `@torch.no_grad()`. tests/test_large_datasets.py checks that inspect imports none of them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class LazyModule:
 
 
 torch = LazyModule("torch")
+np = LazyModule("numpy")
+av = LazyModule("av")
 
 
 def no_grad(function):
