@@ -240,43 +240,38 @@ def run_again(root: Path, n: int, repeats: int) -> str:
     def load() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
 
+    def survey() -> dict:  # in-process time of the survey (CPU: with the probing workers)
+        result = child("survey", root, n)
+        return {"wall": result["seconds"], "cpu": result["cpu_seconds"]}
+
+    kinds = {"`inspect` process": (lambda: measured(inspect), root / f"inspect-cache-{n}"),
+             "survey in train": (survey, root / f"cache-{n}")}
     runs = []
     for _ in range(repeats):
         run = {}
-        shutil.rmtree(root / f"inspect-cache-{n}", ignore_errors=True)
-        for key in ("inspect_first", "inspect_again"):
-            run[f"{key}_load"] = load()
-            run[key] = measured(inspect)
-        shutil.rmtree(root / f"cache-{n}", ignore_errors=True)
-        for key in ("survey_first", "survey_again"):
-            run[f"{key}_load"] = load()
-            run[key] = child("survey", root, n)
+        for kind, (measure, cache) in kinds.items():
+            shutil.rmtree(cache, ignore_errors=True)  # first: no probes kept
+            for when in ("first", "again"):
+                before = load()
+                run[kind, when] = {"load": before, **{k: v for k, v in measure().items() if k in ("wall", "cpu")}}
         runs.append(run)
-        print(json.dumps({k: v if "load" in k else {f: v[f] for f in ("wall", "cpu", "seconds", "cpu_seconds") if f in v}
-                          for k, v in run.items()}), flush=True)
-    figures = [
-        ("load average before inspect, first", lambda r: r["inspect_first_load"]),
-        ("`inspect` process, first (s)", lambda r: r["inspect_first"]["wall"]),
-        ("`inspect` process, first, CPU with the probing workers (s)", lambda r: r["inspect_first"]["cpu"]),
-        ("load average before inspect, again", lambda r: r["inspect_again_load"]),
-        ("`inspect` process, again (s)", lambda r: r["inspect_again"]["wall"]),
-        ("`inspect` process, again, CPU (s)", lambda r: r["inspect_again"]["cpu"]),
-        ("`inspect` first / again, wall", lambda r: r["inspect_first"]["wall"] / r["inspect_again"]["wall"]),
-        ("`inspect` first / again, CPU", lambda r: r["inspect_first"]["cpu"] / r["inspect_again"]["cpu"]),
-        ("load average before survey, first", lambda r: r["survey_first_load"]),
-        ("survey in train, first (s)", lambda r: r["survey_first"]["seconds"]),
-        ("survey, first, CPU with the probing workers (s)", lambda r: r["survey_first"]["cpu_seconds"]),
-        ("load average before survey, again", lambda r: r["survey_again_load"]),
-        ("survey in train, again (s)", lambda r: r["survey_again"]["seconds"]),
-        ("survey, again, CPU (s)", lambda r: r["survey_again"]["cpu_seconds"]),
-        ("survey first / again, wall", lambda r: r["survey_first"]["seconds"] / r["survey_again"]["seconds"]),
-        ("survey first / again, CPU", lambda r: r["survey_first"]["cpu_seconds"] / r["survey_again"]["cpu_seconds"]),
-    ]
+        print(" | ".join(f"{kind} {when}: load {r['load']:.2f}, {r['wall']:.3f} s, CPU {r['cpu']:.3f} s"
+                         for (kind, when), r in run.items()), flush=True)
     lines = ["| figure | " + " | ".join(f"rep {i + 1}" for i in range(repeats)) + " | median |",
              "| --- | " + " | ".join("---" for _ in range(repeats + 1)) + " |"]
-    for label, read in figures:
-        values = [read(r) for r in runs]
+
+    def row(label: str, values: list[float]) -> None:
         lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {statistics.median(values):.3g} |")
+
+    for kind in kinds:
+        for when in ("first", "again"):
+            row(f"load average before {kind}, {when}", [r[kind, when]["load"] for r in runs])
+            row(f"{kind}, {when} (s)", [r[kind, when]["wall"] for r in runs])
+            row(f"{kind}, {when}, CPU{' with the probing workers' if when == 'first' else ''} (s)",
+                [r[kind, when]["cpu"] for r in runs])
+        for figure in ("wall", "cpu"):
+            row(f"{kind}, first / again, {'CPU' if figure == 'cpu' else 'wall'}",
+                [r[kind, "first"][figure] / r[kind, "again"][figure] for r in runs])
     return "\n".join(lines)
 
 

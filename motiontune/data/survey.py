@@ -272,7 +272,7 @@ def _ticks_match(packed: list[int], times: tuple[float, ...], time_base: Fractio
 def _from_fact(path: Path, fact, shared: dict) -> MediaInfo | MediaError | None:
     """A stored fact as the probe made it. Files alike share their time base and, when their frame times follow
     one rule for as many frames, the tuple of times: `shared` keeps them, each made once (immutable, so sharing is
-    safe; in a large dataset most files are alike, and making them was most of a warm survey's reading)."""
+    safe; in a large dataset most files are alike)."""
     if fact is None:
         return None
     if "problem" in fact:
