@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 from .config import TrainConfig, find_config_file
@@ -104,7 +105,11 @@ def _typical_fps(info) -> float:
     times = info.frame_times
     if len(times) < 2 or times[-1] <= times[0]:
         return round(info.fps, 2)
-    rate = (len(times) - 1) / (times[-1] - times[0])
+    return _shown_rate((len(times) - 1) / (times[-1] - times[0]))
+
+
+@lru_cache(maxsize=4096)  # files of one rate and length give the same float: a large dataset has few of them
+def _shown_rate(rate: float) -> float:
     common = min(COMMON_RATES, key=lambda c: abs(c - rate))
     return common if abs(common - rate) < 0.005 * rate else round(rate, 2)
 
