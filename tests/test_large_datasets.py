@@ -145,9 +145,9 @@ def test_inspect_imports_no_model_library(tmp_path, mixed):
     script = ("import sys; from motiontune.cli import main; code = main(sys.argv[1:]); "
               "print('imported:', *sorted({'torch', 'diffusers', 'transformers', 'peft', 'torchao'} & set(sys.modules))); "
               "sys.exit(code)")
-    for config in ([str(folder)], [str(write_config(tmp_path / "hidream.json", model_type="HI_DREAM_FULL",
-                                                    concepts=[{"path": str(folder)}]))]):
-        done = subprocess.run([sys.executable, "-c", script, "inspect", *config, "--set", f"cache_dir={tmp_path / 'cache'}"],
+    hidream = write_config(tmp_path / "hidream.json", model_type="HI_DREAM_FULL", concepts=[{"path": str(folder)}])
+    for target in (folder, hidream):  # a folder with the default (WAN) settings; a config naming another family
+        done = subprocess.run([sys.executable, "-c", script, "inspect", str(target), "--set", f"cache_dir={tmp_path / 'cache'}"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"{kinds['video'] + kinds['image']} of 30 files usable" in done.stdout
