@@ -19,6 +19,10 @@ Peak RSS is ru_maxrss of the measured process tree (the largest single process: 
 (user + sys of the process and its children) is printed too: on a loaded machine it is steadier than wall time.
 
     nice -n 10 .venv/bin/python benchmarks/large_dataset.py --sizes 100 1000 10000 [--root /tmp/large-dataset]
+
+`--again N [--repeats 3]` measures only the second survey of an unchanged folder of N files against the first
+(`inspect` and the survey in train, in turns, with the load average before each), and prints each repetition and
+the medians.
 """
 
 from __future__ import annotations
@@ -220,6 +224,57 @@ def run_size(root: Path, n: int) -> dict:
     return row
 
 
+def run_again(root: Path, n: int, repeats: int) -> str:
+    """A second survey of an unchanged folder: `motiontune inspect` with no probes kept, then again, and the survey in
+    train the same way, `repeats` times in turn; the 1-minute load average is read before each measurement (on a
+    shared machine it says how far to trust the wall times). A table of each repetition and the medians."""
+    import shutil
+
+    folder = root / f"clips-{n}"
+    if not folder.is_dir():  # an existing folder (made by an earlier run) is used as it is
+        from motiontune.testing.clips import write_mixed_dataset
+
+        write_mixed_dataset(folder, n)
+    inspect = [sys.executable, "-m", "motiontune", "inspect", str(folder), "--set", f"cache_dir={root / f'inspect-cache-{n}'}"]
+
+    def load() -> float:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+
+    def survey() -> dict:  # in-process time of the survey (CPU: with the probing workers)
+        result = child("survey", root, n)
+        return {"wall": result["seconds"], "cpu": result["cpu_seconds"]}
+
+    kinds = {"`inspect` process": (lambda: measured(inspect), root / f"inspect-cache-{n}"),
+             "survey in train": (survey, root / f"cache-{n}")}
+    runs = []
+    for _ in range(repeats):
+        run = {}
+        for kind, (measure, cache) in kinds.items():
+            shutil.rmtree(cache, ignore_errors=True)  # first: no probes kept
+            for when in ("first", "again"):
+                before = load()
+                run[kind, when] = {"load": before, **{k: v for k, v in measure().items() if k in ("wall", "cpu")}}
+        runs.append(run)
+        print(" | ".join(f"{kind} {when}: load {r['load']:.2f}, {r['wall']:.3f} s, CPU {r['cpu']:.3f} s"
+                         for (kind, when), r in run.items()), flush=True)
+    lines = ["| figure | " + " | ".join(f"rep {i + 1}" for i in range(repeats)) + " | median |",
+             "| --- | " + " | ".join("---" for _ in range(repeats + 1)) + " |"]
+
+    def row(label: str, values: list[float]) -> None:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3g}" for v in values) + f" | {statistics.median(values):.3g} |")
+
+    for kind in kinds:
+        for when in ("first", "again"):
+            row(f"load average before {kind}, {when}", [r[kind, when]["load"] for r in runs])
+            row(f"{kind}, {when} (s)", [r[kind, when]["wall"] for r in runs])
+            row(f"{kind}, {when}, CPU{' with the probing workers' if when == 'first' else ''} (s)",
+                [r[kind, when]["cpu"] for r in runs])
+        for figure in ("wall", "cpu"):
+            row(f"{kind}, first / again, {'CPU' if figure == 'cpu' else 'wall'}",
+                [r[kind, "first"][figure] / r[kind, "again"][figure] for r in runs])
+    return "\n".join(lines)
+
+
 def exponent(ns: list[int], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(N)."""
     if len(ns) < 2:
@@ -281,8 +336,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--root", type=Path, default=ROOT_DEFAULT)
     parser.add_argument("--table", action="store_true", help="only print the table of the results kept in --root")
+    parser.add_argument("--again", type=int, metavar="N", help="only the second survey of an unchanged folder of N "
+                        "files against the first (inspect and the survey in train), --repeats times in turn")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
+    if args.again:
+        print(run_again(args.root, args.again, args.repeats))
+        return
     kept = args.root / "results.json"  # rows of earlier runs are kept, so sizes can be measured in turns
     rows = {r["n"]: r for r in json.loads(kept.read_text())} if kept.is_file() else {}
     for n in [] if args.table else args.sizes:

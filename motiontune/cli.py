@@ -7,23 +7,28 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 
 class _TqdmHandler(logging.Handler):
     """Log lines printed above the progress bar instead of through it."""
 
     def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stderr)
+        # a bar is on screen only if something imported tqdm: commands without one (inspect) need not import it
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        else:
+            print(self.format(record), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, models: bool) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("[motiontune] %(message)s"))
     logger = logging.getLogger("motiontune")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    if not models:  # importing diffusers and transformers to quiet them costs seconds
+        return
     # Library chatter (weight-loading bars, deprecation notes) hides what matters.
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -159,7 +164,7 @@ def _newest_backup(args) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .testing.tiny_models import FAMILIES
+    from .models.registry import tiny_models
 
     parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion models (WAN 2.1/2.2, HunyuanVideo, HiDream-I1): LoRA, full fine-tune or embedding.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     estimate.set_defaults(run=cmd_estimate)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
-    tiny.add_argument("--family", required=True, choices=FAMILIES)
+    tiny.add_argument("--family", required=True, choices=tiny_models())
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_make_tiny_model)
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_defaults(run=cmd_ui)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, models=args.command not in ("inspect", "presets"))
     from .config import ConfigError
     from .data.video import MediaError
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
-
-import torch
 
 from .config import TrainConfig, find_config_file
 from .config.load import ConfigError, apply_override
@@ -34,7 +33,7 @@ def config_for(target: str, overrides: list[str]) -> TrainConfig:
 def inspect(target: str, overrides: list[str] = ()) -> Survey:
     config = config_for(target, list(overrides))
     # masks are checked whatever masked_training says: inspect is where a user finds out whether theirs fit
-    return survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False, masks=True), config
+    return survey_dataset(config, family_for(config, None), require_usable=False, masks=True), config
 
 
 def file_record(entry: FileEntry) -> dict:
@@ -106,7 +105,11 @@ def _typical_fps(info) -> float:
     times = info.frame_times
     if len(times) < 2 or times[-1] <= times[0]:
         return round(info.fps, 2)
-    rate = (len(times) - 1) / (times[-1] - times[0])
+    return _shown_rate((len(times) - 1) / (times[-1] - times[0]))
+
+
+@lru_cache(maxsize=4096)  # files of one rate and length give the same float: a large dataset has few of them
+def _shown_rate(rate: float) -> float:
     common = min(COMMON_RATES, key=lambda c: abs(c - rate))
     return common if abs(common - rate) < 0.005 * rate else round(rate, 2)
 

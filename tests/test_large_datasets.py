@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, base_config
+from conftest import DATA, base_config, write_config
 from motiontune.cli import main
 from motiontune.config import TrainConfig
 from motiontune.data.cache import Cache, CacheError
@@ -136,6 +136,22 @@ def test_inspect_prints_a_summary_and_the_table_on_request(tmp_path, mixed, caps
     written = [min((12, 24, 25, 30), key=lambda r: abs(r - float(fps))) for fps in report["summary"]["fps_mix"]]
     assert all(abs(r - float(f)) < 0.005 * r for r, f in zip(written, report["summary"]["fps_mix"]))
     assert len(set(written)) >= 3
+
+
+def test_inspect_imports_no_model_library(tmp_path, mixed):
+    """A warm inspect of 10,000 files is under a second of work; importing torch, diffusers, transformers and peft
+    would add over three. The family's facts the survey needs (VAE compression, frame rule) come without them."""
+    folder, kinds = mixed
+    script = ("import sys; from motiontune.cli import main; code = main(sys.argv[1:]); "
+              "print('imported:', *sorted({'torch', 'diffusers', 'transformers', 'peft', 'torchao'} & set(sys.modules))); "
+              "sys.exit(code)")
+    hidream = write_config(tmp_path / "hidream.json", model_type="HI_DREAM_FULL", concepts=[{"path": str(folder)}])
+    for target in (folder, hidream):  # a folder with the default (WAN) settings; a config naming another family
+        done = subprocess.run([sys.executable, "-c", script, "inspect", str(target), "--set", f"cache_dir={tmp_path / 'cache'}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"{kinds['video'] + kinds['image']} of 30 files usable" in done.stdout
+        assert done.stdout.rstrip().endswith("imported:"), done.stdout[-300:]
 
 
 def test_stale_temporaries_are_judged_by_the_machine_that_wrote_them(tmp_path):

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
-import numpy as np
+from ..util.lazy import av, np
+
 
 
 @dataclass(frozen=True)

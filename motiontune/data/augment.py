@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
 from ..config.concepts import ConceptImageConfig, TextConfig
+from ..util.lazy import np
 from .video import _cover_size  # the decoder's own rule, so crop offsets fit the frames it produces
 
 CROP_PROBABILITY = 0.5

@@ -18,9 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from ..util.lazy import torch
 from ..util.processes import process_alive
 from .video import MediaError
 
@@ -101,6 +99,8 @@ class Entry:
         self.path, self.extras, self.shape = path, extras, shape
 
     def load(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        from safetensors.torch import load_file  # here, not at the top: it imports torch, which a survey does without
+
         try:
             stored = load_file(str(self.path))
         except Exception as error:  # removed or damaged while the run was going
@@ -183,6 +183,8 @@ class Cache:
         path = self.path(kind, key)
         if not path.is_file():
             return None
+        from safetensors.torch import load_file
+
         try:
             stored = load_file(str(path))
             missing = [name for name in ("value", *extras) if name not in stored]
@@ -199,6 +201,8 @@ class Cache:
     def put(self, kind: str, key: str, value: torch.Tensor, about: dict | None = None,
             extras: dict[str, torch.Tensor] | None = None) -> Entry | None:
         """Write the entry; the reference to it (None when the cache is off)."""
+        from safetensors.torch import save_file
+
         if not self.enabled:
             return None
         path = self.path(kind, key)

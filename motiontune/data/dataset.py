@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..config import ConfigError, TrainConfig
 from ..config.concepts import ConceptConfig, concept_problems, concept_where, format_concept_errors, read_concept_list
 from .masks import is_mask_file, masks_by_clip
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .video import MEDIA_EXTENSIONS
 
 MEDIA_FOLDERS = ("videos", "images")
 
@@ -70,10 +70,12 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
     captions_dir = root / "captions"
     split_layout = captions_dir.is_dir() and any((root / f).is_dir() for f in MEDIA_FOLDERS)
     search_roots = [root / f for f in MEDIA_FOLDERS if (root / f).is_dir()] if split_layout else [root]
-    files = [path for search_root in search_roots for path in _files(search_root, concept.include_subdirectories)
-             if path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS and not path.name.startswith(".")]
-    masks = masks_by_clip(files)
-    media = sorted((path for path in files if not is_mask_file(path)), key=lambda path: path.parts)
+    media, mask_files = [], []
+    for search_root in search_roots:
+        for path in _media_files(search_root, concept.include_subdirectories):
+            (mask_files if is_mask_file(path) else media).append(path)
+    masks = masks_by_clip(mask_files)
+    media.sort(key=lambda path: path.parts)
     source = concept.text.prompt_source
     concept_lines = _concept_prompts(concept) if source in ("concept", "txt") else ()
     items = []
@@ -87,9 +89,9 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
             if split_layout:
                 caption_file = (captions_dir / path.relative_to(_owning_root(path, search_roots))).with_suffix(".txt")
             else:
-                caption_file = path.with_suffix(".txt")
+                caption_file = os.path.splitext(path)[0] + ".txt"  # path.with_suffix(".txt"), at a third of the cost
             captions, problem = _read_caption(caption_file)
-        items.append(Item(path, captions, concept, problem, masks.get(path.with_suffix(""), ())))
+        items.append(Item(path, captions, concept, problem, masks.get(path.with_suffix(""), ()) if masks else ()))
     return items
 
 
@@ -98,37 +100,50 @@ def scan_dataset(config: TrainConfig) -> list[Item]:
     if not items:
         raise ConfigError(
             "no training files found: the concepts' folders hold no "
-            f"{', '.join(sorted(VIDEO_EXTENSIONS | IMAGE_EXTENSIONS))} files"
+            f"{', '.join(sorted(MEDIA_EXTENSIONS))} files"
         )
     return items
 
 
-def _files(folder: Path, recursive: bool) -> list[Path]:
-    if recursive:
-        return [path for path in folder.glob("**/*") if path.is_file()]
-    with os.scandir(folder) as entries:  # the directory entry knows its type: no stat per file
-        return [folder / entry.name for entry in entries if entry.is_file()]
+def _media_files(folder: Path, recursive: bool) -> list[Path]:
+    """The video and image files in `folder`, not hidden ones, and in its subfolders when `recursive` (links to
+    folders are not followed, unreadable subfolders are passed over, as Path.glob("**/*") does). Names are
+    checked before anything else: a directory entry knows its type, so no file is stat'ed."""
+    files = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS and not name.startswith(".") and entry.is_file():
+                files.append(folder / name)
+            elif recursive and entry.is_dir(follow_symlinks=False):
+                try:
+                    files += _media_files(folder / name, recursive)
+                except PermissionError:
+                    pass
+    return files
 
 
 def _owning_root(path: Path, roots: list[Path]) -> Path:
     return next(r for r in roots if r in path.parents)
 
 
-def _read_lines(path: Path) -> tuple[str, ...]:
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the caption
+def _read_lines(path: Path | str) -> tuple[str, ...]:
+    with open(path, "rb") as file:  # bytes, decoded at once: a text file object costs more than the read
+        text = file.read().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the caption
     lines = tuple(line.strip() for line in text.splitlines() if line.strip())
     return lines or ("",)
 
 
-def _read_caption(path: Path) -> tuple[tuple[str, ...], str]:
+def _read_caption(path: Path | str) -> tuple[tuple[str, ...], str]:
     """The caption lines and, when there are none, why (trained with an empty caption)."""
     try:
         lines = _read_lines(path)
     except (FileNotFoundError, IsADirectoryError):
-        return ("",), f"no caption file ({path.name})"
+        return ("",), f"no caption file ({os.path.basename(path)})"
     except UnicodeDecodeError as error:
-        return ("",), f"caption {path.name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
-    return lines, "" if lines != ("",) else f"caption {path.name} is empty"
+        name = os.path.basename(path)
+        return ("",), f"caption {name} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+    return lines, "" if lines != ("",) else f"caption {os.path.basename(path)} is empty"
 
 
 def _concept_prompts(concept: ConceptConfig) -> tuple[str, ...]:

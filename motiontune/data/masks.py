@@ -13,19 +13,16 @@ cell by how much of it is the subject: max pooling would give a one-pixel outlin
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
+from ..util.lazy import np, torch
 from .augment import ImageVariant, apply_image_variant, cover_size
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaInfo, decode_clips
+from .video import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, MediaInfo, decode_clips
 
 MASK_SUFFIX = "-masklabel"
 POOLING = "area"  # named in the cache key: a change of rule makes the masks again
 
 
 def is_mask_file(path) -> bool:
-    return path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+    return path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in MEDIA_EXTENSIONS
 
 
 def masks_by_clip(files) -> dict:
@@ -88,4 +85,5 @@ def pool_to_grid(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor
             raise ValueError(f"{frames} frames do not fold into {latent_frames} latent frames")
         rest = mask[1:].reshape(latent_frames - 1, step, height, width).mean(dim=1)
         per_frame = torch.cat([mask[:1], rest])
-    return F.avg_pool2d(per_frame[:, None], (height // latent_height, width // latent_width))[:, 0].contiguous()
+    cell = (height // latent_height, width // latent_width)
+    return torch.nn.functional.avg_pool2d(per_frame[:, None], cell)[:, 0].contiguous()

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
-from PIL import Image, ImageOps
-
+from ..util.lazy import av, np
 from .audio import AudioInfo, probe_audio
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v", ".gif"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 MIN_SIDE = 8  # pixels; anything smaller is not a picture worth training on
 _EPS = 1e-6
 
@@ -116,6 +114,8 @@ def probe(path: Path) -> MediaInfo:
 
 
 def _probe_image(path: Path) -> MediaInfo:
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(path) as image:
             width, height = ImageOps.exif_transpose(image).size
@@ -202,7 +202,7 @@ def plan_clips(
     else:
         raise ValueError(f"unknown frame_sample_strategy {strategy!r}")
     unique = sorted({round(s, 6) for s in starts})
-    return [tuple(start + i / target_fps for i in range(frames)) for start in unique]
+    return [tuple([start + i / target_fps for i in range(frames)]) for start in unique]
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -320,6 +320,8 @@ def _to_array(frame: av.VideoFrame, rotation: int, size: tuple[int, int] | None)
 
 
 def _image_frames(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, ImageOps
+
     with Image.open(path) as image:
         rgb = ImageOps.exif_transpose(image).convert("RGB")
     if size is not None:

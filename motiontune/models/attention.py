@@ -3,7 +3,7 @@ tokens frame by frame: each frame's tokens attend only to each other."""
 
 from __future__ import annotations
 
-import torch
+from ..util.lazy import torch
 
 
 class FrameLocalAttention:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ..config import TrainConfig
+from ..util.lazy import no_grad, np, torch
 from .layout import OriginalLayout
 from .loading import ModelLoadError, free_accelerator_memory, load_part, transformer_dtype, vae_dtype
 
@@ -79,7 +78,7 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-@torch.no_grad()
+@no_grad
 def calibrate_scaling_factor(vae, clips: list[torch.Tensor]) -> None:
     """A tiny VAE's scaling_factor from its own encodings of the clips (no shift), as real ones were measured."""
     latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
@@ -153,13 +152,25 @@ class ModelFamily(ABC):
     #: name → (tokenizer, text encoder) once `load_text_encoder` has run (see `text_encoders`)
     encoders: dict[str, tuple] | None = None
 
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device | None):
+        """`device` None: a family that only answers what the survey asks (frame rule, buckets), as `inspect` uses it."""
         self.config = config
         self.device = device
-        self.weight_dtype = transformer_dtype(config)  # what the transformer loads and computes in
-        self.vae_dtype = vae_dtype(config)  # what the VAE loads and encodes in (part of the latent cache's key)
-        # what the text encoder runs in (part of the text cache's key): the weights' on an accelerator, float32 on the CPU
-        self.text_dtype = self.weight_dtype if device.type != "cpu" else torch.float32
+
+    @cached_property
+    def weight_dtype(self) -> torch.dtype:
+        """What the transformer loads and computes in (asked when needed: a torch dtype imports torch)."""
+        return transformer_dtype(self.config)
+
+    @cached_property
+    def vae_dtype(self) -> torch.dtype:
+        """What the VAE loads and encodes in (part of the latent cache's key)."""
+        return vae_dtype(self.config)
+
+    @cached_property
+    def text_dtype(self) -> torch.dtype:
+        """What the text encoder runs in (part of the text cache's key): the weights' on an accelerator, float32 on the CPU."""
+        return self.weight_dtype if self.device.type != "cpu" else torch.float32
 
     def valid_frame_count(self, frames: int) -> int:
         """The largest frame count the VAE accepts that is <= `frames` (4n+1 for a factor of 4)."""

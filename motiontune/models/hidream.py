@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import torch
-
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part
 from .packing import FORMAT as PACKED, pack, unpack
@@ -123,7 +121,7 @@ class HiDreamFamily(ModelFamily):
             full[index] = used[:, slot]
         return t5, full, pooled
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         """One frame (1, H, W, 3) → normalised latents (C, 1, H/8, W/8)."""
         pixels = torch.from_numpy(frames[:1]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -185,7 +183,7 @@ class HiDreamFamily(ModelFamily):
         return False
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest) -> np.ndarray:
         from diffusers import HiDreamImagePipeline
 

@@ -14,9 +14,7 @@ mask (L), pooled (P)], flat float32, unpacked exactly in `predict` and `sample`.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .layout import OriginalLayout
 from .loading import load_part
@@ -125,7 +123,7 @@ class HunyuanVideoFamily(ModelFamily):
         embeds, mask, pooled = unpack(packed)
         return embeds, mask.round().long(), pooled
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         latents = self.vae_latents(self.video_pixels(frames)) * self.vae.config.scaling_factor
         return latents[0].to("cpu")
@@ -168,7 +166,7 @@ class HunyuanVideoFamily(ModelFamily):
         return False
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest) -> np.ndarray:
         from diffusers import HunyuanVideoPipeline
 

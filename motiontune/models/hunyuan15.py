@@ -21,11 +21,10 @@ embeds, ByT5 mask], flat float32, unpacked exactly in `predict` and `sample`.
 
 from __future__ import annotations
 
+import functools
 import re
 
-import numpy as np
-import torch
-
+from ..util.lazy import no_grad, np, torch
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, calibrate_scaling_factor, to_uint8
 from .hunyuan import DOUBLE_BLOCKS, REFINER_BLOCKS, SWAPPED
 from .layout import OriginalLayout
@@ -153,7 +152,7 @@ class HunyuanVideo15Family(ModelFamily):
     def _scaled_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
         return self.vae_latents(pixels, mode) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         pixels = self.video_pixels(frames)
         latents = self._scaled_latents(pixels)
@@ -165,7 +164,7 @@ class HunyuanVideo15Family(ModelFamily):
             latents = torch.cat([latents, condition, mask], dim=1)
         return latents[0].to("cpu")
 
-    @torch.no_grad()
+    @no_grad
     def encode_first_frame(self, frame: np.ndarray) -> torch.Tensor:
         """As `HunyuanVideo15ImageToVideoPipeline._get_image_embeds`: SigLIP's last hidden states of the frame."""
         inputs = self.image_processor.preprocess(images=frame, do_resize=True, return_tensors="pt", do_convert_rgb=True)
@@ -228,7 +227,7 @@ class HunyuanVideo15Family(ModelFamily):
         return True
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest) -> np.ndarray:
         """One video from the stock pipeline. Image-to-video: the pipeline picks the size from the image's aspect
         ratio and the transformer's `target_size` (it ignores height / width) and crops the image to it."""
@@ -312,11 +311,11 @@ class HunyuanVideo15Family(ModelFamily):
     def estimate_prepare(self, transformer: torch.nn.Module) -> None:
         """A fake copy whose forward can run: the transformer sorts every text and image token by its mask (boolean
         selections, whose sizes depend on the data), and asks whether the image tokens are all zero (text-to-video).
-        Within its forward every token counts as valid, the costliest case (`_EveryTokenValid`)."""
+        Within its forward every token counts as valid, the costliest case (`_every_token_valid`)."""
         forward, text_to_video = transformer.forward, not self.is_i2v
 
         def every_token_valid(*args, **kwargs):
-            with _EveryTokenValid(text_to_video):
+            with _every_token_valid()(text_to_video):
                 return forward(*args, **kwargs)
 
         transformer.forward = every_token_valid
@@ -367,29 +366,34 @@ def _trimmed(embeds, mask, glyph, glyph_mask):
     return embeds[:, :keep], mask[:, :keep], glyph[:, :keep_glyph], glyph_mask[:, :keep_glyph]
 
 
-class _EveryTokenValid(torch.overrides.TorchFunctionMode):
+@functools.cache
+def _every_token_valid() -> type:
     """For fake tensors (estimate), where masks have no values: a selection by a boolean mask takes every row, by the
     mask's inverse none, and `torch.all` (the transformer's test for text-to-video) answers `text_to_video`. Every
-    token then takes part, as in a batch of prompts that fill the pipeline's lengths."""
+    token then takes part, as in a batch of prompts that fill the pipeline's lengths. (The mode's class is made on first
+    use: its base is torch's, which `motiontune inspect` does not import.)"""
 
-    class _Inverse:
-        pass
+    class EveryTokenValid(torch.overrides.TorchFunctionMode):
+        class _Inverse:
+            pass
 
-    def __init__(self, text_to_video: bool):
-        super().__init__()
-        self.text_to_video = text_to_video
+        def __init__(self, text_to_video: bool):
+            super().__init__()
+            self.text_to_video = text_to_video
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.__invert__ and args[0].dtype == torch.bool:
-            return self._Inverse()
-        if func is torch.Tensor.__getitem__ and isinstance(args[1], self._Inverse):
-            return args[0][:0]
-        if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool:
-            return args[0]
-        if func is torch.all:
-            return self.text_to_video
-        return func(*args, **kwargs)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.__invert__ and args[0].dtype == torch.bool:
+                return self._Inverse()
+            if func is torch.Tensor.__getitem__ and isinstance(args[1], self._Inverse):
+                return args[0][:0]
+            if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool:
+                return args[0]
+            if func is torch.all:
+                return self.text_to_video
+            return func(*args, **kwargs)
+
+    return EveryTokenValid
 
 
 def _system_message() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-import torch
+from ..util.lazy import torch
 
 
 class OriginalLayout:

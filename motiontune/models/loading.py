@@ -6,10 +6,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import torch
-
-from ..util.dtypes import TORCH_DTYPES
 from ..util.host_memory import return_free_memory
+from ..util.lazy import torch
 
 
 class ModelLoadError(Exception):
@@ -19,6 +17,8 @@ class ModelLoadError(Exception):
 def transformer_dtype(config) -> torch.dtype:
     """The dtype the transformer loads and computes in: its weight_dtype, or train_dtype when its weights are
     to be stored as FLOAT_8 / NFLOAT_4 (quantized after loading, see train/memory.py)."""
+    from ..util.dtypes import TORCH_DTYPES  # torch itself: not imported until a family needs a dtype
+
     return TORCH_DTYPES.get(config.transformer.weight_dtype or config.train_dtype, TORCH_DTYPES[config.train_dtype])
 
 
@@ -26,6 +26,8 @@ def vae_dtype(config) -> torch.dtype:
     """The dtype the VAE loads, encodes and decodes in: vae.weight_dtype, float32 when unset (as the stock examples
     run it). bfloat16 encodes about 1.7x faster on a CPU with bf16 instructions and halves the VAE's memory; the
     latents move by about 1-2 % of their size (benchmarks/RESULTS.md)."""
+    from ..util.dtypes import TORCH_DTYPES
+
     return TORCH_DTYPES[config.vae.weight_dtype or "FLOAT_32"]
 
 

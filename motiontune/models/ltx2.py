@@ -23,9 +23,9 @@ together by one transformer, and trained together here.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import functools
 
+from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .loading import ModelLoadError, load_part
 from .packing import FORMAT as PACKED, pack, unpack
@@ -137,7 +137,7 @@ class LTX2Family(ModelFamily):
         video, audio, mask = unpack(packed)
         return video, audio, mask.round().long()
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         pixels = self.video_pixels(frames)
         latents = self.vae_latents(pixels)
@@ -160,7 +160,7 @@ class LTX2Family(ModelFamily):
             width = cfg.latent_channels * (cfg.mel_bins // AUDIO_TEMPORAL_COMPRESSION)
         return (self.audio_steps(frames, fps), width)
 
-    @torch.no_grad()
+    @no_grad
     def encode_audio(self, waveform: np.ndarray, frames: int, fps: float) -> torch.Tensor:
         cfg = self.audio_vae.config
         mel = log_mel(torch.from_numpy(waveform).float(), cfg.sample_rate, cfg.mel_hop_length, cfg.mel_bins)
@@ -233,7 +233,7 @@ class LTX2Family(ModelFamily):
         return False
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest):
         from diffusers import LTX2Pipeline
         from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
@@ -245,12 +245,12 @@ class LTX2Family(ModelFamily):
         dtype = self.weight_dtype
         video, audio, mask = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
         inputs = dict(prompt_embeds=video.to(dtype), prompt_attention_mask=mask)
-        given = _GivenText(audio.to(dtype))
+        given = _given_text()(audio.to(dtype))
         guidance = 1.0
         if request.negative_prompt_embeds is not None:
             negative, negative_audio, negative_mask = self._unpack(request.negative_prompt_embeds.to(self.device, torch.float32))
             inputs.update(negative_prompt_embeds=negative.to(dtype), negative_prompt_attention_mask=negative_mask)
-            given = _GivenText(torch.cat([negative_audio, audio]).to(dtype))  # the pipeline batches negative first
+            given = _given_text()(torch.cat([negative_audio, audio]).to(dtype))  # the pipeline batches negative first
             guidance = request.cfg_scale
         pipeline = LTX2Pipeline(scheduler=self.scheduler, vae=self.vae, audio_vae=self.audio_vae, text_encoder=None,
                                 tokenizer=None, connectors=given, transformer=self.transformer, vocoder=self.vocoder)
@@ -430,24 +430,29 @@ def original_name(name: str) -> str:
     return name
 
 
-class _GivenText(torch.nn.Module):
+@functools.cache
+def _given_text() -> type:
     """Stands in for the pipeline's text connectors while sampling: the prompts' cached connector outputs go in as
-    `prompt_embeds` (video) and here (audio), so the frozen Gemma 3 and connectors need not be loaded again."""
+    `prompt_embeds` (video) and here (audio), so the frozen Gemma 3 and connectors need not be loaded again. (The
+    module's class is made on first use: its base is torch's, which `motiontune inspect` does not import.)"""
 
-    def __init__(self, audio: torch.Tensor):
-        super().__init__()
-        self.audio = audio
+    class GivenText(torch.nn.Module):
+        def __init__(self, audio: torch.Tensor):
+            super().__init__()
+            self.audio = audio
 
-    @property
-    def device(self) -> torch.device:  # what the pipeline asks of each of its parts
-        return self.audio.device
+        @property
+        def device(self) -> torch.device:  # what the pipeline asks of each of its parts
+            return self.audio.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.audio.dtype
+        @property
+        def dtype(self) -> torch.dtype:
+            return self.audio.dtype
 
-    def forward(self, video, mask, padding_side="left"):
-        return video, self.audio.to(video.device, video.dtype), mask
+        def forward(self, video, mask, padding_side="left"):
+            return video, self.audio.to(video.device, video.dtype), mask
+
+    return GivenText
 
 
 def log_mel(waveform: torch.Tensor, rate: int, hop: int, bins: int) -> torch.Tensor:

@@ -8,17 +8,20 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 
-import torch
-
 from ..config import TrainConfig
+from ..util.lazy import torch
 from .base import ModelFamily
 
 
 @cache
 def families() -> tuple[type[ModelFamily], ...]:
-    """Every family class, each from its own module in this package."""
-    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{module.name}")
+    """Every family class, each from its own module in this package. Only modules that name MODEL_TYPES are imported:
+    the helpers beside them (fake_memory.py, wan_decode.py) import torch at once, which a survey does without."""
+    folder = Path(__file__).parent
+    for module in pkgutil.iter_modules([str(folder)]):
+        source = folder / f"{module.name}.py"
+        if source.is_file() and "MODEL_TYPES" in source.read_text(encoding="utf-8"):
+            importlib.import_module(f"{__package__}.{module.name}")
     # a family declares its own MODEL_TYPES (a subclass made elsewhere, a test's, say, serves nothing)
     return tuple(family for family in _subclasses(ModelFamily)
                  if "MODEL_TYPES" in vars(family) and family.__module__.startswith(f"{__package__}."))
@@ -37,8 +40,9 @@ def family_class(model_type: str) -> type[ModelFamily]:
     return _declaring("MODEL_TYPES", model_type)
 
 
-def family_for(config: TrainConfig, device: torch.device) -> ModelFamily:
-    """The family that serves `config.model_type`, for one run on `device` (nothing is loaded yet)."""
+def family_for(config: TrainConfig, device: torch.device | None) -> ModelFamily:
+    """The family that serves `config.model_type`, for one run on `device` (nothing is loaded yet); None for a
+    family that only answers the survey's questions."""
     return family_class(config.model_type)(config, device)
 
 
@@ -67,6 +71,7 @@ def _all(attribute: str) -> tuple[str, ...]:
     return tuple(name for family in families() for name in getattr(family, attribute))
 
 
+@cache  # asked per file while planning (compression_factors)
 def _declaring(attribute: str, name: str) -> type[ModelFamily]:
     """The family whose `attribute` (MODEL_TYPES or TINY_MODELS) lists `name`."""
     for family in families():

@@ -17,9 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from ..util.lazy import no_grad, np, torch
 from .attention import use_frame_local_attention
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
@@ -165,7 +163,7 @@ class WanFamily(ModelFamily):
         # As the stock pipeline: positions past each prompt's length are zeros, not encoder output.
         return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
-    @torch.no_grad()
+    @no_grad
     def encode_video(self, frames: np.ndarray) -> torch.Tensor:
         pixels = self.video_pixels(frames)
         latents = self.vae_latents(pixels)
@@ -188,7 +186,7 @@ class WanFamily(ModelFamily):
         mask = mask.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
         return torch.cat([mask.to(condition.dtype), condition], dim=1)
 
-    @torch.no_grad()
+    @no_grad
     def encode_first_frame(self, frame: np.ndarray) -> torch.Tensor:
         """As `WanImageToVideoPipeline.encode_image`: CLIP's second-to-last hidden states of the frame."""
         inputs = self.image_processor(images=frame, return_tensors="pt").to(self.device)
@@ -273,7 +271,7 @@ class WanFamily(ModelFamily):
         return peft_module_name.startswith("blocks.")
 
     # --- sampling ------------------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sample(self, request: SampleRequest) -> np.ndarray:
         """One video from the stock pipeline. On an accelerator its parts take turns on the device (an 8 GB GPU holds
         the 5B transformer or the VAE decoding, not both): the VAE (and CLIP) to encode a given first frame; the
@@ -432,7 +430,7 @@ def tiny_vae(wide: bool):
     return AutoencoderKLWan(base_dim=8, z_dim=16, **common).eval()
 
 
-@torch.no_grad()
+@no_grad
 def calibrate_latent_stats(vae, clips) -> None:
     """latents_mean/latents_std from the VAE's own encodings of the clips, as the real WAN statistics were measured
     on data: normalised latents are then about N(0, 1) per channel, and a missing or wrong normalisation shows up

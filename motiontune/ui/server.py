@@ -61,13 +61,11 @@ def thumbnails(entry) -> list[list[str]]:
 
 
 def inspect_report(config: TrainConfig) -> dict:
-    import torch
-
     from ..data.survey import survey_dataset
     from ..inspect import file_record, summary_record
     from ..models import family_for
 
-    survey = survey_dataset(config, family_for(config, torch.device("cpu")), require_usable=False)
+    survey = survey_dataset(config, family_for(config, None), require_usable=False)
     files = []
     for entry in survey.entries:
         record = file_record(entry)
