@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..util.lazy import torch
 
 #: names this layout in the text cache's key (`ModelFamily.TEXT_FORMAT`): a changed layout re-encodes the captions
 FORMAT = "packed-2"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from ..config import ConfigError, TrainConfig
 from ..methods import METHODS
@@ -21,7 +22,6 @@ from ..data.survey import sampling_grid
 from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
 from ..util.ranks import Ranks, is_sharded
-from ..util.host_memory import return_free_memory
 from .backup import Position
 from .flow import NoiseSpan, flow_target, noise_spans, noisy_latents, predicted_x0, sample_spans
 from .losses import audio_loss, frame_dropout_mask, loss_mask, training_loss
@@ -112,6 +112,7 @@ class Step:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train_dtype == "FLOAT_16")
         half = HALF_DTYPES.get(config.train_dtype)
         self.autocast = torch.autocast(self.device.type, dtype=half or torch.float32, enabled=half is not None)
+        self.half = half is not None
         weight = config.video_config.temporal_consistency_weight
         self.part_names = (["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
                            + (["loss/audio"] if family.AUDIO_SAMPLE_RATE else []))
@@ -174,30 +175,34 @@ class Step:
             text = self.text_side.batch([captions[r] for r in rows.tolist()], device)
             weights = [clips[batch[r]].loss_weight for r in rows.tolist()]
             sound_rows = {} if sound is None else {"sound": sound[0].select(rows)}
-            with self.autocast:
-                prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
-                                                 None if conditioning is None else conditioning.select(rows), **sound_rows)
-            if sound is not None:
-                prediction, audio_prediction = prediction
-            row_target, row_x0 = target[rows], x0[rows]
-            audio_target = None if sound is None else sound[1][rows]
-            prior = torch.tensor([clips[batch[r]].role == "PRIOR_PREDICTION" for r in rows.tolist()])
-            if prior.any():
-                row_target, row_x0, audio_target = self._prior_targets(
-                    expert, noisy[rows], sigma[rows], text, conditioning, rows, sound_rows, prior.to(device),
-                    row_target, row_x0, audio_target)
-            part_loss, part_parts = training_loss(
-                prediction, row_target, noisy[rows], sigma[rows], row_x0, video.temporal_consistency_weight,
-                None if kept is None else kept[rows], weights,
-                None if mask is None else mask[rows], config.normalize_masked_area_loss,
-            )
-            if sound is not None:  # the audio's flow loss beside the video's, over the clips that have sound
-                audio = audio_loss(audio_prediction, audio_target, sound[2][rows], weights)
-                part_loss = part_loss + audio
-                part_parts["loss/audio"] = audio.detach()
-            # FSDP averages gradients over ranks; the weights above need their sum
-            scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
-            self.scaler.scale(part_loss * scale).backward()
+            # under autocast peft's cast of each adapter's input to float32 is a round trip (autocast casts it back
+            # for the matmul): without it a step makes two copies fewer per adapted layer, same numbers; the
+            # backward is inside, as checkpointed blocks run their forward again there
+            with disable_input_dtype_casting(expert.module, active=self.half):
+                with self.autocast:
+                    prediction = self.family.predict(noisy[rows], sigma[rows], text, expert,
+                                                     None if conditioning is None else conditioning.select(rows), **sound_rows)
+                if sound is not None:
+                    prediction, audio_prediction = prediction
+                row_target, row_x0 = target[rows], x0[rows]
+                audio_target = None if sound is None else sound[1][rows]
+                prior = torch.tensor([clips[batch[r]].role == "PRIOR_PREDICTION" for r in rows.tolist()])
+                if prior.any():
+                    row_target, row_x0, audio_target = self._prior_targets(
+                        expert, noisy[rows], sigma[rows], text, conditioning, rows, sound_rows, prior.to(device),
+                        row_target, row_x0, audio_target)
+                part_loss, part_parts = training_loss(
+                    prediction, row_target, noisy[rows], sigma[rows], row_x0, video.temporal_consistency_weight,
+                    None if kept is None else kept[rows], weights,
+                    None if mask is None else mask[rows], config.normalize_masked_area_loss,
+                )
+                if sound is not None:  # the audio's flow loss beside the video's, over the clips that have sound
+                    audio = audio_loss(audio_prediction, audio_target, sound[2][rows], weights)
+                    part_loss = part_loss + audio
+                    part_parts["loss/audio"] = audio.detach()
+                # FSDP averages gradients over ranks; the weights above need their sum
+                scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
+                self.scaler.scale(part_loss * scale).backward()
             loss = loss + part_loss.detach() * share
             for name, value in part_parts.items():
                 parts[name] = parts.get(name, 0.0) + value * share
@@ -245,7 +250,6 @@ class Step:
         outcome = optimizer_step(self.family, self.everything, self.config, self.ranks, self.scaler,
                                  finite_loss=bool(torch.isfinite(loss)), samples=self.trained_here)
         self.trained_here = Counter()
-        return_free_memory()  # the step's activations are gone: without this the process stays at its highest
         if outcome == "overflow":  # FLOAT_16: the scaler lowered its scale; not a sign of divergence
             log.debug("float16 gradients overflowed: step skipped, loss scale now %g", self.scaler.get_scale())
             return False
