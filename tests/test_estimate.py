@@ -404,3 +404,24 @@ def test_estimate_needs_no_concepts(measured_config, tmp_path, capsys):
 
 if __name__ == "__main__":
     print(json.dumps(_measure(sys.argv[1], sys.argv[2:])))
+
+
+def test_a_bf16_vae_and_accumulated_gradients_are_counted():
+    """vae.weight_dtype BFLOAT_16 halves the VAE's weights, its encoding and its decoding; gradient accumulation keeps
+    every gradient of a full fine-tune alive through the next micro-batch's forward."""
+    def parts(*sets):
+        result = estimate(load_config("#wan 2.2 LoRA", list(sets)), phases=True)
+        return result, {line.name: line.device for lines in result.phases.values() for line in lines}
+
+    _, fp32 = parts()
+    _, bf16 = parts("vae.weight_dtype=BFLOAT_16")
+    assert bf16["VAE weights (bfloat16)"] == pytest.approx(fp32["VAE weights (float32)"] / 2, rel=0.01)
+    encoding = next(name for name in fp32 if name.startswith("VAE encoding one clip"))
+    for name in (encoding, "VAE decoding the sample"):
+        assert 0.4 < bf16[name] / fp32[name] < 0.6, name
+    one = estimate(load_config("#wan 2.2 Finetune"))
+    four = estimate(load_config("#wan 2.2 Finetune", ["gradient_accumulation_steps=4"]))
+    held = {line.name: line.device for line in four.lines}["gradients held between micro-batches"]
+    assert held == count_weights(transformer_config(one.config, "transformer")[0], one.config).trainable_bytes
+    assert four.device - one.device == pytest.approx(held - {line.name: line.device for line in one.lines}[
+        "gradients at the optimizer step"], rel=0.01)

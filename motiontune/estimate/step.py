@@ -120,11 +120,19 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         lines += text_encoder_lines(config, shape, on_cpu)
     if on_cpu:
         lines += _onednn_kernels(cfg, config, shape, recompute, live, quantized)
+    held = 0  # gradients alive under a later forward: accumulated micro-batches, or A14B's first expert's
+    if trainable and config.gradient_accumulation_steps > 1:
+        held = trainable if on_cpu else trainable // len(parts)  # on an accelerator one expert is there at a time
+    elif trainable and len(parts) > 1 and on_cpu:
+        held = trainable // len(parts)
+    if held:
+        lines.append(Line("gradients held between micro-batches", held, 0,
+                          "kept until the optimizer step while the next forward runs"))
     if trainable:
         # after backward: every gradient, and on the CPU torch's foreach AdamW makes a temporary the size of a moment
         # (fused on CUDA: none); the activations are gone by then, so only what exceeds their peak adds
         update = trainable + (trainable if on_cpu else 0)
-        lines.append(Line("gradients at the optimizer step", max(0, update - device_act), 0,
+        lines.append(Line("gradients at the optimizer step", max(0, update - device_act - held), 0,
                           f"{update / GB:.2f} GB (every gradient" + (", the foreach update's temporary" if on_cpu else "")
                           + "), beyond the activations' peak"))
     if not on_cpu:

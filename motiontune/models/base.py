@@ -240,7 +240,11 @@ class ModelFamily(ABC):
     def vae_latents(self, pixels: torch.Tensor, mode: bool = False) -> torch.Tensor:
         """Pixels through the VAE in its own dtype → the posterior's mean (or mode), float32 for what follows."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return (posterior.mode() if mode else posterior.mean).float()
+        latents = (posterior.mode() if mode else posterior.mean).float()
+        if self.vae.dtype == torch.float16 and not torch.isfinite(latents).all():  # float16's range overflowed
+            raise ValueError("the VAE in FLOAT_16 overflowed (its latents are not finite); set vae.weight_dtype to "
+                             "BFLOAT_16 or FLOAT_32 (nothing was cached from it)")
+        return latents
 
     def release_vae(self) -> None:
         """Free the VAE (and an image encoder)."""

@@ -82,7 +82,7 @@ class LTX2Family(ModelFamily):
         self.transformer = self.load_transformer(LTX2VideoTransformer3DModel, "transformer", self.config.transformer)
 
     def load_vae(self) -> None:
-        """The video VAE and the audio VAE (float32, as the video VAE of every family)."""
+        """The video VAE (in vae.weight_dtype) and the audio VAE (float32 whatever vae.weight_dtype says)."""
         from diffusers import AutoencoderKLLTX2Audio
 
         super().load_vae()

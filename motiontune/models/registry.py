@@ -20,7 +20,8 @@ def families() -> tuple[type[ModelFamily], ...]:
     folder = Path(__file__).parent
     for module in pkgutil.iter_modules([str(folder)]):
         source = folder / f"{module.name}.py"
-        if source.is_file() and "MODEL_TYPES" in source.read_text(encoding="utf-8"):
+        # without sources (an install of .pyc files only) every module is imported: slower, never wrong
+        if not source.is_file() or "MODEL_TYPES" in source.read_text(encoding="utf-8"):
             importlib.import_module(f"{__package__}.{module.name}")
     # a family declares its own MODEL_TYPES (a subclass made elsewhere, a test's, say, serves nothing)
     return tuple(family for family in _subclasses(ModelFamily)

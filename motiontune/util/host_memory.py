@@ -9,7 +9,6 @@ takes about 0.1 s longer re-faulting the pages it reuses: not done.)"""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from functools import cache
 
@@ -19,9 +18,11 @@ def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already runs on (no ldconfig lookup)
     except (OSError, AttributeError):  # another C library (musl has no malloc_trim)
         return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def return_free_memory() -> None:
