@@ -665,13 +665,17 @@ def test_stop_sends_ctrl_c_to_a_run_started_from_the_command_line(tmp_path):
 
     workspace = tmp_path / "cli-run"
     workspace.mkdir()
-    marker = tmp_path / "got-sigint"
-    # stands in for `motiontune train` (the word is in its command line); exits 0 on SIGINT like the trainer
-    script = (f"import time, pathlib  # motiontune\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+    marker, ready = tmp_path / "got-sigint", tmp_path / "ready"
+    # stands in for `motiontune train` (the word is in its command line); exits 0 on SIGINT like the trainer, which
+    # installs its own handler (a worker that ignores SIGINT would hand the ignoring down to a child)
+    script = (f"import time, pathlib, signal  # motiontune\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              f"try:\n    pathlib.Path({str(ready)!r}).touch()\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
               f"    pathlib.Path({str(marker)!r}).write_text('stopped')\n")
     process = subprocess.Popen([sys.executable, "-c", script])
     try:
-        time.sleep(0.5)  # its SIGINT handler (KeyboardInterrupt) is in place once the interpreter runs
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:  # its handler is in place (a loaded machine starts slowly)
+            time.sleep(0.05)
         (workspace / "progress.json").write_text(json.dumps({"state": "training", "pid": process.pid, "step": 1, "total_steps": 9}))
         client = TestClient(create_app(workspace), base_url="http://127.0.0.1:8765")
         assert client.get("/api/run").json()["running"] is True
