@@ -4,6 +4,9 @@ the device, checkpointed inputs really wait in host memory, quantized weights re
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +267,21 @@ def test_optimizer_state_bytes_is_what_the_optimizer_allocates(optimizer):
     allocated = sum(v.numel() * v.element_size() for state in opt.state.values() for key, v in state.items()
                     if torch.is_tensor(v) and v.numel() > 1 and key != "step")
     assert optimizer_state_bytes(opt, config) == allocated
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim; elsewhere it does nothing")
+def test_freed_heap_memory_goes_back_to_the_system():
+    """What a released encoder leaves: blocks freed inside the heap (a live one above them keeps the heap from
+    shrinking by itself) count in the resident size until return_free_memory hands them back."""
+    from motiontune.util.host_memory import return_free_memory
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [bytearray(b"x" * 65536) for _ in range(3200)]  # 200 MB in blocks below malloc's mmap threshold
+    top = bytearray(b"x" * 65536)
+    del blocks
+    before = resident()
+    return_free_memory()
+    assert before - resident() > 100 * 2**20, (before, resident())
+    del top
