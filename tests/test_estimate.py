@@ -90,7 +90,7 @@ def measured_config(tmp_path_factory) -> Path:
     (clips / "shapes.txt").write_text("moving shapes\n")
     config = {
         "model_type": "WAN_2_1_T2V", "base_model_name": str(model), "concepts": [{"path": str(clips)}],
-        "resolution": "192", "epochs": 1, "train_dtype": "FLOAT_32", "lora_rank": 16, "lora_alpha": 16,
+        "resolution": "192", "epochs": 2, "train_dtype": "FLOAT_32", "lora_rank": 16, "lora_alpha": 16,
         "workspace_dir": str(root / "workspace"), "cache_dir": str(root / "cache"),
         "output_model_destination": str(root / "lora.safetensors"), "sample_after_unit": "NEVER",
         "backup_after_unit": "NEVER", "dataloader_threads": 0,
@@ -101,12 +101,13 @@ def measured_config(tmp_path_factory) -> Path:
     return path
 
 
-def test_estimate_is_within_15_percent_of_measured_training_steps_off_and_on(measured_config):
+def test_estimate_is_within_10_percent_of_measured_training_steps_off_and_on(measured_config):
     rows = _measured_rows(measured_config, ["OFF", "ON"])
     for row in rows.values():
-        # within 15 %, or 16 MB: at this size the allocator's and the threads' own caches (not modelled; a few MB
-        # to 13 MB, varying with the machine) weigh on the ratio; at 1.3B width benchmarks/memory.py finds < 1 %
-        assert abs(row["estimate"] - row["peak"]) < max(0.15 * row["peak"], 16 * 2**20), rows
+        # the second step's own memory (the first pays once for code pages and library buffers the estimate does
+        # not model, about 16 MB): estimate / measured 1.008 OFF, 1.03-1.04 ON; at 1.3B width benchmarks/memory.py
+        # finds < 1 %
+        assert abs(row["estimate"] - row["peak"]) < 0.1 * row["peak"], rows
     # checkpointing really saves here, and the estimate sees the same saving
     assert rows["ON"]["peak"] < 0.75 * rows["OFF"]["peak"]  # measured 0.57 on a quiet machine
     assert rows["ON"]["estimate"] < 0.6 * rows["OFF"]["estimate"]
