@@ -180,3 +180,21 @@ def test_a_bfloat16_vae_encodes_in_bfloat16_into_its_own_cache_entries(tmp_path,
     assert latents["bf16"].dtype == torch.float32  # what follows the VAE stays float32
     error = ((latents["bf16"] - latents["fp32"]).pow(2).mean() / latents["fp32"].pow(2).mean()).sqrt().item()
     assert 1e-4 < error < 0.05, error  # really bf16, and close
+
+
+def test_a_float16_vae_that_overflows_says_what_to_set(tmp_path, tiny_models, dataset):
+    """float16's range is narrow: a VAE whose activations pass 65504 gives infinite latents, which must never reach
+    the cache; the error names the setting to change."""
+    import numpy as np
+
+    from motiontune.configure import load_config
+
+    keys = {**base_config(tmp_path, tiny_models("wan-2.1"), dataset), "vae": {"weight_dtype": "FLOAT_16"}}
+    family = WanFamily(load_config(str(write_config(tmp_path / "fp16.json", **keys))), torch.device("cpu"))
+    family.load_vae()
+    frames = np.full((5, 32, 32, 3), 200, dtype=np.uint8)
+    assert torch.isfinite(family.encode_video(frames)).all()  # in range: fine
+    with torch.no_grad():
+        family.vae.encoder.conv_in.weight.mul_(1e5)  # activations far past float16's largest value
+    with pytest.raises(ValueError, match="set vae.weight_dtype to BFLOAT_16 or FLOAT_32"):
+        family.encode_video(frames)

@@ -289,3 +289,30 @@ def test_a14b_samples_with_one_expert_on_the_device_at_a_time(tiny_models):
     order = [m for i, m in enumerate(brought) if i == 0 or m is not brought[i - 1]]
     assert order == [family.transformer, family.transformer_2]  # high noise first, one swap
     assert not family.transformer._forward_pre_hooks and not family.transformer_2._forward_pre_hooks  # hooks removed
+
+
+def test_adapters_train_on_their_half_precision_input_under_autocast(tmp_path, tiny_models, dataset, monkeypatch):
+    """With train_dtype BFLOAT_16 peft's cast of each adapter's input to float32 (which autocast casts straight back
+    for the matmul) is skipped in the training step: lora_A sees the bf16 activations, forward and the checkpointed
+    recompute alike; a sample after it, outside autocast, still runs (there peft casts as it always does)."""
+    import motiontune.methods.lora as lora
+
+    seen = []
+    prepare = lora.prepare
+
+    def observed(family, expert, config):
+        parameters = prepare(family, expert, config)
+        for name, module in expert.module.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_pre_hook(lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype)))
+        return parameters
+
+    monkeypatch.setattr(lora, "prepare", observed)
+    sample = {"prompt": "moving shapes", "frames": 5, "height": 32, "width": 32, "steps": 2}
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, train_dtype="BFLOAT_16",
+                         gradient_checkpointing="ON", samples=[sample], sample_after_unit="EPOCH", sample_after=1)
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    training = [dtype for autocast, dtype in seen if autocast]
+    assert training and set(training) == {torch.bfloat16}, set(training)
+    assert any(not autocast for autocast, _ in seen)  # the sample's forwards ran
+    assert (tmp_path / "workspace" / "samples" / "epoch1-0.mp4").exists()
