@@ -21,9 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/motiontune demo --out demo-output
 
-# two test processes (pytest-xdist): the suite's tiny models run one torch thread each (tests/conftest.py)
+# two test processes (pytest-xdist): the suite's tiny models run one torch thread each (tests/conftest.py);
+# loadgroup keeps a module marked xdist_group (the browser tests, which share one session in order) on one worker
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -19,6 +19,10 @@ import pytest
 
 from conftest import DATA
 
+# one browser session (the `ui` fixture) is shared by these tests in order, later ones reading what earlier ones
+# made: they run on one xdist worker (`make test` uses --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ui")
+
 ARTIFACTS = Path(__file__).parent / "artifacts" / "ui"
 CHROMIUM = Path("/usr/bin/chromium")
 
