@@ -516,7 +516,7 @@ def test_no_page_scrolls_sideways_at_390_px(ui):
     expect(page.locator("#inspect-table tbody tr")).to_have_count(3, timeout=60_000)
     assert sideways_scroll(page) == 0
     page.click("#tab-training")
-    expect(page.locator("#runs-table tbody tr")).to_have_count(2)
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=30_000)  # a loaded machine lists runs slowly
     assert sideways_scroll(page) == 0
     ui.shot(page, "8-runs-390")
     page.close()
