@@ -351,6 +351,30 @@ def test_random_flip_mirrors_every_frame_of_a_clip_in_some_variations(tmp_path, 
     assert encoding.clips(survey)[0].look.flip and np.array_equal(encoding.frames_seen[0], plain[:, :, ::-1])
 
 
+def test_random_draws_follow_the_file_in_its_concept_not_the_folder_the_dataset_lies_in(tmp_path, tiny_models, dataset):
+    """Moving a dataset (another machine, another mount) keeps its crops, flips, windows and tag shuffles: the
+    draws are seeded by the file's path inside its concept. Seeded by the full path, they changed with the folder."""
+    import shutil
+
+    def draws(root: Path) -> list:
+        shutil.copytree(dataset, root / "clips")
+        picture(root / "clips" / "a.png", 64, 32, "ohwx; red; snow; night; city")
+        config = config_for(root, tiny_models, [{
+            "path": str(root / "clips"), "image_variations": 4, "text_variations": 4,
+            "image": {"enable_crop_jitter": True, "enable_random_flip": True},
+            "text": {"enable_tag_shuffling": True, "tag_delimiter": ";"}}],
+            video_config={"max_frames": 5, "target_fps": 8.0, "frame_sample_strategy": "random",
+                          "temporal_augmentation": True, "window_variants": 3})
+        _, survey, encoding = encoding_for(config)
+        return [[(c.source.name, c.timestamps, c.look, c.captions) for c in encoding.clips(survey, variant)]
+                for variant in range(3)]
+
+    here, moved = draws(tmp_path / "here"), draws(tmp_path / "elsewhere" / "deeper")
+    assert here == moved
+    windows = {clip[1] for variant in here for clip in variant if clip[0].endswith(".mp4")}
+    assert len(windows) == 3  # the windows do move between variants: the equality above is not of constants
+
+
 def test_crop_jitter_moves_the_crop_inside_the_covering_picture(tmp_path, tiny_models):
     from motiontune.data.cache import Cache
     from motiontune.data.video import decode_clips, probe

@@ -29,6 +29,15 @@ class Item:
     caption_problem: str = ""  # why the caption is empty, when it is
     masks: tuple[Path, ...] = ()  # the files named as this clip's mask (more than one is a problem)
 
+    @property
+    def name_in_concept(self) -> str:
+        """The file's path inside its concept's folder. Random draws (augmentations, tag shuffles) are seeded with
+        it, not the full path, so the same dataset in another folder or on another machine draws the same."""
+        try:
+            return self.path.relative_to(self.concept.path).as_posix()
+        except ValueError:
+            return self.path.name
+
 
 def load_concepts(config: TrainConfig) -> list[ConceptConfig]:
     """The enabled concepts, from the config or its concepts file; a concept that asks for something not built

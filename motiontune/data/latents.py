@@ -159,7 +159,7 @@ class Encoding:
         if not (concept.varies_image or concept.image.enable_fixed_flip):
             return ImageVariant()
         index = variant % concept.image_variations if concept.varies_image else 0
-        seed = f"{self.config.seed}:{concept.seed}:{entry.item.path}:{clip[0]:.6f}"
+        seed = f"{self.config.seed}:{concept.seed}:{entry.item.name_in_concept}:{clip[0]:.6f}"
         return image_variant(concept.image, entry.info.width, entry.info.height, entry.size, seed, index)
 
     def _captions(self, item: Item) -> tuple[str, ...]:
@@ -167,7 +167,7 @@ class Encoding:
         Prompts shared by the whole concept (prompt_source concept) share their draws too."""
         concept = item.concept
         shared = concept.text.prompt_source in ("concept", "txt")
-        seed = f"{self.config.seed}:{concept.seed}" + ("" if shared else f":{item.path}")
+        seed = f"{self.config.seed}:{concept.seed}" + ("" if shared else f":{item.name_in_concept}")
         return caption_variants(item.captions, concept.text, concept.text_variations, seed)
 
     def clips(self, survey: Survey, variant: int = 0) -> list[EncodedClip]:

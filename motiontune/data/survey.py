@@ -102,10 +102,10 @@ def plan_entry(entry: FileEntry, config: TrainConfig, family: ModelFamily, max_f
     fps, _ = sampling_grid(config, family)
     clips = plan_clips(
         entry.info, video.frame_sample_strategy, fps, max_frames, video.max_duration,
-        video.clips_per_file, family.valid_frame_count, config.seed, epoch,
+        video.clips_per_file, family.valid_frame_count, config.seed, epoch, entry.item.name_in_concept,
     )
     if augment and not entry.info.is_image:
-        clips = [augment_clip(c, entry.info.duration, fps, config.seed, epoch, str(entry.item.path)) for c in clips]
+        clips = [augment_clip(c, entry.info.duration, fps, config.seed, epoch, entry.item.name_in_concept) for c in clips]
     return clips
 
 

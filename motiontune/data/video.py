@@ -180,10 +180,12 @@ def plan_clips(
     valid_count=lambda n: n,
     seed: int = 0,
     epoch: int = 0,
+    name: str = "",
 ) -> list[tuple[float, ...]]:
     """Clip windows as tuples of instants. Frames inside a window are consecutive on the target_fps grid;
     the strategy places window starts: `uniform` evenly from the start to the end of the file, `random`
-    anywhere (a new draw each epoch, reproducible from the seed), `keyframe` on keyframes."""
+    anywhere (a new draw each epoch, reproducible from the seed and `name`, the file's path in its concept;
+    its full path when not given), `keyframe` on keyframes."""
     frames = window_frames(info, target_fps, max_frames, max_duration, valid_count)
     if frames < 1:
         return []
@@ -193,7 +195,7 @@ def plan_clips(
     if strategy == "uniform":
         starts = [latest * i / (clips_per_file - 1) for i in range(clips_per_file)] if clips_per_file > 1 else [0.0]
     elif strategy == "random":
-        rng = random.Random(f"{seed}:{epoch}:{zlib.crc32(str(info.path).encode())}")
+        rng = random.Random(f"{seed}:{epoch}:{zlib.crc32((name or str(info.path)).encode())}")
         starts = sorted(rng.uniform(0.0, latest) for _ in range(clips_per_file))
     elif strategy == "keyframe":
         candidates = [k for k in info.keyframes if k <= latest + _EPS] or [0.0]
