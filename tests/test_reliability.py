@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,6 +159,33 @@ def test_a_full_disk_during_a_backup_keeps_the_previous_one(tmp_path, tiny_model
         assert "continuing from" in capsys.readouterr().err
     finally:
         subprocess.run(["umount", str(backups)], check=False)
+
+
+def killed_while_writing(destination: Path, prefix: str) -> Path:
+    """Start writing `destination` the way backups and saves do, in a process killed (SIGKILL) halfway: what it
+    leaves beside `destination`."""
+    script = (f"import os, signal; from pathlib import Path; from motiontune.util.files import replacing\n"
+              f"with replacing(Path({str(destination)!r}), prefix={prefix!r}) as written:\n"
+              f"    written.mkdir(); (written / 'half.bin').write_bytes(bytes(1 << 20)); os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    [left] = destination.parent.glob(prefix + "*")
+    return left
+
+
+def test_what_a_killed_backup_or_save_left_is_removed_by_the_next_one(tmp_path, tiny_models, dataset):
+    from motiontune.util.processes import HOST
+
+    config = run_config(tmp_path, "left", tiny_models("wan-2.1"), dataset, epochs=2)
+    backups, output = tmp_path / "left" / "workspace" / "backup", tmp_path / "left" / "lora.safetensors"
+    dead_backup = killed_while_writing(backups / "step-0000004-epoch-0001-batch-00000", ".partial-")
+    dead_save = killed_while_writing(output, ".saving-")
+    elsewhere = backups / ".partial-another_machine-1-abcd1234"  # a shared folder: its process cannot be seen here
+    running = backups / f".partial-{HOST}-{os.getpid()}-abcd1234"  # a writer that still runs
+    elsewhere.mkdir(), running.mkdir()
+    assert main(["train", "--config", str(config)]) == 0
+    assert not dead_backup.exists() and not dead_save.exists()  # 1 MB each, gone with the first backup and the save
+    assert elsewhere.is_dir() and running.is_dir()
+    assert list(backups.glob("step-*")) and output.is_file()
 
 
 def test_a_failed_final_save_says_so_and_keeps_the_old_file(tmp_path, tiny_models, dataset, capsys):

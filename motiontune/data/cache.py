@@ -14,12 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
 from ..util.lazy import torch
-from ..util.processes import process_alive
+from ..util.processes import HOST, process_alive
 from .video import MediaError
 
 log = logging.getLogger("motiontune")
@@ -233,7 +232,7 @@ class Cache:
         for path in self.directory.rglob("*.tmp"):
             host, _, pid = path.name.rsplit(".", 2)[-2].rpartition("-")
             try:
-                if host == _HOST:
+                if host == HOST:
                     stale = not pid.isdigit() or not process_alive(int(pid))
                 else:
                     stale = time.time() - path.stat().st_mtime > 24 * 3600
@@ -243,13 +242,10 @@ class Cache:
                 path.unlink(missing_ok=True)
 
 
-_HOST = socket.gethostname().replace(".", "_").replace("-", "_")
-
-
 def _temporary(path: Path) -> Path:
     """Where a file is written before it is put in place: named by machine and process, so a run that finds it
     later can tell whether its writer is gone."""
-    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}.tmp")
+    return path.with_name(f"{path.name}.{HOST}-{os.getpid()}.tmp")
 
 
 def _publish(temporary: Path, path: Path) -> None:

@@ -114,7 +114,7 @@ def _write(directory: Path, config: TrainConfig, position: Position, trainings, 
            keep: int | None, scaler_state: dict | None = None) -> Path:
     name = f"step-{position.step:07d}-epoch-{position.epoch:04d}-batch-{position.next_batch:05d}"
     final = directory / name
-    with replacing(final, prefix=f".partial-{name}-") as partial:  # the previous backup stays valid until this one is whole
+    with replacing(final, prefix=".partial-") as partial:  # the previous backup stays valid until this one is whole
         partial.mkdir()
         for training, trained in zip(trainings, weights):
             # what trains: the adapters of a LoRA, the weights of a fine-tune

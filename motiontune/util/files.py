@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from safetensors import SafetensorError
+
+from .processes import HOST, process_alive
 
 # What a full disk or a missing permission raises, depending on the writer (Python, safetensors, torch.save).
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
@@ -37,10 +40,12 @@ def write_error_reason(error: Exception) -> str:
 def replacing(destination: Path, prefix: str = ".saving-") -> Iterator[Path]:
     """Yield a path to write a file or a folder at; once written, it is flushed to disk and takes the name
     `destination` (an old folder there goes only then). If writing fails, `destination` is untouched and
-    the temporary is removed."""
+    the temporary is removed. The temporary (`prefix`, this machine, this process) is beside `destination`;
+    those a killed process left there (a backup of a fine-tune can be tens of GB) go first."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=prefix) as scratch:
+    remove_leftovers(destination.parent, prefix)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f"{prefix}{HOST}-{os.getpid()}-") as scratch:
         written = Path(scratch) / destination.name
         yield written
         for path in [written] if written.is_file() else sorted(p for p in written.rglob("*") if p.is_file()):
@@ -49,6 +54,19 @@ def replacing(destination: Path, prefix: str = ".saving-") -> Iterator[Path]:
             shutil.rmtree(destination)
         os.replace(written, destination)
         fsync_dir(destination.parent)
+
+
+def remove_leftovers(folder: Path, prefix: str) -> list[Path]:
+    """Remove the temporaries `replacing` left in `folder` when its process was killed: those of this machine
+    whose process is gone. Another machine's (a shared filesystem) stay: its processes cannot be seen from here."""
+    pattern = re.compile(rf"{re.escape(prefix)}([^-]*)-(\d+)-[^-]+")
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and match[1] == HOST and not process_alive(int(match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def temporary_name(path: Path) -> Path:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+
+# This machine's name as temporary files carry it (no dots or dashes, so such a name splits back into its parts).
+HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 
 
 def process_alive(pid) -> bool:
