@@ -59,7 +59,9 @@ def field_comments() -> dict[str, dict[str, str]]:
     return found
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"  # a source checkout's; absent from a wheel
+# docs/config.md: the copy a wheel ships beside this module (setup.py puts it there), else a source checkout's
+_PACKAGED = Path(__file__).resolve().parent / "config.md"
+DOCS = _PACKAGED if _PACKAGED.is_file() else Path(__file__).resolve().parents[2] / "docs" / "config.md"
 # docs/config.md's sections whose tables name keys inside a section; "part." serves every model part
 DOC_PREFIXES = {"video_config": "video_config.", "Concepts": "concepts.", "Model parts": "part.",
                 "Samples": "samples.", "Embeddings": "embedding."}
