@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -221,6 +222,24 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, models=args.command not in ("inspect", "presets"))
+    code = _run(args)
+    if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_torchrun_worker(code)
+    return code
+
+
+def _leave_torchrun_worker(code: int) -> None:
+    """End a torchrun worker without Python's shutdown. FSDP keeps the gloo process group alive after it is
+    destroyed, with its C++ threads running; tearing them down with the interpreter can abort the process
+    ("terminate called without an active exception") after the run has written everything, and torchrun then
+    reports a failed run. Everything the run writes is closed by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args) -> int:
     from .config import ConfigError
     from .data.video import MediaError
 

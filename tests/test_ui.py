@@ -123,6 +123,7 @@ class Browser:
 
     def page(self, width: int = DESKTOP):
         page = self.browser.new_page(viewport={"width": width, "height": 900})
+        page.set_default_timeout(60_000)  # clicks and waits under a loaded machine (see the ui fixture)
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.goto(self.server.url)
         page.wait_for_selector("body[data-ready='1']")
@@ -172,8 +173,11 @@ def sideways_scroll(page) -> int:
 
 @pytest.fixture(scope="module")
 def ui(chromium, tiny_models, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # The other test worker trains beside these tests on two cores: a round trip to the server or the page's 1 s
+    # poll can take longer than Playwright's 5 s default. A broken page still fails, only later.
+    expect.set_options(timeout=30_000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("ui")
     dataset = root / "dataset"
