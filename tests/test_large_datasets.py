@@ -157,13 +157,13 @@ def test_inspect_imports_no_model_library(tmp_path, mixed):
 def test_stale_temporaries_are_judged_by_the_machine_that_wrote_them(tmp_path):
     """A cache folder shared by several machines: another machine's process ids mean nothing here, so its
     temporaries are left alone until they are a day old; this machine's go as soon as their writer is gone."""
-    from motiontune.data.cache import _HOST
+    from motiontune.util.processes import HOST
 
     folder = tmp_path / "cache" / "latents" / "ab"
     folder.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    names = {"mine_dead": f"x.safetensors.{_HOST}-{dead.pid}.tmp", "mine_alive": f"x.safetensors.{_HOST}-{os.getpid()}.tmp",
+    names = {"mine_dead": f"x.safetensors.{HOST}-{dead.pid}.tmp", "mine_alive": f"x.safetensors.{HOST}-{os.getpid()}.tmp",
              "other_fresh": f"y.safetensors.othernode-{dead.pid}.tmp", "other_old": f"z.safetensors.othernode-1.tmp"}
     for name in names.values():
         (folder / name).write_bytes(b"partial")

@@ -27,6 +27,16 @@ ARTIFACTS = Path(__file__).parent / "artifacts" / "ui"
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+@pytest.fixture(autouse=True)
+def on_the_group_worker(request):
+    """pytest-xdist keeps a group on one worker by adding `@group` to each test's id; where it cannot (pytest 9.2
+    with xdist 3.8) it spreads the group over the workers, and tests reading an earlier one's runs fail
+    obscurely. Fail with the cause instead."""
+    if getattr(request.config.option, "loadgroup", False) and not request.node.nodeid.endswith("@ui"):
+        pytest.fail("pytest-xdist could not keep the ui tests on one worker with this pytest: install the versions "
+                    "pinned in constraints.txt (make install)")
+
+
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
