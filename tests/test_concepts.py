@@ -418,3 +418,125 @@ def test_validation_concept_and_another_type_together_are_refused():
     assert ConceptConfig.model_validate({"path": ".", "validation_concept": True}).role == "VALIDATION"
     with pytest.raises(ValidationError, match="older form of type VALIDATION, and type is PRIOR_PREDICTION"):
         ConceptConfig.model_validate({"path": ".", "type": "PRIOR_PREDICTION", "validation_concept": True})
+
+
+# ---------------------------------------------------------------------------------------------- rotation and colour
+
+
+def colour_clip(path: Path, frames: int = 10, size: int = 32) -> Path:
+    """A real, lossless MP4 whose frames all differ: a rainbow sliding right over a grey ramp, and a white square
+    moving down, so colour changes, rotations and frame-to-frame differences all show."""
+    import av
+
+    y, x = np.mgrid[0:size, 0:size]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0"}
+        for i in range(frames):
+            hue = ((x + 3 * i) % size) / size * 2 * np.pi
+            image = np.stack([127 + 100 * np.cos(hue + k * 2 * np.pi / 3) * y / size for k in range(3)], axis=-1)
+            image[2 + 2 * i : 8 + 2 * i, 20:26] = 245
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    path.with_suffix(".txt").write_text("colours\n")
+    return path
+
+
+def _enhanced(enhancer):
+    """PIL's ImageEnhance on all of a clip's frames as one picture: contrast pivots on the whole clip's mean grey."""
+    from PIL import ImageEnhance
+
+    def change(frames: np.ndarray, factor: float) -> np.ndarray:
+        whole = Image.fromarray(np.concatenate(list(frames), axis=0))
+        return np.stack(np.split(np.asarray(getattr(ImageEnhance, enhancer)(whole).enhance(factor)), len(frames)))
+    return change
+
+
+def _hue_turned(frames: np.ndarray, turn: float) -> np.ndarray:
+    import colorsys
+
+    def pixel(rgb):
+        h, s, v = colorsys.rgb_to_hsv(*(rgb / 255.0))
+        return [round(c * 255) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)]
+    return np.array([[[pixel(rgb) for rgb in row] for row in frame] for frame in frames])
+
+
+def _rotated(frames: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame turned `degrees` counter-clockwise about its centre, bilinear (numpy, pixel centres at +0.5),
+    and where that is computed (the source point lies inside the frame)."""
+    _, height, width, _ = frames.shape
+    angle = np.radians(degrees)
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    dx, dy = x - width / 2, y - height / 2
+    sx = np.cos(angle) * dx - np.sin(angle) * dy + width / 2 - 0.5
+    sy = np.sin(angle) * dx + np.cos(angle) * dy + height / 2 - 0.5
+    inside = (sx >= 0) & (sx <= width - 1) & (sy >= 0) & (sy <= height - 1)
+    x0, y0 = np.clip(np.floor(sx).astype(int), 0, width - 2), np.clip(np.floor(sy).astype(int), 0, height - 2)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    f = frames.astype(np.float64)
+    out = (f[:, y0, x0] * (1 - fx) * (1 - fy) + f[:, y0, x0 + 1] * fx * (1 - fy)
+           + f[:, y0 + 1, x0] * (1 - fx) * fy + f[:, y0 + 1, x0 + 1] * fx * fy)
+    return out, inside
+
+
+# name: (strength key, strength, the value a random draw lies in, the fixed value, independent reference)
+CHANGES = {
+    "brightness": ("random_brightness_max_strength", 0.4, (0.6, 1.4), 1.4, _enhanced("Brightness")),
+    "contrast": ("random_contrast_max_strength", 0.5, (0.5, 1.5), 1.5, _enhanced("Contrast")),
+    "saturation": ("random_saturation_max_strength", 0.8, (0.2, 1.8), 1.8, _enhanced("Color")),
+    "hue": ("random_hue_max_strength", 0.6, (-0.3, 0.3), 0.3, _hue_turned),
+    "rotate": ("random_rotate_max_angle", 90.0, (-90.0, 90.0), 90.0, _rotated),
+}
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    return colour_clip(tmp_path_factory.mktemp("colour") / "clips" / "rainbow.mp4").parent
+
+
+def test_rotation_and_colour_change_every_frame_of_a_video_clip_as_drawn(tmp_path, tiny_models, colour_folder):
+    """Each change, random (three image variations) and fixed: the frames the VAE sees are the frames decoded
+    without it, changed by the drawn value as PIL / colorsys / a numpy rotation compute it (within a byte's
+    rounding), every frame of the 5-frame clip with the same value."""
+    from motiontune.config.concepts import ConceptImageConfig
+
+    config = config_for(tmp_path, tiny_models, [{"path": str(colour_folder)}], video_config={"max_frames": 5, "target_fps": 8.0})
+    family, survey, encoding = encoding_for(config)
+    concept = survey.usable[0].item.concept
+    latents = []
+
+    def encode(frames):  # the frames handed to the VAE are what is checked: one real encoding serves them all
+        encoding.frames_seen.append(np.array(frames))
+        latents[:] = latents or [type(family).encode_video(family, frames)]
+        return latents[0]
+    family.encode_video = encode
+
+    def seen(image: dict, variations: int = 1):
+        """The looks and the frames encoded for the clip with these settings (one model load for all of them)."""
+        concept.image, concept.image_variations = ConceptImageConfig(**image), variations
+        encoding.frames_seen.clear()
+        return [encoding.clips(survey, variant)[0].look for variant in range(variations)], list(encoding.frames_seen)
+
+    [plain_look], [plain] = seen({})
+    assert plain_look.pixel_changes is None and plain.shape == (5, 32, 32, 3)
+    assert all(np.abs(plain[i].astype(int) - plain[0]).mean() > 3 for i in range(1, 5))  # every frame differs
+    for name, (key, strength, (low, high), fixed, reference) in CHANGES.items():
+        looks, frames = seen({f"enable_random_{name}": True, key: strength}, variations=3)
+        [fixed_look], fixed_frames = seen({f"enable_fixed_{name}": True, key: strength})
+        values = [getattr(look, name) for look in looks]
+        assert len(set(values)) == 3 and all(low <= v <= high for v in values), (name, values)
+        assert getattr(fixed_look, name) == fixed, name
+        for value, changed in zip([*values, fixed], [*frames, *fixed_frames]):
+            if name == "rotate":
+                expected, inside = reference(plain, value)
+                assert inside.mean() > 0.45  # the corners it uncovers are black, no reference there
+                assert np.abs(changed.astype(float) - expected)[:, inside].max() <= 1.0, (name, value)
+            else:
+                assert np.abs(changed.astype(int) - reference(plain, value)).max() <= 1, (name, value)
+            assert not np.array_equal(changed, plain), (name, value)  # it did change the frames
+        assert np.abs(fixed_frames[0].astype(int) - plain).mean() > 5, name  # the fixed (strongest) change, a lot
+    # a quarter turn of the square clip is exact: counter-clockwise, as in OneTrainer (torchvision) and PIL
+    assert np.array_equal(fixed_frames[0], np.rot90(plain, axes=(1, 2)))
