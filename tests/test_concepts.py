@@ -613,7 +613,7 @@ def test_random_capitals_follow_onetrainers_modes_probability_and_lowercase():
     from motiontune.config.concepts import TextConfig
     from motiontune.data.augment import caption_variants, vary_caption
 
-    caption = "ohwx man, Red coat, snowy night street, city"
+    caption = "ohwx man, Red coat, snowy NIGHT street, city"
     tags = caption.split(", ")
 
     def draws(n=300, **text):
@@ -643,3 +643,20 @@ def test_random_capitals_follow_onetrainers_modes_probability_and_lowercase():
     with pytest.raises(ValidationError, match="unknown capitalisation mode.*'shout'.*capslock, title, first, random"):
         TextConfig(caps_randomize_enable=True, caps_randomize_mode="capslock, shout")
     TextConfig(caps_randomize_mode="capslock, shout")  # read only while the feature is off
+
+
+def test_a_strength_out_of_range_is_refused_by_key(tmp_path):
+    from motiontune.data.dataset import load_concepts
+
+    folder = tmp_path / "clips"
+    picture(folder / "a.png", 32, 32, "x")
+    concepts = [ot_concept(folder, image__enable_fixed_hue=True, image__random_hue_max_strength=1.5),
+                ot_concept(folder, image__enable_fixed_brightness=True, image__random_brightness_max_strength=-2.0),
+                ot_concept(folder, image__random_hue_max_strength=3.0)]  # off: any value, as OneTrainer
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    with pytest.raises(ConfigError) as error:
+        load_concepts(TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")}))
+    message = str(error.value)
+    assert "2 problem(s)" in message
+    assert "concept 0 ('" in message and "image.random_hue_max_strength = 1.5: Value error, the hue turns by at most half" in message
+    assert "image.random_brightness_max_strength = -2.0: Value error, the fixed brightness factor is 1 + this strength, -1" in message

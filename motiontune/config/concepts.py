@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..util.files import read_json_file
 from .resolution import parse_resolution
@@ -71,17 +71,21 @@ class ConceptImageConfig(_Section):
         "0.2 to 1 times its farthest masked pixel's distance); drawn per image variation")
     enable_random_mask_rotate_crop: bool = Field(False, description="not built: masked training")
 
-    @model_validator(mode="after")
-    def _strengths_in_range(self):
-        for name in ("brightness", "contrast", "saturation"):
-            strength = getattr(self, f"random_{name}_max_strength")
-            if getattr(self, f"enable_fixed_{name}") and strength < -1:
-                raise ValueError(f"random_{name}_max_strength = {strength:g} makes the fixed factor 1 + strength negative; "
-                                 "use -1 or more")
-        if (self.enable_random_hue or self.enable_fixed_hue) and abs(self.random_hue_max_strength) > 1:
-            raise ValueError(f"random_hue_max_strength = {self.random_hue_max_strength:g}: the hue turns by at most half "
-                             "the colour wheel, strength 1; use a value between -1 and 1")
-        return self
+    @field_validator("random_brightness_max_strength", "random_contrast_max_strength", "random_saturation_max_strength")
+    @classmethod
+    def _factor_not_negative(cls, value: float, info):
+        name = info.field_name.removeprefix("random_").removesuffix("_max_strength")
+        if info.data.get(f"enable_fixed_{name}") and value < -1:
+            raise ValueError(f"the fixed {name} factor is 1 + this strength, {1 + value:g}, and must not be negative; "
+                             "use -1 or more")
+        return value
+
+    @field_validator("random_hue_max_strength")
+    @classmethod
+    def _hue_in_range(cls, value: float, info):
+        if (info.data.get("enable_random_hue") or info.data.get("enable_fixed_hue")) and abs(value) > 1:
+            raise ValueError("the hue turns by at most half the colour wheel, strength 1; use a value between -1 and 1")
+        return value
 
     @property
     def random(self) -> bool:
