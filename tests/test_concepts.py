@@ -632,8 +632,12 @@ def test_random_capitals_follow_onetrainers_modes_probability_and_lowercase():
     upper = sum(d[3] == "CITY" for d in half) / 400  # "city": title → "City", capslock → "CITY", untouched "city"
     title = sum(d[3] == "City" for d in half) / 400
     assert 0.19 < upper < 0.31 and 0.19 < title < 0.31
-    # lowercase comes first and works without the random capitals, as in OneTrainer
+    # lowercase comes before the random capitals and works without them, after the dropout (whose special tags match
+    # as written), as in OneTrainer
     assert caption_variants((caption,), TextConfig(caps_randomize_lowercase=True), 3, "s") == (caption.lower(),)
+    whitelisted = TextConfig(caps_randomize_lowercase=True, tag_dropout_enable=True, tag_dropout_probability=1.0,
+                             tag_dropout_special_tags_mode="WHITELIST", tag_dropout_special_tags="Red coat")
+    assert vary_caption(caption, whitelisted, random.Random(0)) == "ohwx man, red coat"
     assert all(d == [t.upper() for t in tags] for d in draws(5, caps_randomize_mode="capslock", caps_randomize_lowercase=True))
     # drawn per text variation, reproducibly from the seeds
     text = TextConfig(caps_randomize_enable=True, caps_randomize_probability=0.5)
