@@ -139,7 +139,8 @@ class TextConfig(_Section):
         "title (Every Word), first (First word only), random (rAnDoM letters)")
     caps_randomize_probability: float = Field(0.0, ge=0, le=1, description="each tag's chance of a new capitalisation")
     caps_randomize_lowercase: bool = Field(
-        False, description="lowercase the whole caption first (as OneTrainer, also while caps_randomize_enable is false)")
+        False, description="lowercase the caption after tag dropout, before the random capitals (as OneTrainer, also while "
+        "caps_randomize_enable is false)")
 
     @field_validator("caps_randomize_mode")
     @classmethod
