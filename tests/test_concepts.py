@@ -70,8 +70,9 @@ def config_for(tmp_path, tiny_models, concepts: list[dict], **overrides) -> Trai
     return TrainConfig.model_validate(keys)
 
 
-def encoding_for(config: TrainConfig):
-    """(family, survey, Encoding) without a cache; the family's VAE records the frames it encodes."""
+def encoding_for(config: TrainConfig, one_encoding: bool = False):
+    """(family, survey, Encoding) without a cache; the family's VAE records the frames it encodes. `one_encoding`:
+    the VAE runs once and its latents stand for every later clip (for tests that check only the frames)."""
     from motiontune.data.cache import Cache
     from motiontune.data.latents import Encoding
     from motiontune.data.survey import survey_dataset
@@ -80,9 +81,15 @@ def encoding_for(config: TrainConfig):
     family = WanFamily(config, torch.device("cpu"))
     survey = survey_dataset(config, family)
     encoding = Encoding(family, config, Cache("unused", enabled=False))
-    seen = []
+    seen, latents = [], []
     encode = family.encode_video
-    family.encode_video = lambda frames: seen.append(np.array(frames)) or encode(frames)
+
+    def record(frames):
+        seen.append(np.array(frames))
+        if not (one_encoding and latents):
+            latents[:] = [encode(frames)]
+        return latents[0]
+    family.encode_video = record
     encoding.frames_seen = seen
     return family, survey, encoding
 
@@ -97,13 +104,26 @@ def test_a_onetrainer_concepts_file_with_every_key_trains(tmp_path, tiny_models)
     folder = tmp_path / "clips"
     picture(folder / "a.png", 48, 32, "a red square, studio")
     picture(folder / "b.png", 32, 48, "a blue square")
-    (tmp_path / "concepts.json").write_text(json.dumps([ot_concept(folder)], indent=4))
-    keys = base_config(tmp_path, tiny_models("wan-2.1"), folder, epochs=1, dataloader_threads=0)
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 8:40] = 255
+    Image.fromarray(mask).save(folder / "a-masklabel.png")
+    # every augmentation OneTrainer's concept editor offers, switched on (a random and a fixed of each kind)
+    switched_on = {"image__enable_random_flip": True, "image__enable_random_rotate": True, "image__random_rotate_max_angle": 15.0,
+                   "image__enable_random_brightness": True, "image__random_brightness_max_strength": 0.3,
+                   "image__enable_fixed_contrast": True, "image__random_contrast_max_strength": 0.2,
+                   "image__enable_random_saturation": True, "image__random_saturation_max_strength": 0.5,
+                   "image__enable_fixed_hue": True, "image__random_hue_max_strength": 0.1,
+                   "image__enable_random_circular_mask_shrink": True, "image_variations": 2,
+                   "text__caps_randomize_enable": True, "text__caps_randomize_probability": 0.5,
+                   "text__caps_randomize_lowercase": True, "text_variations": 2}
+    (tmp_path / "concepts.json").write_text(json.dumps([ot_concept(folder, **switched_on)], indent=4))
+    keys = base_config(tmp_path, tiny_models("wan-2.1"), folder, epochs=2, dataloader_threads=0, masked_training=True)
     del keys["concepts"]
     keys["concept_file_name"] = str(tmp_path / "concepts.json")
 
     [concept] = load_concepts(TrainConfig.model_validate(keys))
     assert concept.image.enable_crop_jitter and concept.seed == -387420489 and concept.balance == 1.0
+    assert concept.image.enable_random_rotate and concept.text.caps_randomize_enable
 
     def every_key(data: dict, prefix="") -> set[str]:
         return {prefix + k for k, v in data.items()} | {
@@ -112,6 +132,20 @@ def test_a_onetrainer_concepts_file_with_every_key_trains(tmp_path, tiny_models)
     assert every_key(ONETRAINER_CONCEPT) <= every_key(concept.model_dump(by_alias=True))  # nothing dropped on the way
     assert main(["train", "--config", str(write_config(tmp_path / "c.json", **keys))]) == 0
     assert (tmp_path / "lora.safetensors").is_file()
+    # the two epochs encoded both image variations of both pictures, each with its drawn changes, and a's mask
+    # shrunk in both
+    from safetensors import safe_open
+
+    entries = {}
+    for kind in ("latents", "masks"):
+        for path in (tmp_path / "cache" / kind).glob("*/*.safetensors"):
+            with safe_open(str(path), "pt") as handle:
+                entries.setdefault(kind, []).append(json.loads(handle.metadata()["about"]))
+    assert len(entries["latents"]) == 4 and all(
+        abs(e["rotate"]) <= 15 and 0.7 <= e["brightness"] <= 1.3 and e["contrast"] == 1.2 and e["hue"] == 0.05
+        for e in entries["latents"])
+    assert len({e["rotate"] for e in entries["latents"]}) == 4
+    assert len(entries["masks"]) == 2 and all(0.2 <= e["shrink"][1] <= 1 for e in entries["masks"])
 
 
 def test_what_is_not_built_or_does_not_fit_the_method_is_refused_by_name_on_an_enabled_concept(tmp_path):
@@ -418,3 +452,215 @@ def test_validation_concept_and_another_type_together_are_refused():
     assert ConceptConfig.model_validate({"path": ".", "validation_concept": True}).role == "VALIDATION"
     with pytest.raises(ValidationError, match="older form of type VALIDATION, and type is PRIOR_PREDICTION"):
         ConceptConfig.model_validate({"path": ".", "type": "PRIOR_PREDICTION", "validation_concept": True})
+
+
+# ---------------------------------------------------------------------------------------------- rotation and colour
+
+
+def colour_clip(path: Path, frames: int = 10, size: int = 32) -> Path:
+    """A real, lossless MP4 whose frames all differ: a rainbow sliding right over a grey ramp, a white square
+    moving down, the whole getting brighter, so colour changes, rotations and frame-to-frame differences all show."""
+    import av
+
+    y, x = np.mgrid[0:size, 0:size]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0"}
+        for i in range(frames):
+            hue = ((x + 3 * i) % size) / size * 2 * np.pi
+            image = np.stack([127 + 100 * np.cos(hue + k * 2 * np.pi / 3) * y / size for k in range(3)], axis=-1)
+            image[2 + 2 * i : 8 + 2 * i, 20:26] = 245
+            image *= 0.8 + 0.04 * i  # brighter frame after frame: each frame's mean differs from the clip's
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    path.with_suffix(".txt").write_text("colours\n")
+    return path
+
+
+def _enhanced(enhancer):
+    """PIL's ImageEnhance on all of a clip's frames as one picture: contrast pivots on the whole clip's mean grey."""
+    from PIL import ImageEnhance
+
+    def change(frames: np.ndarray, factor: float) -> np.ndarray:
+        whole = Image.fromarray(np.concatenate(list(frames), axis=0))
+        return np.stack(np.split(np.asarray(getattr(ImageEnhance, enhancer)(whole).enhance(factor)), len(frames)))
+    return change
+
+
+def _hue_turned(frames: np.ndarray, turn: float) -> np.ndarray:
+    import colorsys
+
+    def pixel(rgb):
+        h, s, v = colorsys.rgb_to_hsv(*(rgb / 255.0))
+        return [round(c * 255) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)]
+    return np.array([[[pixel(rgb) for rgb in row] for row in frame] for frame in frames])
+
+
+def _rotated(frames: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame turned `degrees` counter-clockwise about its centre, bilinear (numpy, pixel centres at +0.5),
+    and where that is computed (the source point lies inside the frame)."""
+    _, height, width, _ = frames.shape
+    angle = np.radians(degrees)
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    dx, dy = x - width / 2, y - height / 2
+    sx = np.cos(angle) * dx - np.sin(angle) * dy + width / 2 - 0.5
+    sy = np.sin(angle) * dx + np.cos(angle) * dy + height / 2 - 0.5
+    inside = (sx >= 0) & (sx <= width - 1) & (sy >= 0) & (sy <= height - 1)
+    x0, y0 = np.clip(np.floor(sx).astype(int), 0, width - 2), np.clip(np.floor(sy).astype(int), 0, height - 2)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    f = frames.astype(np.float64)
+    out = (f[:, y0, x0] * (1 - fx) * (1 - fy) + f[:, y0, x0 + 1] * fx * (1 - fy)
+           + f[:, y0 + 1, x0] * (1 - fx) * fy + f[:, y0 + 1, x0 + 1] * fx * fy)
+    return out, inside
+
+
+# name: (strength key, strength, the value a random draw lies in, the fixed value, independent reference)
+CHANGES = {
+    "brightness": ("random_brightness_max_strength", 0.4, (0.6, 1.4), 1.4, _enhanced("Brightness")),
+    "contrast": ("random_contrast_max_strength", 0.5, (0.5, 1.5), 1.5, _enhanced("Contrast")),
+    "saturation": ("random_saturation_max_strength", 0.8, (0.2, 1.8), 1.8, _enhanced("Color")),
+    "hue": ("random_hue_max_strength", 0.6, (-0.3, 0.3), 0.3, _hue_turned),
+    "rotate": ("random_rotate_max_angle", 90.0, (-90.0, 90.0), 90.0, _rotated),
+}
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    return colour_clip(tmp_path_factory.mktemp("colour") / "clips" / "rainbow.mp4").parent
+
+
+def test_rotation_and_colour_change_every_frame_of_a_video_clip_as_drawn(tmp_path, tiny_models, colour_folder):
+    """Each change, random (three image variations) and fixed: the frames the VAE sees are the frames decoded
+    without it, changed by the drawn value as PIL / colorsys / a numpy rotation compute it (within a byte's
+    rounding), every frame of the 5-frame clip with the same value."""
+    from motiontune.config.concepts import ConceptImageConfig
+
+    config = config_for(tmp_path, tiny_models, [{"path": str(colour_folder)}], video_config={"max_frames": 5, "target_fps": 8.0})
+    _, survey, encoding = encoding_for(config, one_encoding=True)  # the frames handed to the VAE are what is checked
+    concept = survey.usable[0].item.concept
+
+    def seen(image: dict, variations: int = 1):
+        """The looks and the frames encoded for the clip with these settings (one model load for all of them)."""
+        concept.image, concept.image_variations = ConceptImageConfig(**image), variations
+        encoding.frames_seen.clear()
+        return [encoding.clips(survey, variant)[0].look for variant in range(variations)], list(encoding.frames_seen)
+
+    [plain_look], [plain] = seen({})
+    assert plain_look.pixel_changes is None and plain.shape == (5, 32, 32, 3)
+    assert all(np.abs(plain[i].astype(int) - plain[0]).mean() > 3 for i in range(1, 5))  # every frame differs
+    for name, (key, strength, (low, high), fixed, reference) in CHANGES.items():
+        looks, frames = seen({f"enable_random_{name}": True, key: strength}, variations=3)
+        [fixed_look], fixed_frames = seen({f"enable_fixed_{name}": True, key: strength})
+        values = [getattr(look, name) for look in looks]
+        assert len(set(values)) == 3 and all(low <= v <= high for v in values), (name, values)
+        assert getattr(fixed_look, name) == fixed, name
+        for value, changed in zip([*values, fixed], [*frames, *fixed_frames]):
+            if name == "rotate":
+                expected, inside = reference(plain, value)
+                assert inside.mean() > 0.45  # the corners it uncovers are black, no reference there
+                assert np.abs(changed.astype(float) - expected)[:, inside].max() <= 1.0, (name, value)
+            else:
+                assert np.abs(changed.astype(int) - reference(plain, value)).max() <= 1, (name, value)
+            assert not np.array_equal(changed, plain), (name, value)  # it did change the frames
+        assert np.abs(fixed_frames[0].astype(int) - plain).mean() > 5, name  # the fixed (strongest) change, a lot
+    # a quarter turn of the square clip is exact: counter-clockwise, as in OneTrainer (torchvision) and PIL
+    assert np.array_equal(fixed_frames[0], np.rot90(plain, axes=(1, 2)))
+
+
+def test_each_look_is_its_own_cache_entry_and_a_plain_look_keeps_its_key():
+    from motiontune.config.concepts import ConceptImageConfig
+    from motiontune.data.augment import ImageVariant, image_variant
+    from motiontune.data.cache import Cache
+
+    # the keys version 0.x wrote (computed before rotation and colour existed): existing caches stay valid
+    flipped, centred = ImageVariant(flip=True, crop=(2, 0)), ImageVariant()
+    assert Cache.latent_key("f", (0.0, 0.125), (16, 48), "vae", flipped.crop, flipped.flip, None, flipped.pixel_changes) \
+        == "d87d736278202d7edbc49189ad6b67a24d86ccc617a9d58fa35eb90bbdc4d8bf"
+    assert Cache.latent_key("f", (0.0, 0.125), (16, 48), "vae", None, False, None, centred.pixel_changes) \
+        == "b095208eb0144f89bc0cf12ff6a1c6cb31404af58dd5e71464a98e76bfda6fc9"
+    assert Cache.mask_key("m", (0.0, 0.125), (16, 48), (64, 32), (2, 0), True, (1, 2, 6), "area", flipped.mask_changes) \
+        == "25533f7049a2faed65d0fee8a28f1e7b251bd9c7f1509fa01e6221f927f92c44"
+
+    jitter = {"enable_crop_jitter": True, "enable_random_flip": True}
+    every = ConceptImageConfig(**jitter, **{f"enable_random_{n}": True for n in ("rotate", "brightness", "contrast", "saturation", "hue")},
+                               random_rotate_max_angle=10, random_brightness_max_strength=0.2, random_contrast_max_strength=0.2,
+                               random_saturation_max_strength=0.2, random_hue_max_strength=0.2)
+    before = [image_variant(ConceptImageConfig(**jitter), 64, 32, (16, 48), "clip", i) for i in range(8)]
+    looks = [image_variant(every, 64, 32, (16, 48), "clip", i) for i in range(8)]
+    # the new draws come after the old ones: switching them on keeps each variation's crop and flip
+    assert [(b.crop, b.flip) for b in before] == [(look.crop, look.flip) for look in looks]
+    keys = {Cache.latent_key("f", (0.0,), (16, 48), "vae", look.crop, look.flip, None, look.pixel_changes) for look in looks}
+    plain = {Cache.latent_key("f", (0.0,), (16, 48), "vae", b.crop, b.flip) for b in before}
+    assert len(keys) == 8 and not keys & plain
+    for name in ("rotate", "brightness", "contrast", "saturation", "hue"):  # each value alone makes another entry
+        one = ImageVariant(**{name: 0.5})
+        assert Cache.latent_key("f", (0.0,), (16, 48), "vae", None, False, None, one.pixel_changes) not in plain | keys
+    # the mask moves with a rotation and a shrink, never with colour
+    mask = lambda look: Cache.mask_key("m", (0.0,), (16, 48), (64, 32), None, False, (1, 2, 6), "area", look.mask_changes)
+    assert mask(ImageVariant(brightness=1.3, hue=0.2)) == mask(ImageVariant())
+    assert len({mask(ImageVariant()), mask(ImageVariant(rotate=5.0)), mask(ImageVariant(shrink=(1, 0.5)))}) == 3
+
+
+def test_random_capitals_follow_onetrainers_modes_probability_and_lowercase():
+    import random
+    import string
+
+    from pydantic import ValidationError
+
+    from motiontune.config.concepts import TextConfig
+    from motiontune.data.augment import caption_variants, vary_caption
+
+    caption = "ohwx man, Red coat, snowy NIGHT street, city"
+    tags = caption.split(", ")
+
+    def draws(n=300, **text):
+        config = TextConfig(**{"caps_randomize_enable": True, "caps_randomize_probability": 1.0, **text})
+        return [vary_caption(caption, config, random.Random(i)).split(", ") for i in range(n)]
+
+    assert all(d == [t.upper() for t in tags] for d in draws(caps_randomize_mode="capslock"))  # every tag, the kept one too
+    assert all(d == [string.capwords(t) for t in tags] for d in draws(caps_randomize_mode="title"))
+    assert all(d == [t.capitalize() for t in tags] for d in draws(caps_randomize_mode="first"))  # the rest lowercase
+    mixed = draws(caps_randomize_mode="random")
+    assert all([t.lower() for t in d] == [t.lower() for t in tags] for d in mixed)
+    letters = [c for d in mixed for t in d for c in t if c.isalpha()]
+    assert 0.4 < sum(c.isupper() for c in letters) / len(letters) < 0.6  # each letter upper or lower, even odds
+    # probability 0.5 with two modes: half the tags are touched, each mode half of those
+    half = draws(400, caps_randomize_probability=0.5, caps_randomize_mode="capslock, title")
+    upper = sum(d[3] == "CITY" for d in half) / 400  # "city": title → "City", capslock → "CITY", untouched "city"
+    title = sum(d[3] == "City" for d in half) / 400
+    assert 0.19 < upper < 0.31 and 0.19 < title < 0.31
+    # lowercase comes before the random capitals and works without them, after the dropout (whose special tags match
+    # as written), as in OneTrainer
+    assert caption_variants((caption,), TextConfig(caps_randomize_lowercase=True), 3, "s") == (caption.lower(),)
+    whitelisted = TextConfig(caps_randomize_lowercase=True, tag_dropout_enable=True, tag_dropout_probability=1.0,
+                             tag_dropout_special_tags_mode="WHITELIST", tag_dropout_special_tags="Red coat")
+    assert vary_caption(caption, whitelisted, random.Random(0)) == "ohwx man, red coat"
+    assert all(d == [t.upper() for t in tags] for d in draws(5, caps_randomize_mode="capslock", caps_randomize_lowercase=True))
+    # drawn per text variation, reproducibly from the seeds
+    text = TextConfig(caps_randomize_enable=True, caps_randomize_probability=0.5)
+    variants = caption_variants((caption,), text, 8, "seed")
+    assert len(set(variants)) > 4 and variants == caption_variants((caption,), text, 8, "seed")
+    assert variants != caption_variants((caption,), text, 8, "other seed")
+    with pytest.raises(ValidationError, match="unknown capitalisation mode.*'shout'.*capslock, title, first, random"):
+        TextConfig(caps_randomize_enable=True, caps_randomize_mode="capslock, shout")
+    TextConfig(caps_randomize_mode="capslock, shout")  # read only while the feature is off
+
+
+def test_a_strength_out_of_range_is_refused_by_key(tmp_path):
+    from motiontune.data.dataset import load_concepts
+
+    folder = tmp_path / "clips"
+    picture(folder / "a.png", 32, 32, "x")
+    concepts = [ot_concept(folder, image__enable_fixed_hue=True, image__random_hue_max_strength=1.5),
+                ot_concept(folder, image__enable_fixed_brightness=True, image__random_brightness_max_strength=-2.0),
+                ot_concept(folder, image__random_hue_max_strength=3.0)]  # off: any value, as OneTrainer
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    with pytest.raises(ConfigError) as error:
+        load_concepts(TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")}))
+    message = str(error.value)
+    assert "2 problem(s)" in message
+    assert "concept 0 ('" in message and "image.random_hue_max_strength = 1.5: Value error, the hue turns by at most half" in message
+    assert "image.random_brightness_max_strength = -2.0: Value error, the fixed brightness factor is 1 + this strength, -1" in message

@@ -256,3 +256,71 @@ def test_split_layout_masks_lie_beside_the_clips(tmp_path, capsys):
     [record] = json.loads(capsys.readouterr().out)["files"]
     assert record["usable"] and record["caption"] == "a clip"
     assert record["mask"] == {"path": str(tmp_path / "videos" / "a-masklabel.png"), "fits": True, "problem": None}
+
+
+def test_a_mask_turns_with_its_frames_and_shrinks_to_one_disc_for_the_whole_clip(tiny_models, tmp_path):
+    """The concept's rotation turns the mask as it turns the frames (its colour changes never touch the mask);
+    enable_random_circular_mask_shrink keeps one disc of the mask, the same for every frame of the clip."""
+    from test_concepts import _rotated, encoding_for
+
+    from motiontune.config import TrainConfig
+    from motiontune.config.concepts import ConceptImageConfig
+    from motiontune.data.augment import shrink_mask
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_timestamped_clip(data / "a.mp4", [Fraction(i, 16) for i in range(10)], size=(32, 32))
+    (data / "a.txt").write_text("a clip\n")
+    _left_half_mask(data / "a-masklabel.png")
+    config = base_config(tmp_path, tiny_models("wan-2.1"), data, masked_training=True, dataloader_threads=0,
+                         video_config={"max_frames": 9, "target_fps": 16.0})
+    _, survey, encoding = encoding_for(TrainConfig.model_validate(config), one_encoding=True)
+    concept = survey.usable[0].item.concept
+
+    def masks(variations: int = 1, **image) -> list:
+        concept.image, concept.image_variations = ConceptImageConfig(**image), variations
+        return [(clip.look, clip.mask) for clip in (encoding.clips(survey, v)[0] for v in range(variations))]
+
+    [(_, plain)] = masks()
+    torch.testing.assert_close(plain, torch.tensor([1.0, 1.0, 0.0, 0.0]).expand(3, 4, 4))  # left half
+    # a quarter turn counter-clockwise: the left half goes to the bottom, exactly; the colour leaves it alone
+    [(_, turned)] = masks(enable_fixed_rotate=True, random_rotate_max_angle=90.0, enable_fixed_brightness=True,
+                          random_brightness_max_strength=-0.5)
+    torch.testing.assert_close(turned, torch.tensor([0.0, 0.0, 1.0, 1.0])[:, None].expand(3, 4, 4))
+    # random angles: the mask's pixels turned by the drawn angle (numpy, bilinear), then pooled onto the grid
+    pixels = np.zeros((1, SIZE, SIZE, 1))  # (frames, height, width, channels)
+    pixels[:, :, : SIZE // 2] = 1.0  # white left of the middle
+    drawn = masks(3, enable_random_rotate=True, random_rotate_max_angle=40.0)
+    assert len({look.rotate for look, _ in drawn}) == 3
+    for look, mask in drawn:
+        expected, inside = _rotated(pixels, look.rotate)
+        expected = torch.from_numpy(np.where(inside, expected[0, ..., 0], 0.0)).float()
+        cells = torch.nn.functional.avg_pool2d(expected[None, None], 8)[0, 0]
+        # the middle cells exactly; the outer ones within a few of their 64 pixels (how the edge of the uncovered
+        # corners blends with black is PIL's own rule: no reference for it)
+        torch.testing.assert_close(mask[:, 1:3, 1:3], cells[1:3, 1:3].expand(3, 2, 2), atol=0.02, rtol=0)
+        torch.testing.assert_close(mask, cells.expand(3, 4, 4), atol=0.1, rtol=0)
+        assert (mask - plain).abs().max() > 0.1  # it did turn
+
+    # the shrink: one disc cut from the mask, the same in every frame (a moving mask video here), new per variation
+    _write_mask_video(data / "a-masklabel.mp4", fps=16, frames=10, size=(32, 32), white_until=0.2)
+    (data / "a-masklabel.png").unlink()
+    _, survey, encoding = encoding_for(TrainConfig.model_validate(config), one_encoding=True)
+    concept = survey.usable[0].item.concept
+    [(_, moving)] = masks()
+    assert moving[0, 0, 0] == 1.0 and 0 < moving[1, 0, 0] < 1 and moving[2, 0, 0] == 0  # white until 0.2 s
+    shrunk = masks(3, enable_random_circular_mask_shrink=True)
+    assert len({look.shrink for look, _ in shrunk}) == 3 and len({m.sum().item() for _, m in shrunk}) == 3
+    for look, mask in shrunk:
+        assert 0.2 <= look.shrink[1] <= 1.0 and look.pixel_changes is None  # the frames are untouched
+        assert (mask <= moving + 1e-6).all() and mask.sum() > 0
+        # the share of each cell the disc keeps is the same in the first two latent frames (both white, 1 and 0.75)
+        torch.testing.assert_close(mask[1], mask[0] * moving[1, 0, 0], atol=1e-5, rtol=0)
+    # OneTrainer's radius: `share` × the distance from the centre to the farthest masked pixel, so 1 keeps it all
+    clip = np.zeros((3, 32, 32), np.float32)
+    for frame in range(3):
+        clip[frame, 4 + 6 * frame : 14 + 6 * frame, 4:28] = 1.0  # a band moving down
+    assert np.array_equal(shrink_mask(clip, 7, 1.0), clip)
+    small = shrink_mask(clip, 7, 0.3)
+    kept = small.max(axis=0) > 0
+    assert 0 < small.sum() < 0.5 * clip.sum() and np.array_equal(small, clip * kept)  # one disc for every frame

@@ -37,27 +37,68 @@ class ConceptImageConfig(_Section):
     enable_random_flip: bool = Field(
         False, description="mirror each clip left-right with probability 0.5 (drawn per image variation)")
     enable_fixed_flip: bool = Field(False, description="mirror every clip of the concept left-right")
-    enable_random_rotate: bool = Field(False, description="not built: rotation")
-    enable_fixed_rotate: bool = Field(False, description="not built: rotation")
-    random_rotate_max_angle: float = Field(0.0, description="rotation strength; read only while rotation is off")
-    enable_random_brightness: bool = Field(False, description="not built: brightness changes")
-    enable_fixed_brightness: bool = Field(False, description="not built: brightness changes")
-    random_brightness_max_strength: float = Field(0.0, description="read only while brightness changes are off")
-    enable_random_contrast: bool = Field(False, description="not built: contrast changes")
-    enable_fixed_contrast: bool = Field(False, description="not built: contrast changes")
-    random_contrast_max_strength: float = Field(0.0, description="read only while contrast changes are off")
-    enable_random_saturation: bool = Field(False, description="not built: saturation changes")
-    enable_fixed_saturation: bool = Field(False, description="not built: saturation changes")
-    random_saturation_max_strength: float = Field(0.0, description="read only while saturation changes are off")
-    enable_random_hue: bool = Field(False, description="not built: hue changes")
-    enable_fixed_hue: bool = Field(False, description="not built: hue changes")
-    random_hue_max_strength: float = Field(0.0, description="read only while hue changes are off")
+    enable_random_rotate: bool = Field(
+        False, description="rotate each clip by an angle drawn uniformly in ±random_rotate_max_angle (drawn per image "
+        "variation; the uncovered corners are black, and out of the mask in masked training)")
+    enable_fixed_rotate: bool = Field(False, description="rotate every clip by random_rotate_max_angle (random wins when both are on)")
+    random_rotate_max_angle: float = Field(0.0, description="degrees, counter-clockwise")
+    enable_random_brightness: bool = Field(
+        False, description="multiply the brightness by a factor drawn uniformly in 1 ± random_brightness_max_strength (drawn per "
+        "image variation)")
+    enable_fixed_brightness: bool = Field(False, description="multiply the brightness of every clip by 1 + random_brightness_max_strength")
+    random_brightness_max_strength: float = Field(0.0, description="0.2: factors 0.8 to 1.2 (random), 1.2 (fixed); at least -1")
+    enable_random_contrast: bool = Field(
+        False, description="multiply the contrast by a factor drawn uniformly in 1 ± random_contrast_max_strength (drawn per "
+        "image variation)")
+    enable_fixed_contrast: bool = Field(False, description="multiply the contrast of every clip by 1 + random_contrast_max_strength")
+    random_contrast_max_strength: float = Field(0.0, description="0.2: factors 0.8 to 1.2 (random), 1.2 (fixed); at least -1")
+    enable_random_saturation: bool = Field(
+        False, description="multiply the saturation by a factor drawn uniformly in 1 ± random_saturation_max_strength (drawn per "
+        "image variation)")
+    enable_fixed_saturation: bool = Field(False, description="multiply the saturation of every clip by 1 + random_saturation_max_strength")
+    random_saturation_max_strength: float = Field(0.0, description="0.2: factors 0.8 to 1.2 (random), 1.2 (fixed); at least -1")
+    enable_random_hue: bool = Field(
+        False, description="turn the hue by a share of the colour wheel drawn uniformly in ±random_hue_max_strength / 2 "
+        "(drawn per image variation)")
+    enable_fixed_hue: bool = Field(False, description="turn the hue of every clip by random_hue_max_strength / 2 of the colour wheel")
+    random_hue_max_strength: float = Field(0.0, description="1: up to half a turn either way; between -1 and 1")
     enable_resolution_override: bool = Field(
         False, description="train this concept's clips at resolution_override instead of the config's resolution")
     resolution_override: str = Field(
         "512", description="'512' or '832x480' (width x height), as `resolution`; used when enable_resolution_override is true")
-    enable_random_circular_mask_shrink: bool = Field(False, description="not built: masked training")
+    enable_random_circular_mask_shrink: bool = Field(
+        False, description="masked training: keep only a disc of each clip's mask (centre drawn inside the mask, radius "
+        "0.2 to 1 times its farthest masked pixel's distance); drawn per image variation")
     enable_random_mask_rotate_crop: bool = Field(False, description="not built: masked training")
+
+    @field_validator("random_brightness_max_strength", "random_contrast_max_strength", "random_saturation_max_strength")
+    @classmethod
+    def _factor_not_negative(cls, value: float, info):
+        name = info.field_name.removeprefix("random_").removesuffix("_max_strength")
+        if info.data.get(f"enable_fixed_{name}") and value < -1:
+            raise ValueError(f"the fixed {name} factor is 1 + this strength, {1 + value:g}, and must not be negative; "
+                             "use -1 or more")
+        return value
+
+    @field_validator("random_hue_max_strength")
+    @classmethod
+    def _hue_in_range(cls, value: float, info):
+        if (info.data.get("enable_random_hue") or info.data.get("enable_fixed_hue")) and abs(value) > 1:
+            raise ValueError("the hue turns by at most half the colour wheel, strength 1; use a value between -1 and 1")
+        return value
+
+    @property
+    def random(self) -> bool:
+        """Whether a clip's look is drawn at random, so image variations differ."""
+        return any(getattr(self, f"enable_{name}") for name in (
+            "crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast", "random_saturation",
+            "random_hue", "random_circular_mask_shrink"))
+
+    @property
+    def changes(self) -> bool:
+        """Whether any look is switched on, random or fixed (otherwise every clip is centred and untouched)."""
+        return self.random or any(getattr(self, f"enable_fixed_{name}") for name in (
+            "flip", "rotate", "brightness", "contrast", "saturation", "hue"))
 
     @field_validator("resolution_override")
     @classmethod
@@ -90,15 +131,42 @@ class TextConfig(_Section):
         "", description="the special tags, separated by tag_delimiter, or a .txt (one per line) or .csv (first column) file")
     tag_dropout_special_tags_regex: bool = Field(
         False, description="special tags with regular-expression characters match tags as regular expressions")
-    caps_randomize_enable: bool = Field(False, description="not built: random capitalisation")
-    caps_randomize_mode: str = Field("capslock, title, first, random", description="read only while caps_randomize_enable is false")
-    caps_randomize_probability: float = Field(0.0, description="read only while caps_randomize_enable is false")
-    caps_randomize_lowercase: bool = Field(False, description="read only while caps_randomize_enable is false")
+    caps_randomize_enable: bool = Field(
+        False, description="change the capitals of tags at random: each tag, with caps_randomize_probability, gets one "
+        "of caps_randomize_mode (drawn per text variation)")
+    caps_randomize_mode: str = Field(
+        "capslock, title, first, random", description="the modes to pick from, comma-separated: capslock (ALL CAPS), "
+        "title (Every Word), first (First word only), random (rAnDoM letters)")
+    caps_randomize_probability: float = Field(0.0, ge=0, le=1, description="each tag's chance of a new capitalisation")
+    caps_randomize_lowercase: bool = Field(
+        False, description="lowercase the caption after tag dropout, before the random capitals (as OneTrainer, also while "
+        "caps_randomize_enable is false)")
+
+    @field_validator("caps_randomize_mode")
+    @classmethod
+    def _known_modes(cls, value: str, info):
+        unknown = [m for m in _modes(value) if m not in CAPS_MODES]
+        if info.data.get("caps_randomize_enable") and (unknown or not _modes(value)):
+            raise ValueError(f"unknown capitalisation mode(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                             f"list some of {', '.join(CAPS_MODES)}, separated by commas")
+        return value
+
+    @property
+    def caps_modes(self) -> list[str]:
+        return _modes(self.caps_randomize_mode)
 
     @property
     def varies(self) -> bool:
-        """Whether captions change at random (shuffling or dropout), so variants are drawn and encoded."""
-        return self.enable_tag_shuffling or (self.tag_dropout_enable and self.tag_dropout_probability > 0)
+        """Whether captions change at random (shuffling, dropout, capitals), so variants are drawn and encoded."""
+        return (self.enable_tag_shuffling or (self.tag_dropout_enable and self.tag_dropout_probability > 0)
+                or (self.caps_randomize_enable and self.caps_randomize_probability > 0))
+
+
+CAPS_MODES = ("capslock", "title", "first", "random")
+
+
+def _modes(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 class ConceptConfig(_Section):
@@ -113,10 +181,10 @@ class ConceptConfig(_Section):
         "PRIOR_PREDICTION (LoRA): the target is the model's own prediction with the adapters off, to keep what it knew")
     include_subdirectories: bool = Field(False, description="also read files in subfolders of path")
     image_variations: int = Field(
-        1, ge=1, le=1000, description="with crop jitter or random flip: that many draws of each clip are encoded and cached; "
+        1, ge=1, le=1000, description="with a random image change (crop jitter, flip, rotation, colour, mask shrink): that many draws of each clip are encoded and cached; "
         "epoch N trains draw N modulo this count")
     text_variations: int = Field(
-        1, ge=1, le=1000, description="with tag shuffling or dropout: that many draws of each caption line are encoded "
+        1, ge=1, le=1000, description="with tag shuffling, dropout or random capitals: that many draws of each caption line are encoded "
         "and cached; each step picks one")
     balancing: float | None = Field(
         None, gt=0, description="REPEATS: each clip trains this many times per epoch (1.5: all once, half of them "
@@ -173,26 +241,15 @@ class ConceptConfig(_Section):
 
     @property
     def varies_image(self) -> bool:
-        """Whether each clip's look is drawn at random (crop jitter, random flip), so variants are encoded."""
-        return self.image.enable_crop_jitter or self.image.enable_random_flip
+        """Whether each clip's look is drawn at random (crop jitter, random flip, rotation, colour, mask shrink), so
+        variants are encoded."""
+        return self.image.random
 
 
 # OneTrainer features not built here, refused on an enabled concept when switched on:
 # (block, key, what OneTrainer does with it)
 NOT_BUILT: list[tuple[str, str, str]] = [
-    ("image", "enable_random_rotate", "rotates each picture by a random angle"),
-    ("image", "enable_fixed_rotate", "rotates each picture by random_rotate_max_angle"),
-    ("image", "enable_random_brightness", "changes the brightness at random"),
-    ("image", "enable_fixed_brightness", "changes the brightness by random_brightness_max_strength"),
-    ("image", "enable_random_contrast", "changes the contrast at random"),
-    ("image", "enable_fixed_contrast", "changes the contrast by random_contrast_max_strength"),
-    ("image", "enable_random_saturation", "changes the saturation at random"),
-    ("image", "enable_fixed_saturation", "changes the saturation by random_saturation_max_strength"),
-    ("image", "enable_random_hue", "shifts the hue at random"),
-    ("image", "enable_fixed_hue", "shifts the hue by random_hue_max_strength"),
-    ("image", "enable_random_circular_mask_shrink", "shrinks the training mask (masked training)"),
     ("image", "enable_random_mask_rotate_crop", "rotates and crops around the training mask (masked training)"),
-    ("text", "caps_randomize_enable", "changes the capitalisation of tags at random"),
 ]
 
 

@@ -5,9 +5,10 @@ variant by exactly what it holds.
   by up to half its own length, within the file) and a local shuffle (probability 0.25: two neighbouring
   frames, never the first, swap places). Both are a changed list of instants, so decoding needs nothing special.
 - a concept's `image` block (per clip and image variation): crop jitter (the crop window anywhere inside the
-  picture scaled to cover the bucket, not centred) and a left-right flip. One draw applies to every frame.
-- a concept's `text` block (per caption line and text variation): tag dropout, then tag shuffling, as
-  OneTrainer does them; the first `keep_tags_count` tags are never touched.
+  picture scaled to cover the bucket, not centred), a left-right flip, a rotation, brightness, contrast,
+  saturation and hue changes, and (masked training) a circular shrink of the mask. One draw applies to every frame.
+- a concept's `text` block (per caption line and text variation): tag dropout, random capitals, then tag
+  shuffling, as OneTrainer does them; the first `keep_tags_count` tags are never dropped or moved.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import random
 import re
+import string
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,17 +50,46 @@ def augment_clip(clip: tuple[float, ...], duration: float, fps: float, seed: int
     return clip
 
 
-# --- image: crop jitter and flip ---------------------------------------------------------------
+# --- image: crop jitter, flip, rotation, colour ------------------------------------------------
 
 @dataclass(frozen=True)
 class ImageVariant:
+    """One clip's look, applied alike to every frame: a change that differed from frame to frame would teach
+    flicker. Order as in OneTrainer: crop, flip, rotation, then brightness, contrast, saturation, hue."""
+
     flip: bool = False
     crop: tuple[int, int] | None = None  # (top, left) in the picture scaled to cover the bucket; None: centred
+    rotate: float = 0.0  # degrees, counter-clockwise about the centre; the corners it uncovers are black
+    brightness: float = 1.0  # factors as torchvision's adjust_*: 1 leaves the frames alone
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0  # a turn of the colour wheel, in [-0.5, 0.5]
+    shrink: tuple[int, float] | None = None  # circular mask shrink (masked training): (centre seed, radius share)
 
     @property
     def cover(self) -> bool:
         """Whether the frames must be decoded at the cover size (to crop them here) rather than at the bucket."""
         return self.crop is not None
+
+    @property
+    def pixel_changes(self) -> dict | None:
+        """What changes the pixels besides crop and flip, for the latent cache key (None: nothing, so the
+        keys of looks without these stay those of earlier versions)."""
+        changes = {name: getattr(self, name) for name, neutral in _NEUTRAL.items() if getattr(self, name) != neutral}
+        return changes or None
+
+    @property
+    def mask_changes(self) -> dict | None:
+        """What changes the mask besides crop and flip, for the mask cache key (None: nothing)."""
+        changes = {"rotate": self.rotate} if self.rotate else {}
+        if self.shrink is not None:
+            changes["shrink"] = list(self.shrink)
+        return changes or None
+
+
+_NEUTRAL = {"rotate": 0.0, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+SHRINK_RADIUS = (0.2, 1.0)  # OneTrainer's shrink_factor_min / max for RandomCircularMaskShrink
 
 
 def cover_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -69,7 +100,8 @@ def cover_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int
 
 
 def image_variant(image: ConceptImageConfig, width: int, height: int, size: tuple[int, int], seed: str, index: int) -> ImageVariant:
-    """Draw `index` of a clip's look: `seed` names the clip (seeds, file, window), `index` the image variation."""
+    """Draw `index` of a clip's look: `seed` names the clip (seeds, file, window), `index` the image variation.
+    The draws come in a fixed order, each only when its key is on, so adding a change keeps the others' draws."""
     rng = random.Random(f"image:{seed}:{index}")
     flip = image.enable_fixed_flip or (image.enable_random_flip and rng.random() < FLIP_PROBABILITY)
     crop = None
@@ -77,39 +109,148 @@ def image_variant(image: ConceptImageConfig, width: int, height: int, size: tupl
         cover_h, cover_w = cover_size(width, height, size)
         if (cover_h, cover_w) != tuple(size):
             crop = (rng.randint(0, cover_h - size[0]), rng.randint(0, cover_w - size[1]))
-    return ImageVariant(flip, crop)
+
+    def draw(name: str, low: float, high: float, fixed: float, neutral: float) -> float:
+        """OneTrainer's rule: random (uniform in [low, high]) wins over fixed; neither: neutral."""
+        if getattr(image, f"enable_random_{name}"):
+            return round(rng.uniform(low, high), 6)
+        return round(fixed, 6) if getattr(image, f"enable_fixed_{name}") else neutral
+
+    angle = image.random_rotate_max_angle
+    rotate = draw("rotate", -angle, angle, angle, 0.0)
+    factors = {}
+    for name in ("brightness", "contrast", "saturation"):
+        strength = getattr(image, f"random_{name}_max_strength")
+        factors[name] = max(0.0, draw(name, 1 - strength, 1 + strength, 1 + strength, 1.0))
+    strength = image.random_hue_max_strength
+    hue = min(0.5, max(-0.5, draw("hue", -strength / 2, strength / 2, strength / 2, 0.0)))
+    shrink = None
+    if image.enable_random_circular_mask_shrink:
+        shrink = (rng.randint(0, 1 << 30), round(rng.uniform(*SHRINK_RADIUS), 6))
+    return ImageVariant(flip, crop, rotate, hue=hue, shrink=shrink, **factors)
 
 
-def apply_image_variant(frames: np.ndarray, variant: ImageVariant, size: tuple[int, int]) -> np.ndarray:
-    """(F, H, W, 3) frames, decoded at the cover size when the variant crops, → the variant at `size`."""
+def apply_image_variant(frames: np.ndarray, variant: ImageVariant, size: tuple[int, int], colour: bool = True) -> np.ndarray:
+    """(F, H, W, 3) frames, decoded at the cover size when the variant crops, → the variant at `size`.
+    `colour` False (a mask): the geometry alone."""
     spare = (frames.shape[1] - size[0], frames.shape[2] - size[1])
     top, left = (spare[0] // 2, spare[1] // 2) if variant.crop is None else (min(variant.crop[0], spare[0]), min(variant.crop[1], spare[1]))
     frames = frames[:, top : top + size[0], left : left + size[1]]
     if variant.flip:
         frames = frames[:, :, ::-1]
-    return np.ascontiguousarray(frames)
+    frames = np.ascontiguousarray(frames)
+    if variant.rotate:
+        from PIL import Image  # (imported here: reading the module must stay light, see util/lazy)
+
+        frames = np.stack([np.asarray(Image.fromarray(f).rotate(variant.rotate, resample=Image.BILINEAR)) for f in frames])
+    if colour and (variant.brightness, variant.contrast, variant.saturation, variant.hue) != (1.0, 1.0, 1.0, 0.0):
+        frames = _recolour(frames, variant)
+    return frames
+
+
+def _recolour(frames: np.ndarray, variant: ImageVariant) -> np.ndarray:
+    """Brightness, contrast, saturation, hue as torchvision's adjust_* compute them on [0, 1] pixels (each a blend,
+    clamped), rounded to bytes once at the end. Contrast pivots on the mean grey of the whole clip, not of each
+    frame, so every frame gets the same mapping."""
+    pixels = frames.astype(np.float32) / 255.0
+    if variant.brightness != 1.0:
+        pixels = np.clip(pixels * variant.brightness, 0.0, 1.0)
+    if variant.contrast != 1.0:
+        mean = float(_grey(pixels).mean())
+        pixels = np.clip(variant.contrast * pixels + (1 - variant.contrast) * mean, 0.0, 1.0)
+    if variant.saturation != 1.0:
+        pixels = np.clip(variant.saturation * pixels + (1 - variant.saturation) * _grey(pixels)[..., None], 0.0, 1.0)
+    if variant.hue:
+        pixels = _turn_hue(pixels, variant.hue)
+    return np.rint(pixels * 255.0).astype(np.uint8)
+
+
+def _grey(pixels: np.ndarray) -> np.ndarray:
+    return pixels[..., 0] * GREY[0] + pixels[..., 1] * GREY[1] + pixels[..., 2] * GREY[2]
+
+
+def _turn_hue(pixels: np.ndarray, turn: float) -> np.ndarray:
+    """RGB → HSV, the hue turned by `turn` (a full turn is 1), → RGB."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    value = pixels.max(axis=-1)
+    chroma = value - pixels.min(axis=-1)
+    safe = np.where(chroma > 0, chroma, 1.0)
+    hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = (hue / 6.0 + turn) % 1.0
+    saturation = chroma / np.where(value > 0, value, 1.0)
+    sector = np.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    p = value * (1 - saturation)
+    q = value * (1 - saturation * fraction)
+    t = value * (1 - saturation * (1 - fraction))
+    sector = sector.astype(np.int64) % 6
+    choices = [np.stack(c, axis=-1) for c in ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))]
+    out = np.zeros_like(pixels)
+    for index, choice in enumerate(choices):
+        out = np.where((sector == index)[..., None], choice, out)
+    return out
+
+
+def shrink_mask(mask: np.ndarray, seed: int, share: float) -> np.ndarray:
+    """OneTrainer's random circular mask shrink on a clip's (F, H, W) mask: a centre drawn among the masked pixels,
+    a radius of `share` × the farthest masked pixel's distance from it, and the mask outside that disc cleared.
+    One disc for the whole clip, from the mask over all its frames."""
+    union = mask.max(axis=0)
+    noise = np.random.default_rng(seed).random(union.shape, dtype=np.float32)
+    centre = np.unravel_index(int(np.argmax(noise * union)), union.shape)
+    rows, cols = np.mgrid[0 : union.shape[0], 0 : union.shape[1]]
+    distance = np.hypot(rows - centre[0], cols - centre[1]).astype(np.float32)
+    radius = share * float((union * distance).max())
+    return mask * (distance <= radius)
 
 
 # --- text: tag dropout and shuffling -------------------------------------------------------------
 
 def caption_variants(captions: tuple[str, ...], text: TextConfig, count: int, seed: str) -> tuple[str, ...]:
-    """`count` draws of each caption line (all lines when the captions do not vary)."""
+    """`count` draws of each caption line (all lines when the captions do not vary; lowercased with
+    caps_randomize_lowercase)."""
     if not text.varies:
-        return captions
+        return tuple(line.lower() for line in captions) if text.caps_randomize_lowercase else captions
     return tuple(vary_caption(line, text, random.Random(f"caption:{seed}:{i}:{v}"))
                  for i, line in enumerate(captions) for v in range(count))
 
 
 def vary_caption(caption: str, text: TextConfig, rng: random.Random) -> str:
-    """Split into tags at the delimiter, drop tags (tag_dropout_*), shuffle (enable_tag_shuffling), join
-    with the delimiter and a space. The first keep_tags_count tags stay where they are."""
+    """Split into tags at the delimiter, drop tags (tag_dropout_*), change their capitals (caps_randomize_*),
+    shuffle (enable_tag_shuffling), join with the delimiter and a space: OneTrainer's order. The first
+    keep_tags_count tags stay where they are (capitals change on every tag, as in OneTrainer)."""
+    if text.caps_randomize_lowercase:  # OneTrainer lowercases first, whether caps_randomize is on or not
+        caption = caption.lower()
     tags = [t.strip() for t in caption.split(text.tag_delimiter) if t.strip()]
     kept, rest = tags[: text.keep_tags_count], tags[text.keep_tags_count :]
     if text.tag_dropout_enable and text.tag_dropout_probability > 0:
         rest = _drop_tags(rest, text, rng)
+    if text.caps_randomize_enable and text.caps_randomize_probability > 0:
+        kept, rest = _recapitalise(kept, text, rng), _recapitalise(rest, text, rng)
     if text.enable_tag_shuffling:
         rng.shuffle(rest)
     return (text.tag_delimiter + " ").join(kept + rest)
+
+
+def _recapitalise(tags: list[str], text: TextConfig, rng: random.Random) -> list[str]:
+    """OneTrainer's CapitalizeTags: each tag, with caps_randomize_probability, gets one of the modes, picked
+    uniformly: capslock (ALL CAPS), title (Every Word), first (First word only, the rest lower), random (each
+    letter upper or lower, even odds)."""
+    modes = text.caps_modes
+    changed = []
+    for tag in tags:
+        if rng.random() < text.caps_randomize_probability:
+            mode = rng.choice(modes)
+            if mode == "capslock":
+                tag = tag.upper()
+            elif mode == "title":
+                tag = string.capwords(tag)
+            elif mode == "first":
+                tag = tag.capitalize()
+            else:
+                tag = "".join(rng.choice(pair) for pair in zip(tag.upper(), tag.lower()))
+        changed.append(tag)
+    return changed
 
 
 def _drop_tags(tags: list[str], text: TextConfig, rng: random.Random) -> list[str]:

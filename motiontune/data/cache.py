@@ -141,9 +141,10 @@ class Cache:
 
     @staticmethod
     def latent_key(fingerprint: str, timestamps, size, encoder: str, crop: tuple[int, int] | None = None,
-                   flip: bool = False, audio: dict | None = None) -> str:
+                   flip: bool = False, audio: dict | None = None, look: dict | None = None) -> str:
         """`crop`: (top, left) of a jittered crop in the picture scaled to cover `size` (None: centred). `audio`: how
-        the clip's sound is read (rate, channels, window) for a family that generates sound."""
+        the clip's sound is read (rate, channels, window) for a family that generates sound. `look`: the clip's
+        other image changes (rotation, colour: ImageVariant.pixel_changes)."""
         material = {
             "v": FORMAT_VERSION, "kind": "latent", "file": fingerprint,
             "instants": [round(t, 6) for t in timestamps], "size": list(size),
@@ -151,19 +152,25 @@ class Cache:
         }
         if audio is not None:  # absent otherwise: the other families' entries keep their names
             material["audio"] = audio
+        if look:  # absent without rotation or colour changes: those clips keep their entries
+            material["look"] = look
         return digest(material)
 
     @staticmethod
     def mask_key(fingerprint: str, timestamps, size, clip_size: tuple[int, int], crop: tuple[int, int] | None,
-                 flip: bool, grid: tuple[int, ...], pooling: str) -> str:
+                 flip: bool, grid: tuple[int, ...], pooling: str, look: dict | None = None) -> str:
         """A clip's mask: the mask file's content, the clip's instants, size, crop and flip, the clip's own
         (width, height) (the mask is scaled as its frames are), and the latent grid it is pooled to. Not the VAE:
-        editing a mask makes the mask again, never the latents."""
-        return digest({
+        editing a mask makes the mask again, never the latents. `look`: the mask's rotation and circular shrink
+        (ImageVariant.mask_changes), absent when there are none."""
+        material = {
             "v": FORMAT_VERSION, "kind": "mask", "mask": fingerprint,
             "instants": [round(t, 6) for t in timestamps], "size": list(size), "clip": list(clip_size),
             "crop": "center" if crop is None else list(crop), "flip": bool(flip), "grid": list(grid), "pooling": pooling,
-        })
+        }
+        if look:
+            material["look"] = look
+        return digest(material)
 
     @staticmethod
     def text_key(text: str, encoder: str) -> str:

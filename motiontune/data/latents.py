@@ -40,7 +40,7 @@ class EncodedClip:
     repeats: float  # times per epoch on average, from the concept's balancing
     timestamps: tuple[float, ...]
     loss_weight: float = 1.0  # the concept's loss_weight
-    look: ImageVariant = ImageVariant()  # the crop jitter and flip the frames had before encoding
+    look: ImageVariant = ImageVariant()  # the image changes the frames had before encoding (crop, flip, colour...)
     role: str = "STANDARD"  # the concept's type: STANDARD, PRIOR_PREDICTION, or VALIDATION (never trained on)
     concept: str = ""  # the concept's name (its path when it has none)
     mask_stored: Entry | torch.Tensor | None = None  # masked training: the clip's mask on its latent grid
@@ -154,9 +154,9 @@ class Encoding:
         return variant % windows if windows else variant
 
     def _look(self, entry: FileEntry, clip: tuple[float, ...], variant: int) -> ImageVariant:
-        """The crop jitter and flip of one clip in this variant (image_variations draws per clip, in turns)."""
+        """The image changes of one clip in this variant (image_variations draws per clip, in turns)."""
         concept = entry.item.concept
-        if not (concept.varies_image or concept.image.enable_fixed_flip):
+        if not concept.image.changes:
             return ImageVariant()
         index = variant % concept.image_variations if concept.varies_image else 0
         seed = f"{self.config.seed}:{concept.seed}:{entry.item.name_in_concept}:{clip[0]:.6f}"
@@ -184,7 +184,8 @@ class Encoding:
         keys = []
         for entry, plan, file_looks in zip(entries, plans, looks):
             fingerprint = self.cache.file_fingerprint(entry.item.path)
-            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity, look.crop, look.flip, self._audio_key)
+            keys.append([Cache.latent_key(fingerprint, clip, entry.size, self.vae_identity, look.crop, look.flip, self._audio_key,
+                                         look.pixel_changes)
                          for clip, look in zip(plan, file_looks)])
         if self.ranks.main:
             self.cache.save_fingerprints()
@@ -246,7 +247,8 @@ class Encoding:
                         extras["audio"] = torch.zeros(0) if sound is None else self.family.encode_audio(sound, len(clip), self._sound[2])
                     extras = extras or None
                     self.calls["video"] += 1
-                    about = {"file": str(entry.item.path), "instants": clip, "crop": look.crop, "flip": look.flip}
+                    about = {"file": str(entry.item.path), "instants": clip, "crop": look.crop, "flip": look.flip,
+                             **(look.pixel_changes or {})}
                     # with a cache, only the reference is kept: memory stays flat however many clips there are
                     values[key] = self.cache.put("latents", key, latents, about, extras) or (
                         {"value": latents, **extras} if extras else latents)
@@ -263,7 +265,8 @@ class Encoding:
             if entry.mask is None:
                 continue
             key = Cache.mask_key(self.cache.file_fingerprint(entry.mask.path), clip, entry.size,
-                                 (entry.info.width, entry.info.height), look.crop, look.flip, _grid(value), POOLING)
+                                 (entry.info.width, entry.info.height), look.crop, look.flip, _grid(value), POOLING,
+                                 look.mask_changes)
             self.used["masks"].add(key)
             masks[index] = self.cache.get("masks", key) or key
             if isinstance(masks[index], str):
@@ -285,7 +288,7 @@ class Encoding:
             for index, mask in zip(indices, result):
                 entry, clip, look, _ = found[index]
                 about = {"file": str(entry.item.path), "mask": str(entry.mask.path), "instants": clip, "crop": look.crop,
-                         "flip": look.flip}
+                         "flip": look.flip, **(look.mask_changes or {})}
                 masks[index] = (self.cache.put("masks", masks[index], mask, about) if self.ranks.main else None) or mask
                 made += 1
         self.calls["mask"] += made
@@ -305,8 +308,9 @@ class Encoding:
         for key, concept in concepts.items():
             name, image = concept.label, concept.image
             if concept.varies_image:
-                what = " and ".join(w for w, on in (("crop jitter", image.enable_crop_jitter),
-                                                     ("random flip", image.enable_random_flip)) if on)
+                what = ", ".join(w.replace("_", " ") for w in (
+                    "crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast", "random_saturation",
+                    "random_hue", "random_circular_mask_shrink") if getattr(image, f"enable_{w}"))
                 if concept.image_variations == 1:
                     log.info("concept %s: %s drawn once per clip and kept for every epoch (image_variations 1); each "
                              "more image variation costs one more VAE encoding of every clip", name, what)
@@ -317,7 +321,7 @@ class Encoding:
             if concept.text.varies:
                 files = [e.item for e in entries if id(e.item.concept) == key]
                 texts = {text for item in files for text in self._captions(item)}
-                log.info("concept %s: tag shuffling/dropout: %d draw(s) of each caption line (text_variations), %d "
+                log.info("concept %s: tag shuffling/dropout/capitals: %d draw(s) of each caption line (text_variations), %d "
                          "distinct captions to encode", name, concept.text_variations, len(texts))
             if concept.balancing_strategy == "SAMPLES":
                 log.info("concept %s: balancing SAMPLES %d: that many of its %d clips train per epoch, in turns", name,

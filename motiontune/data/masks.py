@@ -6,7 +6,8 @@ A clip's mask lies beside it, named `<clip stem>-masklabel.<ext>` (OneTrainer na
 learnt, black (0) is not; greys weigh in between. Such files are masks, never training data.
 
 The mask goes through the clip's geometry (rotation for display, scaling to cover the bucket, the crop, the
-flip), then each latent cell gets the share of its pixels that are inside the mask (area pooling over the
+flip, the concept's rotation; never its colour changes), with `enable_random_circular_mask_shrink` one disc of
+it is kept, then each latent cell gets the share of its pixels that are inside the mask (area pooling over the
 cell's pixels and, past the first latent frame, over the frames the VAE folds into it). A soft edge weighs a
 cell by how much of it is the subject: max pooling would give a one-pixel outline the weight of whole cells.
 """
@@ -14,7 +15,7 @@ cell by how much of it is the subject: max pooling would give a one-pixel outlin
 from __future__ import annotations
 
 from ..util.lazy import np, torch
-from .augment import ImageVariant, apply_image_variant, cover_size
+from .augment import ImageVariant, apply_image_variant, cover_size, shrink_mask
 from .video import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, MediaInfo, decode_clips
 
 MASK_SUFFIX = "-masklabel"
@@ -62,8 +63,11 @@ def clip_masks(clip: MediaInfo, mask: MediaInfo, plan: list[tuple[float, ...]], 
     decoded = decode_clips(mask, plan, cover)  # a picture: one frame per clip; a video: the clip's instants
     masks = []
     for frames, instants, look, grid in zip(decoded, plan, looks, grids):
-        frames = apply_image_variant(frames, look, size)
-        grey = torch.from_numpy(frames.astype(np.float32).mean(axis=-1) / 255.0)
+        frames = apply_image_variant(frames, look, size, colour=False)
+        grey = frames.astype(np.float32).mean(axis=-1) / 255.0
+        if look.shrink is not None:
+            grey = shrink_mask(grey, *look.shrink)
+        grey = torch.from_numpy(np.ascontiguousarray(grey))
         if len(grey) != len(instants):
             grey = grey[:1].expand(len(instants), -1, -1)
         masks.append(pool_to_grid(grey, grid))
