@@ -219,12 +219,12 @@ def vary_caption(caption: str, text: TextConfig, rng: random.Random) -> str:
     """Split into tags at the delimiter, drop tags (tag_dropout_*), change their capitals (caps_randomize_*),
     shuffle (enable_tag_shuffling), join with the delimiter and a space: OneTrainer's order. The first
     keep_tags_count tags stay where they are (capitals change on every tag, as in OneTrainer)."""
-    if text.caps_randomize_lowercase:  # OneTrainer lowercases first, whether caps_randomize is on or not
-        caption = caption.lower()
     tags = [t.strip() for t in caption.split(text.tag_delimiter) if t.strip()]
     kept, rest = tags[: text.keep_tags_count], tags[text.keep_tags_count :]
     if text.tag_dropout_enable and text.tag_dropout_probability > 0:
-        rest = _drop_tags(rest, text, rng)
+        rest = _drop_tags(rest, text, rng)  # special tags match as written: OneTrainer lowercases after DropTags
+    if text.caps_randomize_lowercase:  # (CapitalizeTags), whether caps_randomize is on or not
+        kept, rest = [t.lower() for t in kept], [t.lower() for t in rest]
     if text.caps_randomize_enable and text.caps_randomize_probability > 0:
         kept, rest = _recapitalise(kept, text, rng), _recapitalise(rest, text, rng)
     if text.enable_tag_shuffling:
