@@ -151,18 +151,27 @@ def apply_image_variant(frames: np.ndarray, variant: ImageVariant, size: tuple[i
 def _recolour(frames: np.ndarray, variant: ImageVariant) -> np.ndarray:
     """Brightness, contrast, saturation, hue as torchvision's adjust_* compute them on [0, 1] pixels (each a blend,
     clamped), rounded to bytes once at the end. Contrast pivots on the mean grey of the whole clip, not of each
-    frame, so every frame gets the same mapping."""
-    pixels = frames.astype(np.float32) / 255.0
-    if variant.brightness != 1.0:
-        pixels = np.clip(pixels * variant.brightness, 0.0, 1.0)
-    if variant.contrast != 1.0:
-        mean = float(_grey(pixels).mean())
-        pixels = np.clip(variant.contrast * pixels + (1 - variant.contrast) * mean, 0.0, 1.0)
-    if variant.saturation != 1.0:
-        pixels = np.clip(variant.saturation * pixels + (1 - variant.saturation) * _grey(pixels)[..., None], 0.0, 1.0)
-    if variant.hue:
-        pixels = _turn_hue(pixels, variant.hue)
-    return np.rint(pixels * 255.0).astype(np.uint8)
+    frame, so every frame gets the same mapping. One frame at a time: a float copy of a whole clip (81 x 832 x 480)
+    is 400 MB, and the hue's temporaries many times that."""
+    mean = 0.0
+    if variant.contrast != 1.0:  # the clip's mean grey after the brightness change, a first pass over the frames
+        mean = sum(float(_grey(_brightened(frame, variant)).mean(dtype=np.float64)) for frame in frames) / len(frames)
+    out = np.empty_like(frames)
+    for index, frame in enumerate(frames):
+        pixels = _brightened(frame, variant)
+        if variant.contrast != 1.0:
+            pixels = np.clip(variant.contrast * pixels + (1 - variant.contrast) * mean, 0.0, 1.0)
+        if variant.saturation != 1.0:
+            pixels = np.clip(variant.saturation * pixels + (1 - variant.saturation) * _grey(pixels)[..., None], 0.0, 1.0)
+        if variant.hue:
+            pixels = _turn_hue(pixels, variant.hue)
+        out[index] = np.rint(pixels * 255.0)
+    return out
+
+
+def _brightened(frame: np.ndarray, variant: ImageVariant) -> np.ndarray:
+    pixels = frame.astype(np.float32) / 255.0
+    return np.clip(pixels * variant.brightness, 0.0, 1.0) if variant.brightness != 1.0 else pixels
 
 
 def _grey(pixels: np.ndarray) -> np.ndarray:
@@ -176,19 +185,14 @@ def _turn_hue(pixels: np.ndarray, turn: float) -> np.ndarray:
     chroma = value - pixels.min(axis=-1)
     safe = np.where(chroma > 0, chroma, 1.0)
     hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = (hue / 6.0 + turn) % 1.0
+    sixths = ((hue / 6.0 + turn) % 1.0) * 6.0
     saturation = chroma / np.where(value > 0, value, 1.0)
-    sector = np.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    p = value * (1 - saturation)
-    q = value * (1 - saturation * fraction)
-    t = value * (1 - saturation * (1 - fraction))
-    sector = sector.astype(np.int64) % 6
-    choices = [np.stack(c, axis=-1) for c in ((value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q))]
-    out = np.zeros_like(pixels)
-    for index, choice in enumerate(choices):
-        out = np.where((sector == index)[..., None], choice, out)
-    return out
+    # HSV → RGB: channel n (R 5, G 3, B 1) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + sixths) % 6.0
+        channels.append(value - value * saturation * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+    return np.stack(channels, axis=-1)
 
 
 def shrink_mask(mask: np.ndarray, seed: int, share: float) -> np.ndarray:
