@@ -656,7 +656,11 @@ def test_a_strength_out_of_range_is_refused_by_key(tmp_path):
     picture(folder / "a.png", 32, 32, "x")
     concepts = [ot_concept(folder, image__enable_fixed_hue=True, image__random_hue_max_strength=1.5),
                 ot_concept(folder, image__enable_fixed_brightness=True, image__random_brightness_max_strength=-2.0),
-                ot_concept(folder, image__random_hue_max_strength=3.0)]  # off: any value, as OneTrainer
+                ot_concept(folder, image__random_hue_max_strength=3.0),  # off: any value, as OneTrainer
+                # random wins over fixed, and a random turn is clamped to half the wheel: OneTrainer trains these
+                ot_concept(folder, image__enable_random_hue=True, image__enable_fixed_hue=True, image__random_hue_max_strength=1.5,
+                           image__enable_random_brightness=True, image__enable_fixed_brightness=True,
+                           image__random_brightness_max_strength=-2.0)]
     (tmp_path / "concepts.json").write_text(json.dumps(concepts))
     with pytest.raises(ConfigError) as error:
         load_concepts(TrainConfig.model_validate({"concept_file_name": str(tmp_path / "concepts.json")}))

@@ -61,7 +61,7 @@ class ConceptImageConfig(_Section):
         False, description="turn the hue by a share of the colour wheel drawn uniformly in ±random_hue_max_strength / 2 "
         "(drawn per image variation)")
     enable_fixed_hue: bool = Field(False, description="turn the hue of every clip by random_hue_max_strength / 2 of the colour wheel")
-    random_hue_max_strength: float = Field(0.0, description="1: up to half a turn either way; between -1 and 1")
+    random_hue_max_strength: float = Field(0.0, description="1: up to half a turn either way; the fixed turn takes -1 to 1, a random one is clamped to half a turn")
     enable_resolution_override: bool = Field(
         False, description="train this concept's clips at resolution_override instead of the config's resolution")
     resolution_override: str = Field(
@@ -75,7 +75,7 @@ class ConceptImageConfig(_Section):
     @classmethod
     def _factor_not_negative(cls, value: float, info):
         name = info.field_name.removeprefix("random_").removesuffix("_max_strength")
-        if info.data.get(f"enable_fixed_{name}") and value < -1:
+        if info.data.get(f"enable_fixed_{name}") and not info.data.get(f"enable_random_{name}") and value < -1:  # random wins
             raise ValueError(f"the fixed {name} factor is 1 + this strength, {1 + value:g}, and must not be negative; "
                              "use -1 or more")
         return value
@@ -83,7 +83,8 @@ class ConceptImageConfig(_Section):
     @field_validator("random_hue_max_strength")
     @classmethod
     def _hue_in_range(cls, value: float, info):
-        if (info.data.get("enable_random_hue") or info.data.get("enable_fixed_hue")) and abs(value) > 1:
+        # only the fixed turn must fit torchvision's ±0.5; a random one is clamped there (OneTrainer), and random wins
+        if info.data.get("enable_fixed_hue") and not info.data.get("enable_random_hue") and abs(value) > 1:
             raise ValueError("the hue turns by at most half the colour wheel, strength 1; use a value between -1 and 1")
         return value
 
