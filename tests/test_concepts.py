@@ -590,6 +590,12 @@ def test_each_look_is_its_own_cache_entry_and_a_plain_look_keeps_its_key():
                                random_saturation_max_strength=0.2, random_hue_max_strength=0.2)
     before = [image_variant(ConceptImageConfig(**jitter), 64, 32, (16, 48), "clip", i) for i in range(8)]
     looks = [image_variant(every, 64, 32, (16, 48), "clip", i) for i in range(8)]
+    # random wins when random and fixed are both on (mgds checks `enabled` first); a random factor is floored at 0
+    both = ConceptImageConfig(enable_random_rotate=True, enable_fixed_rotate=True, random_rotate_max_angle=10,
+                              enable_random_brightness=True, enable_fixed_brightness=True, random_brightness_max_strength=3)
+    drawn = [image_variant(both, 64, 32, (16, 48), "clip", i) for i in range(40)]
+    assert len({d.rotate for d in drawn}) == 40 and all(abs(d.rotate) <= 10 for d in drawn)
+    assert min(d.brightness for d in drawn) == 0.0 and max(d.brightness for d in drawn) > 2
     # the new draws come after the old ones: switching them on keeps each variation's crop and flip
     assert [(b.crop, b.flip) for b in before] == [(look.crop, look.flip) for look in looks]
     keys = {Cache.latent_key("f", (0.0,), (16, 48), "vae", look.crop, look.flip, None, look.pixel_changes) for look in looks}
