@@ -308,10 +308,14 @@ class Encoding:
         for key, concept in concepts.items():
             name, image = concept.label, concept.image
             if concept.varies_image:
+                # the mask shrink changes masks alone (made again per variation, cheap), never the frames the VAE sees
                 what = ", ".join(w.replace("_", " ") for w in (
                     "crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast", "random_saturation",
-                    "random_hue", "random_circular_mask_shrink") if getattr(image, f"enable_{w}"))
-                if concept.image_variations == 1:
+                    "random_hue") if getattr(image, f"enable_{w}"))
+                if not what:
+                    log.info("concept %s: random circular mask shrink: %d mask variations of every clip, one per epoch in "
+                             "turns (the latents are encoded once)", name, concept.image_variations)
+                elif concept.image_variations == 1:
                     log.info("concept %s: %s drawn once per clip and kept for every epoch (image_variations 1); each "
                              "more image variation costs one more VAE encoding of every clip", name, what)
                 else:
