@@ -138,3 +138,39 @@ def test_more_ranks_than_clips_is_a_clear_error(tmp_path, tiny_models):
     assert done.returncode != 0
     assert "2 processes but an epoch holds only 1 clip(s)" in done.stderr
     assert "--nproc-per-node" in done.stderr
+
+
+def test_sample_backup_and_save_now_reach_a_two_rank_run(tmp_path, tiny_models, dataset):
+    """`motiontune ui`'s Sample / Backup / Save now on a torchrun job: rank 0 takes each request, every rank runs
+    it at the same step (a backup gathers every rank's random state), and it is answered once."""
+    import time
+
+    from motiontune.train.requests import answers, ask
+
+    config = make_config(tmp_path, "asked", tiny_models("wan-2.1"), dataset, batch_size=1, epochs=12, backup_after_unit="NEVER",
+                         samples=[{"prompt": "moving shapes", "frames": 5, "height": 32, "width": 32, "steps": 2}])
+    workspace = tmp_path / "asked" / "workspace"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                            "motiontune", "train", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not ((workspace / "progress.json").is_file() and json.loads((workspace / "progress.json").read_text())["step"] >= 1):
+            assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:] if job.poll() is not None else "no step"
+            time.sleep(0.1)
+        for action in ("backup", "sample", "save"):
+            ask(workspace, action)
+        _, err = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    taken = answers(workspace)
+    assert [a["action"] for a in taken] == ["backup", "sample", "save"], taken  # once each, in the order asked
+    steps = {a["step"] for a in taken}
+    assert len(steps) == 1 and 1 <= steps.pop() < json.loads((workspace / "result.json").read_text())["steps"]  # mid-run
+    step = taken[0]["step"]
+    [backup] = workspace.glob(f"backup/step-{step:07d}-*")
+    assert len(torch.load(backup / "state.pt", weights_only=True)["rng_by_rank"]) == 2  # both ranks' states
+    assert taken[0]["result"] == str(backup)
+    assert (workspace / "samples" / f"step{step}-now-0.mp4").is_file() and taken[1]["result"] == "done"
+    assert load_file(str(workspace / "save" / f"step{step}-now.safetensors"))  # a LoRA file, written once

@@ -44,8 +44,8 @@ class Events:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                         disable=not ranks.main)
         self.last_backup_time = time.monotonic()
-        # Sample / Backup / Save now, asked from outside (motiontune ui); a single process takes them
-        self.requests = Requests(self.workspace, ranks.main and not ranks.several)
+        # Sample / Backup / Save now, asked from outside (motiontune ui): rank 0 takes them, every rank runs them
+        self.requests = Requests(self.workspace, ranks.main)
 
     def stepped(self, position: Position, epoch: int, loss, parts: dict) -> None:
         """An optimizer step was applied: record it, then what is due after it."""
@@ -60,8 +60,16 @@ class Events:
         self.bar.update()
         self.progress_file.update(position.step, epoch + 1, self.result.final_loss)
         self.after("STEP", position.step, position)
-        for action in self.requests.take():
-            self.requested(action, position)
+
+    def between_steps(self, position: Position, stop: StopRequest) -> bool:
+        """After a step, what came from outside, decided in one exchange between ranks: Ctrl-C or SIGTERM on any
+        rank stops every rank at this step; requests (taken by rank 0) run on every rank, as a backup or a save
+        gathers from all of them. True: stop now."""
+        stop.stopping, asked = self.ranks.any_of(stop.requested is not None, self.requests.waiting())
+        if asked:
+            for action in self.ranks.from_main(self.requests.take()):
+                self.requested(action, position)
+        return stop.stopping
 
     def requested(self, action: str, where: Position) -> None:
         """A request taken between steps: what is due anyway (after()) has run already."""
@@ -177,18 +185,13 @@ class StopRequest:
 
     def __init__(self):
         self.requested: str | None = None  # the signal this process received
-        self.stopping = False  # what all ranks agreed on
+        self.stopping = False  # what all ranks agreed on (Events.between_steps)
 
     def _handle(self, number, frame):
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
         log.info("%s received: finishing this step, then backing up and saving (Ctrl-C again to stop at once)", self.requested)
-
-    def agreed(self, ranks: Ranks) -> bool:
-        """Whether to stop now; with several ranks, all stop at the same step when any was asked to."""
-        self.stopping = not ranks.all_agree(not self.requested) if ranks.several else bool(self.requested)
-        return self.stopping
 
     @contextlib.contextmanager
     def listening(self):

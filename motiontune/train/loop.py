@@ -127,7 +127,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
                     continue
                 position.step += 1
                 events.stepped(position, epoch, loss, parts)
-                if stop.agreed(ranks):
+                if events.between_steps(position, stop):
                     break
             if stop.stopping or finished:
                 break

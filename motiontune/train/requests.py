@@ -50,6 +50,10 @@ class Requests:
             for stale in self.folder.glob("*.json"):
                 stale.unlink(missing_ok=True)
 
+    def waiting(self) -> bool:
+        """Whether a request is waiting to be taken."""
+        return self.enabled and self.folder.is_dir() and any(self.folder.glob("*.json"))
+
     def take(self) -> list[str]:
         if not self.enabled or not self.folder.is_dir():
             return []
@@ -67,6 +71,8 @@ class Requests:
         return actions
 
     def answer(self, action: str, step: int, result: str) -> None:
+        if not self.enabled:  # another rank: rank 0 answers
+            return
         try:
             with open(self.folder / ANSWERS, "a") as handle:
                 handle.write(json.dumps({"action": action, "step": step, "result": result, "done": time.time()}) + "\n")

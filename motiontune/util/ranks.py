@@ -48,6 +48,14 @@ class Ranks:
         dist.all_reduce(value)
         return int(value.item()) == 0
 
+    def any_of(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether any rank set it: one exchange, after which all ranks take the same branches."""
+        if not self.several:
+            return tuple(bool(flag) for flag in flags)
+        values = torch.tensor([int(bool(flag)) for flag in flags], device=_collective_device())
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return tuple(bool(value) for value in values.tolist())
+
     def gather(self, value) -> list:
         """Every rank's `value` (any picklable object), on every rank, in rank order."""
         if not self.several:
