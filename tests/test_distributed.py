@@ -158,8 +158,10 @@ def test_sample_backup_and_save_now_reach_a_two_rank_run(tmp_path, tiny_models, 
         while not ((workspace / "progress.json").is_file() and json.loads((workspace / "progress.json").read_text())["step"] >= 1):
             assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:] if job.poll() is not None else "no step"
             time.sleep(0.1)
+        staged = tmp_path / "staged"  # asked all at once: one rename, so the run cannot take them at different steps
         for action in ("backup", "sample", "save"):
-            ask(workspace, action)
+            ask(staged, action)
+        (staged / "requests").rename(workspace / "requests")
         _, err = job.communicate(timeout=300)
     finally:
         job.kill()
