@@ -222,10 +222,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, models=args.command not in ("inspect", "presets"))
-    code = _run(args)
-    if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command != "train" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _run(args)
+    code = 1
+    try:
+        code = _run(args)
+    except BaseException:  # -v re-raises: the traceback is printed here, as the interpreter would
+        import traceback
+
+        traceback.print_exc()
+    finally:
         _leave_torchrun_worker(code)
-    return code
 
 
 def _leave_torchrun_worker(code: int) -> None:

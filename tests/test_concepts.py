@@ -405,6 +405,14 @@ def test_random_draws_follow_the_file_in_its_concept_not_the_folder_the_dataset_
 
     here, moved = draws(tmp_path / "here"), draws(tmp_path / "elsewhere" / "deeper")
     assert here == moved
+    # the same file names in two concepts' folders draw apart
+    for name in ("a", "b"):
+        picture(tmp_path / "two" / name / "x.png", 64, 32, "x")
+    config = config_for(tmp_path / "two", tiny_models, [
+        {"path": str(tmp_path / "two" / name), "image_variations": 6, "image": {"enable_crop_jitter": True}} for name in ("a", "b")])
+    _, survey, encoding = encoding_for(config)
+    crops = [[c.look.crop for c in encoding.clips(survey, variant)] for variant in range(6)]
+    assert [a for a, _ in crops] != [b for _, b in crops]
     windows = {clip[1] for variant in here for clip in variant if clip[0].endswith(".mp4")}
     assert len(windows) == 3  # the windows do move between variants: the equality above is not of constants
 

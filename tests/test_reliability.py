@@ -180,11 +180,20 @@ def test_what_a_killed_backup_or_save_left_is_removed_by_the_next_one(tmp_path, 
     dead_backup = killed_while_writing(backups / "step-0000004-epoch-0001-batch-00000", ".partial-")
     dead_save = killed_while_writing(output, ".saving-")
     elsewhere = backups / ".partial-another_machine-1-abcd1234"  # a shared folder: its process cannot be seen here
-    running = backups / f".partial-{HOST}-{os.getpid()}-abcd1234"  # a writer that still runs
-    elsewhere.mkdir(), running.mkdir()
-    assert main(["train", "--config", str(config)]) == 0
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a writer that still runs
+    running = backups / f".partial-{HOST}-{writer.pid}-abcd1234"
+    # a run before this one with this one's pid (a restarted container's pid 1): not this run's, which writes one
+    # file at a time (this test trains in its own process)
+    same_pid = backups / f".partial-{HOST}-{os.getpid()}-abcd1234"
+    for folder in (elsewhere, running, same_pid):
+        folder.mkdir()
+    try:
+        assert main(["train", "--config", str(config)]) == 0
+        assert elsewhere.is_dir() and running.is_dir()
+    finally:
+        writer.kill()
     assert not dead_backup.exists() and not dead_save.exists()  # 1 MB each, gone with the first backup and the save
-    assert elsewhere.is_dir() and running.is_dir()
+    assert not same_pid.exists()
     assert list(backups.glob("step-*")) and output.is_file()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
@@ -31,12 +32,19 @@ class Item:
 
     @property
     def name_in_concept(self) -> str:
-        """The file's path inside its concept's folder. Random draws (augmentations, tag shuffles) are seeded with
-        it, not the full path, so the same dataset in another folder or on another machine draws the same."""
+        """The concept folder's name and the file's path inside it. Random draws (windows, augmentations, tag
+        shuffles) are seeded with it, not the full path, so the same dataset in another folder or on another
+        machine draws the same, and `a/0001.mp4` and `b/0001.mp4` of two concepts draw apart."""
         try:
-            return self.path.relative_to(self.concept.path).as_posix()
+            inside = self.path.relative_to(self.concept.path).as_posix()
         except ValueError:
-            return self.path.name
+            inside = self.path.name
+        return f"{_folder_name(self.concept.path)}/{inside}"
+
+
+@lru_cache(maxsize=None)
+def _folder_name(path: str) -> str:
+    return Path(path).resolve().name  # "." and "clips/" have a name too
 
 
 def load_concepts(config: TrainConfig) -> list[ConceptConfig]:

@@ -58,12 +58,16 @@ def replacing(destination: Path, prefix: str = ".saving-") -> Iterator[Path]:
 
 def remove_leftovers(folder: Path, prefix: str) -> list[Path]:
     """Remove the temporaries `replacing` left in `folder` when its process was killed: those of this machine
-    whose process is gone. Another machine's (a shared filesystem) stay: its processes cannot be seen from here."""
+    whose process is gone (or is this one). Another machine's (a shared filesystem) stay: its processes cannot be
+    seen from here."""
     pattern = re.compile(rf"{re.escape(prefix)}([^-]*)-(\d+)-[^-]+")
     removed = []
     for path in folder.iterdir() if folder.is_dir() else ():
         match = pattern.fullmatch(path.name)
-        if match and match[1] == HOST and not process_alive(int(match[2])):
+        # this process's own pid: a run before it with the same pid (a container's pid 1, restarted), since this
+        # process writes one file at a time and is not writing now
+        pid = int(match[2]) if match else 0
+        if match and match[1] == HOST and (pid == os.getpid() or not process_alive(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
