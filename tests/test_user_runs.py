@@ -202,3 +202,23 @@ def test_an_unreadable_backup_gives_one_message_not_a_traceback(finished_run, tm
     assert "error: train failed" in quiet.stderr and "-v" in quiet.stderr
     verbose = subprocess.run(command[:3] + ["-v"] + command[3:], capture_output=True, text=True, timeout=300)
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_paths_with_a_tilde_are_in_the_home_folder(tmp_path, tiny_models, clips, monkeypatch):
+    """A JSON config has no shell to expand `~`: motiontune does, for every path it reads (data, model, workspace,
+    cache, output), so `~/clips` is the home folder's and no folder named `~` appears."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(clips, home / "clips")
+    shutil.copytree(tiny_models("wan-2.1"), home / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "config.json", model_type="WAN_2_1_T2V", base_model_name="~/models/tiny",
+                          concepts=[{"path": "~/clips"}], resolution="32", epochs=1, train_dtype="FLOAT_32", lora_rank=4,
+                          workspace_dir="~/runs/ws", cache_dir="~/runs/cache", output_model_destination="~/loras/tilde.safetensors",
+                          sample_after_unit="NEVER", video_config={"max_frames": 5, "target_fps": 8.0})
+    assert main(["train", "--config", str(config)]) == 0
+    assert load_file(str(home / "loras" / "tilde.safetensors"))
+    assert (home / "runs" / "ws" / "result.json").is_file() and any((home / "runs" / "cache").iterdir())
+    assert not list(tmp_path.glob("~*"))  # nothing written under a folder literally named `~`

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..util.files import read_json_file
 from .resolution import parse_resolution
+
+
+def _home(path: str) -> str:
+    """`~/` (and `~user/`) expanded as a shell would: a JSON file has no shell to do it."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
+# a file or folder path of the config: `~` stands for the home folder
+LocalPath = Annotated[str, AfterValidator(_home)]
 
 
 class _Section(BaseModel):
@@ -116,7 +126,7 @@ class TextConfig(_Section):
     prompt_source: Literal["sample", "concept", "txt", "filename"] = Field(
         "sample", description="sample: a .txt caption beside each file; concept (or txt): the lines of prompt_path; "
         "filename: the file's name without its extension")
-    prompt_path: str = Field("", description="prompt_source concept: a .txt file, one caption per line")
+    prompt_path: LocalPath = Field("", description="prompt_source concept: a .txt file, one caption per line")
     enable_tag_shuffling: bool = Field(
         False, description="shuffle the caption's tags (split at tag_delimiter), keeping the first keep_tags_count in place")
     tag_delimiter: str = Field(",", min_length=1, description="what separates tags in a caption")
@@ -173,7 +183,7 @@ def _modes(value: str) -> list[str]:
 class ConceptConfig(_Section):
     version: int | None = Field(None, alias="__version", description=VERSION_HELP)
     name: str = ""
-    path: str
+    path: LocalPath
     seed: int = Field(0, description="this concept's random draws (caption and image variations), with the config's seed")
     enabled: bool = Field(True, description="false: the concept is left out (and its settings are not checked)")
     concept_type: Literal["STANDARD", "VALIDATION", "PRIOR_PREDICTION"] = Field(

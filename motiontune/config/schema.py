@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .concepts import ConceptConfig, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
+from .concepts import ConceptConfig, LocalPath, TextConfig  # noqa: F401  (OneTrainer's concept format, in its own module)
 from .resolution import parse_resolution
 
 # The formats each training method saves as (methods/*.py write them), and the one used when
@@ -33,7 +33,7 @@ class ModelPartConfig(Strict):
     """One model part (`transformer`, `transformer_2`, `text_encoder`, `vae`), OneTrainer's newer form."""
 
     train: bool = True
-    model_name: str = ""  # a folder or single .safetensors file that replaces this part of base_model_name
+    model_name: LocalPath = ""  # a folder or single .safetensors file that replaces this part of base_model_name
     weight_dtype: DType | None = None  # None: follow train_dtype
     gradient_checkpointing: bool | None = None
     offload_fraction: float = Field(0.0, ge=0, le=1)
@@ -75,7 +75,7 @@ class SampleConfig(Strict):
     steps: int = Field(30, ge=1)
     cfg_scale: float = Field(5.0, ge=1.0)
     fps: float = Field(16.0, gt=0)
-    image: str | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
+    image: LocalPath | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
 
 
 class VideoConfig(Strict):
@@ -100,7 +100,7 @@ class EmbeddingConfig(Strict):
     added to the text encoder's vocabulary, written in captions as `placeholder`, whose vectors train."""
 
     uuid: str = ""  # OneTrainer's id for the embedding; not used
-    model_name: str = ""  # a saved embedding (.safetensors) to start from instead of initial_embedding_text
+    model_name: LocalPath = ""  # a saved embedding (.safetensors) to start from instead of initial_embedding_text
     placeholder: str = Field("<embedding>", min_length=1)
     train: bool = True  # False: the vectors from model_name are used as they are
     token_count: int | None = Field(1, ge=1, le=64)  # None: as many as model_name's file holds
@@ -115,15 +115,15 @@ class TrainConfig(Strict):
 
     model_type: str = "WAN_2_1_T2V"  # the model to train (each model family lists the types it serves)
     training_method: Literal["LORA", "FINE_TUNE", "EMBEDDING"] = "LORA"
-    base_model_name: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    base_model_name: LocalPath = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     train_device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
 
     concepts: list[ConceptConfig] | None = None
-    concept_file_name: str | None = None
+    concept_file_name: LocalPath | None = None
 
     resolution: str = "480"
     latent_caching: bool = True  # latents and text embeddings kept on disk across runs
-    cache_dir: str = "workspace-cache/run"
+    cache_dir: LocalPath = "workspace-cache/run"
     aspect_ratio_bucketing: bool = True  # each file trains at the bucket nearest its aspect, same area
     dataloader_threads: int = Field(2, ge=0, le=64)  # worker processes that probe and decode (0: in-process)
     batch_size: int = Field(1, ge=1)
@@ -198,13 +198,13 @@ class TrainConfig(Strict):
     noising_strength_mode: Literal["RESCALE", "CUT"] = "RESCALE"
     seed: int = 42
 
-    output_model_destination: str = "models/lora.safetensors"
+    output_model_destination: LocalPath = "models/lora.safetensors"
     # LoRA: DIFFUSERS_LORA, COMFY_LORA; fine-tune: DIFFUSERS (a transformer folder), COMFY_TRANSFORMER (one file)
     # embedding: SAFETENSORS (one file of vectors per embedding)
     # default by training_method (DEFAULT_OUTPUT_FORMAT): COMFY_LORA loads in ComfyUI and in diffusers alike
     output_model_format: Literal["DIFFUSERS_LORA", "COMFY_LORA", "DIFFUSERS", "COMFY_TRANSFORMER", "SAFETENSORS"] = "COMFY_LORA"
     output_dtype: DType | None = None  # fine-tune saves; default: the weights' dtype
-    workspace_dir: str = "workspace/run"
+    workspace_dir: LocalPath = "workspace/run"
 
     sample_after: int = Field(1, ge=0)
     sample_after_unit: TimeUnit = "EPOCH"
