@@ -37,6 +37,11 @@ class _Section(BaseModel):
 VERSION_HELP = "OneTrainer's format version of this block (read, not used: older keys are still understood)"
 
 
+# the image block's random changes of the frames themselves (enable_<name>); the mask shrink changes masks only
+RANDOM_PIXEL_LOOKS = ("crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast",
+                      "random_saturation", "random_hue")
+
+
 class ConceptImageConfig(_Section):
     """OneTrainer's `image` block: per-clip augmentations. One draw applies to every frame of a clip."""
 
@@ -99,11 +104,14 @@ class ConceptImageConfig(_Section):
         return value
 
     @property
+    def random_pixel_looks(self) -> list[str]:
+        """The random changes switched on that change the frames the VAE sees (each image variation is encoded)."""
+        return [name for name in RANDOM_PIXEL_LOOKS if getattr(self, f"enable_{name}")]
+
+    @property
     def random(self) -> bool:
-        """Whether a clip's look is drawn at random, so image variations differ."""
-        return any(getattr(self, f"enable_{name}") for name in (
-            "crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast", "random_saturation",
-            "random_hue", "random_circular_mask_shrink"))
+        """Whether a clip's look is drawn at random, so image variations differ (the mask shrink included)."""
+        return bool(self.random_pixel_looks) or self.enable_random_circular_mask_shrink
 
     @property
     def changes(self) -> bool:

@@ -309,9 +309,7 @@ class Encoding:
             name, image = concept.label, concept.image
             if concept.varies_image:
                 # the mask shrink changes masks alone (made again per variation, cheap), never the frames the VAE sees
-                what = ", ".join(w.replace("_", " ") for w in (
-                    "crop_jitter", "random_flip", "random_rotate", "random_brightness", "random_contrast", "random_saturation",
-                    "random_hue") if getattr(image, f"enable_{w}"))
+                what = ", ".join(w.replace("_", " ") for w in image.random_pixel_looks)
                 if not what:
                     log.info("concept %s: random circular mask shrink: %d mask variations of every clip, one per epoch in "
                              "turns (the latents are encoded once)", name, concept.image_variations)
