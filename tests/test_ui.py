@@ -336,6 +336,87 @@ def test_estimate_panel_applies_the_cheapest_change_that_fits(ui):
     page.close()
 
 
+def _held(page, pattern: str) -> list:
+    """Requests matching `pattern` are held (not sent on) until the test releases them with `.continue_()`: the
+    order of replies is the test's, whatever the machine's load."""
+    held = []
+    page.route(pattern, lambda route: held.append(route))
+    return held
+
+
+def _wait_held(page, held: list, count: int = 1) -> None:
+    while len(held) < count:  # the route handler runs while Playwright waits: a state, not a delay
+        page.wait_for_timeout(20)
+
+
+def _estimates_sent(page) -> list[dict]:
+    sent = []
+    page.on("request", lambda request: sent.append(request.post_data_json) if request.url.endswith("/api/estimate") else None)
+    return sent
+
+
+def test_an_estimate_asked_while_a_preset_loads_is_of_that_preset(ui):
+    """Race one: a small config in the form, Load preset (its reply held back), Estimate at once: the estimate
+    waits for the preset and is of it (832x480), never of the form being replaced."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(), "small-before-preset.json")  # 64x48, 9 frames
+    sent = _estimates_sent(page)
+    held = _held(page, "**/api/presets/*")
+    page.select_option("#preset-select", "#wan 2.1 LoRA")
+    page.click("#load-preset")
+    _wait_held(page, held)
+    page.click("#group-model")
+    page.fill("#estimate-gpu", "24")
+    page.click("#estimate-run")
+    held[0].continue_()
+    expect(page.locator("#estimate-result")).to_contain_text("GB on the GPU (", timeout=60_000)
+    expect(page.locator("#estimate-result")).to_contain_text("832x480")
+    expect(page.locator("#estimate-result")).not_to_contain_text("64x48")
+    assert [body["config"]["resolution"] for body in sent] == ["832x480"], sent
+    page.close()
+
+
+def test_an_estimate_of_a_replaced_config_is_marked_out_of_date_and_cannot_be_applied(ui):
+    """Race two: Estimate `#wan 2.1 LoRA` on an 8 GB card (its reply held back), load a small config file
+    meanwhile, then let the old reply arrive: it is dropped, the panel says to estimate again, and no "apply"
+    button can put the preset's settings back. Then an estimate shown with its changes, and a file loaded after
+    it: the changes go with the config they were for."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    page.select_option("#preset-select", "#wan 2.1 LoRA")
+    page.click("#load-preset")
+    expect(page.locator("#config-message")).to_contain_text("preset #wan 2.1 LoRA")
+    page.click("#group-model")
+    page.fill("#estimate-gpu", "8")
+    held = _held(page, "**/api/estimate")
+    page.click("#estimate-run")
+    _wait_held(page, held)
+    ui.load(page, ui.config(), "small-after-estimate.json")
+    held[0].continue_()
+    expect(page.locator("#estimate-panel")).to_have_attribute("data-dropped", "1", timeout=60_000)
+    expect(page.locator("#estimate-panel")).to_have_attribute("data-state", "stale")
+    expect(page.locator("#estimate-result")).to_contain_text("estimate again")
+    expect(page.locator("#estimate-changes li")).to_have_count(0)
+    expect(page.locator("#field-resolution")).to_have_value("64x48")
+
+    page.unroute("**/api/estimate")
+    page.click("#load-preset")
+    expect(page.locator("#field-resolution")).to_have_value("832x480")
+    page.click("#group-model")
+    page.click("#estimate-run")
+    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=60_000)
+    assert page.locator("#estimate-changes button.apply-change").count() > 0
+    ui.load(page, ui.config(), "small-after-estimate.json")
+    expect(page.locator("#estimate-panel")).to_have_attribute("data-state", "stale")
+    expect(page.locator("#estimate-changes li")).to_have_count(0)
+    expect(page.locator("#field-resolution")).to_have_value("64x48")
+    ui.kept(lambda kept: kept["resolution"] == "64x48")
+    page.close()
+
+
 def test_dataset_page_edits_captions_in_place(ui):
     from playwright.sync_api import expect
 

@@ -37,7 +37,10 @@ async function api(method, url, body) {
 // ------------------------------------------------------------------------------------------- state
 // config: the working config; touched: something was loaded or edited (before that, no problems are shown)
 const state = { schema: null, config: {}, errors: [], warnings: [], touched: false, source: "", validateTimer: null,
-                keepTimer: null, run: null, runs: [], valid: false };
+                keepTimer: null, run: null, runs: [], valid: false, generation: 0, loading: Promise.resolve() };
+// generation: bumped each time the config is replaced or edited. An answer the server computed for an older
+// generation (an estimate, a validation) is out of date and never shown as current nor applied.
+// loading: the config being replaced (a preset or file on its way); requests about the config wait for it.
 const view = JSON.parse(localStorage.getItem("motiontune-view") || "{}"); // page, group, run, compare: this browser's
 const remember = (changes) => { Object.assign(view, changes); localStorage.setItem("motiontune-view", JSON.stringify(view)); };
 
@@ -168,6 +171,7 @@ function helpBox(prop, info, path, fallback, required) {
 
 function changed() {
   state.touched = true;
+  configReplaced();
   scheduleValidate();
   keepWorking();
   if (!$("#config-json").closest("[hidden]")) $("#config-json").textContent = JSON.stringify(state.config, null, 2);
@@ -324,7 +328,9 @@ function scheduleValidate() {
   state.validateTimer = setTimeout(validateNow, 250);
 }
 async function validateNow() {
+  const generation = state.generation;
   const result = await api("POST", "/api/validate", { config: state.config });
+  if (generation !== state.generation) return result; // the config changed meanwhile: its own validation follows
   state.errors = result.errors;
   state.warnings = result.warnings;
   state.valid = result.ok;
@@ -422,6 +428,7 @@ function keepWorking() {
 function setConfig(config, source) {
   state.config = config;
   state.source = source;
+  configReplaced();
   state.touched = true;
   message("#config-message", `loaded ${source}`);
   renderForm();
@@ -429,19 +436,27 @@ function setConfig(config, source) {
   keepWorking();
 }
 
-$("#load-preset").addEventListener("click", async () => {
+// Replacing the config takes a round trip: until it is done, nothing may act on the form being replaced.
+function replaceConfig(work) {
+  const done = state.loading.then(work).catch((error) => message("#config-message", error.message, true));
+  state.loading = done;
+  document.body.dataset.loading = "1";
+  done.then(() => { if (state.loading === done) delete document.body.dataset.loading; });
+}
+$("#load-preset").addEventListener("click", () => {
   const name = $("#preset-select").value;
-  const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
-  setConfig(data.config, `preset ${name}`);
+  replaceConfig(async () => {
+    const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
+    setConfig(data.config, `preset ${name}`);
+  });
 });
-$("#load-file").addEventListener("click", async () => {
-  try {
-    const data = await api("POST", "/api/config/load", { path: $("#load-path").value });
+$("#load-file").addEventListener("click", () => {
+  const path = $("#load-path").value;
+  replaceConfig(async () => {
+    const data = await api("POST", "/api/config/load", { path });
     $("#save-path").value = data.path;
     setConfig(data.config, data.path);
-  } catch (error) {
-    message("#config-message", error.message, true);
-  }
+  });
 });
 $("#save-file").addEventListener("click", async () => {
   try {
@@ -459,28 +474,47 @@ $("#download").addEventListener("click", () => {
   link.click();
   link.remove();
 });
-$("#upload").addEventListener("change", async (event) => {
+$("#upload").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (!file) return;
-  try {
-    const data = JSON.parse(await file.text());
-    if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error("the config must be a JSON object");
+  replaceConfig(async () => {
+    let data;
+    try { data = JSON.parse(await file.text()); } catch (error) { throw new Error(`${file.name}: ${error.message}`); }
+    if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error(`${file.name}: the config must be a JSON object`);
     setConfig(data, file.name);
-  } catch (error) {
-    message("#config-message", `${file.name}: ${error.message}`, true);
-  }
+  });
   event.target.value = "";
 });
 
 // ------------------------------------------------------------------------------------------- memory estimate
 const gb = (value) => (value >= 10 ? value.toFixed(1) : value >= 0.1 ? value.toFixed(2) : value.toPrecision(2));
+function configReplaced() {
+  // whatever the estimate panel shows was computed for the config before this one
+  state.generation += 1;
+  const panel = $("#estimate-panel");
+  if (panel.dataset.state === "done" || panel.dataset.state === "running") {
+    message("#estimate-result", "The config changed since this estimate: estimate again.");
+    panel.dataset.state = "stale";
+  }
+  delete panel.dataset.fits;
+  $("#estimate-changes").replaceChildren();
+}
 async function runEstimate() {
+  await state.loading; // a preset or file still on its way is the config to estimate
   const gpu = Number($("#estimate-gpu").value);
+  const panel = $("#estimate-panel");
+  const generation = state.generation;
+  panel.dataset.state = "running";
+  delete panel.dataset.fits;
   message("#estimate-result", "estimating…");
   $("#estimate-changes").replaceChildren();
   try {
     const result = await api("POST", "/api/estimate", { config: state.config, gpu_gb: gpu });
-    const panel = $("#estimate-panel");
+    if (generation !== state.generation) { // configReplaced() has marked the panel out of date
+      panel.dataset.dropped = String(Number(panel.dataset.dropped || 0) + 1);
+      return;
+    }
+    panel.dataset.state = "done";
     panel.dataset.fits = result.fits ? "yes" : "no";
     message("#estimate-result", `The training step needs ${gb(result.device_gb)} GB on the GPU (${result.shape}): ` +
       (result.fits ? `fits ${gpu} GB (${gb(result.usable_gb - result.device_gb)} GB to spare).`
@@ -489,6 +523,7 @@ async function runEstimate() {
     for (const change of result.changes) {
       $("#estimate-changes").append(el("li", {}, `${change.change}: ${gb(change.device_gb)} GB `,
         el("button", { type: "button", class: "apply-change", title: change.set.join(" "), onclick: () => {
+          if (generation !== state.generation) return; // never put an older config back (the list is cleared then)
           state.config = change.config;
           message("#config-message", `applied: ${change.change} (${change.set.join(", ")})`);
           renderForm();
@@ -497,6 +532,8 @@ async function runEstimate() {
         } }, "apply")));
     }
   } catch (error) {
+    if (generation !== state.generation) return;
+    panel.dataset.state = "done";
     message("#estimate-result", error.message, true);
   }
 }
