@@ -148,8 +148,8 @@ class Browser:
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
     def kept(self, check, why: str = "") -> None:
-        """The working config the server keeps (written 300 ms after an edit) passes `check` within 10 s."""
-        deadline = time.time() + 10
+        """The working config the server keeps (written 300 ms after an edit) passes `check` (within a minute: a loaded machine)."""
+        deadline = time.time() + 60
         while True:
             kept = json.loads((self.root / "home" / "ui-working.json").read_text())["config"]
             if check(kept):
@@ -478,7 +478,7 @@ def test_the_validation_loss_is_drawn_beside_the_training_loss(ui):
     page.click("#tab-training")
     page.fill("#watch-path", config["workspace_dir"])
     page.click("#watch")
-    expect(page.locator("#chart-legend span")).to_have_count(2, timeout=15_000)
+    expect(page.locator("#chart-legend span")).to_have_count(2, timeout=60_000)
     expect(page.locator("#chart-legend span").nth(1)).to_contain_text("validation")
 
 
@@ -496,7 +496,7 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     expect(page.locator("#resume-run")).to_be_disabled()
     expect(page.locator("#start-training")).to_be_enabled()
     page.click("#start-training")
-    expect(page.locator("#train-message")).to_contain_text("started", timeout=10_000)
+    expect(page.locator("#train-message")).to_contain_text("started", timeout=60_000)
     expect(page.locator("#start-training")).to_be_disabled()
     expect(page.locator("#runs-table tbody tr")).to_have_count(1)
     first = Path(page.locator("#runs-table tbody tr").first.get_attribute("data-path"))
@@ -515,7 +515,7 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
 
     expect(page.locator("#run-step")).to_contain_text("%")
     expect(page.locator("#run-epoch")).to_contain_text("/ 300")
-    expect(page.locator("#run-speed")).to_contain_text("s/step", timeout=20_000)
+    expect(page.locator("#run-speed")).to_contain_text("s/step", timeout=60_000)
     expect(page.locator("#run-memory")).to_contain_text("RAM")
     expect(page.locator("#stop-training")).to_be_enabled()
     expect(page.locator("#resume-run")).to_be_disabled()
@@ -565,7 +565,7 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
 
     # a second run: its own folder and chart, the first one kept and overlaid for comparison
     page.click("#start-training")
-    expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=10_000)
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=60_000)
     second = Path(page.locator("#runs-table tbody tr.selected").get_attribute("data-path"))
     assert second != first and second.parent == first.parent
     expect(page.locator("#run-id")).to_have_text(second.name)
@@ -574,7 +574,7 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     steps = _chart_steps(page)
     assert steps == list(range(1, len(steps) + 1)), steps  # from step 1: nothing of the first run's
     page.locator(f'#runs-table tr[data-path="{first}"] input.compare').check()
-    page.wait_for_function("() => +document.querySelector('#loss-chart').dataset.compared > 0", timeout=10_000)
+    page.wait_for_function("() => +document.querySelector('#loss-chart').dataset.compared > 0", timeout=60_000)
     assert int(page.locator("#loss-chart").get_attribute("data-compared")) == len(first_steps)
     expect(page.locator("#chart-legend span")).to_have_count(2)
     assert (first / "samples").is_dir() and not (second / "samples").exists()  # the first run's samples stay its own
