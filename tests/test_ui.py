@@ -540,13 +540,19 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     expect(page.locator("#backups li[data-name^='step-']")).to_have_count(1, timeout=60_000)
     page.click("#save-now")
     expect(page.locator("#outputs li.save")).to_have_count(1, timeout=60_000)
+    with page.expect_download() as saved:  # the LoRA is saved under its own name (it was "file")
+        page.locator("#outputs li.save a").click()
+    assert saved.value.suggested_filename.endswith(".safetensors"), saved.value.suggested_filename
     ui.shot(page, "6-run-training")
 
     # Stop, then Resume: the same run goes on from its backup
     page.click("#stop-training")
     expect(page.locator("#run-state")).to_have_text("stopped", timeout=60_000)
+    # as the stopped state shows, Start says nothing of a run training (it did, until the list was polled again)
+    assert page.locator("#start-hint").text_content() == "" and page.locator("#start-training").is_enabled()
     stopped_at = json.loads((first / "result.json").read_text())["steps"]
     total = json.loads((first / "progress.json").read_text())["total_steps"]
+    elapsed_when_stopped = json.loads((first / "progress.json").read_text())["elapsed_seconds"]
     expect(page.locator("#resume-run")).to_be_enabled()
     expect(page.locator("#stop-training")).to_be_disabled()
     expect(page.locator("#run-result")).to_contain_text("Stopped early")
@@ -558,6 +564,7 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     assert steps == list(range(1, len(steps) + 1)), steps  # no gap, no step twice, no jump back
     progress = json.loads((first / "progress.json").read_text())
     assert progress["step"] > stopped_at and progress["total_steps"] == total
+    assert progress["elapsed_seconds"] > elapsed_when_stopped  # goes on from the first session's (it restarted at 0)
     assert "continuing from" in (first / "train.log").read_text()
     page.click("#stop-training")
     expect(page.locator("#run-state")).to_have_text("stopped", timeout=60_000)
@@ -650,6 +657,8 @@ def served_workspace(tmp_path):
 
 
 def test_files_are_served_only_inside_the_workspace_and_output_folders(served_workspace):
+    import httpx
+
     tmp_path, workspace, out = served_workspace
     with LiveServer(workspace) as server:
         allowed = {
@@ -659,6 +668,8 @@ def test_files_are_served_only_inside_the_workspace_and_output_folders(served_wo
         }
         for target, body in allowed.items():
             assert server.raw_get(target) == (200, body), target
+        named = httpx.get(f"{server.url}/api/file?path={out / 'lora.safetensors'}")
+        assert named.headers["content-disposition"] == 'inline; filename="lora.safetensors"'  # not saved as "file"
         refused = [
             "/files/../secret.txt",
             "/files/../../secret.txt",

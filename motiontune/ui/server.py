@@ -313,7 +313,8 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
             raise HTTPException(403, "outside the workspace and output folders")
         if not resolved.is_file():
             raise HTTPException(404, "not found")
-        return FileResponse(resolved)
+        # inline (a sample plays in the page), but saved under its own name: /api/file?path=... was saved as "file"
+        return FileResponse(resolved, filename=resolved.name, content_disposition_type="inline")
 
     @app.get("/files/{path:path}")
     def workspace_file(path: str):

@@ -664,7 +664,8 @@ function renderRuns() {
 
 function updateButtons() {
   const run = state.run || {};
-  const anyRunning = state.runs.some((r) => r.running) || run.running;
+  // the run shown is as fresh as its last poll; the list may be a poll older (a stopped run still "training")
+  const anyRunning = state.runs.some((r) => r.running && r.path !== run.path) || run.running;
   $("#start-training").disabled = !state.touched || !state.valid || anyRunning;
   $("#start-hint").textContent = !state.touched ? "load or edit a config first" : !state.valid
     ? "fix the config's problems first (Config page)" : anyRunning ? "a run is training: stop it first" : "";
@@ -798,6 +799,8 @@ async function pollRun() {
 }
 
 const link = (path, text) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, target: "_blank" }, text || path);
+// a model file is downloaded under its own name (a browser cannot show it)
+const download = (path) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, download: path.split(/[\\/]/).pop() }, path);
 
 function renderRun(run, other) {
   state.run = run.workspace ? run : null;
@@ -873,8 +876,8 @@ function renderRun(run, other) {
   $("#backups").replaceChildren(...run.backups.map((backup) => el("li", { dataset: { name: backup.name } },
     "backup ", link(`${backup.path}/backup.json`, backup.name), backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
   if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "no backups yet"));
-  $("#outputs").replaceChildren(...run.saves.map((path) => el("li", { class: "save" }, "saved ", link(path))),
-    ...run.outputs.map((path) => el("li", { class: "output" }, "model ", link(path))));
+  $("#outputs").replaceChildren(...run.saves.map((path) => el("li", { class: "save" }, "saved ", download(path))),
+    ...run.outputs.map((path) => el("li", { class: "output" }, "model ", download(path))));
   const result = run.result;
   $("#run-result").replaceChildren(...(result && !run.running ? [el("p", {},
     `${result.interrupted ? "Stopped early (Resume continues it)" : "Finished"} after ${result.steps} steps.`)] : []));
