@@ -812,7 +812,12 @@ def test_validation_errors_point_at_the_field():
     _, errors = validate({**base, "lora_rank": 0, "clip_grad_norm": -1, "video_config": {"max_frames": "many"}, "bogus": 1})
     by_loc = {e["loc"]: e["msg"] for e in errors}
     assert set(by_loc) == {"lora_rank", "clip_grad_norm", "video_config.max_frames", "bogus"}
-    assert "greater than or equal to 1" in by_loc["lora_rank"] and by_loc["bogus"] == "unknown key"
+    assert by_loc["lora_rank"] == "must be at least 1 (got 0)" and by_loc["bogus"] == "unknown key"
+    # the product's words, not pydantic's ("Input should be ..."); only the dtypes that train, and what "bf16" means
+    _, errors = validate({**base, "train_dtype": "bf16"})
+    assert errors == [{"loc": "train_dtype", "value": "bf16", "suggest": "BFLOAT_16",
+                       "msg": "\"bf16\" is not a choice: use 'FLOAT_32', 'BFLOAT_16' or 'FLOAT_16'; did you mean 'BFLOAT_16'?"}]
+    assert not any("Input should" in e["msg"] for e in validate({**base, "lora_rank": 0, "learning_rate": -1})[1])
     _, errors = validate({"concepts": [{"name": "x"}]})
     assert errors == [{"loc": "concepts.0.path", "msg": "this key is required"}]
     _, errors = validate({**base, "train_dtype": "FLOAT_8", "vae": {"train": True}})
