@@ -417,6 +417,30 @@ def test_an_estimate_of_a_replaced_config_is_marked_out_of_date_and_cannot_be_ap
     page.close()
 
 
+def test_a_preset_without_its_concepts_file_says_what_to_do_and_adding_a_concept_says_what_it_replaced(ui):
+    """The recommended preset names OneTrainer's training_concepts/concepts.json, which a new user does not have:
+    the problem count leads to it in one click, the message and the Concepts tab say what to do, and adding a
+    concept says that it replaces concept_file_name (it was dropped silently)."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    page.select_option("#preset-select", "#wan 2.1 LoRA")
+    page.click("#load-preset")
+    expect(page.locator("#config-status")).to_have_text("1 problem(s) in the config")
+    page.click("#group-general")
+    page.click("#config-status")
+    error = page.locator('[data-error-for="concept_file_name"]')
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("training_concepts/concepts.json: no such file: create it, or list your folders in the Concepts tab")
+    page.click("#group-concepts")
+    expect(page.locator("#concepts-from-file")).to_contain_text("reads its concepts from training_concepts/concepts.json")
+    page.locator('details[data-path="concepts"] button.add').click()
+    expect(page.locator("#config-message")).to_contain_text("instead of in training_concepts/concepts.json (concept_file_name)")
+    expect(page.locator("#concepts-from-file")).to_have_count(0)
+    ui.kept(lambda kept: "concept_file_name" not in kept and len(kept["concepts"]) == 1)
+    page.close()
+
+
 def test_dataset_page_edits_captions_in_place(ui):
     from playwright.sync_api import expect
 

@@ -175,6 +175,9 @@ def path_problems(data: dict) -> list[dict]:
         if isinstance(section, dict):
             need(f"{part}.model_name", section.get("model_name"), "model")
     need("concept_file_name", data.get("concept_file_name"), "file")
+    if problems and problems[-1]["loc"] == "concept_file_name":  # a preset names OneTrainer's default place
+        problems[-1]["msg"] += ": create it, or list your folders in the Concepts tab instead"
+
     for index, concept in enumerate(data.get("concepts") or []):
         if isinstance(concept, dict) and concept.get("enabled", True) is not False:
             need(f"concepts.{index}.path", concept.get("path"), "folder")

@@ -297,7 +297,11 @@ function renderArray(path, prop, info, value, fallback, title = null) {
       const list = Array.isArray(getPath(state.config, path)) ? getPath(state.config, path) : [...(items || [])];
       list.push(newItem(itemSchema));
       setPath(state.config, path, list);
-      if (path[0] === "concepts") delete state.config.concept_file_name; // the two ways of naming the data exclude each other
+      if (path[0] === "concepts" && state.config.concept_file_name) {
+        // the two ways of naming the data exclude each other: say which one now stands
+        message("#config-message", `the concepts are listed in this config now, instead of in ${state.config.concept_file_name} (concept_file_name)`);
+        delete state.config.concept_file_name;
+      }
       renderForm();
       $(`details[data-path="${CSS.escape(pathText(path))}"]`).open = true;
       changed();
@@ -319,6 +323,13 @@ function renderConcepts(prop) {
     } }, "inspect"));
   });
   box.open = true;
+  const file = state.config.concept_file_name;
+  if (file && !Array.isArray(state.config.concepts)) {
+    // OneTrainer's way: the concepts live in their own file, which this page does not edit
+    box.insertBefore(el("p", { class: "note", id: "concepts-from-file" },
+      `This config reads its concepts from ${file} (concept_file_name). Create that file, or add a concept below `
+      + "to list your folders in the config itself (that replaces concept_file_name)."), box.children[2]);
+  }
   return box;
 }
 
@@ -391,6 +402,7 @@ function showErrors() {
     const count = state.errors.length;
     status.textContent = count ? `${count} problem(s) in the config` : "config valid";
     status.className = `status ${count ? "bad" : "ok"}`;
+    status.title = count ? "show the first problem" : "";
   }
 }
 function fixButton(error) {
@@ -417,6 +429,23 @@ function unknownKeyItem(error) {
     changed();
   } }, `rename to ${error.suggest}`) : null;
   return el("li", { dataset: { key: error.loc } }, el("code", {}, error.loc), ` = ${JSON.stringify(value)}: ${error.msg} `, rename, remove);
+}
+
+// the problem count in the header takes you to the first problem
+$("#config-status").addEventListener("click", showFirstProblem);
+$("#config-status").addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") showFirstProblem(); });
+function showFirstProblem() {
+  const first = state.touched && state.errors[0];
+  if (!first) return;
+  showPage("config");
+  const target = (first.unknown && $("#unknown-keys")) || targetFor(first.loc, "data-error-for") || $("#general-errors");
+  const group = target.closest(".group");
+  if (group) showGroup(group.dataset.group);
+  openTo(target);
+  target.scrollIntoView({ block: "center" });
+  const field = target.closest(".field");
+  const input = field && field.querySelector("input, select, textarea");
+  if (input) input.focus();
 }
 
 // ------------------------------------------------------------------------------------------- working config
