@@ -424,9 +424,16 @@ def test_a_preset_without_its_concepts_file_says_what_to_do_and_adding_a_concept
     from playwright.sync_api import expect
 
     page = ui.page()
+    ui.load(page, ui.config(), "mine.json")
+    expect(page.locator("#save-path")).to_have_value(str(ui.root / "mine.json"))
     page.select_option("#preset-select", "#wan 2.1 LoRA")
     page.click("#load-preset")
     expect(page.locator("#config-status")).to_have_text("1 problem(s) in the config")
+    # Save no longer overwrites the file loaded before the preset: it asks for a name
+    expect(page.locator("#save-path")).to_have_value("")
+    page.click("#save-file")
+    expect(page.locator("#config-message")).to_contain_text("name the file to save as first")
+    assert json.loads((ui.root / "mine.json").read_text())["resolution"] == "64x48"
     page.click("#group-general")
     page.click("#config-status")
     error = page.locator('[data-error-for="concept_file_name"]')
@@ -469,8 +476,18 @@ def test_dataset_page_edits_captions_in_place(ui):
     expect(page.locator('#inspect-table tr[data-name="shapes_200px_30fps.mp4"] textarea')).to_have_value("moving shapes")
     assert sideways_scroll(page) == 0
     ui.shot(page, "5-dataset-390")
+    # an edit not saved is not lost without a word: Inspect asks first (dismissed: the edit stays)
+    shapes = page.locator('#inspect-table tr[data-name="shapes_200px_30fps.mp4"] textarea')
+    shapes.fill("moving shapes, edited")
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.click("#inspect")
+    assert asked and "1 caption edit(s) not saved" in asked[0], asked
+    expect(shapes).to_have_value("moving shapes, edited")
+    page.once("dialog", lambda dialog: dialog.accept())
     page.click("#inspect")  # inspected again: the caption is the file's now
     expect(page.locator("#inspect-problems")).not_to_contain_text("big_buck_bunny_432_433.txt", timeout=60_000)
+    expect(shapes).to_have_value("moving shapes")
     page.close()
 
 

@@ -476,6 +476,7 @@ $("#load-preset").addEventListener("click", () => {
   const name = $("#preset-select").value;
   replaceConfig(async () => {
     const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
+    $("#save-path").value = ""; // Save must not overwrite the file loaded before the preset
     setConfig(data.config, `preset ${name}`);
   });
 });
@@ -488,6 +489,11 @@ $("#load-file").addEventListener("click", () => {
   });
 });
 $("#save-file").addEventListener("click", async () => {
+  if (!$("#save-path").value.trim()) {
+    message("#config-message", "name the file to save as first (Save as)", true);
+    $("#save-path").focus();
+    return;
+  }
   try {
     const data = await api("POST", "/api/config/save", { path: $("#save-path").value, config: state.config });
     message("#config-message", `saved ${data.path}${data.ok ? "" : ` (with ${data.errors.length} problem(s))`}`);
@@ -510,6 +516,7 @@ $("#upload").addEventListener("change", (event) => {
     let data;
     try { data = JSON.parse(await file.text()); } catch (error) { throw new Error(`${file.name}: ${error.message}`); }
     if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error(`${file.name}: the config must be a JSON object`);
+    $("#save-path").value = ""; // an upload has no path on this machine: Save asks for one
     setConfig(data, file.name);
   });
   event.target.value = "";
@@ -569,7 +576,14 @@ async function runEstimate() {
 $("#estimate-run").addEventListener("click", runEstimate);
 
 // ------------------------------------------------------------------------------------------- dataset
+// caption edits not saved yet: nothing replaces or leaves the page without asking
+const unsavedCaptions = () => [...document.querySelectorAll("#inspect-table textarea.caption")].filter((t) => t.value !== t.dataset.saved).length;
+window.addEventListener("beforeunload", (event) => {
+  if (unsavedCaptions()) { event.preventDefault(); event.returnValue = ""; }
+});
 $("#inspect").addEventListener("click", async () => {
+  const unsaved = unsavedCaptions();
+  if (unsaved && !confirm(`${unsaved} caption edit(s) not saved. Inspect again and lose them?`)) return;
   const status = $("#inspect-status");
   status.textContent = "inspecting…";
   status.className = "status";
@@ -590,11 +604,13 @@ function captionEditor(file) {
   if (file.caption_text === null) return el("span", { class: "hint" }, "unreadable caption file");
   const text = el("textarea", { rows: "2", class: "caption", placeholder: "no caption yet: write one" });
   text.value = (file.caption_text || "").trim();
+  text.dataset.saved = text.value; // an edit differs from this until it is saved
   const save = el("button", { type: "button", class: "save-caption", onclick: async () => {
     try {
       const saved = await api("POST", "/api/caption", { file: file.path, text: text.value });
       save.textContent = "saved";
       save.title = saved.path;
+      text.dataset.saved = text.value;
     } catch (error) {
       save.textContent = error.message;
     }
