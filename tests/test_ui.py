@@ -661,7 +661,21 @@ def test_no_page_scrolls_sideways_at_390_px(ui):
     page.click("#tab-training")
     expect(page.locator("#runs-table tbody tr")).to_have_count(2, timeout=30_000)  # a loaded machine lists runs slowly
     assert sideways_scroll(page) == 0
+    for box in (page.locator("#runs-table input.compare").nth(i).bounding_box() for i in range(2)):
+        assert box["x"] + box["width"] <= PHONE, box  # compare is on screen, not scrolled away inside the table
     ui.shot(page, "8-runs-390")
+    page.close()
+
+    # at 1280 px the dataset's problems column is whole on screen, and "none" is not painted as a problem
+    page = ui.page(DESKTOP)
+    page.click("#tab-dataset")
+    page.fill("#dataset-folder", str(ui.dataset))
+    page.click("#inspect")
+    expect(page.locator("#inspect-table tbody tr")).to_have_count(3, timeout=60_000)
+    for cell in page.locator("#inspect-table td.problems").all():
+        box = cell.bounding_box()
+        assert box["x"] + box["width"] <= DESKTOP and cell.evaluate("c => c.scrollWidth <= c.clientWidth"), box
+    ui.shot(page, "8-dataset-1280")
     page.close()
 
 

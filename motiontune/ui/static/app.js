@@ -652,8 +652,9 @@ function renderInspect(report) {
     if (file.clips.length > file.thumbnails.length && file.thumbnails.length) {
       thumbs.append(el("div", { class: "hint" }, `+${file.clips.length - file.thumbnails.length} more clip(s)`));
     }
-    row.append(
+    row.append(  // the problems beside the name: a wide table never hides them off screen
       el("td", { title: file.path }, file.name),
+      el("td", { class: "problems" }, file.problems.join("; ")),
       el("td", {}, meta.kind || "-"),
       el("td", {}, meta.kind === "video" ? `${meta.duration.toFixed(2)} s` : "-"),
       el("td", {}, meta.fps ? meta.fps.toFixed(2) : "-"),
@@ -662,8 +663,7 @@ function renderInspect(report) {
       el("td", {}, file.bucket ? `${file.bucket.width}x${file.bucket.height}` : "-"),
       el("td", {}, file.clips.length ? `${file.clips.length} × ${file.clips[0].length} frames` : "-"),
       el("td", { class: "caption-cell" }, file.usable ? captionEditor(file) : "-"),
-      thumbs,
-      el("td", { class: "problems" }, file.problems.join("; ")));
+      thumbs);
     const titles = [...document.querySelectorAll("#inspect-table thead th")].map((th) => th.textContent);
     [...row.children].forEach((cell, n) => { cell.dataset.label = titles[n]; }); // the column's name on a phone's cards
     body.append(row);
