@@ -882,6 +882,26 @@ def test_validation_errors_point_at_the_field():
     assert validate(base) [1] == []
 
 
+def test_a_help_paragraph_shows_once_where_one_docs_row_explains_several_keys():
+    """docs/config.md explains validation / validate_after / validate_after_unit in one row: the form showed its
+    paragraph three times. Now under the first key, the others keeping their defaults and pointing to it."""
+    from motiontune.ui.schema_help import schema_keys, ui_schema
+
+    schema = ui_schema()
+    top = schema["properties"]
+    assert "VALIDATION concept" in top["validation"]["x-help"]
+    assert top["validate_after"]["x-help"] == "default 1 · see validation, above"
+    assert top["validate_after_unit"]["x-help"] == "default EPOCH · see validation, above"
+    concept = schema["$defs"]["ConceptConfig"]["properties"]
+    assert concept["balancing_strategy"]["x-help"] == "default REPEATS · see balancing, above"
+    by_section: dict = {}
+    for path, prop in schema_keys(schema):
+        paragraph = (prop.get("x-help") or "").partition(" · ")[2]
+        if len(paragraph) > 40:
+            by_section.setdefault((tuple(path[:-1]), paragraph), []).append(path[-1])
+    assert not {k: v for k, v in by_section.items() if len(v) > 1}  # no long paragraph twice in one section
+
+
 def test_the_schema_carries_defaults_ranges_and_help_from_the_code():
     from motiontune.ui.schema_help import ui_schema
 

@@ -177,10 +177,18 @@ def ui_schema() -> dict:
         prop["x-group"] = GROUP_OF.get(key, "general")
     schema["x-groups"] = list(GROUPS)
     helps = docs_help()
+    explained: dict[tuple, str] = {}  # (section, paragraph) → the first key of the section that shows it
     for path, prop in schema_keys(schema):
         text = helps.get(doc_key(path))
-        if text:
-            prop["x-help"] = text
+        if not text:
+            continue
+        # one docs row may explain several keys of a section (validation, validate_after, ...): the paragraph
+        # shows once, under the first of them, and the others point there (each keeps its own default)
+        default, _, paragraph = text.partition(" · ") if text.startswith("default") else ("", "", text)
+        first = explained.setdefault((tuple(path[:-1]), paragraph), str(path[-1]))
+        if first != str(path[-1]) and default and len(paragraph) > 40:  # a range ("≥ 1") is worth repeating
+            text = f"{default} · see {first}, above"
+        prop["x-help"] = text
     return schema
 
 
