@@ -238,6 +238,8 @@ class Runs:
             "result": result,
             "requests": train_requests.answers(folder),
             "log": log_tail(folder),
+            "log_file": next((str(folder / n) for n in (RUN_LOG, LEGACY_LOG) if (folder / n).is_file()), None),
+            "tensorboard_dir": str(folder / "tensorboard") if (folder / "tensorboard").is_dir() else None,
         }
 
     def scalars(self, folder: Path) -> dict[str, list]:

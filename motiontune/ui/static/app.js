@@ -52,7 +52,10 @@ function message(selector, text, bad = false) {
 // ------------------------------------------------------------------------------------------- pages
 for (const tab of document.querySelectorAll("header nav .tab")) tab.addEventListener("click", () => showPage(tab.dataset.page));
 function showPage(name) {
-  for (const tab of document.querySelectorAll("header nav .tab")) tab.classList.toggle("active", tab.dataset.page === name);
+  for (const tab of document.querySelectorAll("header nav .tab")) {
+    tab.classList.toggle("active", tab.dataset.page === name);
+    tab.setAttribute("aria-selected", String(tab.dataset.page === name));
+  }
   for (const page of document.querySelectorAll(".page")) page.classList.toggle("active", page.id === `page-${name}`);
   remember({ page: name });
   if (name === "training") { refreshRuns(); pollRun(); }
@@ -120,12 +123,15 @@ const GROUP_TITLES = { general: "General", model: "Model", data: "Data", concept
 function renderGroups() {
   const nav = $("#groups");
   nav.replaceChildren(...state.schema["x-groups"].map((group) => el("button", {
-    type: "button", class: "group-tab", id: `group-${group}`, dataset: { group },
+    type: "button", class: "group-tab", id: `group-${group}`, dataset: { group }, role: "tab", "aria-selected": "false",
     onclick: () => showGroup(group) }, GROUP_TITLES[group] || group)));
 }
 function showGroup(group) {
   remember({ group });
-  for (const tab of document.querySelectorAll(".group-tab")) tab.classList.toggle("active", tab.dataset.group === group);
+  for (const tab of document.querySelectorAll(".group-tab")) {
+    tab.classList.toggle("active", tab.dataset.group === group);
+    tab.setAttribute("aria-selected", String(tab.dataset.group === group));
+  }
   for (const box of document.querySelectorAll("#config-form > .group")) box.hidden = box.dataset.group !== group;
   for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = !panel.dataset.groupPanel.split(" ").includes(group);
   if (group === "tools") $("#config-json").textContent = JSON.stringify(state.config, null, 2);
@@ -204,15 +210,18 @@ function renderField(path, prop, parentSchema, parentDefault) {
   const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path) } });
   const id = `field-${pathText(path).replace(/[^A-Za-z0-9_]/g, "-")}`;
   const control = makeControl(path, prop, info, isSet ? value : fallback, fallback, id);
-  const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", onclick: () => {
+  const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", "aria-label": `${key}: back to the default`, onclick: () => {
     deletePath(state.config, path);
     renderForm();
     changed();
   } }, "↺");
-  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset),
-    helpBox(prop, info, path, fallback, required),
-    el("div", { class: "error", dataset: { errorFor: pathText(path) } }),
-    el("div", { class: "warning", dataset: { warningFor: pathText(path) } }));
+  // a screen reader reads the field's help, error and warning with it
+  control.setAttribute("aria-describedby", `${id}-help ${id}-error ${id}-warning`);
+  const help = helpBox(prop, info, path, fallback, required);
+  help.id = `${id}-help`;
+  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset), help,
+    el("div", { class: "error", id: `${id}-error`, dataset: { errorFor: pathText(path) } }),
+    el("div", { class: "warning", id: `${id}-warning`, dataset: { warningFor: pathText(path) } }));
   return wrapper;
 }
 
@@ -689,7 +698,7 @@ const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() :
 function renderRuns() {
   const body = $("#runs-table tbody");
   body.replaceChildren(...state.runs.map((run) => {
-    const compare = el("input", { type: "checkbox", class: "compare", title: "overlay on the chart",
+    const compare = el("input", { type: "checkbox", class: "compare", title: "overlay on the chart", "aria-label": `compare ${run.id} on the chart`,
       checked: view.compare === run.path, disabled: view.run === run.path, onchange: (e) => {
         remember({ compare: e.target.checked ? run.path : null });
         renderRuns();
@@ -895,7 +904,8 @@ function renderRun(run, other) {
     const otherLr = Object.keys(other.scalars).find((tag) => tag === "lr" || tag.startsWith("lr/"));
     lrLines.push({ series: otherLr ? other.scalars[otherLr] : [], color: "#38a169", label: other.id });
   }
-  $("#chart-legend").replaceChildren(...lossLines.map((line) => el("span", { style: `color:${line.color}` }, `■ ${line.label}`)));
+  // the swatch carries the line's colour, the text the page's (readable on either background)
+  $("#chart-legend").replaceChildren(...lossLines.map((line) => el("span", {}, el("b", { style: `color:${line.color}`, "aria-hidden": "true" }, "■ "), line.label)));
   drawChart($("#loss-chart"), lossLines, "loss");
   drawChart($("#lr-chart"), lrLines, "learning rate");
   $("#loss-chart").dataset.compared = String(other && other.scalars && other.scalars.loss ? other.scalars.loss.length : 0);
@@ -926,6 +936,11 @@ function renderRun(run, other) {
   const result = run.result;
   $("#run-result").replaceChildren(...(result && !run.running ? [el("p", {},
     `${result.interrupted ? "Stopped early (Resume continues it)" : "Finished"} after ${result.steps} steps.`)] : []));
+  // the page shows the log's end; the whole file opens in its own tab, the history in TensorBoard
+  $("#whole-log").hidden = !run.log_file;
+  if (run.log_file) $("#whole-log").href = `/api/file?path=${encodeURIComponent(run.log_file)}`;
+  $("#tensorboard-hint").hidden = !run.tensorboard_dir;
+  $("#tensorboard-command").textContent = run.tensorboard_dir ? `tensorboard --logdir "${run.tensorboard_dir}"` : "";
   const logBox = $("#run-log");
   const atBottom = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 5;
   logBox.textContent = run.log || "";
