@@ -449,6 +449,32 @@ def test_a_preset_without_its_concepts_file_says_what_to_do_and_adding_a_concept
     page.close()
 
 
+def test_find_a_key_shows_every_offloading_key_across_groups(ui):
+    """About 200 inputs in eight groups: typing "offload" shows every key whose name or help says it, from every
+    group at once (sections opened), and nothing else; clearing the search gives the groups back."""
+    from playwright.sync_api import expect
+
+    from motiontune.ui.schema_help import schema_keys, ui_schema
+
+    wanted = {".".join(map(str, path)) for path, prop in schema_keys(ui_schema())
+              if "offload" in ".".join(map(str, path)) and 0 not in path and "properties" not in prop}
+    page = ui.page()
+    ui.load(page, ui.config(), "search.json")
+    page.click("#group-training")
+    page.fill("#key-search", "offload")
+    expect(page.locator("#key-search-count")).to_contain_text("key(s) found")
+    shown = set(page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)"))
+    assert wanted <= shown, wanted - shown
+    assert all("offload" in key or "offload" in page.locator(f'.field[data-path="{key}"] .help').text_content().lower()
+               for key in shown)  # the rest say it in their help (CPU_OFFLOADED checkpointing)
+    assert page.locator("#key-search-count").text_content() == f"{len(shown)} key(s) found"
+    print(f"'offload' finds {len(shown)} keys: {sorted(shown)}")
+    page.fill("#key-search", "")
+    expect(page.locator('#config-form .group[data-group="training"]')).to_be_visible()
+    expect(page.locator('#config-form .group[data-group="model"]')).to_be_hidden()
+    page.close()
+
+
 def test_dataset_page_edits_captions_in_place(ui):
     from playwright.sync_api import expect
 

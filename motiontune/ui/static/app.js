@@ -137,6 +137,35 @@ function showGroup(group) {
   if (group === "tools") $("#config-json").textContent = JSON.stringify(state.config, null, 2);
 }
 
+// Find a key: every group at once, only the fields whose key or help holds the words typed
+$("#key-search").addEventListener("input", applySearch);
+function applySearch() {
+  const words = $("#key-search").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const form = $("#config-form");
+  form.classList.toggle("searching", words.length > 0);
+  if (!words.length) {
+    for (const node of form.querySelectorAll(".field, details")) node.classList.remove("search-miss");
+    $("#key-search-count").textContent = "";
+    showGroup(view.group || "general");
+    return;
+  }
+  for (const box of form.querySelectorAll(".group")) box.hidden = false;
+  let found = 0;
+  for (const field of form.querySelectorAll(".field")) {
+    const text = `${field.dataset.path} ${field.querySelector(".help") ? field.querySelector(".help").textContent : ""}`.toLowerCase();
+    const hit = words.every((word) => text.includes(word));
+    field.classList.toggle("search-miss", !hit);
+    found += hit;
+  }
+  // a section shows while something inside it matches, opened so the match is seen
+  for (const details of [...form.querySelectorAll("details")].reverse()) {
+    const hit = details.querySelector(".field:not(.search-miss)") !== null;
+    details.classList.toggle("search-miss", !hit);
+    if (hit) details.open = true;
+  }
+  $("#key-search-count").textContent = `${found} key(s) found`;
+}
+
 function renderForm() {
   const form = $("#config-form");
   const open = new Set([...form.querySelectorAll("details[open]")].map((d) => d.dataset.path));
@@ -156,6 +185,7 @@ function renderForm() {
   for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
   showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+  if ($("#key-search").value.trim()) applySearch(); // a search stays applied while the form is redrawn
 }
 
 function helpBox(prop, info, path, fallback, required) {
