@@ -746,6 +746,59 @@ def test_every_page_passes_an_accessibility_check_light_and_dark(ui):
     page.close()
 
 
+def test_the_basic_view_fits_one_screen_keeps_every_key_and_starts_a_run(ui, tmp_path):
+    """`#wan 2.1 LoRA` in the basic view: its few keys and the memory estimate on one 1280x800 screen; a first run
+    set up there (model, a folder of clips, the size, where to write) starts; Advanced shows every key the preset
+    had, nothing lost."""
+    from playwright.sync_api import expect
+
+    page = ui.browser.new_page(viewport={"width": DESKTOP, "height": 800})
+    page.set_default_timeout(60_000)
+    page.goto(ui.server.url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.select_option("#preset-select", "#wan 2.1 LoRA")
+    page.click("#load-preset")
+    expect(page.locator("#field-resolution")).to_have_value("832x480")
+    page.check("#view-basic")
+    expect(page.locator("#groups")).to_be_hidden()
+    shown = page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)")
+    assert set(shown) == {"model_type", "training_method", "base_model_name", "resolution", "epochs", "learning_rate",
+                          "lora_rank", "workspace_dir", "output_model_destination"}, shown
+    expect(page.locator("#estimate-panel")).to_be_visible()
+    ui.shot(page, "9-basic-view")
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    assert height <= 800, f"the basic view is {height} px high"
+
+    page.locator('details[data-path="concepts"] button.add').click()
+    page.fill("#field-concepts-0-path", str(ui.dataset))
+    page.fill("#field-base_model_name", str(ui.model))
+    page.fill("#field-resolution", "64x48")
+    page.fill("#field-epochs", "50")
+    page.fill("#field-workspace_dir", str(tmp_path / "basic-workspace"))
+    page.fill("#field-output_model_destination", str(tmp_path / "basic-lora.safetensors"))
+    page.check("#view-advanced")  # nothing the preset set is lost by the basic view
+    expect(page.locator("#groups")).to_be_visible()
+    ui.kept(lambda kept: kept["resolution"] == "64x48" and kept["lora_rank"] == 32 and kept["timestep_shift"] == 3.0
+            and kept["samples"][0]["frames"] == 33 and kept["concepts"][0]["path"] == str(ui.dataset))
+    page.click("#group-data")
+    page.locator('details[data-path="video_config"]').evaluate("d => d.open = true")
+    expect(page.locator("#field-video_config-max_frames")).to_have_value("33")
+    page.fill("#field-video_config-max_frames", "9")
+    page.click("#group-sampling")
+    page.locator('details[data-path="samples"]').evaluate("d => d.open = true")
+    page.fill("#field-samples-0-frames", "5")
+    page.fill("#field-samples-0-height", "48")
+    page.fill("#field-samples-0-width", "64")
+    page.check("#view-basic")
+    expect(page.locator("#config-status")).to_have_text("config valid")
+    page.click("#tab-training")
+    page.click("#start-training")
+    expect(page.locator("#run-state")).to_have_text("training", timeout=120_000)
+    page.click("#stop-training")
+    expect(page.locator("#run-state")).to_have_text("stopped", timeout=120_000)
+    page.close()
+
+
 def test_every_key_has_help_from_docs_config_md():
     """Every key at every depth has its row in docs/config.md, the one text the form's help and the docs share;
     every top-level key belongs to one of the form's groups."""

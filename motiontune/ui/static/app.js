@@ -137,6 +137,32 @@ function showGroup(group) {
   if (group === "tools") $("#config-json").textContent = JSON.stringify(state.config, null, 2);
 }
 
+// Basic view: the few keys a first run needs, on one screen; Advanced: every key, by group. The config is the
+// same in both (switching hides fields, it never drops a key).
+const BASIC_KEYS = ["model_type", "training_method", "base_model_name", "resolution", "epochs", "learning_rate",
+  "lora_rank", "workspace_dir", "output_model_destination", "concepts.*.path"];
+const isBasic = (path) => BASIC_KEYS.some((key) => new RegExp(`^${key.replace(/\./g, "\\.").replace("*", "\\d+")}$`).test(path));
+for (const radio of document.querySelectorAll('input[name="form-view"]')) {
+  radio.addEventListener("change", () => { remember({ mode: radio.value }); applyView(); });
+}
+function applyView() {
+  const basic = (view.mode || "advanced") === "basic";
+  $(`#view-${basic ? "basic" : "advanced"}`).checked = true;
+  const form = $("#config-form");
+  form.classList.toggle("basic", basic);
+  $("#groups").hidden = basic;
+  if (!basic) { showGroup(view.group || "general"); return; }
+  for (const box of form.querySelectorAll(".group")) box.hidden = false;
+  for (const field of form.querySelectorAll(".field")) field.classList.toggle("basic-miss", !isBasic(field.dataset.path));
+  for (const details of [...form.querySelectorAll("details")].reverse()) {
+    // the concept list stays, with its add button, even while it is empty
+    const hit = details.dataset.path === "concepts" || details.querySelector(".field:not(.basic-miss)") !== null;
+    details.classList.toggle("basic-miss", !hit);
+    if (hit) details.open = true;
+  }
+  for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = panel.id !== "estimate-panel";
+}
+
 // Find a key: every group at once, only the fields whose key or help holds the words typed
 $("#key-search").addEventListener("input", applySearch);
 function applySearch() {
@@ -146,7 +172,7 @@ function applySearch() {
   if (!words.length) {
     for (const node of form.querySelectorAll(".field, details")) node.classList.remove("search-miss");
     $("#key-search-count").textContent = "";
-    showGroup(view.group || "general");
+    applyView();
     return;
   }
   for (const box of form.querySelectorAll(".group")) box.hidden = false;
@@ -185,6 +211,7 @@ function renderForm() {
   for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
   showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+  applyView();
   if ($("#key-search").value.trim()) applySearch(); // a search stays applied while the form is redrawn
 }
 
