@@ -799,6 +799,51 @@ def test_the_basic_view_fits_one_screen_keeps_every_key_and_starts_a_run(ui, tmp
     page.close()
 
 
+def test_queued_jobs_run_in_order_with_the_page_closed(ui):
+    """Four jobs in the queue: a long one (stopped from the page), one that fails when its model loads, one
+    cancelled before its turn, and a short one. With the page closed, each starts when the one before ends, the
+    failed one does not stop the next, the cancelled one never starts; reopened, the page lists what ran when."""
+    import httpx
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    jobs = {"long": ui.config(), "failing": ui.config(base_model_name=str(ui.dataset)),  # a folder, but no model
+            "cancelled": ui.config(epochs=1), "short": ui.config(epochs=1)}
+    for name, config in jobs.items():
+        ui.load(page, config, f"{name}.json")
+        page.click("#tab-training")
+        page.click("#queue-add")
+        expect(page.locator("#train-message")).to_contain_text(f"queued {ui.root / (name + '.json')}")
+    rows = page.locator("#queue-table tbody tr")
+    expect(rows).to_have_count(4)
+    cancelled = rows.nth(2)
+    cancelled.locator("button.job-cancel").click()
+    expect(cancelled.locator(".job-state")).to_have_text("cancelled")
+    expect(rows.nth(0).locator(".job-state")).to_have_text("training", timeout=120_000)
+    rows.nth(0).locator("a.job-run").click()  # the first job's run, shown below
+    expect(page.locator("#run-id")).to_have_text(rows.nth(0).locator("a.job-run").text_content())
+    page.click("#stop-training")
+    page.close()  # the rest happens with no page open
+
+    def listing():
+        return httpx.get(f"{ui.server.url}/api/queue").json()["jobs"]
+
+    deadline = time.time() + 600  # a state, not a delay: the short job's run is done
+    while not (listing()[3].get("run_state") == "done"):
+        assert time.time() < deadline, listing()
+        time.sleep(1)
+    done = listing()
+    assert [j.get("run_state") or j["state"] for j in done] == ["stopped", "failed", "cancelled", "done"], done
+    assert done[2]["run"] is None and done[2]["started"] is None  # never started
+    assert done[0]["started"] < done[1]["started"] < done[3]["started"]  # in order, one after another
+
+    page = ui.page()
+    page.click("#tab-training")
+    expect(page.locator("#queue-table tbody tr .job-state")).to_have_text(["stopped", "failed", "cancelled", "done"])
+    ui.shot(page, "10-queue")
+    page.close()
+
+
 def test_every_key_has_help_from_docs_config_md():
     """Every key at every depth has its row in docs/config.md, the one text the form's help and the docs share;
     every top-level key belongs to one of the form's groups."""

@@ -125,6 +125,7 @@ class Runs:
         self.stopped: set[Path] = set()  # runs this UI was asked to stop
         self.served: set[Path] = set()  # workspaces and output folders files may be served from
         self._scalars: dict[str, object] = {}
+        self.closing = False  # set by kill_all: nothing new starts (the job queue asks)
 
     # ------------------------------------------------------------------------------------------ folders
 
@@ -357,6 +358,7 @@ class Runs:
         return {"asked": action, "path": str(folder)}
 
     def kill_all(self) -> None:
+        self.closing = True
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()

@@ -24,6 +24,7 @@ from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, apply_override
 from ..util.files import write_then_rename
 from .checks import MEDIA, path_problems, validate, warnings
+from .queue import JobQueue
 from .runs import Runs, read_json
 from .schema_help import ui_schema
 
@@ -130,6 +131,7 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
     if workspace is not None:
         runs.watch(Path(workspace))
     app.state.run = runs
+    queue = app.state.queue = JobQueue(runs, home)
 
     @app.middleware("http")
     async def same_origin_only(request: Request, call_next):
@@ -270,6 +272,28 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         if errors or parsed is None:
             return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
         return runs.start(config, parsed.workspace_dir)
+
+    # ------------------------------------------------------------------------------------------ the job queue
+
+    @app.get("/api/queue")
+    def queued():
+        return {"jobs": queue.listing()}
+
+    @app.post("/api/queue")
+    def enqueue(config=Body(...), name: str = Body("")):
+        parsed, errors = validate(config)
+        errors = errors + (path_problems(config) if isinstance(config, dict) else [])
+        if errors or parsed is None:
+            return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
+        return queue.add(config, parsed.workspace_dir, name)
+
+    @app.post("/api/queue/cancel")
+    def cancel_job(id: str = Body(..., embed=True)):
+        return queue.cancel(id)
+
+    @app.post("/api/queue/move")
+    def move_job(id: str = Body(...), offset: int = Body(...)):
+        return queue.move(id, offset)
 
     @app.post("/api/train/stop")
     def stop(path: str | None = Body(None, embed=True)):

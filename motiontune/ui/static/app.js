@@ -741,7 +741,43 @@ function renderInspect(report) {
 function workspaceDir() {
   return state.config.workspace_dir || state.schema.properties.workspace_dir.default;
 }
+// ------------------------------------------------------------------------------------------- the job queue
+$("#queue-add").addEventListener("click", async () => {
+  try {
+    const job = await api("POST", "/api/queue", { config: state.config, name: state.source || "config" });
+    message("#train-message", `queued ${job.name} (job ${job.id})`);
+    $("#train-errors").replaceChildren();
+    await refreshQueue();
+  } catch (error) {
+    message("#train-message", error.message, true);
+    $("#train-errors").replaceChildren(...((error.data && error.data.errors) || []).map((e) => el("li", {}, e.loc ? `${e.loc}: ${e.msg}` : e.msg)));
+  }
+});
+async function refreshQueue() {
+  const { jobs } = await api("GET", "/api/queue");
+  $("#queue-empty").hidden = jobs.length > 0;
+  const act = (url, body) => async () => {
+    try { await api("POST", url, body); } catch (error) { message("#train-message", error.message, true); }
+    refreshQueue();
+  };
+  $("#queue-table tbody").replaceChildren(...jobs.map((job) => el("tr", { dataset: { job: job.id, state: job.state } },
+    el("td", {}, job.name),
+    el("td", { class: "job-state" }, job.state === "started" ? job.run_state || "started" : job.state),
+    el("td", {}, job.run ? el("a", { href: "#", class: "job-run", onclick: (event) => {
+      event.preventDefault(); // show this job's run below
+      remember({ run: job.run, workspace: null });
+      pollRun();
+    } }, job.run.split(/[\\/]/).pop()) : "-"),
+    el("td", {}, when(job.added)),
+    el("td", {}, when(job.started)),
+    el("td", {}, job.state !== "queued" ? "" : [
+      el("button", { type: "button", class: "job-up", "aria-label": `move ${job.name} up`, onclick: act("/api/queue/move", { id: job.id, offset: -1 }) }, "↑"),
+      el("button", { type: "button", class: "job-down", "aria-label": `move ${job.name} down`, onclick: act("/api/queue/move", { id: job.id, offset: 1 }) }, "↓"),
+      el("button", { type: "button", class: "job-cancel", onclick: act("/api/queue/cancel", { id: job.id }) }, "cancel")]))));
+}
+
 async function refreshRuns() {
+  refreshQueue().catch(() => {});
   try {
     const listed = await api("POST", "/api/runs", { workspace: view.workspace || workspaceDir() });
     state.runs = listed.runs;
@@ -891,6 +927,7 @@ async function pollRun() {
   clearTimeout(pollTimer);
   if (polling) return;
   polling = true;
+  refreshQueue().catch(() => {}); // a queued job may have started or ended
   try {
     const run = view.run ? await api("GET", `/api/run?path=${encodeURIComponent(view.run)}`) : await api("GET", "/api/run");
     let other = null;
