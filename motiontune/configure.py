@@ -68,7 +68,17 @@ def family_problems(config: TrainConfig) -> list[str]:
             f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {model_type} is "
             f"{'always' if first_frame == 'required' else 'never'} image-conditioned, so remove the key"
         )
+    last_frame = family.takes_last_frame(model_type)
+    if config.last_frame_conditioning_probability > 0 and not last_frame:
+        problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
+                        "A14B does); remove the key")
     for index, sample in enumerate(config.samples):
+        if sample.last_image and not last_frame:
+            problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
+        elif sample.last_image and not sample.image:
+            problems.append(f"  - samples[{index}].last_image: a last frame goes with a first one; give `image` too")
+        elif sample.last_image and (problem := image_file_problem(sample.last_image)):
+            problems.append(f"  - samples[{index}].last_image = {sample.last_image!r}: {problem}")
         problem = image_file_problem(sample.image) if sample.image else None
         if not sample.image and first_frame == "required":
             problems.append(f"  - samples[{index}].image: {model_type} makes videos from a first frame; give an image file")

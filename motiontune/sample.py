@@ -36,6 +36,11 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             from PIL import Image
 
             image = np.asarray(Image.open(sample.image).convert("RGB"))  # checked when the config loaded
+        last_image = None
+        if sample.last_image:
+            from PIL import Image
+
+            last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -46,6 +51,7 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             cfg_scale=sample.cfg_scale,
             seed=sample.seed,
             image=image,
+            last_image=last_image,
             fps=sample.fps,
         )
         requests.append((request, sample.fps))

@@ -100,6 +100,11 @@ class WanFamily(ModelFamily):
         return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
+    def takes_last_frame(cls, model_type):
+        # WAN 2.1 I2V's CLIP embedding takes one image; WAN 2.1 FLF2V (two) is not served yet
+        return model_type == "WAN_2_2_I2V_A14B"
+
+    @classmethod
     def config_problems(cls, config):
         if config.model_type not in A14B_MODEL_TYPES:
             return super().config_problems(config)
@@ -173,15 +178,19 @@ class WanFamily(ModelFamily):
             latents = torch.cat([latents, self._image_condition(pixels, mean, std)], dim=1)
         return latents[0].to("cpu")
 
-    def _image_condition(self, pixels, mean, std):
+    def _image_condition(self, pixels, mean, std, last: bool = False):
         """The mask and first-frame latents `WanImageToVideoPipeline.prepare_latents` builds: the first frame
-        followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots."""
+        followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots. `last`: the
+        clip's last frame in place of the last black one, and the mask 1 on it too (the pipeline's `last_image`)."""
         frames = pixels.shape[2]
-        video = torch.cat([pixels[:, :, :1], pixels.new_zeros(*pixels.shape[:2], frames - 1, *pixels.shape[3:])], dim=2)
+        video = pixels.clone()
+        video[:, :, 1 : frames - 1 if last else frames] = 0
         condition = (self.vae_latents(video, mode=True) - mean) / std
         _, _, latent_frames, height, width = condition.shape
         mask = torch.zeros(1, 1, frames, height, width, device=pixels.device)
         mask[:, :, 0] = 1
+        if last:
+            mask[:, :, -1] = 1
         mask = torch.cat([mask[:, :, :1].repeat_interleave(self.temporal_factor, dim=2), mask[:, :, 1:]], dim=2)
         mask = mask.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
         return torch.cat([mask.to(condition.dtype), condition], dim=1)
@@ -192,11 +201,32 @@ class WanFamily(ModelFamily):
         inputs = self.image_processor(images=frame, return_tensors="pt").to(self.device)
         return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2][0].to("cpu")
 
-    def split_conditioning(self, stored, generator, image_embeds=None) -> tuple[torch.Tensor, Conditioning | None]:
+    @property
+    def trains_last_frame(self) -> bool:
+        return self.config.last_frame_conditioning_probability > 0 and self.takes_last_frame(self.config.model_type)
+
+    def clip_extra_names(self):
+        return ("last_frame",) if self.trains_last_frame else ()
+
+    @no_grad
+    def clip_extras(self, frames):
+        """First and last frame: the condition channels of the clip's own first and last frames, beside the
+        first-frame ones its latents carry (a step picks one or the other)."""
+        if not self.trains_last_frame:
+            return {}
+        pixels = self.video_pixels(frames)
+        mean, std = self._latent_stats(pixels)
+        return {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+
+    def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
         if self.is_i2v:
             channels = self.transformer.config.out_channels
             rows = torch.ones(len(stored), dtype=torch.bool)
-            return stored[:, :channels], Conditioning(stored[:, channels:], rows, image_embeds=image_embeds)
+            condition = stored[:, channels:]
+            if extras and "last_frame" in extras:  # these samples also get their last frame
+                with_last = torch.rand(len(stored), generator=generator) < self.config.last_frame_conditioning_probability
+                condition = torch.where(with_last.to(stored.device).view(-1, 1, 1, 1, 1), extras["last_frame"], condition)
+            return stored[:, :channels], Conditioning(condition, rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
             rows = torch.rand(len(stored), generator=generator) < probability
@@ -304,6 +334,8 @@ class WanFamily(ModelFamily):
                 pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor,
                                                    **parts)
                 image = {"image": Image.fromarray(request.image)}
+                if request.last_image is not None:
+                    image["last_image"] = Image.fromarray(request.last_image)
             else:
                 pipeline = WanPipeline(**parts)
             pipeline.set_progress_bar_config(disable=True)
