@@ -77,6 +77,7 @@ class SampleConfig(Strict):
     fps: float = Field(16.0, gt=0)
     image: LocalPath | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
     last_image: LocalPath | None = None  # first and last frame: the last frame (models that take one; with `image`)
+    control: LocalPath | None = None  # a control video the sample follows (models that take one: VACE; docs/control.md)
 
 
 class VideoConfig(Strict):

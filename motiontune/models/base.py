@@ -71,6 +71,7 @@ class SampleRequest:
     seed: int
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
     last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
+    control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
