@@ -78,6 +78,8 @@ def preset_data(tmp_path_factory) -> dict[str, Path]:
         for clip in made.iterdir():
             shutil.copy(clip, folder / clip.name)
             (folder / clip.name).with_suffix(".txt").write_text(prefix + captions[clip.stem] + "\n")
+            # a control video beside each clip (the clip itself), for the presets of models that follow one
+            shutil.copy(clip, folder / f"{clip.stem}-control{clip.suffix}")
         folders[kind] = folder
     with av.open(str(made / "shapes.mp4")) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")

@@ -46,6 +46,7 @@ _COMFY_RENAMES = [
     (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V's CLIP projection
     (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
     (r"^proj_out$", "head.head"),
+    (r"^(vace_blocks\.\d+)\.proj_in$", r"\1.before_proj"), (r"^(vace_blocks\.\d+)\.proj_out$", r"\1.after_proj"),  # VACE
 ]
 
 # The rest of the original names, for whole checkpoints (norms and modulation tables).
