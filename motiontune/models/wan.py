@@ -443,6 +443,13 @@ class WanFamily(ModelFamily):
     text_tokens = MAX_SEQUENCE_LENGTH
     TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
 
+    def estimate_shorten(self, cfg: dict, short: dict) -> dict:
+        """A copy with fewer blocks keeps the VACE blocks that sit beside those (VACE: one per two blocks in 1.3B). The
+        activations of the VACE blocks past the simulated ones are not extrapolated: an estimate of VACE runs is low."""
+        if "vace_layers" not in cfg:
+            return short
+        return dict(short, vace_layers=[layer for layer in cfg["vace_layers"] if layer < short["num_layers"]])
+
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
         name = base if base in RELEASES else DEFAULT_RELEASE[self.config.model_type]
