@@ -239,7 +239,7 @@ class Cache:
     def remove_unused(self, used: dict[str, set[str]]) -> int:
         """Delete every entry no current clip or caption uses; returns how many."""
         removed = 0
-        for kind in ("latents", "text", "masks"):
+        for kind in ("latents", "text", "masks", "conditions"):
             for key in self.keys(kind) - used.get(kind, set()):
                 self.path(kind, key).unlink()
                 removed += 1

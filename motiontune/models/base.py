@@ -33,7 +33,7 @@ class Expert:
 
 @dataclass
 class Conditioning:
-    """What a batch is conditioned on besides its text: a first frame (image-to-video)."""
+    """What a batch is conditioned on besides its text: a first (and last) frame, a control video (VACE)."""
 
     latents: torch.Tensor  # the family's condition tensor, one row per sample
     rows: torch.Tensor  # (B,) bool: the samples that are conditioned
