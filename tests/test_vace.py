@@ -95,6 +95,11 @@ def test_vace_clips_need_their_control(tiny_models, clips, tmp_path, capsys):
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
     err = capsys.readouterr().err
     assert f"skipped {data / 'bunny.mp4'}: control condition missing: no bunny-control.<ext> beside bunny.mp4" in err
+    capsys.readouterr()
+    assert main(["cache", "--config", str(tmp_path / "config.json"), "--clear"]) == 0  # the control stays cached
+    assert "1 conditions (0 encoded now)" in capsys.readouterr().out
+    assert main(["cache", "--config", str(tmp_path / "config.json")]) == 0
+    assert "1 conditions (0 encoded now)" in capsys.readouterr().out
     config["samples"] = [{"prompt": PROMPT}]
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 2
     assert "samples[0].control: WAN_2_1_VACE makes videos that follow a control video" in capsys.readouterr().err
