@@ -84,6 +84,8 @@ def cmd_cache(args) -> int:
     dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
     encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
     masks = f", {len(encoding.used['masks'])} masks ({encoding.calls['mask']} made now)" if config.masked_training else ""
+    if encoding.used["conditions"]:  # control videos and the like (docs/control.md)
+        masks += f", {len(encoding.used['conditions'])} conditions ({encoding.calls['condition']} encoded now)"
     print(f"cache {config.cache_dir}: {len(encoding.used['latents'])} clip latents and {len(encoding.used['text'])} "
           f"text embeddings in use ({encoding.calls['video']} and {encoding.calls['text']} encoded now){masks}")
     if args.clear:
