@@ -1,0 +1,331 @@
+"""`motiontune lora check | convert | merge | resize` on the files motiontune writes, against the real loaders.
+
+Each model type's tiny transformer gets adapters from the trainer's own `lora.prepare`, set to random values (as if
+trained: lora_B no longer zero), saved by the trainer's own `lora.save` as COMFY_LORA and DIFFUSERS_LORA (lora_alpha 3,
+rank 4: a lost alpha shows). The references are diffusers' own: the stock pipeline's `load_lora_weights` (or, for
+HunyuanVideo 1.5, which has none, the transformer's `load_lora_adapter`) and `fuse_lora`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from motiontune.cli import main
+from test_lora_formats import MODEL_TYPES as TRAINED_TYPES
+from test_lora_formats import hunyuan_width, plain_weights, real_width_as, relative_difference, stock_pipeline
+
+RANK, ALPHA = 4, 3
+EQUAL = 1e-6
+# model type → tiny model; WAN 2.2 A14B with both experts (the low-noise file is the second transformer's)
+MODEL_TYPES = {
+    "WAN_2_1_T2V": "wan-2.1",
+    "WAN_2_2_T2V_A14B": "wan-2.2-a14b",
+    "HUNYUAN_VIDEO": "hunyuan-video",
+    "HI_DREAM_DEV": "hi-dream",
+    "HUNYUAN_VIDEO_1_5": "hunyuan-video-1.5",
+    "LTX_2": "ltx-2",
+}
+KINDS = {"LoRA": {}, "DoRA": {"lora_decompose": True}, "LoHa": {"peft_type": "LOHA"}, "LoKr": {"peft_type": "LOKR"}}
+
+
+def write_loras(model_type: str, model: Path, folder: Path, **keys) -> dict[str, list[Path]]:
+    """format → the files (one per expert) of one set of random adapters on the tiny model."""
+    from motiontune.config import TrainConfig
+    from motiontune.methods import lora
+    from motiontune.models import family_for
+
+    config = TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model), "lora_rank": RANK,
+                                         "lora_alpha": ALPHA, **keys})
+    family = family_for(config, torch.device("cpu"))
+    family.load_transformers()
+    torch.manual_seed(0)
+    for expert in family.trained_experts():
+        for parameter in lora.prepare(family, expert, config):
+            parameter.data.normal_(std=0.2)
+    return {output: lora.save(family, config, folder / f"{output.lower()}.safetensors", output)
+            for output in ("COMFY_LORA", "DIFFUSERS_LORA")}
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_models, tmp_path_factory):
+    """(model type, kind) → (tiny model, {format: files}); written once, on first use."""
+    done = {}
+
+    def get(model_type: str, kind: str = "LoRA"):
+        if (model_type, kind) not in done:
+            model = tiny_models(MODEL_TYPES[model_type])
+            keys = {"experts": "both"} if model_type == "WAN_2_2_T2V_A14B" else {}
+            folder = tmp_path_factory.mktemp(f"{model_type.lower()}-{kind.lower()}")
+            done[model_type, kind] = model, write_loras(model_type, model, folder, **KINDS[kind], **keys)
+        return done[model_type, kind]
+
+    return get
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main(["lora", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def check(capsys, path: Path, model_type: str, model: Path, *more) -> tuple[int, str]:
+    with real_width_as(32 if model_type == "HUNYUAN_VIDEO" else None):  # diffusers' HunyuanVideo converter: see there
+        return run(capsys, "check", path, "--model-type", model_type, "--model", model, *more)
+
+
+def summary(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("summary:"))
+
+
+def table(output: str) -> dict[str, list[str]]:
+    """key → its row's cells (adapts, kind, rank, alpha, dtype, diffusers, ComfyUI) from the check's table."""
+    rows = {}
+    for line in output.splitlines():
+        cells = line.split()
+        if line.startswith("  ") and len(cells) >= 8 and cells[0] != "key":
+            key, rest = cells[0], cells[1:]
+            if rest[0] == "text":  # "text encoder" is two words
+                rest = ["text encoder", *rest[2:]]
+            rows[key] = rest
+    return rows
+
+
+# --- check ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_check_says_every_key_loads_in_each_loader_meant_for_the_file(model_type, loras, capsys):
+    model, files = loras(model_type)
+    for output, paths in files.items():
+        for path in paths:
+            code, text = check(capsys, path, model_type, model)
+            line = summary(text)
+            print(f"{model_type} {output} {path.name}: {line}")
+            assert code == 0, text
+            if output == "COMFY_LORA":
+                assert "ComfyUI: all keys load" in line
+                if model_type == "HUNYUAN_VIDEO_1_5":  # diffusers has no reader of its original layout
+                    assert "diffusers: not its format" in line
+                else:
+                    assert "diffusers: all keys load" in line
+            else:
+                assert "diffusers: all keys load" in line and "ComfyUI: not its format" in line
+            rows = table(text)
+            assert sorted(rows) == sorted(load_file(str(path)))
+            assert {row[1] for row in rows.values()} == {"LoRA"} and {row[4] for row in rows.values()} == {"float32"}
+
+
+@pytest.mark.parametrize("kind", ["DoRA", "LoHa", "LoKr"])
+def test_check_on_lycoris_files(kind, loras, capsys):
+    """ComfyUI takes every key of each COMFY_LORA kind; diffusers every key of the DIFFUSERS_LORA DoRA and LoKr (LoHa
+    has no diffusers loader: said, not counted)."""
+    model, files = loras("WAN_2_1_T2V", kind)
+    code, text = check(capsys, files["COMFY_LORA"][0], "WAN_2_1_T2V", model)
+    print(f"{kind} COMFY_LORA: {summary(text)}")
+    assert code == 0 and "ComfyUI: all keys load" in summary(text) and "diffusers: not its format" in summary(text)
+    assert {row[1] for row in table(text).values()} == {kind}
+    code, text = check(capsys, files["DIFFUSERS_LORA"][0], "WAN_2_1_T2V", model)
+    print(f"{kind} DIFFUSERS_LORA: {summary(text)}")
+    assert code == 0
+    assert ("diffusers: not its format" if kind == "LoHa" else "diffusers: all keys load") in summary(text)
+
+
+def test_check_lists_exactly_three_renamed_keys(loras, capsys, tmp_path):
+    """Three lora_A keys renamed: both loaders skip exactly those (an unknown module) and their modules' other keys
+    (an entry without its lora_A), nothing else; the stock pipeline really refuses the file, and loads it once the
+    keys listed are gone."""
+    model, files = loras("WAN_2_1_T2V")
+    entries = load_file(str(files["COMFY_LORA"][0]))
+    renamed = sorted(k for k in entries if k.endswith(".lora_A.weight"))[::7][:3]
+    for key in renamed:
+        entries[key.replace(".lora_A.weight", "_renamed.lora_A.weight")] = entries.pop(key)
+    save_file(entries, str(tmp_path / "renamed.safetensors"))
+    code, text = check(capsys, tmp_path / "renamed.safetensors", "WAN_2_1_T2V", model)
+    print(summary(text))
+    assert code == 1
+    new_names = {k.replace(".lora_A.weight", "_renamed.lora_A.weight") for k in renamed}
+    partners = {k.replace("lora_A.weight", s) for k in renamed for s in ("lora_B.weight", "alpha")}
+    for loader in ("diffusers", "ComfyUI"):
+        skipped = dict(re.findall(rf"^{loader} skips (\S+): (.*)$", text, re.M))
+        assert set(skipped) == new_names | partners, loader
+        print(f"{loader}: skips {len(skipped)} keys: the 3 renamed ({skipped[min(new_names)]}) and their partners")
+    assert "diffusers: skips 9 of 60 keys" in summary(text) and "ComfyUI: skips 9 of 60 keys" in summary(text)
+
+    pipe = stock_pipeline("WAN_2_1_T2V", model)
+    with pytest.raises(Exception):
+        pipe.load_lora_weights(str(tmp_path / "renamed.safetensors"))
+    kept = {k: v for k, v in entries.items() if k not in new_names | partners}
+    pipe = stock_pipeline("WAN_2_1_T2V", model)
+    pipe.load_lora_weights(kept)
+
+
+def test_check_lists_the_audio_keys_and_drop_audio_leaves_the_video(loras, capsys, tmp_path):
+    """LTX-2: the keys check says adapt audio are exactly those of the audio stream and the cross-modal attention;
+    `--drop audio` writes a copy without them, which passes the check, and which the stock pipeline loads into the
+    same video weights as the whole file while the audio weights stay the base model's."""
+    model, files = loras("LTX_2")
+    path = files["COMFY_LORA"][0]
+    code, text = check(capsys, path, "LTX_2", model)
+    audio = {key for key, row in table(text).items() if row[0] == "audio"}
+    entries = load_file(str(path))
+    assert code == 0 and audio == {k for k in entries if "audio" in k}
+    assert {row[0] for key, row in table(text).items() if key not in audio} == {"video"}
+    print(f"LTX-2: {len(audio)} of {len(entries)} keys adapt audio; {summary(text)}")
+
+    code, text = check(capsys, path, "LTX_2", model, "--drop", "audio", "--out", tmp_path / "video-only.safetensors")
+    assert code == 0 and "all keys load" in summary(text) and "audio" not in summary(text)
+    video_only = load_file(str(tmp_path / "video-only.safetensors"))
+    assert sorted(video_only) == sorted(set(entries) - audio)
+
+    def fused(lora_path):
+        pipe = stock_pipeline("LTX_2", model)
+        pipe.load_lora_weights(str(lora_path))
+        pipe.fuse_lora(components=["transformer"])
+        return plain_weights(pipe.transformer)
+
+    whole, dropped, base = fused(path), fused(tmp_path / "video-only.safetensors"), plain_weights(stock_pipeline("LTX_2", model).transformer)
+    audio_weights = [k for k in base if "audio" in k]
+    video_weights = [k for k in base if k not in audio_weights]
+    assert all(torch.equal(dropped[k], base[k]) for k in audio_weights)
+    assert all(torch.equal(dropped[k], whole[k]) for k in video_weights)
+    assert any(not torch.equal(whole[k], base[k]) for k in audio_weights)  # the whole file did change them
+
+
+# --- convert --------------------------------------------------------------------------------------------------------
+def fused_in_diffusers(model_type: str, model: Path, path: Path, expert: str = "transformer") -> dict:
+    """The transformer's weights after the stock loader reads `path` and `fuse_lora`."""
+    pipe = stock_pipeline(model_type, model)
+    if pipe.__class__.__name__.startswith("HunyuanVideo15"):  # no load_lora_weights in its pipeline
+        pipe.transformer.load_lora_adapter(str(path), prefix="transformer")
+        pipe.transformer.fuse_lora()
+        return plain_weights(pipe.transformer)
+    with real_width_as(hunyuan_width(model_type, pipe.transformer)):
+        pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if expert == "transformer_2" else {}))
+    pipe.fuse_lora(components=[expert])
+    return plain_weights(getattr(pipe, expert))
+
+
+@pytest.mark.parametrize("model_type", ["WAN_2_1_T2V", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_1_5"])
+def test_convert_round_trips_and_the_diffusers_file_gives_the_same_weights(model_type, loras, capsys, tmp_path):
+    """COMFY_LORA → DIFFUSERS_LORA → COMFY_LORA gives the file back; the DIFFUSERS_LORA file, read by the stock loader,
+    gives the weights the COMFY_LORA file gives (HunyuanVideo 1.5: the run's own DIFFUSERS_LORA file, as diffusers
+    reads no original-layout file of it)."""
+    model, files = loras(model_type)
+    comfy = files["COMFY_LORA"][0]
+    common = ("--model-type", model_type, "--model", model)
+    assert run(capsys, "convert", comfy, tmp_path / "d.safetensors", "--to", "DIFFUSERS_LORA", *common)[0] == 0
+    assert run(capsys, "convert", tmp_path / "d.safetensors", tmp_path / "c.safetensors", "--to", "COMFY_LORA", *common)[0] == 0
+    before, after = load_file(str(comfy)), load_file(str(tmp_path / "c.safetensors"))
+    assert sorted(before) == sorted(after)
+    gap = max(((after[k] - before[k]).norm() / before[k].norm()).item() for k in before)
+    # alpha / rank of a fused entry is split over its parts and joined again: float rounding where `.alpha` is kept
+    assert gap == 0 if model_type != "HUNYUAN_VIDEO_1_5" else gap < 1e-6
+    reference = fused_in_diffusers(model_type, model, comfy if model_type != "HUNYUAN_VIDEO_1_5" else files["DIFFUSERS_LORA"][0])
+    converted = fused_in_diffusers(model_type, model, tmp_path / "d.safetensors")
+    base = plain_weights(stock_pipeline(model_type, model).transformer)
+    difference, change = relative_difference(converted, reference), relative_difference(reference, base)
+    print(f"{model_type}: round trip largest relative difference {gap:.1e}; converted DIFFUSERS_LORA vs reference, "
+          f"fused: {difference:.1e} (the LoRA changes weights by up to {change:.1e})")
+    assert difference <= EQUAL and change > 1e-2
+    assert check(capsys, tmp_path / "d.safetensors", model_type, model)[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["DoRA", "LoHa", "LoKr"])
+def test_convert_lycoris_diffusers_file_to_the_runs_comfy_file(kind, loras, capsys, tmp_path):
+    """A DIFFUSERS_LORA DoRA, LoHa or LoKr file converts to what the same run wrote as COMFY_LORA (DoRA's scale from
+    the base weights' norms)."""
+    model, files = loras("WAN_2_1_T2V", kind)
+    code, _ = run(capsys, "convert", files["DIFFUSERS_LORA"][0], tmp_path / "c.safetensors", "--to", "COMFY_LORA",
+                  "--model-type", "WAN_2_1_T2V", "--model", model)
+    written, reference = load_file(str(tmp_path / "c.safetensors")), load_file(str(files["COMFY_LORA"][0]))
+    assert code == 0 and sorted(written) == sorted(reference)
+    gap = max(((written[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
+    print(f"{kind}: converted vs the run's COMFY_LORA: {gap:.1e}")
+    assert gap <= EQUAL
+
+
+# --- merge ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "HUNYUAN_VIDEO_1_5"])
+def test_merge_equals_fuse_lora_and_the_single_file_loads_back(model_type, loras, capsys, tmp_path):
+    """The merged transformer (a diffusers folder, and one original-layout file read by `from_single_file`) has the
+    weights diffusers' `fuse_lora` gives from the same file (HunyuanVideo 1.5: from the run's DIFFUSERS_LORA file;
+    diffusers cannot read a single file of it, so the folder only)."""
+    import diffusers
+
+    from motiontune.models.registry import family_class
+
+    model, files = loras(model_type)
+    path = files["COMFY_LORA"][-1]  # WAN 2.2 A14B: the low-noise expert's, into the second transformer
+    expert = "transformer_2" if path.stem.endswith("_low_noise") else "transformer"
+    cls = getattr(diffusers, family_class(model_type).transformer_class_name)
+    common = ("--base", model, "--model-type", model_type)
+    assert run(capsys, "merge", path, "--out", tmp_path / "merged", *common)[0] == 0
+    merged = plain_weights(cls.from_pretrained(tmp_path / "merged"))
+    reference_file = files["DIFFUSERS_LORA"][-1] if model_type == "HUNYUAN_VIDEO_1_5" else path
+    reference = fused_in_diffusers(model_type, model, reference_file, expert)
+    base = plain_weights(cls.from_pretrained(model, subfolder=expert))
+    gap, change = relative_difference(merged, reference), relative_difference(reference, base)
+    print(f"{model_type} {expert}: merged folder vs fuse_lora {gap:.1e} (the LoRA changes weights by up to {change:.1e})")
+    assert gap <= EQUAL and change > 1e-2
+    if model_type == "HUNYUAN_VIDEO_1_5":
+        return
+    assert run(capsys, "merge", path, "--out", tmp_path / "merged.safetensors", *common)[0] == 0
+    single = plain_weights(cls.from_single_file(str(tmp_path / "merged.safetensors"), config=str(model), subfolder=expert))
+    single_gap = relative_difference(single, reference)
+    print(f"{model_type} {expert}: merged single file, read by from_single_file, vs fuse_lora {single_gap:.1e}")
+    assert single_gap <= EQUAL
+
+
+# --- resize ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("output", ["COMFY_LORA", "DIFFUSERS_LORA"])
+def test_resize_to_half_rank_reports_the_error_diffusers_measures(output, loras, capsys, tmp_path):
+    """Rank 4 → 2: the reported relative error of the weight change equals the one measured in diffusers (the
+    weights the resized file gives against those the original gives, over the change the original makes), per module
+    too (-v); the resized file passes the check."""
+    model, files = loras("WAN_2_1_T2V")
+    path = files[output][0]
+    code = main(["-v", "lora", "resize", str(path), str(tmp_path / "half.safetensors"), "--rank", "2"])
+    text = capsys.readouterr().out
+    assert code == 0
+    reported = float(re.search(r"relative error of the weight change (\S+)", text)[1])
+    per_module = {m: float(e) for m, e in re.findall(r"^  (\S+): relative error (\S+)$", text, re.M)}
+    original = fused_in_diffusers("WAN_2_1_T2V", model, path)
+    half = fused_in_diffusers("WAN_2_1_T2V", model, tmp_path / "half.safetensors")
+    base = plain_weights(stock_pipeline("WAN_2_1_T2V", model).transformer)
+    changed = [k for k in base if not torch.equal(original[k], base[k])]
+    left = sum(((half[k] - original[k]).double().norm() ** 2).item() for k in changed)
+    total = sum(((original[k] - base[k]).double().norm() ** 2).item() for k in changed)
+    measured = (left / total) ** 0.5
+    print(f"{output}: rank 4 → 2, reported relative error {reported:.4e}, measured in diffusers {measured:.4e}")
+    assert abs(reported - measured) <= 1e-3 * measured
+    module, error = next(iter(per_module.items()))
+    weight = _weight_of(module, model) + ".weight"
+    module_measured = ((half[weight] - original[weight]).norm() / (original[weight] - base[weight]).norm()).item()
+    print(f"  {module}: reported {error:.4e}, measured {module_measured:.4e}")
+    assert abs(error - module_measured) <= 1e-3 * module_measured
+    code, text = check(capsys, tmp_path / "half.safetensors", "WAN_2_1_T2V", model)
+    assert code == 0 and "rank 2" in summary(text)
+
+
+def _weight_of(module: str, model: Path) -> str:
+    """A WAN module named in either layout → its diffusers name."""
+    from motiontune.lora_tools.target import target_for
+
+    if module.startswith("transformer."):
+        return module.removeprefix("transformer.")
+    return target_for("WAN_2_1_T2V", model=str(model)).comfy_entries[module][0]
+
+
+def test_resize_refuses_loha_and_comfy_dora_by_name(loras, capsys, tmp_path):
+    model, files = loras("WAN_2_1_T2V", "LoHa")
+    code, text = run(capsys, "resize", files["COMFY_LORA"][0], tmp_path / "x.safetensors", "--rank", "2")
+    assert code == 2 and "LoHa file cannot be resized" in text and "Hadamard" in text
+    model, files = loras("WAN_2_1_T2V", "DoRA")
+    code, text = run(capsys, "resize", files["COMFY_LORA"][0], tmp_path / "x.safetensors", "--rank", "2")
+    assert code == 2 and "ComfyUI DoRA file cannot be resized" in text
+    code, text = run(capsys, "resize", files["DIFFUSERS_LORA"][0], tmp_path / "dora.safetensors", "--rank", "2")
+    assert code == 0
+    assert check(capsys, tmp_path / "dora.safetensors", "WAN_2_1_T2V", model)[0] == 0
