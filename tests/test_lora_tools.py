@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from motiontune.cli import main
-from test_lora_formats import MODEL_TYPES as TRAINED_TYPES
 from test_lora_formats import hunyuan_width, plain_weights, real_width_as, relative_difference, stock_pipeline
 
 RANK, ALPHA = 4, 3
@@ -67,6 +66,12 @@ def loras(tiny_models, tmp_path_factory):
     return get
 
 
+def show(capsys, text: str) -> None:
+    """A figure for the closing note, past the capture that reads the commands' output."""
+    with capsys.disabled():
+        print(text)
+
+
 def run(capsys, *argv) -> tuple[int, str]:
     code = main(["lora", *map(str, argv)])
     out = capsys.readouterr()
@@ -103,7 +108,7 @@ def test_check_says_every_key_loads_in_each_loader_meant_for_the_file(model_type
         for path in paths:
             code, text = check(capsys, path, model_type, model)
             line = summary(text)
-            print(f"{model_type} {output} {path.name}: {line}")
+            show(capsys, f"{model_type} {output} {path.name}: {line}")
             assert code == 0, text
             if output == "COMFY_LORA":
                 assert "ComfyUI: all keys load" in line
@@ -124,11 +129,11 @@ def test_check_on_lycoris_files(kind, loras, capsys):
     has no diffusers loader: said, not counted)."""
     model, files = loras("WAN_2_1_T2V", kind)
     code, text = check(capsys, files["COMFY_LORA"][0], "WAN_2_1_T2V", model)
-    print(f"{kind} COMFY_LORA: {summary(text)}")
+    show(capsys, f"{kind} COMFY_LORA: {summary(text)}")
     assert code == 0 and "ComfyUI: all keys load" in summary(text) and "diffusers: not its format" in summary(text)
     assert {row[1] for row in table(text).values()} == {kind}
     code, text = check(capsys, files["DIFFUSERS_LORA"][0], "WAN_2_1_T2V", model)
-    print(f"{kind} DIFFUSERS_LORA: {summary(text)}")
+    show(capsys, f"{kind} DIFFUSERS_LORA: {summary(text)}")
     assert code == 0
     assert ("diffusers: not its format" if kind == "LoHa" else "diffusers: all keys load") in summary(text)
 
@@ -144,14 +149,14 @@ def test_check_lists_exactly_three_renamed_keys(loras, capsys, tmp_path):
         entries[key.replace(".lora_A.weight", "_renamed.lora_A.weight")] = entries.pop(key)
     save_file(entries, str(tmp_path / "renamed.safetensors"))
     code, text = check(capsys, tmp_path / "renamed.safetensors", "WAN_2_1_T2V", model)
-    print(summary(text))
+    show(capsys, summary(text))
     assert code == 1
     new_names = {k.replace(".lora_A.weight", "_renamed.lora_A.weight") for k in renamed}
     partners = {k.replace("lora_A.weight", s) for k in renamed for s in ("lora_B.weight", "alpha")}
     for loader in ("diffusers", "ComfyUI"):
         skipped = dict(re.findall(rf"^{loader} skips (\S+): (.*)$", text, re.M))
         assert set(skipped) == new_names | partners, loader
-        print(f"{loader}: skips {len(skipped)} keys: the 3 renamed ({skipped[min(new_names)]}) and their partners")
+        show(capsys, f"{loader}: skips {len(skipped)} keys: the 3 renamed ({skipped[min(new_names)]}) and their partners")
     assert "diffusers: skips 9 of 60 keys" in summary(text) and "ComfyUI: skips 9 of 60 keys" in summary(text)
 
     pipe = stock_pipeline("WAN_2_1_T2V", model)
@@ -173,7 +178,7 @@ def test_check_lists_the_audio_keys_and_drop_audio_leaves_the_video(loras, capsy
     entries = load_file(str(path))
     assert code == 0 and audio == {k for k in entries if "audio" in k}
     assert {row[0] for key, row in table(text).items() if key not in audio} == {"video"}
-    print(f"LTX-2: {len(audio)} of {len(entries)} keys adapt audio; {summary(text)}")
+    show(capsys, f"LTX-2: {len(audio)} of {len(entries)} keys adapt audio; {summary(text)}")
 
     code, text = check(capsys, path, "LTX_2", model, "--drop", "audio", "--out", tmp_path / "video-only.safetensors")
     assert code == 0 and "all keys load" in summary(text) and "audio" not in summary(text)
@@ -252,7 +257,7 @@ def test_convert_round_trips_and_the_diffusers_file_gives_the_same_weights(model
     converted = fused_in_diffusers(model_type, model, tmp_path / "d.safetensors")
     base = plain_weights(stock_transformer(model_type, model))
     difference, change = relative_difference(converted, reference), relative_difference(reference, base)
-    print(f"{model_type}: round trip largest relative difference {gap:.1e}; converted DIFFUSERS_LORA vs reference, "
+    show(capsys, f"{model_type}: round trip largest relative difference {gap:.1e}; converted DIFFUSERS_LORA vs reference, "
           f"fused: {difference:.1e} (the LoRA changes weights by up to {change:.1e})")
     assert difference <= EQUAL and change > 1e-2
     assert check(capsys, tmp_path / "d.safetensors", model_type, model)[0] == 0
@@ -268,7 +273,7 @@ def test_convert_lycoris_diffusers_file_to_the_runs_comfy_file(kind, loras, caps
     written, reference = load_file(str(tmp_path / "c.safetensors")), load_file(str(files["COMFY_LORA"][0]))
     assert code == 0 and sorted(written) == sorted(reference)
     gap = max(((written[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
-    print(f"{kind}: converted vs the run's COMFY_LORA: {gap:.1e}")
+    show(capsys, f"{kind}: converted vs the run's COMFY_LORA: {gap:.1e}")
     assert gap <= EQUAL
 
 
@@ -293,14 +298,14 @@ def test_merge_equals_fuse_lora_and_the_single_file_loads_back(model_type, loras
     reference = fused_in_diffusers(model_type, model, reference_file, expert)
     base = plain_weights(stock_transformer(model_type, model, expert))
     gap, change = relative_difference(merged, reference), relative_difference(reference, base)
-    print(f"{model_type} {expert}: merged folder vs fuse_lora {gap:.1e} (the LoRA changes weights by up to {change:.1e})")
+    show(capsys, f"{model_type} {expert}: merged folder vs fuse_lora {gap:.1e} (the LoRA changes weights by up to {change:.1e})")
     assert gap <= EQUAL and change > 1e-2
     if model_type == "HUNYUAN_VIDEO_1_5":
         return
     assert run(capsys, "merge", path, "--out", tmp_path / "merged.safetensors", *common)[0] == 0
     single = plain_weights(cls.from_single_file(str(tmp_path / "merged.safetensors"), config=str(model), subfolder=expert))
     single_gap = relative_difference(single, reference)
-    print(f"{model_type} {expert}: merged single file, read by from_single_file, vs fuse_lora {single_gap:.1e}")
+    show(capsys, f"{model_type} {expert}: merged single file, read by from_single_file, vs fuse_lora {single_gap:.1e}")
     assert single_gap <= EQUAL
 
 
@@ -324,12 +329,12 @@ def test_resize_to_half_rank_reports_the_error_diffusers_measures(output, loras,
     left = sum(((half[k] - original[k]).double().norm() ** 2).item() for k in changed)
     total = sum(((original[k] - base[k]).double().norm() ** 2).item() for k in changed)
     measured = (left / total) ** 0.5
-    print(f"{output}: rank 4 → 2, reported relative error {reported:.4e}, measured in diffusers {measured:.4e}")
+    show(capsys, f"{output}: rank 4 → 2, reported relative error {reported:.4e}, measured in diffusers {measured:.4e}")
     assert abs(reported - measured) <= 1e-3 * measured
     module, error = next(iter(per_module.items()))
     weight = _weight_of(module, model) + ".weight"
     module_measured = ((half[weight] - original[weight]).norm() / (original[weight] - base[weight]).norm()).item()
-    print(f"  {module}: reported {error:.4e}, measured {module_measured:.4e}")
+    show(capsys, f"  {module}: reported {error:.4e}, measured {module_measured:.4e}")
     assert abs(error - module_measured) <= 1e-3 * module_measured
     code, text = check(capsys, tmp_path / "half.safetensors", "WAN_2_1_T2V", model)
     assert code == 0 and "rank 2" in summary(text)

@@ -141,13 +141,6 @@ def save_lora(tensors: dict, path: str | Path, metadata: dict | None = None) -> 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(written), metadata=metadata or None)
 
 
-def keys_by_module(tensors: dict) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for key in tensors:
-        grouped.setdefault(split_key(key)[0], []).append(key)
-    return grouped
-
-
 def as_meta(tensors: dict) -> dict:
     """The same tensors on the meta device (shapes and dtypes only), scalars kept: converters read `alpha.item()`."""
     return {k: v if v.numel() <= 1 else torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
