@@ -77,8 +77,17 @@ def _quiet_diffusers():
         logger.setLevel(level)
 
 
+SHAPE_MISMATCHES = ("does not fit", "its update is")
+
+
 def check(lora: LoraFile, target: Target) -> CheckReport:
-    return CheckReport(lora, target, [diffusers_verdict(lora, target), comfy_verdict(lora, target)])
+    loaders = [diffusers_verdict(lora, target), comfy_verdict(lora, target)]
+    for loader in loaders:
+        if loader.skipped and all(any(m in r for m in SHAPE_MISMATCHES) for r in loader.skipped.values()):
+            hint = (f"every key it skips has another shape: is the file for another size of {target.family.NAME} "
+                    f"than {target.source}? Give that model with --model FOLDER")
+            loader.note = f"{loader.note}; {hint}" if loader.note else hint
+    return CheckReport(lora, target, loaders)
 
 
 # --- diffusers ------------------------------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def resize(lora: LoraFile, rank: int) -> Resized:
         resized.errors[module] = (factor * error, factor * norm)
         if "alpha" in entry.tensors:
             resized.tensors[f"{module}.alpha"] = torch.tensor(scale * rank, dtype=entry.tensors["alpha"].dtype)
-    if not any(e for e, _ in resized.errors.values()) and max(ranks.values(), default=0) <= rank:
+    if not ranks:
+        raise LoraFileError(f"{lora.path}: no module has a pair of low-rank factors to shorten (lora_B·lora_A, or a "
+                            "LoKr's split lokr_w2_a·lokr_w2_b); a LoKr whose factors are whole matrices has no rank to lower")
+    if max(ranks.values()) <= rank and not any(e for e, _ in resized.errors.values()):
         raise LoraFileError(f"{lora.path}: every module already has rank {max(ranks.values(), default=0)} or less; "
                             f"nothing to resize to {rank}")
     if config is not None:
