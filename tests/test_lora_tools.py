@@ -29,7 +29,9 @@ MODEL_TYPES = {
     "HUNYUAN_VIDEO_1_5": "hunyuan-video-1.5",
     "LTX_2": "ltx-2",
 }
-KINDS = {"LoRA": {}, "DoRA": {"lora_decompose": True}, "LoHa": {"peft_type": "LOHA"}, "LoKr": {"peft_type": "LOKR"}}
+KINDS = {"LoRA": {}, "DoRA": {"lora_decompose": True}, "LoHa": {"peft_type": "LOHA"}, "LoKr": {"peft_type": "LOKR"},
+         # a LoKr whose second factor is split (rank 4 of a 12 x 12 factor of the tiny WAN's 96-wide layers)
+         "LoKr-split": {"peft_type": "LOKR", "lokr_dim": RANK}}
 
 
 def write_loras(model_type: str, model: Path, folder: Path, **keys) -> dict[str, list[Path]]:
@@ -359,3 +361,50 @@ def test_resize_refuses_loha_and_comfy_dora_by_name(loras, capsys, tmp_path):
     code, text = run(capsys, "resize", files["DIFFUSERS_LORA"][0], tmp_path / "dora.safetensors", "--rank", "2")
     assert code == 0
     assert check(capsys, tmp_path / "dora.safetensors", "WAN_2_1_T2V", model)[0] == 0
+
+
+def test_resize_lokr_second_factor(loras, capsys, tmp_path):
+    """LoKr: its split second factor to half its rank; the error reported is the one measured after peft (through
+    diffusers' `load_lora_adapter`) merges each file into the transformer."""
+    model, files = loras("WAN_2_1_T2V", "LoKr-split")
+    path = files["DIFFUSERS_LORA"][0]
+    assert "lokr_w2_b" in " ".join(load_file(str(path)))
+    code, text = run(capsys, "resize", path, tmp_path / "half.safetensors", "--rank", "2")
+    assert code == 0, text
+    reported = float(re.search(r"relative error of the weight change (\S+)", text)[1])
+
+    def merged(lora_path: Path) -> dict:
+        transformer = stock_transformer("WAN_2_1_T2V", model)
+        transformer.load_lora_adapter(str(lora_path.parent), weight_name=lora_path.name, prefix="transformer")
+        transformer.fuse_lora()
+        return plain_weights(transformer)
+
+    original, half = merged(path), merged(tmp_path / "half.safetensors")
+    base = plain_weights(stock_transformer("WAN_2_1_T2V", model))
+    left = sum(((half[k] - original[k]).double().norm() ** 2).item() for k in base)
+    total = sum(((original[k] - base[k]).double().norm() ** 2).item() for k in base)
+    measured = (left / total) ** 0.5
+    show(capsys, f"LoKr w2 rank 4 → 2: reported relative error {reported:.4e}, measured after peft's merge {measured:.4e}")
+    assert total > 0 and abs(reported - measured) <= 1e-3 * measured
+
+
+def test_check_reads_the_runs_config_and_drops_text_encoder_keys(loras, capsys, tmp_path):
+    """`--config run.json` names the model; text-encoder keys (here two of the kind other trainers add) are reported as
+    such, ComfyUI's not checked, the stock WAN loader raises on them; `--drop text-encoder` leaves a file both load."""
+    from conftest import base_config, write_config
+
+    model, files = loras("WAN_2_1_T2V")
+    entries = load_file(str(files["COMFY_LORA"][0]))
+    entries["text_encoders.umt5xxl.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"] = torch.zeros(4, 32)
+    entries["text_encoders.umt5xxl.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(entries, str(tmp_path / "with-te.safetensors"))
+    config = write_config(tmp_path / "run.json", **base_config(tmp_path, model, tmp_path))
+    code, text = run(capsys, "check", tmp_path / "with-te.safetensors", "--config", config)
+    rows = table(text)
+    text_keys = {k for k, row in rows.items() if row[0] == "text encoder"}
+    assert code == 1 and text_keys == {k for k in entries if k.startswith("text_encoders.")}
+    assert {rows[k][-1] for k in text_keys} == {"?"} and {rows[k][-2] for k in text_keys} == {"SKIPPED"}
+    assert "diffusers: skips 2 of 62 keys" in summary(text) and "ComfyUI: all keys load (60/60)" in summary(text)
+    code, text = run(capsys, "check", tmp_path / "with-te.safetensors", "--config", config, "--drop", "text-encoder")
+    show(capsys, f"text encoder dropped: {summary(text)}")
+    assert code == 0 and "diffusers: all keys load (60/60); ComfyUI: all keys load (60/60)" in summary(text)
