@@ -408,3 +408,27 @@ def test_check_reads_the_runs_config_and_drops_text_encoder_keys(loras, capsys, 
     code, text = run(capsys, "check", tmp_path / "with-te.safetensors", "--config", config, "--drop", "text-encoder")
     show(capsys, f"text encoder dropped: {summary(text)}")
     assert code == 0 and "diffusers: all keys load (60/60); ComfyUI: all keys load (60/60)" in summary(text)
+
+
+@pytest.mark.parametrize("kind", ["DoRA", "LoKr-split"])
+def test_merge_dora_and_lokr_equal_fuse_lora(kind, loras, capsys, tmp_path):
+    """The DIFFUSERS_LORA DoRA and LoKr files merge into the weights diffusers' `fuse_lora` gives (DoRA through the stock
+    `load_lora_weights`; LoKr through `load_lora_adapter` with the file's folder, as docs/formats.md says)."""
+    from diffusers import WanTransformer3DModel
+
+    model, files = loras("WAN_2_1_T2V", kind)
+    path = files["DIFFUSERS_LORA"][0]
+    assert run(capsys, "merge", path, "--out", tmp_path / "merged", "--base", model, "--model-type", "WAN_2_1_T2V")[0] == 0
+    merged = plain_weights(WanTransformer3DModel.from_pretrained(tmp_path / "merged"))
+    if kind == "DoRA":
+        reference = fused_in_diffusers("WAN_2_1_T2V", model, path)
+    else:
+        transformer = stock_transformer("WAN_2_1_T2V", model)
+        transformer.load_lora_adapter(str(path.parent), weight_name=path.name, prefix="transformer")
+        transformer.fuse_lora()
+        transformer.unload_lora()  # the merged base layers stay, without the LoKr factors
+        reference = plain_weights(transformer)
+    gap = relative_difference(merged, reference)
+    change = relative_difference(reference, plain_weights(stock_transformer("WAN_2_1_T2V", model)))
+    show(capsys, f"{kind}: merged vs fuse_lora {gap:.1e} (the adapter changes weights by up to {change:.1e})")
+    assert gap <= EQUAL and change > 1e-2

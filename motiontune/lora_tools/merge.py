@@ -19,6 +19,9 @@ MERGE_ADAPTER = "merged"
 
 def peft_weights(lora: LoraFile, target: Target) -> tuple[dict, dict | None]:
     """(peft-named weights, peft config or None: the loader's own) as the stock diffusers loader reads the file."""
+    if "LoHa" in lora.kinds():
+        raise LoraFileError(f"{lora.path}: a LoHa; diffusers reads no LoHa, so merge (which merges as diffusers loads) "
+                            "does not either: load it with peft and use its merge_and_unload (docs/formats.md)")
     if lora.layout == "DIFFUSERS_LORA":
         return diffusers_to_peft(lora)
     if "LoRA" not in lora.kinds() or len(lora.kinds()) > 1:
