@@ -191,9 +191,13 @@ def _inject(target: Target, converted: dict, lora: LoraFile) -> dict[str, str]:
     metadata = lora.adapter_metadata if lora.layout == "DIFFUSERS_LORA" else None
     transformer = target.transformer
     with _quiet_diffusers():
-        transformer.load_lora_adapter({DIFFUSERS_PREFIX + k: v for k, v in fitting.items()}, prefix="transformer",
-                                      adapter_name=CHECK_ADAPTER, low_cpu_mem_usage=True,
-                                      metadata={DIFFUSERS_PREFIX + k: v for k, v in metadata.items()} if metadata else None)
+        try:
+            transformer.load_lora_adapter({DIFFUSERS_PREFIX + k: v for k, v in fitting.items()}, prefix="transformer",
+                                          adapter_name=CHECK_ADAPTER, low_cpu_mem_usage=True,
+                                          metadata={DIFFUSERS_PREFIX + k: v for k, v in metadata.items()} if metadata else None)
+        except Exception as error:  # what the stock loader would raise to the user: nothing loads
+            reason = f"peft refuses the file ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            return {**{"?" + k: reason for k in fitting}, **misfits}
         taken = get_peft_model_state_dict(transformer, adapter_name=CHECK_ADAPTER)
         transformer.unload_lora()  # the plain Linear layers back, for the next check
     return {**{k: "" for k in taken if k in fitting}, **misfits}
