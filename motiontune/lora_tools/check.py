@@ -123,6 +123,8 @@ def diffusers_verdict(lora: LoraFile, target: Target) -> LoaderVerdict:
         if produced and missing:
             reason = injected.get("?" + missing[0]) or f"peft made no adapter weight {missing[0]} in the transformer"
             verdict.skipped.update({k: reason for k in keys_of[module]})
+    if any("does not fit" in reason for reason in injected.values()):
+        verdict.note = "peft raises on the whole file for a weight of another shape; without the keys it skips, the rest would load"
     return verdict
 
 
