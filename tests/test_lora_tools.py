@@ -443,3 +443,75 @@ def test_check_against_another_model_size_skips_every_key_and_says_why(loras, ca
     assert code == 1 and "diffusers: skips 60 of 60 keys" in summary(text) and "ComfyUI: skips 60 of 60 keys" in summary(text)
     assert summary(text).count("every key it skips has another shape") == 2
     assert "its update is 96 x 96, the weight 1536 x 1536" in text
+
+
+# --- ComfyUI's own loaders (v0.30.0, the harness in tests/comfyui/ where it is present) ---------------------------
+def comfy_skips(text: str) -> set[str]:
+    return set(re.findall(r"^ComfyUI skips (\S+):", text, re.M))
+
+
+def test_comfyui_loads_exactly_what_check_says(loras, capsys, tmp_path):
+    """ComfyUI's LoraLoader on each family's COMFY_LORA file, a file with three lora_B keys renamed, the LTX-2 file
+    without audio and a resized file: the keys it reports not loaded are exactly those `check` lists for ComfyUI; with
+    three lora_A keys renamed it raises, as `check` says; its UNETLoader reads the merged single file with no missing
+    or unexpected weight, into the merged weights."""
+    harness = pytest.importorskip("comfyui.harness", reason="the ComfyUI harness (tests/comfyui) is not in this tree")
+    try:
+        harness.comfy_python(), harness.comfyui_folder()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    from motiontune.config import TrainConfig
+    from motiontune.methods import finetune
+    from motiontune.models import family_for
+
+    def base_files(model_type: str, model: Path) -> dict[str, Path]:
+        keys = {"experts": "both"} if model_type == "WAN_2_2_T2V_A14B" else {}
+        config = TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                             "training_method": "FINE_TUNE", "output_model_format": "COMFY_TRANSFORMER", **keys})
+        family = family_for(config, torch.device("cpu"))
+        family.load_transformers()
+        paths = finetune.save(family, config, tmp_path / model_type / "base.safetensors")
+        return dict(zip([e.name for e in family.trained_experts()], paths))
+
+    cases = []  # (model type, tiny model, base file, LoRA file)
+    for model_type in MODEL_TYPES:
+        model, files = loras(model_type)
+        bases = base_files(model_type, model)
+        for path in files["COMFY_LORA"]:
+            cases.append((model_type, model, bases["transformer_2" if path.stem.endswith("_low_noise") else "transformer"], path))
+    wan_model, wan_files = loras("WAN_2_1_T2V")
+    wan_base = next(c[2] for c in cases if c[0] == "WAN_2_1_T2V")
+    for factor in ("lora_A", "lora_B"):  # three of each renamed
+        entries = load_file(str(wan_files["COMFY_LORA"][0]))
+        for key in sorted(k for k in entries if k.endswith(f".{factor}.weight"))[::7][:3]:
+            entries[key.replace(f".{factor}.weight", f"_renamed.{factor}.weight")] = entries.pop(key)
+        save_file(entries, str(tmp_path / f"renamed-{factor}.safetensors"))
+    cases.append(("WAN_2_1_T2V", wan_model, wan_base, tmp_path / "renamed-lora_B.safetensors"))
+    assert run(capsys, "resize", wan_files["COMFY_LORA"][0], tmp_path / "half.safetensors", "--rank", "2")[0] == 0
+    cases.append(("WAN_2_1_T2V", wan_model, wan_base, tmp_path / "half.safetensors"))
+    ltx_model, ltx_files = loras("LTX_2")
+    check(capsys, ltx_files["COMFY_LORA"][0], "LTX_2", ltx_model, "--drop", "audio", "--out", tmp_path / "video.safetensors")
+    cases.append(("LTX_2", ltx_model, next(c[2] for c in cases if c[0] == "LTX_2"), tmp_path / "video.safetensors"))
+    assert run(capsys, "merge", wan_files["COMFY_LORA"][0], "--base", wan_model, "--model-type", "WAN_2_1_T2V",
+               "--out", tmp_path / "merged.safetensors")[0] == 0
+
+    jobs = [harness.ComfyJob(t, base, path, model) for t, model, base, path in cases]
+    jobs.append(harness.ComfyJob("WAN_2_1_T2V", tmp_path / "merged.safetensors", None, wan_model))
+    results = harness.run_comfy(jobs)
+    for (model_type, model, _, path), result in zip(cases, results):
+        said = comfy_skips(check(capsys, path, model_type, model)[1])
+        show(capsys, f"{model_type} {path.name}: ComfyUI applied {result.lora_keys - len(result.not_loaded)} of "
+                     f"{result.lora_keys} keys; check lists {len(said)} as skipped")
+        assert set(result.not_loaded) == said
+    assert len(comfy_skips(check(capsys, tmp_path / "renamed-lora_B.safetensors", "WAN_2_1_T2V", wan_model)[1])) == 6
+    # lora_B without lora_A: ComfyUI v0.30.0 raises on the whole file, as check says
+    code, text = check(capsys, tmp_path / "renamed-lora_A.safetensors", "WAN_2_1_T2V", wan_model)
+    assert code == 1 and "ComfyUI v0.30.0 raises on this file and loads none of it" in summary(text)
+    with pytest.raises(RuntimeError, match="KeyError"):
+        harness.run_comfy([harness.ComfyJob("WAN_2_1_T2V", wan_base, tmp_path / "renamed-lora_A.safetensors", wan_model)])
+    merged = results[-1]
+    written = load_file(str(tmp_path / "merged.safetensors"))
+    gap = max(((merged.weights[k].float() - written[k]).norm() / written[k].norm()).item() for k in written if written[k].norm() > 0)
+    show(capsys, f"merged single file in ComfyUI's UNETLoader: {len(merged.unet_missing)} missing, "
+                 f"{len(merged.unet_unexpected)} unexpected, weights vs the file {gap:.1e}")
+    assert merged.unet_missing == [] and merged.unet_unexpected == [] and gap <= EQUAL

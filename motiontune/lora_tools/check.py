@@ -207,35 +207,66 @@ def _inject(target: Target, converted: dict, lora: LoraFile) -> dict[str, str]:
 
 # --- ComfyUI --------------------------------------------------------------------------------------------------------
 def comfy_verdict(lora: LoraFile, target: Target) -> LoaderVerdict:
+    """ComfyUI v0.30.0's `comfy.lora.load_lora`, key by key: for each module of its key map it reads `.alpha` and
+    `.dora_scale` whatever else is there, then a LoRA when `lora_B` (or `lora_up`) is there, and then needs the
+    matching `lora_A`: without it the loader raises (KeyError) and the file loads not at all. Every key it did not
+    read is "lora key not loaded"."""
     if lora.layout == "DIFFUSERS_LORA":
         return LoaderVerdict("ComfyUI", False, "ComfyUI reads the original layout: `motiontune lora convert` it --to COMFY_LORA")
     verdict = LoaderVerdict("ComfyUI", True)
+    raises = []
     for module, entry in lora.entries().items():
         keys = [_key(module, s) for s in entry.tensors]
         if entry.modality == "text encoder":
             verdict.not_checked.update(keys)
             continue
-        reason = _comfy_problem(module, entry, target)
-        if reason:
-            verdict.skipped.update({k: reason for k in keys})
+        if not module.startswith(COMFY_PREFIX) or module not in target.comfy_entries:
+            verdict.skipped.update({k: f"no module {module} in {target.family.NAME}'s original layout" for k in keys})
+            continue
+        factors = [s for s in entry.tensors if s not in ("alpha", "dora_scale")]  # alpha and dora_scale are always read
+        up, down = _lora_pair(entry)
+        if up and not down:
+            raises.append(module)
+            verdict.skipped.update({k: f"{module} has {up} without its down factor: ComfyUI raises (KeyError) on the "
+                                    "file" for k in keys})
+            continue
+        if entry.kind in ("LoRA", "DoRA") and down and not up:
+            verdict.skipped[_key(module, down)] = f"{down} without its up factor: ComfyUI leaves it"
+            continue
+        shape = _update_shape(entry)
+        if shape is None:
+            verdict.skipped.update({_key(module, s): f"an incomplete {entry.kind}: ComfyUI leaves it" for s in factors})
+            continue
+        expected = target.entry_shape(module)
+        if tuple(shape) != expected:
+            verdict.skipped.update({_key(module, s): f"ComfyUI reads it but cannot apply it: its update is {shape[0]} x "
+                                    f"{shape[1]}, the weight {expected[0]} x {expected[1]}" for s in factors})
             continue
         readable = COMFY_SUFFIXES[entry.kind]
         verdict.skipped.update({_key(module, s): f"ComfyUI's {entry.kind} adapter reads no '{s}'"
                                 for s in entry.tensors if s not in readable})
+    if raises:
+        verdict.note = (f"ComfyUI v0.30.0 raises on this file and loads none of it: {len(raises)} module(s) have an up "
+                        f"factor without its down factor ({raises[0]}, ...)")
     return verdict
 
 
 def _comfy_problem(module: str, entry: Entry, target: Target) -> str | None:
-    """Why ComfyUI would not apply this entry, or None."""
-    if not module.startswith(COMFY_PREFIX) or module not in target.comfy_entries:
-        return f"no module {module} in {target.family.NAME}'s original layout"
+    """Why an entry is not a complete adapter of a known module with the weight's shape, or None."""
+    if module not in target.comfy_entries:
+        return "unknown module"
     shape = _update_shape(entry)
     if shape is None:
-        return f"an incomplete {entry.kind} (has {', '.join(sorted(entry.tensors))})"
-    expected = target.entry_shape(module)
-    if tuple(shape) != expected:
-        return f"its update is {shape[0]} x {shape[1]}, the weight {expected[0]} x {expected[1]}"
-    return None
+        return "incomplete"
+    return None if tuple(shape) == target.entry_shape(module) else "another shape"
+
+
+def _lora_pair(entry: Entry) -> tuple[str | None, str | None]:
+    """(the up, the down factor's suffix) of a LoRA entry, each None when missing."""
+    for up, down in (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight")):
+        if up in entry.tensors or down in entry.tensors:
+            return (up if up in entry.tensors else None), (down if down in entry.tensors else None)
+    return None, None
 
 
 def _update_shape(entry: Entry) -> tuple[int, int] | None:
