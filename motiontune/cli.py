@@ -1,4 +1,4 @@
-"""`motiontune train | cache | inspect | presets | make-tiny-model | demo | ui`."""
+"""`motiontune train | cache | inspect | presets | estimate | lora | make-tiny-model | demo | ui`."""
 
 from __future__ import annotations
 
@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="also estimate OneTrainer's WAN 2.2 table (8/16/24/48 GB) with this model and method")
     estimate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     estimate.set_defaults(run=cmd_estimate)
+
+    from .lora_tools.commands import add_lora_parser
+
+    add_lora_parser(commands)  # lora check | convert | merge | resize
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("--family", required=True, choices=tiny_models())

@@ -99,6 +99,9 @@ class ModelFamily(ABC):
     QUANTIZED_TEXT_ENCODER = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
+    #: the stock pipeline class whose `lora_state_dict` reads this family's LoRA files (None: diffusers has none; the
+    #: transformer's `load_lora_adapter` then reads DIFFUSERS_LORA files as they are)
+    LORA_PIPELINE: str | None = None
 
     @classmethod
     def tiny_model(cls, model_type: str) -> str:

@@ -44,6 +44,7 @@ class LTX2Family(ModelFamily):
     MODEL_TYPES = ("LTX_2",)
     NAME = "LTX-2"
     TINY_MODELS = ("ltx-2",)
+    LORA_PIPELINE = "LTX2Pipeline"
     VAE_CLASS = "AutoencoderKLLTX2Video"
     VAE_COMPRESSION = (32, 8)
     temporal_factor = 8

@@ -87,6 +87,7 @@ class WanFamily(ModelFamily):
     NAME = "WAN"
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace")
+    LORA_PIPELINE = "WanPipeline"
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
     transformer_2 = None
