@@ -50,6 +50,7 @@ MODEL_TYPES = {
                       {"layer_filter": "blocks"}),  # the modulation layers too
     "HI_DREAM_DEV": ("hi-dream", "HiDreamImagePipeline", "HiDreamImageTransformer2DModel",
                      {"video_config": {"max_frames": 1, "target_fps": 8.0}}),
+    "HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {}),
     # 32x VAE: two latent pixels a side; 8n+1 frames (the clip has no sound: the video trains alone)
     "LTX_2": ("ltx-2", "LTX2Pipeline", "LTX2VideoTransformer3DModel",
               {"resolution": "64", "video_config": {"max_frames": 9, "target_fps": 16.0}}),
@@ -238,6 +239,7 @@ def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tupl
         return stock, convert(original)
 
 
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_default_lora_names_original_layout_weights_and_applies_as_in_diffusers(model_type, runs):
     model, files = runs(model_type)
@@ -337,3 +339,79 @@ def test_hunyuan_fine_tune_as_one_original_layout_file_loads_back_bit_for_bit(ti
     original = load_file(str(tmp_path / "tuned.safetensors"))
     assert original["double_blocks.0.img_attn_qkv.weight"].shape == (3 * 32, 32)
     assert original["single_blocks.0.linear1.weight"].shape == (3 * 32 + 128, 32)
+
+
+# --- the real ComfyUI (v0.30.0, tests/comfyui/): its UNETLoader and LoraLoader on the same files ---------------------
+
+def family_of(model_type: str, model: Path, **keys):
+    from motiontune.config import TrainConfig
+    from motiontune.models import family_for
+
+    config = TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         **keys})
+    return family_for(config, torch.device("cpu")), config
+
+
+def comfy_transformer_files(model_type: str, model: Path, folder: Path) -> dict[str, Path]:
+    """The tiny base model saved by motiontune as COMFY_TRANSFORMER (the FINE_TUNE save path): expert label → file."""
+    keys = {"experts": "both"} if model_type == "WAN_2_2_T2V_A14B" else {}
+    family, config = family_of(model_type, model, training_method="FINE_TUNE", output_model_format="COMFY_TRANSFORMER",
+                               **keys)
+    family.load_transformers()
+    labels = [expert.label for expert in family.trained_experts()]
+    return dict(zip(labels, finetune.save(family, config, folder / "base.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def comfy(runs, tmp_path_factory):
+    """Every model type through ComfyUI in one process: (model type, expert label) → (its COMFY_TRANSFORMER base file,
+    ComfyUI's result for the base alone, for the base with the default LoRA file)."""
+    from comfyui.harness import ComfyJob, run_comfy
+
+    jobs, keys = [], []
+    for model_type in MODEL_TYPES:
+        model, files = runs(model_type)
+        bases = comfy_transformer_files(model_type, model, tmp_path_factory.mktemp(f"comfy-{model_type.lower()}"))
+        for label, (default, _) in files.items():
+            jobs += [ComfyJob(model_type, bases[label], None, model), ComfyJob(model_type, bases[label], default, model)]
+            keys.append((model_type, label, bases[label]))
+    results = run_comfy(jobs)
+    return {(model_type, label): (base, results[2 * i], results[2 * i + 1]) for i, (model_type, label, base) in enumerate(keys)}
+
+
+def comfy_delta_gap(model_type: str, model: Path, files: dict, label: str, base: Path, result) -> tuple[float, int]:
+    """(the largest relative difference between ComfyUI's weight deltas and diffusers' (the DIFFUSERS_LORA file fused
+    by the stock pipeline), both in the original layout; how many weights changed). Asserts both change the same
+    weights."""
+    expert = "transformer_2" if label == "low_noise" else "transformer"
+    family, _ = family_of(model_type, model)
+    reference = family.single_file_state_dict(None, torch.float32, reference_weights(model_type, model, files)[expert])
+    stock = load_file(str(base))
+    theirs = {k: reference[k] - stock[k] for k in stock if not torch.equal(reference[k], stock[k])}
+    ours = result.deltas(stock)
+    assert sorted(ours) == sorted(theirs), (sorted(set(ours) ^ set(theirs)))[:5]
+    return max(((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs), len(theirs)
+
+
+COMFY_CASES = [(t, "high_noise") for t in MODEL_TYPES if t == "WAN_2_2_T2V_A14B"] + [
+    (t, "low_noise" if t == "WAN_2_2_T2V_A14B" else "") for t in MODEL_TYPES]
+
+
+@pytest.mark.parametrize("model_type,label", COMFY_CASES)
+def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(model_type, label, runs, comfy):
+    """ComfyUI's own loaders: the COMFY_TRANSFORMER base file loads with no missing or unexpected weight, into the
+    class ComfyUI loads the released model with; every tensor of the default LoRA file is applied (no "lora key not
+    loaded"); and the weights change by what diffusers' stock pipeline fuses from the DIFFUSERS_LORA file."""
+    from comfyui.harness import COMFY_MODELS
+
+    model, files = runs(model_type)
+    base, alone, with_lora = comfy[(model_type, label)]
+    gap, changed = comfy_delta_gap(model_type, model, files, label, base, with_lora)
+    print(f"{model_type} {label}: ComfyUI {with_lora.model_class} ({with_lora.image_model}); base: "
+          f"{len(alone.unet_missing)} missing, {len(alone.unet_unexpected)} unexpected; LoRA: {with_lora.lora_keys} "
+          f"tensors, {len(with_lora.not_loaded)} not loaded, {changed} weights changed; deltas vs diffusers' "
+          f"{gap:.2e} relative")
+    assert alone.model_class == COMFY_MODELS[model_type].comfy_class
+    assert alone.unet_missing == [] and alone.unet_unexpected == []
+    assert with_lora.not_loaded == [] and with_lora.lora_keys > 0
+    assert gap <= 1e-5

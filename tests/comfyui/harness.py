@@ -38,12 +38,21 @@ def _config(folder: Path, part: str = "transformer") -> dict:
 
 
 def _wan(folder):
-    return {"num_heads": _config(folder)["num_attention_heads"]}, {}
+    config = _config(folder)
+    sizes = {"num_heads": config["num_attention_heads"], "text_dim": config["text_dim"], "freq_dim": config["freq_dim"]}
+    image = {"comfy.ldm.wan.model:MLPProj": {"in_dim": config["image_dim"]}} if config.get("image_dim") else {}
+    return sizes, image
 
 
 def _hunyuan(folder):
     config = _config(folder)
-    return {"num_heads": config["num_attention_heads"], "axes_dim": config["rope_axes_dim"]}, {}
+    sizes = {"num_heads": config["num_attention_heads"], "axes_dim": config["rope_axes_dim"]}
+    if config.get("pooled_projection_dim"):  # HunyuanVideo's CLIP vector (1.5 has none)
+        sizes["vec_in_dim"] = config["pooled_projection_dim"]
+    arguments = {"comfy.ldm.hunyuan_video.model:TokenRefiner": {"num_blocks": config["num_refiner_layers"]}}  # 2 there
+    if config.get("text_embed_2_dim"):  # 1.5's ByT5 glyph input (1472 there)
+        arguments["comfy.ldm.hunyuan_video.model:ByT5Mapper"] = {"in_dim": config["text_embed_2_dim"]}
+    return sizes, arguments
 
 
 def _hidream(folder):
@@ -69,7 +78,6 @@ def _ltx2(folder):
         "audio_connector_num_attention_heads": connectors["audio_connector_num_attention_heads"],
         "audio_connector_attention_head_dim": connectors["audio_connector_attention_head_dim"],
     }
-    # ComfyUI builds both connectors with the released 128 registers, a number no config of its reaches
     registers = {"comfy.ldm.lightricks.av_model:Embeddings1DConnector":
                  {"num_learnable_registers": connectors["video_connector_num_learnable_registers"]}}
     return sizes, registers
@@ -78,7 +86,7 @@ def _ltx2(folder):
 @dataclass(frozen=True)
 class ComfyModel:
     comfy_class: str  # the supported_models class that loads the released model
-    tiny_sizes: object  # tiny model folder → (ComfyUI unet_config values, constructor keyword defaults by "module:name")
+    tiny_sizes: object  # tiny model folder → (ComfyUI unet_config values, constructor arguments by "module:name")
     force_class: bool = False  # the tiny model's widths cannot select comfy_class (a released width selects it)
 
 
@@ -145,10 +153,10 @@ def run_comfy(jobs: list[ComfyJob]) -> list[ComfyResult]:
         request = {"comfyui": str(comfyui_folder()), "jobs": []}
         for i, job in enumerate(jobs):
             model = COMFY_MODELS[job.model_type]
-            sizes, defaults = model.tiny_sizes(job.tiny_model)
+            sizes, arguments = model.tiny_sizes(job.tiny_model)
             request["jobs"].append({
                 "base": str(job.base), "lora": str(job.lora) if job.lora else None, "out": f"{scratch}/{i}",
-                "unet_config": sizes, "defaults": defaults,
+                "unet_config": sizes, "arguments": arguments,
                 "model_class": model.comfy_class if model.force_class else None})
         (Path(scratch) / "jobs.json").write_text(json.dumps(request))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}

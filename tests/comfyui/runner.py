@@ -9,8 +9,8 @@ JOBS.json: {"comfyui": ComfyUI's folder, "jobs": [job, ...]}. A job:
     out          where to write the result: OUT.json (what ComfyUI said) and OUT.safetensors (weights)
     unet_config  values laid over what ComfyUI's detection reads from the file (a tiny model's head count: ComfyUI
                  derives it from widths, assuming the released models' 128-wide heads)
-    defaults     constructor keyword defaults by "module:name" for sizes no config reaches (a tiny model's LTX-2
-                 connector registers: ComfyUI always builds the released 128)
+    arguments    constructor arguments by "module:name", for sizes no config reaches (ComfyUI builds LTX-2's
+                 connectors with the released 128 registers and WAN's image projection 1280 wide, whatever the file)
     model_class  the supported_models class to build, where a tiny model's widths cannot match the released ones
                  that select it (HunyuanVideo 1.5's vision_in_dim 1152, for one); null: ComfyUI's own choice
 OUT.safetensors holds, under the base file's own key names, every weight the LoRA patched, as ComfyUI's model patcher
@@ -21,6 +21,8 @@ LoRA, every weight of the loaded model whose name is one of the file's.
 from __future__ import annotations
 
 import ast
+import inspect
+import importlib
 import importlib.abc
 import importlib.machinery
 import json
@@ -75,6 +77,18 @@ def _listed(messages: list[str], prefix: str) -> list[str]:
     return keys
 
 
+def _with_arguments(cls, arguments: dict):
+    """`cls`, built with `arguments` whatever its caller passes for them (by position or by name)."""
+    signature = inspect.signature(cls)
+
+    def build(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.arguments.update(arguments)
+        return cls(*bound.args, **bound.kwargs)
+
+    return build
+
+
 def import_comfy(folder: str):
     sys.path.insert(0, folder)
     sys.meta_path.insert(0, _NotInstalled())
@@ -109,15 +123,12 @@ def run(comfy, job: dict, messages: _Messages) -> None:
             return getattr(comfy.supported_models, job["model_class"])(unet_config)
         return choose(unet_config, *args, **kwargs)
 
-    import functools
-    import importlib
-
     replaced = []
-    for target, keywords in (job.get("defaults") or {}).items():
+    for target, arguments in (job.get("arguments") or {}).items():
         module_name, name = target.split(":")
         module = importlib.import_module(module_name)
         replaced.append((module, name, getattr(module, name)))
-        setattr(module, name, functools.partial(getattr(module, name), **keywords))
+        setattr(module, name, _with_arguments(getattr(module, name), arguments))
 
     messages.lines.clear()
     comfy.model_detection.detect_unet_config = detect_with_overrides
