@@ -50,11 +50,15 @@ MODEL_TYPES = {
                       {"layer_filter": "blocks"}),  # the modulation layers too
     "HI_DREAM_DEV": ("hi-dream", "HiDreamImagePipeline", "HiDreamImageTransformer2DModel",
                      {"video_config": {"max_frames": 1, "target_fps": 8.0}}),
-    "HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {}),
     # 32x VAE: two latent pixels a side; 8n+1 frames (the clip has no sound: the video trains alone)
     "LTX_2": ("ltx-2", "LTX2Pipeline", "LTX2VideoTransformer3DModel",
               {"resolution": "64", "video_config": {"max_frames": 9, "target_fps": 16.0}}),
 }
+
+# checked against ComfyUI only: diffusers 0.42.1 reads no original-layout LoRA or single file of HunyuanVideo 1.5 (its
+# DIFFUSERS_LORA file loads with the transformer's `load_lora_adapter`)
+COMFY_ONLY = {"HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {})}
+ALL_TYPES = {**MODEL_TYPES, **COMFY_ONLY}
 
 
 @contextlib.contextmanager
@@ -108,7 +112,7 @@ def runs(tiny_models, clip_folder, tmp_path_factory):
 
     def get(model_type: str):
         if model_type not in done:
-            tiny, _, _, keys = MODEL_TYPES[model_type]
+            tiny, _, _, keys = ALL_TYPES[model_type]
             model, folder = tiny_models(tiny), tmp_path_factory.mktemp(model_type.lower())
             config = base_config(folder, model, clip_folder, **{
                 "model_type": model_type, "epochs": 2, "learning_rate": 1e-2, "lora_rank": RANK, "lora_alpha": ALPHA,
@@ -128,13 +132,13 @@ def runs(tiny_models, clip_folder, tmp_path_factory):
 def pipeline_class(model_type: str):
     import diffusers
 
-    return getattr(diffusers, MODEL_TYPES[model_type][1])
+    return getattr(diffusers, ALL_TYPES[model_type][1])
 
 
 def transformer_class(model_type: str):
     import diffusers
 
-    return getattr(diffusers, MODEL_TYPES[model_type][2])
+    return getattr(diffusers, ALL_TYPES[model_type][2])
 
 
 def stock_pipeline(model_type: str, model: Path):
@@ -152,9 +156,15 @@ def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[
     with real_width_as(hunyuan_width(model_type, pipe.transformer)):
         for label, path in files.items():
             low_noise = label == "low_noise"  # WAN 2.2 A14B's second expert
-            pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if low_noise else {}))
+            if model_type in COMFY_ONLY:
+                pipe.transformer.load_lora_adapter(str(path), prefix="transformer")
+            else:
+                pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if low_noise else {}))
             components.append("transformer_2" if low_noise else "transformer")
-    pipe.fuse_lora(components=components)
+    if model_type in COMFY_ONLY:
+        pipe.transformer.fuse_lora()
+    else:
+        pipe.fuse_lora(components=components)
     return {name: plain_weights(getattr(pipe, name)) for name in components}
 
 
@@ -369,7 +379,7 @@ def comfy(runs, tmp_path_factory):
     from comfyui.harness import ComfyJob, run_comfy
 
     jobs, keys = [], []
-    for model_type in MODEL_TYPES:
+    for model_type in ALL_TYPES:
         model, files = runs(model_type)
         bases = comfy_transformer_files(model_type, model, tmp_path_factory.mktemp(f"comfy-{model_type.lower()}"))
         for label, (default, _) in files.items():
@@ -393,8 +403,8 @@ def comfy_delta_gap(model_type: str, model: Path, files: dict, label: str, base:
     return max(((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs), len(theirs)
 
 
-COMFY_CASES = [(t, "high_noise") for t in MODEL_TYPES if t == "WAN_2_2_T2V_A14B"] + [
-    (t, "low_noise" if t == "WAN_2_2_T2V_A14B" else "") for t in MODEL_TYPES]
+COMFY_CASES = [(t, "high_noise") for t in ALL_TYPES if t == "WAN_2_2_T2V_A14B"] + [
+    (t, "low_noise" if t == "WAN_2_2_T2V_A14B" else "") for t in ALL_TYPES]
 
 
 @pytest.mark.parametrize("model_type,label", COMFY_CASES)
