@@ -5,11 +5,16 @@ Per model type, one tiny run (lora_alpha 3, lora_rank 4) saves its LoRA in the d
 adapters, as DIFFUSERS_LORA. Then:
 - diffusers: the default file through the stock pipeline's `load_lora_weights` (diffusers' own converter for
   original-layout names), fused, gives the transformer weights the DIFFUSERS_LORA file gives;
-- ComfyUI: every key names a weight of the original-layout state dict (the family's `single_file_state_dict`, checked
-  here to be exactly what diffusers' single-file converter turns back into the model) with matching shapes; and each
-  entry applied as ComfyUI applies a LoRA (W += B·A · alpha / rank of the entry; 1 without `.alpha`), the original
-  weights converted back by diffusers give the same transformer weights again.
-Negative controls: without `.alpha`, or with two fused parts swapped, the same checks fail.
+- ComfyUI, the real one (v0.30.0, tests/comfyui/): motiontune's COMFY_TRANSFORMER file of the base model loads with
+  its UNETLoader code into the class it loads the released model with, nothing missing or unexpected (LTX-2's text
+  connectors included); the default file through its LoraLoader code applies every key, and the weights change by
+  what diffusers fuses from the DIFFUSERS_LORA file (HunyuanVideo 1.5 too, whose diffusers reads only that file);
+- the same rule written out (W += B·A · alpha / rank of the entry; 1 without `.alpha`) on the original-layout state dict
+  (the family's `single_file_state_dict`, checked here to be exactly what diffusers' single-file converter turns back
+  into the model), converted back by diffusers, gives the same transformer weights again: the layout itself is right.
+Negative controls: without `.alpha`, or with two fused parts swapped, the same checks fail; ComfyUI applies no key of
+a DIFFUSERS_LORA file. The module runs on one test process (xdist_group): every check shares its runs, and one ComfyUI
+process serves all of them.
 
 diffusers 0.42.1's two HunyuanVideo converters split a single block's fused `linear1` at the real model's width,
 3072, written into the code; the tiny model is 32 wide, so `real_width_as` swaps only that number for the tests.
@@ -30,6 +35,8 @@ from conftest import base_config, write_config
 from motiontune.cli import main
 from motiontune.methods import finetune, lora
 from test_lora_end_to_end import _make_clip
+
+pytestmark = pytest.mark.xdist_group("lora_formats")
 
 RANK, ALPHA = 4, 3  # alpha != rank: a file that loses alpha scales its update wrongly
 EQUAL = 1e-6  # relative difference of fused weights that counts as equal (float32 rounding gives ~1e-8 here)
@@ -448,3 +455,20 @@ def test_comfyui_checks_fail_on_a_broken_file(runs, comfy):
           f"{len(diffusers_names.not_loaded)}/{diffusers_names.lora_keys} keys not loaded")
     assert no_alpha.not_loaded == [] and gap > 1e-2
     assert len(diffusers_names.not_loaded) == diffusers_names.lora_keys > 0 and diffusers_names.weights == {}
+
+
+def test_comfyui_loads_the_ltx2_text_connectors_from_the_comfy_transformer_file(runs, comfy):
+    """ComfyUI's LTX-2 model holds the video and audio text connectors (diffusers keeps them in the pipeline's
+    `connectors`): the COMFY_TRANSFORMER file carries them, and ComfyUI loads exactly the base model's."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    from motiontune.models.ltx2 import original_connector_name
+
+    model, _ = runs("LTX_2")
+    _, alone, _ = comfy[("LTX_2", "")]
+    connectors = LTX2TextConnectors.from_pretrained(model, subfolder="connectors").state_dict()
+    expected = {original_connector_name(k): v for k, v in connectors.items() if not k.startswith("text_proj_in.")}
+    loaded = {k: v for k, v in alone.weights.items() if "_embeddings_connector." in k}
+    print(f"LTX-2 in ComfyUI: {len(loaded)} connector tensors loaded, {len(alone.unet_missing)} missing")
+    assert alone.unet_missing == [] and len(expected) == 30  # the tiny model's: 15 a connector
+    assert sorted(loaded) == sorted(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
