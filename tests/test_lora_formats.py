@@ -158,20 +158,19 @@ def stock_pipeline(model_type: str, model: Path):
 
 def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
     """Each transformer's weights after `load_lora_weights` of `files` (expert label → file) and `fuse_lora`."""
+    if model_type in COMFY_ONLY:  # the transformer's own reader (its pipeline has none)
+        transformer = transformer_class(model_type).from_pretrained(model, subfolder="transformer")
+        transformer.load_lora_adapter(str(files[""]), prefix="transformer")
+        transformer.fuse_lora()
+        return {"transformer": plain_weights(transformer)}
     pipe = stock_pipeline(model_type, model)
     components = []
     with real_width_as(hunyuan_width(model_type, pipe.transformer)):
         for label, path in files.items():
             low_noise = label == "low_noise"  # WAN 2.2 A14B's second expert
-            if model_type in COMFY_ONLY:
-                pipe.transformer.load_lora_adapter(str(path), prefix="transformer")
-            else:
-                pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if low_noise else {}))
+            pipe.load_lora_weights(str(path), **({"load_into_transformer_2": True} if low_noise else {}))
             components.append("transformer_2" if low_noise else "transformer")
-    if model_type in COMFY_ONLY:
-        pipe.transformer.fuse_lora()
-    else:
-        pipe.fuse_lora(components=components)
+    pipe.fuse_lora(components=components)
     return {name: plain_weights(getattr(pipe, name)) for name in components}
 
 
