@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -398,7 +399,9 @@ def comfy(runs, tmp_path_factory):
     save_file({k: v for k, v in load_file(str(default)).items() if not k.endswith(".alpha")}, str(no_alpha))
     base = next(base for model_type, _, base in keys if model_type == "WAN_2_1_T2V")
     jobs += [ComfyJob("WAN_2_1_T2V", base, no_alpha, model), ComfyJob("WAN_2_1_T2V", base, diffusers_file, model)]
+    started = time.monotonic()
     results = run_comfy(jobs)
+    print(f"\nComfyUI: {len(jobs)} loads in one process, {time.monotonic() - started:.1f} s")
     found = {(model_type, label): (base, results[2 * i], results[2 * i + 1]) for i, (model_type, label, base) in enumerate(keys)}
     found["controls"] = (base, results[-2], results[-1])
     return found
