@@ -141,9 +141,9 @@ def run(comfy, job: dict, messages: _Messages) -> None:
             setattr(module, name, original)
     load_messages = list(messages.lines)
     file_keys = list(comfy.utils.load_torch_file(job["base"]).keys())
-    # the model's own names of the file's keys (HunyuanVideo's loader renames some, e.g. `_mod.linear.` → `_mod.lin.`)
+    # the model's own name of each file key → that key (HunyuanVideo's loader renames some: `_mod.linear.` → `_mod.lin.`)
     config = model.model.model_config
-    internal = {k: v for k, v in config.process_unet_state_dict({k: k for k in file_keys}).items() if isinstance(v, str)}
+    file_name = {k: v for k, v in config.process_unet_state_dict({k: k for k in file_keys}).items() if isinstance(v, str)}
     result = {
         "model_class": type(config).__name__,
         "image_model": detected.get("image_model"),
@@ -164,10 +164,10 @@ def run(comfy, job: dict, messages: _Messages) -> None:
         result["lora_keys"] = len(lora)
         for key in patched.patches:
             weight = patched.patch_weight_to_device(key, device_to=torch.device("cpu"), return_weight=True)
-            weights[internal.get(key.removeprefix("diffusion_model."), key)] = weight.detach().float().contiguous()
+            weights[file_name.get(key.removeprefix("diffusion_model."), key)] = weight.detach().float().contiguous()
     else:
         state = model.model.diffusion_model.state_dict()
-        weights = {name: state[key].detach().float().contiguous() for key, name in internal.items() if key in state}
+        weights = {name: state[key].detach().float().contiguous() for key, name in file_name.items() if key in state}
     result["patched"] = len(weights) if job.get("lora") else 0
     save_file(weights, job["out"] + ".safetensors")
     with open(job["out"] + ".json", "w") as f:
