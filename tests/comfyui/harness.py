@@ -96,7 +96,7 @@ COMFY_MODELS = {
     "WAN_2_2_T2V_A14B": ComfyModel("WAN21_T2V", _wan),  # each expert its own file
     "WAN_2_1_I2V": ComfyModel("WAN21_I2V", _wan),
     "WAN_2_2_I2V_A14B": ComfyModel("WAN21_I2V", _wan),
-    "WAN_2_2_TI2V_5B": ComfyModel("WAN22_T2V", _wan, force_class=True),  # chosen by out_dim 48 (the 48-channel VAE)
+    "WAN_2_2_TI2V_5B": ComfyModel("WAN22_T2V", _wan),  # chosen by out_dim 48 (the 48-channel VAE)
     "HUNYUAN_VIDEO": ComfyModel("HunyuanVideo", _hunyuan),
     "HUNYUAN_VIDEO_1_5": ComfyModel("HunyuanVideo15", _hunyuan, force_class=True),  # chosen by vision_in_dim 1152
     "HUNYUAN_VIDEO_1_5_I2V": ComfyModel("HunyuanVideo15", _hunyuan, force_class=True),
