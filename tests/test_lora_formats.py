@@ -5,11 +5,16 @@ Per model type, one tiny run (lora_alpha 3, lora_rank 4) saves its LoRA in the d
 adapters, as DIFFUSERS_LORA. Then:
 - diffusers: the default file through the stock pipeline's `load_lora_weights` (diffusers' own converter for
   original-layout names), fused, gives the transformer weights the DIFFUSERS_LORA file gives;
-- ComfyUI: every key names a weight of the original-layout state dict (the family's `single_file_state_dict`, checked
-  here to be exactly what diffusers' single-file converter turns back into the model) with matching shapes; and each
-  entry applied as ComfyUI applies a LoRA (W += B·A · alpha / rank of the entry; 1 without `.alpha`), the original
-  weights converted back by diffusers give the same transformer weights again.
-Negative controls: without `.alpha`, or with two fused parts swapped, the same checks fail.
+- ComfyUI, the real one (v0.30.0, tests/comfyui/): motiontune's COMFY_TRANSFORMER file of the base model loads with
+  its UNETLoader code into the class it loads the released model with, nothing missing or unexpected (LTX-2's text
+  connectors included); the default file through its LoraLoader code applies every key, and the weights change by
+  what diffusers fuses from the DIFFUSERS_LORA file (HunyuanVideo 1.5 too, whose diffusers reads only that file);
+- the same rule written out (W += B·A · alpha / rank of the entry; 1 without `.alpha`) on the original-layout state dict
+  (the family's `single_file_state_dict`, checked here to be exactly what diffusers' single-file converter turns back
+  into the model), converted back by diffusers, gives the same transformer weights again: the layout itself is right.
+Negative controls: without `.alpha`, or with two fused parts swapped, the same checks fail; ComfyUI applies no key of
+a DIFFUSERS_LORA file. The module runs on one test process (xdist_group): every check shares its runs, and one ComfyUI
+process serves all of them.
 
 diffusers 0.42.1's two HunyuanVideo converters split a single block's fused `linear1` at the real model's width,
 3072, written into the code; the tiny model is 32 wide, so `real_width_as` swaps only that number for the tests.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +36,8 @@ from conftest import base_config, write_config
 from motiontune.cli import main
 from motiontune.methods import finetune, lora
 from test_lora_end_to_end import _make_clip
+
+pytestmark = pytest.mark.xdist_group("lora_formats")
 
 RANK, ALPHA = 4, 3  # alpha != rank: a file that loses alpha scales its update wrongly
 EQUAL = 1e-6  # relative difference of fused weights that counts as equal (float32 rounding gives ~1e-8 here)
@@ -54,6 +62,11 @@ MODEL_TYPES = {
     "LTX_2": ("ltx-2", "LTX2Pipeline", "LTX2VideoTransformer3DModel",
               {"resolution": "64", "video_config": {"max_frames": 9, "target_fps": 16.0}}),
 }
+
+# checked against ComfyUI only: diffusers 0.42.1 reads no original-layout LoRA or single file of HunyuanVideo 1.5 (its
+# DIFFUSERS_LORA file loads with the transformer's `load_lora_adapter`)
+COMFY_ONLY = {"HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {})}
+ALL_TYPES = {**MODEL_TYPES, **COMFY_ONLY}
 
 
 @contextlib.contextmanager
@@ -107,7 +120,7 @@ def runs(tiny_models, clip_folder, tmp_path_factory):
 
     def get(model_type: str):
         if model_type not in done:
-            tiny, _, _, keys = MODEL_TYPES[model_type]
+            tiny, _, _, keys = ALL_TYPES[model_type]
             model, folder = tiny_models(tiny), tmp_path_factory.mktemp(model_type.lower())
             config = base_config(folder, model, clip_folder, **{
                 "model_type": model_type, "epochs": 2, "learning_rate": 1e-2, "lora_rank": RANK, "lora_alpha": ALPHA,
@@ -127,13 +140,13 @@ def runs(tiny_models, clip_folder, tmp_path_factory):
 def pipeline_class(model_type: str):
     import diffusers
 
-    return getattr(diffusers, MODEL_TYPES[model_type][1])
+    return getattr(diffusers, ALL_TYPES[model_type][1])
 
 
 def transformer_class(model_type: str):
     import diffusers
 
-    return getattr(diffusers, MODEL_TYPES[model_type][2])
+    return getattr(diffusers, ALL_TYPES[model_type][2])
 
 
 def stock_pipeline(model_type: str, model: Path):
@@ -146,6 +159,11 @@ def stock_pipeline(model_type: str, model: Path):
 
 def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
     """Each transformer's weights after `load_lora_weights` of `files` (expert label → file) and `fuse_lora`."""
+    if model_type in COMFY_ONLY:  # the transformer's own reader (its pipeline has none)
+        transformer = transformer_class(model_type).from_pretrained(model, subfolder="transformer")
+        transformer.load_lora_adapter(str(files[""]), prefix="transformer")
+        transformer.fuse_lora()
+        return {"transformer": plain_weights(transformer)}
     pipe = stock_pipeline(model_type, model)
     components = []
     with real_width_as(hunyuan_width(model_type, pipe.transformer)):
@@ -236,6 +254,7 @@ def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tupl
         original[module.removeprefix("diffusion_model.") + ".weight"] = weight + scale * (up @ down)
     with real_width_as(width):
         return stock, convert(original)
+
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -337,3 +356,121 @@ def test_hunyuan_fine_tune_as_one_original_layout_file_loads_back_bit_for_bit(ti
     original = load_file(str(tmp_path / "tuned.safetensors"))
     assert original["double_blocks.0.img_attn_qkv.weight"].shape == (3 * 32, 32)
     assert original["single_blocks.0.linear1.weight"].shape == (3 * 32 + 128, 32)
+
+
+# --- the real ComfyUI (v0.30.0, tests/comfyui/): its UNETLoader and LoraLoader on the same files ---------------------
+
+def family_of(model_type: str, model: Path, **keys):
+    from motiontune.config import TrainConfig
+    from motiontune.models import family_for
+
+    config = TrainConfig.model_validate({"model_type": model_type, "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                         **keys})
+    return family_for(config, torch.device("cpu")), config
+
+
+def comfy_transformer_files(model_type: str, model: Path, folder: Path) -> dict[str, Path]:
+    """The tiny base model saved by motiontune as COMFY_TRANSFORMER (the FINE_TUNE save path): expert label → file."""
+    keys = {"experts": "both"} if model_type == "WAN_2_2_T2V_A14B" else {}
+    family, config = family_of(model_type, model, training_method="FINE_TUNE", output_model_format="COMFY_TRANSFORMER",
+                               **keys)
+    family.load_transformers()
+    labels = [expert.label for expert in family.trained_experts()]
+    return dict(zip(labels, finetune.save(family, config, folder / "base.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def comfy(runs, tmp_path_factory):
+    """Every model type through ComfyUI in one process: (model type, expert label) → (its COMFY_TRANSFORMER base file,
+    ComfyUI's result for the base alone, for the base with the default LoRA file)."""
+    from comfyui.harness import ComfyJob, run_comfy
+
+    jobs, keys = [], []
+    for model_type in ALL_TYPES:
+        model, files = runs(model_type)
+        bases = comfy_transformer_files(model_type, model, tmp_path_factory.mktemp(f"comfy-{model_type.lower()}"))
+        for label, (default, _) in files.items():
+            jobs += [ComfyJob(model_type, bases[label], None, model), ComfyJob(model_type, bases[label], default, model)]
+            keys.append((model_type, label, bases[label]))
+    # negative controls: WAN 2.1's default file without its `.alpha` keys, and its DIFFUSERS_LORA file
+    model, files = runs("WAN_2_1_T2V")
+    default, diffusers_file = files[""]
+    no_alpha = tmp_path_factory.mktemp("comfy-controls") / "no-alpha.safetensors"
+    save_file({k: v for k, v in load_file(str(default)).items() if not k.endswith(".alpha")}, str(no_alpha))
+    base = next(base for model_type, _, base in keys if model_type == "WAN_2_1_T2V")
+    jobs += [ComfyJob("WAN_2_1_T2V", base, no_alpha, model), ComfyJob("WAN_2_1_T2V", base, diffusers_file, model)]
+    started = time.monotonic()
+    results = run_comfy(jobs)
+    print(f"\nComfyUI: {len(jobs)} loads in one process, {time.monotonic() - started:.1f} s")
+    found = {(model_type, label): (base, results[2 * i], results[2 * i + 1]) for i, (model_type, label, base) in enumerate(keys)}
+    found["controls"] = (base, results[-2], results[-1])
+    return found
+
+
+def comfy_delta_gap(model_type: str, model: Path, files: dict, label: str, base: Path, result) -> tuple[float, int]:
+    """(the largest relative difference between ComfyUI's weight deltas and diffusers' (the DIFFUSERS_LORA file fused
+    by the stock pipeline), both in the original layout; how many weights changed). Asserts both change the same
+    weights."""
+    expert = "transformer_2" if label == "low_noise" else "transformer"
+    family, _ = family_of(model_type, model)
+    reference = family.single_file_state_dict(None, torch.float32, reference_weights(model_type, model, files)[expert])
+    stock = load_file(str(base))
+    theirs = {k: reference[k] - stock[k] for k in stock if not torch.equal(reference[k], stock[k])}
+    ours = result.deltas(stock)
+    assert set(theirs) <= set(ours), sorted(set(theirs) - set(ours))[:5]  # every weight diffusers changes is patched
+    # patched by a zero update (a HiDream MoE expert no token was routed to kept lora_B = 0), as in diffusers
+    assert all(ours[k].abs().max() == 0 for k in set(ours) - set(theirs)), sorted(set(ours) - set(theirs))[:5]
+    return max(((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs), len(theirs)
+
+
+COMFY_CASES = [(t, "high_noise") for t in ALL_TYPES if t == "WAN_2_2_T2V_A14B"] + [
+    (t, "low_noise" if t == "WAN_2_2_T2V_A14B" else "") for t in ALL_TYPES]
+
+
+@pytest.mark.parametrize("model_type,label", COMFY_CASES)
+def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(model_type, label, runs, comfy):
+    """ComfyUI's own loaders: the COMFY_TRANSFORMER base file loads with no missing or unexpected weight, into the
+    class ComfyUI loads the released model with; every tensor of the default LoRA file is applied (no "lora key not
+    loaded"); and the weights change by what diffusers' stock pipeline fuses from the DIFFUSERS_LORA file."""
+    from comfyui.harness import COMFY_MODELS
+
+    model, files = runs(model_type)
+    base, alone, with_lora = comfy[(model_type, label)]
+    gap, changed = comfy_delta_gap(model_type, model, files, label, base, with_lora)
+    print(f"{model_type} {label}: ComfyUI {with_lora.model_class} ({with_lora.image_model}); base: "
+          f"{len(alone.unet_missing)} missing, {len(alone.unet_unexpected)} unexpected; LoRA: {with_lora.lora_keys} "
+          f"tensors, {len(with_lora.not_loaded)} not loaded, {changed} weights changed; deltas vs diffusers' "
+          f"{gap:.2e} relative")
+    assert alone.model_class == COMFY_MODELS[model_type].comfy_class
+    assert alone.unet_missing == [] and alone.unet_unexpected == []
+    assert with_lora.not_loaded == [] and with_lora.lora_keys > 0
+    assert gap <= 1e-5
+
+
+def test_comfyui_checks_fail_on_a_broken_file(runs, comfy):
+    """Negative controls through the same ComfyUI process: the default file without `.alpha` changes the weights by the
+    wrong amount; a DIFFUSERS_LORA file (diffusers' names) is not applied by ComfyUI at all."""
+    model, files = runs("WAN_2_1_T2V")
+    base, no_alpha, diffusers_names = comfy["controls"]
+    gap, _ = comfy_delta_gap("WAN_2_1_T2V", model, files, "", base, no_alpha)
+    print(f"WAN 2.1 in ComfyUI, without .alpha: deltas vs diffusers' {gap:.2e}; DIFFUSERS_LORA file: "
+          f"{len(diffusers_names.not_loaded)}/{diffusers_names.lora_keys} keys not loaded")
+    assert no_alpha.not_loaded == [] and gap > 1e-2
+    assert len(diffusers_names.not_loaded) == diffusers_names.lora_keys > 0 and diffusers_names.weights == {}
+
+
+def test_comfyui_loads_the_ltx2_text_connectors_from_the_comfy_transformer_file(runs, comfy):
+    """ComfyUI's LTX-2 model holds the video and audio text connectors (diffusers keeps them in the pipeline's
+    `connectors`): the COMFY_TRANSFORMER file carries them, and ComfyUI loads exactly the base model's."""
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    from motiontune.models.ltx2 import original_connector_name
+
+    model, _ = runs("LTX_2")
+    _, alone, _ = comfy[("LTX_2", "")]
+    connectors = LTX2TextConnectors.from_pretrained(model, subfolder="connectors").state_dict()
+    expected = {original_connector_name(k): v for k, v in connectors.items() if not k.startswith("text_proj_in.")}
+    loaded = {k: v for k, v in alone.weights.items() if "_embeddings_connector." in k}
+    print(f"LTX-2 in ComfyUI: {len(loaded)} connector tensors loaded, {len(alone.unet_missing)} missing")
+    assert alone.unet_missing == [] and len(expected) == 30  # the tiny model's: 15 a connector
+    assert sorted(loaded) == sorted(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)

@@ -6,10 +6,11 @@ HunyuanVideo, then
   move towards the trained clip. Measured (150 steps, 4 seeds), MSE ratio with/without the adapter and per-channel
   statistics ratio: WAN 2.1 LoHa 0.79 / 0.22, LoKr 0.79 / 0.25, DoRA 0.79 / 0.23; HunyuanVideo LoHa 0.77 / 0.57,
   LoKr 0.81 / 0.63 (without the fused q, k, v, which a ComfyUI LoKr cannot hold), DoRA 0.78 / 0.57;
-- the default file (COMFY_LORA, ComfyUI's LyCORIS names) applied to the original-layout weights as ComfyUI's
-  comfy/weight_adapter/ computes it (written out here from the saved tensors), converted back by diffusers, equals the
-  transformer with the trained adapter merged by peft (its own `get_delta_weight`, DoRA's magnitude included);
-  Negative controls (a fused entry's rows swapped, `.alpha` or `dora_scale` left out) fail that check;
+- the default file (COMFY_LORA, ComfyUI's LyCORIS names) applied by the real ComfyUI (tests/comfyui/) to motiontune's
+  COMFY_TRANSFORMER file of the base model: every key applied, and the patched weights equal the transformer with the
+  trained adapter merged by peft (its own `get_delta_weight`, DoRA's magnitude included), in the original layout;
+- the same formulas written out here from comfy/weight_adapter/ (`comfy_applied`), converted back by diffusers, give
+  peft's merge too, and negative controls (a fused entry's rows swapped, `.alpha` or `dora_scale` left out) fail them;
 - a run continued from a backup ends with the same adapter as the run that was not stopped.
 """
 
@@ -205,16 +206,41 @@ def relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, torc
     return max(((ours[k] - reference[k]).norm() / max(reference[k].norm(), 1.0)).item() for k in reference)
 
 
+@pytest.fixture(scope="module")
+def comfy(runs, tmp_path_factory):
+    """(kind, tiny model) → (the tiny base model as motiontune's COMFY_TRANSFORMER file, what the real ComfyUI made of it
+    with the default file applied: tests/comfyui/), every case in one ComfyUI process."""
+    from comfyui.harness import ComfyJob, run_comfy
+    from test_lora_formats import comfy_transformer_files
+
+    cases = [(kind, family) for family in FAMILIES for kind in KINDS]
+    bases, jobs = {}, []
+    for kind, family in cases:
+        model, _, comfy_file, _ = runs(kind, family)
+        if family not in bases:
+            folder = tmp_path_factory.mktemp(f"comfy-{family}")
+            bases[family] = comfy_transformer_files(FAMILIES[family][0], model, folder)[""]
+        jobs.append(ComfyJob(FAMILIES[family][0], bases[family], comfy_file, model))
+    return {case: (bases[case[1]], result) for case, result in zip(cases, run_comfy(jobs))}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_comfy_file_applies_as_the_trained_adapter_merged_by_peft(kind, family, runs):
-    model, _, comfy_file, diffusers_file = runs(kind, family)
-    stock, comfy = comfy_applied(kind, family, model, comfy_file)
-    reference = merged_by_peft(kind, family, model, diffusers_file)
-    gap = relative_difference(comfy, reference)
+def test_comfyui_applies_the_file_as_the_trained_adapter_merged_by_peft(kind, family, runs, comfy):
+    """ComfyUI's own LoraLoader code on the default file: every key applied, and the original-layout weights it patches
+    equal the trained adapter merged by peft (in the same layout)."""
+    from test_lora_formats import family_of
+
+    model, _, _, diffusers_file = runs(kind, family)
+    base, result = comfy[kind, family]
+    stock = load_file(str(base))
+    layout, _ = family_of(FAMILIES[family][0], model)
+    reference = layout.single_file_state_dict(None, torch.float32, merged_by_peft(kind, family, model, diffusers_file))
+    gap = relative_difference({**stock, **result.weights}, reference)
     change = relative_difference(reference, stock)
-    print(f"{kind} on {family}: ComfyUI's way on the original layout vs peft's merge: {gap:.2e} (largest change {change:.2e})")
-    assert change > 1e-3 and gap <= EQUAL
+    print(f"{kind} on {family}: ComfyUI applied {result.lora_keys - len(result.not_loaded)}/{result.lora_keys} keys, "
+          f"patched {len(result.weights)} weights; vs peft's merge {gap:.2e} (largest change {change:.2e})")
+    assert result.not_loaded == [] and change > 1e-3 and gap <= EQUAL
 
 
 # memory options ride along (checkpointing with block inputs in host memory, half the blocks streamed; or checkpointing)

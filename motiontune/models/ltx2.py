@@ -230,9 +230,21 @@ class LTX2Family(ModelFamily):
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The transformer's weights named as the original LTX-2 checkpoints (ComfyUI's): what diffusers' single-file
-        converter renames back. Only the embedders, modulations, norms' and cross-modal tables' names differ."""
+        converter renames back. Only the embedders, modulations, norms' and cross-modal tables' names differ.
+        ComfyUI's LTX-2 model also holds the video and audio text connectors (diffusers keeps them in the pipeline's
+        `connectors`): they are written too, from the base model (they are frozen), or ComfyUI would run with
+        uninitialised ones; diffusers' converter drops them when it reads the file."""
         state = module.state_dict() if state is None else state
-        return {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+        weights = {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+        return weights | self._connector_weights(dtype)
+
+    def _connector_weights(self, dtype) -> dict:
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+        connectors = getattr(self, "connectors", None) or load_part(
+            LTX2TextConnectors, self.config.base_model_name, "connectors", dtype=torch.float32)
+        return {original_connector_name(k): v.detach().to("cpu", dtype).contiguous()
+                for k, v in connectors.state_dict().items() if k.startswith(("video_connector.", "audio_connector."))}
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
         """Inside the blocks (the only place a LoRA adapts), the original LTX-2 names are diffusers' own."""
@@ -439,6 +451,13 @@ def original_name(name: str) -> str:
     elif name.startswith("prompt_adaln."):
         name = "prompt_adaln_single." + name.removeprefix("prompt_adaln.")
     return name
+
+
+def original_connector_name(name: str) -> str:
+    """A diffusers LTX2TextConnectors key of a connector → its name in the original LTX-2 transformer (ComfyUI's);
+    the text projection before them (`text_proj_in`) is the text encoder's there, not the transformer's."""
+    modality, rest = name.split("_connector.", 1)
+    return f"{modality}_embeddings_connector." + original_name(rest.replace("transformer_blocks.", "transformer_1d_blocks."))
 
 
 @functools.cache
