@@ -1,0 +1,156 @@
+"""MiniMax H3 against diffusers' own modular pipeline: a LoRA trained with `motiontune train` on a real clip with a
+known tone moves the stock pipeline's video AND audio latents towards that clip's (each measured on its own), the
+cached prompt is what the pipeline's text block computes, samples are mp4 files with their sound track, and the LoRA
+file has the original (ComfyUI) names diffusers' converter reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, base_config, write_config
+from motiontune.cli import main
+
+PROMPT = "moving shapes"
+SEEDS = range(3)
+FPS, FRAMES, SIZE = 24, 124, 32  # the pipeline's shortest video: 5 s at 24 fps, rounded up to 17n+5
+RATE = 32000
+
+
+def _shapes(count: int) -> np.ndarray:
+    """`count` frames of the real shapes clip from 3 s in (its first second is black), SIZE x SIZE."""
+    with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24", width=SIZE, height=SIZE) for _, f in zip(range(90 + count), container.decode(video=0))]
+    return np.stack(frames[90:])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    """One LoRA run on a real clip with a 440 Hz stereo tone (FLAC, lossless), 124 frames at 24 fps."""
+    return _train(tiny_models("minimax-h3"), tmp_path_factory.mktemp("minimax"))
+
+
+def _train(model: Path, tmp: Path, epochs: int = 150):
+    from motiontune.testing.clips import write_clip_with_tone
+
+    data = tmp / "data"
+    data.mkdir()
+    # two frames more than a window: the file's last frame must end after the window's
+    clip = write_clip_with_tone(data / "tone.mkv", (FRAMES + 2) / FPS, fps=FPS, tones=((0.0, 440.0),), frames=_shapes(FRAMES + 2),
+                                layout="stereo", sample_rate=RATE)
+    (data / "tone.txt").write_text(PROMPT + "\n")
+    config = base_config(tmp, model, data, model_type="MINIMAX_H3", resolution=str(SIZE), epochs=epochs,
+                         learning_rate=5e-3, lora_rank=16, lora_alpha=16,
+                         video_config={"max_frames": FRAMES, "target_fps": float(FPS)},
+                         samples=[{"prompt": PROMPT, "frames": FRAMES, "height": SIZE, "width": SIZE, "steps": 2, "fps": FPS}],
+                         sample_after=epochs, sample_after_unit="EPOCH")
+    assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
+    return model, clip, Path(config["output_model_destination"]), tmp
+
+
+def test_stock_pipeline_video_and_audio_move_towards_the_trained_clip(trained):
+    """No motiontune code below: diffusers' modular pipeline and its LoRA loader, the clip's latents computed here."""
+    model, clip, lora, _ = trained
+    targets, base, trained_samples = _stock_samples(model, clip, lora)
+    video_ratio, audio_ratio = map(_ratio, trained_samples, base, targets)
+    # what a trainer with the target's sign flipped would aim at: a LoRA that only shrank the samples would come
+    # closer to it too; this one moves away from it
+    flipped = [_ratio(with_lora, without, -target) for with_lora, without, target in zip(trained_samples, base, targets)]
+    print(f"minimax-h3: MSE ratio with/without LoRA: video {video_ratio:.3f}, audio {audio_ratio:.3f}; against the "
+          f"sign-flipped latents (negative control): video {flipped[0]:.3f}, audio {flipped[1]:.3f}")
+    assert video_ratio < 0.6, "video samples did not move towards the clip: timestep, sign or normalisation broken"
+    assert audio_ratio < 0.75, "audio samples did not move towards the clip's sound: window, packing or normalisation broken"
+    assert min(flipped) > 1.0
+
+
+def test_a_run_with_the_target_sign_flipped_fails_the_check(tiny_models, tmp_path):
+    """Negative control: the same run with the flow target's sign flipped (video and audio alike) does not pass."""
+    from motiontune.train import step
+
+    flow_target = step.flow_target
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "flow_target", lambda x0, noise: -flow_target(x0, noise))
+        model, clip, lora, _ = _train(tiny_models("minimax-h3"), tmp_path)
+    targets, base, trained_samples = _stock_samples(model, clip, lora)
+    video_ratio, audio_ratio = map(_ratio, trained_samples, base, targets)
+    print(f"minimax-h3, target sign flipped: MSE ratio video {video_ratio:.3f}, audio {audio_ratio:.3f}")
+    assert video_ratio > 0.6 and audio_ratio > 0.75
+
+
+def _stock_pipeline(model: Path):
+    """diffusers' MiniMax H3 pipeline (t2va) from the model folder, and the same blocks without the text encoder
+    step (which needs Qwen3-VL's processor, i.e. torchvision, for nothing a text-only prompt uses)."""
+    from diffusers import ModularPipeline
+
+    full = ModularPipeline.from_pretrained(str(model), workflow="t2va")
+    full.load_components(dtype=torch.float32)
+    blocks = full.blocks
+    blocks.sub_blocks.pop("text_encoder")
+    for decode in [name for name in blocks.sub_blocks if name.startswith("decode")]:
+        blocks.sub_blocks.pop(decode)  # the comparison is on latents
+    pipe = blocks.init_pipeline(str(model))
+    pipe.update_components(**{n: getattr(full, n) for n in ("transformer", "vae", "audio_vae", "scheduler", "audio_scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    return full, pipe
+
+
+def _prompt_embeds(full, prompt: str) -> torch.Tensor:
+    """What the pipeline's t2va text block computes: the prompt verbatim, hidden state 50 of Qwen3-VL."""
+    ids = full.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        return full.text_encoder.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       mm_token_type_ids=torch.zeros_like(input_ids), use_cache=False,
+                                       output_hidden_states=True).hidden_states[full.text_encoder_layer]
+
+
+def _stock_samples(model: Path, clip: Path, lora: Path):
+    """The clip's (video, audio) latents, then the stock pipeline's samples without and with the LoRA."""
+    full, pipe = _stock_pipeline(model)
+    targets = _clip_latents(full, clip)
+    embeds = _prompt_embeds(full, PROMPT)
+    base = _samples(pipe, embeds)
+    pipe.load_lora_weights(str(lora))
+    return targets, base, _samples(pipe, embeds)
+
+
+def _ratio(with_lora, without, target) -> float:
+    return ((with_lora - target) ** 2).mean().item() / ((without - target) ** 2).mean().item()
+
+
+def _clip_latents(pipe, clip: Path):
+    """The clip's FRAMES frames and their sound (FRAMES / FPS seconds, 32 kHz stereo) as the pipeline's denoiser sees
+    them: video (1, C, F', H', W') and audio (2, C, L), normalised as its decode steps denormalise them."""
+    with av.open(str(clip)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(FRAMES), container.decode(video=0))])
+    with av.open(str(clip)) as container:
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=RATE)
+        sound = np.concatenate([r.to_ndarray() for f in container.decode(audio=0) for r in resampler.resample(f)], axis=1)
+    sound = torch.from_numpy(sound[:, : round(FRAMES / FPS * RATE)]).float()
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 255
+    mean, std = torch.tensor(pipe.pixel_mean).view(1, 3, 1, 1, 1), torch.tensor(pipe.pixel_std).view(1, 3, 1, 1, 1)
+    steps = round(FRAMES / FPS * 40)
+    with torch.no_grad():
+        video = pipe.vae.encode((pixels - mean) / std).latent_dist.mean
+        audio = pipe.audio_vae.encode(sound[:, None]).latent_dist.mode()[..., :steps]
+    vae, audio_vae = pipe.vae.config, pipe.audio_vae.config
+    video = (video - torch.tensor(vae.latents_mean).view(1, -1, 1, 1, 1)) / torch.tensor(vae.latents_std).view(1, -1, 1, 1, 1)
+    audio = (audio - torch.tensor(audio_vae.latents_mean).view(1, -1, 1)) / torch.tensor(audio_vae.latents_std).view(1, -1, 1)
+    return video, audio
+
+
+def _samples(pipe, embeds):
+    """Normalised video and audio latents for each seed (what the decode steps would denormalise)."""
+    videos, audios = [], []
+    for seed in SEEDS:
+        out = pipe(prompt_embeds=embeds, text_token_tags=torch.ones(embeds.shape[1], dtype=torch.long), height=SIZE,
+                   width=SIZE, num_frames=FRAMES, num_inference_steps=10, generator=torch.Generator().manual_seed(seed),
+                   output=["latents", "audio_latents"])
+        videos.append(out["latents"])
+        audios.append(out["audio_latents"][None])
+    return torch.cat(videos), torch.cat(audios)
