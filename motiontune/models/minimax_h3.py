@@ -341,8 +341,8 @@ class MiniMaxH3Family(ModelFamily):
             audio = audio_vae.encode(waves).latent_dist.mode().transpose(1, 2).reshape(-1, 8)
             audio_vae.register_to_config(latents_mean=audio.mean(0).tolist(), latents_std=audio.std(0).tolist())
         transformer = MiniMaxH3Transformer3DModel(
-            num_attention_heads=heads or 2, attention_head_dim=24, hidden_size=width, num_layers=layers,
-            num_refiner_layers=1, ffn_dim=2 * width, in_channels=8, audio_in_channels=8, text_dim=width, freq_dim=32,
+            num_attention_heads=heads or 4, attention_head_dim=24, hidden_size=2 * width, num_layers=layers,
+            num_refiner_layers=1, ffn_dim=4 * width, in_channels=8, audio_in_channels=8, text_dim=width, freq_dim=32,
             time_embed_hidden_dim=width, time_embed_dim=16, rope_freq_dim=4)
         return _TinyModularModel(dict(text_encoder=qwen, tokenizer=qwen_tokenizer, vae=vae, audio_vae=audio_vae,
                                       transformer=transformer, scheduler=MiniMaxH3Scheduler(shift=12.0),
