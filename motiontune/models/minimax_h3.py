@@ -24,6 +24,7 @@ one transformer denoises the prompt, the video and its stereo sound as ONE packe
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .layout import OriginalLayout
 from .loading import ModelLoadError, load_part
 from .packing import FORMAT as PACKED, pack, unpack
+
+log = logging.getLogger("motiontune")
 
 FPS = 24  # MINIMAX_H3_FPS: what it generates at and what its rotary clock assumes
 TEXT_LAYER = 50  # MiniMaxH3ModularPipeline.text_encoder_layer
@@ -90,11 +93,6 @@ class MiniMaxH3Family(ModelFamily):
         if config.video_config.target_fps != FPS:
             problems.append(f"  - video_config.target_fps = {config.video_config.target_fps:g}: MiniMax H3 generates at "
                             f"{FPS} fps and its positions tie sound to frames at that rate; set it to {FPS}")
-        for index, sample in enumerate(config.samples or []):
-            frames = _aligned_frames(sample.frames)
-            if not DURATION[0] <= frames / FPS <= DURATION[1]:
-                problems.append(f"  - samples[{index}].frames = {sample.frames}: the pipeline generates {DURATION[0]:g} "
-                                f"to {DURATION[1]:g} s at {FPS} fps, 120 to 360 frames (17n+5 after rounding up)")
         return problems
 
     def valid_frame_count(self, frames: int) -> int:
@@ -285,13 +283,17 @@ class MiniMaxH3Family(ModelFamily):
         blocks = MiniMaxH3Blocks().get_workflow("t2va")
         blocks.sub_blocks.pop("text_encoder")
         prompt = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
+        frames = sample_frames(request.frames)
+        if frames != request.frames:
+            log.warning("sample of %d frames: MiniMax H3's pipeline generates %g to %g s at %d fps (17n+5 frames), so "
+                        "this one has %d", request.frames, *DURATION, FPS, frames)
         with self.taking_turns(first_frame=False):
             pipe = blocks.init_pipeline()
             pipe.update_components(transformer=self.transformer, vae=self.vae, audio_vae=self.audio_vae,
                                    scheduler=self.scheduler, audio_scheduler=self.audio_scheduler)
             out = pipe(prompt_embeds=prompt.to(self.weight_dtype),
                        text_token_tags=torch.full((prompt.shape[1],), TEXT_TAG, dtype=torch.long),
-                       height=request.height, width=request.width, num_frames=request.frames,
+                       height=request.height, width=request.width, num_frames=frames,
                        num_inference_steps=request.steps, generator=torch.Generator(device=self.device).manual_seed(request.seed),
                        output_type="np", output=["videos", "audio", "sampling_rate"])
         return to_uint8(out["videos"][0]), out["audio"][0].float().cpu().numpy(), int(out["sampling_rate"])
@@ -349,9 +351,16 @@ class MiniMaxH3Family(ModelFamily):
                                       audio_scheduler=MiniMaxH3Scheduler(shift=3.0)))
 
 
-def _aligned_frames(frames: int) -> int:
-    """`frames` rounded up to 17n+5, as the pipeline's `align_num_frames` rounds a request."""
-    return frames + (5 - frames) % 17 if frames >= 5 else 5
+def sample_frames(frames: int) -> int:
+    """The frames the pipeline generates for a request of `frames`: rounded up to 17n+5 (its `align_num_frames`),
+    and into its 5-15 s at 24 fps: 124 to 345 frames."""
+    aligned = frames + (5 - frames) % 17 if frames >= 5 else 5
+    shortest, longest = (math.ceil(DURATION[0] * FPS), math.floor(DURATION[1] * FPS))
+    while aligned < shortest:
+        aligned += 17
+    while aligned > longest:
+        aligned -= 17
+    return aligned
 
 
 def _unpatchify(rows: torch.Tensor, channels: int, frames: int, height: int, width: int, patch) -> torch.Tensor:
