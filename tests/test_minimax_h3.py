@@ -157,3 +157,96 @@ def _samples(pipe, embeds):
         videos.append(out["latents"])
         audios.append(out["audio_latents"][None])
     return torch.cat(videos), torch.cat(audios)
+
+
+def test_the_sample_is_an_mp4_with_its_sound_track(trained):
+    """The sample rendered during training: H.264 video and the audio VAE's 32 kHz stereo as AAC, equally long."""
+    *_, tmp = trained
+    sample = next((tmp / "workspace" / "samples").glob("*.mp4"))
+    with av.open(str(sample)) as container:
+        audio = container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        assert (audio.codec_context.name, audio.rate, audio.channels) == ("aac", RATE, 2)
+    with av.open(str(sample)) as container:
+        samples = sum(f.samples for f in container.decode(audio=0))
+    print(f"minimax-h3 sample: {frames} frames, {samples / RATE:.3f} s of sound")
+    assert frames == FRAMES and abs(samples / RATE - FRAMES / FPS) < 0.1
+
+
+def test_lora_file_has_the_original_names_comfyui_reads(trained):
+    """The default format (COMFY_LORA): `diffusion_model.` + the original MiniMax H3 names (q, k and v fused into
+    `attn.qkv_proj`), each with its `.alpha`. diffusers' converter of such files maps every entry onto a module this
+    run trained, and ComfyUI v0.30.0's MiniMax H3 model has these names."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_minimax_h3_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    model, _, lora, _ = trained
+    weights = load_file(str(lora))
+    # the run's layer_filter adapts the text refiner's attention too
+    assert all(k.startswith(("diffusion_model.blocks.", "diffusion_model.token_refiner.blocks.")) for k in weights)
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] if ".lora_" in k
+               else k.removeprefix("diffusion_model.").removesuffix(".alpha") for k in weights}
+    for name in ("blocks.0.attn.qkv_proj", "blocks.1.attn.out_proj", "blocks.0.mlp.fc2", "blocks.0.adaln_proj.linear",
+                 "token_refiner.blocks.0.attn.qkv_proj"):
+        assert name in modules, name
+    assert not any("mlp.fc1" in k for k in weights)  # its halves are swapped in the original layout: never adapted here
+    assert all(f"diffusion_model.{m}.alpha" in weights for m in modules)
+    converted = _convert_non_diffusers_minimax_h3_lora_to_diffusers(dict(weights))
+    from diffusers import MiniMaxH3Transformer3DModel
+
+    names = {n for n, _ in MiniMaxH3Transformer3DModel.from_pretrained(model, subfolder="transformer").named_modules()}
+    assert all(k.removeprefix("transformer.").rsplit(".lora_", 1)[0] in names for k in converted)
+    assert any(".attn.to_v." in k for k in converted) and any(".ff.net.2." in k for k in converted)
+
+
+@pytest.fixture(scope="module")
+def family(tiny_models):
+    from motiontune.config import TrainConfig
+    from motiontune.models.minimax_h3 import MiniMaxH3Family
+
+    config = TrainConfig.model_validate({"model_type": "MINIMAX_H3", "base_model_name": str(tiny_models("minimax-h3")),
+                                         "train_dtype": "FLOAT_32", "concepts": [{"path": "."}]})
+    family = MiniMaxH3Family(config, torch.device("cpu"))
+    family.load_transformers()
+    family.load_text_encoder()
+    return family
+
+
+def test_cached_prompt_is_what_the_pipeline_computes(family):
+    """The pipeline's own prompt function (`get_qwen3vl_prompt_embeds`: hidden state 50, unpadded), given the token
+    type ids transformers' processor method computes from the tokenizer's vision pads; the cached row, cut back to the
+    prompt's tokens, is that."""
+    from types import SimpleNamespace
+
+    from diffusers.modular_pipelines.minimax_h3.encoders import get_qwen3vl_prompt_embeds
+    from transformers.processing_utils import ProcessorMixin
+
+    tokenizer, qwen = family.encoders["qwen3vl"]
+    # Qwen3-VL's processor needs torchvision to be built; its token-type method needs only these ids
+    processor = SimpleNamespace(image_token_ids=[tokenizer.convert_tokens_to_ids("<|image_pad|>")],
+                                video_token_ids=[tokenizer.convert_tokens_to_ids("<|video_pad|>")], audio_token_ids=[])
+    processor.create_mm_token_type_ids = lambda ids: ProcessorMixin.create_mm_token_type_ids(processor, ids)
+    rows = family.encode_prompts([PROMPT, "a rabbit walks in the forest"])
+    for prompt, row in zip([PROMPT, "a rabbit walks in the forest"], rows):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            stock = get_qwen3vl_prompt_embeds(qwen, processor, ids, {}, text_encoder_layer=50, dtype=torch.float32)
+        ours = family._unpack(row)
+        assert ours.shape == stock.shape and torch.allclose(ours, stock, atol=1e-5)
+
+
+def test_config_refuses_what_minimax_h3_cannot_train():
+    from motiontune.config import TrainConfig
+    from motiontune.models.minimax_h3 import MiniMaxH3Family, sample_frames
+
+    def problems(**keys):
+        keys.setdefault("video_config", {"target_fps": 24.0})
+        config = TrainConfig.model_validate({"model_type": "MINIMAX_H3", "concepts": [{"path": "."}], **keys})
+        return "\n".join(MiniMaxH3Family.config_problems(config))
+
+    assert problems() == "" and problems(training_method="FINE_TUNE") == ""
+    assert "EMBEDDING" in problems(training_method="EMBEDDING", embedding={"placeholder": "<x>"})
+    assert "text_encoder.train" in problems(training_method="FINE_TUNE", text_encoder={"train": True})
+    assert "use_temporal_attention" in problems(video_config={"use_temporal_attention": False, "target_fps": 24.0})
+    assert "target_fps = 16: MiniMax H3 generates at 24 fps" in problems(video_config={"target_fps": 16.0})
+    assert [sample_frames(n) for n in (5, 120, 124, 125, 345, 400)] == [124, 124, 124, 141, 345, 345]
