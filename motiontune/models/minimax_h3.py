@@ -23,6 +23,7 @@ one transformer denoises the prompt, the video and its stereo sound as ONE packe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ class MiniMaxH3Family(ModelFamily):
     AUDIO_CHANNELS = 2
     ENCODER_PARTS = {"vae": ("vae", "audio_vae"), "text": ("tokenizer", "text_encoder")}
     TEXT_FORMAT = PACKED
+    QUANTIZED_TEXT_ENCODER = True  # Qwen3-VL-32B is ~62 GB in bf16
     ORIGINAL_LAYOUT = LAYOUT
     audio_vae = None
 
@@ -133,7 +135,7 @@ class MiniMaxH3Family(ModelFamily):
     def load_text_encoder(self) -> None:
         from transformers import Qwen2TokenizerFast, Qwen3VLForConditionalGeneration
 
-        model = self.load_text_model(Qwen3VLForConditionalGeneration, "text_encoder")
+        model = self.load_text_model(Qwen3VLForConditionalGeneration, "text_encoder", quantize="model")
         layers = model.config.text_config.num_hidden_layers
         if layers <= TEXT_LAYER:
             raise ModelLoadError(f"{self.config.base_model_name}/text_encoder has {layers} decoder layers; MiniMax H3 reads "
@@ -211,9 +213,7 @@ class MiniMaxH3Family(ModelFamily):
     def predict(self, noisy, sigma, text, expert, conditioning=None, sound=None):
         """(video prediction, audio prediction) in the shared convention (noise - x0) given `sound`; without it
         (memory estimates) the sound is pure noise at sigma = 1 and only the video prediction is returned."""
-        from diffusers.modular_pipelines.minimax_h3.before_denoise import (MiniMaxH3PrepareLayoutStep,
-                                                                            MiniMaxH3SetTimestepsStep,
-                                                                            patchify_video_latents)
+        from diffusers.modular_pipelines.minimax_h3.before_denoise import patchify_video_latents
 
         model = expert.module
         batch, channels, frames, height, width = noisy.shape
@@ -226,19 +226,14 @@ class MiniMaxH3Family(ModelFamily):
         videos, audios = [], []
         for i in range(batch):  # one packed layout per call (see the module's docstring)
             prompt = self._unpack(text[i].to(noisy.device, torch.float32))
-            positions, tags, video_rows, audio_rows, text_rows, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
-                torch.full((prompt.shape[1],), TEXT_TAG), frames, height, width,
-                sound.noisy.shape[1] // self.AUDIO_CHANNELS, patch, self.AUDIO_CHANNELS, AUDIO_TAG, VIDEO_TAG)
-            timesteps, indices = MiniMaxH3SetTimestepsStep.build_row_timesteps(
-                video_rows, audio_rows, 0, 0, prompt.shape[1], 1.0 - float(sigma[i]), 1.0 - float(sound.sigma[i]), 1.0, 1.0)
-            device = noisy.device
+            layout = packed_layout(prompt.shape[1], frames, height, width, sound.noisy.shape[1] // self.AUDIO_CHANNELS, patch)
+            layout = {name: value.to(noisy.device) for name, value in layout.items()}
+            # the pipeline's row plan: text and video rows at the video's t, audio rows at the sound's (t = 1 - sigma)
+            timesteps = 1.0 - torch.stack([sigma[i], sound.sigma[i]]).float()
             video, audio = model(
                 hidden_states=patchify_video_latents(noisy[i : i + 1].float(), patch)[None].to(self.weight_dtype),
                 audio_hidden_states=sound.noisy[i : i + 1].to(self.weight_dtype),
-                encoder_hidden_states=prompt.to(self.weight_dtype), timestep=timesteps.to(device),
-                timestep_indices=indices.to(device), token_tags=tags.to(device), position_ids=positions.to(device),
-                video_indices=video_rows.to(device), audio_indices=audio_rows.to(device),
-                text_indices=text_rows.to(device), return_dict=False)
+                encoder_hidden_states=prompt.to(self.weight_dtype), timestep=timesteps, return_dict=False, **layout)
             videos.append(_unpatchify(video[0], channels, frames, height, width, patch))
             audios.append(audio[0])
         # the transformer's velocity points at the data (x0 = x_t + sigma v); the trainer's target is noise - x0
@@ -351,6 +346,45 @@ class MiniMaxH3Family(ModelFamily):
                                       audio_scheduler=MiniMaxH3Scheduler(shift=3.0)))
 
 
+    # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
+    transformer_class_name = "MiniMaxH3Transformer3DModel"
+    block_groups = (("num_layers", "transformer_blocks"),)
+    text_tokens = MAX_TEXT_TOKENS  # the longest prompt the cache holds
+
+    def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
+        """(Hub id, its parts' configs): the one release, whatever `base` names."""
+        return RELEASE["release"], RELEASE["parts"]
+
+    def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
+        row = pack(torch.zeros(MAX_TEXT_TOKENS, cfg.get("text_dim", 5120)), torch.ones(MAX_TEXT_TOKENS))
+        return row.expand(batch, -1).clone()
+
+    def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
+        """(cached text rows of the longest prompt, no conditioning); `predict` adds the clip's sound rows."""
+        return self._estimate_text(len(x0), cfg), None
+
+    def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
+        """One transformer call as the pipeline makes it while sampling (batch 1, one forward a step)."""
+        f, h, w = latent
+        patch = tuple(cfg.get("patch_size", (1, 2, 2)))
+        steps = self.audio_steps(self.pixel_frames(f), FPS)
+        rows = (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+        return {"hidden_states": torch.empty(1, rows, cfg.get("in_channels", 24) * math.prod(patch), dtype=dtype),
+                "audio_hidden_states": torch.empty(1, self.AUDIO_CHANNELS * steps, cfg.get("audio_in_channels", 32), dtype=dtype),
+                "encoder_hidden_states": torch.empty(1, MAX_TEXT_TOKENS, cfg.get("text_dim", 5120), dtype=dtype),
+                "timestep": torch.empty(2), **packed_layout(MAX_TEXT_TOKENS, f, h, w, steps, patch)}
+
+    def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        with torch.device("meta"):
+            return [("Qwen3-VL", Qwen3VLForConditionalGeneration(Qwen3VLConfig(**configs["text_encoder"])))]
+
+
+# the released model, for `motiontune estimate` on a Hub id not on this machine
+RELEASE = json.loads((Path(__file__).parent / "releases" / "minimax_h3.json").read_text())
+
+
 def sample_frames(frames: int) -> int:
     """The frames the pipeline generates for a request of `frames`: rounded up to 17n+5 (its `align_num_frames`),
     and into its 5-15 s at 24 fps: 124 to 345 frames."""
@@ -361,6 +395,30 @@ def sample_frames(frames: int) -> int:
     while aligned > longest:
         aligned -= 17
     return aligned
+
+
+@functools.lru_cache(maxsize=64)
+def packed_layout(text_tokens: int, frames: int, height: int, width: int, audio_steps: int, patch: tuple) -> dict:
+    """The transformer's structural inputs for one sample, built by the pipeline's own `build_packed_sequence`
+    (`[text | audio | video]`, its float64 rotary grid), plus each row's timestep index: 0 (the video's) for text and
+    video rows, 1 (the sound's) for audio rows. Built outside any fake-tensor mode (memory estimates): it is data."""
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3PrepareLayoutStep
+
+    with _real_tensors():
+        positions, tags, video_rows, audio_rows, text_rows, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+            torch.full((text_tokens,), TEXT_TAG), frames, height, width, audio_steps, patch, MiniMaxH3Family.AUDIO_CHANNELS,
+            AUDIO_TAG, VIDEO_TAG)
+        indices = torch.zeros(len(positions), dtype=torch.long)
+        indices[audio_rows] = 1
+    return {"position_ids": positions, "token_tags": tags, "video_indices": video_rows, "audio_indices": audio_rows,
+            "text_indices": text_rows, "timestep_indices": indices}
+
+
+def _real_tensors():
+    """A context in which tensors are real even inside a fake-tensor mode (estimate's simulated step)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def _unpatchify(rows: torch.Tensor, channels: int, frames: int, height: int, width: int, patch) -> torch.Tensor:
