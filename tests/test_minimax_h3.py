@@ -250,3 +250,16 @@ def test_config_refuses_what_minimax_h3_cannot_train():
     assert "use_temporal_attention" in problems(video_config={"use_temporal_attention": False, "target_fps": 24.0})
     assert "target_fps = 16: MiniMax H3 generates at 24 fps" in problems(video_config={"target_fps": 16.0})
     assert [sample_frames(n) for n in (5, 120, 124, 125, 345, 400)] == [124, 124, 124, 141, 345, 345]
+
+
+def test_single_file_weights_have_the_original_names(family):
+    """FINE_TUNE's single-file layout (COMFY_TRANSFORMER): diffusers' converter of original MiniMax H3 checkpoints
+    gives the model back, every tensor equal (q, k, v un-fused, the feed-forward's halves swapped back)."""
+    from diffusers.loaders.single_file_utils import convert_minimax_h3_transformer_checkpoint_to_diffusers
+
+    state = family.transformer.state_dict()
+    original = family.single_file_state_dict(family.transformer, torch.float32)
+    assert "blocks.0.attn.qkv_proj.weight" in original and "final_layer.video_out.weight" in original
+    assert "video_patch_proj.weight" in original and "audio_patch_proj.weight" in original  # what ComfyUI detects
+    converted = convert_minimax_h3_transformer_checkpoint_to_diffusers(dict(original), dict(family.transformer.config))
+    assert sorted(converted) == sorted(state) and all(torch.equal(converted[k], state[k]) for k in state)

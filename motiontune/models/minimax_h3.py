@@ -51,14 +51,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # th
 _DEFAULT_TARGETS = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.to_out.0", ".ff.net.2")
 
 _BLOCK_MODULES = {"attn.qkv_proj": ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.out_proj": ("attn.to_out.0",),
-                  "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",), "adaln_proj.linear": ("adaln_proj.linear",)}
+                  "attn.q_norm": ("attn.norm_q",), "attn.k_norm": ("attn.norm_k",), "norm1": ("norm1",),
+                  "norm2": ("norm2",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
+                  "adaln_proj.linear": ("adaln_proj.linear",)}
 # The original (MiniMax / ComfyUI) names, as diffusers' converter of MiniMax H3 LoRAs reads them
 LAYOUT = OriginalLayout(
     "MiniMax H3",
     outside={"video_patch_proj": "proj_in", "audio_patch_proj": "audio_proj_in", "condition_proj": "context_embedder",
              "time_embedder.proj_in": "time_embedder.linear_1", "time_embedder.proj_out": "time_embedder.linear_2",
              "final_layer.adaln_proj.linear": "norm_out.linear", "final_layer.video_out": "proj_out",
-             "final_layer.audio_out": "audio_proj_out"},
+             "final_layer.audio_out": "audio_proj_out", "final_layer.norm": "norm_out.norm",
+             "token_refiner.final_norm": "token_refiner.final_norm"},
     blocks=(("blocks", "transformer_blocks", _BLOCK_MODULES),
             ("token_refiner.blocks", "token_refiner.refiner_blocks", _BLOCK_MODULES)),
 )
@@ -263,6 +266,15 @@ class MiniMaxH3Family(ModelFamily):
 
         MiniMaxH3ModularPipeline.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
                                                    transformer_lora_adapter_metadata=adapter_metadata)
+
+    def single_file_state_dict(self, module, dtype, state=None) -> dict:
+        """The original layout (q, k, v fused [q; k; v]), with each `mlp.fc1` as the original holds it: [gate; value],
+        diffusers' [value; gate] the other way round. diffusers' `from_single_file` converts it back."""
+        converted = super().single_file_state_dict(module, dtype, state)
+        for key in [k for k in converted if k.endswith(".mlp.fc1.weight")]:
+            value, gate = converted[key].chunk(2)
+            converted[key] = torch.cat([gate, value]).contiguous()
+        return converted
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
         """ComfyUI scales by alpha / rank, and diffusers' converter folds `.alpha` into the factors the same way."""
