@@ -260,6 +260,10 @@ def test_single_file_weights_have_the_original_names(family):
     state = family.transformer.state_dict()
     original = family.single_file_state_dict(family.transformer, torch.float32)
     assert "blocks.0.attn.qkv_proj.weight" in original and "final_layer.video_out.weight" in original
-    assert "video_patch_proj.weight" in original and "audio_patch_proj.weight" in original  # what ComfyUI detects
+    # what ComfyUI v0.30.0's model detection reads (comfy/model_detection.py, MiniMax H3)
+    for key in ("video_patch_proj.weight", "audio_patch_proj.weight", "blocks.0.attn.q_norm.weight", "blocks.0.mlp.fc1.weight",
+                "condition_proj.weight", "time_embedder.proj_in.weight", "time_embedder.proj_out.weight", "rope.inv_freq",
+                "final_layer.video_out.weight", "final_layer.audio_out.weight", "token_refiner.blocks.0.attn.qkv_proj.weight"):
+        assert key in original, key
     converted = convert_minimax_h3_transformer_checkpoint_to_diffusers(dict(original), dict(family.transformer.config))
     assert sorted(converted) == sorted(state) and all(torch.equal(converted[k], state[k]) for k in state)

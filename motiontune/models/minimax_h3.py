@@ -269,11 +269,14 @@ class MiniMaxH3Family(ModelFamily):
 
     def single_file_state_dict(self, module, dtype, state=None) -> dict:
         """The original layout (q, k, v fused [q; k; v]), with each `mlp.fc1` as the original holds it: [gate; value],
-        diffusers' [value; gate] the other way round. diffusers' `from_single_file` converts it back."""
+        diffusers' [value; gate] the other way round, and the rotary frequencies (`rope.inv_freq`, a buffer diffusers
+        does not save), from which ComfyUI's model detection reads the rotary size. diffusers' `from_single_file`
+        converts the file back (and drops the buffer)."""
         converted = super().single_file_state_dict(module, dtype, state)
         for key in [k for k in converted if k.endswith(".mlp.fc1.weight")]:
             value, gate = converted[key].chunk(2)
             converted[key] = torch.cat([gate, value]).contiguous()
+        converted["rope.inv_freq"] = module.rope.inv_freq.detach().to("cpu", torch.float32).contiguous()
         return converted
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
