@@ -243,6 +243,10 @@ class MiniMaxH3Family(ModelFamily):
         video, audio = -torch.stack(videos), -torch.stack(audios)
         return video if given is None else (video, audio)
 
+    def latent_frame_count(self, frames: int) -> int:
+        """5n+2 latent frames of 17n+5 frames (the VAE's `video_latent_num_frames`)."""
+        return (frames - 5) // 17 * 5 + 2
+
     @staticmethod
     def pixel_frames(latent_frames: int) -> int:
         """Pixel frames of `latent_frames` latent frames (5n+2 → 17n+5)."""
