@@ -267,3 +267,16 @@ def test_single_file_weights_have_the_original_names(family):
         assert key in original, key
     converted = convert_minimax_h3_transformer_checkpoint_to_diffusers(dict(original), dict(family.transformer.config))
     assert sorted(converted) == sorted(state) and all(torch.equal(converted[k], state[k]) for k in state)
+
+
+def test_frame_counts_are_the_vaes(family):
+    """17n+5 frames, 5n+2 latent frames: the pipeline's own arithmetic, and the tiny VAE's actual output."""
+    from diffusers.modular_pipelines.minimax_h3.modular_pipeline import video_latent_num_frames
+
+    assert [family.valid_frame_count(n) for n in (4, 5, 21, 22, 124, 130)] == [0, 5, 5, 22, 124, 124]
+    for frames in (5, 22, 124):
+        assert family.latent_frame_count(frames) == video_latent_num_frames(frames, 17, 5)
+        assert family.pixel_frames(family.latent_frame_count(frames)) == frames
+    family.load_vae()
+    latents = family.encode_video(np.zeros((22, 32, 32, 3), dtype=np.uint8))
+    assert latents.shape[1] == family.latent_frame_count(22) == 7
