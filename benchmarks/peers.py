@@ -39,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,10 +399,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--motiontune-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config key for motiontune's run, as `motiontune train --set` takes it (e.g. compile=true)")
-    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS", "/work/peers")))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/motiontune-peers"),
+    parser.add_argument("--peers", type=Path, default=os.environ.get("PEERS"),
+                        help="the folder benchmarks/peers_setup.sh installed the peers into (default: $PEERS)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "motiontune-peers",
                         help="scratch folder (models are reused across runs with the same sizes)")
     args = parser.parse_args()
+    if args.peers is None:
+        parser.error("name the folder the peers were set up in: --peers DIR or PEERS=DIR (see benchmarks/peers_setup.sh)")
 
     work = args.work / f"{args.width}-L{args.layers}"
     models = build_models(work, args, args.peers)

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Set-up for benchmarks/peers.py: brings the three peer trainers' source to $PEERS (default /work/peers),
-# each at a recorded commit, and installs each into its own virtualenv there with the CPU build of torch.
+# Set-up for benchmarks/peers.py: brings the three peer trainers' source into the folder PEERS names, each at a
+# recorded commit, and installs each into its own virtualenv there with the CPU build of torch.
 # Never touches the project's own venv. Idempotent: a step already done is skipped.
 #
-#   bash benchmarks/peers_setup.sh            # all peers
-#   PEERS=/somewhere bash benchmarks/peers_setup.sh musubi-tuner finetrainers
+#   PEERS=~/peers bash benchmarks/peers_setup.sh                               # all peers, cloned from GitHub
+#   PEERS=~/peers MIRRORS=~/mirrors bash benchmarks/peers_setup.sh musubi-tuner   # one peer, from local mirrors
 #
-# Source: a bare git mirror of each repository is expected at $MIRRORS/<owner>+<name>/repo (the agent tooling's
-# `fetch github:<owner>/<name>` puts it there); without one, the script clones from GitHub. The work tree is the
+# Source: cloned from GitHub into PEERS, or, when MIRRORS names a folder, read from a bare git repository there
+# named <owner>+<name> or <owner>+<name>/repo (for example ~/mirrors/kohya-ss+musubi-tuner). The work tree is the
 # pinned commit below (PINNED) when the repository has it, else its HEAD, which is then reported.
-# torch: pinned to 2.13.0 (this machine's pip finds the CPU wheel locally; elsewhere add
-# --index-url https://download.pytorch.org/whl/cpu) through a constraints file, so no peer's requirement upgrades it.
+# torch: pinned to 2.13.0 (add --index-url https://download.pytorch.org/whl/cpu where pip does not find a CPU
+# build on its own) through a constraints file, so no peer's requirement upgrades it.
 set -euo pipefail
-PEERS=${PEERS:-/work/peers}
-MIRRORS=${MIRRORS:-/work/.mirror}
+if [ -z "${PEERS:-}" ]; then
+  echo "PEERS is not set: name the folder the peers go into, e.g. PEERS=~/peers bash $0" >&2
+  exit 2
+fi
+MIRRORS=${MIRRORS:-}
 PY=${PYTHON:-python3.11}
 TORCH=2.13.0
 TORCHVISION=0.28.0
@@ -29,9 +32,15 @@ printf 'torch==%s\ntorchvision==%s\n' "$TORCH" "$TORCHVISION" > "$CONSTRAINTS"
 # Work tree of repo $1 at $PEERS/$1 (files only; blobs missing from a partial mirror, e.g. large
 # tokenizer files we do not use, are skipped and listed). Writes $PEERS/$1/.commit.
 checkout() {
-  local name=$1 dest="$PEERS/$1" git_dir="$MIRRORS/${REPO[$1]/\//+}/repo"
+  local name=$1 dest="$PEERS/$1" git_dir=""
   [ -f "$dest/.commit" ] && return 0
-  if [ ! -d "$git_dir" ]; then
+  if [ -n "$MIRRORS" ]; then
+    for candidate in "$MIRRORS/${REPO[$1]/\//+}/repo" "$MIRRORS/${REPO[$1]/\//+}"; do
+      [ -d "$candidate" ] && git --git-dir="$candidate" rev-parse -q --verify HEAD >/dev/null 2>&1 && { git_dir=$candidate; break; }
+    done
+    [ -n "$git_dir" ] || echo "  $name: no mirror of ${REPO[$1]} in $MIRRORS, cloning it"
+  fi
+  if [ -z "$git_dir" ]; then
     git_dir="$PEERS/.git-$name"
     [ -d "$git_dir" ] || git clone --bare --filter=blob:limit=5m "https://github.com/${REPO[$1]}" "$git_dir"
   fi

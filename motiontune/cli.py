@@ -1,4 +1,4 @@
-"""`motiontune train | cache | inspect | presets | make-tiny-model | demo | ui`."""
+"""`motiontune train | cache | inspect | presets | estimate | lora | make-tiny-model | demo | ui`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,8 @@ def cmd_cache(args) -> int:
     dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
     encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
     masks = f", {len(encoding.used['masks'])} masks ({encoding.calls['mask']} made now)" if config.masked_training else ""
+    if encoding.used["conditions"]:  # control videos and the like (docs/control.md)
+        masks += f", {len(encoding.used['conditions'])} conditions ({encoding.calls['condition']} encoded now)"
     print(f"cache {config.cache_dir}: {len(encoding.used['latents'])} clip latents and {len(encoding.used['text'])} "
           f"text embeddings in use ({encoding.calls['video']} and {encoding.calls['text']} encoded now){masks}")
     if args.clear:
@@ -201,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="also estimate OneTrainer's WAN 2.2 table (8/16/24/48 GB) with this model and method")
     estimate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     estimate.set_defaults(run=cmd_estimate)
+
+    from .lora_tools.commands import add_lora_parser
+
+    add_lora_parser(commands)  # lora check | convert | merge | resize
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("--family", required=True, choices=tiny_models())

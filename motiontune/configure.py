@@ -68,7 +68,25 @@ def family_problems(config: TrainConfig) -> list[str]:
             f"  - image_conditioning_probability: only WAN 2.2 TI2V-5B trains both ways; {model_type} is "
             f"{'always' if first_frame == 'required' else 'never'} image-conditioned, so remove the key"
         )
+    last_frame = family.takes_last_frame(model_type)
+    if config.last_frame_conditioning_probability > 0 and not last_frame:
+        problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
+                        "A14B does); remove the key")
+    takes_control = "control" in family.condition_roles(model_type)
     for index, sample in enumerate(config.samples):
+        if sample.control and not takes_control:
+            problems.append(f"  - samples[{index}].control: {model_type} does not take a control video; remove the key")
+        elif takes_control and not sample.control:
+            problems.append(f"  - samples[{index}].control: {model_type} makes videos that follow a control video; "
+                            "give a video file")
+        elif sample.control and not Path(sample.control).is_file():
+            problems.append(f"  - samples[{index}].control = {sample.control!r}: no such file")
+        if sample.last_image and not last_frame:
+            problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
+        elif sample.last_image and not sample.image:
+            problems.append(f"  - samples[{index}].last_image: a last frame goes with a first one; give `image` too")
+        elif sample.last_image and (problem := image_file_problem(sample.last_image)):
+            problems.append(f"  - samples[{index}].last_image = {sample.last_image!r}: {problem}")
         problem = image_file_problem(sample.image) if sample.image else None
         if not sample.image and first_frame == "required":
             problems.append(f"  - samples[{index}].image: {model_type} makes videos from a first frame; give an image file")

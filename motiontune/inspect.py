@@ -33,7 +33,7 @@ def config_for(target: str, overrides: list[str]) -> TrainConfig:
 def inspect(target: str, overrides: list[str] = ()) -> Survey:
     config = config_for(target, list(overrides))
     # masks are checked whatever masked_training says: inspect is where a user finds out whether theirs fit
-    return survey_dataset(config, family_for(config, None), require_usable=False, masks=True), config
+    return survey_dataset(config, family_for(config, None), require_usable=False, masks=True, every_condition=True), config
 
 
 def file_record(entry: FileEntry) -> dict:
@@ -45,6 +45,7 @@ def file_record(entry: FileEntry) -> dict:
         problems.append(entry.mask_problem)
     if info is not None and info.audio_problem:
         problems.append(info.audio_problem.split(": ", 1)[-1])
+    problems += [p for p in entry.condition_problems.values() if p not in entry.problem]  # a skipping one is the file's already
     return {
         "path": str(entry.item.path),
         "usable": entry.usable,
@@ -69,8 +70,19 @@ def file_record(entry: FileEntry) -> dict:
         "clips": [[round(t, 6) for t in clip] for clip in entry.clips],
         "mask": {"path": str(entry.item.masks[0]) if len(entry.item.masks) == 1 else [str(m) for m in entry.item.masks],
                  "fits": entry.mask is not None, "problem": entry.mask_problem or None} if entry.item.masks else None,
+        "conditions": _conditions_record(entry),
         "problems": problems,
     }
+
+
+def _conditions_record(entry: FileEntry) -> dict:
+    """role → its file(s) beside the clip (null when expected but missing), whether it fits, and what is wrong."""
+    record = {}
+    for role in sorted(set(entry.item.conditions) | set(entry.condition_problems)):
+        files = [str(f) for f in entry.item.conditions.get(role, ())]
+        record[role] = {"path": files[0] if len(files) == 1 else files or None, "fits": role in entry.conditions,
+                        "problem": entry.condition_problems.get(role)}
+    return record
 
 
 def summary_record(survey: Survey) -> dict:
@@ -92,6 +104,9 @@ def summary_record(survey: Survey) -> dict:
         "total_frames": sum(len(c) for e in usable for c in e.clips),
         "masks": sum(1 for e in survey.entries if e.item.masks),  # files with a -masklabel mask beside them
         "masks_not_fitting": sum(1 for e in survey.entries if e.mask_problem),
+        # role → files with a condition in that role beside them
+        "conditions": dict(sorted(Counter(role for e in survey.entries for role in e.item.conditions).items())),
+        "conditions_not_fitting": sum(len(e.condition_problems) for e in survey.entries),  # missing ones too
     }
 
 
@@ -156,6 +171,15 @@ def as_summary(survey: Survey, problems_shown: int = 10) -> str:
         lines += [f"  {e.item.path}: {e.mask_problem}" for e in unfit[:problems_shown]]
         if len(unfit) > problems_shown:
             lines.append(f"  ... and {len(unfit) - problems_shown} more")
+    if summary["conditions"]:
+        lines.append("conditions beside the clips: " + ", ".join(f"{role} {n} of {summary['files']} files"
+                                                              for role, n in summary["conditions"].items()))
+    unfit = [(e, p) for e in survey.entries for p in e.condition_problems.values() if p not in e.problem]
+    if unfit and problems_shown:
+        lines.append(f"conditions missing or not fitting their clips ({len(unfit)}):")
+        lines += [f"  {e.item.path}: {p}" for e, p in unfit[:problems_shown]]
+        if len(unfit) > problems_shown:
+            lines.append(f"  ... and {len(unfit) - problems_shown} more")
     bad = [e for e in survey.entries if e.problem]
     if bad and problems_shown:
         lines.append(f"files that cannot be used ({len(bad)}; --files lists every file):")
@@ -174,7 +198,8 @@ def _audio_cell(meta: dict) -> str:
 
 def as_table(survey: Survey) -> str:
     """One row per file, then the summary."""
-    header = ("file", "duration", "fps", "frames", "size", "rot", "audio", "clips", "bucket", "caption", "mask", "problems")
+    header = ("file", "duration", "fps", "frames", "size", "rot", "audio", "clips", "bucket", "caption", "mask", "conditions",
+              "problems")
     rows = [header]
     for entry in survey.entries:
         record = file_record(entry)
@@ -192,6 +217,7 @@ def as_table(survey: Survey) -> str:
             f"{'/'.join(map(str, sorted(clip_frames)))}f {entry.size[1]}x{entry.size[0]}" if entry.size else "-",
             "yes" if record["caption"] else "no",
             "-" if not entry.item.masks else "bad" if entry.mask_problem else "yes",
+            ",".join(f"{role}{'' if fits['fits'] else '(bad)'}" for role, fits in record["conditions"].items()) or "-",
             "; ".join(record["problems"]) or "",
         ))
     widths = [max(len(row[i]) for row in rows[:]) for i in range(len(header) - 1)]

@@ -36,6 +36,17 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             from PIL import Image
 
             image = np.asarray(Image.open(sample.image).convert("RGB"))  # checked when the config loaded
+        last_image = None
+        if sample.last_image:
+            from PIL import Image
+
+            last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
+        control = None
+        if sample.control:  # its first frames, as many as the sample has (the pipeline resizes them)
+            from .data.video import decode_clips, probe
+
+            info = probe(sample.control)
+            control = decode_clips(info, [info.frame_times[:frames]])[0]
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -46,6 +57,8 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             cfg_scale=sample.cfg_scale,
             seed=sample.seed,
             image=image,
+            last_image=last_image,
+            control=control,
             fps=sample.fps,
         )
         requests.append((request, sample.fps))

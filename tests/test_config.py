@@ -31,9 +31,10 @@ def minimal(**keys):
         ({"video_config": {"max_frame": 16}}, ["unknown key 'video_config.max_frame'", "Did you mean 'max_frames'?"]),
         ({"optimizer": {"optimizer": "ADAM"}}, ["optimizer.optimizer", '"ADAM"', "'ADAMW'"]),
         ({"timestep_distribution": "GAUSSIAN"}, ["timestep_distribution", '"GAUSSIAN"', "'UNIFORM', 'LOGIT_NORMAL' or 'SIGMOID'"]),
-        ({"video_config": {"frame_dropout_probability": 0.9}}, ["video_config.frame_dropout_probability", "0.9", "less than or equal to 0.3"]),
-        ({"video_config": {"temporal_consistency_weight": -1}}, ["video_config.temporal_consistency_weight", "-1", "greater than or equal to 0"]),
+        ({"video_config": {"frame_dropout_probability": 0.9}}, ["video_config.frame_dropout_probability", "0.9", "must be at most 0.3"]),
+        ({"video_config": {"temporal_consistency_weight": -1}}, ["video_config.temporal_consistency_weight", "-1", "must be at least 0"]),
         ({"resolution": "wide"}, ["resolution", "'832x480'"]),
+        ({"train_dtype": "bf16"}, ["train_dtype = \"bf16\": not a choice: use 'FLOAT_32', 'BFLOAT_16' or 'FLOAT_16'; did you mean 'BFLOAT_16'?"]),
     ],
 )
 def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected):

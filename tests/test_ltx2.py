@@ -6,6 +6,7 @@ alone, samples are mp4 files with their sound track, and the LoRA file has the o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import av
@@ -246,6 +247,33 @@ def test_config_refuses_what_ltx2_cannot_train():
     assert "EMBEDDING" in problems(training_method="EMBEDDING", embedding={"placeholder": "<x>"})
     assert "text_encoder.train" in problems(training_method="FINE_TUNE", text_encoder={"train": True})
     assert "use_temporal_attention" in problems(video_config={"use_temporal_attention": False})
+
+
+def test_a_sample_too_small_to_decode_is_refused_before_training(tiny_models, tmp_path, capsys):
+    """64x32 used to train and then fail in the VAE decoder at the final sample. The smallest side the config
+    allows is the smallest the stock pipeline decodes: 64x64 decodes, 64x32 does not."""
+    import torch
+    from diffusers import LTX2Pipeline
+
+    from motiontune.cli import main
+    from motiontune.models.ltx2 import LTX2Family
+
+    model = tiny_models("ltx-2")
+    config = {"model_type": "LTX_2", "base_model_name": str(model), "concepts": [{"path": str(tmp_path)}],
+              "resolution": "64x64", "workspace_dir": str(tmp_path / "workspace"),
+              "samples": [{"prompt": "a", "height": 32, "width": 64, "frames": 9, "steps": 1}]}
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(tmp_path / "small.json")]) != 0
+    said = capsys.readouterr().err
+    assert "samples[0].height = 32" in said and "use 64 or more" in said, said
+    assert not (tmp_path / "workspace").exists()  # refused before anything ran
+
+    smallest = LTX2Family.SMALLEST_SAMPLE_SIDE
+    pipe = LTX2Pipeline.from_pretrained(model)
+    decode = dict(prompt="a", num_frames=9, num_inference_steps=1, output_type="np")
+    assert pipe(height=smallest, width=smallest, generator=torch.Generator().manual_seed(0), **decode).frames[0].shape[1:3] == (smallest, smallest)
+    with pytest.raises(RuntimeError, match="[Pp]adding"):
+        pipe(height=smallest - LTX2Family.spatial_multiple, width=smallest, generator=torch.Generator().manual_seed(0), **decode)
 
 
 def test_estimate_for_the_released_model(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -123,6 +124,52 @@ def _sections_with_key(loc: tuple, key: str) -> list[str]:
     return found
 
 
+# what people type for a dtype (torch's and other trainers' names) → the config's name for it
+DTYPE_ALIASES = {"bf16": "BFLOAT_16", "bfloat16": "BFLOAT_16", "fp16": "FLOAT_16", "float16": "FLOAT_16",
+                 "half": "FLOAT_16", "fp32": "FLOAT_32", "float32": "FLOAT_32", "float": "FLOAT_32",
+                 "fp8": "FLOAT_8", "float8": "FLOAT_8", "float8_e4m3fn": "FLOAT_8", "nf4": "NFLOAT_4"}
+# pydantic's bounds, said as docs/config.md says them
+_BOUNDS = {"greater_than": ("above", "gt"), "greater_than_equal": ("at least", "ge"),
+           "less_than": ("below", "lt"), "less_than_equal": ("at most", "le")}
+
+
+def accepted_choices(problem: dict) -> list[str]:
+    """For a value that is not one of the choices: the choices that are built (train_dtype's schema knows
+    FLOAT_8 and NFLOAT_4, which only store weights)."""
+    choices = re.findall(r"'([^']*)'", problem.get("ctx", {}).get("expected", ""))
+    key = ".".join(str(p) for p in problem["loc"])
+    for name, neutral, _ in NOT_SUPPORTED_YET:
+        if name == key and isinstance(neutral, tuple):
+            return [c for c in choices if c in neutral]
+    return choices
+
+
+def closest_choice(problem: dict) -> str | None:
+    """The accepted choice the user most likely meant ("bf16" → BFLOAT_16, "COSINUS" → COSINE), if any."""
+    if problem["type"] != "literal_error":
+        return None
+    choices, typed = accepted_choices(problem), str(problem.get("input"))
+    alias = DTYPE_ALIASES.get(typed.lower())
+    if alias in choices:
+        return alias
+    close = difflib.get_close_matches(typed, choices, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def explain(problem: dict) -> str | None:
+    """A wrong value's problem in the product's words, or None where pydantic's own message is the best there is."""
+    kind, ctx = problem["type"], problem.get("ctx", {})
+    if kind in _BOUNDS:
+        words, name = _BOUNDS[kind]
+        return f"must be {words} {ctx[name]}"
+    if kind == "literal_error":
+        choices = [repr(c) for c in accepted_choices(problem)]
+        listed = choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+        close = closest_choice(problem)
+        return f"not a choice: use {listed}" + (f"; did you mean {close!r}?" if close else "")
+    return None
+
+
 def format_validation_error(error: ValidationError, path: Path) -> str:
     lines = [f"{path}: the config has {error.error_count()} problem(s):"]
     for problem in error.errors():
@@ -145,7 +192,7 @@ def format_validation_error(error: ValidationError, path: Path) -> str:
             lines.append(f"  - {key}: this key is required")
         else:
             value = problem.get("input")
-            lines.append(f"  - {key} = {json.dumps(value, default=str)}: {problem['msg']}")
+            lines.append(f"  - {key} = {json.dumps(value, default=str)}: {explain(problem) or problem['msg']}")
     lines.append("Fix the file (or the --set value) and run again; `docs/config.md` lists every key.")
     return "\n".join(lines)
 

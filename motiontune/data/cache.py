@@ -173,6 +173,18 @@ class Cache:
         return digest(material)
 
     @staticmethod
+    def condition_key(fingerprint: str, role: str, timestamps, size, clip_size: tuple[int, int],
+                      crop: tuple[int, int] | None, flip: bool, rotate: float, encoder: str) -> str:
+        """A clip's condition in `role` (data/conditions.py) as its family encodes it: the condition file's content
+        (not the clip's: editing a condition makes it again, never the latents), the clip's instants, size, own
+        (width, height), crop, flip and rotation, and the encoder."""
+        return digest({
+            "v": FORMAT_VERSION, "kind": "condition", "role": role, "file": fingerprint,
+            "instants": [round(t, 6) for t in timestamps], "size": list(size), "clip": list(clip_size),
+            "crop": "center" if crop is None else list(crop), "flip": bool(flip), "rotate": rotate, "encoder": encoder,
+        })
+
+    @staticmethod
     def text_key(text: str, encoder: str) -> str:
         return digest({"v": FORMAT_VERSION, "kind": "text", "text": text, "encoder": encoder})
 
@@ -227,7 +239,7 @@ class Cache:
     def remove_unused(self, used: dict[str, set[str]]) -> int:
         """Delete every entry no current clip or caption uses; returns how many."""
         removed = 0
-        for kind in ("latents", "text", "masks"):
+        for kind in ("latents", "text", "masks", "conditions"):
             for key in self.keys(kind) - used.get(kind, set()):
                 self.path(kind, key).unlink()
                 removed += 1

@@ -1,8 +1,9 @@
 """Finding training items: concept folders, media files and their captions.
 
 Two layouts are read: captions beside the files (`clip.mp4` + `clip.txt`), and the split layout
-`videos/` (or `images/`) + `captions/` with the same file stem. In both, a clip's mask (masked training) lies
-beside the clip itself: `clip-masklabel.mp4` or `clip-masklabel.png` (data/masks.py); masks are never items.
+`videos/` (or `images/`) + `captions/` with the same file stem. In both, a clip's conditions lie beside the clip
+itself, named by role (`clip-masklabel.png`, `clip-control.mp4`, `clip-reference.png`...: data/conditions.py);
+conditions are never items.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..config import ConfigError, TrainConfig
 from ..config.concepts import ConceptConfig, concept_problems, concept_where, format_concept_errors, read_concept_list
-from .masks import is_mask_file, masks_by_clip
+from .conditions import MASK_ROLE, conditions_by_clip, role_of
 from .video import MEDIA_EXTENSIONS
 
 MEDIA_FOLDERS = ("videos", "images")
@@ -29,6 +30,8 @@ class Item:
     concept: ConceptConfig = field(compare=False, repr=False)  # the concept the file belongs to
     caption_problem: str = ""  # why the caption is empty, when it is
     masks: tuple[Path, ...] = ()  # the files named as this clip's mask (more than one is a problem)
+    # role → the files named as this clip's condition in that role (masks aside; more than one is a problem)
+    conditions: dict = field(default_factory=dict, compare=False)
 
     @property
     def name_in_concept(self) -> str:
@@ -87,11 +90,11 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
     captions_dir = root / "captions"
     split_layout = captions_dir.is_dir() and any((root / f).is_dir() for f in MEDIA_FOLDERS)
     search_roots = [root / f for f in MEDIA_FOLDERS if (root / f).is_dir()] if split_layout else [root]
-    media, mask_files = [], []
+    media, condition_files = [], []
     for search_root in search_roots:
         for path in _media_files(search_root, concept.include_subdirectories):
-            (mask_files if is_mask_file(path) else media).append(path)
-    masks = masks_by_clip(mask_files)
+            (media if role_of(path) is None else condition_files).append(path)
+    conditions = conditions_by_clip(condition_files)
     media.sort(key=lambda path: path.parts)
     source = concept.text.prompt_source
     concept_lines = _concept_prompts(concept) if source in ("concept", "txt") else ()
@@ -108,7 +111,9 @@ def scan_concept(concept: ConceptConfig) -> list[Item]:
             else:
                 caption_file = os.path.splitext(path)[0] + ".txt"  # path.with_suffix(".txt"), at a third of the cost
             captions, problem = _read_caption(caption_file)
-        items.append(Item(path, captions, concept, problem, masks.get(path.with_suffix(""), ()) if masks else ()))
+        roles = conditions.get(path.with_suffix(""), {}) if conditions else {}
+        items.append(Item(path, captions, concept, problem, roles.get(MASK_ROLE, ()),
+                          {role: files for role, files in roles.items() if role != MASK_ROLE}))
     return items
 
 

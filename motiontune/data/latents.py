@@ -10,7 +10,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .augment import ImageVariant, apply_image_variant, caption_variants, cover_
 from .buckets import clip_repeats
 from .cache import Cache, Entry, encoder_identity
 from .dataset import Item, load_concepts
+from .conditions import condition_frames
 from .masks import POOLING, clip_masks
 from .survey import FileEntry, Survey, plan_entry, sampling_grid
 from .audio import AudioError, decode_audio
@@ -44,6 +45,12 @@ class EncodedClip:
     role: str = "STANDARD"  # the concept's type: STANDARD, PRIOR_PREDICTION, or VALIDATION (never trained on)
     concept: str = ""  # the concept's name (its path when it has none)
     mask_stored: Entry | torch.Tensor | None = None  # masked training: the clip's mask on its latent grid
+    conditions_stored: dict = field(default_factory=dict)  # role → the clip's condition as its family encoded it
+
+    def condition(self, role: str) -> torch.Tensor | None:
+        """The clip's condition in `role` (data/conditions.py) as the family encoded it; None: the clip has none."""
+        stored = self.conditions_stored.get(role)
+        return None if stored is None else _value(stored)
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -62,6 +69,10 @@ class EncodedClip:
         value = _value(self.stored)
         return value.get("image") if isinstance(value, dict) else None
 
+    def extra(self, name: str) -> torch.Tensor:
+        """A tensor the family made from the clip's own frames (`ModelFamily.clip_extras`), cached beside its latents."""
+        return _value(self.stored)[name]
+
     @property
     def audio(self) -> torch.Tensor | None:
         """The clip's normalised audio latents, for a family that generates sound; None when the clip has none."""
@@ -72,6 +83,15 @@ class EncodedClip:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.stored.shape) if isinstance(self.stored, Entry) else tuple(self.latents.shape)
+
+
+def batch_extras(family: ModelFamily, model_type: str, clips: list, rows: list[int], device) -> dict:
+    """What `split_conditioning` gets beside the latents for a batch: the tensors the family made of each clip's own
+    frames (`clip_extra_names`), stacked, and each role's conditions as a list (None for a clip without one)."""
+    extras = {name: torch.stack([clips[i].extra(name) for i in rows]).to(device) for name in family.clip_extra_names()}
+    for role in family.condition_roles(model_type):
+        extras[role] = [None if (c := clips[i].condition(role)) is None else c.to(device) for i in rows]
+    return extras
 
 
 def _value(stored):
@@ -112,7 +132,7 @@ class Encoding:
                                               f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else "")
                                               + (f":{family.TEXT_FORMAT}" if family.TEXT_FORMAT else ""))
         self.calls: Counter = Counter()
-        self.used: dict[str, set[str]] = {"latents": set(), "text": set(), "masks": set()}  # every key this run asked for
+        self.used: dict[str, set[str]] = {"latents": set(), "text": set(), "masks": set(), "conditions": set()}  # every key this run asked for
         self._text_loaded = False
         video = config.video_config
         self._windows_move = video.frame_sample_strategy == "random" or video.temporal_augmentation
@@ -203,14 +223,17 @@ class Encoding:
         found = [(entry, clip, look, values[key]) for entry, plan, file_looks, file_keys in zip(entries, plans, looks, keys)
                  for clip, look, key in zip(plan, file_looks, file_keys) if values.get(key) is not None]
         masks = self._masks(found) if self.config.masked_training else [None] * len(found)
-        found = [(*clip, mask) for clip, mask in zip(found, masks) if mask is not _FAILED]
+        conditions = self._conditions(found)
+        found = [(*clip, mask, condition) for clip, mask, condition in zip(found, masks, conditions)
+                 if mask is not _FAILED and condition is not _FAILED]
         clip_counts = Counter(id(entry.item.concept) for entry, *_ in found)
         encoded = []
-        for entry, clip, look, value, mask in found:
+        for entry, clip, look, value, mask, condition in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
             encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
-                                       concept.role, concept.name or concept.path, mask_stored=mask))
+                                       concept.role, concept.name or concept.path, mask_stored=mask,
+                                       conditions_stored=condition))
         if not encoded:
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
@@ -243,6 +266,7 @@ class Encoding:
                     extras = {}
                     if self.family.encodes_first_frame:
                         extras["image"] = self.family.encode_first_frame(frames[0])
+                    extras.update(self.family.clip_extras(frames))
                     if self._sound:  # a clip without sound keeps an empty tensor: it trains the video alone
                         extras["audio"] = torch.zeros(0) if sound is None else self.family.encode_audio(sound, len(clip), self._sound[2])
                     extras = extras or None
@@ -301,6 +325,48 @@ class Encoding:
                         "mask lies beside it, named <clip name>-masklabel.png (one picture) or -masklabel.mp4 (a video)")
         return masks
 
+    def _conditions(self, found: list) -> list:
+        """Each clip's conditions in the roles the family takes ({role: cache entry or tensor}), from the cache or
+        encoded now (_FAILED: one could not be read, so the clip is skipped rather than trained without it)."""
+        roles = self.family.condition_roles(self.config.model_type)
+        conditions: list = [{} for _ in found]
+        if not roles:
+            return conditions
+        missing = []  # (index, role, key) not in the cache
+        for index, (entry, clip, look, _) in enumerate(found):
+            for role, info in entry.conditions.items():
+                key = Cache.condition_key(self.cache.file_fingerprint(info.path), role, clip, entry.size,
+                                          (entry.info.width, entry.info.height), look.crop, look.flip, look.rotate,
+                                          self.vae_identity)
+                self.used["conditions"].add(key)
+                conditions[index][role] = self.cache.get("conditions", key)
+                if conditions[index][role] is None:
+                    missing.append((index, role, key))
+        if self.ranks.main:
+            self.cache.save_fingerprints()
+        if missing:
+            self.family.load_vae()
+        made = 0
+        jobs = [(found[i][0].info, found[i][0].conditions[role], [found[i][1]], [found[i][2]], found[i][0].size)
+                for i, role, _ in missing]
+        for (index, role, key), (job, result) in zip(missing, map_isolated(_condition_job, jobs, self.config.dataloader_threads)):
+            if isinstance(result, Exception):
+                log.warning("skipped %s: its %s condition %s could not be read (%s)", job[0].path, role, job[1].path, result)
+                conditions[index] = _FAILED
+                continue
+            if conditions[index] is _FAILED:
+                continue
+            entry, clip, look, _ = found[index]
+            value = self.family.encode_condition(role, result[0])
+            self.calls["condition"] += 1
+            made += 1
+            about = {"file": str(entry.item.path), "condition": str(job[1].path), "role": role, "instants": clip,
+                     "crop": look.crop, "flip": look.flip, "rotate": look.rotate}
+            conditions[index][role] = self.cache.put("conditions", key, value, about) or value
+        log.info("conditions (%s): %d encoded now, the rest of %d from the cache", ", ".join(roles), made,
+                 sum(len(c) for c in conditions if c is not _FAILED))
+        return conditions
+
     def _tell_costs(self, entries: list[FileEntry], clip_counts: Counter) -> None:
         """Log, per concept, the settings that cost encoding time or change how often its clips train."""
         concepts = {id(e.item.concept): e.item.concept for e in entries}
@@ -356,7 +422,7 @@ class Encoding:
     @property
     def _extras(self) -> tuple[str, ...]:
         """Tensors a clip's cache entry holds beside its latents."""
-        return ("image",) * self.family.encodes_first_frame + ("audio",) * bool(self._sound)
+        return ("image",) * self.family.encodes_first_frame + ("audio",) * bool(self._sound) + self.family.clip_extra_names()
 
     @property
     def _sound(self) -> tuple[int, int, float] | None:
@@ -419,6 +485,10 @@ def _grid(value) -> tuple[int, int, int]:
 
 def _mask_job(job):
     return clip_masks(*job)
+
+
+def _condition_job(job):
+    return condition_frames(*job)
 
 
 def _decode_job(job):

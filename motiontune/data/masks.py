@@ -3,7 +3,8 @@ latent grid.
 
 A clip's mask lies beside it, named `<clip stem>-masklabel.<ext>` (OneTrainer names image masks
 `-masklabel.png`): a mask video, read at the clip's own instants, or one picture for every frame. White (1) is
-learnt, black (0) is not; greys weigh in between. Such files are masks, never training data.
+learnt, black (0) is not; greys weigh in between. Such files are masks, never training data. A mask is one of the
+conditions beside a clip (data/conditions.py: how they are found, checked and read through the clip's geometry).
 
 The mask goes through the clip's geometry (rotation for display, scaling to cover the bucket, the crop, the
 flip, the concept's rotation; never its colour changes), with `enable_random_circular_mask_shrink` one disc of
@@ -15,43 +16,18 @@ cell by how much of it is the subject: max pooling would give a one-pixel outlin
 from __future__ import annotations
 
 from ..util.lazy import np, torch
-from .augment import ImageVariant, apply_image_variant, cover_size, shrink_mask
-from .video import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, MediaInfo, decode_clips
+from .augment import ImageVariant, shrink_mask
+from .conditions import MASK_ROLE, ROLE_SUFFIXES, condition_frames
+from .conditions import fit_problem as condition_fit_problem
+from .video import MediaInfo
 
-MASK_SUFFIX = "-masklabel"
+MASK_SUFFIX = ROLE_SUFFIXES[MASK_ROLE]
 POOLING = "area"  # named in the cache key: a change of rule makes the masks again
 
 
-def is_mask_file(path) -> bool:
-    return path.stem.endswith(MASK_SUFFIX) and path.suffix.lower() in MEDIA_EXTENSIONS
-
-
-def masks_by_clip(files) -> dict:
-    """(folder / clip stem) → the mask files named for it, from a folder listing (no file is opened)."""
-    found: dict = {}
-    for path in files:
-        if is_mask_file(path):
-            found.setdefault(path.with_name(path.stem.removesuffix(MASK_SUFFIX)), []).append(path)
-    return {key: tuple(sorted(paths)) for key, paths in found.items()}
-
-
 def fit_problem(clip: MediaInfo, mask: MediaInfo) -> str:
-    """Why `mask` cannot be the mask of `clip` ("" when it fits): a shape other than the clip's (a smaller mask
-    of the same aspect ratio is fine), a video mask for a picture, or a mask video of another length."""
-    if clip.is_image and not mask.is_image:
-        return f"mask is a video but the clip is a picture ({mask.path}); give one picture, {clip.path.stem}{MASK_SUFFIX}.png"
-    expected_height = mask.width * clip.height / clip.width
-    if abs(mask.height - expected_height) > max(1.0, 0.01 * mask.height):
-        return (f"mask size does not fit the clip ({mask.path} is {mask.width}x{mask.height}, aspect "
-                f"{mask.width / mask.height:.3f}; the clip is {clip.width}x{clip.height}, aspect {clip.width / clip.height:.3f}); "
-                "make the mask the clip's size, or at least its aspect ratio")
-    if not clip.is_image and not mask.is_image:
-        # one frame of the coarser of the two rates either way: the last frame's length is a guess in most files
-        slack = 1.0 / max(1e-3, min(clip.fps or 1e3, mask.fps or 1e3)) + 1e-3
-        if abs(mask.duration - clip.duration) > slack:
-            return (f"mask length does not fit the clip ({mask.path} lasts {mask.duration:.3f} s, the clip "
-                    f"{clip.duration:.3f} s); a mask video must run as long as its clip, frame for frame")
-    return ""
+    """Why `mask` cannot be the mask of `clip` ("" when it fits): the rules of every condition beside a clip."""
+    return condition_fit_problem(clip, mask, MASK_ROLE)
 
 
 def clip_masks(clip: MediaInfo, mask: MediaInfo, plan: list[tuple[float, ...]], looks: list[ImageVariant],
@@ -59,18 +35,12 @@ def clip_masks(clip: MediaInfo, mask: MediaInfo, plan: list[tuple[float, ...]], 
     """Each planned clip's mask as (F', H', W') weights in [0, 1] on its latent grid `grids[i]`. The mask is
     decoded at the size the clip's frames are scaled to before their crop (the mask's own rotation applied), so
     the same crop and flip cut the same pixels; a picture mask stands for every frame."""
-    cover = cover_size(clip.width, clip.height, size)
-    decoded = decode_clips(mask, plan, cover)  # a picture: one frame per clip; a video: the clip's instants
     masks = []
-    for frames, instants, look, grid in zip(decoded, plan, looks, grids):
-        frames = apply_image_variant(frames, look, size, colour=False)
+    for frames, look, grid in zip(condition_frames(clip, mask, plan, looks, size), looks, grids):
         grey = frames.astype(np.float32).mean(axis=-1) / 255.0
         if look.shrink is not None:
             grey = shrink_mask(grey, *look.shrink)
-        grey = torch.from_numpy(np.ascontiguousarray(grey))
-        if len(grey) != len(instants):
-            grey = grey[:1].expand(len(instants), -1, -1)
-        masks.append(pool_to_grid(grey, grid))
+        masks.append(pool_to_grid(torch.from_numpy(np.ascontiguousarray(grey)), grid))
     return masks
 
 

@@ -22,6 +22,8 @@ from .buckets import aspect_buckets, nearest_bucket
 from .audio import AudioInfo
 from .cache import FileFacts
 from .dataset import Item, scan_dataset
+from .conditions import ROLE_SUFFIXES
+from .conditions import fit_problem as condition_fit_problem
 from .masks import fit_problem
 from .video import MediaError, MediaInfo, plan_clips, probe
 from .workers import WorkerCrash, map_isolated
@@ -40,6 +42,8 @@ class FileEntry:
     clips: list[tuple[float, ...]] = field(default_factory=list)  # planned windows (first epoch)
     mask: MediaInfo | None = None  # the clip's mask, when it has one that fits (masks are looked at when asked)
     mask_problem: str = ""  # why its mask cannot be used (with masked_training on, the clip is skipped for it)
+    conditions: dict = field(default_factory=dict)  # role → the MediaInfo of the clip's condition that fits
+    condition_problems: dict = field(default_factory=dict)  # role → why its condition is missing or cannot be used
 
     @property
     def usable(self) -> bool:
@@ -128,9 +132,11 @@ def _without_cycle_collection(function):
 
 
 @_without_cycle_collection
-def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True, masks: bool | None = None) -> Survey:
+def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: bool = True, masks: bool | None = None,
+                   every_condition: bool = False) -> Survey:
     """Probe, plan and bucket every file; raise a MediaError when nothing is usable (if required). Masks are probed
-    and checked against their clips when `masks` (default: with masked_training on)."""
+    and checked against their clips when `masks` (default: with masked_training on); the conditions in the roles the
+    family takes always, those in every role with `every_condition` (inspect)."""
     items = scan_dataset(config)
     buckets = _bucket_sets(config, family, {id(item.concept): item.concept for item in items}.values())
     max_frames = valid_max_frames(config, family)
@@ -138,8 +144,13 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
     entries = []
     check_masks = config.masked_training if masks is None else masks
     mask_files = sorted({m for item in items for m in item.masks}) if check_masks else []
-    probes = probe_all([item.path for item in items] + mask_files, config)
+    taken = family.condition_roles(config.model_type)  # role → whether every clip needs one
+    roles = set(ROLE_SUFFIXES) if every_condition else set(taken)
+    condition_files = sorted({f for item in items for role, files in item.conditions.items() if role in roles for f in files})
+    probes = probe_all([item.path for item in items] + mask_files + condition_files, config)
     mask_probes = dict(zip(mask_files, probes[len(items):]))
+    condition_probes = dict(zip(condition_files, probes[len(items) + len(mask_files):]))
+    expected = _expected_roles(items, taken, roles)
     nearest = {}  # (width, height, resolution) → bucket: files of one size share it, and a dataset has few sizes
     for item, info in zip(items, probes):
         entry = FileEntry(item)
@@ -164,6 +175,8 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
                 entry.size = nearest[shape]
                 if item.masks and check_masks:
                     _check_mask(entry, mask_probes, config.masked_training)
+                if roles:
+                    _check_conditions(entry, condition_probes, expected[id(item)] | (set(item.conditions) & roles), taken)
     survey = Survey(entries)
     unused = sum(1 for item in items if item.masks) if not check_masks else 0
     if unused:
@@ -202,6 +215,40 @@ def _check_mask(entry: FileEntry, probes: dict, skip_bad: bool) -> None:
         entry.mask = mask
     elif skip_bad:
         entry.problem = f"{entry.item.path}: {entry.mask_problem}"
+
+
+def _expected_roles(items: list[Item], taken: dict, roles: set) -> dict:
+    """id(item) → the roles its clip should have a condition in: those the family needs of every clip, and those
+    that other clips of its concept have (a clip without one is most likely one the user missed)."""
+    in_concept: dict = {}
+    for item in items:
+        in_concept.setdefault(id(item.concept), set()).update(r for r in item.conditions if r in roles)
+    needed = {role for role, required in taken.items() if required}
+    return {id(item): needed | in_concept[id(item.concept)] for item in items}
+
+
+def _check_conditions(entry: FileEntry, probes: dict, roles: set, taken: dict) -> None:
+    """Attach each condition of the clip that fits; say why one is missing or does not fit. A clip without a condition
+    the family needs of every clip, or whose condition in a role the family takes does not fit, is skipped."""
+    item = entry.item
+    for role in sorted(roles):
+        files = item.conditions.get(role, ())
+        example = f"{item.path.stem}{ROLE_SUFFIXES[role]}"
+        if not files:
+            others = "the model needs one for every clip" if taken.get(role) else "other clips of its concept have one"
+            problem = f"{role} condition missing: no {example}.<ext> beside {item.path.name} ({others})"
+        elif len(files) > 1:
+            problem = f"several {role} conditions ({', '.join(str(f) for f in files)}); keep one"
+        elif isinstance(probes[files[0]], Exception):
+            problem = f"{role} condition unreadable ({probes[files[0]]})"  # the probe's message names the file
+        else:
+            problem = condition_fit_problem(entry.info, probes[files[0]], role)
+        if not problem:
+            entry.conditions[role] = probes[files[0]]
+            continue
+        entry.condition_problems[role] = problem
+        if role in taken and (files or taken[role]) and not entry.problem:
+            entry.problem = f"{item.path}: {problem}"
 
 
 def probe_all(paths: list[Path], config: TrainConfig) -> list:

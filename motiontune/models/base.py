@@ -33,7 +33,7 @@ class Expert:
 
 @dataclass
 class Conditioning:
-    """What a batch is conditioned on besides its text: a first frame (image-to-video)."""
+    """What a batch is conditioned on besides its text: a first (and last) frame, a control video (VACE)."""
 
     latents: torch.Tensor  # the family's condition tensor, one row per sample
     rows: torch.Tensor  # (B,) bool: the samples that are conditioned
@@ -70,6 +70,8 @@ class SampleRequest:
     cfg_scale: float
     seed: int
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
+    last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
+    control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -97,6 +99,9 @@ class ModelFamily(ABC):
     QUANTIZED_TEXT_ENCODER = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
+    #: the stock pipeline class whose `lora_state_dict` reads this family's LoRA files (None: diffusers has none; the
+    #: transformer's `load_lora_adapter` then reads DIFFUSERS_LORA files as they are)
+    LORA_PIPELINE: str | None = None
 
     @classmethod
     def tiny_model(cls, model_type: str) -> str:
@@ -114,6 +119,17 @@ class ModelFamily(ABC):
     def first_frame(cls, model_type: str) -> str | None:
         """Whether a video starts from a given first frame: "required" (image-to-video), "optional" or None."""
         return None
+
+    @classmethod
+    def takes_last_frame(cls, model_type: str) -> bool:
+        """Whether a video can also end on a given last frame (first-and-last-frame image-to-video)."""
+        return False
+
+    @classmethod
+    def condition_roles(cls, model_type: str) -> dict[str, bool]:
+        """The conditions beside a clip this model takes (data/conditions.py: "control", "reference", ...), each with
+        whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
+        return {}
 
     @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
@@ -363,11 +379,25 @@ class ModelFamily(ABC):
         """The image encoder's embedding of a clip's first frame, as the stock pipeline computes it."""
         raise NotImplementedError(f"{type(self).__name__} has no image encoder")
 
+    def encode_condition(self, role: str, frames: np.ndarray) -> torch.Tensor:
+        """A clip's condition in `role` (`condition_roles`), uint8 (F, H, W, 3) through the clip's geometry → what is
+        cached for it and given to `split_conditioning` as `conditions[role]`."""
+        raise NotImplementedError(f"{type(self).__name__} takes no {role} condition")
+
+    def clip_extra_names(self) -> tuple[str, ...]:
+        """Tensors the family makes from a clip's own frames and caches beside its latents (`clip_extras`)."""
+        return ()
+
+    def clip_extras(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        """uint8 (F, H, W, 3) frames → the tensors named by `clip_extra_names` (a first-and-last-frame condition)."""
+        return {}
+
     def split_conditioning(self, stored: torch.Tensor, generator: torch.Generator,
-                           image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, Conditioning | None]:
-        """A batch of cached latents (and first-frame image embeddings) → (the latents to denoise, what they
-        are conditioned on). Text-only families return (stored, None); `generator` draws which samples are
-        conditioned where that varies."""
+                           image_embeds: torch.Tensor | None = None,
+                           extras: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Conditioning | None]:
+        """A batch of cached latents (and first-frame image embeddings, and the batch's `clip_extras` stacked) →
+        (the latents to denoise, what they are conditioned on). Text-only families return (stored, None);
+        `generator` draws which samples are conditioned where that varies."""
         return stored, None
 
     @abstractmethod

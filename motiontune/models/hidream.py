@@ -38,6 +38,7 @@ class HiDreamFamily(ModelFamily):
     MODEL_TYPES = ("HI_DREAM_FULL", "HI_DREAM_DEV", "HI_DREAM_FAST")
     NAME = "HiDream"
     TINY_MODELS = ("hi-dream",)
+    LORA_PIPELINE = "HiDreamImagePipeline"
     VAE_CLASS = "AutoencoderKL"
     VIDEO_VAE = False  # an image model: frames are encoded one by one
     temporal_factor = 1

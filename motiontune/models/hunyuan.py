@@ -75,6 +75,7 @@ class HunyuanVideoFamily(ModelFamily):
     MODEL_TYPES = ("HUNYUAN_VIDEO",)
     NAME = "HunyuanVideo"
     TINY_MODELS = ("hunyuan-video",)
+    LORA_PIPELINE = "HunyuanVideoPipeline"
     VAE_CLASS = "AutoencoderKLHunyuanVideo"
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches

@@ -170,7 +170,7 @@ class HunyuanVideo15Family(ModelFamily):
         inputs = self.image_processor.preprocess(images=frame, do_resize=True, return_tensors="pt", do_convert_rgb=True)
         return self.image_encoder(**inputs.to(self.device)).last_hidden_state[0].to("cpu")
 
-    def split_conditioning(self, stored, generator, image_embeds=None):
+    def split_conditioning(self, stored, generator, image_embeds=None, extras=None):
         if not self.is_i2v:
             return stored, None
         channels = self.transformer.config.out_channels

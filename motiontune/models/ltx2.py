@@ -44,10 +44,14 @@ class LTX2Family(ModelFamily):
     MODEL_TYPES = ("LTX_2",)
     NAME = "LTX-2"
     TINY_MODELS = ("ltx-2",)
+    LORA_PIPELINE = "LTX2Pipeline"
     VAE_CLASS = "AutoencoderKLLTX2Video"
     VAE_COMPRESSION = (32, 8)
     temporal_factor = 8
     spatial_multiple = 32  # the VAE's 32x, patch 1
+    #: the VAE decoder's first convolution pads each latent side by one pixel, mirrored: a side needs two latent
+    #: pixels, so a sample smaller than this (after rounding down to 32) fails to decode at the end of training
+    SMALLEST_SAMPLE_SIDE = 2 * spatial_multiple
     frame_rule = "the VAE takes 8n+1"
     AUDIO_SAMPLE_RATE = 16000
     AUDIO_CHANNELS = 2
@@ -72,6 +76,13 @@ class LTX2Family(ModelFamily):
         if not config.video_config.use_temporal_attention:
             problems.append("  - video_config.use_temporal_attention = false: LTX-2's audio and video tokens attend "
                             "across the whole clip (audio-video cross-attention); set it to true")
+        smallest = cls.SMALLEST_SAMPLE_SIDE
+        for index, sample in enumerate(config.samples):
+            for key in ("height", "width"):
+                if getattr(sample, key) < smallest:
+                    problems.append(f"  - samples[{index}].{key} = {getattr(sample, key)}: LTX-2's VAE cannot decode a side "
+                                    f"under {smallest} px (two latent pixels at its {cls.spatial_multiple}x); use {smallest} "
+                                    "or more")
         return problems
 
     # --- loading -------------------------------------------------------------------------------

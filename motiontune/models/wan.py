@@ -22,7 +22,7 @@ from .attention import use_frame_local_attention
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
 
-MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B")
+MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B", "WAN_2_1_VACE")
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
@@ -46,6 +46,7 @@ _COMFY_RENAMES = [
     (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V's CLIP projection
     (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
     (r"^proj_out$", "head.head"),
+    (r"^(vace_blocks\.\d+)\.proj_in$", r"\1.before_proj"), (r"^(vace_blocks\.\d+)\.proj_out$", r"\1.after_proj"),  # VACE
 ]
 
 # The rest of the original names, for whole checkpoints (norms and modulation tables).
@@ -85,7 +86,8 @@ class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
-    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b")
+    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace")
+    LORA_PIPELINE = "WanPipeline"
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
     transformer_2 = None
@@ -98,6 +100,16 @@ class WanFamily(ModelFamily):
     @classmethod
     def first_frame(cls, model_type):
         return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
+
+    @classmethod
+    def condition_roles(cls, model_type):
+        # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py)
+        return {"control": True} if model_type == "WAN_2_1_VACE" else {}
+
+    @classmethod
+    def takes_last_frame(cls, model_type):
+        # WAN 2.1 I2V's CLIP embedding takes one image; WAN 2.1 FLF2V (two) is not served yet
+        return model_type == "WAN_2_2_I2V_A14B"
 
     @classmethod
     def config_problems(cls, config):
@@ -114,6 +126,7 @@ class WanFamily(ModelFamily):
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
         self.is_i2v = self.first_frame(config.model_type) == "required"  # condition channels
         self.encodes_first_frame = config.model_type == "WAN_2_1_I2V"  # a CLIP embedding of the first frame
+        self.is_vace = config.model_type == "WAN_2_1_VACE"  # control videos through the VACE blocks
         # the VAE's spatial factor, times the transformer's 2x2 patches
         self.spatial_multiple = self.vae_compression(config.model_type)[0] * 2
         self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
@@ -135,6 +148,8 @@ class WanFamily(ModelFamily):
             self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or DEFAULT_BOUNDARY.get(self.config.model_type)
         )
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
+        if self.is_vace:
+            from diffusers import WanVACETransformer3DModel as WanTransformer3DModel  # noqa: N814
         self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
         if self.is_a14b:
             self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
@@ -173,15 +188,19 @@ class WanFamily(ModelFamily):
             latents = torch.cat([latents, self._image_condition(pixels, mean, std)], dim=1)
         return latents[0].to("cpu")
 
-    def _image_condition(self, pixels, mean, std):
+    def _image_condition(self, pixels, mean, std, last: bool = False):
         """The mask and first-frame latents `WanImageToVideoPipeline.prepare_latents` builds: the first frame
-        followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots."""
+        followed by black (zero) frames through the VAE, and a mask of 1 on the first frame's 4 slots. `last`: the
+        clip's last frame in place of the last black one, and the mask 1 on it too (the pipeline's `last_image`)."""
         frames = pixels.shape[2]
-        video = torch.cat([pixels[:, :, :1], pixels.new_zeros(*pixels.shape[:2], frames - 1, *pixels.shape[3:])], dim=2)
+        video = pixels.clone()
+        video[:, :, 1 : frames - 1 if last else frames] = 0
         condition = (self.vae_latents(video, mode=True) - mean) / std
         _, _, latent_frames, height, width = condition.shape
         mask = torch.zeros(1, 1, frames, height, width, device=pixels.device)
         mask[:, :, 0] = 1
+        if last:
+            mask[:, :, -1] = 1
         mask = torch.cat([mask[:, :, :1].repeat_interleave(self.temporal_factor, dim=2), mask[:, :, 1:]], dim=2)
         mask = mask.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
         return torch.cat([mask.to(condition.dtype), condition], dim=1)
@@ -192,11 +211,53 @@ class WanFamily(ModelFamily):
         inputs = self.image_processor(images=frame, return_tensors="pt").to(self.device)
         return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2][0].to("cpu")
 
-    def split_conditioning(self, stored, generator, image_embeds=None) -> tuple[torch.Tensor, Conditioning | None]:
+    @no_grad
+    def encode_condition(self, role, frames):
+        """VACE's control video, as `WanVACEPipeline.prepare_video_latents` encodes it with no mask given (the mask
+        all ones: every frame is made anew): the VAE latents of the frames outside the mask (black) then inside it
+        (the control video), normalised, (32, F', H', W'). The 64 mask channels, all ones, are added per step."""
+        pixels = self.video_pixels(frames)
+        mean, std = self._latent_stats(pixels)
+        inactive = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
+        reactive = (self.vae_latents(pixels, mode=True) - mean) / std
+        return torch.cat([inactive, reactive], dim=1)[0].to("cpu")
+
+    def _vace_context(self, controls: list) -> torch.Tensor:
+        """The transformer's `control_hidden_states`: each clip's control latents and VACE's mask channels (one per
+        pixel of a VAE cell, 8 x 8 = 64; all ones: every frame is generated), as `WanVACEPipeline.prepare_masks`."""
+        latents = torch.stack(controls)
+        factor = self.vae_compression(self.config.model_type)[0]
+        mask = latents.new_ones(latents.shape[0], factor * factor, *latents.shape[2:])
+        return torch.cat([latents, mask], dim=1)
+
+    @property
+    def trains_last_frame(self) -> bool:
+        return self.config.last_frame_conditioning_probability > 0 and self.takes_last_frame(self.config.model_type)
+
+    def clip_extra_names(self):
+        return ("last_frame",) if self.trains_last_frame else ()
+
+    @no_grad
+    def clip_extras(self, frames):
+        """First and last frame: the condition channels of the clip's own first and last frames, beside the
+        first-frame ones its latents carry (a step picks one or the other)."""
+        if not self.trains_last_frame:
+            return {}
+        pixels = self.video_pixels(frames)
+        mean, std = self._latent_stats(pixels)
+        return {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+
+    def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
+        if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
+            return stored, Conditioning(self._vace_context(extras["control"]), torch.ones(len(stored), dtype=torch.bool))
         if self.is_i2v:
             channels = self.transformer.config.out_channels
             rows = torch.ones(len(stored), dtype=torch.bool)
-            return stored[:, :channels], Conditioning(stored[:, channels:], rows, image_embeds=image_embeds)
+            condition = stored[:, channels:]
+            if extras and "last_frame" in extras:  # these samples also get their last frame
+                with_last = torch.rand(len(stored), generator=generator) < self.config.last_frame_conditioning_probability
+                condition = torch.where(with_last.to(stored.device).view(-1, 1, 1, 1, 1), extras["last_frame"], condition)
+            return stored[:, :channels], Conditioning(condition, rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
             rows = torch.rand(len(stored), generator=generator) < probability
@@ -227,11 +288,13 @@ class WanFamily(ModelFamily):
     def predict(self, noisy, sigma, text, expert, conditioning=None):
         timestep = sigma * 1000.0
         image = {}
-        if conditioning is not None and conditioning.image_embeds is not None:
+        if self.is_vace:
+            image = {"control_hidden_states": conditioning.latents.to(noisy.device, self.weight_dtype)}
+        elif conditioning is not None and conditioning.image_embeds is not None:
             image = {"encoder_hidden_states_image": conditioning.image_embeds.to(noisy.device, self.weight_dtype)}
         if conditioning is not None and self.is_i2v:
             noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
-        elif conditioning is not None:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
+        elif conditioning is not None and not self.is_vace:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
             keep_noisy = torch.ones_like(noisy[:, :1])
             keep_noisy[conditioning.rows.to(noisy.device), :, 0] = 0
             noisy = (1 - keep_noisy) * conditioning.latents.to(noisy.device, noisy.dtype) + keep_noisy * noisy
@@ -298,12 +361,21 @@ class WanFamily(ModelFamily):
                          transformer=self.transformer, transformer_2=self.transformer_2,
                          boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
             image = {}
-            if request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
+            if self.is_vace:  # follows the sample's control video
+                from diffusers import WanVACEPipeline
+                from PIL import Image
+
+                parts.pop("expand_timesteps")
+                pipeline = WanVACEPipeline(**parts)
+                image = {"video": [Image.fromarray(frame) for frame in request.control]}
+            elif request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
                 from PIL import Image
 
                 pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor,
                                                    **parts)
                 image = {"image": Image.fromarray(request.image)}
+                if request.last_image is not None:
+                    image["last_image"] = Image.fromarray(request.last_image)
             else:
                 pipeline = WanPipeline(**parts)
             pipeline.set_progress_bar_config(disable=True)
@@ -335,11 +407,12 @@ class WanFamily(ModelFamily):
         heads = heads or (8 if wide_vae else 4)
         two_experts = name in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
         image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v")
+        vace = name == "wan-2.1-vace"
         image_dim = 32 if name == "wan-2.1-i2v" else None  # the tiny CLIP vision encoder's width
         # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
         in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
         transformer = _tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels,
-                                        image_dim=image_dim)
+                                        image_dim=image_dim, vace=vace)
         transformer_2 = (_tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
                          if two_experts else None)
         # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
@@ -352,6 +425,11 @@ class WanFamily(ModelFamily):
                      scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
                      boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
                      expand_timesteps=wide_vae)
+        if vace:
+            from diffusers import WanVACEPipeline
+
+            parts.pop("expand_timesteps")
+            return WanVACEPipeline(**parts)
         if not image_to_video:
             return WanPipeline(**parts)
         # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
@@ -359,10 +437,19 @@ class WanFamily(ModelFamily):
         return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
 
     # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
-    transformer_class_name = "WanTransformer3DModel"
+    @property
+    def transformer_class_name(self):
+        return "WanVACETransformer3DModel" if self.config.model_type == "WAN_2_1_VACE" else "WanTransformer3DModel"
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
     text_tokens = MAX_SEQUENCE_LENGTH
     TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
+
+    def estimate_shorten(self, cfg: dict, short: dict) -> dict:
+        """A copy with fewer blocks keeps the VACE blocks that sit beside those (VACE: one per two blocks in 1.3B). The
+        activations of the VACE blocks past the simulated ones are not extrapolated: an estimate of VACE runs is low."""
+        if "vace_layers" not in cfg:
+            return short
+        return dict(short, vace_layers=[layer for layer in cfg["vace_layers"] if layer < short["num_layers"]])
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
         """(Hub id, its parts' configs): `base` when it is a released model, else this model type's."""
@@ -382,6 +469,8 @@ class WanFamily(ModelFamily):
             return text, Conditioning(latents, rows, image_embeds=images)
         if self.is_ti2v and self.config.image_conditioning_probability > 0:  # a timestep per token
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
+        if self.is_vace:
+            return text, Conditioning(x0.new_empty(batch, cfg["vace_in_channels"], frames, height, width), rows)
         return text, None
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
@@ -394,6 +483,8 @@ class WanFamily(ModelFamily):
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_dim"], dtype=dtype)}
         if cfg.get("image_dim"):
             call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
+        if cfg.get("vace_in_channels"):
+            call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
         return call
 
     def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
@@ -450,12 +541,16 @@ def _tiny_clip_vision(width: int):
     return encoder, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
-def _tiny_transformer(in_channels: int, text_dim: int, *, heads: int, layers: int, out_channels: int, image_dim=None):
-    from diffusers import WanTransformer3DModel
+def _tiny_transformer(in_channels: int, text_dim: int, *, heads: int, layers: int, out_channels: int, image_dim=None,
+                      vace: bool = False):
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     # WAN 2.1 I2V: cross-attention also attends to the CLIP image tokens, through its own key/value projections
     image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24} if image_dim else {}
-    return WanTransformer3DModel(**image, patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=24,
+    if vace:  # a VACE block beside every block; its input: control latents (2 x 16) and 8 x 8 mask channels
+        image = {"vace_layers": list(range(layers)), "vace_in_channels": 2 * out_channels + 64}
+    cls = WanVACETransformer3DModel if vace else WanTransformer3DModel
+    return cls(**image, patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=24,
                                  in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=32,
                                  ffn_dim=4 * heads * 24, num_layers=layers, cross_attn_norm=True,
                                  qk_norm="rms_norm_across_heads", rope_max_seq_len=64)

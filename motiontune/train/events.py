@@ -40,7 +40,7 @@ class Events:
         self.text_side, self.sample_requests, self.result = text_side, sample_requests, result
         self.workspace = Path(config.workspace_dir)
         self.writer = _Writer(self.workspace / "tensorboard", start_step + 1 if resumed else None, ranks.main)
-        self.progress_file = ProgressFile(self.workspace, total_steps, start_step, ranks.main)  # for watchers (motiontune ui)
+        self.progress_file = ProgressFile(self.workspace, total_steps, start_step, ranks.main, resumed)  # for watchers (motiontune ui)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                         disable=not ranks.main)
         self.last_backup_time = time.monotonic()

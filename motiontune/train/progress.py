@@ -37,9 +37,11 @@ def memory_use() -> dict:
 
 
 class ProgressFile:
-    def __init__(self, workspace: Path, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, workspace: Path, total_steps: int, start_step: int, enabled: bool = True, resumed: bool = False):
         self.path = Path(workspace) / FILE_NAME
         self.enabled = enabled
+        # a resumed run's elapsed time goes on from where its last session left it, as its step count does
+        self.elapsed_before = _elapsed_so_far(self.path) if resumed else 0.0
         self.total = total_steps
         self.start_step = start_step
         self.started = time.time()
@@ -73,7 +75,7 @@ class ProgressFile:
             "loss": loss,
             "started": self.started,
             "updated": now,
-            "elapsed_seconds": round(now - self.started, 1),
+            "elapsed_seconds": round(self.elapsed_before + now - self.started, 1),
             "seconds_per_step": None if seconds_per_step is None else round(seconds_per_step, 3),
             "eta_seconds": None if seconds_per_step is None else round(remaining * seconds_per_step, 1),
             "memory": memory_use(),
@@ -83,3 +85,11 @@ class ProgressFile:
             write_then_rename(self.path, lambda partial: partial.write_text(json.dumps(self.last, indent=1)))
         except OSError:  # a watcher's convenience: never a reason to stop training
             pass
+
+
+def _elapsed_so_far(path: Path) -> float:
+    """The elapsed time an earlier session of the run wrote (0 when there is none to read)."""
+    try:
+        return float(json.loads(path.read_text())["elapsed_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0

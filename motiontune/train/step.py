@@ -18,6 +18,7 @@ from peft.helpers import disable_input_dtype_casting
 from ..config import ConfigError, TrainConfig
 from ..methods import METHODS
 from ..models import ModelFamily
+from ..data.latents import batch_extras
 from ..data.survey import sampling_grid
 from ..models.base import Expert, Sound
 from ..util.dtypes import HALF_DTYPES
@@ -137,7 +138,8 @@ class Step:
         stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
         images = [clips[i].image_embeds for i in batch]
         images = torch.stack(images).to(device) if images[0] is not None else None
-        x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images)  # image-to-video
+        extras = batch_extras(self.family, config.model_type, clips, batch, device)  # first and last frame, control...
+        x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images, extras)  # image-to-video
         dropout = config.text_encoder.dropout_probability
         captions = ["" if random.random() < dropout else random.choice(clips[i].captions) for i in batch]
         sigma = sample_spans(

@@ -10,6 +10,7 @@ from collections import defaultdict
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..data.latents import batch_extras
 from ..models import ModelFamily
 from .flow import flow_target, noisy_latents
 from .losses import flow_matching_loss
@@ -52,7 +53,8 @@ class Validation:
         per_concept = defaultdict(list)
         for clip in self.clips:
             images = None if clip.image_embeds is None else clip.image_embeds[None].to(device)
-            x0, conditioning = family.split_conditioning(clip.latents[None].to(device), condition_generator, images)
+            extras = batch_extras(family, family.config.model_type, [clip], [0], device)
+            x0, conditioning = family.split_conditioning(clip.latents[None].to(device), condition_generator, images, extras)
             noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
             text = self.text_side.batch([clip.captions[0]], device)
             kept = None if conditioning is None or conditioning.loss_frames is None else conditioning.loss_frames.to(device)

@@ -14,8 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import ConfigError, TrainConfig
-from ..config.load import _known_keys, _sections_with_key
-from ..config.schema import NOT_SUPPORTED_YET
+from ..config.load import _known_keys, _sections_with_key, closest_choice, explain
 from ..configure import check_config, config_notices
 from ..configure import validate as validate_schema
 from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
@@ -23,7 +22,6 @@ from ..data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 _PROBLEM_KEY = re.compile(r"^\s*-\s+([A-Za-z_0-9.\[\]]+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face Hub names models
 MEDIA = set(VIDEO_EXTENSIONS) | set(IMAGE_EXTENSIONS)
-NOT_SUPPORTED_VALUES = {key: neutral if isinstance(neutral, tuple) else (neutral,) for key, neutral, _ in NOT_SUPPORTED_YET}
 
 
 def _field_loc(loc: tuple, data, missing: bool) -> str:
@@ -55,24 +53,10 @@ def _message(problem: dict) -> str:
         return f"enter a number (got {shown})"
     if kind in ("bool_parsing", "bool_type"):
         return f"enter true or false (got {shown})"
-    if kind == "literal_error":
-        message = problem["msg"].split(". Did you mean")[0]
-        close = _close_choice(problem)
-        hint = f"; did you mean {close!r}?" if close is not None else ""
-        return f"{shown} is not a choice: {message.removeprefix('Input should be ')}{hint}"
-    return problem["msg"].removeprefix("Value error, ")
-
-
-def _close_choice(problem: dict) -> str | None:
-    """For a value that is not one of the choices: the choice closest to what was typed, if one is close."""
-    if problem["type"] != "literal_error":
-        return None
-    choices = re.findall(r"'([^']*)'", problem.get("ctx", {}).get("expected", ""))
-    key = ".".join(str(p) for p in problem["loc"])
-    accepted = NOT_SUPPORTED_VALUES.get(key)  # train_dtype: only what is built, not every name the schema knows
-    choices = [c for c in choices if accepted is None or c in accepted]
-    close = difflib.get_close_matches(str(problem.get("input")), choices, n=1, cutoff=0.5)
-    return close[0] if close else None
+    explained = explain(problem)  # the CLI's words for bounds and choices
+    if explained is None:
+        return problem["msg"].removeprefix("Value error, ")
+    return f"{shown} is {explained}" if kind == "literal_error" else f"{explained} (got {shown})"
 
 
 def _unknown_key(loc: tuple) -> dict:
@@ -98,7 +82,7 @@ def _schema_errors(error: ValidationError, data: dict) -> list[dict]:
             entry = {"loc": _field_loc(loc, data, problem["type"] == "missing"), "msg": _message(problem)}
             if problem["type"] != "missing" and "input" in problem and not isinstance(problem["input"], (dict, list)):
                 entry["value"] = problem["input"]
-            close = _close_choice(problem)
+            close = closest_choice(problem)
             if close is not None:
                 entry["suggest"] = close  # the page offers it as a one-click fix
         errors.append(entry)
@@ -191,6 +175,9 @@ def path_problems(data: dict) -> list[dict]:
         if isinstance(section, dict):
             need(f"{part}.model_name", section.get("model_name"), "model")
     need("concept_file_name", data.get("concept_file_name"), "file")
+    if problems and problems[-1]["loc"] == "concept_file_name":  # a preset names OneTrainer's default place
+        problems[-1]["msg"] += ": create it, or list your folders in the Concepts tab instead"
+
     for index, concept in enumerate(data.get("concepts") or []):
         if isinstance(concept, dict) and concept.get("enabled", True) is not False:
             need(f"concepts.{index}.path", concept.get("path"), "folder")

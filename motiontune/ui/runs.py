@@ -125,6 +125,7 @@ class Runs:
         self.stopped: set[Path] = set()  # runs this UI was asked to stop
         self.served: set[Path] = set()  # workspaces and output folders files may be served from
         self._scalars: dict[str, object] = {}
+        self.closing = False  # set by kill_all: nothing new starts (the job queue asks)
 
     # ------------------------------------------------------------------------------------------ folders
 
@@ -238,6 +239,8 @@ class Runs:
             "result": result,
             "requests": train_requests.answers(folder),
             "log": log_tail(folder),
+            "log_file": next((str(folder / n) for n in (RUN_LOG, LEGACY_LOG) if (folder / n).is_file()), None),
+            "tensorboard_dir": str(folder / "tensorboard") if (folder / "tensorboard").is_dir() else None,
         }
 
     def scalars(self, folder: Path) -> dict[str, list]:
@@ -355,6 +358,7 @@ class Runs:
         return {"asked": action, "path": str(folder)}
 
     def kill_all(self) -> None:
+        self.closing = True
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()

@@ -177,10 +177,18 @@ def ui_schema() -> dict:
         prop["x-group"] = GROUP_OF.get(key, "general")
     schema["x-groups"] = list(GROUPS)
     helps = docs_help()
+    explained: dict[tuple, str] = {}  # (section, paragraph) → the first key of the section that shows it
     for path, prop in schema_keys(schema):
         text = helps.get(doc_key(path))
-        if text:
-            prop["x-help"] = text
+        if not text:
+            continue
+        # one docs row may explain several keys of a section (validation, validate_after, ...): the paragraph
+        # shows once, under the first of them, and the others point there (each keeps its own default)
+        default, _, paragraph = text.partition(" · ") if text.startswith("default") else ("", "", text)
+        first = explained.setdefault((tuple(path[:-1]), paragraph), str(path[-1]))
+        if first != str(path[-1]) and default and len(paragraph) > 40:  # a range ("≥ 1") is worth repeating
+            text = f"{default} · see {first}, above"
+        prop["x-help"] = text
     return schema
 
 
@@ -190,7 +198,8 @@ GROUPS = {
     "general": ["workspace_dir", "cache_dir", "train_device", "seed", "dataloader_threads", "validation",
                 "validate_after", "validate_after_unit", "__version"],
     "model": ["model_type", "training_method", "base_model_name", "train_dtype", "transformer", "transformer_2",
-              "text_encoder", "vae", "experts", "boundary_ratio", "image_conditioning_probability", "guidance_scale",
+              "text_encoder", "vae", "experts", "boundary_ratio", "image_conditioning_probability",
+              "last_frame_conditioning_probability", "guidance_scale",
               "gradient_checkpointing", "layer_offload_fraction", "layer_offload_prefetch", "output_model_destination",
               "output_model_format", "output_dtype"],
     "data": ["resolution", "aspect_ratio_bucketing", "latent_caching", "concept_file_name", "video_config"],

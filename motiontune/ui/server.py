@@ -24,6 +24,7 @@ from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, apply_override
 from ..util.files import write_then_rename
 from .checks import MEDIA, path_problems, validate, warnings
+from .queue import JobQueue
 from .runs import Runs, read_json
 from .schema_help import ui_schema
 
@@ -130,6 +131,7 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
     if workspace is not None:
         runs.watch(Path(workspace))
     app.state.run = runs
+    queue = app.state.queue = JobQueue(runs, home)
 
     @app.middleware("http")
     async def same_origin_only(request: Request, call_next):
@@ -271,6 +273,28 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
             return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
         return runs.start(config, parsed.workspace_dir)
 
+    # ------------------------------------------------------------------------------------------ the job queue
+
+    @app.get("/api/queue")
+    def queued():
+        return {"jobs": queue.listing()}
+
+    @app.post("/api/queue")
+    def enqueue(config=Body(...), name: str = Body("")):
+        parsed, errors = validate(config)
+        errors = errors + (path_problems(config) if isinstance(config, dict) else [])
+        if errors or parsed is None:
+            return JSONResponse({"detail": "the config is not valid", "errors": errors}, status_code=422)
+        return queue.add(config, parsed.workspace_dir, name)
+
+    @app.post("/api/queue/cancel")
+    def cancel_job(id: str = Body(..., embed=True)):
+        return queue.cancel(id)
+
+    @app.post("/api/queue/move")
+    def move_job(id: str = Body(...), offset: int = Body(...)):
+        return queue.move(id, offset)
+
     @app.post("/api/train/stop")
     def stop(path: str | None = Body(None, embed=True)):
         return runs.stop(folder_of(path))
@@ -313,7 +337,8 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
             raise HTTPException(403, "outside the workspace and output folders")
         if not resolved.is_file():
             raise HTTPException(404, "not found")
-        return FileResponse(resolved)
+        # inline (a sample plays in the page), but saved under its own name: /api/file?path=... was saved as "file"
+        return FileResponse(resolved, filename=resolved.name, content_disposition_type="inline")
 
     @app.get("/files/{path:path}")
     def workspace_file(path: str):

@@ -37,7 +37,10 @@ async function api(method, url, body) {
 // ------------------------------------------------------------------------------------------- state
 // config: the working config; touched: something was loaded or edited (before that, no problems are shown)
 const state = { schema: null, config: {}, errors: [], warnings: [], touched: false, source: "", validateTimer: null,
-                keepTimer: null, run: null, runs: [], valid: false };
+                keepTimer: null, run: null, runs: [], valid: false, generation: 0, loading: Promise.resolve() };
+// generation: bumped each time the config is replaced or edited. An answer the server computed for an older
+// generation (an estimate, a validation) is out of date and never shown as current nor applied.
+// loading: the config being replaced (a preset or file on its way); requests about the config wait for it.
 const view = JSON.parse(localStorage.getItem("motiontune-view") || "{}"); // page, group, run, compare: this browser's
 const remember = (changes) => { Object.assign(view, changes); localStorage.setItem("motiontune-view", JSON.stringify(view)); };
 
@@ -49,7 +52,10 @@ function message(selector, text, bad = false) {
 // ------------------------------------------------------------------------------------------- pages
 for (const tab of document.querySelectorAll("header nav .tab")) tab.addEventListener("click", () => showPage(tab.dataset.page));
 function showPage(name) {
-  for (const tab of document.querySelectorAll("header nav .tab")) tab.classList.toggle("active", tab.dataset.page === name);
+  for (const tab of document.querySelectorAll("header nav .tab")) {
+    tab.classList.toggle("active", tab.dataset.page === name);
+    tab.setAttribute("aria-selected", String(tab.dataset.page === name));
+  }
   for (const page of document.querySelectorAll(".page")) page.classList.toggle("active", page.id === `page-${name}`);
   remember({ page: name });
   if (name === "training") { refreshRuns(); pollRun(); }
@@ -117,15 +123,73 @@ const GROUP_TITLES = { general: "General", model: "Model", data: "Data", concept
 function renderGroups() {
   const nav = $("#groups");
   nav.replaceChildren(...state.schema["x-groups"].map((group) => el("button", {
-    type: "button", class: "group-tab", id: `group-${group}`, dataset: { group },
+    type: "button", class: "group-tab", id: `group-${group}`, dataset: { group }, role: "tab", "aria-selected": "false",
     onclick: () => showGroup(group) }, GROUP_TITLES[group] || group)));
 }
 function showGroup(group) {
   remember({ group });
-  for (const tab of document.querySelectorAll(".group-tab")) tab.classList.toggle("active", tab.dataset.group === group);
+  for (const tab of document.querySelectorAll(".group-tab")) {
+    tab.classList.toggle("active", tab.dataset.group === group);
+    tab.setAttribute("aria-selected", String(tab.dataset.group === group));
+  }
   for (const box of document.querySelectorAll("#config-form > .group")) box.hidden = box.dataset.group !== group;
   for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = !panel.dataset.groupPanel.split(" ").includes(group);
   if (group === "tools") $("#config-json").textContent = JSON.stringify(state.config, null, 2);
+}
+
+// Basic view: the few keys a first run needs, on one screen; Advanced: every key, by group. The config is the
+// same in both (switching hides fields, it never drops a key).
+const BASIC_KEYS = ["model_type", "training_method", "base_model_name", "resolution", "epochs", "learning_rate",
+  "lora_rank", "workspace_dir", "output_model_destination", "concepts.*.path"];
+const isBasic = (path) => BASIC_KEYS.some((key) => new RegExp(`^${key.replace(/\./g, "\\.").replace("*", "\\d+")}$`).test(path));
+for (const radio of document.querySelectorAll('input[name="form-view"]')) {
+  radio.addEventListener("change", () => { remember({ mode: radio.value }); applyView(); });
+}
+function applyView() {
+  const basic = (view.mode || "advanced") === "basic";
+  $(`#view-${basic ? "basic" : "advanced"}`).checked = true;
+  const form = $("#config-form");
+  form.classList.toggle("basic", basic);
+  $("#groups").hidden = basic;
+  if (!basic) { showGroup(view.group || "general"); return; }
+  for (const box of form.querySelectorAll(".group")) box.hidden = false;
+  for (const field of form.querySelectorAll(".field")) field.classList.toggle("basic-miss", !isBasic(field.dataset.path));
+  for (const details of [...form.querySelectorAll("details")].reverse()) {
+    // the concept list stays, with its add button, even while it is empty
+    const hit = details.dataset.path === "concepts" || details.querySelector(".field:not(.basic-miss)") !== null;
+    details.classList.toggle("basic-miss", !hit);
+    if (hit) details.open = true;
+  }
+  for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = panel.id !== "estimate-panel";
+}
+
+// Find a key: every group at once, only the fields whose key or help holds the words typed
+$("#key-search").addEventListener("input", applySearch);
+function applySearch() {
+  const words = $("#key-search").value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const form = $("#config-form");
+  form.classList.toggle("searching", words.length > 0);
+  if (!words.length) {
+    for (const node of form.querySelectorAll(".field, details")) node.classList.remove("search-miss");
+    $("#key-search-count").textContent = "";
+    applyView();
+    return;
+  }
+  for (const box of form.querySelectorAll(".group")) box.hidden = false;
+  let found = 0;
+  for (const field of form.querySelectorAll(".field")) {
+    const text = `${field.dataset.path} ${field.querySelector(".help") ? field.querySelector(".help").textContent : ""}`.toLowerCase();
+    const hit = words.every((word) => text.includes(word));
+    field.classList.toggle("search-miss", !hit);
+    found += hit;
+  }
+  // a section shows while something inside it matches, opened so the match is seen
+  for (const details of [...form.querySelectorAll("details")].reverse()) {
+    const hit = details.querySelector(".field:not(.search-miss)") !== null;
+    details.classList.toggle("search-miss", !hit);
+    if (hit) details.open = true;
+  }
+  $("#key-search-count").textContent = `${found} key(s) found`;
 }
 
 function renderForm() {
@@ -147,6 +211,8 @@ function renderForm() {
   for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
   showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+  applyView();
+  if ($("#key-search").value.trim()) applySearch(); // a search stays applied while the form is redrawn
 }
 
 function helpBox(prop, info, path, fallback, required) {
@@ -168,6 +234,7 @@ function helpBox(prop, info, path, fallback, required) {
 
 function changed() {
   state.touched = true;
+  configReplaced();
   scheduleValidate();
   keepWorking();
   if (!$("#config-json").closest("[hidden]")) $("#config-json").textContent = JSON.stringify(state.config, null, 2);
@@ -200,15 +267,18 @@ function renderField(path, prop, parentSchema, parentDefault) {
   const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path) } });
   const id = `field-${pathText(path).replace(/[^A-Za-z0-9_]/g, "-")}`;
   const control = makeControl(path, prop, info, isSet ? value : fallback, fallback, id);
-  const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", onclick: () => {
+  const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", "aria-label": `${key}: back to the default`, onclick: () => {
     deletePath(state.config, path);
     renderForm();
     changed();
   } }, "↺");
-  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset),
-    helpBox(prop, info, path, fallback, required),
-    el("div", { class: "error", dataset: { errorFor: pathText(path) } }),
-    el("div", { class: "warning", dataset: { warningFor: pathText(path) } }));
+  // a screen reader reads the field's help, error and warning with it
+  control.setAttribute("aria-describedby", `${id}-help ${id}-error ${id}-warning`);
+  const help = helpBox(prop, info, path, fallback, required);
+  help.id = `${id}-help`;
+  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset), help,
+    el("div", { class: "error", id: `${id}-error`, dataset: { errorFor: pathText(path) } }),
+    el("div", { class: "warning", id: `${id}-warning`, dataset: { warningFor: pathText(path) } }));
   return wrapper;
 }
 
@@ -293,7 +363,11 @@ function renderArray(path, prop, info, value, fallback, title = null) {
       const list = Array.isArray(getPath(state.config, path)) ? getPath(state.config, path) : [...(items || [])];
       list.push(newItem(itemSchema));
       setPath(state.config, path, list);
-      if (path[0] === "concepts") delete state.config.concept_file_name; // the two ways of naming the data exclude each other
+      if (path[0] === "concepts" && state.config.concept_file_name) {
+        // the two ways of naming the data exclude each other: say which one now stands
+        message("#config-message", `the concepts are listed in this config now, instead of in ${state.config.concept_file_name} (concept_file_name)`);
+        delete state.config.concept_file_name;
+      }
       renderForm();
       $(`details[data-path="${CSS.escape(pathText(path))}"]`).open = true;
       changed();
@@ -315,6 +389,13 @@ function renderConcepts(prop) {
     } }, "inspect"));
   });
   box.open = true;
+  const file = state.config.concept_file_name;
+  if (file && !Array.isArray(state.config.concepts)) {
+    // OneTrainer's way: the concepts live in their own file, which this page does not edit
+    box.insertBefore(el("p", { class: "note", id: "concepts-from-file" },
+      `This config reads its concepts from ${file} (concept_file_name). Create that file, or add a concept below `
+      + "to list your folders in the config itself (that replaces concept_file_name)."), box.children[2]);
+  }
   return box;
 }
 
@@ -324,7 +405,9 @@ function scheduleValidate() {
   state.validateTimer = setTimeout(validateNow, 250);
 }
 async function validateNow() {
+  const generation = state.generation;
   const result = await api("POST", "/api/validate", { config: state.config });
+  if (generation !== state.generation) return result; // the config changed meanwhile: its own validation follows
   state.errors = result.errors;
   state.warnings = result.warnings;
   state.valid = result.ok;
@@ -385,6 +468,7 @@ function showErrors() {
     const count = state.errors.length;
     status.textContent = count ? `${count} problem(s) in the config` : "config valid";
     status.className = `status ${count ? "bad" : "ok"}`;
+    status.title = count ? "show the first problem" : "";
   }
 }
 function fixButton(error) {
@@ -413,6 +497,23 @@ function unknownKeyItem(error) {
   return el("li", { dataset: { key: error.loc } }, el("code", {}, error.loc), ` = ${JSON.stringify(value)}: ${error.msg} `, rename, remove);
 }
 
+// the problem count in the header takes you to the first problem
+$("#config-status").addEventListener("click", showFirstProblem);
+$("#config-status").addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") showFirstProblem(); });
+function showFirstProblem() {
+  const first = state.touched && state.errors[0];
+  if (!first) return;
+  showPage("config");
+  const target = (first.unknown && $("#unknown-keys")) || targetFor(first.loc, "data-error-for") || $("#general-errors");
+  const group = target.closest(".group");
+  if (group) showGroup(group.dataset.group);
+  openTo(target);
+  target.scrollIntoView({ block: "center" });
+  const field = target.closest(".field");
+  const input = field && field.querySelector("input, select, textarea");
+  if (input) input.focus();
+}
+
 // ------------------------------------------------------------------------------------------- working config
 function keepWorking() {
   clearTimeout(state.keepTimer);
@@ -422,6 +523,7 @@ function keepWorking() {
 function setConfig(config, source) {
   state.config = config;
   state.source = source;
+  configReplaced();
   state.touched = true;
   message("#config-message", `loaded ${source}`);
   renderForm();
@@ -429,21 +531,35 @@ function setConfig(config, source) {
   keepWorking();
 }
 
-$("#load-preset").addEventListener("click", async () => {
+// Replacing the config takes a round trip: until it is done, nothing may act on the form being replaced.
+function replaceConfig(work) {
+  const done = state.loading.then(work).catch((error) => message("#config-message", error.message, true));
+  state.loading = done;
+  document.body.dataset.loading = "1";
+  done.then(() => { if (state.loading === done) delete document.body.dataset.loading; });
+}
+$("#load-preset").addEventListener("click", () => {
   const name = $("#preset-select").value;
-  const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
-  setConfig(data.config, `preset ${name}`);
+  replaceConfig(async () => {
+    const data = await api("GET", `/api/presets/${encodeURIComponent(name)}`);
+    $("#save-path").value = ""; // Save must not overwrite the file loaded before the preset
+    setConfig(data.config, `preset ${name}`);
+  });
 });
-$("#load-file").addEventListener("click", async () => {
-  try {
-    const data = await api("POST", "/api/config/load", { path: $("#load-path").value });
+$("#load-file").addEventListener("click", () => {
+  const path = $("#load-path").value;
+  replaceConfig(async () => {
+    const data = await api("POST", "/api/config/load", { path });
     $("#save-path").value = data.path;
     setConfig(data.config, data.path);
-  } catch (error) {
-    message("#config-message", error.message, true);
-  }
+  });
 });
 $("#save-file").addEventListener("click", async () => {
+  if (!$("#save-path").value.trim()) {
+    message("#config-message", "name the file to save as first (Save as)", true);
+    $("#save-path").focus();
+    return;
+  }
   try {
     const data = await api("POST", "/api/config/save", { path: $("#save-path").value, config: state.config });
     message("#config-message", `saved ${data.path}${data.ok ? "" : ` (with ${data.errors.length} problem(s))`}`);
@@ -459,28 +575,48 @@ $("#download").addEventListener("click", () => {
   link.click();
   link.remove();
 });
-$("#upload").addEventListener("change", async (event) => {
+$("#upload").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (!file) return;
-  try {
-    const data = JSON.parse(await file.text());
-    if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error("the config must be a JSON object");
+  replaceConfig(async () => {
+    let data;
+    try { data = JSON.parse(await file.text()); } catch (error) { throw new Error(`${file.name}: ${error.message}`); }
+    if (!data || typeof data !== "object" || Array.isArray(data)) throw new Error(`${file.name}: the config must be a JSON object`);
+    $("#save-path").value = ""; // an upload has no path on this machine: Save asks for one
     setConfig(data, file.name);
-  } catch (error) {
-    message("#config-message", `${file.name}: ${error.message}`, true);
-  }
+  });
   event.target.value = "";
 });
 
 // ------------------------------------------------------------------------------------------- memory estimate
 const gb = (value) => (value >= 10 ? value.toFixed(1) : value >= 0.1 ? value.toFixed(2) : value.toPrecision(2));
+function configReplaced() {
+  // whatever the estimate panel shows was computed for the config before this one
+  state.generation += 1;
+  const panel = $("#estimate-panel");
+  if (panel.dataset.state === "done" || panel.dataset.state === "running") {
+    message("#estimate-result", "The config changed since this estimate: estimate again.");
+    panel.dataset.state = "stale";
+  }
+  delete panel.dataset.fits;
+  $("#estimate-changes").replaceChildren();
+}
 async function runEstimate() {
+  await state.loading; // a preset or file still on its way is the config to estimate
   const gpu = Number($("#estimate-gpu").value);
+  const panel = $("#estimate-panel");
+  const generation = state.generation;
+  panel.dataset.state = "running";
+  delete panel.dataset.fits;
   message("#estimate-result", "estimating…");
   $("#estimate-changes").replaceChildren();
   try {
     const result = await api("POST", "/api/estimate", { config: state.config, gpu_gb: gpu });
-    const panel = $("#estimate-panel");
+    if (generation !== state.generation) { // configReplaced() has marked the panel out of date
+      panel.dataset.dropped = String(Number(panel.dataset.dropped || 0) + 1);
+      return;
+    }
+    panel.dataset.state = "done";
     panel.dataset.fits = result.fits ? "yes" : "no";
     message("#estimate-result", `The training step needs ${gb(result.device_gb)} GB on the GPU (${result.shape}): ` +
       (result.fits ? `fits ${gpu} GB (${gb(result.usable_gb - result.device_gb)} GB to spare).`
@@ -489,6 +625,7 @@ async function runEstimate() {
     for (const change of result.changes) {
       $("#estimate-changes").append(el("li", {}, `${change.change}: ${gb(change.device_gb)} GB `,
         el("button", { type: "button", class: "apply-change", title: change.set.join(" "), onclick: () => {
+          if (generation !== state.generation) return; // never put an older config back (the list is cleared then)
           state.config = change.config;
           message("#config-message", `applied: ${change.change} (${change.set.join(", ")})`);
           renderForm();
@@ -497,13 +634,22 @@ async function runEstimate() {
         } }, "apply")));
     }
   } catch (error) {
+    if (generation !== state.generation) return;
+    panel.dataset.state = "done";
     message("#estimate-result", error.message, true);
   }
 }
 $("#estimate-run").addEventListener("click", runEstimate);
 
 // ------------------------------------------------------------------------------------------- dataset
+// caption edits not saved yet: nothing replaces or leaves the page without asking
+const unsavedCaptions = () => [...document.querySelectorAll("#inspect-table textarea.caption")].filter((t) => t.value !== t.dataset.saved).length;
+window.addEventListener("beforeunload", (event) => {
+  if (unsavedCaptions()) { event.preventDefault(); event.returnValue = ""; }
+});
 $("#inspect").addEventListener("click", async () => {
+  const unsaved = unsavedCaptions();
+  if (unsaved && !confirm(`${unsaved} caption edit(s) not saved. Inspect again and lose them?`)) return;
   const status = $("#inspect-status");
   status.textContent = "inspecting…";
   status.className = "status";
@@ -524,11 +670,13 @@ function captionEditor(file) {
   if (file.caption_text === null) return el("span", { class: "hint" }, "unreadable caption file");
   const text = el("textarea", { rows: "2", class: "caption", placeholder: "no caption yet: write one" });
   text.value = (file.caption_text || "").trim();
+  text.dataset.saved = text.value; // an edit differs from this until it is saved
   const save = el("button", { type: "button", class: "save-caption", onclick: async () => {
     try {
       const saved = await api("POST", "/api/caption", { file: file.path, text: text.value });
       save.textContent = "saved";
       save.title = saved.path;
+      text.dataset.saved = text.value;
     } catch (error) {
       save.textContent = error.message;
     }
@@ -570,8 +718,9 @@ function renderInspect(report) {
     if (file.clips.length > file.thumbnails.length && file.thumbnails.length) {
       thumbs.append(el("div", { class: "hint" }, `+${file.clips.length - file.thumbnails.length} more clip(s)`));
     }
-    row.append(
+    row.append(  // the problems beside the name: a wide table never hides them off screen
       el("td", { title: file.path }, file.name),
+      el("td", { class: "problems" }, file.problems.join("; ")),
       el("td", {}, meta.kind || "-"),
       el("td", {}, meta.kind === "video" ? `${meta.duration.toFixed(2)} s` : "-"),
       el("td", {}, meta.fps ? meta.fps.toFixed(2) : "-"),
@@ -580,8 +729,7 @@ function renderInspect(report) {
       el("td", {}, file.bucket ? `${file.bucket.width}x${file.bucket.height}` : "-"),
       el("td", {}, file.clips.length ? `${file.clips.length} × ${file.clips[0].length} frames` : "-"),
       el("td", { class: "caption-cell" }, file.usable ? captionEditor(file) : "-"),
-      thumbs,
-      el("td", { class: "problems" }, file.problems.join("; ")));
+      thumbs);
     const titles = [...document.querySelectorAll("#inspect-table thead th")].map((th) => th.textContent);
     [...row.children].forEach((cell, n) => { cell.dataset.label = titles[n]; }); // the column's name on a phone's cards
     body.append(row);
@@ -593,7 +741,43 @@ function renderInspect(report) {
 function workspaceDir() {
   return state.config.workspace_dir || state.schema.properties.workspace_dir.default;
 }
+// ------------------------------------------------------------------------------------------- the job queue
+$("#queue-add").addEventListener("click", async () => {
+  try {
+    const job = await api("POST", "/api/queue", { config: state.config, name: state.source || "config" });
+    message("#train-message", `queued ${job.name} (job ${job.id})`);
+    $("#train-errors").replaceChildren();
+    await refreshQueue();
+  } catch (error) {
+    message("#train-message", error.message, true);
+    $("#train-errors").replaceChildren(...((error.data && error.data.errors) || []).map((e) => el("li", {}, e.loc ? `${e.loc}: ${e.msg}` : e.msg)));
+  }
+});
+async function refreshQueue() {
+  const { jobs } = await api("GET", "/api/queue");
+  $("#queue-empty").hidden = jobs.length > 0;
+  const act = (url, body) => async () => {
+    try { await api("POST", url, body); } catch (error) { message("#train-message", error.message, true); }
+    refreshQueue();
+  };
+  $("#queue-table tbody").replaceChildren(...jobs.map((job) => el("tr", { dataset: { job: job.id, state: job.state } },
+    el("td", {}, job.name),
+    el("td", { class: "job-state" }, job.state === "started" ? job.run_state || "started" : job.state),
+    el("td", {}, job.run ? el("a", { href: "#", class: "job-run", onclick: (event) => {
+      event.preventDefault(); // show this job's run below
+      remember({ run: job.run, workspace: null });
+      pollRun();
+    } }, job.run.split(/[\\/]/).pop()) : "-"),
+    el("td", {}, when(job.added)),
+    el("td", {}, when(job.started)),
+    el("td", {}, job.state !== "queued" ? "" : [
+      el("button", { type: "button", class: "job-up", "aria-label": `move ${job.name} up`, onclick: act("/api/queue/move", { id: job.id, offset: -1 }) }, "↑"),
+      el("button", { type: "button", class: "job-down", "aria-label": `move ${job.name} down`, onclick: act("/api/queue/move", { id: job.id, offset: 1 }) }, "↓"),
+      el("button", { type: "button", class: "job-cancel", onclick: act("/api/queue/cancel", { id: job.id }) }, "cancel")]))));
+}
+
 async function refreshRuns() {
+  refreshQueue().catch(() => {});
   try {
     const listed = await api("POST", "/api/runs", { workspace: view.workspace || workspaceDir() });
     state.runs = listed.runs;
@@ -607,7 +791,7 @@ const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() :
 function renderRuns() {
   const body = $("#runs-table tbody");
   body.replaceChildren(...state.runs.map((run) => {
-    const compare = el("input", { type: "checkbox", class: "compare", title: "overlay on the chart",
+    const compare = el("input", { type: "checkbox", class: "compare", title: "overlay on the chart", "aria-label": `compare ${run.id} on the chart`,
       checked: view.compare === run.path, disabled: view.run === run.path, onchange: (e) => {
         remember({ compare: e.target.checked ? run.path : null });
         renderRuns();
@@ -627,7 +811,8 @@ function renderRuns() {
 
 function updateButtons() {
   const run = state.run || {};
-  const anyRunning = state.runs.some((r) => r.running) || run.running;
+  // the run shown is as fresh as its last poll; the list may be a poll older (a stopped run still "training")
+  const anyRunning = state.runs.some((r) => r.running && r.path !== run.path) || run.running;
   $("#start-training").disabled = !state.touched || !state.valid || anyRunning;
   $("#start-hint").textContent = !state.touched ? "load or edit a config first" : !state.valid
     ? "fix the config's problems first (Config page)" : anyRunning ? "a run is training: stop it first" : "";
@@ -742,6 +927,7 @@ async function pollRun() {
   clearTimeout(pollTimer);
   if (polling) return;
   polling = true;
+  refreshQueue().catch(() => {}); // a queued job may have started or ended
   try {
     const run = view.run ? await api("GET", `/api/run?path=${encodeURIComponent(view.run)}`) : await api("GET", "/api/run");
     let other = null;
@@ -761,6 +947,8 @@ async function pollRun() {
 }
 
 const link = (path, text) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, target: "_blank" }, text || path);
+// a model file is downloaded under its own name (a browser cannot show it)
+const download = (path) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, download: path.split(/[\\/]/).pop() }, path);
 
 function renderRun(run, other) {
   state.run = run.workspace ? run : null;
@@ -810,7 +998,8 @@ function renderRun(run, other) {
     const otherLr = Object.keys(other.scalars).find((tag) => tag === "lr" || tag.startsWith("lr/"));
     lrLines.push({ series: otherLr ? other.scalars[otherLr] : [], color: "#38a169", label: other.id });
   }
-  $("#chart-legend").replaceChildren(...lossLines.map((line) => el("span", { style: `color:${line.color}` }, `■ ${line.label}`)));
+  // the swatch carries the line's colour, the text the page's (readable on either background)
+  $("#chart-legend").replaceChildren(...lossLines.map((line) => el("span", {}, el("b", { style: `color:${line.color}`, "aria-hidden": "true" }, "■ "), line.label)));
   drawChart($("#loss-chart"), lossLines, "loss");
   drawChart($("#lr-chart"), lrLines, "learning rate");
   $("#loss-chart").dataset.compared = String(other && other.scalars && other.scalars.loss ? other.scalars.loss.length : 0);
@@ -836,11 +1025,16 @@ function renderRun(run, other) {
   $("#backups").replaceChildren(...run.backups.map((backup) => el("li", { dataset: { name: backup.name } },
     "backup ", link(`${backup.path}/backup.json`, backup.name), backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
   if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "no backups yet"));
-  $("#outputs").replaceChildren(...run.saves.map((path) => el("li", { class: "save" }, "saved ", link(path))),
-    ...run.outputs.map((path) => el("li", { class: "output" }, "model ", link(path))));
+  $("#outputs").replaceChildren(...run.saves.map((path) => el("li", { class: "save" }, "saved ", download(path))),
+    ...run.outputs.map((path) => el("li", { class: "output" }, "model ", download(path))));
   const result = run.result;
   $("#run-result").replaceChildren(...(result && !run.running ? [el("p", {},
     `${result.interrupted ? "Stopped early (Resume continues it)" : "Finished"} after ${result.steps} steps.`)] : []));
+  // the page shows the log's end; the whole file opens in its own tab, the history in TensorBoard
+  $("#whole-log").hidden = !run.log_file;
+  if (run.log_file) $("#whole-log").href = `/api/file?path=${encodeURIComponent(run.log_file)}`;
+  $("#tensorboard-hint").hidden = !run.tensorboard_dir;
+  $("#tensorboard-command").textContent = run.tensorboard_dir ? `tensorboard --logdir "${run.tensorboard_dir}"` : "";
   const logBox = $("#run-log");
   const atBottom = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 5;
   logBox.textContent = run.log || "";

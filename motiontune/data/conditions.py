@@ -1,0 +1,87 @@
+"""Conditions beside a clip: files named for a clip and a role, read at the clip's instants through its geometry.
+
+A clip `walk.mp4` may have, in the same folder:
+
+    walk-control.mp4     a control video (pose, depth, edges, scribbles...): what the clip should follow
+    walk-reference.png   a reference picture (a character, an object, a style) to keep
+    walk-pose.mp4        a pose video, and walk-face.mp4 a face video (animation models)
+    walk-masklabel.png   a mask (masked training; data/masks.py, which pools it to the latent grid)
+
+Any video or picture extension works. A video condition is read at the clip's own instants (the frame on screen at
+each instant, whatever its frame rate), so it must run as long as its clip; a picture stands for every frame. It goes
+through the clip's geometry: its own display rotation, scaling to cover the bucket, the clip's crop, flip and rotation,
+never its colour changes. Such files are conditions, never training data.
+
+The family says which roles it takes (`ModelFamily.condition_roles`) and encodes them (`encode_condition`); this
+module names no family. `data/latents.py` caches what the family makes of each clip's conditions, keyed by the
+condition file's content, so editing a condition makes it again and nothing else does.
+"""
+
+from __future__ import annotations
+
+from ..util.lazy import np
+from .augment import ImageVariant, apply_image_variant, cover_size
+from .video import MEDIA_EXTENSIONS, MediaInfo, decode_clips
+
+MASK_ROLE = "mask"
+# role → the end of the file's stem; OneTrainer names masks `-masklabel`
+ROLE_SUFFIXES = {"control": "-control", "reference": "-reference", "pose": "-pose", "face": "-face",
+                 MASK_ROLE: "-masklabel"}
+
+
+def role_of(path) -> str | None:
+    """The role a file plays beside its clip, by its name; None for a training file."""
+    if path.suffix.lower() not in MEDIA_EXTENSIONS:
+        return None
+    return next((role for role, suffix in ROLE_SUFFIXES.items() if path.stem.endswith(suffix)), None)
+
+
+def conditions_by_clip(files) -> dict:
+    """(folder / clip stem) → {role: the files named for it}, from a folder listing (no file is opened)."""
+    found: dict = {}
+    for path in files:
+        role = role_of(path)
+        if role is not None:
+            clip = path.with_name(path.stem.removesuffix(ROLE_SUFFIXES[role]))
+            found.setdefault(clip, {}).setdefault(role, []).append(path)
+    return {clip: {role: tuple(sorted(paths)) for role, paths in roles.items()} for clip, roles in found.items()}
+
+
+def fit_problem(clip: MediaInfo, condition: MediaInfo, role: str) -> str:
+    """Why `condition` cannot be the `role` condition of `clip` ("" when it fits): a video for a picture (or for a
+    reference, which is one picture), another aspect ratio (a smaller condition of the same aspect ratio is fine;
+    not asked of a reference, which the model reads whole), or a video of another length."""
+    name = "mask" if role == MASK_ROLE else f"{role} condition"
+    example = f"{clip.path.stem}{ROLE_SUFFIXES[role]}.png"
+    if role == "reference":
+        return "" if condition.is_image else f"{name} is a video ({condition.path}); a reference is one picture, {example}"
+    if clip.is_image and not condition.is_image:
+        return f"{name} is a video but the clip is a picture ({condition.path}); give one picture, {example}"
+    expected_height = condition.width * clip.height / clip.width
+    if abs(condition.height - expected_height) > max(1.0, 0.01 * condition.height):
+        return (f"{name} size does not fit the clip ({condition.path} is {condition.width}x{condition.height}, aspect "
+                f"{condition.width / condition.height:.3f}; the clip is {clip.width}x{clip.height}, aspect "
+                f"{clip.width / clip.height:.3f}); make the {name} the clip's size, or at least its aspect ratio")
+    if not clip.is_image and not condition.is_image:
+        # one frame of the coarser of the two rates either way: the last frame's length is a guess in most files
+        slack = 1.0 / max(1e-3, min(clip.fps or 1e3, condition.fps or 1e3)) + 1e-3
+        if abs(condition.duration - clip.duration) > slack:
+            how = "short" if condition.duration < clip.duration else "long"
+            return (f"{name} length does not fit the clip ({condition.path} lasts {condition.duration:.3f} s, the clip "
+                    f"{clip.duration:.3f} s: too {how}); a {name} video must run as long as its clip, frame for frame")
+    return ""
+
+
+def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[float, ...]], looks: list[ImageVariant],
+                     size: tuple[int, int]) -> list[np.ndarray]:
+    """Each planned clip's condition as uint8 (F, H, W, 3) at `size`, pixel for pixel where the clip's own frames are:
+    decoded at the size the clip's frames are scaled to before their crop (the condition's own rotation applied), then
+    the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame."""
+    decoded = decode_clips(condition, plan, cover_size(clip.width, clip.height, size))
+    clips = []
+    for frames, instants, look in zip(decoded, plan, looks):
+        frames = apply_image_variant(frames, look, size, colour=False)
+        if len(frames) != len(instants):
+            frames = np.repeat(frames[:1], len(instants), axis=0)
+        clips.append(frames)
+    return clips
