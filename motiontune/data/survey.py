@@ -185,7 +185,7 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
         frames = len(survey.usable[0].clips[0])
         spatial = family.vae_compression(config.model_type)[0]
         shapes = sorted({(h // spatial, w // spatial) for h, w in (e.size for e in survey.usable)})
-        log.info("latent grid per clip: %d frames x %s (frames x height x width)", (frames - 1) // family.temporal_factor + 1,
+        log.info("latent grid per clip: %d frames x %s (frames x height x width)", family.latent_frame_count(frames),
                  ", ".join(f"{h}x{w}" for h, w in shapes))
     if not require_usable:
         return survey

@@ -30,7 +30,7 @@ def make_shape(config: TrainConfig, batch: int, frames: int, height: int, width:
         multiple = owner.spatial_multiple
         height, width = max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
         frames = owner.valid_frame_count(frames)
-    latent = ((frames - 1) // owner.temporal_factor + 1, height // vae_scale, width // vae_scale)
+    latent = (owner.latent_frame_count(frames), height // vae_scale, width // vae_scale)
     if from_config:
         batch = bucket_batch_size(batch, latent[0], config.video_config.video_batch_size_multiplier)
     patch = owner.spatial_multiple // vae_scale  # the transformer's spatial patch (2 for WAN, HunyuanVideo; 1 for LTX-2)

@@ -192,6 +192,10 @@ class ModelFamily(ABC):
         """The largest frame count the VAE accepts that is <= `frames` (4n+1 for a factor of 4)."""
         return ((frames - 1) // self.temporal_factor) * self.temporal_factor + 1 if frames >= 1 else 0
 
+    def latent_frame_count(self, frames: int) -> int:
+        """Latent frames the VAE makes of `frames` valid frames (4n+1 → n+1 for a factor of 4)."""
+        return (frames - 1) // self.temporal_factor + 1
+
     #: encoder kind ("vae", "text") → the model parts (subfolders) whose files decide its outputs
     ENCODER_PARTS: dict[str, tuple[str, ...]]
     #: the layout of a cached text row when it is not the encoder's output as is (models/packing.py: several tensors
