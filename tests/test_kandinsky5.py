@@ -4,7 +4,7 @@ condition channels, rope positions and scale), image-to-video's given first fram
 the image, and a LoRA trained with `motiontune train` on a real clip moves the stock pipeline's samples towards that
 clip (text-to-video and image-to-video), loaded with the pipeline's own `load_lora_weights`, while a run with the
 flow target's sign flipped does not. The default LoRA file names the transformer's own modules (ComfyUI's Kandinsky5
-model keeps diffusers' names) and holds the same update as the diffusers file.
+model keeps diffusers' names), holds the same update as the diffusers file and loads in the stock pipeline too.
 
 Measured figures are printed by each test (see the closing note of the change that added them).
 """
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import base_config, write_config
+from conftest import DATA, base_config, write_config
 from motiontune.cli import main
 from motiontune.methods import lora
 from test_lora_end_to_end import PROMPT, _channel_stats_distance, _make_clip
@@ -30,6 +30,25 @@ SIZE = 32  # 8x VAE and 2x2 patches: a 2 x 2 token grid
 SEEDS = range(2)
 TRAINING = {"resolution": str(SIZE), "epochs": 100, "learning_rate": 1e-2, "lora_rank": 16, "lora_alpha": 8,
             "timestep_shift": 10.0, "video_config": {"max_frames": 9, "target_fps": 16.0}}
+
+
+def _make_i2v_clip(folder: Path) -> Path:
+    """17 frames of the real shapes clip (as `_make_clip` makes 9): the I2V pipeline renormalises its first 4 latent
+    frames against the next ones ("mesh artifacts"), so a sample needs at least 5 latent frames."""
+    folder.mkdir()
+    with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24", width=SIZE, height=SIZE) for _, f in zip(range(124), container.decode(video=0))]
+    clip = folder / "shapes.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=16)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0"}  # lossless: the decoded pixels are the source pixels
+        for array in frames[90::2]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        out.mux(stream.encode())
+    (folder / "shapes.txt").write_text(PROMPT + "\n")
+    return clip
 
 
 def _frames(clip: Path) -> np.ndarray:
@@ -46,9 +65,10 @@ def _family(model: Path, model_type: str):
     return Kandinsky5Family(config, torch.device("cpu"))
 
 
-def _train(tiny, tmp: Path, model_type: str, **keys):
+def _train(tiny, tmp: Path, model_type: str, frames: int = 9, **keys):
     """A LoRA run on the clip: the default (COMFY_LORA) file, and the same adapters as DIFFUSERS_LORA beside it."""
-    clip = _make_clip(tmp / "data", SIZE)
+    clip = _make_clip(tmp / "data", SIZE) if frames == 9 else _make_i2v_clip(tmp / "data")
+    keys.setdefault("video_config", {**TRAINING["video_config"], "max_frames": frames})
     config = base_config(tmp, tiny, clip.parent, model_type=model_type, **{**TRAINING, **keys})
     with also_saved_as(lora, "DIFFUSERS_LORA", lambda path: path.with_name(f"{path.stem}-diffusers{path.suffix}")):
         assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
@@ -63,9 +83,9 @@ def _target(pipe, clip: Path) -> torch.Tensor:
         return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
-def _samples(pipe, **inputs) -> torch.Tensor:
+def _samples(pipe, frames: int = 9, **inputs) -> torch.Tensor:
     """Latents of the stock pipeline, (B, C, F, H, W) (it returns them channels-last)."""
-    return torch.cat([pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_frames=9, num_inference_steps=8, guidance_scale=1.0,
+    return torch.cat([pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_frames=frames, num_inference_steps=8, guidance_scale=1.0,
                            output_type="latent", generator=torch.Generator().manual_seed(seed), **inputs).frames
                       for seed in SEEDS]).permute(0, 4, 1, 2, 3)
 
@@ -192,42 +212,47 @@ def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(tiny_models, t
     from diffusers import Kandinsky5I2VPipeline
 
     model = tiny_models("kandinsky-5-i2v")
-    clip, _, diffusers_lora = _train(model, tmp_path, "KANDINSKY_5_I2V")
+    clip, _, diffusers_lora = _train(model, tmp_path, "KANDINSKY_5_I2V", frames=17)
     pipe = Kandinsky5I2VPipeline.from_pretrained(model)
-    mse, stats = _ratios(pipe, clip, diffusers_lora, skip_first=True, image=Image.fromarray(_frames(clip)[0]))
+    mse, stats = _ratios(pipe, clip, diffusers_lora, skip_first=True, frames=17, image=Image.fromarray(_frames(clip)[0]))
     print(f"kandinsky-5-i2v: MSE ratio with/without LoRA {mse:.3f}; channel statistics ratio {stats:.3f}")
     assert mse < 0.75, "samples did not move towards the clip: the first-frame or timestep convention is broken"
     assert stats < 0.85
 
 
-def test_default_lora_names_the_transformers_modules_with_the_diffusers_update(t2v):
-    """The default (COMFY_LORA) file: every key is `diffusion_model.<module>` + lora_A / lora_B / alpha of a Linear
-    weight of the transformer (Kandinsky's original checkpoints and ComfyUI's model use diffusers' names: ComfyUI's
-    LoRA key map takes `diffusion_model.<name>`); applied as ComfyUI applies a LoRA (W += B·A · alpha / rank), it
-    changes the transformer exactly as the same run's DIFFUSERS_LORA file does in diffusers."""
-    from diffusers import Kandinsky5Transformer3DModel
+def test_default_lora_loads_in_the_stock_pipeline_with_the_diffusers_update(t2v):
+    """The default (COMFY_LORA) file: every key is `transformer.<module>` + lora_A / lora_B of a Linear weight of the
+    transformer (Kandinsky's original checkpoints and ComfyUI's model use diffusers' names; ComfyUI's LoRA key map for
+    Kandinsky 5 takes `transformer.<name>`), alpha / rank folded into lora_B (no `.alpha`: ComfyUI's scale is then 1);
+    applied as ComfyUI applies a LoRA (W += B·A), it changes the transformer exactly as the same run's DIFFUSERS_LORA
+    file does in diffusers, and the stock pipeline's `load_lora_weights` reads it to the same weights."""
+    from diffusers import Kandinsky5T2VPipeline
 
     model, _, comfy_file, diffusers_lora = t2v
     family = _family(model, "KANDINSKY_5_T2V")
-    stock = Kandinsky5Transformer3DModel.from_pretrained(model, subfolder="transformer")
-    original = family.single_file_state_dict(stock, torch.float32)
-    assert set(original) == set(stock.state_dict())
+    pipe = Kandinsky5T2VPipeline.from_pretrained(model)
+    original = family.single_file_state_dict(pipe.transformer, torch.float32)
+    assert set(original) == set(pipe.transformer.state_dict())
     comfy = load_file(str(comfy_file))
-    rank, alpha = TRAINING["lora_rank"], TRAINING["lora_alpha"]
-    assert comfy["diffusion_model.visual_transformer_blocks.0.self_attention.to_query.alpha"].item() == alpha
-    assert "diffusion_model.text_transformer_blocks.0.feed_forward.in_layer.lora_A.weight" in comfy
+    assert not [k for k in comfy if k.endswith(".alpha") or not k.startswith("transformer.")]
+    assert "transformer.text_transformer_blocks.0.feed_forward.in_layer.lora_A.weight" in comfy
     applied = dict(original)
     for key in [k for k in comfy if k.endswith(".lora_A.weight")]:
-        module = key.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
         down, up = comfy[key], comfy[key.replace("lora_A", "lora_B")]
-        assert down.shape[0] == rank and (up.shape[0], down.shape[1]) == original[f"{module}.weight"].shape, key
-        applied[f"{module}.weight"] = original[f"{module}.weight"] + comfy[key.replace("lora_A.weight", "alpha")].item() / rank * up @ down
-    stock.load_lora_adapter(str(diffusers_lora), prefix="transformer")
-    stock.fuse_lora()
-    stock.unload_lora()
+        assert down.shape[0] == TRAINING["lora_rank"] and (up.shape[0], down.shape[1]) == original[f"{module}.weight"].shape
+        applied[f"{module}.weight"] = original[f"{module}.weight"] + up @ down
+    fused = {}
+    for lora_file in (diffusers_lora, comfy_file):
+        pipe.load_lora_weights(str(lora_file))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        fused[lora_file] = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+        pipe.transformer.load_state_dict(original)
     changed = 0
-    for key, reference in stock.state_dict().items():
+    for key, reference in fused[diffusers_lora].items():
         assert torch.allclose(reference, applied[key], atol=1e-6), key
+        assert torch.allclose(fused[comfy_file][key], reference, atol=1e-6), key
         changed += not torch.equal(reference, original[key])
     trained = [k for k, v in load_file(str(diffusers_lora)).items() if k.endswith(".lora_B.weight") and v.any()]
     assert changed == len(trained) > 0

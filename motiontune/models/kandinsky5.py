@@ -202,12 +202,18 @@ class Kandinsky5Family(ModelFamily):
         self._pipeline_class.save_lora_weights(directory, transformer_lora_layers=state_dict, weight_name=weight_name,
                                                transformer_lora_adapter_metadata=adapter_metadata)
 
-    # single_file_state_dict, comfy_lora_key: the diffusers names are the original ones (Kandinsky's own checkpoints
-    # and ComfyUI's Kandinsky5 model use them unchanged), so the default file is `diffusion_model.<diffusers name>`.
+    # single_file_state_dict: the diffusers names are the original ones (Kandinsky's own checkpoints and ComfyUI's
+    # Kandinsky5 model use them unchanged).
+
+    def comfy_lora_key(self, peft_module_name: str) -> str:
+        """`transformer.<name>`: ComfyUI's LoRA key map for Kandinsky 5 takes it (beside `diffusion_model.<name>`), and
+        it is the name diffusers' `load_lora_weights` reads, so the default file loads in both."""
+        return f"transformer.{peft_module_name}"
 
     def comfy_lora_keeps_alpha(self, peft_module_name: str) -> bool:
-        """ComfyUI scales each entry by its `.alpha`; diffusers reads this family's own (DIFFUSERS_LORA) files only."""
-        return True
+        """diffusers hands every key of the file to peft, which has no use for `.alpha`: alpha / rank goes into lora_B
+        (ComfyUI then applies scale 1, the same update)."""
+        return False
 
     # --- sampling ------------------------------------------------------------------------------
     @no_grad
