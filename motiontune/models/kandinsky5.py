@@ -64,6 +64,9 @@ class Kandinsky5Family(ModelFamily):
                             "(it uses real classifier-free guidance); remove the key and set samples[].cfg_scale for samples")
         return problems
 
+    #: t = σ × this: the scheduler's num_train_timesteps (read when it loads; diffusers' default until then)
+    timestep_scale = 1000
+
     def __init__(self, config, device):
         super().__init__(config, device)
         self.is_i2v = self.first_frame(config.model_type) == "required"
@@ -79,6 +82,7 @@ class Kandinsky5Family(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel
 
         self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
+        self.timestep_scale = self.scheduler.config.num_train_timesteps
         self.transformer = self.load_transformer(Kandinsky5Transformer3DModel, "transformer", self.config.transformer)
 
     def load_text_encoder(self) -> None:
@@ -144,11 +148,12 @@ class Kandinsky5Family(ModelFamily):
     def trained_experts(self) -> list[Expert]:
         return [Expert("transformer", "", self.transformer, (0.0, 1.0))]
 
-    def _transformer_input(self, latents: torch.Tensor, given_first_frame: bool) -> torch.Tensor:
+    @staticmethod
+    def _transformer_input(module, latents: torch.Tensor, given_first_frame: bool) -> torch.Tensor:
         """(B, C, F, H, W) → the pipeline's channels-last input: the latents, then (visual_cond) zero condition latents
         and the mask (1 on a given first frame)."""
         hidden = latents.permute(0, 2, 3, 4, 1)
-        if not self.transformer.config.visual_cond:
+        if not module.config.visual_cond:
             return hidden
         mask = torch.zeros_like(hidden[..., :1])
         if given_first_frame:
@@ -174,18 +179,23 @@ class Kandinsky5Family(ModelFamily):
         if conditioning is not None:  # image-to-video: the clean first frame in place of the noisy one
             noisy = torch.cat([conditioning.latents.to(noisy.device, noisy.dtype), noisy[:, :, 1:]], dim=2)
         dtype, module = self.weight_dtype, expert.module
-        hidden = self._transformer_input(noisy, conditioning is not None).to(dtype)
-        timestep = (sigma * self.scheduler.config.num_train_timesteps).to(dtype)
+        hidden = self._transformer_input(module, noisy, conditioning is not None).to(dtype)
+        timestep = (sigma * self.timestep_scale).to(dtype)
         positions = self._positions(module, hidden)
-        outputs, order = [], []
-        for length in lengths.unique().tolist():
-            rows = (lengths == length).nonzero().flatten()
+        groups: dict[int, list[int]] = {}  # prompt length → its rows (grouped in Python: no data-dependent tensor ops)
+        for row, length in enumerate(lengths.tolist()):
+            groups.setdefault(length, []).append(row)
+        outputs = []
+        for length, rows in groups.items():
+            rows = torch.tensor(rows, device=noisy.device)
             outputs.append(module(hidden_states=hidden[rows], encoder_hidden_states=embeds[rows, :length].to(dtype),
                                   pooled_projections=pooled[rows].to(dtype), timestep=timestep[rows],
                                   text_rope_pos=torch.arange(length, device=noisy.device), return_dict=False,
                                   **positions))  # (a tensor, not a tuple, with return_dict False)
-            order.append(rows)
-        prediction = torch.cat(outputs)[torch.cat(order).argsort()]
+        prediction = outputs[0]
+        if len(outputs) > 1:  # back in the batch's order
+            order = [row for rows in groups.values() for row in rows]
+            prediction = torch.cat(outputs)[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=noisy.device)]
         return prediction.permute(0, 4, 1, 2, 3)  # back to (B, C, F, H, W)
 
     def fsdp_units(self, module):
@@ -318,20 +328,18 @@ class Kandinsky5Family(ModelFamily):
         loss_frames = torch.ones(len(x0), x0.shape[2])
         return text, Conditioning(x0[:, :, :1].clone(), torch.ones(len(x0), dtype=torch.bool), loss_frames)
 
-    def estimate_prepare(self, transformer: torch.nn.Module) -> None:
-        """`predict` asks the transformer's config (visual_cond) through `self.transformer`."""
-        self.transformer = transformer
-        self.scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
-
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
-        """One transformer call as the stock pipeline makes it while sampling (batch 1; guidance calls it twice in turn)."""
+        """One transformer call as the stock pipeline makes it while sampling (batch 1; guidance calls it twice in turn).
+        Dense attention: a nabla checkpoint's sparse attention needs less."""
         f, h, w = latent
+        spatial = self.vae_compression(self.config.model_type)[0]
         channels = 2 * cfg["in_visual_dim"] + 1 if cfg.get("visual_cond") else cfg["in_visual_dim"]
         return {"hidden_states": torch.empty(1, f, h, w, channels, dtype=dtype), "timestep": torch.empty(1, dtype=dtype),
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["in_text_dim"], dtype=dtype),
                 "pooled_projections": torch.empty(1, cfg["in_text_dim2"], dtype=dtype),
                 "visual_rope_pos": [torch.arange(f), torch.arange(h // 2), torch.arange(w // 2)],
-                "text_rope_pos": torch.arange(MAX_SEQUENCE_LENGTH), "scale_factor": (1, 2, 2)}
+                "text_rope_pos": torch.arange(MAX_SEQUENCE_LENGTH),
+                "scale_factor": self._pipeline_class._get_scale_factor(None, h * spatial, w * spatial)}
 
 
 def _start_prompt_at_the_crop(tokenizer, template: str, crop: int) -> None:
