@@ -260,7 +260,10 @@ def test_default_lora_loads_in_the_stock_pipeline_with_the_diffusers_update(t2v)
 
 def test_memory_options_give_the_same_gradients(tiny_models):
     """The LoRA gradients of one prediction through plain checkpointing, CPU_OFFLOADED checkpointing and fully
-    offloaded blocks are equal (train/memory.py works on the text and visual blocks `fsdp_units` lists)."""
+    offloaded blocks are equal (train/memory.py works on the text and visual blocks `fsdp_units` lists). The text
+    states and the time embedding feed every visual block: CPU_OFFLOADED's own backward adds up their gradients in
+    another order, so what lies before them (text blocks, embeddings) differs in float rounding only (about 1e-7 of
+    the largest gradient); the visual blocks' gradients are identical."""
     from peft import LoraConfig
 
     from motiontune.train import memory
@@ -282,10 +285,16 @@ def test_memory_options_give_the_same_gradients(tiny_models):
         model.train()
         noisy = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
         family.predict(noisy, torch.tensor([0.6]), text, family.trained_experts()[0]).square().mean().backward()
-        gradients[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    assert gradients["ON"].norm() > 0 and hosts.peak_host_bytes > 0
-    assert torch.equal(gradients["CPU_OFFLOADED"], gradients["ON"]) and torch.equal(gradients["offloaded"], gradients["ON"])
-    assert offloader.max_resident <= 1
+        gradients[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert hosts.peak_host_bytes > 0 and offloader.max_resident <= 1
+    largest = max(g.abs().max() for g in gradients["ON"].values())
+    assert largest > 0
+    for mode in ("CPU_OFFLOADED", "offloaded"):
+        for name, reference in gradients["ON"].items():
+            if name.startswith("visual_transformer_blocks.") or mode == "offloaded":
+                assert torch.equal(gradients[mode][name], reference), (mode, name)
+            else:
+                assert torch.allclose(gradients[mode][name], reference, rtol=0, atol=1e-6 * largest), (mode, name)
 
 
 def test_config_refuses_what_the_model_has_not(tiny_models, tmp_path):

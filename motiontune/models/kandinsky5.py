@@ -328,6 +328,10 @@ class Kandinsky5Family(ModelFamily):
         loss_frames = torch.ones(len(x0), x0.shape[2])
         return text, Conditioning(x0[:, :, :1].clone(), torch.ones(len(x0), dtype=torch.bool), loss_frames)
 
+    def estimate_latent_channels(self, cfg: dict) -> int:
+        """The latents' channels (this transformer's config names them `out_visual_dim`)."""
+        return cfg["out_visual_dim"]
+
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1; guidance calls it twice in turn).
         Dense attention: a nabla checkpoint's sparse attention needs less."""
