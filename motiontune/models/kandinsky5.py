@@ -328,6 +328,15 @@ class Kandinsky5Family(ModelFamily):
         loss_frames = torch.ones(len(x0), x0.shape[2])
         return text, Conditioning(x0[:, :, :1].clone(), torch.ones(len(x0), dtype=torch.bool), loss_frames)
 
+    def estimate_prepare(self, transformer: torch.nn.Module) -> None:
+        """The time embedding's frequencies are a plain attribute (not a buffer), so the meta-device copy has no values
+        for them and fake tensors cannot stand in: they are made again here as its constructor makes them."""
+        from diffusers.models.transformers.transformer_kandinsky import get_freqs
+
+        embed = transformer.time_embeddings
+        with torch.device("cpu"):
+            embed.freqs = get_freqs(embed.model_dim // 2, embed.max_period)
+
     def estimate_latent_channels(self, cfg: dict) -> int:
         """The latents' channels (this transformer's config names them `out_visual_dim`)."""
         return cfg["out_visual_dim"]
