@@ -73,8 +73,7 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
     if not config.video_config.use_temporal_attention:
         owner.set_frame_local_attention(expert, True)
     batch, (f, h, w) = shape.batch, shape.latent
-    channels = (owner.estimate_latent_channels(cfg) if hasattr(owner, "estimate_latent_channels")  # other config names
-                else cfg.get("out_channels") or cfg["in_channels"])
+    channels = cfg.get("out_channels") or cfg["in_channels"]
     with mode:
         x0 = torch.empty(batch, channels, f, h, w)
         noise = torch.empty_like(x0)
