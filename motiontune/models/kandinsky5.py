@@ -337,9 +337,12 @@ class Kandinsky5Family(ModelFamily):
         with torch.device("cpu"):
             embed.freqs = get_freqs(embed.model_dim // 2, embed.max_period)
 
-    def estimate_latent_channels(self, cfg: dict) -> int:
-        """The latents' channels (this transformer's config names them `out_visual_dim`)."""
-        return cfg["out_visual_dim"]
+    def estimate_common_keys(self, cfg: dict) -> dict:
+        """The sizes estimate reads, under the names other transformers give them: latent channels, heads × head
+        width (= model_dim; the head width is the rope axes' sum)."""
+        head = sum(cfg.get("axes_dims", (16, 24, 24)))
+        return {"in_channels": cfg["in_visual_dim"], "out_channels": cfg["out_visual_dim"], "attention_head_dim": head,
+                "num_attention_heads": cfg["model_dim"] // head}
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1; guidance calls it twice in turn).
