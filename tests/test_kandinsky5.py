@@ -358,3 +358,45 @@ def test_estimate_of_the_released_models_reads_no_weights():
         print(f"{base}: frozen weights {lines['frozen weights'].device / 1e9:.1f} GB in {result.blocks} blocks")
         assert base in result.source and result.blocks == blocks
         assert low < lines["frozen weights"].device < high
+
+
+def _comfy_sizes(folder: Path):
+    """What ComfyUI's Kandinsky 5 detection cannot read from a tiny model's weights: the head width (it knows the
+    released model widths' rope axes only) and the text widths (it assumes Qwen2.5-VL-7B's and CLIP-L's)."""
+    import json
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    return {"axes_dims": list(config["axes_dims"]), "in_text_dim": config["in_text_dim"],
+            "in_text_dim2": config["in_text_dim2"]}, {}
+
+
+def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(t2v, tmp_path):
+    """ComfyUI v0.30.0's own loaders (tests/comfyui, its own venv): the transformer saved under its own names (what
+    COMFY_TRANSFORMER writes) loads as ComfyUI's Kandinsky5 model with no missing or unexpected weight; every tensor of
+    the default LoRA file is applied (no "lora key not loaded"); the weights change by what the stock diffusers pipeline
+    fuses from the same run's DIFFUSERS_LORA file, within 1e-5 relative."""
+    harness = pytest.importorskip("comfyui.harness", reason="the ComfyUI harness (tests/comfyui) is not in this tree")
+    from diffusers import Kandinsky5T2VPipeline
+    from safetensors.torch import save_file
+
+    harness.COMFY_MODELS.setdefault("KANDINSKY_5_T2V", harness.ComfyModel("Kandinsky5", _comfy_sizes))
+    model, _, comfy_file, diffusers_lora = t2v
+    family = _family(model, "KANDINSKY_5_T2V")
+    pipe = Kandinsky5T2VPipeline.from_pretrained(model)
+    base = family.single_file_state_dict(pipe.transformer, torch.float32)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    pipe.load_lora_weights(str(diffusers_lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = family.single_file_state_dict(pipe.transformer, torch.float32)
+    theirs = {k: fused[k] - base[k] for k in base if not torch.equal(fused[k], base[k])}
+    alone, patched = harness.run_comfy([harness.ComfyJob("KANDINSKY_5_T2V", tmp_path / "base.safetensors", None, model),
+                                        harness.ComfyJob("KANDINSKY_5_T2V", tmp_path / "base.safetensors", comfy_file, model)])
+    ours = patched.deltas(base)
+    gap = max(((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs)
+    print(f"KANDINSKY_5_T2V: ComfyUI {patched.model_class} ({patched.image_model}); base: {len(alone.unet_missing)} missing, "
+          f"{len(alone.unet_unexpected)} unexpected; LoRA: {patched.lora_keys} tensors, {len(patched.not_loaded)} not loaded, "
+          f"{len(theirs)} weights changed; deltas vs diffusers' {gap:.2e} relative")
+    assert alone.model_class == "Kandinsky5" and alone.unet_missing == [] and alone.unet_unexpected == []
+    assert patched.not_loaded == [] and patched.lora_keys == len(load_file(str(comfy_file))) > 0
+    assert sorted(ours) == sorted(theirs) and gap <= 1e-5
