@@ -383,7 +383,7 @@ def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(t2v, tm
     model, _, comfy_file, diffusers_lora = t2v
     family = _family(model, "KANDINSKY_5_T2V")
     pipe = Kandinsky5T2VPipeline.from_pretrained(model)
-    base = family.single_file_state_dict(pipe.transformer, torch.float32)
+    base = {k: v.clone() for k, v in family.single_file_state_dict(pipe.transformer, torch.float32).items()}  # fusing changes them in place
     save_file(base, str(tmp_path / "base.safetensors"))
     pipe.load_lora_weights(str(diffusers_lora))
     pipe.fuse_lora()
