@@ -39,7 +39,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 def transformer_config(config: TrainConfig, part: str = "transformer") -> tuple[dict, str]:
-    """(the diffusers config of a transformer part, where it came from)."""
+    """(the diffusers config of a transformer part, where it came from). A family whose config names its sizes
+    otherwise adds the names estimate reads (`in_channels`, `num_attention_heads`, ...: `estimate_common_keys`)."""
+    cfg, source = _transformer_config(config, part)
+    owner = family(config)
+    if hasattr(owner, "estimate_common_keys"):
+        cfg = {**owner.estimate_common_keys(cfg), **cfg}
+    return cfg, source
+
+
+def _transformer_config(config: TrainConfig, part: str) -> tuple[dict, str]:
     override = getattr(config, part).model_name
     if override and Path(override).is_dir():
         found = _read_json(Path(override) / "config.json")
