@@ -5,6 +5,7 @@ vocabularies are not on this machine): their ids fit the text encoder's table, w
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 
@@ -78,7 +79,13 @@ class PartBuilder:
         if part.startswith("transformer"):
             cfg = transformer_config(self.config, part)[0]
         else:
-            cfg = self.configs[part]
+            cfg = dict(self.configs[part])
+            channels = cfg.get("z_dim") or cfg.get("latent_channels")
+            for key, neutral in (("latents_mean", 0.0), ("latents_std", 1.0)):
+                # a released config embedded without its latent statistics: the dry run computes no values, so
+                # neutral ones of the right length do
+                if key in inspect.signature(cls.__init__).parameters and channels and len(cfg.get(key) or []) != channels:
+                    cfg[key] = [neutral] * channels
         return cls(**init_kwargs(cfg, cls))
 
     def _tokenizer(self, subfolder: str):

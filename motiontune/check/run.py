@@ -71,7 +71,7 @@ class _Run:
                 status = "ok"
             except Exception as error:  # the stage could not run to its end: a finding of its own
                 status = "failed"
-                self.failed = name in ("load", "training step")  # later stages need these
+                self.failed = name not in ("backup", "save", "sample")  # the later stages need what these make
                 self.watch.findings.append(Finding("error", name, describe_error(error)))
             finally:
                 self.watch.modules.clear()

@@ -228,6 +228,10 @@ class DeviceWatch(TorchDispatchMode):
         if not outputs:
             return
         where = (self.stage, short_stack())
+        if outputs[0].device.type == "cpu":
+            # a host tensor made from another one comes from where the first was made: the root of a wrong chain
+            inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+            where = next((t._dry_origin for t in inputs if getattr(t, "_dry_origin", None)), where)
         for tensor in outputs:
             if getattr(tensor, "_dry_origin", None) is None:
                 try:
