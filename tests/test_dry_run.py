@@ -68,7 +68,7 @@ def test_three_planted_device_bugs_are_each_reported_with_module_and_origin(tmp_
     assert not by_kind(result, "error")
 
 
-def test_the_unplanted_run_is_clean_with_every_memory_option(tmp_path):
+def test_every_memory_option_runs_clean_without_plants(tmp_path):
     """The same short model without plants, with CPU_OFFLOADED checkpointing, layer offloading and NFLOAT_4 weights,
     and a decode too large for the card (tiles): no finding."""
     short = short_transformer(tmp_path, wan_13b_config(), 4)

@@ -114,9 +114,27 @@ class _Run:
 
         texts = sorted({CAPTION} | sample_prompts(self.config) | ({""} if self.config.text_encoder.dropout_probability > 0 else set()))
         self.family.text_encoders()
-        rows = self.family.encode_prompts(texts)
-        self.embeddings = {text: rows[i] for i, text in enumerate(texts)}
+        encoded = self.family.encode_prompts(texts)
+        self.embeddings = {text: self._cached_row(encoded[i]) for i, text in enumerate(texts)}
         return f"{len(texts)} prompts"
+
+    def _cached_row(self, encoded):
+        """What the cache hands a run: host tensors read from disk, with values (a packed row's header is read).
+        The family's text row for a fake step (`estimate_step_inputs`, real zeros of its layout) stands in for the
+        encoder's fake output, whose shape it must have."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from ..estimate.configs import load_dtype, transformer_config
+
+        cfg = transformer_config(self.config, self.family.trained_experts()[0].name)[0]
+        shape = self.shape
+        with _disable_current_modes():
+            x0 = torch.empty(1, cfg.get("out_channels") or cfg["in_channels"], *shape.latent, device="meta")
+            row = self.family.estimate_step_inputs(cfg, x0, load_dtype(self.config))[0][0]
+        if row.shape != encoded.shape:
+            raise RuntimeError(f"the text encoder's rows are {list(encoded.shape)}, the family's layout for a step "
+                               f"{list(row.shape)}: encode_prompts and estimate_step_inputs disagree")
+        return row
 
     def train_step(self):
         from ..train.backup import Position

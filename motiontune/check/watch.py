@@ -108,6 +108,13 @@ class DeviceWatch(TorchDispatchMode):
             return args[0].clone()
         if func in _IS_PINNED:
             return True
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device = kwargs.get("device")
+        if tensors and not any(isinstance(t, FakeTensor) for t in tensors) and (device is None or torch.device(device).type == "cpu"):
+            # host tensors a run reads (cached text rows, decoded frames) are real: what is computed from them alone
+            # on the host is computed for real, as in a run
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
         data_dependent = torch.Tag.data_dependent_output in func.tags or torch.Tag.dynamic_output_shape in func.tags
         if data_dependent:
             known = self._from_values(func, args, kwargs)
@@ -238,7 +245,13 @@ class DeviceWatch(TorchDispatchMode):
                     tensor._dry_origin = where
                 except AttributeError:  # a real tensor out of an op on real tensors: nothing to note
                     pass
-        small = func not in _UNINITIALISED and all(t.numel() <= VALUE_LIMIT for t in outputs)
+        if func is torch.ops.aten._to_copy.default and _moves_only(args, kwargs) and hasattr(args[0], "_dry_value") \
+                or func is torch.ops.aten._to_copy.default and _moves_only(args, kwargs) and not isinstance(args[0], FakeTensor):
+            # a tensor moved to another device keeps its values, whatever its size (a cached text row to the GPU)
+            outputs[0]._dry_value = args[0]._dry_value if isinstance(args[0], FakeTensor) else args[0]
+            return
+        # views cost nothing to compute on values: a small header read out of a large row keeps its values
+        small = func not in _UNINITIALISED and (func.is_view or all(t.numel() <= VALUE_LIMIT for t in outputs))
         values = self._values(args, kwargs) if small and self._all_known(args, kwargs) else None
         if values is None:
             # a tensor written in place by an op whose result is not known no longer has known values
@@ -257,6 +270,12 @@ class DeviceWatch(TorchDispatchMode):
 
 
 _UNKNOWN = object()
+
+
+def _moves_only(args, kwargs) -> bool:
+    """A `_to_copy` that changes the device and nothing else."""
+    return len(args) == 1 and all(key in ("device", "non_blocking") or (key == "dtype" and value in (None, args[0].dtype))
+                                  or (key == "layout" and value in (None, torch.strided)) for key, value in kwargs.items())
 
 
 def _written(func, args, kwargs) -> list:
