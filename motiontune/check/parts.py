@@ -96,4 +96,8 @@ class PartBuilder:
         folder = self.folder / subfolder
         if not folder.is_dir():
             build_tokenizer(folder, model_max_length=4096)
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # families that prompt through a chat template (HunyuanVideo 1.5's Qwen2.5-VL): a plain one, each message's text
+        tokenizer.chat_template = "{% for message in messages %}{{ message['content'] if message['content'] is string " \
+                                  "else message['content'][0]['text'] }} {% endfor %}"
+        return tokenizer
