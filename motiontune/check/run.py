@@ -90,6 +90,11 @@ class _Run:
     # --- the stages ---------------------------------------------------------------------------------------------
     def load(self):
         self.family.load_transformers()
+        if hasattr(self.family, "estimate_prepare"):
+            # what the family declares a fake-tensor run needs where its forward reads values (HunyuanVideo 1.5 sorts
+            # tokens by their masks: every token counts as valid; HiDream's MoE routes every token alike)
+            for module in self.family.transformers():
+                self.family.estimate_prepare(module)
         return f"{', '.join(e.name for e in self.family.trained_experts())} built from {self.config.base_model_name}'s configs"
 
     def encode_clip(self):
