@@ -1,4 +1,4 @@
-"""`motiontune train | cache | inspect | presets | estimate | lora | make-tiny-model | demo | ui`."""
+"""`motiontune train | cache | inspect | presets | estimate | check | lora | make-tiny-model | demo | ui`."""
 
 from __future__ import annotations
 
@@ -124,6 +124,22 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .check import check
+    from .check.report import report
+    from .check.runtime import DryRunError
+    from .configure import load_config
+
+    load_config(args.config, args.set or [])  # a bad config is refused here, before the dry run's process starts
+    try:
+        result = check(args.config, args.set or [], gpu_gb=args.gpu_gb)
+    except DryRunError as error:
+        print(f"check: {error}", file=sys.stderr)
+        return 2
+    print(report(args.config, result))
+    return 1 if result["findings"] else 0
+
+
 def cmd_make_tiny_model(args) -> int:
     from .testing.tiny_models import make_tiny_model
 
@@ -207,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     from .lora_tools.commands import add_lora_parser
 
     add_lora_parser(commands)  # lora check | convert | merge | resize
+    check = commands.add_parser("check", help="dry-run a config's real code path on a fake GPU (no GPU, no weights)")
+    check.add_argument("--config", required=True, help='a config file, or a preset name such as "#wan 2.2 LoRA"')
+    check.add_argument("--gpu-gb", type=float, default=24.0, metavar="N",
+                       help="the card's memory, as sampling asks whether a decode fits (default 24)")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
+    check.set_defaults(run=cmd_check)
 
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model of a real architecture")
     tiny.add_argument("--family", required=True, choices=tiny_models())

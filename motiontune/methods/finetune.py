@@ -87,17 +87,15 @@ def save_text_encoders(family: ModelFamily, destination: Path, output_format: st
 
 def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_format: str, dtype: torch.dtype,
               state: dict | None) -> Path:
-    gathered = state is not None
     state = expert.module.state_dict() if state is None else state
     with saving(destination, "model", "save") as written:
         if output_format == "DIFFUSERS":  # a transformer folder: WanTransformer3DModel.from_pretrained(folder)
+            # the files written directly: diffusers' save_pretrained takes no state dict (it saved the module's own
+            # tensors, from the GPU and in their own dtype, whatever output_dtype said), nor sharded ones
             weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-            if gathered:  # save_pretrained walks the module's own (sharded, freed) parameters: write the files directly
-                written.mkdir()
-                expert.module.save_config(written)
-                save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-            else:
-                expert.module.save_pretrained(written, state_dict=weights, safe_serialization=True)
+            written.mkdir()
+            expert.module.save_config(written)
+            save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         elif output_format == "COMFY_TRANSFORMER":
             save_file(family.single_file_state_dict(expert.module, dtype, state), str(written))
         else:

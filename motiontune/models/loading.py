@@ -54,8 +54,14 @@ def read_model_index(base: str) -> dict:
         return {}
 
 
+# `motiontune check` (motiontune/check) sets this: parts are then built from their configs on fake tensors, no file read
+part_builder = None
+
+
 def load_part(cls, source: str, subfolder: str | None, dtype: torch.dtype | None = None):
     """from_pretrained, weights from .safetensors only (pickle files run code), and an error that says what to do."""
+    if part_builder is not None:
+        return part_builder(cls, source, subfolder, dtype)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if dtype is not None:  # a model with weights, not a tokenizer or scheduler
         kwargs.update(torch_dtype=dtype, use_safetensors=True)

@@ -92,7 +92,7 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
             optimizers.append(distributed.full_optimizer_state(t.expert.module, t.optimizer))
         else:  # replicated: every rank holds the same
             weights.append({n: p.detach() for n, p in t.expert.module.named_parameters() if p.requires_grad})
-            optimizers.append(t.optimizer.state_dict())
+            optimizers.append(_in_host_memory(t.optimizer.state_dict()))
     outcome: Path | Exception | None = None
     if ranks.main:
         try:
@@ -104,6 +104,18 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+def _in_host_memory(state):
+    """An optimizer's state with its tensors copied to host memory: a backup holds no GPU tensors (those load back
+    onto a GPU, or not at all on a machine without one); `load_state_dict` puts them beside their parameters again."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu")
+    if isinstance(state, dict):
+        return {key: _in_host_memory(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_in_host_memory(value) for value in state)
+    return state
 
 
 def _trained_names(training) -> set[str]:

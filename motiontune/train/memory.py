@@ -11,6 +11,7 @@ import logging
 import math
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..config import TrainConfig
 from ..config.schema import MemoryPlan
@@ -198,12 +199,16 @@ class BlockOffloader:
         if self.copy_stream is None:
             copies = [(entry, entry[3].to(self.device)) for entry in self.host[i]]
         else:
-            # memory taken on the compute stream; the copy starts once work queued before it is done
-            copies = [(entry, torch.empty_like(entry[3], device=self.device)) for entry in self.host[i]]
+            # memory taken on the compute stream; the copy starts once work queued before it is done. A quantized
+            # weight that is a tensor subclass (torchao's NF4) moves whole on the compute stream: its empty_like
+            # leaves its lookup table in host memory, which its dequantization then indexes with device codes
+            copies = [(entry, entry[3].to(self.device) if is_traceable_wrapper_subclass(entry[3])
+                       else torch.empty_like(entry[3], device=self.device)) for entry in self.host[i]]
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
                 for entry, target in copies:
-                    target.copy_(entry[3], non_blocking=True)
+                    if not is_traceable_wrapper_subclass(entry[3]):
+                        target.copy_(entry[3], non_blocking=True)
                 self._ready[i] = torch.cuda.Event()
                 self._ready[i].record(self.copy_stream)
         for (module, kind, name, _), tensor in copies:

@@ -1,0 +1,88 @@
+"""`motiontune check`: the real code path of a run on a fake CUDA device, at the released models' sizes, finds the
+device bugs users hit on their first GPU run (each planted in the real code), and passes the shipped presets."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from motiontune.check import check
+from motiontune.check.report import report
+
+TESTS = Path(__file__).parent
+
+
+def short_transformer(tmp_path: Path, release_config: dict, blocks: int) -> Path:
+    """A folder with a released transformer's config at fewer blocks (real width): `transformer.model_name` points
+    estimate's config lookup, and so the dry run, at it."""
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(release_config, num_layers=blocks)))
+    return folder
+
+
+def wan_13b_config() -> dict:
+    from motiontune.models.wan import RELEASES
+
+    return RELEASES["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]["transformer"]
+
+
+def run(preset: str, overrides=(), before=(), gpu_gb=24.0, monkeypatch=None) -> dict:
+    started = time.perf_counter()
+    result = check(preset, list(overrides), gpu_gb=gpu_gb, before=list(before))
+    print(f"\n{report(preset, result)}\n{preset} {' '.join(overrides)}: {time.perf_counter() - started:.1f} s")
+    return result
+
+
+def by_kind(result: dict, kind: str) -> list[dict]:
+    return [f for f in result["findings"] if f["kind"] == kind]
+
+
+def test_three_planted_device_bugs_are_each_reported_with_module_and_origin(tmp_path, monkeypatch):
+    """WAN 2.1 1.3B at its real width (two of its blocks), with a CPU tensor made inside the step, a CPU generator
+    for the GPU noise and a LoRA saved from the device: each is a finding naming where, the module and the origin."""
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).parents[1]}")
+    short = short_transformer(tmp_path, wan_13b_config(), 2)
+    result = run("#wan 2.1 LoRA", [f"transformer.model_name={short}", "video_config.max_frames=9", "resolution=256x256",
+                                   "samples=[]"],
+                 before=["dry_run_plants:cpu_tensor_in_step", "dry_run_plants:cpu_generator_for_cuda_noise",
+                         "dry_run_plants:saved_tensor_left_on_device"])
+    assert [s["status"] for s in result["stages"]] == ["ok"] * 7
+
+    [mismatch] = by_kind(result, "mismatch")
+    assert mismatch["stage"] == "training step"
+    assert mismatch["module"].startswith("transformer.condition_embedder")  # where the host tensor met the weights
+    assert any("cpu" in o and "dry_run_plants.py" in o and "predict_with_host_sigma" in o for o in mismatch["origins"])
+
+    [generator] = by_kind(result, "generator")
+    assert generator["stage"] == "training step"
+    assert "made for cpu" in generator["message"] and "init_with_host_generator" in generator["message"]
+    assert generator["where"][0].startswith("motiontune/train/step.py")  # the step's noise draw
+
+    [saved] = by_kind(result, "saved")
+    assert saved["stage"] == "save"
+    assert "lora_A.weight" in saved["message"] and "cuda:0" in saved["message"]
+    assert any(w.startswith("motiontune/methods/lora.py") for w in saved["where"])
+    assert saved["origins"] and all(o.startswith("cuda:0") for o in saved["origins"])
+    assert not by_kind(result, "error")
+
+
+def test_every_memory_option_runs_clean_without_plants(tmp_path):
+    """The same short model without plants, with CPU_OFFLOADED checkpointing, layer offloading and NFLOAT_4 weights,
+    and a decode too large for the card (tiles): no finding. (Before layer offloading moved NF4 weights whole, this
+    found their lookup table left in host memory.)"""
+    short = short_transformer(tmp_path, wan_13b_config(), 4)
+    sample = {"prompt": "a clip", "frames": 9, "height": 384, "width": 384, "steps": 2, "cfg_scale": 4.0, "seed": 1, "fps": 16}
+    result = run("#wan 2.1 LoRA", [f"transformer.model_name={short}", "video_config.max_frames=9", "resolution=256x256",
+                                   "transformer.activation_offloading=true", "transformer.offload_fraction=0.5",
+                                   "transformer.weight_dtype=NFLOAT_4", f"samples={json.dumps([sample])}"], gpu_gb=0.1)
+    assert result["findings"] == []
+    assert [s["status"] for s in result["stages"]] == ["ok"] * 7
+
+
+@pytest.mark.parametrize("preset", ["#wan 2.2 LoRA 8GB"])
+def test_a_shipped_preset_passes_at_its_real_size(preset):
+    result = run(preset, gpu_gb=8.0)
+    assert result["findings"] == []
+    assert [s["status"] for s in result["stages"]] == ["ok"] * 7
