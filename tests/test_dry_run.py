@@ -2,6 +2,7 @@
 device bugs users hit on their first GPU run (each planted in the real code), and passes the shipped presets."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def test_every_memory_option_runs_clean_without_plants(tmp_path):
     assert [s["status"] for s in result["stages"]] == ["ok"] * 7
 
 
+# a full-depth run of a released model is minutes of Python per op on two cores: outside the suite's budget, run on
+# demand (docs/memory.md has each preset's time from `motiontune check`)
+@pytest.mark.skipif(not os.environ.get("MOTIONTUNE_FULL_SIZE_CHECKS"),
+                    reason="a full-size dry run takes minutes: MOTIONTUNE_FULL_SIZE_CHECKS=1 runs it")
 @pytest.mark.parametrize("preset", ["#wan 2.2 LoRA 8GB"])
 def test_a_shipped_preset_passes_at_its_real_size(preset):
     result = run(preset, gpu_gb=8.0)
