@@ -14,9 +14,10 @@ at its rounded size. Every moment carries the process itself (Python, PyTorch, t
 from __future__ import annotations
 
 from ..config import TrainConfig
-from .configs import family, part_configs
+from .configs import family
+from .moments import encoder_facts
 from .result import GB, Line
-from .weights import WeightCounts, module_bytes, quantized_linear_bytes, stored_text_encoder_bytes
+from .weights import WeightCounts, quantized_linear_bytes
 
 PROCESS = 3 * GB  # Python, PyTorch, diffusers and the CUDA libraries mapped in a training process (2-4 GB seen)
 HOST_HEADROOM = 0.10  # the share of the host's RAM a plan leaves to the system and other programs
@@ -39,23 +40,10 @@ def pinned_block_bytes(counts: WeightCounts, weight_dtype: str) -> int:
     return total // max(1, counts.blocks)
 
 
-_ENCODERS: dict = {}
-
-
 def encoder_bytes(config: TrainConfig) -> tuple[int, int]:
     """(the VAE's bytes with an image encoder, the text encoders' bytes), as loaded for a run on an accelerator."""
-    from .configs import load_dtype
-
-    key = (config.model_type, config.base_model_name, config.text_encoder.weight_dtype, str(load_dtype(config)))
-    if key not in _ENCODERS:
-        owner = family(config)
-        parts = part_configs(config)
-        vae = module_bytes(owner.estimate_vae(parts["vae"]), owner.vae_dtype)
-        vae += getattr(owner, "estimate_image_encoder_bytes", lambda: 0)()
-        text = sum(stored_text_encoder_bytes(config, encoder, load_dtype(config))
-                   for _, encoder in owner.estimate_text_encoders(parts))
-        _ENCODERS[key] = (vae, text)
-    return _ENCODERS[key]
+    vae, _, text = encoder_facts(config, on_cpu=False)
+    return vae + getattr(family(config), "estimate_image_encoder_bytes", lambda: 0)(), text
 
 
 def host_moments(config: TrainConfig, counts: WeightCounts, *, plain: str, weight_dtype: str, offloaded: int,
