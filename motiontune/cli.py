@@ -60,11 +60,12 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.set or [])
     if args.gpu_gb:  # memory options chosen for the card and the host (motiontune/planner.py)
+        from .estimate import EstimateError
         from .planner import PlanError, log_plan, plan
 
         try:
             chosen = plan(config, args.gpu_gb, args.host_gb, args.allow_smaller_batch)
-        except PlanError as error:
+        except (PlanError, EstimateError) as error:
             print(f"train: {error}", file=sys.stderr)
             return 2
         log_plan(chosen)

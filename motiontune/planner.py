@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .config import TrainConfig
 from .estimate import GB, Estimate, Options, estimate
 from .estimate.advice import COSTS, OFFLOAD_STEPS, _offload_cost, _overrides
-from .estimate.host import host_usable
+from .estimate.host import HOST_HEADROOM, host_usable
 from .estimate.step import trained_parts
 
 log = logging.getLogger("motiontune")
@@ -130,9 +130,16 @@ def configured(config: TrainConfig, candidate: Candidate) -> TrainConfig:
                                      "gradient_accumulation_steps": config.gradient_accumulation_steps * factor})
 
 
+_EVALUATED: dict = {}
+
+
 def evaluate(config: TrainConfig, candidate: Candidate) -> Estimate:
-    """The estimate of every moment of a run with a candidate's options, as it would run on a CUDA card."""
-    return estimate(configured(config, candidate), options=candidate.options, phases=True)
+    """The estimate of every moment of a run with a candidate's options, as it would run on a CUDA card (kept:
+    a plan for another card or host asks again)."""
+    key = (config.model_dump_json(), candidate)
+    if key not in _EVALUATED:
+        _EVALUATED[key] = estimate(configured(config, candidate), options=candidate.options, phases=True)
+    return _EVALUATED[key]
 
 
 def moments(result: Estimate, gpu_bytes: int) -> dict[str, tuple[int, int]]:
@@ -164,9 +171,10 @@ def plan(config: TrainConfig, gpu_gb: float, host_gb: float | None = None, allow
     gpu_bytes = int(gpu_gb * GB)
     host_bytes = int(host_gb * GB) if host_gb else machine_ram()
     base = base_options(config)
-    last = None
+    tried = []
     for candidate in candidates(config, allow_smaller_batch):
         result = evaluate(config, candidate)
+        tried.append(result)
         if not misfits(result, gpu_bytes, host_bytes):
             sets, words, _ = _overrides(config, base, candidate.options)
             if candidate.batch_halvings:
@@ -176,13 +184,23 @@ def plan(config: TrainConfig, gpu_gb: float, host_gb: float | None = None, allow
                 words.append(f"batch {smaller.batch_size} × {smaller.gradient_accumulation_steps} accumulated")
             return Plan(candidate, cost(config, candidate), result, sets, words, gpu_bytes, host_bytes,
                         moments(result, gpu_bytes))
-        last = result
-    raise PlanError(_refusal(config, last, gpu_bytes, host_bytes, allow_smaller_batch))
+    raise PlanError(_refusal(tried, gpu_bytes, host_bytes, allow_smaller_batch))
 
 
-def _refusal(config: TrainConfig, strongest: Estimate, gpu_bytes: int, host_bytes: int, allow_smaller_batch: bool) -> str:
-    """What does not fit with every option at its strongest, and what to change."""
-    over = misfits(strongest, gpu_bytes, host_bytes)
+def _refusal(tried: list[Estimate], gpu_bytes: int, host_bytes: int, allow_smaller_batch: bool) -> str:
+    """The moments that fit with no option set (each at the least any set brings it to), and what to change."""
+    card, ram = tried[0].usable(gpu_bytes), host_usable(host_bytes)
+    least: dict[str, list[int]] = {}
+    for result in tried:
+        for name, (device, host) in moments(result, gpu_bytes).items():
+            best = least.setdefault(name, [device, host])
+            best[0], best[1] = min(best[0], device), min(best[1], host)
+    over = [f"{name}: at least {device / GB:.1f} GB on the card (usable {card / GB:.1f})"
+            for name, (device, _) in least.items() if device > card]
+    over += [f"{name}: at least {host / GB:.1f} GB of host memory (usable {ram / GB:.1f})"
+             for name, (_, host) in least.items() if host > ram]
+    if not over:  # each moment fits with some set, but no one set fits them all
+        over = ["no single option set fits every moment: " + "; ".join(misfits(tried[-1], gpu_bytes, host_bytes))]
     advice = []
     names = " ".join(over)
     if "training step" in names and "on the card" in names:
@@ -194,13 +212,11 @@ def _refusal(config: TrainConfig, strongest: Estimate, gpu_bytes: int, host_byte
         advice.append("fill the cache first on a larger card (`motiontune cache`; the cache is kept per dtype) or "
                       "with text_encoder.weight_dtype FLOAT_8")
     if "host memory" in names:
-        need = max(host for _, host in moments(strongest, gpu_bytes).values())
-        advice.append(f"a host with at least {need / (1 - 0.10) / GB:.0f} GB of RAM (--host-gb), or fewer parts "
-                      "waiting there (one WAN 2.2 expert: transformer.train / transformer_2.train)")
+        need = max(host for _, host in least.values())
+        advice.append(f"a host with at least {need / (1 - HOST_HEADROOM) / GB:.0f} GB of RAM (--host-gb)")
     return (f"no memory options make every moment of this run fit a {gpu_bytes / GB:g} GB card and a "
-            f"{host_bytes / GB:.0f} GB host; with every option at its strongest ({strongest.options.checkpointing} "
-            f"checkpointing, layer offloading {strongest.options.offload_fraction:g}, {strongest.options.weight_dtype} "
-            f"weights) these do not fit:\n  " + "\n  ".join(over) + "\nWhat to change: " + "; ".join(advice))
+            f"{host_bytes / GB:.0f} GB host ({len(tried)} option sets tried); these do not fit:\n  "
+            + "\n  ".join(over) + "\nWhat to change: " + "; ".join(advice or ["a larger card or host"]))
 
 
 def log_plan(chosen: Plan) -> None:
