@@ -155,7 +155,8 @@ def test_the_host_side_of_musubi_tuners_documented_a14b_setting():
     """musubi-tuner docs/wan.md: both A14B experts in fp8 with the inactive one offloaded need "about 42GB of shared
     VRAM for the two models combined, which means that about 96GB or more of main RAM" (Windows gives shared GPU
     memory at most half the RAM). motiontune's host side for the same setting: docs/memory.md compares."""
-    config = load_config("#wan 2.2 LoRA", ["transformer.weight_dtype=FLOAT_8", "transformer_2.weight_dtype=FLOAT_8"])
+    config = load_config("#wan 2.2 LoRA", ["transformer.train=true", "transformer.weight_dtype=FLOAT_8",
+                                           "transformer_2.weight_dtype=FLOAT_8"])
     result = estimate(config, phases=True)
     moments = {name: sum(line.host for line in lines) for name, lines in result.host_moments.items()}
     step = {line.name: line.host for line in result.host_moments[HOST_STEP]}
