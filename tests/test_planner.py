@@ -192,3 +192,13 @@ def test_hunyuan_video_15_frame_causal_mask_is_diffusers_mask():
         ours = frame_causal_mask(frames, hw, torch.float32, "cpu", batch)
         theirs = HunyuanVideo15AttnBlock.prepare_causal_attention_mask(frames, hw, torch.float32, "cpu", batch)
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.xdist_group("#wan 2.2 LoRA 8GB")
+def test_train_refuses_before_loading_anything_when_nothing_fits(capsys):
+    from motiontune.cli import main
+
+    assert main(["train", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "4", "--host-gb", "64"]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "4 GB card" in err and "captions" in err and "What to change:" in err
