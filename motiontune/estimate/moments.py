@@ -88,7 +88,7 @@ def encoder_facts(config: TrainConfig, on_cpu: bool) -> tuple[int, str, int]:
     them on the meta device takes a second or two; a planner asks for every option set)."""
     text_dtype = torch.float32 if on_cpu else load_dtype(config)
     key = (config.model_type, config.base_model_name, config.text_encoder.weight_dtype, str(text_dtype),
-           json.dumps(part_configs(config), sort_keys=True))
+           str(family(config).vae_dtype), json.dumps(part_configs(config), sort_keys=True))
     if key not in _ENCODERS:
         owner = family(config)
         vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
