@@ -1,11 +1,10 @@
 """Activations, measured on fake tensors: one training step, and one no-grad forward as sampling calls it.
 
-A copy of the transformer with two blocks of each kind runs the family's own `predict`, the real loss and
+A copy of the transformer with three blocks of each kind runs the family's own `predict`, the real loss and
 backward (models/fake_memory.py counts the bytes alive at each moment). Every block of a kind after the first
-leaves the same bytes alive for backward (measured on the second: what is alive when it returns, less what was as it
-started), so the full depth's peak is the simulated one plus that share per further block (a test checks this
-against simulating the full depth). Fake tensors cost the same per op whatever their size, so an estimate's time is
-its count of simulated ops: two blocks instead of the full depth, and each simulation kept for the process.
+leaves the same bytes alive for backward, so the full depth's peak is the simulated one plus the second block's
+share per further block (a test checks this against simulating the full depth). Fake tensors cost about the same per
+op whatever their size, so an estimate's time is its count of simulated ops; each simulation is kept for the process.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from .configs import HALF, family, load_dtype
 from .result import Shape
 from .weights import block_lists, meta_transformer
 
-SIMULATED_BLOCKS = 2  # blocks of each kind in the simulated copy; deeper models add the second block's share per block
+SIMULATED_BLOCKS = 3  # blocks of each kind in the simulated copy; deeper models add the second block's share per block
 
 
 def _fake_transformer(cfg: dict, config: TrainConfig, depth: int, quantized: str | None, mode):
@@ -87,7 +86,6 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
     handles = []
     kinds = block_lists(model, config)
     entries: list[list[int]] = [[] for _ in kinds]  # live bytes as each block starts its first forward
-    exits: list[list[int]] = [[] for _ in kinds]  # and as it returns
     received: list[int] = []
 
     def entered(kind, count):
@@ -98,15 +96,8 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
                 received.append(sorted(t.untyped_storage().nbytes() for t in tensors))
         return hook
 
-    def returned(kind, count):
-        def hook(*_):
-            if len(exits[kind]) < count:
-                exits[kind].append(tracker.current)
-        return hook
-
     for index, (_, blocks) in enumerate(kinds):
         handles += [block.register_forward_pre_hook(entered(index, len(blocks))) for block in blocks]
-        handles += [block.register_forward_hook(returned(index, len(blocks))) for block in blocks]
     half = HALF.get(config.train_dtype)
     with mode, tracker, quiet():
         noisy = noisy_latents(x0, noise, sigma)
@@ -127,10 +118,9 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
 
     varying = owner.estimate_varying_matmuls(cfg, model, count_matmuls) if hasattr(owner, "estimate_varying_matmuls") else 0
     _MATMULS[key] = (len(tracker.matmuls), varying)
-    # what the second block of a kind left alive for backward (its saved tensors, its output beside its input);
+    # what the second block of a kind left alive for backward (its saved tensors, its output in place of its input);
     # the first is no model for the rest: its input may need no gradient, so it saves less
-    shares = [(len(blocks), x[1] - e[1] if len(e) >= 2 and len(x) >= 2 else 0)
-              for (_, blocks), e, x in zip(kinds, entries, exits)]
+    shares = [(len(blocks), e[2] - e[1] if len(e) >= 3 else 0) for (_, blocks), e in zip(kinds, entries)]
     largest = max(received, key=sum, default=[])
     result = (tracker.peak, shares, sum(largest))
     _STEPS[key] = result
