@@ -59,6 +59,17 @@ def cmd_train(args) -> int:
     from .configure import load_config
 
     config = load_config(args.config, args.set or [])
+    if args.gpu_gb:  # memory options chosen for the card and the host (motiontune/planner.py)
+        from .estimate import EstimateError
+        from .planner import PlanError, log_plan, plan
+
+        try:
+            chosen = plan(config, args.gpu_gb, args.host_gb, args.allow_smaller_batch)
+        except (PlanError, EstimateError) as error:
+            print(f"train: {error}", file=sys.stderr)
+            return 2
+        log_plan(chosen)
+        config = load_config(args.config, [*(args.set or []), *chosen.overrides])
     from .train.loop import train  # imported after validation: a bad config fails before the trainer loads
 
     _report(train(config, resume=args.resume))
@@ -194,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key (dotted: video_config.max_frames=33)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="BACKUP",
                        help="continue from a backup folder (default: the newest in workspace_dir/backup)")
+    train.add_argument("--gpu-gb", type=float, metavar="N",
+                       help="choose the cheapest memory options with which the run fits an N GB card (and the host)")
+    train.add_argument("--host-gb", type=float, metavar="M", help="with --gpu-gb: the host's RAM (default: this machine's)")
+    train.add_argument("--allow-smaller-batch", action="store_true",
+                       help="with --gpu-gb: the plan may halve the batch, adding gradient accumulation")
     train.set_defaults(run=cmd_train)
 
     cache = commands.add_parser("cache", help="encode latents and text embeddings into the cache, without training")

@@ -7,6 +7,7 @@ class and kinds of block, the inputs of a step and of a sampling call, its VAE a
 - simulation.py: activations, from one step on fake tensors (models/fake_memory.py);
 - moments.py: a first run's encoding, a live text encoder, rendering a sample;
 - cuda.py: what a CUDA run adds that the CPU simulation does not see, and the headroom "fits" keeps;
+- host.py: host memory (RAM) at the moments of a run on an accelerator;
 - step.py: the estimate itself; advice.py: the cheapest changes that fit; report.py: the printed text.
 """
 

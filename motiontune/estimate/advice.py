@@ -43,7 +43,7 @@ def _overrides(config: TrainConfig, base: Options, new: Options) -> tuple[list[s
     newer = config.memory_config_form.startswith("newer") or config.memory_config_form == "default"
     sets, words, cost = [], [], 0.0
     if new.checkpointing != base.checkpointing:
-        cost += COSTS[new.checkpointing][0] - (COSTS[base.checkpointing][0] if base.checkpointing in COSTS else 0)
+        cost += COSTS.get(new.checkpointing, (0.0,))[0] - COSTS.get(base.checkpointing, (0.0,))[0]
         words.append(f"gradient checkpointing {new.checkpointing}")
         for part in parts if newer else []:
             sets.append(f"{part}.gradient_checkpointing=true")

@@ -80,6 +80,24 @@ def _text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list
     return lines
 
 
+_ENCODERS: dict = {}
+
+
+def encoder_facts(config: TrainConfig, on_cpu: bool) -> tuple[int, str, int]:
+    """(the VAE's bytes, the text encoders' names, their bytes as loaded): counted once per model and dtype (building
+    them on the meta device takes a second or two; a planner asks for every option set)."""
+    text_dtype = torch.float32 if on_cpu else load_dtype(config)
+    key = (config.model_type, config.base_model_name, config.text_encoder.weight_dtype, str(text_dtype),
+           str(family(config).vae_dtype), json.dumps(part_configs(config), sort_keys=True))
+    if key not in _ENCODERS:
+        owner = family(config)
+        vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
+        encoders = _text_encoders(config)
+        _ENCODERS[key] = (vae_bytes, " + ".join(name for name, _ in encoders),
+                          sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders))
+    return _ENCODERS[key]
+
+
 def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int, left: int, quantized: str | None,
                  on_cpu: bool, reserve: list[Line]) -> tuple[dict[str, list[Line]], int]:
     """Encoding (the VAE and the text encoders, before training, when something is not cached), and rendering a
@@ -90,13 +108,9 @@ def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int
     from .shapes import make_shape
 
     owner = family(config)
-    parts = part_configs(config)
-    vae_cfg = parts["vae"]
-    vae_bytes = module_bytes(owner.estimate_vae(vae_cfg), owner.vae_dtype)
+    vae_cfg = part_configs(config)["vae"]
+    vae_bytes, names, text_bytes = encoder_facts(config, on_cpu)
     vae_weights = f"VAE weights ({str(owner.vae_dtype).removeprefix('torch.')})"
-    text_dtype = torch.float32 if on_cpu else load_dtype(config)
-    encoders = _text_encoders(config)
-    text_bytes = sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders)
     vae_key = json.dumps(vae_cfg, sort_keys=True)
 
     def encoded(frames: int, height: int, width: int) -> int:
@@ -110,7 +124,6 @@ def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int
                          Line(f"VAE encoding one clip ({shape.frames} × {shape.width}x{shape.height})",
                               encoded(shape.frames, shape.height, shape.width))] + clip + reserve}
     storage = config.text_encoder.weight_dtype or str(load_dtype(config)).replace("torch.", "")
-    names = " + ".join(name for name, _ in encoders)
     phases[CAPTIONS] = [Line("text encoder weights", text_bytes, 0, f"{names} ({storage}); the VAE waits in host memory")] + reserve
     samples = list(config.samples) if config.samples and config.sample_after_unit != "NEVER" else []
     if not samples:

@@ -53,6 +53,11 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
             out += ["", title]
             out += ["  " + r for r in _table([[l.name, _gb(l.device), l.note] for l in lines] +
                                              [["total", _gb(sum(l.device for l in lines)), ""]], ["part", "device", ""])]
+    if result.host_moments:
+        out += ["", "Host memory (RAM), at the moments that hold most of it:"]
+        rows = [[moment, _gb(sum(l.host for l in lines)), "; ".join(f"{l.name} {_gb(l.host)}" for l in lines if l.host)]
+                for moment, lines in result.host_moments.items()]
+        out += ["  " + r for r in _table(rows, ["moment", "host", ""])]
     sizes = [gpu_gb] if gpu_gb else [8, 16, 24, 48]
     out += ["", f"Does the training step fit {gpu_gb:g} GB? And the other moments of the run?" if gpu_gb
             else "Does the training step fit? And the other moments of the run?",

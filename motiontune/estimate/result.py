@@ -90,6 +90,12 @@ class Estimate:
     source: str = ""  # where the transformer config came from
     tiled_decode: int = 0  # bytes of decoding the sample in tiles (the "sample decoding" phase counts whole frames)
     headroom: float = 0.0  # the share of a card kept free when saying whether something fits
+    host_moments: dict[str, list[Line]] = field(default_factory=dict)  # host memory at the moments of a CUDA run
+
+    @property
+    def host_peak(self) -> int:
+        """The most host memory any moment of the run holds (estimate/host.py); 0 when not estimated (the CPU)."""
+        return max((sum(line.host for line in lines) for lines in self.host_moments.values()), default=0)
 
     @property
     def device(self) -> int:

@@ -3,7 +3,8 @@
 A copy of the transformer with three blocks of each kind runs the family's own `predict`, the real loss and
 backward (models/fake_memory.py counts the bytes alive at each moment). Every block of a kind after the first
 leaves the same bytes alive for backward, so the full depth's peak is the simulated one plus the second block's
-share per further block (a test checks this against simulating the full depth).
+share per further block (a test checks this against simulating the full depth). Fake tensors cost about the same per
+op whatever their size, so an estimate's time is its count of simulated ops; each simulation is kept for the process.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _fake_transformer(cfg: dict, config: TrainConfig, depth: int, quantized: str
 
 
 _STEPS: dict = {}
+_RECEIVED: dict = {}  # the same key → bytes of each tensor the block that receives most is given
 _MATMULS: dict = {}  # the same key → (distinct half-precision matrix products of the step, new ones every later step)
 
 
@@ -91,7 +93,7 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
             if len(entries[kind]) < count:
                 entries[kind].append(tracker.current)
                 tensors = [t for t in torch.utils._pytree.tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
-                received.append(sum(t.untyped_storage().nbytes() for t in tensors))
+                received.append(sorted(t.untyped_storage().nbytes() for t in tensors))
         return hook
 
     for index, (_, blocks) in enumerate(kinds):
@@ -119,8 +121,10 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
     # what the second block of a kind left alive for backward (its saved tensors, its output in place of its input);
     # the first is no model for the rest: its input may need no gradient, so it saves less
     shares = [(len(blocks), e[2] - e[1] if len(e) >= 3 else 0) for (_, blocks), e in zip(kinds, entries)]
-    result = (tracker.peak, shares, max(received, default=0))
+    largest = max(received, key=sum, default=[])
+    result = (tracker.peak, shares, sum(largest))
     _STEPS[key] = result
+    _RECEIVED[key] = largest
     return result
 
 
@@ -131,6 +135,14 @@ def step_matmuls(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, 
     these to oneDNN, which compiles a kernel per shape and keeps it (estimate/step.py counts their bytes)."""
     simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)
     return _MATMULS[_step_key(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)]
+
+
+def block_input_sizes(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
+                      quantized: str | None = None) -> list[int]:
+    """Bytes of each tensor one block receives (the block that receives most): what CPU_OFFLOADED checkpointing
+    copies, tensor by tensor, into pinned host memory."""
+    simulate_step(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)
+    return _RECEIVED[_step_key(cfg, SIMULATED_BLOCKS, config, shape, recompute, text_live, quantized)]
 
 
 def activation_peak(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,

@@ -10,7 +10,8 @@ from .configs import DTYPES, family, load_dtype, transformer_config
 from .moments import other_phases, text_encoder_lines, text_live
 from .result import GB, QUANTIZED, Estimate, Line, Options, Shape
 from .shapes import config_shape
-from .simulation import activation_peak, step_matmuls
+from .host import host_moments
+from .simulation import activation_peak, block_input_sizes, step_matmuls
 from .weights import count_weights, elem, optimizer_state_bytes
 
 
@@ -79,11 +80,12 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
                           note + f"; {offloaded} blocks offloaded, at most {min(options.prefetch, offloaded)} of them on the device"))
     else:
         lines.append(Line(label, counts.frozen_bytes(weight_dtype), 0, note))
-    other_bytes = 0
+    other_bytes = other_loaded = 0
     if _second_expert(config):  # the other expert is loaded too and waits in host memory
         other_part = "transformer_2" if parts[0] == "transformer" else "transformer"
         other = count_weights(transformer_config(config, other_part)[0], config, trained=len(parts) == 2)
         other_bytes = other.frozen_bytes(weight_dtype if len(parts) == 2 else plain) + other.trainable_bytes
+        other_loaded = other.frozen_bytes(plain) + other.trainable_bytes
         lines.append(Line("the other expert", 0 if not on_cpu else other_bytes, other_bytes if not on_cpu else 0,
                           "waits in host memory; " + ("also trained: swapped in for the batches it serves" if len(parts) == 2
                                                       else "not trained: loaded for samples")))
@@ -139,6 +141,12 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         lines += cuda.step_lines(shape, cfg, device_act)
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n,
                       source=source, headroom=0.0 if on_cpu else cuda.HEADROOM)
+    if not on_cpu:  # on the CPU the device is host memory: the step's own lines say it all
+        inputs = block_input_sizes(cfg, config, shape, recompute, live, quantized) \
+            if options.checkpointing == "CPU_OFFLOADED" else []
+        result.host_moments = host_moments(config, counts, plain=plain, weight_dtype=weight_dtype, offloaded=offloaded,
+                                           other_loaded=other_loaded, other_held=other_bytes, checkpoint_inputs=inputs,
+                                           blocks=n)
     if phases:
         # sampling brings the transformer as training holds it (offloaded blocks stream in as they run) with what
         # trains on it; an A14B expert that only samples comes whole, one expert at a time. On the CPU both are in

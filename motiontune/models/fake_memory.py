@@ -24,6 +24,7 @@ NF4_UNPACK_BYTES_PER_WEIGHT = 14
 # and keeps it (`LiveBytes.matmuls` collects the shapes: motiontune/estimate counts what the kernels take)
 _ONEDNN_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 _HALF = (torch.bfloat16, torch.float16)
+_DEVICE = torch.ops.prim.device.default
 
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -33,12 +34,15 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     a cached text tensor (`.tolist()`), which a fake tensor cannot answer. Factory ops (no tensor argument) and
     anything touching a fake tensor stay fake."""
 
+    all_ops = 0  # ops dispatched by every tracker of this process (tests count an estimate's work with it)
+
     def __init__(self, existing=()):
         super().__init__()
         self.bytes: dict[int, int] = {}
         self.refs: dict[int, object] = {}
         self.current = self.peak = 0
         self.matmuls: set = set()  # the distinct half-precision matrix products run: (op, shapes and layouts, ...)
+        self.ops = 0  # ops dispatched while active: the work a simulation did (its time is about proportional)
         for tensor in existing:
             self._track(tensor, count=False)
 
@@ -62,6 +66,10 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         self.refs[key] = weakref.ref(storage, gone) if count else storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        LiveBytes.all_ops += 1
+        if func is _DEVICE:  # asked of a tensor at almost every op (autograd, autocast): makes no tensor
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         tensors = [t for t in torch.utils._pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if func.overloadpacket.__name__ in _ONEDNN_MATMULS and tensors and tensors[0].dtype in _HALF:
