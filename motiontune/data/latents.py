@@ -361,8 +361,8 @@ class Encoding:
     @property
     def _sound(self) -> tuple[int, int, float] | None:
         """(sample rate, channels, frames per second) of the sound decoded with each clip, for a family that
-        generates sound; None for the others."""
-        rate = self.family.AUDIO_SAMPLE_RATE
+        generates sound and a run that trains it (`train_audio`); None for the others."""
+        rate = self.family.AUDIO_SAMPLE_RATE if self.config.train_audio else None
         return (rate, self.family.AUDIO_CHANNELS, sampling_grid(self.config, self.family)[0]) if rate else None
 
     @property

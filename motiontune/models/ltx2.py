@@ -206,7 +206,12 @@ class LTX2Family(ModelFamily):
         return list(module.transformer_blocks)
 
     def lora_may_adapt(self, name: str) -> bool:
-        return name.startswith("transformer_blocks.")
+        return name.startswith("transformer_blocks.") and self.may_train(name)
+
+    def may_train(self, name: str) -> bool:
+        """train_audio false: nothing whose name says audio trains (the audio stream's attention, feed-forward,
+        embedders and both cross-modal attentions), so the LoRA has no audio keys and the audio branch is as it was."""
+        return self.config.train_audio or "audio" not in name
 
     def lora_default_target(self, name: str) -> bool:
         return name.endswith(_DEFAULT_TARGETS)
