@@ -320,3 +320,107 @@ def test_fine_tune_saves_load_in_diffusers_both_ways(tiny_models, tmp_path):
     assert sorted(single) == sorted(folder) and all(torch.equal(single[k], folder[k]) for k in folder)
     stock = LTX2VideoTransformer3DModel.from_pretrained(model, subfolder="transformer").state_dict()
     assert not torch.equal(folder["audio_proj_out.weight"], stock["audio_proj_out.weight"])  # the audio side trained too
+
+
+CLICKS = (0.0, 0.3, 0.7, 1.1, 1.5, 1.9)  # seconds on the video's clock; the first at the stream's very start
+
+
+def _write_clip_with_clicks(path: Path, seconds: float = 2.0, rate: int = 48000) -> Path:
+    """The shapes frames at FPS with an AAC (MP4) track that is silent but for a 1 ms click at each of CLICKS: AAC's
+    encoder delay (1024 priming samples, dropped by the demuxer only when the stream is read from its start) is
+    what put LTX-2's sound windows about 20 ms off."""
+    from fractions import Fraction
+
+    frames = _shapes(round(seconds * FPS))
+    wave = np.zeros(round(seconds * rate), np.float32)
+    for t in CLICKS:
+        wave[round(t * rate): round(t * rate) + rate // 1000] = 0.8
+    pcm = (np.stack([wave, wave]) * 32767).astype(np.int16)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=FPS)
+        video.width = video.height = SIZE
+        video.pix_fmt = "yuv444p"
+        audio = container.add_stream("aac", rate=rate, layout="stereo")
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        for start in range(0, pcm.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, start:start + 1024].T).reshape(1, -1), format="s16",
+                                               layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
+def _independent_sound(clip: Path, start: float, count: int) -> np.ndarray:
+    """PyAV, nothing of motiontune: the whole stream decoded from its start, converted to 16 kHz stereo in one pass,
+    cut at the window (`start` seconds, `count` samples)."""
+    with av.open(str(clip)) as container:
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=16000)
+        frames = list(container.decode(audio=0))
+        first = frames[0].time
+        sound = np.concatenate([r.to_ndarray() for f in frames + [None] for r in resampler.resample(f)], axis=1)
+    at = round(start * 16000) - round(first * 16000)
+    return sound[:, at: at + count]
+
+
+def test_sound_windows_start_where_their_first_frame_starts(tiny_models, tmp_path, monkeypatch):
+    """AAC in MP4, two windows (one at the file's start): each click lands at its own sample in what motiontune feeds
+    the audio VAE, the waveform equals an independent PyAV decode of the window, and the cached latents equal that
+    waveform's through the stock audio VAE (transformers' numpy log-mel)."""
+    from diffusers import LTX2Pipeline
+    from safetensors.torch import load_file
+
+    from motiontune.data import latents as latents_module
+
+    data = tmp_path / "data"
+    data.mkdir()
+    clip = _write_clip_with_clicks(data / "clicks.mp4")
+    (data / "clicks.txt").write_text(PROMPT)
+    fed = []
+    decode = latents_module.decode_audio
+    monkeypatch.setattr(latents_module, "decode_audio", lambda *args: fed.append((args[2], decode(*args))) or fed[-1][1])
+    config = base_config(tmp_path, tiny_models("ltx-2"), data, model_type="LTX_2", resolution=str(SIZE), dataloader_threads=0,
+                         video_config={"max_frames": FRAMES, "target_fps": float(FPS), "clips_per_file": 2})
+    assert main(["cache", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+    assert sorted(start for start, _ in fed)[0] == 0.0 and len(fed) == 2
+    pipe = LTX2Pipeline.from_pretrained(tiny_models("ltx-2"))
+    cached = [load_file(str(p))["audio"] for p in (tmp_path / "cache" / "latents").rglob("*.safetensors")]
+    expected_latents = []
+    for start, sound in sorted(fed):
+        count = round(FRAMES / FPS * 16000)
+        onsets = np.flatnonzero(np.abs(sound[0]) > 0.2)
+        onsets = onsets[np.r_[True, np.diff(onsets) > 100]] if len(onsets) else onsets
+        expected = [round((t - start) * 16000) for t in CLICKS if 0 <= t - start < FRAMES / FPS - 0.002]
+        independent = _independent_sound(clip, start, count)
+        error = np.linalg.norm(sound - independent) / np.linalg.norm(independent)
+        print(f"window from {start:.4f} s: clicks at samples {onsets.tolist()}, expected {expected}; relative "
+              f"difference from the independent decode {error:.2e}")
+        assert len(onsets) == len(expected) and all(abs(a - b) <= 1 for a, b in zip(onsets, expected))
+        assert error < 1e-4
+        expected_latents.append(_audio_latents(pipe, independent))
+    assert len(cached) == 2
+    for theirs in expected_latents:  # each window's latents are in the cache (entries do not name their window)
+        error = min(((ours - theirs).norm() / theirs.norm()).item() for ours in cached)
+        print(f"cached audio latents against the independent path's: relative difference {error:.2e}")
+        assert error < 1e-3
+
+
+def _audio_latents(pipe, sound: np.ndarray) -> torch.Tensor:
+    """16 kHz stereo samples → the packed, normalised audio latents the stock pipeline denoises (transformers' numpy
+    log-mel with the audio VAE's own settings)."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    cfg = pipe.audio_vae.config
+    bank = mel_filter_bank(num_frequency_bins=513, num_mel_filters=cfg.mel_bins, min_frequency=0.0, max_frequency=8000.0,
+                           sampling_rate=16000, norm="slaney", mel_scale="slaney")
+    mel = np.stack([spectrogram(channel, window_function(1024, "hann"), frame_length=1024, hop_length=cfg.mel_hop_length,
+                                power=1.0, mel_filters=bank, mel_floor=1e-5, log_mel=None).T for channel in sound])
+    with torch.no_grad():
+        audio = pipe.audio_vae.encode(torch.log(torch.from_numpy(mel).float())[None]).latent_dist.mean
+    steps = round(FRAMES / FPS * 16000 / cfg.mel_hop_length / 4)
+    return pipe._normalize_audio_latents(pipe._pack_audio_latents(audio)[:, :steps], pipe.audio_vae.latents_mean,
+                                         pipe.audio_vae.latents_std)[0]

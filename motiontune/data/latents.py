@@ -368,7 +368,8 @@ class Encoding:
     @property
     def _audio_key(self) -> dict | None:
         sound = self._sound
-        return None if sound is None else {"rate": sound[0], "channels": sound[1], "window": "frames / fps"}
+        return None if sound is None else {"rate": sound[0], "channels": sound[1], "window": "frames / fps",
+                                           "read": "from the stream's start, on its rate grid"}
 
     def _read_all(self, kind: str, keys: list[str], extras: tuple[str, ...] = ()) -> dict:
         """What the cache holds for `keys`; with several ranks, every rank reads before any writes, so all
