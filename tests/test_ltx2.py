@@ -36,18 +36,19 @@ def trained(tiny_models, tmp_path_factory):
     return _train(tiny_models("ltx-2"), tmp_path_factory.mktemp("ltx2"))
 
 
-def _train(model: Path, tmp: Path):
+def _train(model: Path, tmp: Path, model_type: str = "LTX_2", epochs: int = 300, **keys):
     from motiontune.testing.clips import write_clip_with_tone
 
     data = tmp / "data"
-    data.mkdir()
+    data.mkdir(parents=True)
     frames = _shapes(12)
     clip = write_clip_with_tone(data / "tone.mkv", 12 / FPS, fps=FPS, tones=((0.0, 440.0),), frames=frames, layout="stereo")
     (data / "tone.txt").write_text(PROMPT + "\n")
-    config = base_config(tmp, model, data, model_type="LTX_2", resolution=str(SIZE), epochs=300, learning_rate=5e-3,
+    config = base_config(tmp, model, data, model_type=model_type, resolution=str(SIZE), epochs=epochs, learning_rate=5e-3,
                          lora_rank=16, lora_alpha=16, video_config={"max_frames": FRAMES, "target_fps": float(FPS)},
                          samples=[{"prompt": PROMPT, "frames": FRAMES, "height": SIZE, "width": SIZE, "steps": 2, "fps": FPS}],
-                         sample_after=300, sample_after_unit="EPOCH")
+                         sample_after=epochs, sample_after_unit="EPOCH")
+    config.update(keys)
     assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
     return model, clip, Path(config["output_model_destination"]), tmp
 
@@ -424,3 +425,108 @@ def _audio_latents(pipe, sound: np.ndarray) -> torch.Tensor:
     steps = round(FRAMES / FPS * 16000 / cfg.mel_hop_length / 4)
     return pipe._normalize_audio_latents(pipe._pack_audio_latents(audio)[:, :steps], pipe.audio_vae.latents_mean,
                                          pipe.audio_vae.latents_std)[0]
+
+
+# --- LTX-2.3 and LTX-2.5: their own model types, the same acceptance as LTX-2 ---------------------------------------
+VARIANTS = {"LTX_2_3": "ltx-2.3", "LTX_2_5": "ltx-2.5"}
+VARIANT_EPOCHS = 120
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant_run(request, tiny_models, tmp_path_factory):
+    """One LoRA run per newer checkpoint on the clip with a 440 Hz tone, audio and video noised apart (the default)."""
+    model_type = request.param
+    return model_type, _train(tiny_models(VARIANTS[model_type]), tmp_path_factory.mktemp(model_type.lower()), model_type,
+                              epochs=VARIANT_EPOCHS, learning_rate=1e-2)
+
+
+def test_newer_checkpoints_move_the_stock_pipeline_towards_the_clip(variant_run):
+    """The stock pipeline of LTX-2.3 / 2.5 (their connectors, Gemma, vocoder) plus the saved LoRA: video and audio
+    latents each come closer to the clip's; the sign-flipped latents (negative control) do not."""
+    model_type, (model, clip, lora, _) = variant_run
+    targets, base, trained_samples = _stock_samples(model, clip, lora)
+    video_ratio, audio_ratio = map(_ratio, trained_samples, base, targets)
+    flipped = [_ratio(with_lora, without, -target) for with_lora, without, target in zip(trained_samples, base, targets)]
+    print(f"{model_type}: MSE ratio with/without LoRA: video {video_ratio:.3f}, audio {audio_ratio:.3f}; against the "
+          f"sign-flipped latents (negative control): video {flipped[0]:.3f}, audio {flipped[1]:.3f}")
+    assert video_ratio < 0.6 and audio_ratio < 0.75
+    assert min(flipped) > 1.0
+
+
+def test_newer_checkpoints_sample_at_their_vocoders_rate(variant_run):
+    """The sample written during training has the bandwidth-extended vocoder's 48 kHz stereo track."""
+    model_type, (*_, tmp) = variant_run
+    with av.open(str(tmp / "workspace" / "samples" / f"epoch{VARIANT_EPOCHS}-0.mp4")) as container:
+        audio = container.streams.audio[0]
+        assert (audio.codec_context.name, audio.rate, audio.channels) == ("aac", 48000, 2)
+
+
+@pytest.mark.parametrize("model_type", sorted(VARIANTS))
+def test_video_only_writes_no_audio_keys_and_keeps_the_audio_branch(model_type, tiny_models, tmp_path):
+    """train_audio false with a clip that has sound: the LoRA names no audio module, and through the stock
+    transformer with the modalities isolated (the pipeline's own switch) the audio prediction is bit-identical to the
+    base model's. In the joint pipeline the audio still attends to the (changed) video: that change is printed."""
+    from diffusers import LTX2Pipeline
+    from safetensors.torch import load_file
+
+    model = tiny_models(VARIANTS[model_type])
+    _, _, lora, _ = _train(model, tmp_path, model_type, epochs=8, learning_rate=1e-2, train_audio=False, sample_after_unit="NEVER")
+    keys = list(load_file(str(lora)))
+    assert keys and not any("audio" in k for k in keys)
+    assert any(".attn1." in k for k in keys) and any(".ff." in k for k in keys)
+    pipe = LTX2Pipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = _transformer_inputs(pipe)
+    with torch.no_grad():
+        base_isolated, base_joint = (pipe.transformer(**inputs, isolate_modalities=i) for i in (True, False))
+        pipe.load_lora_weights(str(lora))
+        isolated, joint = (pipe.transformer(**inputs, isolate_modalities=i) for i in (True, False))
+    video_change = ((joint[0] - base_joint[0]).norm() / base_joint[0].norm()).item()
+    joint_change = ((joint[1] - base_joint[1]).norm() / base_joint[1].norm()).item()
+    print(f"{model_type} video only: {len(keys)} LoRA tensors, none audio; audio prediction with modalities isolated "
+          f"identical; video prediction moved {video_change:.3f}, joint audio prediction moved {joint_change:.4f} (via "
+          "video-to-audio attention)")
+    assert torch.equal(isolated[1], base_isolated[1]) and video_change > 0.01
+
+
+def _transformer_inputs(pipe) -> dict:
+    """One denoising call's inputs as the stock pipeline builds them: its connectors' outputs for PROMPT, noise."""
+    g = torch.Generator().manual_seed(0)
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, device=torch.device("cpu"))
+    video_text, audio_text, text_mask = pipe.connectors(embeds, mask, padding_side="left")
+    steps = round(FRAMES / FPS * 25)
+    t = torch.tensor([500.0])
+    return dict(hidden_states=torch.randn(1, 2 * 2 * 2, 16, generator=g), audio_hidden_states=torch.randn(1, steps, 16, generator=g),
+                encoder_hidden_states=video_text, audio_encoder_hidden_states=audio_text, timestep=t, sigma=t,
+                encoder_attention_mask=text_mask, audio_encoder_attention_mask=text_mask, num_frames=2, height=2, width=2,
+                fps=float(FPS), audio_num_frames=steps, use_cross_timestep=True, return_dict=False)
+
+
+def test_audio_noise_levels_loss_weight_and_log(tiny_models, tmp_path, monkeypatch, capsys):
+    """INDEPENDENT (the default) gives the audio a noise level of its own, SHARED the video's; the audio loss is its own
+    scalar in TensorBoard (`loss/audio`) and the progress line, and `loss` adds it times audio_loss_weight."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from motiontune.models.ltx2 import LTX2Family
+
+    seen = []
+    predict = LTX2Family.predict
+    monkeypatch.setattr(LTX2Family, "predict", lambda self, noisy, sigma, *args, sound=None, **kw: (
+        seen.append((sigma.clone(), None if sound is None else sound.sigma.clone())), predict(self, noisy, sigma, *args, sound=sound, **kw))[1])
+    model = tiny_models("ltx-2")
+    scalars = {}
+    for how, weight in (("INDEPENDENT", 0.0), ("SHARED", 2.0)):
+        seen.clear()
+        _, _, _, run = _train(model, tmp_path / how, epochs=4, audio_noise_level=how, audio_loss_weight=weight,
+                              sample_after_unit="NEVER", video_config={"max_frames": FRAMES, "target_fps": float(FPS),
+                                                                       "temporal_consistency_weight": 0.0})
+        video, audio = map(torch.cat, zip(*seen))
+        print(f"{how}: video σ {[round(v, 3) for v in video.tolist()]}, audio σ {[round(a, 3) for a in audio.tolist()]}")
+        assert torch.equal(video, audio) == (how == "SHARED")
+        events = EventAccumulator(str(run / "workspace" / "tensorboard"))
+        events.Reload()
+        scalars[how] = {tag: [e.value for e in events.Scalars(tag)] for tag in ("loss", "loss/flow", "loss/audio")}
+        total = [flow + weight * audio for flow, audio in zip(scalars[how]["loss/flow"], scalars[how]["loss/audio"])]
+        assert all(abs(a - b) < 1e-4 * max(1.0, abs(b)) for a, b in zip(scalars[how]["loss"], total))
+        assert min(scalars[how]["loss/audio"]) > 0
+    assert "audio=" in capsys.readouterr().err
