@@ -509,6 +509,11 @@ def test_audio_noise_levels_loss_weight_and_log(tiny_models, tmp_path, monkeypat
 
     from motiontune.models.ltx2 import LTX2Family
 
+    def scalars_of(run: Path, tag: str) -> list[float]:
+        events = EventAccumulator(str(run / "workspace" / "tensorboard"))
+        events.Reload()
+        return [e.value for e in events.Scalars(tag)]
+
     seen = []
     predict = LTX2Family.predict
     monkeypatch.setattr(LTX2Family, "predict", lambda self, noisy, sigma, *args, sound=None, **kw: (
@@ -521,12 +526,27 @@ def test_audio_noise_levels_loss_weight_and_log(tiny_models, tmp_path, monkeypat
                               sample_after_unit="NEVER", video_config={"max_frames": FRAMES, "target_fps": float(FPS),
                                                                        "temporal_consistency_weight": 0.0})
         video, audio = map(torch.cat, zip(*seen))
-        print(f"{how}: video σ {[round(v, 3) for v in video.tolist()]}, audio σ {[round(a, 3) for a in audio.tolist()]}")
+        with capsys.disabled():  # capsys holds the progress line, read below
+            print(f"{how}: video σ {[round(v, 3) for v in video.tolist()]}, audio σ {[round(a, 3) for a in audio.tolist()]}; "
+                  f"loss/audio {[round(a, 4) for a in scalars_of(run, 'loss/audio')]}")
         assert torch.equal(video, audio) == (how == "SHARED")
-        events = EventAccumulator(str(run / "workspace" / "tensorboard"))
-        events.Reload()
-        scalars[how] = {tag: [e.value for e in events.Scalars(tag)] for tag in ("loss", "loss/flow", "loss/audio")}
+        scalars[how] = {tag: scalars_of(run, tag) for tag in ("loss", "loss/flow", "loss/audio")}
         total = [flow + weight * audio for flow, audio in zip(scalars[how]["loss/flow"], scalars[how]["loss/audio"])]
         assert all(abs(a - b) < 1e-4 * max(1.0, abs(b)) for a, b in zip(scalars[how]["loss"], total))
         assert min(scalars[how]["loss/audio"]) > 0
     assert "audio=" in capsys.readouterr().err
+
+
+def test_help_and_readme_name_every_family_and_ltx_checkpoint(capsys):
+    """`motiontune --help` and the README's first paragraph name every family (HunyuanVideo 1.5 and LTX-2 were missing)
+    and each LTX checkpoint."""
+    from motiontune.models.ltx2 import VERSIONS
+    from motiontune.models.registry import families
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split("\n\n")[1].split())
+    names = [family.NAME for family in families()] + [version.name for version in VERSIONS.values()]
+    for name in names:
+        assert name in help_text and name in readme, name
