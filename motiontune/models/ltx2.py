@@ -398,8 +398,7 @@ class LTX2Family(ModelFamily):
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
         """Cached rows as the connectors make them: video and audio embeddings as wide as the transformer takes them
         (2.0: the caption width for both; 2.3 on: the video and audio cross-attention widths)."""
-        video = cfg.get("caption_channels", 3840) if cfg.get("use_prompt_embeddings", True) else cfg["cross_attention_dim"]
-        audio = cfg.get("caption_channels", 3840) if cfg.get("use_prompt_embeddings", True) else cfg["audio_cross_attention_dim"]
+        video, audio = _text_widths(cfg)
         row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, video), torch.zeros(MAX_SEQUENCE_LENGTH, audio), torch.ones(MAX_SEQUENCE_LENGTH))
         return row.expand(batch, -1).clone()
 
@@ -411,13 +410,13 @@ class LTX2Family(ModelFamily):
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1, guidance off)."""
         f, h, w = latent
-        video, audio, _ = self._unpack(self._estimate_text(1, cfg))
+        video, audio = _text_widths(cfg)
         steps = self.audio_steps((f - 1) * self.temporal_factor + 1, self.fps)
         return {"hidden_states": torch.empty(1, f * h * w, cfg["in_channels"], dtype=dtype),
                 "audio_hidden_states": torch.empty(1, steps, cfg.get("audio_in_channels", 128), dtype=dtype),
-                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, video.shape[-1], dtype=dtype),
-                "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, audio.shape[-1], dtype=dtype),
-                "timestep": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
+                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, video, dtype=dtype),
+                "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, audio, dtype=dtype),
+                "timestep": torch.empty(1), "sigma": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
                 "audio_encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH), "num_frames": f, "height": h,
                 "width": w, "fps": self.fps, "audio_num_frames": steps}
 
@@ -462,6 +461,14 @@ def original_name(name: str) -> str:
     elif name.startswith("prompt_adaln."):
         name = "prompt_adaln_single." + name.removeprefix("prompt_adaln.")
     return name
+
+
+def _text_widths(transformer_config: dict) -> tuple[int, int]:
+    """The widths of the cached video and audio text embeddings: the caption width for both in 2.0 (the transformer
+    projects them), the video and audio cross-attention widths from 2.3 on (the connectors project them)."""
+    if transformer_config.get("use_prompt_embeddings", True):
+        return (transformer_config.get("caption_channels", 3840),) * 2
+    return transformer_config["cross_attention_dim"], transformer_config["audio_cross_attention_dim"]
 
 
 def _tiny_gemma(gemma4: bool, width: int):
