@@ -196,7 +196,9 @@ def _newest_backup(args) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     from .models.registry import tiny_models
 
-    parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion models (WAN 2.1/2.2, HunyuanVideo, HiDream-I1): LoRA, full fine-tune or embedding.")
+    parser = argparse.ArgumentParser(prog="motiontune", description="Train video diffusion models (WAN 2.1/2.2, HunyuanVideo, HunyuanVideo 1.5, HiDream-I1, "
+                                     "LTX-2, LTX-2.3, LTX-2.5 and MiniMax H3 with sound, Kandinsky 5): LoRA, full fine-tune or "
+                                     "embedding.")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -203,6 +203,15 @@ class TrainConfig(Strict):
     noising_strength_mode: Literal["RESCALE", "CUT"] = "RESCALE"
     seed: int = 42
 
+    # Sound, for a family that generates it with the video (docs/config.md, "Sound"). train_audio false trains the
+    # video alone even when clips have sound: no audio is read or denoised, the LoRA has no audio keys and the
+    # model's sound is left as it was.
+    train_audio: bool = True
+    audio_loss_weight: float = Field(1.0, ge=0)  # the audio's flow loss is added to the video's times this
+    # INDEPENDENT: the audio's noise level is a draw of its own (LTX-2's trainer draws each modality apart);
+    # SHARED: the video's noise level (the audio and video of a sample equally noisy)
+    audio_noise_level: Literal["INDEPENDENT", "SHARED"] = "INDEPENDENT"
+
     output_model_destination: LocalPath = "models/lora.safetensors"
     # LoRA: DIFFUSERS_LORA, COMFY_LORA; fine-tune: DIFFUSERS (a transformer folder), COMFY_TRANSFORMER (one file)
     # embedding: SAFETENSORS (one file of vectors per embedding)

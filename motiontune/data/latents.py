@@ -427,14 +427,15 @@ class Encoding:
     @property
     def _sound(self) -> tuple[int, int, float] | None:
         """(sample rate, channels, frames per second) of the sound decoded with each clip, for a family that
-        generates sound; None for the others."""
-        rate = self.family.AUDIO_SAMPLE_RATE
+        generates sound and a run that trains it (`train_audio`); None for the others."""
+        rate = self.family.AUDIO_SAMPLE_RATE if self.config.train_audio else None
         return (rate, self.family.AUDIO_CHANNELS, sampling_grid(self.config, self.family)[0]) if rate else None
 
     @property
     def _audio_key(self) -> dict | None:
         sound = self._sound
-        return None if sound is None else {"rate": sound[0], "channels": sound[1], "window": "frames / fps"}
+        return None if sound is None else {"rate": sound[0], "channels": sound[1], "window": "frames / fps",
+                                           "read": "from the stream's start, on its rate grid"}
 
     def _read_all(self, kind: str, keys: list[str], extras: tuple[str, ...] = ()) -> dict:
         """What the cache holds for `keys`; with several ranks, every rank reads before any writes, so all

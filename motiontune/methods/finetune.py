@@ -22,7 +22,7 @@ def prepare(family: ModelFamily, expert: Expert, config: TrainConfig) -> list[to
     filters = [f.strip() for f in config.layer_filter.split(",") if f.strip()]
     trainable = []
     for name, parameter in expert.module.named_parameters():
-        wanted = not filters or any(f in name for f in filters)
+        wanted = (not filters or any(f in name for f in filters)) and family.may_train(name)
         parameter.requires_grad_(wanted)
         if wanted:
             trainable.append(parameter)

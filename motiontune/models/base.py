@@ -423,6 +423,10 @@ class ModelFamily(ABC):
         """Whether a LoRA may adapt this Linear at all, whatever the filter."""
         return True
 
+    def may_train(self, name: str) -> bool:
+        """Whether a fine-tune may train this weight of the transformer (False: frozen whatever the filter)."""
+        return True
+
     @abstractmethod
     def lora_default_target(self, name: str) -> bool:
         """Whether this Linear is among the family's default LoRA targets."""

@@ -1,5 +1,7 @@
-"""LTX-2 (Lightricks' audio-video model), as the stock `LTX2Pipeline` runs it: video and its sound are denoised
-together by one transformer, and trained together here.
+"""LTX-2, LTX-2.3 and LTX-2.5 (Lightricks' audio-video models), as the stock `LTX2Pipeline` runs them: video and its
+sound are denoised together by one transformer, and trained together here. Each checkpoint is its own model type
+(`LTX_2`, `LTX_2_3`, `LTX_2_5`: a LoRA only works on the model it was trained on); what differs between them is in
+`VERSIONS` and docs/config.md, and loading checks the checkpoint is the one the model type names.
 
 - Prompts: Gemma 3 reads the prompt (stripped; left-padded to 1024 tokens); every hidden state (the embeddings and
   each layer's) is stacked per token, and the pipeline's `LTX2TextConnectors` turn that stack into the video and the
@@ -15,8 +17,9 @@ together by one transformer, and trained together here.
   pipeline normalises packed audio latents. L = round(frames / fps × 16000 / 160 / 4), the pipeline's
   `audio_num_frames`.
 - Flow: the shared convention (x_t = (1-σ)x0 + σε, target ε - x0); the transformer takes t = 1000σ for both the
-  timestep and `sigma` inputs, with `use_cross_timestep` as the pipeline passes it, and the video's frame rate for
-  its positions. Both modalities share σ, as the pipeline's two schedulers step together.
+  timestep and `sigma` inputs (2.3 and later modulate the prompt cross-attention with `sigma`), and the video's frame
+  rate for its positions. The audio's σ is its own (`audio_noise_level`); the cross-modal attention is modulated with
+  the other modality's σ from 2.3 on (`use_cross_timestep`), with its own in LTX-2.0.
 - A clip without sound trains the video alone: its audio tokens are pure noise at σ = 1 (what the pipeline's first
   step shows the transformer) and its audio loss is left out; nothing teaches the model silence.
 """
@@ -24,6 +27,9 @@ together by one transformer, and trained together here.
 from __future__ import annotations
 
 import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..util.lazy import no_grad, np, torch
 from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
@@ -40,10 +46,35 @@ _DEFAULT_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".
                     ".audio_ff.net.2")
 
 
+@dataclass(frozen=True)
+class Version:
+    """What one LTX checkpoint does differently (the pipeline reads the rest from its configs)."""
+
+    name: str
+    text_encoder: str  # the transformers class of its text encoder (model_index.json names it too)
+    vocoder: str  # the diffusers class of its vocoder (2.3 on: a bandwidth-extension stage to 48 kHz)
+    cross_timestep: bool  # cross-modal attention modulated by the other modality's σ (2.3 on) or its own (2.0)
+
+
+VERSIONS = {
+    "LTX_2": Version("LTX-2", "Gemma3ForConditionalGeneration", "LTX2Vocoder", cross_timestep=False),
+    "LTX_2_3": Version("LTX-2.3", "Gemma3ForConditionalGeneration", "LTX2VocoderWithBWE", cross_timestep=True),
+    "LTX_2_5": Version("LTX-2.5", "Gemma4UnifiedForConditionalGeneration", "LTX2VocoderWithBWE", cross_timestep=True),
+}
+
+
+def checkpoint_version(transformer_config) -> str:
+    """The model type a transformer config belongs to: 2.3 added the prompt cross-attention modulation
+    (`cross_attn_mod`), 2.5 the keyframe position embedding."""
+    if not transformer_config.get("cross_attn_mod", False):
+        return "LTX_2"
+    return "LTX_2_5" if transformer_config.get("use_keyframes_abs_pos_embedding", False) else "LTX_2_3"
+
+
 class LTX2Family(ModelFamily):
-    MODEL_TYPES = ("LTX_2",)
+    MODEL_TYPES = tuple(VERSIONS)
     NAME = "LTX-2"
-    TINY_MODELS = ("ltx-2",)
+    TINY_MODELS = ("ltx-2", "ltx-2.3", "ltx-2.5")
     LORA_PIPELINE = "LTX2Pipeline"
     VAE_CLASS = "AutoencoderKLLTX2Video"
     VAE_COMPRESSION = (32, 8)
@@ -63,6 +94,7 @@ class LTX2Family(ModelFamily):
         from .registry import compression_factors
 
         super().__init__(config, device)
+        self.version = VERSIONS[config.model_type]
         self.fps = config.video_config.target_fps / compression_factors(config)[1]  # the frame rate clips train at
 
     @classmethod
@@ -91,6 +123,12 @@ class LTX2Family(ModelFamily):
 
         self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.config.base_model_name, "scheduler")
         self.transformer = self.load_transformer(LTX2VideoTransformer3DModel, "transformer", self.config.transformer)
+        found = checkpoint_version(self.transformer.config)
+        if found != self.config.model_type:
+            where = self.config.transformer.model_name or self.config.base_model_name
+            raise ModelLoadError(f"{where}: its transformer is {VERSIONS[found].name}'s, but model_type is "
+                                 f"{self.config.model_type!r} ({self.version.name}). Set model_type to {found!r}, or "
+                                 f"use a {self.version.name} model.")
 
     def load_vae(self) -> None:
         """The video VAE (in vae.weight_dtype) and the audio VAE (float32 whatever vae.weight_dtype says)."""
@@ -117,11 +155,12 @@ class LTX2Family(ModelFamily):
         super().park_vae()
 
     def load_text_encoder(self) -> None:
+        import transformers
         from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-        from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+        from transformers import AutoTokenizer
 
         base = self.config.base_model_name
-        model = self.load_text_model(Gemma3ForConditionalGeneration, "text_encoder")
+        model = self.load_text_model(getattr(transformers, self.version.text_encoder), "text_encoder")
         self.connectors = self.load_text_model(LTX2TextConnectors, "connectors")
         self.encoders = {"gemma3": (load_part(AutoTokenizer, base, "tokenizer"), model)}
 
@@ -208,7 +247,7 @@ class LTX2Family(ModelFamily):
             audio_encoder_hidden_states=audio_text.to(dtype), timestep=t, audio_timestep=t_audio, sigma=t, audio_sigma=t_audio,
             encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=frames // patch_t,
             height=height // patch, width=width // patch, fps=self.fps, audio_num_frames=sound.noisy.shape[1],
-            use_cross_timestep=True, return_dict=False,
+            use_cross_timestep=self.version.cross_timestep, return_dict=False,
         )
         video = LTX2Pipeline._unpack_latents(video, frames // patch_t, height // patch, width // patch, patch, patch_t)
         return video if given is None else (video, audio)
@@ -217,7 +256,12 @@ class LTX2Family(ModelFamily):
         return list(module.transformer_blocks)
 
     def lora_may_adapt(self, name: str) -> bool:
-        return name.startswith("transformer_blocks.")
+        return name.startswith("transformer_blocks.") and self.may_train(name)
+
+    def may_train(self, name: str) -> bool:
+        """train_audio false: nothing whose name says audio trains (the audio stream's attention, feed-forward,
+        embedders and both cross-modal attentions), so the LoRA has no audio keys and the audio branch is as it was."""
+        return self.config.train_audio or "audio" not in name
 
     def lora_default_target(self, name: str) -> bool:
         return name.endswith(_DEFAULT_TARGETS)
@@ -259,11 +303,12 @@ class LTX2Family(ModelFamily):
     @no_grad
     def sample(self, request: SampleRequest):
         from diffusers import LTX2Pipeline
-        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+        from diffusers.pipelines.ltx2 import vocoder as vocoders
 
         self.load_vae()
         if self.vocoder is None:
-            self.vocoder = load_part(LTX2Vocoder, self.config.base_model_name, "vocoder", dtype=torch.float32).eval()
+            vocoder_class = getattr(vocoders, self.version.vocoder)
+            self.vocoder = load_part(vocoder_class, self.config.base_model_name, "vocoder", dtype=torch.float32).eval()
         self.vocoder.to(self.device)
         dtype = self.weight_dtype
         video, audio, mask = self._unpack(request.prompt_embeds.to(self.device, torch.float32))
@@ -294,32 +339,40 @@ class LTX2Family(ModelFamily):
     # --- tiny models (motiontune.testing) --------------------------------------------------------------
     @classmethod
     def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
-        """LTX-2's layout, tiny: Gemma 3 (with its vision tower, as released) read at every layer, the text connectors,
-        the 32x/8x video VAE (128 → 16 latent channels), the audio VAE on 16 kHz stereo log-mels (16 mel bins here),
-        the vocoder, and the joint audio-video transformer. Latent statistics are measured on the bundled clips
-        (video) and on tones and noise (audio)."""
+        """An LTX checkpoint's layout, tiny: its Gemma (3 with its vision tower, as released; 4 for LTX-2.5) read at
+        every layer, the text connectors (one shared projection in 2.0; per modality, gated, in 2.3 on), the 32x/8x
+        video VAE (128 → 16 latent channels; 2.3 on has a four-stage decoder), the audio VAE on 16 kHz stereo log-mels
+        (16 mel bins here), the vocoder (with 2.3's bandwidth extension to 48 kHz) and the joint audio-video
+        transformer (2.3 on: gated attention, prompt cross-attention modulated by σ; 2.5: no video feed-forward bias,
+        a keyframe position embedding). Latent statistics are measured on the bundled clips (video) and on tones and
+        noise (audio)."""
         from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
                                LTX2Pipeline, LTX2VideoTransformer3DModel)
         from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 
+        later = name != "ltx-2"  # 2.3 and 2.5
         width, audio_width = 32, 16
-        gemma = Gemma3ForConditionalGeneration(Gemma3Config(
-            text_config=dict(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
-                             sliding_window=256, query_pre_attn_scalar=16, pad_token_id=0, eos_token_id=1, bos_token_id=1),
-            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=28, patch_size=14),
-            mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255)).eval()
+        gemma = _tiny_gemma(name == "ltx-2.5", width)
+        modality = dict(video_gated_attn=True, audio_gated_attn=True, per_modality_projections=True, video_hidden_dim=32,
+                        audio_hidden_dim=32, proj_bias=True) if later else {}
         connectors = LTX2TextConnectors(
             caption_channels=width, text_proj_in_factor=3, video_connector_num_attention_heads=2,
             video_connector_attention_head_dim=16, video_connector_num_layers=1, video_connector_num_learnable_registers=8,
             audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=16, audio_connector_num_layers=1,
-            audio_connector_num_learnable_registers=8, rope_type="split")
-        vae = AutoencoderKLLTX2Video(latent_channels=16, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
-                                     layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
-                                     decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8).eval()
+            audio_connector_num_learnable_registers=8, rope_type="split", **modality)
+        if later:
+            vae = AutoencoderKLLTX2Video(
+                latent_channels=16, block_out_channels=(8, 16, 32, 32), decoder_block_out_channels=(8, 16, 16, 32),
+                layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+                decoder_spatio_temporal_scaling=(True,) * 4, decoder_inject_noise=(False,) * 5,
+                upsample_type=("spatiotemporal", "spatiotemporal", "temporal", "spatial"), upsample_residual=(False,) * 4,
+                upsample_factor=(2, 2, 1, 2), decoder_causal=False, decoder_spatial_padding_mode="zeros",
+                spatial_compression_ratio=32, temporal_compression_ratio=8).eval()
+        else:
+            vae = AutoencoderKLLTX2Video(latent_channels=16, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
+                                         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                                         decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8).eval()
         audio_vae = AutoencoderKLLTX2Audio(base_channels=audio_width, latent_channels=4, mel_bins=16, num_res_blocks=1).eval()
         with torch.no_grad():  # per-channel statistics of the VAEs' own encodings, as the released ones were measured
             latents = torch.cat([vae.encode(clip).latent_dist.mean for clip in clips])
@@ -331,13 +384,24 @@ class LTX2Family(ModelFamily):
             packed = torch.cat([audio_vae.encode(m[None]).latent_dist.mean.transpose(1, 2).flatten(2, 3)[0] for m in mels])
             audio_vae.latents_mean.copy_(packed.mean(0))
             audio_vae.latents_std.copy_(packed.std(0))
+        newer = dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True,
+                     use_prompt_embeddings=False, perturbed_attn=True) if later else {}
+        if name == "ltx-2.5":
+            newer.update(ff_bias=False, use_keyframes_abs_pos_embedding=True)
         transformer = LTX2VideoTransformer3DModel(
             in_channels=16, out_channels=16, num_attention_heads=heads or 2, attention_head_dim=16, cross_attention_dim=32,
             audio_in_channels=audio_width, audio_out_channels=audio_width, audio_num_attention_heads=2,
             audio_attention_head_dim=16, audio_cross_attention_dim=32, num_layers=layers, caption_channels=width,
-            rope_type="split")
-        vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=16, upsample_kernel_sizes=[12, 10, 16],
-                              upsample_factors=[6, 5, 8], resnet_kernel_sizes=[3], resnet_dilations=[[1]])
+            rope_type="split", **newer)
+        if later:
+            vocoder = LTX2VocoderWithBWE(
+                in_channels=2 * 16, hidden_channels=64, upsample_kernel_sizes=[11, 4, 4, 4, 4, 4], upsample_factors=[5, 2, 2, 2, 2, 2],
+                resnet_kernel_sizes=[3], resnet_dilations=[[1]], bwe_in_channels=2 * 16, bwe_hidden_channels=32,
+                bwe_upsample_kernel_sizes=[12, 11, 4, 4, 4], bwe_upsample_factors=[6, 5, 2, 2, 2], bwe_resnet_kernel_sizes=[3],
+                bwe_resnet_dilations=[[1]], num_mel_channels=16)
+        else:
+            vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=16, upsample_kernel_sizes=[12, 10, 16],
+                                  upsample_factors=[6, 5, 8], resnet_kernel_sizes=[3], resnet_dilations=[[1]])
         scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
                                                     base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
         return LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=gemma,
@@ -350,13 +414,15 @@ class LTX2Family(ModelFamily):
     text_tokens = MAX_SEQUENCE_LENGTH
 
     def estimate_release(self, base: str) -> tuple[str, dict[str, dict]]:
-        """(Hub id, its parts' configs): the one release, whatever `base` names."""
-        return RELEASE_NAME, RELEASE
+        """(Hub id, its parts' configs): `base` when it is a released model, else this model type's release."""
+        name = base if base in RELEASES else DEFAULT_RELEASE[self.config.model_type]
+        return name, RELEASES[name]
 
     def _estimate_text(self, batch: int, cfg: dict) -> torch.Tensor:
-        width = cfg.get("caption_channels", 3840)  # the connectors' output (their width is Gemma's)
-        row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, width), torch.zeros(MAX_SEQUENCE_LENGTH, width),
-                         torch.ones(MAX_SEQUENCE_LENGTH))
+        """Cached rows as the connectors make them: video and audio embeddings as wide as the transformer takes them
+        (2.0: the caption width for both; 2.3 on: the video and audio cross-attention widths)."""
+        video, audio = _text_widths(cfg)
+        row = pack(torch.zeros(MAX_SEQUENCE_LENGTH, video), torch.zeros(MAX_SEQUENCE_LENGTH, audio), torch.ones(MAX_SEQUENCE_LENGTH))
         return row.expand(batch, -1).clone()
 
     def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
@@ -367,66 +433,33 @@ class LTX2Family(ModelFamily):
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1, guidance off)."""
         f, h, w = latent
-        width = cfg.get("caption_channels", 3840)
+        video, audio = _text_widths(cfg)
         steps = self.audio_steps((f - 1) * self.temporal_factor + 1, self.fps)
         return {"hidden_states": torch.empty(1, f * h * w, cfg["in_channels"], dtype=dtype),
                 "audio_hidden_states": torch.empty(1, steps, cfg.get("audio_in_channels", 128), dtype=dtype),
-                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, width, dtype=dtype),
-                "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, width, dtype=dtype),
-                "timestep": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
+                "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, video, dtype=dtype),
+                "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, audio, dtype=dtype),
+                "timestep": torch.empty(1), "sigma": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
                 "audio_encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH), "num_frames": f, "height": h,
                 "width": w, "fps": self.fps, "audio_num_frames": steps}
 
     def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
+        import transformers
         from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
         from .fake_memory import init_kwargs
 
+        gemma = getattr(transformers, self.version.text_encoder)
+        name = "Gemma 4" if "Gemma4" in self.version.text_encoder else "Gemma 3"
         with torch.device("meta"):
-            return [("Gemma 3", Gemma3ForConditionalGeneration(Gemma3Config(**configs["text_encoder"]))),
+            return [(name, gemma(gemma.config_class(**configs["text_encoder"]))),
                     ("connectors", LTX2TextConnectors(**init_kwargs(configs["connectors"], LTX2TextConnectors)))]
 
 
-# --- the released model, for `motiontune estimate` on a Hub id not on this machine ---------------------------------
-RELEASE_NAME = "Lightricks/LTX-2"
-RELEASE = {
-    # Lightricks/LTX-2 transformer/config.json (the 19B dev model)
-    "transformer": {"in_channels": 128, "out_channels": 128, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 32,
-                    "attention_head_dim": 128, "cross_attention_dim": 4096, "vae_scale_factors": [8, 32, 32],
-                    "pos_embed_max_pos": 20, "base_height": 2048, "base_width": 2048, "audio_in_channels": 128,
-                    "audio_out_channels": 128, "audio_patch_size": 1, "audio_patch_size_t": 1,
-                    "audio_num_attention_heads": 32, "audio_attention_head_dim": 64, "audio_cross_attention_dim": 2048,
-                    "audio_scale_factor": 4, "audio_pos_embed_max_pos": 20, "audio_sampling_rate": 16000,
-                    "audio_hop_length": 160, "num_layers": 48, "activation_fn": "gelu-approximate",
-                    "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False, "norm_eps": 1e-06,
-                    "caption_channels": 3840, "attention_bias": True, "attention_out_bias": True, "rope_theta": 10000.0,
-                    "rope_double_precision": True, "causal_offset": 1, "timestep_scale_multiplier": 1000,
-                    "cross_attn_timestep_scale_multiplier": 1000, "rope_type": "split"},
-    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 128, "block_out_channels": [256, 512, 1024, 2048],
-            "decoder_block_out_channels": [256, 512, 1024], "layers_per_block": [4, 6, 6, 2, 2],
-            "decoder_layers_per_block": [5, 5, 5, 5], "spatio_temporal_scaling": [True, True, True, True],
-            "decoder_spatio_temporal_scaling": [True, True, True], "downsample_type": ["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
-            "patch_size": 4, "patch_size_t": 1, "encoder_causal": True, "decoder_causal": False, "scaling_factor": 1.0,
-            "spatial_compression_ratio": 32, "temporal_compression_ratio": 8, "timestep_conditioning": False},
-    "audio_vae": {"base_channels": 128, "output_channels": 2, "ch_mult": [1, 2, 4], "num_res_blocks": 2, "in_channels": 2,
-                  "resolution": 256, "latent_channels": 8, "norm_type": "pixel", "causality_axis": "height",
-                  "mid_block_add_attention": False, "sample_rate": 16000, "mel_hop_length": 160, "is_causal": True,
-                  "mel_bins": 64},
-    "connectors": {"caption_channels": 3840, "text_proj_in_factor": 49, "video_connector_num_attention_heads": 30,
-                   "video_connector_attention_head_dim": 128, "video_connector_num_layers": 2,
-                   "video_connector_num_learnable_registers": 128, "audio_connector_num_attention_heads": 30,
-                   "audio_connector_attention_head_dim": 128, "audio_connector_num_layers": 2,
-                   "audio_connector_num_learnable_registers": 128, "connector_rope_base_seq_len": 4096},
-    # google/gemma-3-12b-it: Gemma 3 12B with its SigLIP vision tower (48 layers + the embeddings = the connectors' 49)
-    "text_encoder": {"text_config": {"vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360,
-                                     "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8,
-                                     "head_dim": 256, "sliding_window": 1024, "query_pre_attn_scalar": 256,
-                                     "rope_theta": 1000000.0},
-                     "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-                                       "num_attention_heads": 16, "image_size": 896, "patch_size": 14},
-                     "mm_tokens_per_image": 256},
-}
+# --- the released models' configs, for `motiontune estimate` on a Hub id not on this machine (sources in the file) --
+_RELEASE_DATA = json.loads((Path(__file__).parent / "releases" / "ltx2.json").read_text())
+RELEASES, DEFAULT_RELEASE = _RELEASE_DATA["releases"], _RELEASE_DATA["default_release"]
+RELEASE = RELEASES["Lightricks/LTX-2"]
 
 # diffusers name → original (ltx-core / ComfyUI) name, in the order they apply (diffusers' converter in reverse)
 _TO_ORIGINAL = (("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_proj"),
@@ -458,6 +491,33 @@ def original_connector_name(name: str) -> str:
     the text projection before them (`text_proj_in`) is the text encoder's there, not the transformer's."""
     modality, rest = name.split("_connector.", 1)
     return f"{modality}_embeddings_connector." + original_name(rest.replace("transformer_blocks.", "transformer_1d_blocks."))
+
+
+def _text_widths(transformer_config: dict) -> tuple[int, int]:
+    """The widths of the cached video and audio text embeddings: the caption width for both in 2.0 (the transformer
+    projects them), the video and audio cross-attention widths from 2.3 on (the connectors project them)."""
+    if transformer_config.get("use_prompt_embeddings", True):
+        return (transformer_config.get("caption_channels", 3840),) * 2
+    return transformer_config["cross_attention_dim"], transformer_config["audio_cross_attention_dim"]
+
+
+def _tiny_gemma(gemma4: bool, width: int):
+    """A tiny Gemma 3 (with its vision tower, as LTX-2 and 2.3 use it) or Gemma 4 (LTX-2.5's, text only)."""
+    text = dict(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=2048, sliding_window=256, pad_token_id=0,
+                eos_token_id=1, bos_token_id=1)
+    if gemma4:
+        from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+        return Gemma4UnifiedForConditionalGeneration(Gemma4UnifiedConfig(
+            text_config=dict(text, global_head_dim=16), vision_config=None, audio_config=None)).eval()
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(text, query_pre_attn_scalar=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255)).eval()
 
 
 @functools.cache

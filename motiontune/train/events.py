@@ -56,7 +56,9 @@ class Events:
                                    training.scheduler.get_last_lr()[0], position.step)
         for name, value in parts.items():
             self.writer.add_scalar(name, value.item(), position.step)
-        self.bar.set_postfix(loss=f"{self.result.final_loss:.4f}", epoch=epoch + 1, refresh=False)
+        # a family's sound has its own loss in the line (it is added into `loss`, times audio_loss_weight)
+        audio = {"audio": f"{parts['loss/audio'].item():.4f}"} if "loss/audio" in parts else {}
+        self.bar.set_postfix(loss=f"{self.result.final_loss:.4f}", **audio, epoch=epoch + 1, refresh=False)
         self.bar.update()
         self.progress_file.update(position.step, epoch + 1, self.result.final_loss)
         self.after("STEP", position.step, position)

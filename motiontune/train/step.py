@@ -52,6 +52,11 @@ class ExpertTraining:
         return self.max_steps is not None and self.steps >= self.max_steps
 
 
+def trains_audio(family: ModelFamily, config: TrainConfig) -> bool:
+    """Whether the run denoises and learns the clips' sound: a family that generates it, unless `train_audio` is off."""
+    return bool(family.AUDIO_SAMPLE_RATE) and config.train_audio
+
+
 def noise_plan(config: TrainConfig, experts: list[Expert]) -> dict[str, NoiseSpan]:
     """Each trained transformer's noise levels: its share (routing), its own range (`transformer.min_noising_strength`
     ...) and the run's (`min_noising_strength` ...), cut or rescaled as `noising_strength_mode` says. Raises
@@ -108,6 +113,7 @@ class Step:
             "frame_dropout": torch.Generator().manual_seed(seed + 2),
             "conditioning": torch.Generator().manual_seed(seed + 3),
             "mask": torch.Generator().manual_seed(seed + 4),  # masked training: which samples train unmasked
+            "audio_sigma": torch.Generator().manual_seed(seed + 5),  # the audio's own noise levels (INDEPENDENT)
         }
         # FLOAT_16's narrow range: the loss is scaled up so small gradients do not flush to zero
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train_dtype == "FLOAT_16")
@@ -116,7 +122,7 @@ class Step:
         self.half = half is not None
         weight = config.video_config.temporal_consistency_weight
         self.part_names = (["loss/flow"] + (["loss/temporal_consistency"] if weight > 0 else [])
-                           + (["loss/audio"] if family.AUDIO_SAMPLE_RATE else []))
+                           + (["loss/audio"] if trains_audio(family, config) else []))
         self.trained_here = Counter()  # samples each expert received on this rank since the last optimizer step
         self.text_side_name = text_trainings[0].expert.name if text_trainings else ""
         self.nonfinite_in_a_row = 0
@@ -200,7 +206,7 @@ class Step:
                 )
                 if sound is not None:  # the audio's flow loss beside the video's, over the clips that have sound
                     audio = audio_loss(audio_prediction, audio_target, sound[2][rows], weights)
-                    part_loss = part_loss + audio
+                    part_loss = part_loss + config.audio_loss_weight * audio
                     part_parts["loss/audio"] = audio.detach()
                 # FSDP averages gradients over ranks; the weights above need their sum
                 scale = share * (ranks.world_size if ranks.sharded else 1) / config.gradient_accumulation_steps
@@ -230,19 +236,26 @@ class Step:
                 torch.where(where, predicted_x0(noisy.float(), frozen.float(), sigma).to(x0.dtype), x0), audio_target)
 
     def _sound(self, clips: list, batch: list[int], sigma: torch.Tensor):
-        """(Sound, audio target, (B,) which clips have sound) for a family that generates sound, else None. The clips
-        that have sound are noised at the video's noise level, as the stock pipeline denoises both together; one
-        without sound is given pure noise at level 1 (what the pipeline's first step shows the transformer), and
-        the loss leaves its audio out, so it trains the video alone."""
-        if not self.family.AUDIO_SAMPLE_RATE:
+        """(Sound, audio target, (B,) which clips have sound) for a family that generates sound and a run that trains
+        it (`train_audio`), else None. The clips that have sound are noised at a level of their own (`audio_noise_level`
+        INDEPENDENT: drawn from the run's distribution apart from the video's, as LTX-2's trainer draws each modality)
+        or at the video's (SHARED). One without sound is given pure noise at level 1 (what the pipeline's first step
+        shows the transformer), and the loss leaves its audio out, so it trains the video alone."""
+        if not trains_audio(self.family, self.config):
             return None
+        config = self.config
         audio = [clips[i].audio for i in batch]
         present = torch.tensor([a is not None for a in audio], device=self.device)
         frames = len(clips[batch[0]].timestamps)
         shape = next((a.shape for a in audio if a is not None), None) or self.family.audio_latent_shape(
-            frames, sampling_grid(self.config, self.family)[0])
+            frames, sampling_grid(config, self.family)[0])
         x0 = torch.stack([torch.zeros(shape) if a is None else a for a in audio]).to(self.device)
         noise = torch.randn(x0.shape, generator=self.generators["noise"], device=self.device, dtype=x0.dtype)
+        if config.audio_noise_level == "INDEPENDENT":
+            # drawn for every row, sound or not, so the numbers drawn do not depend on which clips have sound
+            sigma = sample_spans(len(batch), list(self.spans.values()), config.timestep_distribution,
+                                 config.timestep_shift, self.generators["audio_sigma"], normal_mean=config.noising_bias,
+                                 normal_scale=1.0 + config.noising_weight).to(self.device)
         level = torch.where(present, sigma, torch.ones_like(sigma))
         return Sound(noisy_latents(x0, noise, level), level), flow_target(x0, noise), present
 

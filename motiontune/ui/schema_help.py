@@ -212,7 +212,7 @@ GROUPS = {
                  "timestep_shift", "noising_weight", "noising_bias", "min_noising_strength", "max_noising_strength",
                  "noising_strength_mode", "max_nonfinite_steps", "compile", "masked_training", "unmasked_probability",
                  "unmasked_weight", "normalize_masked_area_loss", "embedding", "additional_embeddings", "embedding_learning_rate",
-                 "preserve_embedding_norm", "embedding_weight_dtype"],
+                 "preserve_embedding_norm", "embedding_weight_dtype", "train_audio", "audio_loss_weight", "audio_noise_level"],
     "sampling": ["sample_after", "sample_after_unit", "samples"],
     "backup": ["backup_after", "backup_after_unit", "rolling_backup", "rolling_backup_count", "backup_before_save",
                "save_every", "save_every_unit", "continue_last_backup"],
