@@ -346,7 +346,9 @@ def _held(page, pattern: str) -> list:
 
 
 def _wait_held(page, held: list, count: int = 1) -> None:
+    deadline = time.monotonic() + 120  # a bound for a page that never asks, not a timing the test relies on
     while len(held) < count:  # the route handler runs while Playwright waits: a state, not a delay
+        assert time.monotonic() < deadline, "the page never sent the request"
         page.wait_for_timeout(20)
 
 
