@@ -213,13 +213,19 @@ def comfy_updates(entries: dict) -> dict:
     return updates
 
 
-def stock_transformer(model_type: str, model: Path, expert: str = "transformer"):
+def transformer_class(model_type: str):
+    """The diffusers class of the model type's transformer (WAN's depends on the model type: VACE has its own)."""
     import diffusers
 
-    from motiontune.models.registry import family_class
+    from motiontune.config import TrainConfig
+    from motiontune.models.registry import family_for
 
-    cls = getattr(diffusers, family_class(model_type).transformer_class_name)
-    return cls.from_pretrained(model, subfolder=expert)
+    family = family_for(TrainConfig.model_validate({"model_type": model_type, "concepts": [{"path": "."}]}), None)
+    return getattr(diffusers, family.transformer_class_name)
+
+
+def stock_transformer(model_type: str, model: Path, expert: str = "transformer"):
+    return transformer_class(model_type).from_pretrained(model, subfolder=expert)
 
 
 # --- convert --------------------------------------------------------------------------------------------------------
@@ -287,12 +293,10 @@ def test_merge_equals_fuse_lora_and_the_single_file_loads_back(model_type, loras
     diffusers cannot read a single file of it, so the folder only)."""
     import diffusers
 
-    from motiontune.models.registry import family_class
-
     model, files = loras(model_type)
     path = files["COMFY_LORA"][-1]  # WAN 2.2 A14B: the low-noise expert's, into the second transformer
     expert = "transformer_2" if path.stem.endswith("_low_noise") else "transformer"
-    cls = getattr(diffusers, family_class(model_type).transformer_class_name)
+    cls = transformer_class(model_type)
     common = ("--base", model, "--model-type", model_type)
     assert run(capsys, "merge", path, "--out", tmp_path / "merged", *common)[0] == 0
     merged = plain_weights(cls.from_pretrained(tmp_path / "merged"))

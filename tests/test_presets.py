@@ -46,7 +46,7 @@ PRESETS = sorted(PRESETS_DIR.glob("*.json"))
 
 # the smallest training size of each family: VAE compression × patch size (TI2V-5B's VAE is 16×, patch 2; LTX-2's
 # VAE is 32× and its decoder needs two latent pixels a side)
-RESOLUTION = {"wan-2.2-ti2v-5b": 64, "ltx-2": 64}
+RESOLUTION = {"wan-2.2-ti2v-5b": 64, "ltx-2": 64, "ltx-2.3": 64, "ltx-2.5": 64}
 VIDEO_FRAMES = 5  # a 4n+1 count: two latent frames
 SAMPLE_STEPS = 2
 EPOCHS = 2

@@ -134,7 +134,7 @@ class Kandinsky5Family(ModelFamily):
             latents = torch.cat([latents, first], dim=1)
         return latents[0].to("cpu")
 
-    def split_conditioning(self, stored, generator, image_embeds=None):
+    def split_conditioning(self, stored, generator, image_embeds=None, extras=None):
         """Image-to-video: the clean first latent frame is given and left out of the loss."""
         if not self.is_i2v:
             return stored, None
