@@ -234,7 +234,9 @@ class Runs:
             "scalars": self.scalars(folder),
             "samples": samples(folder, config, result),
             "backups": backups(folder),
-            "saves": sorted(str(p) for p in (folder / "save").iterdir()) if (folder / "save").is_dir() else [],
+            # a save being written is a hidden temporary until its rename: not listed (nor downloaded half-written)
+            "saves": sorted(str(p) for p in (folder / "save").iterdir() if not p.name.startswith("."))
+                     if (folder / "save").is_dir() else [],
             "outputs": outputs,
             "result": result,
             "requests": train_requests.answers(folder),
