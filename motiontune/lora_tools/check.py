@@ -9,9 +9,7 @@ with the weight's shape."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 from .lora_file import COMFY_PREFIX, DIFFUSERS_PREFIX, Entry, LoraFile, as_meta
@@ -63,18 +61,11 @@ class CheckReport:
         return not any(loader.applies and loader.skipped for loader in self.loaders)
 
 
-@contextlib.contextmanager
 def _quiet_diffusers():
     """diffusers' warnings about the keys it drops are what this check reports, per key."""
-    logger = logging.getLogger("diffusers")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    from ..models.fake_memory import quiet
+
+    return quiet("diffusers", logging.CRITICAL)
 
 
 SHAPE_MISMATCHES = ("does not fit", "its update is")

@@ -109,11 +109,12 @@ def storage_bytes(tensors) -> int:
 
 
 @contextlib.contextmanager
-def quiet():
-    """peft and diffusers chatter (and the trainer's own info lines) while models are built for counting."""
-    logger = logging.getLogger("motiontune")
+def quiet(logger_name: str = "motiontune", least: int = logging.WARNING):
+    """peft and diffusers chatter (and the named logger's lines below `least`: by default the trainer's own info
+    lines) while models are built for counting or checking."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(least)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
