@@ -672,6 +672,85 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     page.close()
 
 
+def _gallery(root: Path) -> dict[str, Path]:
+    """A workspace of two finished runs with samples of two prompts at several steps; each video has its own width,
+    so the page can be asked which file it plays. Run b samples at other steps than run a, and only one prompt."""
+    import numpy as np
+
+    from motiontune.data.video import write_video
+
+    widths = iter(range(64, 64 + 16 * 10, 16))
+    runs = {}
+    for name, prompts, names in (("a", ["a red ball", "a blue cube"], ["step2-0", "step4-0", "step6-0", "step2-1", "step6-1"]),
+                                 ("b", ["a red ball"], ["step3-0", "step5-0"])):
+        folder = root / "gallery" / "runs" / name
+        (folder / "samples").mkdir(parents=True)
+        (folder / "run-config.json").write_text(json.dumps({"model_type": "WAN_2_1", "samples": [{"prompt": p} for p in prompts]}))
+        for stem in names:
+            width = next(widths)
+            frames = np.full((3, 48, width, 3), (width * 3) % 255, dtype=np.uint8)
+            write_video(folder / "samples" / f"{stem}.mp4", frames, fps=8)
+            (folder / "samples" / f"{stem}.width").write_text(str(width))
+        runs[name] = folder
+    os.utime(runs["a"] / "run-config.json", (1, 1))  # a is the older run: b is listed first
+    return runs
+
+
+def _playing_width(figure) -> int:
+    """The width of the video a figure plays, once the browser has decoded its first frame."""
+    figure.locator("video").evaluate("v => new Promise(done => v.readyState >= 2 ? done() : v.addEventListener('loadeddata', done, { once: true }))")
+    return figure.locator("video").evaluate("v => v.videoWidth")
+
+
+def test_samples_over_time_slide_across_steps_and_sit_beside_the_compared_run(ui):
+    """Per prompt, a slider walks the run's samples in step order (the newest shown until it is moved), and the
+    run compared on the chart shows its sample of the same prompt at the nearest step beside it."""
+    from playwright.sync_api import expect
+
+    runs = _gallery(ui.root)
+    width = lambda run, stem: int((runs[run] / "samples" / f"{stem}.width").read_text())
+    page = ui.page()
+    page.click("#tab-training")
+    page.fill("#watch-path", str(ui.root / "gallery"))
+    page.click("#watch")
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2)
+    page.locator(f'#runs-table tr[data-path="{runs["a"]}"] td').first.click()
+    expect(page.locator("#run-id")).to_have_text("a")
+    rows = page.locator("#samples .prompt-samples")
+    expect(rows).to_have_count(2)
+    ball, cube = rows.nth(0), rows.nth(1)
+    expect(ball).to_have_attribute("data-prompt", "a red ball")
+    expect(cube).to_have_attribute("data-prompt", "a blue cube")
+    expect(ball.locator("output")).to_have_text("step 6 · 3 of 3")  # the newest first
+    assert _playing_width(ball.locator("figure.this-run")) == width("a", "step6-0")
+    slider = ball.locator("input.sample-step")
+    for value, stem in ((0, "step2-0"), (1, "step4-0")):
+        slider.fill(str(value))
+        expect(ball.locator("output")).to_have_text(f"step {stem[4]} · {value + 1} of 3")
+        assert _playing_width(ball.locator("figure.this-run")) == width("a", stem)
+    expect(ball.locator("figure.compared-run")).to_have_count(0)  # nothing compared yet
+    ui.shot(page, "8-samples-over-time")
+
+    # compared with run b: its sample of the same prompt nearest step 4 (3 and 5 are as near: the earlier), none for
+    # the prompt b never sampled; the slider stays where it was put across polls
+    page.locator(f'#runs-table tr[data-path="{runs["b"]}"] input.compare').check()
+    compared = ball.locator("figure.compared-run")
+    expect(compared).to_contain_text("b · step 3")
+    expect(ball.locator("figure.this-run")).to_contain_text("a · step 4")
+    assert _playing_width(compared) == width("b", "step3-0")
+    expect(cube.locator("figure.compared-run")).to_have_count(0)
+    slider.fill("2")
+    expect(compared).to_contain_text("b · step 5")
+    assert _playing_width(compared) == width("b", "step5-0")
+    page.keyboard.press("Home")  # the slider is a keyboard control too
+    expect(ball.locator("output")).to_have_text("step 2 · 1 of 3")
+    expect(compared).to_contain_text("b · step 3")
+    ui.shot(page, "8-samples-side-by-side")
+    page.locator(f'#runs-table tr[data-path="{runs["b"]}"] input.compare').uncheck()
+    expect(compared).to_have_count(0)
+    page.close()
+
+
 def test_no_page_scrolls_sideways_at_390_px(ui):
     from playwright.sync_api import expect
 

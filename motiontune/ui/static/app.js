@@ -950,6 +950,70 @@ const link = (path, text) => el("a", { href: `/api/file?path=${encodeURIComponen
 // a model file is downloaded under its own name (a browser cannot show it)
 const download = (path) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, download: path.split(/[\\/]/).pop() }, path);
 
+// Samples over time: one row per prompt, a slider across the steps it was sampled at (it follows the newest until
+// moved), and the compared run's sample of the same prompt at the nearest step beside it.
+let shownSamples = null; // the last run and compared run rendered, for a slider moved between polls
+function samplesByPrompt(samples) {
+  const rows = new Map(); // a prompt's text, or its place in `samples` when it has none -> its samples by step
+  for (const sample of samples) {
+    const key = sample.prompt || (sample.index !== null ? `sample ${sample.index + 1}` : sample.name);
+    if (!rows.has(key)) rows.set(key, []);
+    rows.get(key).push(sample);
+  }
+  const order = (s) => s.step ?? s.epoch ?? Infinity;
+  for (const list of rows.values()) list.sort((a, b) => order(a) - order(b) || a.modified - b.modified);
+  return rows;
+}
+const sampleWhen = (s) => (s.step !== null ? `step ${s.step}` : s.epoch !== null ? `epoch ${s.epoch}` : s.name) + (s.asked ? " (asked for)" : "");
+function showSample(figure, sample, runId) {
+  const url = `${sample.url}&v=${sample.modified}`;
+  const shown = `${url} ${runId}`;
+  if (figure.dataset.shown === shown) return; // a video is replaced only when another file is shown (no flicker each poll)
+  Object.assign(figure.dataset, { shown, path: sample.path, url, name: sample.name, step: sample.step ?? "" });
+  figure.replaceChildren(
+    el("video", { src: url, controls: true, loop: true, muted: true, preload: "auto", playsinline: true }),
+    el("figcaption", {}, el("strong", {}, `${runId ? runId + " · " : ""}${sampleWhen(sample)}`), el("br"),
+      sample.prompt ? `“${sample.prompt}”` : sample.name));
+}
+function renderSamples(run, other) {
+  shownSamples = { run, other };
+  const box = $("#samples");
+  const rows = samplesByPrompt(run.samples);
+  const theirs = other && other.samples ? samplesByPrompt(other.samples) : new Map();
+  for (const row of [...box.querySelectorAll(".prompt-samples")]) if (!rows.has(row.dataset.prompt)) row.remove();
+  [...rows.keys()].forEach((key, place) => {
+    const list = rows.get(key);
+    let row = [...box.querySelectorAll(".prompt-samples")].find((r) => r.dataset.prompt === key);
+    if (!row) {
+      const slider = el("input", { type: "range", min: 0, step: 1, class: "sample-step", "aria-label": `the step shown for “${key}”`,
+        oninput: () => { slider.dataset.follow = +slider.value === +slider.max ? "1" : "0"; renderSamples(shownSamples.run, shownSamples.other); } });
+      slider.dataset.follow = "1";
+      row = el("section", { class: "prompt-samples", dataset: { prompt: key } },
+        el("div", { class: "side-by-side" }, el("figure", { class: "this-run" })),
+        el("label", { class: "sample-slider" }, slider, el("output", {})));
+    }
+    if (box.children[place] !== row) box.insertBefore(row, box.children[place] || null);
+    const slider = row.querySelector("input.sample-step");
+    slider.max = String(list.length - 1);
+    if (slider.dataset.follow === "1" || +slider.value > list.length - 1) slider.value = String(list.length - 1);
+    slider.disabled = list.length < 2;
+    const chosen = list[+slider.value];
+    showSample(row.querySelector("figure.this-run"), chosen, other ? run.id : "");
+    row.querySelector("output").textContent = `${sampleWhen(chosen)} · ${+slider.value + 1} of ${list.length}`;
+    // the compared run's sample of this prompt nearest the step shown (its runs may sample at other steps)
+    const mine = chosen.step ?? chosen.epoch ?? 0;
+    const candidates = theirs.get(key) || [];
+    const nearest = candidates.reduce((best, s) => (best && Math.abs((best.step ?? best.epoch ?? 0) - mine) <= Math.abs((s.step ?? s.epoch ?? 0) - mine) ? best : s), null);
+    let compared = row.querySelector("figure.compared-run");
+    if (!nearest) { if (compared) compared.remove(); return; }
+    if (!compared) row.querySelector(".side-by-side").append(compared = el("figure", { class: "compared-run" }));
+    showSample(compared, nearest, other.id);
+  });
+  const none = box.querySelector(".none");
+  if (!rows.size && !none) box.append(el("p", { class: "none hint" }, "no samples yet"));
+  if (rows.size && none) none.remove();
+}
+
 function renderRun(run, other) {
   state.run = run.workspace ? run : null;
   updateButtons();
@@ -1004,24 +1068,7 @@ function renderRun(run, other) {
   drawChart($("#lr-chart"), lrLines, "learning rate");
   $("#loss-chart").dataset.compared = String(other && other.scalars && other.scalars.loss ? other.scalars.loss.length : 0);
 
-  const samples = $("#samples");
-  const present = new Set(run.samples.map((s) => s.path));
-  for (const figure of [...samples.children]) if (!present.has(figure.dataset.path)) figure.remove();
-  for (const sample of run.samples) {
-    const url = `${sample.url}&v=${sample.modified}`;
-    let figure = samples.querySelector(`figure[data-path="${CSS.escape(sample.path)}"]`);
-    if (figure && figure.dataset.url !== url) { figure.remove(); figure = null; }
-    if (!figure) {
-      const when = sample.step !== null ? `step ${sample.step}` : sample.epoch !== null ? `epoch ${sample.epoch}` : sample.name;
-      figure = el("figure", { dataset: { path: sample.path, url, name: sample.name, step: sample.step ?? "" } },
-        el("video", { src: url, controls: true, loop: true, muted: true, preload: "auto", playsinline: true }),
-        el("figcaption", {}, el("strong", {}, when + (sample.asked ? " (asked for)" : "")), el("br"),
-          sample.prompt ? `“${sample.prompt}”` : sample.name));
-      samples.prepend(figure);
-    }
-  }
-  if (!run.samples.length && !samples.querySelector(".none")) samples.append(el("p", { class: "none hint" }, "no samples yet"));
-  if (run.samples.length) for (const none of samples.querySelectorAll(".none")) none.remove();
+  renderSamples(run, other);
   $("#backups").replaceChildren(...run.backups.map((backup) => el("li", { dataset: { name: backup.name } },
     "backup ", link(`${backup.path}/backup.json`, backup.name), backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
   if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "no backups yet"));
