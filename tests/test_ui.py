@@ -458,22 +458,79 @@ def test_find_a_key_shows_every_offloading_key_across_groups(ui):
 
     from motiontune.ui.schema_help import schema_keys, ui_schema
 
-    wanted = {".".join(map(str, path)) for path, prop in schema_keys(ui_schema())
-              if "offload" in ".".join(map(str, path)) and 0 not in path and "properties" not in prop}
+    from motiontune.configure import keys_that_do_not_apply, validate
+
+    offloading = {".".join(map(str, path)) for path, prop in schema_keys(ui_schema())
+                  if "offload" in ".".join(map(str, path)) and 0 not in path and "properties" not in prop}
+    unused = keys_that_do_not_apply(validate(ui.config()))  # WAN 2.1 has no second expert: transformer_2's keys
+    wanted = {key for key in offloading if key.split(".")[0] not in unused}
+    assert wanted and wanted != offloading, (wanted, unused)
     page = ui.page()
     ui.load(page, ui.config(), "search.json")
     page.click("#group-training")
     page.fill("#key-search", "offload")
     expect(page.locator("#key-search-count")).to_contain_text("key(s) found")
+    expect(page.locator("#key-search-count")).to_contain_text(f"and {len(offloading - wanted)} that do not apply")
     shown = set(page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)"))
     assert wanted <= shown, wanted - shown
     assert all("offload" in key or "offload" in page.locator(f'.field[data-path="{key}"] .help').text_content().lower()
                for key in shown)  # the rest say it in their help (CPU_OFFLOADED checkpointing)
+    assert page.locator("#key-search-count").text_content().startswith(f"{len(shown)} key(s) found, and ")
+    page.check("#show-inapplicable")  # every offloading key, those of the model's absent second expert too
+    expect(page.locator("#key-search-count")).not_to_contain_text("do not apply")
+    shown = set(page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)"))
+    assert offloading <= shown, offloading - shown
     assert page.locator("#key-search-count").text_content() == f"{len(shown)} key(s) found"
+    page.uncheck("#show-inapplicable")
     print(f"'offload' finds {len(shown)} keys: {sorted(shown)}")
     page.fill("#key-search", "")
     expect(page.locator('#config-form .group[data-group="training"]')).to_be_visible()
     expect(page.locator('#config-form .group[data-group="model"]')).to_be_hidden()
+    page.close()
+
+
+def test_keys_the_model_and_method_never_read_are_hidden_until_asked_for(ui):
+    """WAN 2.1 LoRA: the sound keys, LoKr's, the second expert's, guidance and the first/last-frame keys are hidden
+    (a note says how many and why); LTX-2 brings the sound keys back, FINE_TUNE hides the LoRA keys; "show them"
+    shows each with the reason; a key set in the file stays shown whatever it is."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(), "applies.json")
+    field = lambda key: page.locator(f'#config-form .field[data-path="{key}"]')
+    unused = re.compile(r"\binapplicable\b")
+    for key in ("train_audio", "audio_loss_weight", "lokr_dim", "boundary_ratio", "guidance_scale",
+                "last_frame_conditioning_probability", "transformer_2.offload_fraction", "samples.0.last_image"):
+        expect(field(key)).to_have_class(unused)
+    for key in ("lora_rank", "learning_rate", "transformer.offload_fraction", "samples.0.prompt", "video_config.max_frames"):
+        expect(field(key)).not_to_have_class(unused)
+    expect(page.locator('#config-form details[data-path="transformer_2"]')).to_have_class(unused)
+    expect(page.locator("#inapplicable-note")).to_contain_text("do not apply to WAN_2_1_T2V with LORA")
+    hidden_for_wan = int(page.locator("#inapplicable-note span").text_content().split()[0])
+    group_of = lambda key: page.click("#group-" + field(key).evaluate("f => f.closest('.group').dataset.group"))
+    group_of("model_type")
+    page.select_option("#field-model_type", "LTX_2")
+    expect(field("train_audio")).not_to_have_class(unused)  # LTX-2 makes sound
+    expect(field("lokr_dim")).to_have_class(unused)
+    group_of("training_method")
+    page.select_option("#field-training_method", "FINE_TUNE")
+    expect(field("lora_rank")).to_have_class(unused)
+    expect(field("lora_rank")).to_be_hidden()
+    page.check("#show-inapplicable")
+    group_of("lora_rank")
+    expect(field("lora_rank")).to_be_visible()
+    assert field("lora_rank").get_attribute("title") == "does not apply: LoRA settings: training_method is FINE_TUNE"
+    ui.shot(page, "3-keys-that-do-not-apply-shown")
+    page.uncheck("#show-inapplicable")
+    expect(field("lora_rank")).to_be_hidden()
+
+    # a value in the file is shown even where it cannot apply (the user sees what the file says)
+    ui.load(page, ui.config(train_audio=False), "applies-set.json")
+    expect(field("train_audio")).not_to_have_class(unused)
+    expect(field("audio_loss_weight")).to_have_class(unused)
+    print(f"WAN 2.1 LoRA: {hidden_for_wan} keys hidden")
     page.close()
 
 

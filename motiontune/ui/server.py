@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, apply_override
+from ..configure import keys_that_do_not_apply
 from ..util.files import write_then_rename
 from .checks import MEDIA, path_problems, validate, warnings
 from .queue import JobQueue
@@ -172,7 +173,9 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         parsed, errors = validate(config)
         paths = path_problems(config) if isinstance(config, dict) else []
         return {"ok": not errors and not paths, "errors": errors + [p for p in paths if p not in errors],
-                "warnings": warnings(parsed)}
+                "warnings": warnings(parsed),
+                # what the chosen model type and method never read: the form hides these while they are unset
+                "not_applicable": keys_that_do_not_apply(parsed) if parsed else {}}
 
     @app.get("/api/working")
     def working():

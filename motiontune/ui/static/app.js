@@ -163,6 +163,38 @@ function applyView() {
   for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = panel.id !== "estimate-panel";
 }
 
+// Keys the chosen model type and method never read (the server says which and why): hidden while they hold their
+// default, so a beginner sees what matters; one set otherwise stays, and the check says what is wrong with it.
+$("#show-inapplicable").addEventListener("change", (e) => {
+  $("#config-form").classList.toggle("show-inapplicable", e.target.checked);
+  if ($("#key-search").value.trim()) applySearch();
+});
+function applyApplicability() {
+  const form = $("#config-form");
+  const rules = Object.entries(state.notApplicable || {}).map(([key, why]) =>
+    [new RegExp(`^${key.replace(/\./g, "\\.").replace(/\*/g, "\\d+")}(\\.|$)`), why]);
+  let hidden = 0;
+  for (const field of form.querySelectorAll(".field[data-path]")) {
+    const rule = rules.find(([pattern]) => pattern.test(field.dataset.path));
+    const value = getPath(state.config, field.dataset.path.split("."));
+    const unused = Boolean(rule) && (value === undefined || JSON.stringify(value) === field.dataset.fallback);
+    field.classList.toggle("inapplicable", unused);
+    if (unused) field.title = `does not apply: ${rule[1]}`; else field.removeAttribute("title");
+    hidden += unused;
+  }
+  // a section goes with its keys: hidden when every key in it is
+  for (const details of [...form.querySelectorAll("details[data-path]")].reverse()) {
+    const ruled = rules.some(([pattern]) => pattern.test(details.dataset.path));
+    const shown = details.querySelector(".field:not(.inapplicable)") !== null;
+    details.classList.toggle("inapplicable", ruled && !shown);
+  }
+  const note = $("#inapplicable-note");
+  note.hidden = !hidden;
+  if ($("#key-search").value.trim()) applySearch(); // a search counts what is hidden apart
+  note.querySelector("span").textContent = `${hidden} key(s) hidden: they do not apply to ${state.config.model_type || "this model"} ` +
+    `with ${state.config.training_method || "LORA"} (show them to read why, on each).`;
+}
+
 // Find a key: every group at once, only the fields whose key or help holds the words typed
 $("#key-search").addEventListener("input", applySearch);
 function applySearch() {
@@ -176,20 +208,23 @@ function applySearch() {
     return;
   }
   for (const box of form.querySelectorAll(".group")) box.hidden = false;
-  let found = 0;
+  let found = 0, unused = 0;
+  const showingUnused = form.classList.contains("show-inapplicable");
   for (const field of form.querySelectorAll(".field")) {
     const text = `${field.dataset.path} ${field.querySelector(".help") ? field.querySelector(".help").textContent : ""}`.toLowerCase();
     const hit = words.every((word) => text.includes(word));
     field.classList.toggle("search-miss", !hit);
-    found += hit;
+    const hidden = field.classList.contains("inapplicable") && !showingUnused;
+    found += hit && !hidden;
+    unused += hit && hidden;
   }
   // a section shows while something inside it matches, opened so the match is seen
   for (const details of [...form.querySelectorAll("details")].reverse()) {
-    const hit = details.querySelector(".field:not(.search-miss)") !== null;
+    const hit = [...details.querySelectorAll(".field:not(.search-miss)")].some((f) => showingUnused || !f.classList.contains("inapplicable"));
     details.classList.toggle("search-miss", !hit);
     if (hit) details.open = true;
   }
-  $("#key-search-count").textContent = `${found} key(s) found`;
+  $("#key-search-count").textContent = `${found} key(s) found` + (unused ? `, and ${unused} that do not apply to this model and method ("show them" below)` : "");
 }
 
 function renderForm() {
@@ -211,6 +246,7 @@ function renderForm() {
   for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
   showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+  applyApplicability();
   applyView();
   if ($("#key-search").value.trim()) applySearch(); // a search stays applied while the form is redrawn
 }
@@ -264,7 +300,7 @@ function renderField(path, prop, parentSchema, parentDefault) {
   }
   if (info.kind === "array") return renderArray(path, prop, info, value, fallback);
 
-  const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path) } });
+  const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path), fallback: JSON.stringify(fallback ?? null) } });
   const id = `field-${pathText(path).replace(/[^A-Za-z0-9_]/g, "-")}`;
   const control = makeControl(path, prop, info, isSet ? value : fallback, fallback, id);
   const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", "aria-label": `${key}: back to the default`, onclick: () => {
@@ -411,7 +447,9 @@ async function validateNow() {
   state.errors = result.errors;
   state.warnings = result.warnings;
   state.valid = result.ok;
+  state.notApplicable = result.not_applicable || {};
   showErrors();
+  applyApplicability();
   updateButtons();
   return result;
 }
