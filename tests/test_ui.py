@@ -68,12 +68,12 @@ def _free_port() -> int:
 class LiveServer:
     """The UI app under uvicorn, in a thread of the test process."""
 
-    def __init__(self, workspace=None, cwd: Path | None = None):
+    def __init__(self, workspace=None, cwd: Path | None = None, browse: list[Path] | None = None):
         import uvicorn
 
         from motiontune.ui import create_app
 
-        self.app = create_app(workspace)
+        self.app = create_app(workspace, browse=browse)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -197,7 +197,7 @@ def ui(chromium, tiny_models, tmp_path_factory):
         shutil.copy(DATA / name, dataset / name)
     (dataset / "shapes_200px_30fps.txt").write_text("moving shapes\n")
     (dataset / "broken.mp4").write_bytes(b"this is not a video" * 10)
-    with LiveServer(root / "home") as server, sync_playwright() as playwright:
+    with LiveServer(root / "home", browse=[root]) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
                                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
         session = Browser(server, browser, root, tiny_models("wan-2.1"), dataset)
@@ -531,6 +531,44 @@ def test_keys_the_model_and_method_never_read_are_hidden_until_asked_for(ui):
     expect(field("train_audio")).not_to_have_class(unused)
     expect(field("audio_loss_weight")).to_have_class(unused)
     print(f"WAN 2.1 LoRA: {hidden_for_wan} keys hidden")
+    page.close()
+
+
+def test_path_pickers_browse_the_allowed_folders_and_fill_the_field(ui):
+    """The … beside a path field lists the folders the UI may browse (here the test's root), folders first; a folder
+    opens, "Choose this folder" takes it, a file is taken with one click; the field is then as if typed."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(concepts=[{"name": "clips", "path": "not/a/folder"}]), "picker.json")
+    page.click("#group-concepts")
+    page.locator('.field[data-path="concepts.0.path"] button.pick').click()
+    picker = page.locator("#picker")
+    expect(picker).to_be_visible()
+    expect(page.locator("#picker-where")).to_have_text("the folders this UI may browse")  # a relative path: from the top
+    expect(page.locator("#picker-list button")).to_have_text([f"📁 {ui.root}/"])
+    page.locator("#picker-list button").first.click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.root))
+    names = page.locator("#picker-list button").all_text_contents()
+    folders = [n for n in names if n.startswith("📁")]
+    assert names[:len(folders)] == folders and "📁 dataset/" in folders and "picker.json" in names, names
+    page.locator("#picker-list button", has_text="📁 dataset/").click()
+    expect(page.locator("#picker-list button")).to_contain_text(["big_buck_bunny_432_433.webm"])
+    page.click("#picker-choose")
+    expect(picker).to_be_hidden()
+    expect(page.locator("#field-concepts-0-path")).to_have_value(str(ui.dataset))
+    ui.kept(lambda kept: kept["concepts"][0]["path"] == str(ui.dataset), "the chosen folder is the config's")
+
+    # a file: one click; the picker opens where the field points
+    page.click("#tab-config")
+    page.fill("#load-path", str(ui.dataset / "shapes_200px_30fps.txt"))
+    page.locator("#load-path + button.pick").click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.dataset))
+    page.locator("#picker-up").click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.root))
+    page.locator("#picker-list button", has_text="picker.json").click()
+    expect(page.locator("#load-path")).to_have_value(str(ui.root / "picker.json"))
+    ui.shot(page, "3-path-picked")
     page.close()
 
 
@@ -1055,6 +1093,36 @@ def test_files_are_served_only_inside_the_workspace_and_output_folders(served_wo
             assert b"SECRET" not in body and b"root:" not in body and b"import" not in body, target
         # the page's own assets are served
         assert server.raw_get("/static/app.js")[0] == 200 and server.raw_get("/")[0] == 200
+
+
+def test_the_pickers_list_only_inside_the_folders_they_may_browse(tmp_path):
+    """Names only, inside the --browse folders: `..` and absolute paths out are refused with what to do, a symlink
+    leading out is not listed, hidden files are not listed, folders come first."""
+    from fastapi.testclient import TestClient
+
+    from motiontune.ui import create_app
+
+    root, outside = tmp_path / "allowed", tmp_path / "outside"
+    (root / "clips" / "a").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("no")
+    (root / "clips" / "b.mp4").write_bytes(b"")
+    (root / "clips" / ".hidden").write_text("")
+    (root / "clips" / "out").symlink_to(outside)
+    (root / "clips" / "inside").symlink_to(root / "clips" / "a")
+    client = TestClient(create_app(tmp_path / "home", browse=[root]), base_url="http://127.0.0.1:8765")
+    assert client.get("/api/browse").json()["entries"] == [{"name": str(root), "path": str(root), "folder": True}]
+    listed = client.get("/api/browse", params={"path": str(root / "clips")}).json()
+    assert [(e["name"], e["folder"]) for e in listed["entries"]] == [("a", True), ("inside", True), ("b.mp4", False)]
+    assert listed["parent"] == str(root)
+    assert client.get("/api/browse", params={"path": str(root)}).json()["parent"] is None  # the top: back to the roots
+    for path in (str(root / ".." / "outside"), str(outside), str(root / "clips" / "out"), "/"):
+        answer = client.get("/api/browse", params={"path": path})
+        assert answer.status_code == 403 and "--browse DIR" in answer.json()["detail"], (path, answer.text)
+    assert client.get("/api/browse", params={"path": str(root / "clips" / "b.mp4")}).status_code == 404
+    # by default: the folder the UI was started in and its workspace (one inside the other: listed once)
+    default = TestClient(create_app(Path.cwd() / "workspace"), base_url="http://127.0.0.1:8765")
+    assert [e["path"] for e in default.get("/api/browse").json()["entries"]] == [str(Path.cwd().resolve())]
 
 
 def test_requests_from_other_sites_or_hosts_are_refused(served_workspace):

@@ -312,7 +312,8 @@ function renderField(path, prop, parentSchema, parentDefault) {
   control.setAttribute("aria-describedby", `${id}-help ${id}-error ${id}-warning`);
   const help = helpBox(prop, info, path, fallback, required);
   help.id = `${id}-help`;
-  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset), help,
+  const picker = JSON.stringify(prop).includes('"x-path":true') ? pickButton(control, pathText(path)) : null;
+  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, picker, reset), help,
     el("div", { class: "error", id: `${id}-error`, dataset: { errorFor: pathText(path) } }),
     el("div", { class: "warning", id: `${id}-warning`, dataset: { warningFor: pathText(path) } }));
   return wrapper;
@@ -1149,3 +1150,51 @@ function renderRun(run, other) {
   document.body.dataset.ready = "1";
 })();
 window.addEventListener("resize", () => { if (state.run) pollRun(); });
+
+// Path pickers: the folders the UI may browse (`motiontune ui --browse`), names only; a folder opens, a file is
+// chosen, "Choose this folder" takes the folder shown. The chosen path goes into the field as if typed.
+let pickerFor = null;
+const pickButton = (input, label) => el("button", { type: "button", class: "pick", title: "browse", "aria-label": `browse for ${label}`,
+  onclick: () => openPicker(input) }, "…");
+async function openPicker(input) {
+  pickerFor = input;
+  $("#picker").showModal();
+  await showFolder(input.value.trim());
+}
+async function showFolder(path) {
+  let listed;
+  try {
+    listed = await api("GET", `/api/browse?path=${encodeURIComponent(path)}`);
+  } catch (error) {
+    const parent = path.replace(/[\\/][^\\/]*[\\/]?$/, "");
+    if (path && error.status === 404 && parent && parent !== path) return showFolder(parent); // a file, or not made yet
+    if (path) return showFolder(""); // outside what may be browsed: from the top
+    $("#picker-where").textContent = error.message;
+    return;
+  }
+  $("#picker").dataset.path = listed.path || "";
+  $("#picker-where").textContent = listed.path || "the folders this UI may browse";
+  $("#picker-up").disabled = !listed.path;
+  $("#picker-choose").disabled = !listed.path;
+  $("#picker-list").replaceChildren(...listed.entries.map((entry) => el("li", {},
+    el("button", { type: "button", dataset: { path: entry.path, folder: entry.folder ? "1" : "" },
+      onclick: () => (entry.folder ? showFolder(entry.path) : choosePath(entry.path)) },
+    entry.folder ? `📁 ${entry.name}/` : entry.name))));
+  if (!listed.entries.length) $("#picker-list").append(el("li", { class: "hint" }, "(empty)"));
+  $("#picker-more").hidden = !listed.more;
+  $("#picker-more").textContent = `and ${listed.more} more: type the path`;
+  $("#picker").dataset.parent = listed.parent || "";
+}
+function choosePath(path) {
+  $("#picker").close();
+  pickerFor.value = path;
+  pickerFor.dispatchEvent(new Event("input", { bubbles: true }));
+  pickerFor.dispatchEvent(new Event("change", { bubbles: true }));
+  pickerFor.focus();
+}
+$("#picker-up").addEventListener("click", () => showFolder($("#picker").dataset.parent));
+$("#picker-choose").addEventListener("click", () => choosePath($("#picker").dataset.path));
+$("#picker-cancel").addEventListener("click", () => $("#picker").close());
+for (const [id, label] of [["#load-path", "a config file"], ["#dataset-folder", "a dataset folder"], ["#watch-path", "a workspace"]]) {
+  $(id).after(pickButton($(id), label));
+}
