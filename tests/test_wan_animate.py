@@ -25,7 +25,7 @@ from test_first_last_frame import SIZE, _frames, _write_clip
 from test_lora_end_to_end import PROMPT, SEEDS, _stock_target_latents
 from test_vace import _edges
 
-EPOCHS = 400  # both clips in each batch
+EPOCHS = 4  # both clips in each batch
 FACE = 16  # the face crops' side (the tiny model's motion encoder reads 16 x 16; the release 512 x 512)
 
 

@@ -71,6 +71,28 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
 ]
 
 
+# Animate's modules beyond WAN's, which the original layout names otherwise (the face adapter fuses key and value)
+_ANIMATE_OWN_LINEARS = ("face_adapter.0.to_q", "face_adapter.0.to_k", "face_adapter.0.to_v", "face_adapter.0.to_out",
+                        "face_encoder.out_proj")
+
+
+def _animate_problems(config) -> list[str]:
+    problems = []
+    if config.masked_training:
+        problems.append("  - masked_training: not built for WAN_2_2_ANIMATE (its latents carry the reference's slot); "
+                        "remove it")
+    if config.output_model_format == "COMFY_TRANSFORMER":
+        problems.append("  - output_model_format = COMFY_TRANSFORMER: the original names of WAN 2.2 Animate's face and "
+                        "motion encoders are not written yet; use DIFFUSERS")
+    filters = [f.strip() for f in config.layer_filter.split(",") if f.strip()]
+    touched = [name for name in _ANIMATE_OWN_LINEARS if any(f in name for f in filters)]
+    if config.output_model_format == "COMFY_LORA" and touched:
+        problems.append(f"  - layer_filter = {config.layer_filter!r} adapts {', '.join(touched)}: COMFY_LORA does not "
+                        "name Animate's face adapter and encoder yet; set output_model_format to DIFFUSERS_LORA, or keep "
+                        "the filter to the blocks (`blocks.`)")
+    return problems
+
+
 def _renamed(module: str, renames: list) -> str:
     for pattern, replacement in renames:
         module, count = re.subn(pattern, replacement, module)
@@ -127,9 +149,8 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def config_problems(cls, config):
-        if config.model_type == "WAN_2_2_ANIMATE" and config.masked_training:
-            return super().config_problems(config) + [
-                "  - masked_training: not built for WAN_2_2_ANIMATE (its latents carry the reference's slot); remove it"]
+        if config.model_type == "WAN_2_2_ANIMATE":
+            return super().config_problems(config) + _animate_problems(config)
         if config.model_type not in A14B_MODEL_TYPES:
             return super().config_problems(config)
         if config.expert_choice() is None:
