@@ -25,7 +25,7 @@ from test_first_last_frame import SIZE, _frames, _write_clip
 from test_lora_end_to_end import PROMPT, SEEDS, _stock_target_latents
 from test_vace import _edges
 
-EPOCHS = 4  # both clips in each batch
+EPOCHS = 400  # both clips in each batch
 FACE = 16  # the face crops' side (the tiny model's motion encoder reads 16 x 16; the release 512 x 512)
 
 
@@ -122,11 +122,12 @@ def test_cached_conditions_are_the_pipelines_own(tiny_models, clips):
     assert torch.allclose(x0[:, :, 0], reference[:, 4:, 0], atol=1e-5) and conditioning.loss_frames[0].tolist() == [0, 1, 1, 1]
 
 
-def test_stock_animate_pipeline_follows_the_conditions_the_lora_learnt(tiny_models, clips, tmp_path):
-    from diffusers import WanAnimatePipeline
-
+@pytest.fixture(scope="module")
+def trained(tiny_models, clips, tmp_path_factory) -> Path:
+    """The LoRA (COMFY_LORA, the default) `motiontune train` makes of the two clips and their conditions."""
+    tmp_path = tmp_path_factory.mktemp("animate-run")
     model = tiny_models("wan-2.2-animate")
-    shapes, bunny = clips
+    shapes = clips[0]
     config = base_config(tmp_path, model, shapes.parent, model_type="WAN_2_2_ANIMATE", timestep_shift=5.0,
                          epochs=EPOCHS, batch_size=2, learning_rate=3e-3, lora_rank=16, lora_alpha=8,
                          video_config={"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0},
@@ -138,8 +139,14 @@ def test_stock_animate_pipeline_follows_the_conditions_the_lora_learnt(tiny_mode
                          sample_after=EPOCHS, sample_after_unit="EPOCH")
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
     assert (tmp_path / "workspace" / "samples" / f"epoch{EPOCHS}-0.mp4").is_file()
-    lora = Path(config["output_model_destination"])
+    return Path(config["output_model_destination"])
 
+
+def test_stock_animate_pipeline_follows_the_conditions_the_lora_learnt(tiny_models, clips, trained):
+    from diffusers import WanAnimatePipeline
+
+    model = tiny_models("wan-2.2-animate")
+    shapes, bunny = clips
     pipe = WanAnimatePipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     target = _stock_target_latents(pipe, shapes)
@@ -156,9 +163,47 @@ def test_stock_animate_pipeline_follows_the_conditions_the_lora_learnt(tiny_mode
         return ((((samples - mean) / std)[:, :, 1:] - target) ** 2).mean().item()
 
     base = distance(_conditions(shapes))
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(trained))
     own, other = distance(_conditions(shapes)), distance(_conditions(bunny))
     print(f"Animate: MSE to the clip with/without the LoRA {own / base:.3f}; "
           f"with the other clip's pose, face and reference / its own {other / own:.3f}")
     assert own / base < 0.75, "the stock pipeline's samples did not move towards the clip"
     assert other / own > 1.05, "the LoRA ignores the conditions: another clip's did as well"
+
+
+def test_comfyui_applies_the_lora_as_diffusers_does(tiny_models, trained, tmp_path):
+    """ComfyUI v0.30.0 loads WAN 2.2 Animate (`WAN22_Animate`): every tensor of the default LoRA file is applied, and
+    the weights change by what the stock pipeline fuses from the same file. ComfyUI's Animate model has a motion encoder
+    for 512-pixel faces and a face adapter after every 5th block, sizes it does not read from the file: the tiny model's
+    own are left out of the base file (reported missing), but for the face adapter's norm that tells ComfyUI it is
+    Animate (unexpected in a 2-block model). The LoRA adapts the blocks, which ComfyUI's model has as WAN's."""
+    from diffusers import WanAnimatePipeline
+    from safetensors.torch import save_file
+
+    from comfyui.harness import ComfyJob, run_comfy
+    from motiontune.models.wan import original_name
+
+    model = tiny_models("wan-2.2-animate")
+    pipe = WanAnimatePipeline.from_pretrained(model, text_encoder=None, tokenizer=None)
+    own = ("motion_encoder.", "face_encoder.", "face_adapter.")
+    base = {original_name(k): v.detach().clone().contiguous() for k, v in pipe.transformer.state_dict().items()
+            if not k.startswith(own)}
+    marker = "face_adapter.fuser_blocks.0.k_norm.weight"
+    base[marker] = pipe.transformer.state_dict()["face_adapter.0.norm_k.weight"].clone()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    [result] = run_comfy([ComfyJob("WAN_2_2_ANIMATE", tmp_path / "base.safetensors", trained, model)])
+
+    pipe.load_lora_weights(str(trained))
+    pipe.fuse_lora()
+    fused = {original_name(k.replace(".base_layer", "")): v for k, v in pipe.transformer.state_dict().items()
+             if ".lora_" not in k and not k.startswith(own)}
+    theirs = {k: fused[k] - base[k] for k in fused if not torch.equal(fused[k], base[k])}
+    ours = result.deltas(base)
+    gap = max(((ours[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs)
+    print(f"ComfyUI {result.model_class} ({result.image_model}): {result.lora_keys} LoRA tensors, {len(result.not_loaded)} "
+          f"not loaded, {len(theirs)} weights changed; deltas vs diffusers' {gap:.2e} relative; base: "
+          f"{len(result.unet_missing)} missing (motion / face encoders), unexpected {result.unet_unexpected}")
+    assert result.model_class == "WAN22_Animate" and result.not_loaded == [] and result.lora_keys > 0
+    assert all(k.startswith(own) for k in result.unet_missing) and result.unet_unexpected == [marker]
+    assert set(theirs) == set(ours) and len(theirs) > 0
+    assert gap <= 1e-5
