@@ -567,7 +567,8 @@ class WanFamily(ModelFamily):
     # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
     @property
     def transformer_class_name(self):
-        return "WanVACETransformer3DModel" if self.config.model_type == "WAN_2_1_VACE" else "WanTransformer3DModel"
+        return {"WAN_2_1_VACE": "WanVACETransformer3DModel", "WAN_2_2_ANIMATE": "WanAnimateTransformer3DModel"}.get(
+            self.config.model_type, "WanTransformer3DModel")
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
     text_tokens = MAX_SEQUENCE_LENGTH
     TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
@@ -575,6 +576,8 @@ class WanFamily(ModelFamily):
     def estimate_shorten(self, cfg: dict, short: dict) -> dict:
         """A copy with fewer blocks keeps the VACE blocks that sit beside those (VACE: one per two blocks in 1.3B). The
         activations of the VACE blocks past the simulated ones are not extrapolated: an estimate of VACE runs is low."""
+        if "inject_face_latents_blocks" in cfg:  # Animate: a face adapter after the first block of every few, kept
+            return dict(short, inject_face_latents_blocks=min(cfg["inject_face_latents_blocks"], short["num_layers"]))
         if "vace_layers" not in cfg:
             return short
         return dict(short, vace_layers=[layer for layer in cfg["vace_layers"] if layer < short["num_layers"]])
@@ -599,7 +602,18 @@ class WanFamily(ModelFamily):
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
         if self.is_vace:
             return text, Conditioning(x0.new_empty(batch, cfg["vace_in_channels"], frames, height, width), rows)
+        if self.is_animate:  # x0's first frame is the reference's slot; pose latents and face frames over the rest
+            return text, Conditioning(x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width), rows,
+                                      None, x0.new_empty(batch, CLIP_IMAGE_TOKENS, cfg["image_dim"]),
+                                      self._estimate_animate_inputs(cfg, x0.new_empty, batch, frames - 1, height, width))
         return text, None
+
+    def _estimate_animate_inputs(self, cfg, empty, batch, frames, height, width) -> dict:
+        """Animate's pose latents over `frames` latent frames and the face frames they stand for, at the motion
+        encoder's size."""
+        size = cfg.get("motion_encoder_size", 512)
+        return {"pose": empty(batch, cfg.get("latent_channels", 16), frames, height, width),
+                "face": empty(batch, 3, (frames - 1) * self.temporal_factor + 1, size, size, dtype=torch.uint8)}
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1)."""
@@ -613,6 +627,10 @@ class WanFamily(ModelFamily):
             call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
         if cfg.get("vace_in_channels"):
             call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
+        if self.is_animate:  # one latent frame more (the reference's), the face frames in [-1, 1]
+            call["hidden_states"] = torch.empty(1, cfg["in_channels"], f + 1, h, w, dtype=dtype)
+            inputs = self._estimate_animate_inputs(cfg, torch.empty, 1, f, h, w)
+            call.update(pose_hidden_states=inputs["pose"].to(dtype), face_pixel_values=inputs["face"].to(dtype))
         return call
 
     def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
