@@ -122,6 +122,24 @@ def test_cached_conditions_are_the_pipelines_own(tiny_models, clips):
     assert torch.allclose(x0[:, :, 0], reference[:, 4:, 0], atol=1e-5) and conditioning.loss_frames[0].tolist() == [0, 1, 1, 1]
 
 
+def test_config_rules_for_animate(tiny_models, clips, tmp_path, capsys):
+    """A sample needs all three conditions; what is not built yet is refused with what to do instead."""
+    shapes = clips[0]
+    config = base_config(tmp_path, tiny_models("wan-2.2-animate"), shapes.parent, model_type="WAN_2_2_ANIMATE",
+                         masked_training=True, layer_filter="blocks.,face_adapter",
+                         samples=[{"prompt": PROMPT, "pose": str(shapes.with_name("shapes-pose.mp4")),
+                                   "control": str(shapes.with_name("shapes-pose.mp4"))}])
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 2
+    err = capsys.readouterr().err
+    for said in ("samples[0].face: WAN_2_2_ANIMATE makes videos that follow a face video; give a video file",
+                 "samples[0].reference: WAN_2_2_ANIMATE makes videos that follow a reference picture; give an image file",
+                 "samples[0].control: WAN_2_2_ANIMATE does not take a control video; remove the key",
+                 "masked_training: not built for WAN_2_2_ANIMATE",
+                 "layer_filter = 'blocks.,face_adapter' adapts face_adapter.0.to_q"):
+        assert said in err, err
+    assert "samples[0].pose" not in err
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_models, clips, tmp_path_factory) -> Path:
     """The LoRA (COMFY_LORA, the default) `motiontune train` makes of the two clips and their conditions."""
