@@ -72,15 +72,19 @@ def family_problems(config: TrainConfig) -> list[str]:
     if config.last_frame_conditioning_probability > 0 and not last_frame:
         problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
                         "A14B does); remove the key")
-    takes_control = "control" in family.condition_roles(model_type)
+    roles = family.condition_roles(model_type)
     for index, sample in enumerate(config.samples):
-        if sample.control and not takes_control:
-            problems.append(f"  - samples[{index}].control: {model_type} does not take a control video; remove the key")
-        elif takes_control and not sample.control:
-            problems.append(f"  - samples[{index}].control: {model_type} makes videos that follow a control video; "
-                            "give a video file")
-        elif sample.control and not Path(sample.control).is_file():
-            problems.append(f"  - samples[{index}].control = {sample.control!r}: no such file")
+        for role, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model takes, and no other
+            given = getattr(sample, role)
+            if given and role not in roles:
+                problems.append(f"  - samples[{index}].{role}: {model_type} does not take {what}; remove the key")
+            elif role in roles and not given:
+                problems.append(f"  - samples[{index}].{role}: {model_type} makes videos that follow {what}; "
+                                f"give {'an image' if role == 'reference' else 'a video'} file")
+            elif given and role == "reference" and (problem := image_file_problem(given)):
+                problems.append(f"  - samples[{index}].{role} = {given!r}: {problem}")
+            elif given and not Path(given).is_file():
+                problems.append(f"  - samples[{index}].{role} = {given!r}: no such file")
         if sample.last_image and not last_frame:
             problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
         elif sample.last_image and not sample.image:
@@ -95,6 +99,11 @@ def family_problems(config: TrainConfig) -> list[str]:
         elif sample.image and first_frame is None:
             problems.append(f"  - samples[{index}].image: {model_type} does not take a first frame; remove the key")
     return problems + family.config_problems(config)
+
+
+# a sample's condition keys (the roles of data/conditions.py), and what each is
+SAMPLE_CONDITIONS = {"control": "a control video", "pose": "a pose video", "face": "a face video",
+                     "reference": "a reference picture"}
 
 
 def config_notices(config: TrainConfig) -> list[str]:

@@ -78,6 +78,9 @@ class SampleConfig(Strict):
     image: LocalPath | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
     last_image: LocalPath | None = None  # first and last frame: the last frame (models that take one; with `image`)
     control: LocalPath | None = None  # a control video the sample follows (models that take one: VACE; docs/control.md)
+    pose: LocalPath | None = None  # WAN 2.2 Animate: the pose video the character follows (docs/control.md)
+    face: LocalPath | None = None  # WAN 2.2 Animate: the face video (a crop around the face) its expressions come from
+    reference: LocalPath | None = None  # WAN 2.2 Animate: the reference (character) picture
 
 
 class VideoConfig(Strict):

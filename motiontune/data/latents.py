@@ -347,7 +347,7 @@ class Encoding:
         if missing:
             self.family.load_vae()
         made = 0
-        jobs = [(found[i][0].info, found[i][0].conditions[role], [found[i][1]], [found[i][2]], found[i][0].size)
+        jobs = [(found[i][0].info, found[i][0].conditions[role], [found[i][1]], [found[i][2]], found[i][0].size, role)
                 for i, role, _ in missing]
         for (index, role, key), (job, result) in zip(missing, map_isolated(_condition_job, jobs, self.config.dataloader_threads)):
             if isinstance(result, Exception):

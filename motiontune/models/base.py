@@ -39,12 +39,14 @@ class Conditioning:
     rows: torch.Tensor  # (B,) bool: the samples that are conditioned
     loss_frames: torch.Tensor | None = None  # (B, F') 1 for latent frames in the loss, 0 for given ones
     image_embeds: torch.Tensor | None = None  # (B, tokens, dim) the first frame through an image encoder
+    inputs: dict | None = None  # further transformer inputs by name, one row per sample (Animate's pose and face)
 
     def select(self, rows: torch.Tensor) -> "Conditioning":
         def pick(tensor):
             return None if tensor is None else tensor[rows.to(tensor.device)]
 
-        return Conditioning(pick(self.latents), pick(self.rows), pick(self.loss_frames), pick(self.image_embeds))
+        inputs = None if self.inputs is None else {name: pick(value) for name, value in self.inputs.items()}
+        return Conditioning(pick(self.latents), pick(self.rows), pick(self.loss_frames), pick(self.image_embeds), inputs)
 
 
 @dataclass
@@ -72,6 +74,9 @@ class SampleRequest:
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
     last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
     control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
+    pose: np.ndarray | None = None  # Animate: the pose video's frames, uint8 (F, H, W, 3)
+    face: np.ndarray | None = None  # Animate: the face video's frames, uint8 (F, h, w, 3)
+    reference: np.ndarray | None = None  # Animate: the reference (character) picture, uint8 (H, W, 3)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
