@@ -159,6 +159,8 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
         skip(["samples.*.image"], f"{model_type} does not take a first frame")
     if not family.takes_last_frame(model_type):
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
-    if "control" not in family.condition_roles(model_type):
-        skip(["samples.*.control"], f"{model_type} does not take a control video")
+    roles = family.condition_roles(model_type)
+    for role, what in SAMPLE_CONDITIONS.items():
+        if role not in roles:
+            skip([f"samples.*.{role}"], f"{model_type} does not take {what}")
     return skipped
