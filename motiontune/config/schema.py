@@ -149,6 +149,9 @@ class TrainConfig(Strict):
     # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
     experts: Literal["both", "high", "low"] | None = None
     boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V, 0.9 for I2V)
+    # WAN 2.2 A14B with both experts under torchrun: "together" (every process holds both and swaps them) or
+    # "split" (half the processes hold and train the high-noise expert, the other half the low-noise one)
+    experts_on: Literal["together", "split"] = "together"
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)

@@ -136,8 +136,9 @@ class ModelFamily(ABC):
         """The family's own rules for a config, each a line `  - key: what is wrong; what to do`. This default is a
         family with one transformer; one with more (WAN 2.2 A14B's experts) says its own."""
         problems = []
-        if config.experts is not None or config.boundary_ratio is not None:
-            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
+        if config.experts is not None or config.boundary_ratio is not None or config.experts_on != "together":
+            problems.append(f"  - experts / boundary_ratio / experts_on: only WAN 2.2 A14B has experts, not {config.model_type}; "
+                            "remove them")
         if config.transformer_2.train:
             problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
         if (config.transformer_2.min_noising_strength, config.transformer_2.max_noising_strength) != (None, None):
@@ -201,6 +202,9 @@ class ModelFamily(ABC):
     #: the layout of a cached text row when it is not the encoder's output as is (models/packing.py: several tensors
     #: in one row); part of the text cache's key, so a new layout re-encodes the captions instead of misreading them
     TEXT_FORMAT = ""
+
+    #: `experts_on: split`: the one expert (pipeline attribute) this process loads and trains; None: all of them
+    held_expert: str | None = None
 
     @abstractmethod
     def load_transformers(self) -> None:
@@ -347,7 +351,7 @@ class ModelFamily(ABC):
     def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
         """Each trained expert with the batch rows whose noise level it serves."""
         routed = []
-        for expert in self.trained_experts():
+        for expert in self.trained_experts():  # split experts: one held elsewhere comes with module None
             low, high = expert.sigma_range
             rows = ((sigma >= low) & ((sigma < high) | (high >= 1.0))).nonzero().flatten()
             if len(rows):

@@ -118,7 +118,25 @@ class WanFamily(ModelFamily):
         if config.expert_choice() is None:
             return ["  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
                     "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"]
-        return []
+        return cls._split_problems(config) if config.experts_on == "split" else []
+
+    @staticmethod
+    def _split_problems(config) -> list[str]:
+        """`experts_on: split`: each expert lives on its own processes, so only what trains the experts alone can run."""
+        problems = []
+        if config.expert_choice() != "both":
+            problems.append(f"  - experts_on = split: places the two experts on two groups of processes; with experts = "
+                            f"{config.expert_choice()} only one trains. Set experts to both, or experts_on to together")
+        if config.training_method not in ("LORA", "FINE_TUNE"):
+            problems.append(f"  - experts_on = split with training_method {config.training_method}: only LORA and FINE_TUNE "
+                            "train the experts themselves; set experts_on to together")
+        if config.text_encoder.train or config.additional_embeddings:
+            problems.append("  - experts_on = split with text_encoder.train / additional_embeddings: a text side shared by "
+                            "both expert groups is not built; train it with experts_on together")
+        if config.validation:
+            problems.append("  - experts_on = split with validation: a validation loss needs both experts in one process; "
+                            "set validation to false, or experts_on to together")
+        return problems
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -150,9 +168,13 @@ class WanFamily(ModelFamily):
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
         if self.is_vace:
             from diffusers import WanVACETransformer3DModel as WanTransformer3DModel  # noqa: N814
-        self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+        # `experts_on: split`: a process loads only the expert it trains (`held_expert`); the other stays None
+        held = self.held_expert
+        self.transformer = (self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+                            if held in (None, "transformer") else None)
         if self.is_a14b:
-            self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+            self.transformer_2 = (self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+                                  if held in (None, "transformer_2") else None)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -251,7 +273,7 @@ class WanFamily(ModelFamily):
         if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
             return stored, Conditioning(self._vace_context(extras["control"]), torch.ones(len(stored), dtype=torch.bool))
         if self.is_i2v:
-            channels = self.transformer.config.out_channels
+            channels = self.transformers()[0].config.out_channels  # both experts have the same (split: one is loaded)
             rows = torch.ones(len(stored), dtype=torch.bool)
             condition = stored[:, channels:]
             if extras and "last_frame" in extras:  # these samples also get their last frame

@@ -34,11 +34,17 @@ class WorldSizeError(ConfigError):
     """The number of processes and the batch settings cannot divide the data."""
 
 
-def start(device: torch.device, sharded: bool) -> tuple[Ranks, torch.device]:
+def start(device: torch.device, sharded: bool, split_experts: bool = False) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR/PORT); a plain `motiontune train` is a world of one. `sharded`: the method shards the
-    transformer with FSDP2 (a fine-tune)."""
+    transformer with FSDP2 (a fine-tune). `split_experts`: `experts_on: split`, each expert on half the
+    ranks (place_experts); a fine-tune then runs one rank per expert, unsharded."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if split_experts and world_size < 2:
+        raise WorldSizeError("experts_on = split puts WAN 2.2 A14B's two experts on two groups of processes, but this run "
+                             "has one process. Start it with torchrun --nproc-per-node 2 (or more, an even count), "
+                             "or set experts_on to together")
+    sharded = sharded and not split_experts
     if world_size <= 1:
         return Ranks(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,10 +59,60 @@ def start(device: torch.device, sharded: bool) -> tuple[Ranks, torch.device]:
         log.setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-    if ranks.main:
+    if ranks.main and not split_experts:  # place_experts says how a split run shares the work
         log.info("%d processes (%s): %s", world_size, dist.get_backend(),
                  "FSDP2, the transformer sharded across them" if ranks.sharded else "trained parameters replicated, gradients summed")
     return ranks, device
+
+
+def place_experts(ranks: Ranks, expert_names: list[str], method_sharded: bool) -> None:
+    """`experts_on: split`: the first half of the ranks hold and train the first expert (WAN 2.2's high-noise one),
+    the second half the other. Every rank draws the whole global batch's noise levels alike, so each sample is
+    routed to exactly one group; inside a group the rows are split as data parallelism splits them, and
+    gradients are summed within the group only."""
+    if ranks.world_size % 2:
+        raise WorldSizeError(f"experts_on = split gives each of WAN 2.2 A14B's two experts half of the processes, but this "
+                             f"run has {ranks.world_size}. Start an even number (torchrun --nproc-per-node), or set "
+                             "experts_on to together")
+    half = ranks.world_size // 2
+    if method_sharded and half > 1:
+        raise WorldSizeError(f"experts_on = split with a fine-tune on {ranks.world_size} processes: each expert group would "
+                             "have to shard its expert with FSDP2, which is not built. Start 2 processes (one per expert), "
+                             "or set experts_on to together (FSDP2 over every process)")
+    groups = [list(range(half)), list(range(half, ranks.world_size))]
+    handles = [dist.new_group(group) for group in groups]  # every rank makes every group, in the same order
+    mine = 0 if ranks.rank < half else 1
+    ranks.expert, ranks.group, ranks.group_handle = expert_names[mine], groups[mine], handles[mine]
+    if ranks.main:
+        log.info("%d processes (%s), experts_on split: each group loads and trains one expert, its gradients summed "
+                 "within the group", ranks.world_size, dist.get_backend())
+
+
+def log_placement(ranks: Ranks, trainings: list, shares: dict[str, float]) -> None:
+    """Which ranks train which expert, and the share of the clips each is expected to get."""
+    if not ranks.main or not ranks.group:
+        return
+    half = ranks.world_size // 2
+    for training, group in zip(trainings, [list(range(half)), list(range(half, ranks.world_size))]):
+        expert = training.expert
+        log.info("ranks %s train the %s expert (%s): %.1f%% of the clips expected", _span(group),
+                 expert.label.replace("_", "-"), expert.name, 100 * shares[expert.name])
+
+
+def log_shares(ranks: Ranks, trainings: list) -> None:
+    """At the end of a split run: the clips each expert group trained."""
+    if not ranks.main or not ranks.group:
+        return
+    total = sum(t.samples for t in trainings) or 1
+    half = ranks.world_size // 2
+    for training, group in zip(trainings, [list(range(half)), list(range(half, ranks.world_size))]):
+        log.info("ranks %s trained the %s expert on %d of %d clips (%.1f%%) in %d steps", _span(group),
+                 training.expert.label.replace("_", "-"), training.samples, total, 100 * training.samples / total,
+                 training.steps)
+
+
+def _span(group: list[int]) -> str:
+    return str(group[0]) if len(group) == 1 else f"{group[0]}-{group[-1]}"
 
 
 def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:

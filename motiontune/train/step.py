@@ -48,6 +48,11 @@ class ExpertTraining:
     text_side: bool = False  # the text encoder or embeddings: stays on the device, learns from every sample
 
     @property
+    def held(self) -> bool:
+        """False for an expert another group of ranks holds (`experts_on: split`): only its counts and schedule are here."""
+        return self.expert.module is not None
+
+    @property
     def done(self) -> bool:
         return self.max_steps is not None and self.steps >= self.max_steps
 
@@ -169,7 +174,13 @@ class Step:
                              config.unmasked_weight, generators["mask"]).to(device)
         loss, parts = torch.zeros((), device=device), {}
         for expert, all_rows in self.family.route(sigma):  # each sample goes to the expert serving its noise level
-            rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
+            if expert.module is None:  # experts_on split: another group of ranks trains these rows
+                continue
+            if ranks.group:  # split: the group's ranks share the rows routed to its expert
+                per_rank = math.ceil(len(all_rows) / ranks.group_size)
+                rows = all_rows[ranks.group_rank * per_rank:(ranks.group_rank + 1) * per_rank]
+            else:
+                rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
             share = len(rows) / len(batch)  # weights summed over ranks: exact however the batch splits
             self.trained_here[expert.name] += len(rows)
             self.trained_here[self.text_side_name] += len(rows)  # a trained text side learns from every sample
@@ -297,9 +308,13 @@ def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config:
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
         had_samples = count > 0
         stepping.append(had_samples)
+        if not training.held:  # experts_on split: its group sums, clips and steps it
+            continue
         if had_samples and not is_sharded(training.parameters):
-            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
-            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1)
+            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean;
+            # split experts: an expert's gradients live on its group alone
+            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1,
+                                within_group=not training.text_side)
         if had_samples and scaler.is_enabled():
             scaler.unscale_(training.optimizer)  # clipping and the finite check see the true gradients
         if finite_loss and had_samples:
@@ -307,20 +322,24 @@ def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config:
             norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
+    if ranks.group:  # split experts: each group saw only its expert's gradients; all skip a step, or none
+        healthy = ranks.all_agree(healthy)
     for training, had_samples, count in zip(trainings, stepping, counts.tolist()):
         if healthy and had_samples:
             training.steps += 1
             training.samples += int(count)
-            if not training.text_side:  # the text side stays on the device
-                family.activate(training.expert)
-            scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
+            if training.held:
+                if not training.text_side:  # the text side stays on the device
+                    family.activate(training.expert)
+                scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
         if healthy:
             with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 training.scheduler.step()
     if scaler.is_enabled() and any(stepping):
-        scaler.update()
+        if any(s and t.held for s, t in zip(stepping, trainings)):  # split experts: this group unscaled something
+            scaler.update()
         if not healthy and finite_loss:
             return "overflow"
     return "stepped" if healthy else "nonfinite"
