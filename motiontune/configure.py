@@ -94,7 +94,7 @@ def family_problems(config: TrainConfig) -> list[str]:
             problems.append(f"  - samples[{index}].image = {sample.image!r}: {problem}")
         elif sample.image and first_frame is None:
             problems.append(f"  - samples[{index}].image: {model_type} does not take a first frame; remove the key")
-    return problems + family.config_problems(config)
+    return problems + family.context_parallel_problems(config) + family.config_problems(config)
 
 
 def config_notices(config: TrainConfig) -> list[str]:

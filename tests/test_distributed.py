@@ -212,3 +212,32 @@ def test_split_experts_train_what_one_process_trains(tmp_path, tiny_models, data
     for name in ("transformer", "transformer_2"):
         assert_same_weights(load_file(str(reference / f"adapters-{name}.safetensors")),
                             load_file(str(backup / f"adapters-{name}.safetensors")), tolerance=1e-5)
+
+
+def test_context_parallel_trains_what_one_process_trains(tmp_path, tiny_models, dataset):
+    """`context_parallel` degree 2 (Ulysses attention over gloo): two ranks share each clip's tokens and train what one
+    process trains; the same loss each step and the same LoRA. SGD, whose update is the gradient itself: AdamW scales
+    every gradient to a step of about the learning rate, so the cross-attention keys' gradients, which nearly cancel
+    over the tiny model's padded text (50x smaller than the rest), would turn float rounding into a visible update."""
+    model = tiny_models("wan-2.1")
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
+            "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    single = make_config(tmp_path, "single", model, dataset, batch_size=1, **keys)
+    split = make_config(tmp_path, "context", model, dataset, batch_size=1, context_parallel={"degree": 2}, **keys)
+    run(single, 1)
+    output = run(split, 2)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "context"))
+    assert one["steps"] == two["steps"] >= 3
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "context/lora.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0
+    assert moved > 1e-3  # it trained
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    single_losses, context_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "context/workspace")
+    assert single_losses.keys() == context_losses.keys()
+    assert all(abs(single_losses[s] - context_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
+    print(f"context parallel 2 vs 1 process: {one['steps']} steps, trained tensors within {worst:.1e} of the change")
+    assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in output.stderr
+    assert two["encoder_calls"]["video"] < one["encoder_calls"]["video"]  # both ranks filled the cache

@@ -131,6 +131,36 @@ class ModelFamily(ABC):
         whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
         return {}
 
+    #: `context_parallel`: whether the family's transformer can split a clip's tokens over processes (diffusers has a
+    #: context-parallel plan for it and `predict` calls it in the plan's form), and the model types that cannot
+    CONTEXT_PARALLEL = False
+    CONTEXT_PARALLEL_EXCEPT: tuple[str, ...] = ()
+
+    @classmethod
+    def context_parallel_problems(cls, config: TrainConfig) -> list[str]:
+        """`context_parallel` with degree > 1: refused by name for a family (or model type) whose transformer cannot,
+        and beside the options that need a whole clip in one process."""
+        settings = config.context_parallel
+        if settings.degree == 1:
+            return []
+        if not cls.CONTEXT_PARALLEL or config.model_type in cls.CONTEXT_PARALLEL_EXCEPT:
+            return [f"  - context_parallel.degree = {settings.degree}: {config.model_type} ({cls.NAME}) cannot split a clip's "
+                    "tokens over processes (its transformer has no context-parallel plan in diffusers, or motiontune "
+                    "does not call it in that form yet); set degree to 1 and use gradient checkpointing and offloading"]
+        problems = []
+        if not config.video_config.use_temporal_attention:
+            problems.append("  - context_parallel with video_config.use_temporal_attention = false: frame-local attention "
+                            "regroups a clip's tokens by frame, which a split sequence cannot; set one of them back")
+        if config.experts_on == "split":
+            problems.append("  - context_parallel with experts_on = split: the two are not combined yet; use one of them")
+        if config.validation:
+            problems.append("  - context_parallel with validation: the validation loss runs in one process; set validation "
+                            "to false")
+        if config.training_method != "LORA":
+            problems.append(f"  - context_parallel with training_method {config.training_method}: only LORA is built "
+                            "(its gradients are summed over every process)")
+        return problems
+
     @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
         """The family's own rules for a config, each a line `  - key: what is wrong; what to do`. This default is a

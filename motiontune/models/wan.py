@@ -85,6 +85,9 @@ _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_
 class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
+    # diffusers' WanTransformer3DModel has a context-parallel plan; the VACE transformer has none
+    CONTEXT_PARALLEL = True
+    CONTEXT_PARALLEL_EXCEPT = ("WAN_2_1_VACE",)
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace")
     LORA_PIPELINE = "WanPipeline"

@@ -34,12 +34,18 @@ class WorldSizeError(ConfigError):
     """The number of processes and the batch settings cannot divide the data."""
 
 
-def start(device: torch.device, sharded: bool, split_experts: bool = False) -> tuple[Ranks, torch.device]:
+def start(device: torch.device, sharded: bool, split_experts: bool = False, context=None) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR/PORT); a plain `motiontune train` is a world of one. `sharded`: the method shards the
     transformer with FSDP2 (a fine-tune). `split_experts`: `experts_on: split`, each expert on half the
-    ranks (place_experts); a fine-tune then runs one rank per expert, unsharded."""
+    ranks (place_experts); a fine-tune then runs one rank per expert, unsharded. `context`: the config's
+    `context_parallel` (groups of `degree` consecutive ranks share each clip's tokens)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    degree = context.degree if context is not None else 1
+    if degree > 1 and world_size % degree:
+        raise WorldSizeError(f"context_parallel.degree = {degree} but this run has {world_size} process(es): the processes "
+                             f"form groups of {degree} that share each clip, so start a multiple of {degree} "
+                             f"(torchrun --nproc-per-node {degree}, or {2 * degree} for two data-parallel groups)")
     if split_experts and world_size < 2:
         raise WorldSizeError("experts_on = split puts WAN 2.2 A14B's two experts on two groups of processes, but this run "
                              "has one process. Start it with torchrun --nproc-per-node 2 (or more, an even count), "
@@ -54,12 +60,18 @@ def start(device: torch.device, sharded: bool, split_experts: bool = False) -> t
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # cache filling can take long
-    ranks = Ranks(rank, world_size, local_rank, sharded=sharded)
+    ranks = Ranks(rank, world_size, local_rank, sharded=sharded, context=degree)
+    if degree > 1:
+        ranks.context_mesh = _context_mesh(device, world_size, degree, context.attention)
     if not ranks.main:  # rank 0 reports; the others speak up only for their own warnings and errors
         log.setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-    if ranks.main and not split_experts:  # place_experts says how a split run shares the work
+    if ranks.main and degree > 1:
+        log.info("%d processes (%s): %d data-parallel group(s) of %d sharing each clip's tokens (context parallel, %s "
+                 "attention); trained parameters replicated, gradients summed", world_size, dist.get_backend(),
+                 ranks.data_size, degree, context.attention)
+    elif ranks.main and not split_experts:  # place_experts says how a split run shares the work
         log.info("%d processes (%s): %s", world_size, dist.get_backend(),
                  "FSDP2, the transformer sharded across them" if ranks.sharded else "trained parameters replicated, gradients summed")
     return ranks, device
@@ -115,10 +127,49 @@ def _span(group: list[int]) -> str:
     return str(group[0]) if len(group) == 1 else f"{group[0]}-{group[-1]}"
 
 
+def _context_mesh(device: torch.device, world_size: int, degree: int, attention: str):
+    """The device mesh (data, ring, ulysses): consecutive ranks share a clip, so a context group stays on one machine
+    when the degree divides the GPUs per machine. → its (ring, ulysses) part, which diffusers' attention splits over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if attention == "ring" and device.type != "cuda":
+        raise ConfigError("context_parallel.attention = ring needs CUDA: diffusers' ring attention merges partial "
+                          "attentions by their log-sum-exp, which only its CUDA backends return (its native SDPA "
+                          "backend raises 'Native attention does not support return_lse=True'). Use ulysses")
+    ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
+    mesh = init_device_mesh(device.type, (world_size // degree, ring, ulysses), mesh_dim_names=("data", "ring", "ulysses"))
+    return mesh["ring", "ulysses"]
+
+
+def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str) -> None:
+    """Split `module`'s tokens over the context group with diffusers' own plan for it (`_cp_plan`) and its attention
+    backends' Ulysses / ring implementations. What `ModelMixin.enable_parallelism` does, minus its device lookup
+    (diffusers 0.42.1 takes `rank % torch.accelerator.device_count()`, a division by zero on a machine without one)."""
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    heads = getattr(module.config, "num_attention_heads", None)
+    if attention == "ulysses" and heads and heads % ranks.context:
+        raise ConfigError(f"context_parallel.degree = {ranks.context} with ulysses attention: the transformer's "
+                          f"{heads} attention heads must split evenly over the processes; pick a degree dividing {heads}")
+    degrees = {"ring_degree": ranks.context} if attention == "ring" else {"ulysses_degree": ranks.context}
+    settings = ContextParallelConfig(**degrees, mesh=ranks.context_mesh)
+    config = ParallelConfig(context_parallel_config=settings)
+    device = next(module.parameters()).device
+    config.setup(ranks.rank, ranks.world_size, device, mesh=ranks.context_mesh)
+    module._parallel_config = config
+    for part in module.modules():
+        processor = getattr(part, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(module, settings, module._cp_plan)
+
+
 def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:
-    if ranks.several and items_per_epoch < ranks.world_size:
+    if ranks.several and items_per_epoch < ranks.data_size:
+        who = f"{ranks.world_size} processes" if ranks.context == 1 else f"{ranks.data_size} data-parallel groups"
         raise WorldSizeError(
-            f"{ranks.world_size} processes but an epoch holds only {items_per_epoch} clip(s) (batch_size {batch_size} each): "
+            f"{who} but an epoch holds only {items_per_epoch} clip(s) (batch_size {batch_size} each): "
             f"every process needs at least one clip per step. Start fewer processes (torchrun --nproc-per-node), "
             "or add clips or raise the concept's repeats."
         )

@@ -248,7 +248,7 @@ def _sample(family: ModelFamily, requests, samples, workspace: Path, tag: str, f
     """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA. Rank 0
     writes them; with a sharded model the other ranks render along (each forward needs all of them).
     Returns the written paths and, for each sample that failed, why."""
-    if not ranks.main and not ranks.sharded:
+    if not ranks.main and not ranks.sharded and ranks.context == 1:  # sharded or context parallel: all render along
         return [], []
     experts = family.trained_experts()
     for expert in experts:

@@ -66,7 +66,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for). Under `torchrun`,
     every rank runs this (see distributed.py)."""
     split = config.experts_on == "split"
-    ranks, device = distributed.start(pick_device(config.train_device), METHODS[config.training_method].SHARDED, split)
+    ranks, device = distributed.start(pick_device(config.train_device), METHODS[config.training_method].SHARDED, split,
+                                      config.context_parallel)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -94,7 +95,8 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     log.info("loading %s from %s on %s", config.model_type,
              config.base_model_name + (f" ({ranks.expert} only)" if split else ""), device)
     family.load_transformers()
-    global_batch_size = config.batch_size * ranks.world_size  # N ranks train what one process with N× the batch would
+    # N data-parallel ranks train what one process with N× the batch would (a context group is one of them)
+    global_batch_size = config.batch_size * ranks.data_size
     distributed.check_divisible(ranks, int(sum(c.repeats for c in data.clips)), config.batch_size)
     batches = batches_per_epoch([c.shape for c in data.clips], [c.repeats for c in data.clips], global_batch_size,
                                 config.video_config.video_batch_size_multiplier)
@@ -234,6 +236,8 @@ def _setup_experts(config: TrainConfig, family: ModelFamily, ranks: Ranks, devic
             raise ConfigError("layer offloading and CPU_OFFLOADED checkpointing do not combine with FSDP2 sharding "
                               "(torchrun fine-tune): sharding already splits the weights over the GPUs; use ON")
         prepare_memory(family, expert, config, device)  # before the expert moves to the device
+        if ranks.context > 1:  # after the adapters: the plan's hooks sit on the modules as they will run
+            distributed.enable_context_parallel(expert.module, ranks, config.context_parallel.attention)
         expert.module.train()
         if not config.video_config.use_temporal_attention:
             family.set_frame_local_attention(expert, True)

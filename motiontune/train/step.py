@@ -145,7 +145,7 @@ class Step:
         config, video, ranks, device, generators = self.config, self.config.video_config, self.ranks, self.device, self.generators
         # noise levels only where an expert still trains: one that reached max_steps hands its share to the other
         live = [t for t in self.trainings if not t.done]
-        mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
+        mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.data_size)))  # a context group shares its rows
         stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
         images = [clips[i].image_embeds for i in batch]
         images = torch.stack(images).to(device) if images[0] is not None else None
@@ -227,6 +227,7 @@ class Step:
                 parts[name] = parts.get(name, 0.0) + value * share
         # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
         totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
+        totals = totals / ranks.context  # every rank of a context group computed its rows' whole loss
         return totals[0], dict(zip(self.part_names, totals[1:]))
 
     def _prior_targets(self, expert: Expert, noisy, sigma, text, conditioning, rows, sound_rows, prior, target, x0,
@@ -303,7 +304,8 @@ def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config:
     else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike. `samples`: how many
     samples each expert (by name) received on this rank since the last step."""
     norms, stepping = [], []
-    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device))
+    # a context group's ranks all count the rows they share
+    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device)) / ranks.context
     for training, count in zip(trainings, counts.tolist()):
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
         had_samples = count > 0

@@ -18,6 +18,19 @@ class Ranks:
     expert: str | None = None
     group: list[int] | None = None  # global ranks of this rank's expert group, in order
     group_handle: object = None  # its torch.distributed process group (None: the whole world)
+    # `context_parallel`: consecutive ranks in groups of `context` share each clip's tokens (one data-parallel
+    # rank between them); `context_mesh` is the (ring, ulysses) device mesh diffusers' attention splits over
+    context: int = 1
+    context_mesh: object = None
+
+    @property
+    def data_rank(self) -> int:
+        """Which rows of the global batch this rank trains: the same for the ranks of one context group."""
+        return self.rank // self.context
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.context
 
     @property
     def group_rank(self) -> int:
@@ -43,7 +56,7 @@ class Ranks:
 
     def rows(self, global_rows: int, per_rank: int) -> range:
         """This rank's rows of a global batch: consecutive blocks of `per_rank` (the last ranks may get fewer)."""
-        start = min(self.rank * per_rank, global_rows)
+        start = min(self.data_rank * per_rank, global_rows)
         return range(start, min(start + per_rank, global_rows))
 
     def barrier(self) -> None:
