@@ -325,6 +325,14 @@ class WanFamily(ModelFamily):
             noisy = (1 - keep_noisy) * conditioning.latents.to(noisy.device, noisy.dtype) + keep_noisy * noisy
             patch = expert.module.config.patch_size
             timestep = (keep_noisy[:, 0, :, :: patch[1], :: patch[2]] * timestep.view(-1, 1, 1, 1)).flatten(1)
+        parallel = getattr(expert.module, "_parallel_config", None)
+        if parallel is not None and parallel.context_parallel_config is not None:
+            patch, degree = expert.module.config.patch_size, self.config.context_parallel.degree
+            tokens = noisy.shape[2] // patch[0] * (noisy.shape[3] // patch[1]) * (noisy.shape[4] // patch[2])
+            if tokens % degree:
+                raise ValueError(f"context_parallel.degree = {degree}: a clip of {tokens} tokens (latents "
+                                 f"{tuple(noisy.shape[2:])}) does not split evenly over the processes; pick a resolution "
+                                 "or max_frames whose token count the degree divides")
         # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
         return expert.module(hidden_states=noisy.to(self.weight_dtype), timestep=timestep,
                              encoder_hidden_states=text.to(self.weight_dtype), return_dict=False, **image)[0]
