@@ -439,14 +439,13 @@ def test_split_experts_and_context_parallel_are_estimated_per_process():
     assert split["optimizer state (ADAMW)"].device == pytest.approx(together["optimizer state (ADAMW)"].device / 2)
     long_clip = ["resolution=1280x720", "video_config.max_frames=81"]
     activations = {}
-    for degree in (1, 2, 4):
+    for degree in (1, 2):
         result = estimate(load_config("#wan 2.2 LoRA", [*long_clip, f"context_parallel.degree={degree}"]))
         lines = {line.name.split(":")[0]: line.device for line in result.lines}
         activations[degree] = lines["activations (checkpointing ON)"]
         if degree > 1:
             assert 0 < lines[f"context parallel ulysses x{degree}"] < activations[1] / 20
     assert activations[2] / activations[1] == pytest.approx(1 / 2, rel=0.03)
-    assert activations[4] / activations[1] == pytest.approx(1 / 4, rel=0.03)
 
 
 @pytest.mark.parametrize("keys, refusal", [
