@@ -98,7 +98,7 @@ def family_problems(config: TrainConfig) -> list[str]:
             problems.append(f"  - samples[{index}].image = {sample.image!r}: {problem}")
         elif sample.image and first_frame is None:
             problems.append(f"  - samples[{index}].image: {model_type} does not take a first frame; remove the key")
-    return problems + family.config_problems(config)
+    return problems + family.context_parallel_problems(config) + family.config_problems(config)
 
 
 # a sample's condition keys (the roles of data/conditions.py), and what each is

@@ -100,6 +100,14 @@ class VideoConfig(Strict):
     temporal_augmentation: bool = False
 
 
+class ContextParallelConfig(Strict):
+    """Each clip's tokens split over `degree` processes under torchrun (docs/distributed.md): `ulysses` exchanges
+    attention heads (all-to-all), `ring` passes keys and values around (CUDA attention backends only)."""
+
+    degree: int = Field(1, ge=1)
+    attention: Literal["ulysses", "ring"] = "ulysses"
+
+
 class EmbeddingConfig(Strict):
     """One textual-inversion embedding (OneTrainer's `embedding` / `additional_embeddings` entries): new tokens
     added to the text encoder's vocabulary, written in captions as `placeholder`, whose vectors train."""
@@ -152,6 +160,11 @@ class TrainConfig(Strict):
     # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
     experts: Literal["both", "high", "low"] | None = None
     boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V, 0.9 for I2V)
+    # WAN 2.2 A14B with both experts under torchrun: "together" (every process holds both and swaps them) or
+    # "split" (half the processes hold and train the high-noise expert, the other half the low-noise one)
+    experts_on: Literal["together", "split"] = "together"
+    # sequence (context) parallelism: torchrun's processes form groups of `degree` that share each clip's tokens
+    context_parallel: ContextParallelConfig = ContextParallelConfig()
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)

@@ -143,13 +143,44 @@ class ModelFamily(ABC):
         whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
         return {}
 
+    #: `context_parallel`: whether the family's transformer can split a clip's tokens over processes (diffusers has a
+    #: context-parallel plan for it and `predict` calls it in the plan's form), and the model types that cannot
+    CONTEXT_PARALLEL = False
+    CONTEXT_PARALLEL_EXCEPT: tuple[str, ...] = ()
+
+    @classmethod
+    def context_parallel_problems(cls, config: TrainConfig) -> list[str]:
+        """`context_parallel` with degree > 1: refused by name for a family (or model type) whose transformer cannot,
+        and beside the options that need a whole clip in one process."""
+        settings = config.context_parallel
+        if settings.degree == 1:
+            return []
+        if not cls.CONTEXT_PARALLEL or config.model_type in cls.CONTEXT_PARALLEL_EXCEPT:
+            return [f"  - context_parallel.degree = {settings.degree}: {config.model_type} ({cls.NAME}) cannot split a clip's "
+                    "tokens over processes (its transformer has no context-parallel plan in diffusers, or motiontune "
+                    "does not call it in that form yet); set degree to 1 and use gradient checkpointing and offloading"]
+        problems = []
+        if not config.video_config.use_temporal_attention:
+            problems.append("  - context_parallel with video_config.use_temporal_attention = false: frame-local attention "
+                            "regroups a clip's tokens by frame, which a split sequence cannot; set one of them back")
+        if config.experts_on == "split":
+            problems.append("  - context_parallel with experts_on = split: the two are not combined yet; use one of them")
+        if config.validation:
+            problems.append("  - context_parallel with validation: the validation loss runs in one process; set validation "
+                            "to false")
+        if config.training_method != "LORA":
+            problems.append(f"  - context_parallel with training_method {config.training_method}: only LORA is built "
+                            "(its gradients are summed over every process)")
+        return problems
+
     @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
         """The family's own rules for a config, each a line `  - key: what is wrong; what to do`. This default is a
         family with one transformer; one with more (WAN 2.2 A14B's experts) says its own."""
         problems = []
-        if config.experts is not None or config.boundary_ratio is not None:
-            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
+        if config.experts is not None or config.boundary_ratio is not None or config.experts_on != "together":
+            problems.append(f"  - experts / boundary_ratio / experts_on: only WAN 2.2 A14B has experts, not {config.model_type}; "
+                            "remove them")
         if config.transformer_2.train:
             problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
         if (config.transformer_2.min_noising_strength, config.transformer_2.max_noising_strength) != (None, None):
@@ -213,6 +244,9 @@ class ModelFamily(ABC):
     #: the layout of a cached text row when it is not the encoder's output as is (models/packing.py: several tensors
     #: in one row); part of the text cache's key, so a new layout re-encodes the captions instead of misreading them
     TEXT_FORMAT = ""
+
+    #: `experts_on: split`: the one expert (pipeline attribute) this process loads and trains; None: all of them
+    held_expert: str | None = None
 
     @abstractmethod
     def load_transformers(self) -> None:
@@ -359,7 +393,7 @@ class ModelFamily(ABC):
     def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
         """Each trained expert with the batch rows whose noise level it serves."""
         routed = []
-        for expert in self.trained_experts():
+        for expert in self.trained_experts():  # split experts: one held elsewhere comes with module None
             low, high = expert.sigma_range
             rows = ((sigma >= low) & ((sigma < high) | (high >= 1.0))).nonzero().flatten()
             if len(rows):

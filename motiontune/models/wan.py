@@ -117,6 +117,9 @@ _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_
 class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
+    # diffusers' WanTransformer3DModel has a context-parallel plan; the VACE and Animate transformers have none
+    CONTEXT_PARALLEL = True
+    CONTEXT_PARALLEL_EXCEPT = ("WAN_2_1_VACE", "WAN_2_2_ANIMATE")
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace",
                    "wan-2.2-animate")
@@ -160,7 +163,25 @@ class WanFamily(ModelFamily):
         if config.expert_choice() is None:
             return ["  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
                     "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"]
-        return []
+        return cls._split_problems(config) if config.experts_on == "split" else []
+
+    @staticmethod
+    def _split_problems(config) -> list[str]:
+        """`experts_on: split`: each expert lives on its own processes, so only what trains the experts alone can run."""
+        problems = []
+        if config.expert_choice() != "both":
+            problems.append(f"  - experts_on = split: places the two experts on two groups of processes; with experts = "
+                            f"{config.expert_choice()} only one trains. Set experts to both, or experts_on to together")
+        if config.training_method not in ("LORA", "FINE_TUNE"):
+            problems.append(f"  - experts_on = split with training_method {config.training_method}: only LORA and FINE_TUNE "
+                            "train the experts themselves; set experts_on to together")
+        if config.text_encoder.train or config.additional_embeddings:
+            problems.append("  - experts_on = split with text_encoder.train / additional_embeddings: a text side shared by "
+                            "both expert groups is not built; train it with experts_on together")
+        if config.validation:
+            problems.append("  - experts_on = split with validation: a validation loss needs both experts in one process; "
+                            "set validation to false, or experts_on to together")
+        return problems
 
     def __init__(self, config, device):
         super().__init__(config, device)
@@ -198,9 +219,13 @@ class WanFamily(ModelFamily):
             from diffusers import WanVACETransformer3DModel as WanTransformer3DModel  # noqa: N814
         elif self.is_animate:
             from diffusers import WanAnimateTransformer3DModel as WanTransformer3DModel  # noqa: N814
-        self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+        # `experts_on: split`: a process loads only the expert it trains (`held_expert`); the other stays None
+        held = self.held_expert
+        self.transformer = (self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+                            if held in (None, "transformer") else None)
         if self.is_a14b:
-            self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+            self.transformer_2 = (self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+                                  if held in (None, "transformer_2") else None)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -351,7 +376,7 @@ class WanFamily(ModelFamily):
         if self.is_animate:
             return self._animate_conditioning(stored, image_embeds, extras)
         if self.is_i2v:
-            channels = self.transformer.config.out_channels
+            channels = self.transformers()[0].config.out_channels  # both experts have the same (split: one is loaded)
             rows = torch.ones(len(stored), dtype=torch.bool)
             condition = stored[:, channels:]
             if extras and "last_frame" in extras:  # these samples also get their last frame
@@ -425,6 +450,14 @@ class WanFamily(ModelFamily):
             noisy = (1 - keep_noisy) * conditioning.latents.to(noisy.device, noisy.dtype) + keep_noisy * noisy
             patch = expert.module.config.patch_size
             timestep = (keep_noisy[:, 0, :, :: patch[1], :: patch[2]] * timestep.view(-1, 1, 1, 1)).flatten(1)
+        parallel = getattr(expert.module, "_parallel_config", None)
+        if parallel is not None and parallel.context_parallel_config is not None:
+            patch, degree = expert.module.config.patch_size, self.config.context_parallel.degree
+            tokens = noisy.shape[2] // patch[0] * (noisy.shape[3] // patch[1]) * (noisy.shape[4] // patch[2])
+            if tokens % degree:
+                raise ValueError(f"context_parallel.degree = {degree}: a clip of {tokens} tokens (latents "
+                                 f"{tuple(noisy.shape[2:])}) does not split evenly over the processes; pick a resolution "
+                                 "or max_frames whose token count the degree divides")
         # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
         return expert.module(hidden_states=noisy.to(self.weight_dtype), timestep=timestep,
                              encoder_hidden_states=text.to(self.weight_dtype), return_dict=False, **image)[0]
