@@ -72,7 +72,10 @@ def family_problems(config: TrainConfig) -> list[str]:
     if config.last_frame_conditioning_probability > 0 and not last_frame:
         problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
                         "A14B does); remove the key")
-    takes_control = "control" in family.condition_roles(model_type)
+    if config.in_context_control and not family.IN_CONTEXT_CONTROL:
+        problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
+                        "2.3 and 2.5 do); remove the key")
+    takes_control = "control" in family.condition_roles(config)
     for index, sample in enumerate(config.samples):
         if sample.control and not takes_control:
             problems.append(f"  - samples[{index}].control: {model_type} does not take a control video; remove the key")

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from conftest import DATA
 from motiontune.cli import main
 from motiontune.config.load import PRESETS_DIR
-from motiontune.configure import load_config
+from motiontune.configure import load_config, validate
 from motiontune.models.registry import family_class, model_types, tiny_family, tiny_model
 from motiontune.testing.clips import write_timestamped_clip
 
@@ -119,7 +119,7 @@ def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Pat
     elif "I2V" in preset.get("model_type", ""):
         sets["samples"] = [{"prompt": PROMPT, "image": str(data["image"]), "height": size, "width": size,
                             "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
-    elif "control" in family_class(preset["model_type"]).condition_roles(preset["model_type"]):  # VACE: a control video
+    elif "control" in family_class(preset["model_type"]).condition_roles(validate(preset)):  # VACE, IC-LoRA: a control video
         sets["samples"] = [{"prompt": PROMPT, "control": str(data["plain"] / "shapes-control.mp4"), "height": size,
                             "width": size, "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]

@@ -102,9 +102,9 @@ class WanFamily(ModelFamily):
         return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
-    def condition_roles(cls, model_type):
+    def condition_roles(cls, config):
         # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py)
-        return {"control": True} if model_type == "WAN_2_1_VACE" else {}
+        return {"control": True} if config.model_type == "WAN_2_1_VACE" else {}
 
     @classmethod
     def takes_last_frame(cls, model_type):
