@@ -277,7 +277,7 @@ class LTX2Family(ModelFamily):
         hidden = LTX2Pipeline._pack_latents(noisy, patch, patch_t)
         tokens, timestep, coords = hidden.shape[1], t, None
         if conditioning is not None:  # an IC-LoRA: the control's tokens beside the clip's
-            hidden, timestep, coords = self._in_context(model, noisy, t, conditioning.latents.to(noisy))
+            hidden, timestep, coords = self._in_context(model, noisy, hidden, t, conditioning.latents.to(noisy))
         video, audio = model(
             hidden_states=hidden.to(dtype), audio_hidden_states=sound.noisy.to(dtype),
             encoder_hidden_states=video_text.to(dtype), audio_encoder_hidden_states=audio_text.to(dtype), timestep=timestep,
@@ -289,16 +289,15 @@ class LTX2Family(ModelFamily):
         video = LTX2Pipeline._unpack_latents(video[:, :tokens], frames // patch_t, height // patch, width // patch, patch, patch_t)
         return video if given is None else (video, audio)
 
-    def _in_context(self, model, noisy: torch.Tensor, t: torch.Tensor, reference: torch.Tensor):
-        """The clip's packed noisy tokens with the control's appended, as `LTX2InContextPipeline.prepare_latents` lays
-        them out (reference tokens last): (tokens, per-token timesteps, positions). The pipeline gives each token
-        t·(1 - strength): 0 for the clean reference at strength 1; and places each on its own latent grid at the
-        video's frame rate (the same positions, when the control is the clip's size and length)."""
+    def _in_context(self, model, noisy: torch.Tensor, hidden: torch.Tensor, t: torch.Tensor, reference: torch.Tensor):
+        """The clip's packed noisy tokens (`hidden`) with the control's appended, as
+        `LTX2InContextPipeline.prepare_latents` lays them out (reference tokens last): (tokens, per-token timesteps,
+        positions). The pipeline gives each token t·(1 - strength): 0 for the clean reference at strength 1; and
+        places each on its own latent grid at the video's frame rate (the same positions, when the control is the
+        clip's size and length)."""
         from diffusers import LTX2Pipeline
 
-        patch, patch_t = model.config.patch_size, model.config.patch_size_t
-        hidden = LTX2Pipeline._pack_latents(noisy, patch, patch_t)
-        packed = LTX2Pipeline._pack_latents(reference, patch, patch_t)
+        packed = LTX2Pipeline._pack_latents(reference, model.config.patch_size, model.config.patch_size_t)
         batch = len(noisy)
         timestep = torch.cat([t[:, None].expand(-1, hidden.shape[1]), t.new_zeros(batch, packed.shape[1])], dim=1)
 
