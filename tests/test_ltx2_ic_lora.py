@@ -29,7 +29,8 @@ from test_first_last_frame import _frames, _write_clip
 from test_ltx2 import FPS, FRAMES, GUIDANCE_OFF, PROMPT, SEEDS, SIZE, _ratio
 from test_vace import _edges
 
-EPOCHS = 120  # both clips in each batch: 120 steps
+EPOCHS = 120  # both clips in each batch: 120 steps (measured: 0.380 and 1.424)
+VERSIONS = {"LTX_2": "ltx-2", "LTX_2_3": "ltx-2.3", "LTX_2_5": "ltx-2.5"}
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +62,21 @@ def _ic_config(model: Path, data: Path, **keys) -> dict:
             "in_context_control": True, "train_audio": False, "train_dtype": "FLOAT_32", **keys}
 
 
-def test_cached_control_and_transformer_call_are_the_pipelines_own(tiny_models, clips):
-    """The first step of the stock IC pipeline, its transformer call recorded: its reference tokens are the control latents
-    motiontune caches, and `predict` given the same noisy tokens, σ and sound returns the pipeline's own video and
-    audio predictions (token order, per-token timesteps 0 / t, positions and frame rate all as the pipeline's)."""
+@pytest.mark.parametrize("model_type", VERSIONS)
+def test_cached_control_and_transformer_call_are_the_pipelines_own(model_type, tiny_models, clips):
+    """The first step of the stock IC pipeline, its transformer call recorded: its reference tokens are the control
+    latents motiontune caches, and `predict` given the same noisy tokens, σ and sound returns the pipeline's own video
+    and audio predictions (token order, per-token timesteps 0 / t, positions and frame rate all as the pipeline's).
+    LTX-2.3 and 2.5 through the same pipeline, with their cross-modal timestep (`use_cross_timestep`)."""
     from diffusers import LTX2InContextPipeline, LTX2Pipeline
 
     from motiontune.config import TrainConfig
     from motiontune.models.base import Conditioning, Sound
-    from motiontune.models.ltx2 import LTX2Family
+    from motiontune.models.ltx2 import VERSIONS as CHECKPOINTS, LTX2Family
 
-    model = tiny_models("ltx-2")
-    config = TrainConfig.model_validate(_ic_config(model, clips[0].parent, video_config={"target_fps": float(FPS)}))
+    model = tiny_models(VERSIONS[model_type])
+    config = TrainConfig.model_validate(_ic_config(model, clips[0].parent, model_type=model_type,
+                                                   video_config={"target_fps": float(FPS)}))
     family = LTX2Family(config, torch.device("cpu"))
     family.load_vae()
     family.load_transformers()
@@ -84,7 +88,7 @@ def test_cached_control_and_transformer_call_are_the_pipelines_own(tiny_models, 
     calls = []
     hook = pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out)), with_kwargs=True)
     pipe(PROMPT, reference_conditions=_reference(clips[0]), height=SIZE, width=SIZE, num_frames=FRAMES, frame_rate=float(FPS),
-         num_inference_steps=2, use_cross_timestep=False, output_type="latent", generator=torch.Generator().manual_seed(0),
+         num_inference_steps=2, use_cross_timestep=CHECKPOINTS[model_type].cross_timestep, output_type="latent", generator=torch.Generator().manual_seed(0),
          **GUIDANCE_OFF)
     hook.remove()
     inputs, (video_out, audio_out) = calls[0]  # the first step's
@@ -108,7 +112,7 @@ def test_cached_control_and_transformer_call_are_the_pipelines_own(tiny_models, 
     theirs = LTX2Pipeline._unpack_latents(video_out[:, :tokens], *stored.shape[1:])
     gap = ((ours_video - theirs).norm() / theirs.norm()).item()
     control_effect = ((plain - theirs).norm() / theirs.norm()).item()
-    print(f"predict vs the pipeline's transformer call: video {gap:.2e}, audio "
+    print(f"{model_type} predict vs the pipeline's transformer call: video {gap:.2e}, audio "
           f"{((ours_audio - audio_out).norm() / audio_out.norm()).item():.2e} relative; without the control tokens "
           f"{control_effect:.2e}")
     assert gap < 1e-5 and torch.allclose(ours_audio, audio_out, atol=1e-5)
