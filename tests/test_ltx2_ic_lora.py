@@ -88,35 +88,34 @@ def test_cached_control_and_transformer_call_are_the_pipelines_own(model_type, t
     calls = []
     hook = pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out)), with_kwargs=True)
     pipe(PROMPT, reference_conditions=_reference(clips[0]), height=SIZE, width=SIZE, num_frames=FRAMES, frame_rate=float(FPS),
-         num_inference_steps=2, use_cross_timestep=CHECKPOINTS[model_type].cross_timestep, output_type="latent", generator=torch.Generator().manual_seed(0),
-         **GUIDANCE_OFF)
+         num_inference_steps=2, use_cross_timestep=CHECKPOINTS[model_type].cross_timestep, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **GUIDANCE_OFF)
     hook.remove()
-    inputs, (video_out, audio_out) = calls[0]  # the first step's
     tokens = stored[0].numel()  # the clip's latent grid: as many tokens as the control's
     reference = LTX2Pipeline._pack_latents(stored[None])
-    hidden = inputs["hidden_states"]
-    print(f"pipeline tokens {tuple(hidden.shape)}, timesteps {inputs['timestep'][0].tolist()}; cached control vs its "
-          f"reference tokens: max difference {(hidden[:, tokens:] - reference).abs().max():.2e}")
-    assert hidden.shape[1] == 2 * tokens and torch.allclose(hidden[:, tokens:], reference, atol=1e-5)
-
-    t = inputs["timestep"][0, 0]
-    assert t > 0 and torch.equal(inputs["timestep"][0, tokens:], torch.zeros(tokens))  # clean, at timestep 0
-    noisy = LTX2Pipeline._unpack_latents(hidden[:, :tokens], *stored.shape[1:])
-    sound = Sound(inputs["audio_hidden_states"], inputs["audio_timestep"] / 1000)
     text = family.encode_prompts([PROMPT])
     expert = family.trained_experts()[0]
-    with torch.no_grad():
-        ours_video, ours_audio = family.predict(noisy, (t / 1000)[None], text, expert,
-                                                Conditioning(stored[None], torch.ones(1, dtype=torch.bool)), sound=sound)
-        plain, _ = family.predict(noisy, (t / 1000)[None], text, expert, None, sound=sound)  # without the control
-    theirs = LTX2Pipeline._unpack_latents(video_out[:, :tokens], *stored.shape[1:])
-    gap = ((ours_video - theirs).norm() / theirs.norm()).item()
-    control_effect = ((plain - theirs).norm() / theirs.norm()).item()
-    print(f"{model_type} predict vs the pipeline's transformer call: video {gap:.2e}, audio "
-          f"{((ours_audio - audio_out).norm() / audio_out.norm()).item():.2e} relative; without the control tokens "
-          f"{control_effect:.2e}")
-    assert gap < 1e-5 and torch.allclose(ours_audio, audio_out, atol=1e-5)
-    assert control_effect > 1e-3  # the control tokens matter to the call: the comparison above could tell
+    for step, (inputs, (video_out, audio_out)) in enumerate(calls):  # σ = 1, then a partly denoised clip
+        hidden, t = inputs["hidden_states"], inputs["timestep"][0, 0]
+        print(f"step {step}: pipeline tokens {tuple(hidden.shape)}, timesteps {inputs['timestep'][0].tolist()}; cached "
+              f"control vs its reference tokens: max difference {(hidden[:, tokens:] - reference).abs().max():.2e}")
+        assert hidden.shape[1] == 2 * tokens and torch.allclose(hidden[:, tokens:], reference, atol=1e-5)
+        assert t > 0 and torch.equal(inputs["timestep"][0, tokens:], torch.zeros(tokens))  # clean, at timestep 0
+        noisy = LTX2Pipeline._unpack_latents(hidden[:, :tokens], *stored.shape[1:])
+        sound = Sound(inputs["audio_hidden_states"], inputs["audio_timestep"] / 1000)
+        with torch.no_grad():
+            ours_video, ours_audio = family.predict(noisy, (t / 1000)[None], text, expert,
+                                                    Conditioning(stored[None], torch.ones(1, dtype=torch.bool)), sound=sound)
+            plain, _ = family.predict(noisy, (t / 1000)[None], text, expert, None, sound=sound)  # without the control
+        theirs = LTX2Pipeline._unpack_latents(video_out[:, :tokens], *stored.shape[1:])
+        gap = ((ours_video - theirs).norm() / theirs.norm()).item()
+        control_effect = ((plain - theirs).norm() / theirs.norm()).item()
+        print(f"{model_type} step {step}, predict vs the pipeline's transformer call: video {gap:.2e}, audio "
+              f"{((ours_audio - audio_out).norm() / audio_out.norm()).item():.2e} relative; without the control tokens "
+              f"{control_effect:.2e}")
+        assert gap < 1e-5 and torch.allclose(ours_audio, audio_out, atol=1e-5)
+        assert control_effect > 1e-3  # the control tokens matter to the call: the comparison above could tell
+    assert len(calls) == 2 and calls[1][0]["timestep"][0, 0] < 1000
 
 
 def test_in_context_control_config_rules(tiny_models, clips):
