@@ -112,3 +112,47 @@ def config_notices(config: TrainConfig) -> list[str]:
                            f"{own} adds compression (frames {'downscaled' if key.startswith('spatial') else 'subsampled'} "
                            "before encoding). Set it to {own} to silence this.".replace("{own}", str(own)))
     return notices
+
+
+AUDIO_KEYS = ("train_audio", "audio_loss_weight", "audio_noise_level")
+
+
+def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
+    """The keys that `config.model_type` and `training_method` never read, each with why (dotted; `*` stands for any
+    item of a list). The UI hides them while they are unset; train refuses those that would silently do nothing."""
+    family, model_type, method = family_class(config.model_type), config.model_type, config.training_method
+    keys = list(TrainConfig.model_fields)
+    skipped: dict[str, str] = {}
+
+    def skip(names, why: str) -> None:
+        for name in names:
+            skipped.setdefault(name, why)
+
+    if method != "LORA":
+        skip([k for k in keys if k.startswith(("lora_", "lokr_"))] + ["peft_type"],
+             f"LoRA settings: training_method is {method}")
+    elif config.peft_type == "LOKR":
+        skip([k for k in keys if k.startswith("lora_")], "LORA / LOHA settings: peft_type is LOKR (its rank is lokr_dim)")
+    else:
+        skip([k for k in keys if k.startswith("lokr_")], f"LOKR settings: peft_type is {config.peft_type}")
+        if config.peft_type != "LORA":
+            skip([k for k in keys if k.startswith("lora_decompose")], f"DoRA settings: peft_type is {config.peft_type}")
+    if method != "EMBEDDING":
+        skip(["embedding"], f"the embedding an EMBEDDING run trains: training_method is {method}")
+    experts = family.expert_parts(model_type)
+    if len(experts) < 2:
+        skip(["experts", "boundary_ratio", "transformer_2"], f"{model_type} has one transformer, not two experts")
+    if family.AUDIO_SAMPLE_RATE is None:
+        skip(AUDIO_KEYS, f"{model_type} makes no sound")
+    if not family.GUIDANCE_EMBEDDING:
+        skip(["guidance_scale"], f"{model_type} is not guidance-distilled (samples[].cfg_scale is its guidance)")
+    first_frame = family.first_frame(model_type)
+    if first_frame != "optional":
+        skip(["image_conditioning_probability"], f"{model_type} is {'always' if first_frame else 'never'} image-conditioned")
+    if first_frame is None:
+        skip(["samples.*.image"], f"{model_type} does not take a first frame")
+    if not family.takes_last_frame(model_type):
+        skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
+    if "control" not in family.condition_roles(model_type):
+        skip(["samples.*.control"], f"{model_type} does not take a control video")
+    return skipped

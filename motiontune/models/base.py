@@ -97,6 +97,8 @@ class ModelFamily(ABC):
     VAE_COMPRESSION = (8, 4)
     #: whether `text_encoder.weight_dtype` may be FLOAT_8 / NFLOAT_4
     QUANTIZED_TEXT_ENCODER = False
+    #: guidance-distilled: the transformer takes the guidance value (`guidance_scale`), in training as when sampling
+    GUIDANCE_EMBEDDING = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
     #: the stock pipeline class whose `lora_state_dict` reads this family's LoRA files (None: diffusers has none; the
@@ -119,6 +121,11 @@ class ModelFamily(ABC):
     def first_frame(cls, model_type: str) -> str | None:
         """Whether a video starts from a given first frame: "required" (image-to-video), "optional" or None."""
         return None
+
+    @classmethod
+    def expert_parts(cls, model_type: str) -> tuple[str, ...]:
+        """The config's parts that hold a transformer of this model (two: experts that split the noise levels)."""
+        return ("transformer",)
 
     @classmethod
     def takes_last_frame(cls, model_type: str) -> bool:

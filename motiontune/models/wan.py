@@ -107,6 +107,10 @@ class WanFamily(ModelFamily):
         return {"control": True} if config.model_type == "WAN_2_1_VACE" else {}
 
     @classmethod
+    def expert_parts(cls, model_type: str) -> tuple[str, ...]:
+        return ("transformer", "transformer_2") if model_type in A14B_MODEL_TYPES else ("transformer",)
+
+    @classmethod
     def takes_last_frame(cls, model_type):
         # WAN 2.1 I2V's CLIP embedding takes one image; WAN 2.1 FLF2V (two) is not served yet
         return model_type == "WAN_2_2_I2V_A14B"
