@@ -153,6 +153,9 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
         skip(["samples.*.image"], f"{model_type} does not take a first frame")
     if not family.takes_last_frame(model_type):
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
-    if "control" not in family.condition_roles(model_type):
-        skip(["samples.*.control"], f"{model_type} does not take a control video")
+    if not family.IN_CONTEXT_CONTROL:
+        skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
+    if "control" not in family.condition_roles(config):
+        skip(["samples.*.control"], f"{model_type} does not take a control video"
+             + (" (it does with in_context_control: true)" if family.IN_CONTEXT_CONTROL else ""))
     return skipped
