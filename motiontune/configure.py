@@ -72,7 +72,10 @@ def family_problems(config: TrainConfig) -> list[str]:
     if config.last_frame_conditioning_probability > 0 and not last_frame:
         problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
                         "A14B does); remove the key")
-    roles = family.condition_roles(model_type)
+    if config.in_context_control and not family.IN_CONTEXT_CONTROL:
+        problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
+                        "2.3 and 2.5 do); remove the key")
+    roles = family.condition_roles(config)
     for index, sample in enumerate(config.samples):
         for role, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model takes, and no other
             given = getattr(sample, role)
@@ -159,8 +162,11 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
         skip(["samples.*.image"], f"{model_type} does not take a first frame")
     if not family.takes_last_frame(model_type):
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
-    roles = family.condition_roles(model_type)
+    if not family.IN_CONTEXT_CONTROL:
+        skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
+    roles = family.condition_roles(config)
     for role, what in SAMPLE_CONDITIONS.items():
         if role not in roles:
-            skip([f"samples.*.{role}"], f"{model_type} does not take {what}")
+            skip([f"samples.*.{role}"], f"{model_type} does not take {what}"
+                 + (" (it does with in_context_control: true)" if role == "control" and family.IN_CONTEXT_CONTROL else ""))
     return skipped

@@ -29,7 +29,7 @@ def _family_taking_control(seen: list):
 
     class WanWithControl(WanFamily):
         @classmethod
-        def condition_roles(cls, model_type):
+        def condition_roles(cls, config):
             return {"control": True}
 
         def encode_condition(self, role, frames):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from conftest import DATA
 from motiontune.cli import main
 from motiontune.config.load import PRESETS_DIR
-from motiontune.configure import load_config
+from motiontune.configure import load_config, validate
 from motiontune.models.registry import family_class, model_types, tiny_family, tiny_model
 from motiontune.testing.clips import write_timestamped_clip
 
@@ -120,7 +120,7 @@ def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Pat
     elif "I2V" in preset.get("model_type", ""):
         sets["samples"] = [{"prompt": PROMPT, "image": str(data["image"]), "height": size, "width": size,
                             "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
-    elif roles := family_class(preset["model_type"]).condition_roles(preset["model_type"]):  # VACE, Animate
+    elif roles := family_class(preset["model_type"]).condition_roles(validate(preset)):  # VACE, Animate, IC-LoRA
         given = {role: str(data["image"] if role == "reference" else data["plain"] / f"shapes-{role}.mp4") for role in roles}
         sets["samples"] = [{"prompt": PROMPT, **given, "height": size, "width": size, "frames": frames,
                             "steps": SAMPLE_STEPS, "seed": 42}]

@@ -171,6 +171,9 @@ class TrainConfig(Strict):
     # image-to-video models that take a last frame too (WAN 2.2 I2V A14B): the share of samples trained from
     # the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
     last_frame_conditioning_probability: float = Field(0.0, ge=0, le=1)
+    # LTX-2 / 2.3 / 2.5 in-context LoRA (IC-LoRA): each clip's `-control` video goes in as clean extra tokens beside
+    # the noisy ones, as `LTX2InContextPipeline`'s reference_conditions (docs/control.md)
+    in_context_control: bool = False
     # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
     guidance_scale: float = Field(1.0, ge=0)
 

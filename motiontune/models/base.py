@@ -137,10 +137,14 @@ class ModelFamily(ABC):
         """Whether a video can also end on a given last frame (first-and-last-frame image-to-video)."""
         return False
 
+    #: whether the family can train a control video as in-context tokens (`in_context_control`: LTX-2's IC-LoRA)
+    IN_CONTEXT_CONTROL = False
+
     @classmethod
-    def condition_roles(cls, model_type: str) -> dict[str, bool]:
-        """The conditions beside a clip this model takes (data/conditions.py: "control", "reference", ...), each with
-        whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
+    def condition_roles(cls, config: TrainConfig) -> dict[str, bool]:
+        """The conditions beside a clip this run takes (data/conditions.py: "control", "reference", ...), each with
+        whether every clip needs one; `encode_condition` makes what its transformer receives of them. Asked of the
+        config, not only its model type: a setting may add one (`in_context_control`)."""
         return {}
 
     #: `context_parallel`: whether the family's transformer can split a clip's tokens over processes (diffusers has a
@@ -193,9 +197,9 @@ class ModelFamily(ABC):
     @classmethod
     def tiny_pipeline(cls, name: str, tokenizer, clips: list[torch.Tensor], heads: int | None, layers: int):
         """A tiny random `name` model (one of TINY_MODELS) of the real architecture, as the stock diffusers pipeline
-        that saves it. `tokenizer(subfolder, max_length)` makes a small tokenizer locally; `clips` are the bundled
-        clips as pixels in [-1, 1], (1, 3, 9, 64, 64) each at 8 frames per second, to measure latent statistics on
-        data as the real ones were."""
+        that saves it. `tokenizer(subfolder, max_length, padding_side="right")` makes a small tokenizer locally;
+        `clips` are the bundled clips as pixels in [-1, 1], (1, 3, 9, 64, 64) each at 8 frames per second, to measure
+        latent statistics on data as the real ones were."""
         raise NotImplementedError(f"{cls.__name__} has no tiny model")
 
     # --- an instance: one run's model ----------------------------------------------------------------------

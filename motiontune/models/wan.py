@@ -138,12 +138,12 @@ class WanFamily(ModelFamily):
         return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
-    def condition_roles(cls, model_type):
+    def condition_roles(cls, config):
         # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); Animate: its pose and
         # face videos, and a reference picture where one is given (else the clip's first frame)
-        if model_type == "WAN_2_2_ANIMATE":
+        if config.model_type == "WAN_2_2_ANIMATE":
             return {"pose": True, "face": True, "reference": False}
-        return {"control": True} if model_type == "WAN_2_1_VACE" else {}
+        return {"control": True} if config.model_type == "WAN_2_1_VACE" else {}
 
     @classmethod
     def expert_parts(cls, model_type: str) -> tuple[str, ...]:

@@ -149,7 +149,7 @@ class Step:
         stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
         images = [clips[i].image_embeds for i in batch]
         images = torch.stack(images).to(device) if images[0] is not None else None
-        extras = batch_extras(self.family, config.model_type, clips, batch, device)  # first and last frame, control...
+        extras = batch_extras(self.family, config, clips, batch, device)  # first and last frame, control...
         x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images, extras)  # image-to-video
         dropout = config.text_encoder.dropout_probability
         captions = ["" if random.random() < dropout else random.choice(clips[i].captions) for i in batch]

@@ -199,7 +199,7 @@ GROUPS = {
                 "validate_after", "validate_after_unit", "__version"],
     "model": ["model_type", "training_method", "base_model_name", "train_dtype", "transformer", "transformer_2",
               "text_encoder", "vae", "experts", "boundary_ratio", "experts_on", "image_conditioning_probability",
-              "last_frame_conditioning_probability", "guidance_scale",
+              "last_frame_conditioning_probability", "in_context_control", "guidance_scale",
               "gradient_checkpointing", "layer_offload_fraction", "layer_offload_prefetch", "output_model_destination",
               "output_model_format", "output_dtype"],
     "data": ["resolution", "aspect_ratio_bucketing", "latent_caching", "concept_file_name", "video_config"],
