@@ -84,6 +84,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     data = _setup_data(config, family, ranks)
     log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
     family.load_transformers()
+    if config.frozen_loras:  # merged into the base before anything trains over it or quantizes it
+        from ..lora_tools.frozen import apply_frozen_loras
+
+        apply_frozen_loras(config, family)
     global_batch_size = config.batch_size * ranks.world_size  # N ranks train what one process with N× the batch would
     distributed.check_divisible(ranks, int(sum(c.repeats for c in data.clips)), config.batch_size)
     batches = batches_per_epoch([c.shape for c in data.clips], [c.repeats for c in data.clips], global_batch_size,

@@ -1,0 +1,142 @@
+"""`frozen_loras`: a new LoRA trained over a frozen speed LoRA, checked with the stock diffusers WanPipeline alone.
+
+A tiny "speed" LoRA is trained first on clip A (the shapes clip); then a LoRA of the same size is trained on clip B
+(the bunny clip) twice: over the speed LoRA (frozen, merged into the base) and on the bare base. Both are sampled
+as users run them, by the stock pipeline with the speed LoRA and the new one loaded at their strengths, few steps and
+guidance 1. The figures are in docs/formats.md ("using your LoRA with a speed LoRA").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_config, write_config
+from motiontune.cli import main
+from test_lora_end_to_end import _sample_latents, _stock_target_latents, _train
+
+SIZE = 32
+SPEED = {"steps": 4, "guidance": 1.0}
+STRENGTH = 0.8  # the speed LoRA's strength, in training and in the stock pipeline alike
+STEPS = {"speed": 120, "new": 200}
+CLIP_B = ("big_buck_bunny_432_433.webm", 0)
+FAMILIES = {"wan-2.1": ({"model_type": "WAN_2_1_T2V", "timestep_shift": 3.0}, SIZE)}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tmp_path_factory):
+    """The speed LoRA (clip A), then clip B's LoRA over it and on the bare base (the same rank, steps and seed)."""
+    root = tmp_path_factory.mktemp("frozen")
+    for run in ("speed", "over", "bare"):
+        (root / run).mkdir()
+    model, _, speed, _ = _train(tiny_models, root / "speed", "wan-2.1", FAMILIES, epochs=STEPS["speed"])
+    _, clip_b, bare, _ = _train(tiny_models, root / "bare", "wan-2.1", FAMILIES, CLIP_B, epochs=STEPS["new"])
+    frozen = [{"model_name": str(speed), "strength": STRENGTH}]
+    sample = {"prompt": "moving shapes", "frames": 9, "height": SIZE, "width": SIZE, "seed": 3, "fps": 16.0}
+    # the same clip and cache as the bare run: latents do not depend on the frozen LoRA, so nothing is encoded again
+    _, _, over, _ = _train(tiny_models, root / "over", "wan-2.1", FAMILIES, CLIP_B, epochs=STEPS["new"],
+                           concepts=[{"path": str(clip_b.parent)}], cache_dir=str(root / "bare" / "cache"),
+                           frozen_loras=frozen, samples=[sample], sample_steps=SPEED["steps"],
+                           sample_cfg_scale=SPEED["guidance"], sample_after=0, sample_after_unit="EPOCH")
+    return model, speed, clip_b, over, bare, root
+
+
+def _pipeline(model: Path, *loras: tuple[Path, float]):
+    """The stock pipeline with each (file, strength) loaded as its own adapter."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    names = []
+    for index, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
+        names.append(f"lora{index}")
+    if names:
+        pipe.set_adapters(names, [strength for _, strength in loras])
+    return pipe
+
+
+def test_new_lora_reaches_its_clip_under_the_speed_lora(runs):
+    model, speed, clip_b, over, bare, _ = runs
+    distance = {}
+    for name, loras in (("speed alone", [(speed, STRENGTH)]), ("over the speed LoRA", [(speed, STRENGTH), (over, 1.0)]),
+                        ("on the bare base", [(speed, STRENGTH), (bare, 1.0)])):
+        pipe = _pipeline(model, *loras)
+        target = _stock_target_latents(pipe, clip_b)
+        samples = _sample_latents(pipe, SIZE, SPEED["steps"])
+        distance[name] = ((samples - target) ** 2).mean().item()
+    over_ratio = distance["over the speed LoRA"] / distance["speed alone"]
+    bare_ratio = distance["on the bare base"] / distance["speed alone"]
+    print(f"clip B MSE under the speed LoRA ({SPEED['steps']} steps, guidance {SPEED['guidance']}), against the speed "
+          f"LoRA alone: trained over it {over_ratio:.3f}, trained on the bare base {bare_ratio:.3f}")
+    assert over_ratio < 0.75 * bare_ratio, "the LoRA trained over the frozen speed LoRA should reach its clip clearly better"
+
+
+def test_saved_file_holds_only_the_new_lora(runs):
+    _, speed, _, over, bare, _ = runs
+    over_tensors, speed_tensors = load_file(str(over)), load_file(str(speed))
+    assert set(over_tensors) == set(load_file(str(bare))), "the same modules as a LoRA trained without frozen ones"
+    for key, tensor in over_tensors.items():
+        assert not (key in speed_tensors and torch.equal(tensor, speed_tensors[key])), key
+
+
+def test_training_samples_use_the_frozen_lora_and_speed_settings(runs):
+    """The sample rendered at the end of training (4 steps, guidance 1 from `sample_steps` / `sample_cfg_scale`) is
+    the stock pipeline's with both LoRAs loaded, as far as the mp4's lossy encoding shows."""
+    model, speed, _, over, _, root = runs
+    result = json.loads((root / "over" / "workspace" / "result.json").read_text())
+    with av.open(result["samples"][0]) as container:
+        written = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.float32) / 255
+    rendered = {}
+    for name, loras in (("both", [(speed, STRENGTH), (over, 1.0)]), ("new alone", [(over, 1.0)])):
+        pipe = _pipeline(model, *loras)
+        rendered[name] = pipe("moving shapes", height=SIZE, width=SIZE, num_frames=9, num_inference_steps=SPEED["steps"],
+                              guidance_scale=SPEED["guidance"], generator=torch.Generator().manual_seed(3),
+                              output_type="np").frames[0]
+    gaps = {name: float(np.abs(written - frames).mean()) for name, frames in rendered.items()}
+    print(f"training sample against the stock pipeline's: {gaps}")
+    assert gaps["both"] < 0.03 and gaps["both"] < gaps["new alone"] / 3
+
+
+def test_the_cache_is_shared_with_runs_without_frozen_loras(runs):
+    *_, root = runs
+    calls = json.loads((root / "over" / "workspace" / "result.json").read_text())["encoder_calls"]
+    assert not any(calls.values()), calls
+
+
+def test_estimate_counts_the_merge_in_host_memory_only(runs, tmp_path):
+    from motiontune.configure import load_config
+    from motiontune.estimate.host import LOADING
+    from motiontune.estimate.step import estimate
+
+    model, speed, clip_b, *_ = runs
+    keys = base_config(tmp_path, model, clip_b.parent)
+    plain = estimate(load_config(str(write_config(tmp_path / "plain.json", **keys))))
+    frozen = estimate(load_config(str(write_config(tmp_path / "frozen.json", **keys, frozen_loras=[{"model_name": str(speed)}]))))
+    assert frozen.device == plain.device  # merged into the weights: nothing on the device
+    merging = [line.host for line in frozen.host_moments[LOADING] if "frozen LoRA" in line.name]
+    assert merging == [2 * speed.stat().st_size]
+
+
+def test_bad_frozen_loras_are_named(runs, tmp_path, capsys):
+    """A missing file at config loading; keys of no module of the model when it has loaded, before any training."""
+    from safetensors.torch import save_file
+
+    model, speed, clip_b, *_ = runs
+    tensors = load_file(str(speed))
+    renamed = {k.replace("blocks.1.ffn.0.", "blocks.1.ffn.7."): v for k, v in tensors.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    for name, expected in (("missing.safetensors", "no such file"), ("renamed.safetensors", "key diffusion_model.blocks.1.ffn.7.")):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        keys = base_config(folder, model, clip_b.parent, epochs=1, frozen_loras=[{"model_name": str(tmp_path / name)}])
+        assert main(["train", "--config", str(write_config(folder / "config.json", **keys))]) == 2
+        message = capsys.readouterr().err
+        assert f"frozen_loras[0]" in message and name in message and expected in message, message
+        assert not (folder / "lora.safetensors").exists()
