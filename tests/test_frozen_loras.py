@@ -140,3 +140,12 @@ def test_bad_frozen_loras_are_named(runs, tmp_path, capsys):
         message = capsys.readouterr().err
         assert f"frozen_loras[0]" in message and name in message and expected in message, message
         assert not (folder / "lora.safetensors").exists()
+
+
+def test_sample_steps_and_guidance_fill_the_samples_that_set_none():
+    from motiontune.config import TrainConfig
+
+    config = TrainConfig.model_validate({"sample_steps": 4, "sample_cfg_scale": 1.0, "samples": [
+        {"prompt": "a"}, {"prompt": "b", "steps": 8, "cfg_scale": 3.0}]})
+    assert [(s.steps, s.cfg_scale) for s in config.samples] == [(4, 1.0), (8, 3.0)]
+    assert [(s.steps, s.cfg_scale) for s in TrainConfig.model_validate({"samples": [{"prompt": "a"}]}).samples] == [(30, 5.0)]
