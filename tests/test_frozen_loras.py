@@ -26,7 +26,7 @@ SPEED = {"steps": 4, "guidance": 1.0}
 STRENGTH = 1.0  # the speed LoRA's strength, in training and in the stock pipeline alike
 STEPS = {"speed": 200, "new": 250}
 LEARNING_RATE = 6e-3
-CLIP_B = ("big_buck_bunny_432_433.webm", 0)
+CLIP_B = ("big_buck_bunny_432_433.webm", 0, "bunny")
 FAMILIES = {"wan-2.1": ({"model_type": "WAN_2_1_T2V", "timestep_shift": 3.0, "learning_rate": LEARNING_RATE}, SIZE)}
 
 

@@ -35,14 +35,14 @@ FAMILIES = {
 }
 
 
-def _make_clip(folder: Path, size: int, source: str = "shapes_200px_30fps.mp4", first: int = 90) -> Path:
+def _make_clip(folder: Path, size: int, source: str = "shapes_200px_30fps.mp4", first: int = 90, name: str = "shapes") -> Path:
     """9 frames of a real clip (every other one from frame `first`; the shapes clip's first second is black) at
     size x size, written losslessly at 16 fps, so the test and the trainer read identical pixels."""
     folder.mkdir()
     with av.open(str(DATA / source)) as container:
         frames = [f.to_ndarray(format="rgb24", width=size, height=size) for _, f in zip(range(first + 18), container.decode(video=0))]
     frames = frames[first:]
-    clip = folder / (Path(source).stem + ".mp4")
+    clip = folder / f"{name}.mp4"
     with av.open(str(clip), "w") as out:
         stream = out.add_stream("libx264", rate=16)
         stream.width = stream.height = size
@@ -84,7 +84,7 @@ def _channel_stats_distance(samples: torch.Tensor, target: torch.Tensor) -> floa
 
 def _train(tiny_models, tmp: Path, family: str, families: dict = FAMILIES, clip: tuple = (), **more):
     """Train `family` (keys and clip size from `families`, then `more`) with `motiontune train` on the clip
-    `_make_clip` makes (of `clip`: its source file and first frame; the shapes clip by default)."""
+    `_make_clip` makes (of `clip`: its source file, first frame and name; the shapes clip by default)."""
     keys, size = families[family]
     model = tiny_models(family)
     clip = _make_clip(tmp / "data", size, *clip)
