@@ -155,3 +155,32 @@ def test_sample_steps_and_guidance_fill_the_samples_that_set_none():
         {"prompt": "a"}, {"prompt": "b", "steps": 8, "cfg_scale": 3.0}]})
     assert [(s.steps, s.cfg_scale) for s in config.samples] == [(4, 1.0), (8, 3.0)]
     assert [(s.steps, s.cfg_scale) for s in TrainConfig.model_validate({"samples": [{"prompt": "a"}]}).samples] == [(30, 5.0)]
+
+
+@pytest.mark.parametrize("output", ["COMFY_LORA", "DIFFUSERS_LORA"])
+def test_the_frozen_base_predicts_as_the_stock_pipeline_with_the_file(output, tiny_models, tmp_path):
+    """The merge at strengths 1 and 0.5 gives the transformer the stock pipeline has with the file loaded and
+    `set_adapters` at that weight (random adapters written by the trainer's own `lora.save`)."""
+    from motiontune.config import TrainConfig
+    from motiontune.lora_tools.frozen import apply_frozen_loras
+    from motiontune.models import family_for
+    from test_lora_tools import write_loras
+
+    model = tiny_models("wan-2.1")
+    (path,) = write_loras("WAN_2_1_T2V", model, tmp_path)[output]
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 16, 3, 4, 4, generator=generator), torch.tensor([500.0]), torch.randn(1, 512, 32, generator=generator))
+    for strength in (1.0, 0.5):
+        config = TrainConfig.model_validate({"model_type": "WAN_2_1_T2V", "base_model_name": str(model), "train_dtype": "FLOAT_32",
+                                             "frozen_loras": [{"model_name": str(path), "strength": strength}]})
+        family = family_for(config, torch.device("cpu"))
+        family.load_transformers()
+        apply_frozen_loras(config, family)
+        assert not any("lora" in name for name, _ in family.transformer.named_parameters())  # merged, no adapter left
+        pipe = _pipeline(model, (path, strength))
+        with torch.no_grad():
+            merged = family.transformer(*inputs, return_dict=False)[0]
+            stock = pipe.transformer(*inputs, return_dict=False)[0]
+            pipe.disable_lora()
+            base = pipe.transformer(*inputs, return_dict=False)[0]
+        assert (merged - stock).abs().max() < 1e-5 < (stock - base).abs().max()
