@@ -101,7 +101,24 @@ def family_problems(config: TrainConfig) -> list[str]:
             problems.append(f"  - samples[{index}].image = {sample.image!r}: {problem}")
         elif sample.image and first_frame is None:
             problems.append(f"  - samples[{index}].image: {model_type} does not take a first frame; remove the key")
-    return problems + family.context_parallel_problems(config) + family.config_problems(config)
+    return problems + frozen_lora_problems(config) + family.context_parallel_problems(config) + family.config_problems(config)
+
+
+def frozen_lora_problems(config: TrainConfig) -> list[str]:
+    """What can be said of `frozen_loras` before the model loads (their keys are checked against it when it has)."""
+    problems = []
+    if config.frozen_loras and config.training_method == "FINE_TUNE":
+        problems.append("  - frozen_loras: a fine-tune saves the whole transformer, the frozen LoRAs merged into it; "
+                        "merge them first (`motiontune lora merge`) and fine-tune that model, or train a LORA")
+    for index, item in enumerate(config.frozen_loras):
+        path = Path(item.model_name)
+        if not path.is_file():
+            problems.append(f"  - frozen_loras[{index}].model_name = {item.model_name!r}: no such file; give a LoRA "
+                            ".safetensors file")
+        elif path.suffix != ".safetensors":
+            problems.append(f"  - frozen_loras[{index}].model_name = {item.model_name!r}: not a .safetensors file "
+                            "(other formats can run code when read); convert it first")
+    return problems
 
 
 # a sample's condition keys (the roles of data/conditions.py), and what each is

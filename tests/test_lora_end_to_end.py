@@ -35,14 +35,14 @@ FAMILIES = {
 }
 
 
-def _make_clip(folder: Path, size: int) -> Path:
-    """9 frames of the real shapes clip (from 3 s in: its first second is black) at size x size, written
-    losslessly at 16 fps, so the test and the trainer read identical pixels."""
+def _make_clip(folder: Path, size: int, source: str = "shapes_200px_30fps.mp4", first: int = 90, name: str = "shapes") -> Path:
+    """9 frames of a real clip (every other one from frame `first`; the shapes clip's first second is black) at
+    size x size, written losslessly at 16 fps, so the test and the trainer read identical pixels."""
     folder.mkdir()
-    with av.open(str(DATA / "shapes_200px_30fps.mp4")) as container:
-        frames = [f.to_ndarray(format="rgb24", width=size, height=size) for _, f in zip(range(108), container.decode(video=0))]
-    frames = frames[90:]
-    clip = folder / "shapes.mp4"
+    with av.open(str(DATA / source)) as container:
+        frames = [f.to_ndarray(format="rgb24", width=size, height=size) for _, f in zip(range(first + 18), container.decode(video=0))]
+    frames = frames[first:]
+    clip = folder / f"{name}.mp4"
     with av.open(str(clip), "w") as out:
         stream = out.add_stream("libx264", rate=16)
         stream.width = stream.height = size
@@ -51,7 +51,7 @@ def _make_clip(folder: Path, size: int) -> Path:
         for array in frames[::2]:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         out.mux(stream.encode())
-    (folder / "shapes.txt").write_text(PROMPT + "\n")
+    clip.with_suffix(".txt").write_text(PROMPT + "\n")
     return clip
 
 
@@ -67,9 +67,9 @@ def _stock_target_latents(pipe, clip: Path) -> torch.Tensor:
     return (latents - mean) / std
 
 
-def _sample_latents(pipe, size: int) -> torch.Tensor:
+def _sample_latents(pipe, size: int, steps: int = 20) -> torch.Tensor:
     return torch.cat([
-        pipe(PROMPT, height=size, width=size, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
+        pipe(PROMPT, height=size, width=size, num_frames=9, num_inference_steps=steps, guidance_scale=1.0,
              output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
         for seed in SEEDS
     ])
@@ -82,15 +82,16 @@ def _channel_stats_distance(samples: torch.Tensor, target: torch.Tensor) -> floa
     return (mean_gap + std_gap).mean().item()
 
 
-def _train(tiny_models, tmp: Path, family: str, families: dict = FAMILIES):
-    """Train `family` (keys and clip size from `families`) on the clip with `motiontune train`."""
+def _train(tiny_models, tmp: Path, family: str, families: dict = FAMILIES, clip: tuple = (), **more):
+    """Train `family` (keys and clip size from `families`, then `more`) with `motiontune train` on the clip
+    `_make_clip` makes (of `clip`: its source file, first frame and name; the shapes clip by default)."""
     keys, size = families[family]
     model = tiny_models(family)
-    clip = _make_clip(tmp / "data", size)
+    clip = _make_clip(tmp / "data", size, *clip)
     config = base_config(
         tmp, model, clip.parent, resolution=str(size),
         **{"epochs": 1000, "learning_rate": 3e-3, "lora_rank": 16, "lora_alpha": 8,  # alpha != rank: files keep alpha
-           "video_config": {"max_frames": 9, "target_fps": 16.0}, **keys},
+           "video_config": {"max_frames": 9, "target_fps": 16.0}, **keys, **more},
     )
     assert main(["train", "--config", str(write_config(tmp / "config.json", **config))]) == 0
     return model, clip, Path(config["output_model_destination"]), tmp

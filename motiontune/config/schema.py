@@ -83,6 +83,17 @@ class SampleConfig(Strict):
     reference: LocalPath | None = None  # WAN 2.2 Animate: the reference (character) picture
 
 
+class FrozenLoraConfig(Strict):
+    """A LoRA file merged, frozen, into the base before a new LoRA trains over it (a speed LoRA: docs/formats.md,
+    "using your LoRA with a speed LoRA"). Read in motiontune's, diffusers' or ComfyUI's naming."""
+
+    model_name: LocalPath = Field(min_length=1)  # a .safetensors LoRA file
+    strength: float = 1.0  # the weight it is used with (diffusers' `set_adapters` weight, ComfyUI's strength)
+    # which transformer it adapts: WAN 2.2 A14B's low-noise expert is transformer_2; None: transformer, or for A14B
+    # what the file's name says (motiontune's `_high_noise` / `_low_noise` suffixes)
+    part: Literal["transformer", "transformer_2"] | None = None
+
+
 class VideoConfig(Strict):
     max_frames: int = Field(16, ge=1)
     frame_sample_strategy: Literal["uniform", "random", "keyframe"] = "uniform"
@@ -209,6 +220,8 @@ class TrainConfig(Strict):
     lokr_full_matrix: bool = False
     lokr_vec_trick: bool = True
     layer_filter: str = ""  # comma-separated substrings of module names; empty: the family's default targets
+    # LoRA files merged into the frozen base before training (speed LoRAs); the saved file holds only the new LoRA
+    frozen_loras: list[FrozenLoraConfig] = []
 
     timestep_distribution: Literal["UNIFORM", "LOGIT_NORMAL", "SIGMOID"] = "LOGIT_NORMAL"
     timestep_shift: float = Field(1.0, gt=0, le=100)
@@ -242,6 +255,9 @@ class TrainConfig(Strict):
     sample_after: int = Field(1, ge=0)
     sample_after_unit: TimeUnit = "EPOCH"
     samples: list[SampleConfig] = []
+    # the steps and guidance of every sample that does not set its own (e.g. 4 and 1.0 under a speed LoRA)
+    sample_steps: int | None = Field(None, ge=1)
+    sample_cfg_scale: float | None = Field(None, ge=1.0)
     save_every: int = Field(0, ge=0)
     save_every_unit: TimeUnit = "NEVER"
     # a loss on the VALIDATION concepts' clips (never trained on) at fixed noise levels and noise, every N units
@@ -314,6 +330,15 @@ class TrainConfig(Strict):
     def _resolution_form(cls, value: str):
         parse_resolution(value)
         return value
+
+    @model_validator(mode="after")
+    def _sample_defaults(self):
+        """`sample_steps` / `sample_cfg_scale` fill the samples that do not set their own."""
+        for sample in self.samples:
+            for key, value in (("steps", self.sample_steps), ("cfg_scale", self.sample_cfg_scale)):
+                if value is not None and key not in sample.model_fields_set:
+                    setattr(sample, key, value)
+        return self
 
     @model_validator(mode="after")
     def _check(self):

@@ -46,6 +46,17 @@ def encoder_bytes(config: TrainConfig) -> tuple[int, int]:
     return vae + getattr(family(config), "estimate_image_encoder_bytes", lambda: 0)(), text
 
 
+def frozen_lora_bytes(config: TrainConfig) -> int:
+    """Host memory while one of `frozen_loras` is merged (lora_tools/frozen.py): the file's tensors as read and the
+    adapter diffusers loads from them, about the file's size each; one file at a time. Merged into the base weights,
+    they add nothing to the device or to the steps (a frozen peft adapter would: its factors and one more product per
+    adapted layer)."""
+    import os
+
+    sizes = [os.path.getsize(item.model_name) for item in config.frozen_loras if os.path.isfile(item.model_name)]
+    return 2 * max(sizes, default=0)
+
+
 def host_moments(config: TrainConfig, counts: WeightCounts, *, plain: str, weight_dtype: str, offloaded: int,
                  other_loaded: int, other_held: int, checkpoint_inputs: list[int], blocks: int) -> dict[str, list[Line]]:
     """Host memory at each moment (bytes in `Line.host`). `other_loaded` / `other_held`: the other expert as loaded
@@ -57,6 +68,10 @@ def host_moments(config: TrainConfig, counts: WeightCounts, *, plain: str, weigh
                               f"{plain}, before its memory options apply")]}
     if other_loaded:
         moments[LOADING].append(Line("the other expert as loaded", 0, other_loaded, f"{plain}; both experts load"))
+    merging = frozen_lora_bytes(config)
+    if merging:
+        moments[LOADING].append(Line("a frozen LoRA being merged", 0, merging, "its file read and its adapter, the "
+                                     "largest of frozen_loras; merged into the weights, so nothing after loading"))
     moments[LOADING].append(process)
 
     step = []

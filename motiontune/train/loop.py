@@ -95,6 +95,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     log.info("loading %s from %s on %s", config.model_type,
              config.base_model_name + (f" ({ranks.expert} only)" if split else ""), device)
     family.load_transformers()
+    if config.frozen_loras:  # merged into the base before anything trains over it or quantizes it
+        from ..lora_tools.frozen import apply_frozen_loras
+
+        apply_frozen_loras(config, family)
     # N data-parallel ranks train what one process with N× the batch would (a context group is one of them)
     global_batch_size = config.batch_size * ranks.data_size
     distributed.check_divisible(ranks, int(sum(c.repeats for c in data.clips)), config.batch_size)
