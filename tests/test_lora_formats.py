@@ -68,7 +68,7 @@ MODEL_TYPES = {
 COMFY_ONLY = {"HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {}),
               # MiniMax H3's pipeline is modular (no from_pretrained of this kind): its transformer reads the file
               "MINIMAX_H3": ("minimax-h3", "MiniMaxH3ModularPipeline", "MiniMaxH3Transformer3DModel",
-                             {"video_config": {"max_frames": 5, "target_fps": 16.0}})}
+                             {"video_config": {"max_frames": 5, "target_fps": 24.0}})}  # it generates at 24 fps
 # checked against ComfyUI here (through the stock pipeline's reading of the DIFFUSERS_LORA file); tests/test_ltx2.py
 # checks the default file in diffusers. LTX-2.5 is not: ComfyUI v0.30.0 has no LTX-2.5 (see
 # test_comfyui_lacks_ltx_2_5 and docs/formats.md)

@@ -6,6 +6,7 @@ alone, samples are mp4 files with their sound track, and the LoRA file has the o
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -495,7 +496,22 @@ def _energy_matched(with_lora: torch.Tensor, without: torch.Tensor) -> torch.Ten
     a third of the energy off while its cosine with the clip rose from 0.01 to about 0.19: 0.929 unmatched). At equal
     energy the flipped error falls only if the samples turned towards the flipped clip."""
     dims = tuple(range(1, with_lora.ndim))
-    return with_lora * (without.norm(dim=dims, keepdim=True) / with_lora.norm(dim=dims, keepdim=True))
+    norm = functools.partial(torch.linalg.vector_norm, dim=dims, keepdim=True)
+    return with_lora * (norm(without) / norm(with_lora))
+
+
+def test_the_energy_matched_control_fails_a_lora_that_only_shrinks_or_turns_away():
+    """The matched negative control cannot be passed by shrinking: base samples of twice a target's energy, a "LoRA"
+    that only halves them lands at ratio 1 against the flipped target (not above), one that turns them away from the
+    target below 1, one that turns them towards it above 1; unmatched, the halving alone comes out below 1 too."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 16, 3, 2, 2, generator=generator)
+    base = 2 ** 0.5 * torch.randn(4, 16, 3, 2, 2, generator=generator)
+    ratios = {name: _ratio(_energy_matched(sample, base), base, -target)
+              for name, sample in (("shrunk", 0.5 * base), ("away", 0.6 * base - 0.4 * target), ("towards", 0.6 * base + 0.4 * target))}
+    print(f"matched flipped ratios: {ratios}; unmatched, shrunk: {_ratio(0.5 * base, base, -target):.3f}")
+    assert abs(ratios["shrunk"] - 1) < 1e-5 and ratios["away"] < 1 < ratios["towards"]
+    assert _ratio(0.5 * base, base, -target) < 1
 
 
 def test_newer_checkpoints_sample_at_their_vocoders_rate(variant_run):
