@@ -169,7 +169,8 @@ def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[
     """Each transformer's weights after `load_lora_weights` of `files` (expert label → file) and `fuse_lora`."""
     if model_type in COMFY_ONLY:  # the transformer's own reader (its pipeline has none)
         transformer = transformer_class(model_type).from_pretrained(model, subfolder="transformer")
-        transformer.load_lora_adapter(str(files[""]), prefix="transformer")
+        # the folder and the name: given the file's path, diffusers 0.42.1 skips its metadata, where alpha is
+        transformer.load_lora_adapter(str(files[""].parent), weight_name=files[""].name, prefix="transformer")
         transformer.fuse_lora()
         return {"transformer": plain_weights(transformer)}
     pipe = stock_pipeline(model_type, model)
