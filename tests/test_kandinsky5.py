@@ -360,16 +360,6 @@ def test_estimate_of_the_released_models_reads_no_weights():
         assert low < lines["frozen weights"].device < high
 
 
-def _comfy_sizes(folder: Path):
-    """What ComfyUI's Kandinsky 5 detection cannot read from a tiny model's weights: the head width (it knows the
-    released model widths' rope axes only) and the text widths (it assumes Qwen2.5-VL-7B's and CLIP-L's)."""
-    import json
-
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    return {"axes_dims": list(config["axes_dims"]), "in_text_dim": config["in_text_dim"],
-            "in_text_dim2": config["in_text_dim2"]}, {}
-
-
 def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(t2v, tmp_path):
     """ComfyUI v0.30.0's own loaders (tests/comfyui, its own venv): the transformer saved under its own names (what
     COMFY_TRANSFORMER writes) loads as ComfyUI's Kandinsky5 model with no missing or unexpected weight; every tensor of
@@ -379,7 +369,6 @@ def test_comfyui_applies_every_key_of_the_default_lora_as_diffusers_does(t2v, tm
     from diffusers import Kandinsky5T2VPipeline
     from safetensors.torch import save_file
 
-    harness.COMFY_MODELS.setdefault("KANDINSKY_5_T2V", harness.ComfyModel("Kandinsky5", _comfy_sizes))
     model, _, comfy_file, diffusers_lora = t2v
     family = _family(model, "KANDINSKY_5_T2V")
     pipe = Kandinsky5T2VPipeline.from_pretrained(model)

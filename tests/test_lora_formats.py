@@ -65,8 +65,16 @@ MODEL_TYPES = {
 
 # checked against ComfyUI only: diffusers 0.42.1 reads no original-layout LoRA or single file of HunyuanVideo 1.5 (its
 # DIFFUSERS_LORA file loads with the transformer's `load_lora_adapter`)
-COMFY_ONLY = {"HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {})}
-ALL_TYPES = {**MODEL_TYPES, **COMFY_ONLY}
+COMFY_ONLY = {"HUNYUAN_VIDEO_1_5": ("hunyuan-video-1.5", "HunyuanVideo15Pipeline", "HunyuanVideo15Transformer3DModel", {}),
+              # MiniMax H3's pipeline is modular (no from_pretrained of this kind): its transformer reads the file
+              "MINIMAX_H3": ("minimax-h3", "MiniMaxH3ModularPipeline", "MiniMaxH3Transformer3DModel",
+                             {"video_config": {"max_frames": 5, "target_fps": 24.0}})}  # it generates at 24 fps
+# checked against ComfyUI here (through the stock pipeline's reading of the DIFFUSERS_LORA file); tests/test_ltx2.py
+# checks the default file in diffusers. LTX-2.5 is not: ComfyUI v0.30.0 has no LTX-2.5 (see
+# test_comfyui_lacks_ltx_2_5 and docs/formats.md)
+COMFY_ALSO = {"LTX_2_3": ("ltx-2.3", "LTX2Pipeline", "LTX2VideoTransformer3DModel",
+                          {"resolution": "64", "video_config": {"max_frames": 9, "target_fps": 16.0}})}
+ALL_TYPES = {**MODEL_TYPES, **COMFY_ONLY, **COMFY_ALSO}
 
 
 @contextlib.contextmanager
@@ -161,7 +169,8 @@ def fused_weights(model_type: str, model: Path, files: dict[str, Path]) -> dict[
     """Each transformer's weights after `load_lora_weights` of `files` (expert label → file) and `fuse_lora`."""
     if model_type in COMFY_ONLY:  # the transformer's own reader (its pipeline has none)
         transformer = transformer_class(model_type).from_pretrained(model, subfolder="transformer")
-        transformer.load_lora_adapter(str(files[""]), prefix="transformer")
+        # the folder and the name: given the file's path, diffusers 0.42.1 skips its metadata, where alpha is
+        transformer.load_lora_adapter(str(files[""].parent), weight_name=files[""].name, prefix="transformer")
         transformer.fuse_lora()
         return {"transformer": plain_weights(transformer)}
     pipe = stock_pipeline(model_type, model)
@@ -380,7 +389,7 @@ def comfy_transformer_files(model_type: str, model: Path, folder: Path) -> dict[
 
 
 @pytest.fixture(scope="module")
-def comfy(runs, tmp_path_factory):
+def comfy(runs, tiny_models, tmp_path_factory):
     """Every model type through ComfyUI in one process: (model type, expert label) → (its COMFY_TRANSFORMER base file,
     ComfyUI's result for the base alone, for the base with the default LoRA file)."""
     from comfyui.harness import ComfyJob, run_comfy
@@ -399,11 +408,16 @@ def comfy(runs, tmp_path_factory):
     save_file({k: v for k, v in load_file(str(default)).items() if not k.endswith(".alpha")}, str(no_alpha))
     base = next(base for model_type, _, base in keys if model_type == "WAN_2_1_T2V")
     jobs += [ComfyJob("WAN_2_1_T2V", base, no_alpha, model), ComfyJob("WAN_2_1_T2V", base, diffusers_file, model)]
+    # LTX-2.5's base model alone, read as ComfyUI reads LTX models (its LTX-2.3 sizes and options)
+    ltx25 = tiny_models("ltx-2.5")
+    ltx25_base = comfy_transformer_files("LTX_2_5", ltx25, tmp_path_factory.mktemp("comfy-ltx_2_5"))[""]
+    jobs.append(ComfyJob("LTX_2_3", ltx25_base, None, ltx25))
     started = time.monotonic()
     results = run_comfy(jobs)
     print(f"\nComfyUI: {len(jobs)} loads in one process, {time.monotonic() - started:.1f} s")
     found = {(model_type, label): (base, results[2 * i], results[2 * i + 1]) for i, (model_type, label, base) in enumerate(keys)}
-    found["controls"] = (base, results[-2], results[-1])
+    found["controls"] = (base, results[-3], results[-2])
+    found["LTX_2_5"] = (ltx25_base, results[-1], None)
     return found
 
 
@@ -413,7 +427,8 @@ def comfy_delta_gap(model_type: str, model: Path, files: dict, label: str, base:
     weights."""
     expert = "transformer_2" if label == "low_noise" else "transformer"
     family, _ = family_of(model_type, model)
-    reference = family.single_file_state_dict(None, torch.float32, reference_weights(model_type, model, files)[expert])
+    module = transformer_class(model_type).from_pretrained(model, subfolder=expert)  # its buffers (MiniMax H3's rotary table)
+    reference = family.single_file_state_dict(module, torch.float32, reference_weights(model_type, model, files)[expert])
     stock = load_file(str(base))
     theirs = {k: reference[k] - stock[k] for k in stock if not torch.equal(reference[k], stock[k])}
     ours = result.deltas(stock)
@@ -474,3 +489,14 @@ def test_comfyui_loads_the_ltx2_text_connectors_from_the_comfy_transformer_file(
     print(f"LTX-2 in ComfyUI: {len(loaded)} connector tensors loaded, {len(alone.unet_missing)} missing")
     assert alone.unet_missing == [] and len(expected) == 30  # the tiny model's: 15 a connector
     assert sorted(loaded) == sorted(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_comfyui_lacks_ltx_2_5(comfy):
+    """ComfyUI v0.30.0 builds every LTX feed-forward with biases and has no keyframe position embedding, so it cannot
+    hold LTX-2.5 (bias-free video feed-forward, `keyframes_abs_pos_embedding`): its loader reports exactly those, and
+    would run with uninitialised biases. docs/formats.md says so; this fails when a ComfyUI that has LTX-2.5 is pinned."""
+    _, alone, _ = comfy["LTX_2_5"]
+    print(f"LTX-2.5 in ComfyUI v0.30.0: missing {alone.unet_missing}, unexpected {alone.unet_unexpected}")
+    assert alone.unet_missing and all(k.startswith("transformer_blocks.") and k.endswith(("ff.net.0.proj.bias", "ff.net.2.bias"))
+                                      for k in alone.unet_missing)
+    assert alone.unet_unexpected == ["keyframes_abs_pos_embedding"]

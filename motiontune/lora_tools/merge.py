@@ -72,7 +72,8 @@ def merge(lora: LoraFile, target: Target, out: Path, strength: float = 1.0) -> s
     out = Path(out)
     with replacing(out) as written:
         if out.suffix == ".safetensors":
-            save_file(target.family.single_file_state_dict(transformer, dtype), str(written))
+            save_file(target.family.single_file_state_dict(transformer, dtype), str(written),
+                      metadata=target.family.single_file_metadata(transformer))
             return f"one original-layout file ({str(dtype).removeprefix('torch.')})"
         transformer.to(dtype).save_pretrained(str(written))
         return f"a diffusers transformer folder ({str(dtype).removeprefix('torch.')})"

@@ -97,7 +97,8 @@ def _save_one(family: ModelFamily, expert: Expert, destination: Path, output_for
             expert.module.save_config(written)
             save_file(weights, str(written / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         elif output_format == "COMFY_TRANSFORMER":
-            save_file(family.single_file_state_dict(expert.module, dtype, state), str(written))
+            save_file(family.single_file_state_dict(expert.module, dtype, state), str(written),
+                      metadata=family.single_file_metadata(expert.module))
         else:
             raise ValueError(f"unknown output_model_format {output_format!r} for a fine-tune")
     return destination

@@ -497,6 +497,11 @@ class ModelFamily(ABC):
             return self.ORIGINAL_LAYOUT.state_dict(state, dtype)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
+    def single_file_metadata(self, module: torch.nn.Module) -> dict[str, str] | None:
+        """The safetensors metadata of that single file, where the original checkpoints carry some that loaders read
+        (LTX-2.3's options); None: none."""
+        return None
+
     def original_module(self, name: str) -> tuple[str, tuple[str, ...]]:
         """A diffusers module → its original module and the diffusers modules that one holds, in order."""
         return self.ORIGINAL_LAYOUT.original_module(name) if self.ORIGINAL_LAYOUT is not None else (name, (name,))

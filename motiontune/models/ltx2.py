@@ -337,13 +337,31 @@ class LTX2Family(ModelFamily):
         weights = {original_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
         return weights | self._connector_weights(dtype)
 
-    def _connector_weights(self, dtype) -> dict:
+    def _frozen_connectors(self):
         from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
-        connectors = getattr(self, "connectors", None) or load_part(
+        return getattr(self, "connectors", None) or load_part(
             LTX2TextConnectors, self.config.base_model_name, "connectors", dtype=torch.float32)
+
+    def _connector_weights(self, dtype) -> dict:
         return {original_connector_name(k): v.detach().to("cpu", dtype).contiguous()
-                for k, v in connectors.state_dict().items() if k.startswith(("video_connector.", "audio_connector."))}
+                for k, v in self._frozen_connectors().state_dict().items()
+                if k.startswith(("video_connector.", "audio_connector."))}
+
+    def single_file_metadata(self, module) -> dict[str, str] | None:
+        """ComfyUI builds an LTX model from the options in the file's `config` metadata, as the released checkpoints
+        carry them (its detection reads only the depth and the widths from the weights): without them it builds
+        LTX-2.0's blocks, which a 2.3 file's modulation tables do not fit. LTX-2.0 needs none."""
+        cfg = module.config
+        if not cfg.get("cross_attn_mod", False):
+            return None
+        options = {"apply_gated_attention": bool(cfg.get("gated_attn", False)),
+                   "cross_attention_adaln": bool(cfg.cross_attn_mod),
+                   # 2.3 on: the connectors project the text per modality, the transformer has no caption projection
+                   "caption_proj_before_connector": not cfg.get("use_prompt_embeddings", True),
+                   "caption_projection_first_linear": False,
+                   "connector_apply_gated_attention": bool(self._frozen_connectors().config.get("video_gated_attn", False))}
+        return {"config": json.dumps({"transformer": options})}
 
     def comfy_lora_key(self, peft_module_name: str) -> str:
         """Inside the blocks (the only place a LoRA adapts), the original LTX-2 names are diffusers' own."""

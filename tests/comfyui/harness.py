@@ -83,6 +83,20 @@ def _ltx2(folder):
     return sizes, registers
 
 
+def _kandinsky5(folder):
+    """What ComfyUI's Kandinsky 5 detection cannot read from a tiny model's weights: the head width (it knows the
+    released widths' rope axes only) and the text widths (it assumes Qwen2.5-VL-7B's and CLIP-L's)."""
+    config = _config(folder)
+    return {"axes_dims": list(config["axes_dims"]), "in_text_dim": config["in_text_dim"],
+            "in_text_dim2": config["in_text_dim2"]}, {}
+
+
+def _minimax_h3(folder):
+    """ComfyUI reads every MiniMax H3 size from the weights (the rotary table included: the file carries
+    `rope.inv_freq`), so a tiny model needs none."""
+    return {}, {}
+
+
 @dataclass(frozen=True)
 class ComfyModel:
     comfy_class: str  # the supported_models class that loads the released model
@@ -105,6 +119,9 @@ COMFY_MODELS = {
     "HI_DREAM_DEV": ComfyModel("HiDream", _hidream),
     "HI_DREAM_FAST": ComfyModel("HiDream", _hidream),
     "LTX_2": ComfyModel("LTXAV", _ltx2),
+    "LTX_2_3": ComfyModel("LTXAV", _ltx2),  # the same class; gated attention and the prompt modulation read from the file
+    "MINIMAX_H3": ComfyModel("MiniMaxH3", _minimax_h3),
+    "KANDINSKY_5_T2V": ComfyModel("Kandinsky5", _kandinsky5),
 }
 
 
