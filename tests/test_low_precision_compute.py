@@ -81,3 +81,62 @@ def test_low_precision_compute_trains_like_bf16(compute, bf16, clip_and_model, m
     stats_ratio = _channel_stats_distance(with_lora, target) / _channel_stats_distance(without, target)
     print(f"{compute}: MSE ratio with/without LoRA {mse_ratio:.3f}, channel statistics ratio {stats_ratio:.3f}")
     assert mse_ratio < 0.75 and stats_ratio < 0.85
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys, expected", [
+    # quantized storage keeps no train-dtype weight for torchao to cast
+    ({"transformer": {"compute_dtype": "FLOAT_8", "weight_dtype": "NFLOAT_4"}},
+     ["transformer.compute_dtype = FLOAT_8 with transformer.weight_dtype = NFLOAT_4", "Choose one"]),
+    ({"transformer": {"compute_dtype": "INT_8", "weight_dtype": "FLOAT_8"}},
+     ["transformer.compute_dtype = INT_8 with transformer.weight_dtype = FLOAT_8"]),
+    # WAN 2.1 has no second transformer that trains
+    ({"transformer_2": {"compute_dtype": "INT_8"}}, ["transformer_2.compute_dtype = INT_8: transformer_2 does not train"]),
+    ({"text_encoder": {"compute_dtype": "INT_8"}}, ['text_encoder.compute_dtype = "INT_8": not supported yet']),
+    # OneTrainer's spelling of the same thing gets its translation
+    ({"transformer": {"weight_dtype": "INT_W8A8"}}, ["OneTrainer's W8A8 value", "transformer.compute_dtype to 'INT_8'"]),
+])
+def test_combinations_that_cannot_run_are_refused_by_name(tmp_path, keys, expected):
+    from motiontune.config import ConfigError
+    from motiontune.configure import load_config
+
+    path = write_config(tmp_path / "c.json", base_model_name=str(tmp_path), concepts=[{"path": "clips"}], **keys)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_fp8_compute_is_refused_where_the_device_cannot_run_it(monkeypatch):
+    """FLOAT_8 needs compute capability 8.9 (the CPU only emulates it: tests alone may ask for that); INT_8 needs 8.0.
+    The device's capability is what torch reports; here it is set to an RTX 3090's (8.6) and a T4's (7.5)."""
+    from motiontune.util.low_precision import device_problem
+
+    monkeypatch.delenv("MOTIONTUNE_EMULATE_FP8", raising=False)
+    assert "compute capability 8.9" in device_problem("FLOAT_8", torch.device("cpu"), "transformer.compute_dtype")
+    assert device_problem("INT_8", torch.device("cpu"), "transformer.compute_dtype") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    problem = device_problem("FLOAT_8", torch.device("cuda"), "transformer_2.compute_dtype")
+    assert "transformer_2.compute_dtype = FLOAT_8" in problem and "has 8.6" in problem and "INT_8" in problem
+    assert device_problem("INT_8", torch.device("cuda"), "transformer.compute_dtype") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 8.0" in device_problem("INT_8", torch.device("cuda"), "transformer.compute_dtype")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert device_problem("FLOAT_8", torch.device("cuda"), "transformer.compute_dtype") is None
+
+
+def test_a_cpu_run_with_fp8_compute_stops_at_setup_with_the_reason(clip_and_model, capsys, monkeypatch):
+    """Without the test-only emulation a CPU run asking for FLOAT_8 stops before its first step, naming the key."""
+    monkeypatch.delenv("MOTIONTUNE_EMULATE_FP8", raising=False)
+    root, model, clip = clip_and_model
+    folder = root / "refused"
+    config = base_config(folder, model, clip.parent, resolution=str(SIZE), cache_dir=str(root / "cache"),
+                         dataloader_threads=0, transformer={"compute_dtype": "FLOAT_8"},
+                         video_config={"max_frames": 9, "target_fps": 16.0})
+    folder.mkdir()
+    assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 2
+    assert "transformer.compute_dtype = FLOAT_8: float8 matmuls need an NVIDIA GPU" in capsys.readouterr().err
+    assert not Path(config["output_model_destination"]).exists()
