@@ -104,6 +104,7 @@ def smallest_floor(config: TrainConfig, shape: Shape | None = None) -> Estimate:
     """The estimate with every memory option at its strongest (how low this shape can go)."""
     base = Options.of(config, trained_parts(config)[0])
     strongest = Options("CPU_OFFLOADED", 1.0 if config.training_method != "FINE_TUNE" else base.offload_fraction, 1,
-                        "NFLOAT_4" if config.training_method != "FINE_TUNE" else base.weight_dtype,
-                        "ADAMW_8BIT" if config.training_method == "FINE_TUNE" and base.optimizer == "ADAMW" else base.optimizer)
+                        "NFLOAT_4" if config.training_method != "FINE_TUNE" and base.compute_dtype is None else base.weight_dtype,
+                        "ADAMW_8BIT" if config.training_method == "FINE_TUNE" and base.optimizer == "ADAMW" else base.optimizer,
+                        base.compute_dtype)
     return estimate(config, shape=shape, options=strongest)
