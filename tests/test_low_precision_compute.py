@@ -152,3 +152,24 @@ def test_a_cpu_run_with_fp8_compute_stops_at_setup_with_the_reason(clip_and_mode
     assert main(["train", "--config", str(write_config(folder / "config.json", **config))]) == 2
     assert "transformer.compute_dtype = FLOAT_8: float8 matmuls need an NVIDIA GPU" in capsys.readouterr().err
     assert not Path(config["output_model_destination"]).exists()
+
+
+def test_estimate_runs_torchaos_layers_in_its_simulated_step():
+    """`estimate` simulates the step with torchao's own float8 / int8 layers (their GPU path): the weights are the
+    same bytes, and the step's activations gain what the 8-bit copies of the operands take while a layer computes."""
+    from motiontune.configure import load_config
+    from motiontune.estimate import estimate
+
+    def lines(compute):
+        sets = ["transformer.weight_dtype=BFLOAT_16"] + ([f"transformer.compute_dtype={compute}"] if compute else [])
+        result = estimate(load_config("#wan 2.2 LoRA 8GB", sets))
+        assert result.options.compute_dtype == compute
+        return {line.name: line.device for line in result.lines}
+
+    plain = lines(None)
+    for compute in ("FLOAT_8", "INT_8"):
+        low = lines(compute)
+        assert low["frozen weights"] == plain["frozen weights"]
+        activations = next(name for name in plain if name.startswith("activations"))
+        # the largest layer's 8-bit input and weight at least (TI2V-5B's FFN: 3072 x 14336, 1008 tokens)
+        assert low[activations] - plain[activations] > 3072 * 14336 + 1008 * 3072
