@@ -41,12 +41,18 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             from PIL import Image
 
             last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
-        control = None
-        if sample.control:  # its first frames, as many as the sample has (the pipeline resizes them)
-            from .data.video import decode_clips, probe
+        videos = {}  # control, pose, face: their first frames, as many as the sample has (the pipeline resizes them)
+        for role in ("control", "pose", "face"):
+            if getattr(sample, role):
+                from .data.video import decode_clips, probe
 
-            info = probe(sample.control)
-            control = decode_clips(info, [info.frame_times[:frames]])[0]
+                info = probe(getattr(sample, role))
+                videos[role] = decode_clips(info, [info.frame_times[:frames]])[0]
+        reference = None
+        if sample.reference:
+            from PIL import Image
+
+            reference = np.asarray(Image.open(sample.reference).convert("RGB"))
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -58,7 +64,10 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             seed=sample.seed,
             image=image,
             last_image=last_image,
-            control=control,
+            control=videos.get("control"),
+            pose=videos.get("pose"),
+            face=videos.get("face"),
+            reference=reference,
             fps=sample.fps,
         )
         requests.append((request, sample.fps))
