@@ -96,7 +96,7 @@ def candidates(config: TrainConfig, allow_smaller_batch: bool = False) -> list[C
     frozen = config.training_method != "FINE_TUNE"  # offloading and quantizing apply to weights that do not train
     fractions = [base.offload_fraction] + ([f for f in OFFLOAD_STEPS if f > base.offload_fraction] if frozen else [])
     dtypes = [base.weight_dtype]
-    if quantizable(config):
+    if quantizable(config) and base.compute_dtype is None:  # FLOAT_8 / INT_8 compute reads the unquantized weight
         dtypes += {"FLOAT_8": ["NFLOAT_4"], "NFLOAT_4": []}.get(base.weight_dtype, ["FLOAT_8", "NFLOAT_4"])
     optimizers = [base.optimizer] + (["ADAMW_8BIT"] if base.optimizer == "ADAMW" and not frozen else [])
     halvings = range(max_halvings(config) + 1) if allow_smaller_batch else [0]
@@ -105,7 +105,7 @@ def candidates(config: TrainConfig, allow_smaller_batch: bool = False) -> list[C
         for f in fractions:
             for d in dtypes:
                 for o in optimizers:
-                    options = Options(c, f, base.prefetch, d, o).effective()  # offloading turns checkpointing on
+                    options = Options(c, f, base.prefetch, d, o, base.compute_dtype).effective()  # offloading turns checkpointing on
                     for h in halvings:
                         if (options, h) not in seen:
                             seen.add((options, h))

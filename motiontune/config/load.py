@@ -128,6 +128,8 @@ def _sections_with_key(loc: tuple, key: str) -> list[str]:
 DTYPE_ALIASES = {"bf16": "BFLOAT_16", "bfloat16": "BFLOAT_16", "fp16": "FLOAT_16", "float16": "FLOAT_16",
                  "half": "FLOAT_16", "fp32": "FLOAT_32", "float32": "FLOAT_32", "float": "FLOAT_32",
                  "fp8": "FLOAT_8", "float8": "FLOAT_8", "float8_e4m3fn": "FLOAT_8", "nf4": "NFLOAT_4"}
+# OneTrainer's weight_dtype values for 8-bit matmuls → this config's compute_dtype
+ONETRAINER_W8A8 = {"FLOAT_W8A8": "FLOAT_8", "INT_W8A8": "INT_8"}
 # pydantic's bounds, said as docs/config.md says them
 _BOUNDS = {"greater_than": ("above", "gt"), "greater_than_equal": ("at least", "ge"),
            "less_than": ("below", "lt"), "less_than_equal": ("at most", "le")}
@@ -162,6 +164,12 @@ def explain(problem: dict) -> str | None:
     if kind in _BOUNDS:
         words, name = _BOUNDS[kind]
         return f"must be {words} {ctx[name]}"
+    if kind == "literal_error" and str(problem.get("input")) in ONETRAINER_W8A8:
+        # OneTrainer's one value for 8-bit storage and 8-bit matmuls of frozen weights; two keys here
+        compute = ONETRAINER_W8A8[str(problem["input"])]
+        part = ".".join(str(p) for p in problem["loc"][:-1]) or "transformer"
+        return (f"OneTrainer's W8A8 value; here the matmul's dtype is a key of its own: set {part}.compute_dtype to "
+                f"{compute!r} and leave weight_dtype unset (docs/memory.md, \"FLOAT_8 and INT_8 compute\")")
     if kind == "literal_error":
         choices = [repr(c) for c in accepted_choices(problem)]
         listed = choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
@@ -242,6 +250,29 @@ def _memory_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _compute_problems(config: TrainConfig) -> list[str]:
+    """FLOAT_8 / INT_8 compute (torchao's matmuls on the layer's own train-dtype weight) against what it cannot use.
+    Whether the GPU can run it is checked when the run starts (train/memory.py)."""
+    problems = []
+    for part in ("transformer", "transformer_2"):
+        settings = getattr(config, part)
+        compute = settings.compute_dtype
+        if compute is None:
+            continue
+        key = f"{part}.compute_dtype = {compute}"
+        storage = settings.weight_dtype or config.train_dtype
+        if storage in ("FLOAT_8", "NFLOAT_4"):
+            problems.append(
+                f"  - {key} with {part}.weight_dtype = {storage}: {compute} compute casts the layer's own {config.train_dtype} "
+                f"weight to {compute.lower().replace('_', '')} for each matmul, and {storage} storage keeps no such weight. "
+                f"Choose one: weight_dtype {storage} for memory (remove compute_dtype), or compute_dtype {compute} for speed "
+                f"(set {part}.weight_dtype to {config.train_dtype})")
+        if config.expert_choice() not in (("both", "high") if part == "transformer" else ("both", "low")):
+            problems.append(f"  - {key}: {part} does not train in this run, and compute_dtype applies to the "
+                            f"transformers a run trains; remove it (or set {part}.train true)")
+    return problems
+
+
 def _compile_problems(config: TrainConfig) -> list[str]:
     if not config.compile:
         return []
@@ -303,8 +334,8 @@ def config_problems(config: TrainConfig) -> list[str]:
         if value not in allowed:
             shown = " or ".join(json.dumps(a) for a in allowed)
             problems.append(f"  - {key} = {json.dumps(value)}: not supported yet ({what}); leave it at {shown}")
-    problems += (_text_training_problems(config) + _memory_problems(config) + _compile_problems(config)
-                 + _adapter_problems(config))
+    problems += (_text_training_problems(config) + _memory_problems(config) + _compute_problems(config)
+                 + _compile_problems(config) + _adapter_problems(config))
     for index, concept in enumerate(config.concepts or []):
         if concept.enabled:
             problems += [f"  - concepts[{index}].{problem}" for problem in concept_problems(concept, config.training_method)]

@@ -35,6 +35,9 @@ class ModelPartConfig(Strict):
     train: bool = True
     model_name: LocalPath = ""  # a folder or single .safetensors file that replaces this part of base_model_name
     weight_dtype: DType | None = None  # None: follow train_dtype
+    # the dtype the block Linears' matmuls run in (torchao's float8 / int8 training; weights stay in weight_dtype);
+    # None: the train dtype. Transformers only (docs/memory.md, "FLOAT_8 and INT_8 compute")
+    compute_dtype: Literal["FLOAT_8", "INT_8"] | None = None
     gradient_checkpointing: bool | None = None
     offload_fraction: float = Field(0.0, ge=0, le=1)
     activation_offloading: bool = False
@@ -388,6 +391,8 @@ NOT_SUPPORTED_YET: list[tuple[str, object, str]] = [
     ("preserve_embedding_norm", False, "embedding norm preservation"),
     ("embedding_weight_dtype", "FLOAT_32", "embeddings in other dtypes"),
     ("vae.train", False, "VAE training"),
+    ("text_encoder.compute_dtype", None, "low-precision compute in the text encoder: it applies to the transformers"),
+    ("vae.compute_dtype", None, "low-precision compute in the VAE: it applies to the transformers"),
     ("vae.weight_dtype", (None, "FLOAT_32", "BFLOAT_16", "FLOAT_16"), "a VAE stored as FLOAT_8 / NFLOAT_4"),
     ("transformer.dropout_probability", 0.0, "it applies to text_encoder only"),
     ("transformer_2.dropout_probability", 0.0, "it applies to text_encoder only"),
@@ -421,6 +426,7 @@ class MemoryPlan:
     offload_fraction: float  # of the blocks whose frozen weights live in host memory
     prefetch: int  # offloaded blocks allowed on the device at once (the one computing and those loading)
     weight_dtype: str  # the part's weight dtype name (FLOAT_8 / NFLOAT_4: quantized storage)
+    compute_dtype: str | None = None  # FLOAT_8 / INT_8: the block Linears' matmuls (torchao); None: the train dtype
 
     @property
     def offloads(self) -> bool:
@@ -440,4 +446,5 @@ class MemoryPlan:
         if fraction > 0 and checkpointing == "OFF":
             # without recomputation, backward would keep every block's weights alive on the device
             checkpointing = "ON"
-        return cls(checkpointing, fraction, config.layer_offload_prefetch, part.weight_dtype or config.train_dtype)
+        return cls(checkpointing, fraction, config.layer_offload_prefetch, part.weight_dtype or config.train_dtype,
+                   part.compute_dtype)

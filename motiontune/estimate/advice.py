@@ -69,12 +69,13 @@ def _overrides(config: TrainConfig, base: Options, new: Options) -> tuple[list[s
 def _candidates(config: TrainConfig, base: Options) -> list[Options]:
     checkpointing = {"OFF": ["OFF", "ON", "CPU_OFFLOADED"], "ON": ["ON", "CPU_OFFLOADED"]}.get(base.checkpointing, [base.checkpointing])
     dtypes = [base.weight_dtype]
-    if config.training_method != "FINE_TUNE":  # a fine-tune trains the weights quantization would freeze
+    # a fine-tune trains the weights quantization would freeze; FLOAT_8 / INT_8 compute reads the unquantized weight
+    if config.training_method != "FINE_TUNE" and base.compute_dtype is None:
         dtypes += [d for d in ("FLOAT_8", "NFLOAT_4") if d != base.weight_dtype and not (base.weight_dtype == "NFLOAT_4")]
     fractions = [base.offload_fraction] + ([f for f in OFFLOAD_STEPS if f > base.offload_fraction]
                                            if config.training_method != "FINE_TUNE" else [])
     optimizers = [base.optimizer] + (["ADAMW_8BIT"] if base.optimizer == "ADAMW" and config.training_method == "FINE_TUNE" else [])
-    return [Options(c, f, base.prefetch, d, o) for c in checkpointing for d in dtypes for f in fractions for o in optimizers]
+    return [Options(c, f, base.prefetch, d, o, base.compute_dtype) for c in checkpointing for d in dtypes for f in fractions for o in optimizers]
 
 
 def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = None, limit: int = 3) -> list[Change]:
@@ -103,6 +104,7 @@ def smallest_floor(config: TrainConfig, shape: Shape | None = None) -> Estimate:
     """The estimate with every memory option at its strongest (how low this shape can go)."""
     base = Options.of(config, trained_parts(config)[0])
     strongest = Options("CPU_OFFLOADED", 1.0 if config.training_method != "FINE_TUNE" else base.offload_fraction, 1,
-                        "NFLOAT_4" if config.training_method != "FINE_TUNE" else base.weight_dtype,
-                        "ADAMW_8BIT" if config.training_method == "FINE_TUNE" and base.optimizer == "ADAMW" else base.optimizer)
+                        "NFLOAT_4" if config.training_method != "FINE_TUNE" and base.compute_dtype is None else base.weight_dtype,
+                        "ADAMW_8BIT" if config.training_method == "FINE_TUNE" and base.optimizer == "ADAMW" else base.optimizer,
+                        base.compute_dtype)
     return estimate(config, shape=shape, options=strongest)

@@ -39,6 +39,7 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
            + f", {config.train_dtype}, checkpointing {options.checkpointing}"
            + (f", layer offloading {options.offload_fraction:g}" if options.offload_fraction else "")
            + (f", {options.weight_dtype} weights" if options.weight_dtype in QUANTIZED else "")
+           + (f", {options.compute_dtype} compute" if options.compute_dtype else "")
            + f", {options.optimizer}"
            + (", experts_on split" if config.experts_on == "split" else "")
            + (f", context parallel {config.context_parallel.attention} x{config.context_parallel.degree}"

@@ -29,6 +29,7 @@ class Options:
     prefetch: int = 2
     weight_dtype: str = "BFLOAT_16"  # as stored: FLOAT_8 / NFLOAT_4 are quantized frozen Linear weights
     optimizer: str = "ADAMW"
+    compute_dtype: str | None = None  # FLOAT_8 / INT_8: the block Linears' matmuls (torchao); weights as stored
 
     @classmethod
     def of(cls, config: TrainConfig, part_name: str = "transformer") -> "Options":
@@ -36,7 +37,8 @@ class Options:
         from ..config.schema import MemoryPlan
 
         plan = MemoryPlan.of(config, part_name)
-        return cls(plan.checkpointing, plan.offload_fraction, plan.prefetch, plan.weight_dtype, config.optimizer.optimizer)
+        return cls(plan.checkpointing, plan.offload_fraction, plan.prefetch, plan.weight_dtype, config.optimizer.optimizer,
+                   plan.compute_dtype)
 
     def effective(self) -> "Options":
         """Layer offloading turns checkpointing on (as train/memory.py does)."""

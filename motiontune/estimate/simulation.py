@@ -29,12 +29,18 @@ def _fake_transformer(cfg: dict, config: TrainConfig, depth: int, quantized: str
     if hasattr(owner, "estimate_prepare"):
         owner.estimate_prepare(model)
     fakeify(model, mode)
-    if quantized:
+    blocks = [b for _, kind in block_lists(model, config) for b in kind]
+    if quantized and quantized.endswith(" compute"):
+        from ..util.low_precision import convert_linears
+
+        # torchao's GPU path (torch._scaled_mm / torch._int_mm), never its emulation: the bytes a GPU run makes
+        with mode, quiet():
+            convert_linears(blocks, quantized.split()[0], emulate=False)
+    elif quantized:
         from ..util.quantize import quantize_frozen_linears
 
         with mode, quiet():
-            quantize_frozen_linears([b for _, blocks in block_lists(model, config) for b in blocks], quantized,
-                                    torch.device("cpu"))
+            quantize_frozen_linears(blocks, quantized, torch.device("cpu"))
     return model
 
 

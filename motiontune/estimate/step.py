@@ -110,7 +110,9 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     # activations, with the gradients backward has made by their peak (few: it frees activations as it makes them)
     live = text_live(config)
     recompute = options.checkpointing != "OFF"
-    quantized = weight_dtype if weight_dtype in QUANTIZED else None
+    # the block Linears as the trainer makes them: quantized storage, or FLOAT_8 / INT_8 compute (torchao's layers)
+    quantized = weight_dtype if weight_dtype in QUANTIZED else \
+        f"{options.compute_dtype} compute" if options.compute_dtype else None
     peak, kept, received = activation_peak(cfg, config, step_shape, recompute, live, quantized)
     if degree > 1:  # simulated on whole latent frames; a process holds exactly 1/degree of the tokens (linear in them)
         share = shape.tokens / degree / step_shape.tokens

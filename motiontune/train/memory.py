@@ -13,10 +13,11 @@ import math
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..config.schema import MemoryPlan
 # QuantizedLinear, tensor_bytes: read here by tests, benchmarks and estimate
 from ..util.quantize import QUANTIZED, QuantizedLinear, module_bytes, quantize_frozen_linears, tensor_bytes  # noqa: F401
+from ..util import low_precision
 
 log = logging.getLogger("motiontune")
 
@@ -31,6 +32,8 @@ def prepare_memory(family, expert, config: TrainConfig, device: torch.device) ->
         count = quantize_frozen_linears(blocks, plan.weight_dtype, device)
         log.info("%s: %d frozen Linear layers stored as %s (%.0f MB → %.0f MB)", expert.name, count, plan.weight_dtype,
                  before / 1e6, module_bytes(expert.module) / 1e6)
+    if plan.compute_dtype:
+        _low_precision_compute(expert, blocks, plan.compute_dtype, config, device)
     if plan.checkpointing != "OFF":
         host = HostCheckpoint(device) if plan.checkpointing == "CPU_OFFLOADED" else None
         expert.module.enable_gradient_checkpointing(**({"gradient_checkpointing_func": host} if host else {}))
@@ -42,6 +45,23 @@ def prepare_memory(family, expert, config: TrainConfig, device: torch.device) ->
                  len(offloader.offloaded), len(blocks), offloader.prefetch)
     log.info("%s: gradient checkpointing %s", expert.name, plan.checkpointing)
     return offloader
+
+
+def _low_precision_compute(expert, blocks, kind: str, config: TrainConfig, device: torch.device) -> None:
+    """The blocks' Linear matmuls in float8 / int8 (util/low_precision.py), refused where the device cannot run them."""
+    key = f"{expert.name}.compute_dtype"
+    problem = low_precision.device_problem(kind, device, key)
+    if problem:
+        raise ConfigError(problem)
+    count = low_precision.convert_linears(blocks, kind)
+    what = "frozen base Linear layers" if config.training_method != "FINE_TUNE" else "Linear layers"
+    emulated = " (torchao's emulate mode: fp8 rounding, high-precision matmuls)" \
+        if kind == "FLOAT_8" and low_precision.fp8_emulated() else ""
+    log.info("%s: %d %s compute in %s%s; their weights stay %s", expert.name, count, what, kind, emulated,
+             config.train_dtype)
+    if device.type == "cuda" and not config.compile:
+        log.info("%s: %s compute is fastest with compile: true (torch.compile fuses torchao's scaling and casts)",
+                 expert.name, kind)
 
 
 def compile_blocks(family, expert) -> None:
