@@ -45,7 +45,8 @@ def dry_run(config: TrainConfig, gpu_gb: float = 24.0) -> dict:
     run = _Run(config, watch, folder)
     started = time.perf_counter()
     with cuda_stand_ins(int(gpu_gb * 2**30)), _building(PartBuilder(config, mode, watch.name_modules)), \
-            _module_hooks(watch), _writers(watch), _pixels_out(), _own_simulations(), watch.random_draws(), mode, watch:
+            _module_hooks(watch), _writers(watch), _pixels_out(), _own_simulations(), _copyable_fakes(), \
+            watch.random_draws(), mode, watch:
         for name, stage in run.stages():
             run.do(name, stage)
     return {"stages": run.done, "findings": [f.as_dict() for f in watch.findings], "assumed": watch.assumed,
@@ -106,13 +107,18 @@ class _Run:
         stored = {"value": family.encode_video(frames)}
         if family.encodes_first_frame:
             stored["image"] = family.encode_first_frame(frames[0])
+        stored.update(family.clip_extras(frames))  # a first-and-last-frame condition
+        # the conditions beside the clip (VACE's control video), encoded as data/latents.py does from the clip's frames
+        conditions = {role: family.encode_condition(role, frames) for role in family.condition_roles(self.config.model_type)}
         if family.AUDIO_SAMPLE_RATE:
             fps = self.config.video_config.target_fps or 24.0
             sound = np.zeros((family.AUDIO_CHANNELS, int(family.AUDIO_SAMPLE_RATE * shape.frames / fps)), np.float32)
             stored["audio"] = family.encode_audio(sound, shape.frames, fps)
-        clip = EncodedClip(Path("clip.mp4"), stored, (CAPTION,), 1.0, tuple(i / 16 for i in range(shape.frames)))
+        clip = EncodedClip(Path("clip.mp4"), stored, (CAPTION,), 1.0, tuple(i / 16 for i in range(shape.frames)),
+                           conditions_stored=conditions)
         self.clips = [clip] * shape.batch
-        return f"{shape.batch} × {shape.frames} frames × {shape.width}x{shape.height}"
+        kinds = [*sorted(k for k in stored if k != "value"), *conditions]
+        return f"{shape.batch} × {shape.frames} frames × {shape.width}x{shape.height}" + (f" (+ {', '.join(kinds)})" if kinds else "")
 
     def encode_captions(self):
         from ..sample import sample_prompts
@@ -253,6 +259,36 @@ def _writers(watch: DeviceWatch):
         torch.save = original_save
         for module, attribute in patched:
             setattr(module, attribute, original_save_file)
+
+
+@contextlib.contextmanager
+def _copyable_fakes():
+    """`copy.deepcopy` of a tensor as a run makes it (LTX-2's pipeline copies its scheduler, whose sigmas are host
+    tensors, or GPU ones once a sample has set its timesteps). PyTorch copies a tensor's storage, which inside the fake
+    mode is made on the meta device and refused: a fake tensor becomes a fake clone on its device, a real host tensor
+    is copied outside the fake mode, as on the host in a run."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = torch.Tensor.__deepcopy__
+
+    def deepcopy(tensor, memo):
+        if id(tensor) in memo:
+            return memo[id(tensor)]
+        if not isinstance(tensor, FakeTensor):
+            with _disable_current_modes():
+                return original(tensor, memo)
+        copied = tensor.detach().clone().requires_grad_(tensor.requires_grad)
+        if hasattr(tensor, "_dry_value"):
+            copied._dry_value = tensor._dry_value.clone()
+        memo[id(tensor)] = copied
+        return copied
+
+    torch.Tensor.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        torch.Tensor.__deepcopy__ = original
 
 
 @contextlib.contextmanager
