@@ -59,12 +59,12 @@ def cmd_train(args) -> int:
     from .configure import load_config
 
     config = load_config(args.config, args.set or [])
-    if args.gpu_gb:  # memory options chosen for the card and the host (motiontune/planner.py)
+    if args.gpu_gb or config.memory == "auto":  # memory options chosen for the card and the host (motiontune/planner.py)
         from .estimate import EstimateError
-        from .planner import PlanError, log_plan, plan
+        from .planner import PlanError, card_gb, log_plan, plan
 
         try:
-            chosen = plan(config, args.gpu_gb, args.host_gb, args.allow_smaller_batch)
+            chosen = plan(config, args.gpu_gb or card_gb(config), args.host_gb, args.allow_smaller_batch)
         except (PlanError, EstimateError) as error:
             print(f"train: {error}", file=sys.stderr)
             return 2

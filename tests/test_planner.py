@@ -212,3 +212,22 @@ def test_train_refuses_before_loading_anything_when_nothing_fits(capsys):
     err = capsys.readouterr().err
     print(err)
     assert "4 GB card" in err and "captions" in err and "What to change:" in err
+
+
+@pytest.mark.xdist_group("#wan 2.2 LoRA 8GB")
+def test_memory_auto_plans_for_the_machines_card_as_gpu_gb_does(capsys, monkeypatch):
+    """`memory: auto` asks the planner for the card PyTorch sees: none here, so a clear refusal; with a 4 GB card (as
+    `torch.cuda` would report it) the same plan or refusal as `--gpu-gb 4`."""
+    from motiontune import planner
+    from motiontune.cli import main
+
+    auto = ["train", "--config", "#wan 2.2 LoRA 8GB", "--set", "memory=auto", "--host-gb", "64"]
+    assert main(auto) == 2
+    err = capsys.readouterr().err
+    assert "memory: auto" in err and "--gpu-gb N" in err and "sees none" in err
+
+    monkeypatch.setattr(planner, "card_gb", lambda config: 4.0)
+    assert main(auto) == 2
+    by_card = capsys.readouterr().err
+    assert main(["train", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "4", "--host-gb", "64"]) == 2
+    assert "4 GB card" in by_card and by_card == capsys.readouterr().err

@@ -314,8 +314,8 @@ def _own_simulations():
 
 @contextlib.contextmanager
 def _pixels_out():
-    """The pipelines' last step, decoded pixels to numpy: black frames of the decoded shape (a fake tensor has no
-    values to hand over; the decode itself ran)."""
+    """The pipelines' last step, decoded pixels (and a sound track) to numpy: black frames of the decoded shape,
+    silence of the sound's (a fake tensor has no values to hand over; the decode itself ran)."""
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.video_processor import VideoProcessor
 
@@ -329,8 +329,29 @@ def _pixels_out():
         batch, channels, height, width = image.shape
         return np.zeros((batch, height, width, channels), np.float32)
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    to_numpy = torch.Tensor.numpy
+
+    def numpy(tensor, *args, **kwargs):
+        """A fake host tensor handed to numpy (a sample's sound track): its values where the run knows them, else
+        zeros of its shape (silence). One on the GPU is refused, as a GPU run refuses it."""
+        if not isinstance(tensor, FakeTensor):
+            return to_numpy(tensor, *args, **kwargs)
+        if tensor.device.type != "cpu":
+            raise TypeError(f"can't convert {tensor.device} device type tensor to numpy. Use Tensor.cpu() to copy the "
+                            "tensor to host memory first.")
+        known = getattr(tensor, "_dry_value", None)
+        if known is not None:
+            return known.numpy()
+        kind = np.float32 if tensor.is_floating_point() else np.bool_ if tensor.dtype == torch.bool else np.int64
+        return np.zeros(tuple(tensor.shape), kind)
+
     VideoProcessor.postprocess_video, VaeImageProcessor.postprocess = postprocess_video, postprocess
+    torch.Tensor.numpy = numpy
     try:
         yield
     finally:
         VideoProcessor.postprocess_video, VaeImageProcessor.postprocess = video, image
+        torch.Tensor.numpy = to_numpy
+

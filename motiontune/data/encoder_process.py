@@ -27,6 +27,10 @@ _TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "
                        "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
+#: "module:function" names the child calls before it starts (tests plant a failing clip with it, as check's child)
+BEFORE: list[str] = []
+
+
 class EncoderProcessError(RuntimeError):
     """The process that encodes clips stopped with an error."""
 
@@ -53,7 +57,7 @@ def encode_in_child(config: TrainConfig, device, share: tuple[int, int] | None =
     with tempfile.TemporaryDirectory(prefix="motiontune-encode-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
         request.write_text(json.dumps({"config": json.loads(config.model_dump_json(by_alias=True)), "device": str(device),
-                                       "share": list(share) if share else None, "result": str(result),
+                                       "share": list(share) if share else None, "result": str(result), "before": BEFORE,
                                        "level": logging.getLogger("motiontune").getEffectiveLevel()}))
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARIABLES}
         if share:
@@ -66,6 +70,13 @@ def encode_in_child(config: TrainConfig, device, share: tuple[int, int] | None =
         answer = json.loads(result.read_text()) if result.is_file() else {}
     if done.returncode != 0 or "calls" not in answer:
         what = answer.get("error") or f"it exited with code {done.returncode} and said nothing more (killed? out of memory?)"
+        from ..config import ConfigError
+        from ..models import ModelLoadError
+        from .video import MediaError
+
+        for kind in (ModelLoadError, MediaError, ConfigError):  # the errors train reports with their own exit codes
+            if answer.get("kind") == kind.__name__:
+                raise kind(f"(in the encoding process) {what}")
         raise EncoderProcessError(f"encoding clips for training failed in the encoding process: {what}. Its messages "
                                   "are above; `motiontune cache --config ...` runs the same encoding on its own "
                                   "(set encode_in_child false to encode in the training process)")
@@ -81,7 +92,13 @@ def main(argv: list[str]) -> int:
     logger.addHandler(handler)
     logger.setLevel(request.get("level", logging.INFO))
     try:
+        import importlib
+
         import torch
+
+        for name in request.get("before", []):
+            module, _, function = name.partition(":")
+            getattr(importlib.import_module(module), function)()
 
         from ..configure import parse_config
         from ..models import family_for
@@ -93,7 +110,9 @@ def main(argv: list[str]) -> int:
     except Exception as error:
         frames = [f for f in traceback.extract_tb(error.__traceback__) if "/motiontune/" in f.filename]
         where = f" (at {frames[-1].filename.split('/motiontune/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
-        result.write_text(json.dumps({"error": f"{type(error).__name__}: {error}{where}"}))
+        named = type(error).__name__ in ("ModelLoadError", "MediaError", "ConfigError")  # their own words suffice
+        result.write_text(json.dumps({"error": str(error) if named else f"{type(error).__name__}: {error}{where}",
+                                      "kind": type(error).__name__}))
         logger.error("%s: %s", type(error).__name__, error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
     result.write_text(json.dumps({"calls": dict(encoding.calls)}))
