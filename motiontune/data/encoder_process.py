@@ -46,9 +46,13 @@ def fill_cache(config: TrainConfig, family, share: tuple[int, int] | None = None
     survey = survey_dataset(config, family)
     encoding = Encoding(family, config, Cache(config.cache_dir, enabled=True), share=share)
     variants = sorted({encoding.window_variant(epoch) for epoch in range(config.epochs)})
-    clips = [clip for variant in variants for clip in encoding.clips(survey, variant)]
+    for variant in variants:
+        encoding.clips(survey, variant)
     dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
-    encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
+    # every usable file's captions, not only those of the clips this process encoded: processes sharing the work
+    # (`share`) each deal the same texts
+    captions = {c for entry in survey.usable for c in encoding.captions(entry.item)}
+    encoding.texts(captions | sample_prompts(config) | dropout)
     return encoding
 
 

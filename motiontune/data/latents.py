@@ -189,7 +189,7 @@ class Encoding:
         seed = f"{self.config.seed}:{concept.seed}:{entry.item.name_in_concept}:{clip[0]:.6f}"
         return image_variant(concept.image, entry.info.width, entry.info.height, entry.size, seed, index)
 
-    def _captions(self, item: Item) -> tuple[str, ...]:
+    def captions(self, item: Item) -> tuple[str, ...]:
         """The captions a step picks from: text_variations draws of each line when tags shuffle or drop out.
         Prompts shared by the whole concept (prompt_source concept) share their draws too."""
         concept = item.concept
@@ -243,10 +243,10 @@ class Encoding:
         for entry, clip, look, value, mask, condition in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
-            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
+            encoded.append(EncodedClip(item.path, value, self.captions(item), repeats, clip, concept.loss_weight, look,
                                        concept.role, concept.name or concept.path, mask_stored=mask,
                                        conditions_stored=condition))
-        if not encoded:
+        if not encoded and not self.share:  # a process encoding a share may have none yet: the ranks read all after
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
             self._told = True
@@ -409,7 +409,7 @@ class Encoding:
                              concept.image_variations, "" if self.cache.enabled else "; latent_caching is off, so every epoch encodes")
             if concept.text.varies:
                 files = [e.item for e in entries if id(e.item.concept) == key]
-                texts = {text for item in files for text in self._captions(item)}
+                texts = {text for item in files for text in self.captions(item)}
                 log.info("concept %s: tag shuffling/dropout/capitals: %d draw(s) of each caption line (text_variations), %d "
                          "distinct captions to encode", name, concept.text_variations, len(texts))
             if concept.balancing_strategy == "SAMPLES":
