@@ -6,6 +6,7 @@ vocabularies are not on this machine): their ids fit the text encoder's table, w
 from __future__ import annotations
 
 import inspect
+import json
 import tempfile
 from pathlib import Path
 
@@ -79,7 +80,9 @@ class PartBuilder:
         if part.startswith("transformer"):
             cfg = transformer_config(self.config, part)[0]
         else:  # a part the embedded release does not describe (LTX-2's vocoder): its class's defaults
-            cfg = dict(self.configs.get(part, {}))
+            local = Path(self.config.base_model_name) / part / "config.json"  # a local folder's own (a tiny model's vocoder)
+            cfg = dict(self.configs.get(part) or ({k: v for k, v in json.loads(local.read_text()).items() if not k.startswith("_")}
+                                                  if local.is_file() else {}))
             parameters = inspect.signature(cls.__init__).parameters
 
             def given(name):  # the config's value, else the class's default (a config embedded as `{}`: MiniMax H3's audio VAE)
