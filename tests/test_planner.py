@@ -231,7 +231,8 @@ def test_memory_auto_plans_for_the_machines_card_as_gpu_gb_does(tmp_path, capsys
     assert "memory: auto" in err and "--gpu-gb N" in err and "sees none" in err
 
     monkeypatch.setattr(planner, "card_gb", lambda config: 80.0)
-    assert main(auto) == 4  # planned, then no usable file in the dataset
+    assert main(auto) == 2  # planned, then no training file in the dataset
     by_card = capsys.readouterr().err
-    assert main(["train", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "80", *where]) == 4
-    assert "memory plan for a 80 GB card and a 64 GB host" in by_card and by_card == capsys.readouterr().err
+    assert main(["train", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "80", *where]) == 2
+    assert "memory plan for a 80 GB card and a 64 GB host" in by_card and "no training files found" in by_card
+    assert by_card == capsys.readouterr().err
