@@ -195,13 +195,14 @@ class _Run:
         if not self.config.samples:
             return "the config renders no samples"
         request, fps = prepare_samples(self.config, self.family, self.embeddings)[0]
-        request = dataclasses.replace(request, steps=1)  # one denoising step, then the decode
+        # one denoising step (two where the pipeline refuses one), then the decode
+        request = dataclasses.replace(request, steps=getattr(self.family, "MIN_SAMPLE_STEPS", 1))
         self.text_side.refresh_samples([(request, fps)], self.config.samples[:1])
         _, errors = _sample(self.family, [(request, fps)], self.config.samples[:1], self.folder, "check",
                             not self.config.video_config.use_temporal_attention, Ranks())
         if errors:
             raise RuntimeError(errors[0])
-        return f"{request.frames} × {request.width}x{request.height}, 1 step, decoded"
+        return f"{request.frames} × {request.width}x{request.height}, {request.steps} step(s), decoded"
 
 
 @contextlib.contextmanager

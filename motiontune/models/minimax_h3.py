@@ -71,6 +71,7 @@ class MiniMaxH3Family(ModelFamily):
     MODEL_TYPES = ("MINIMAX_H3",)
     NAME = "MiniMax H3"
     TINY_MODELS = ("minimax-h3",)
+    MIN_SAMPLE_STEPS = 2  # its pipeline's set_timesteps refuses a one-step schedule
     VAE_CLASS = "AutoencoderKLMiniMaxH3"
     VAE_COMPRESSION = (16, 4)
     temporal_factor = 4
