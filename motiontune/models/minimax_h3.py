@@ -304,6 +304,10 @@ class MiniMaxH3Family(ModelFamily):
                         "this one has %d", request.frames, *DURATION, FPS, frames)
         with self.taking_turns(first_frame=False):
             pipe = blocks.init_pipeline()
+            # the blocks make their tensors on the pipeline's device, which it reads off its first part: the
+            # transformer, parked in host memory while the VAE decodes, so the audio decode made host tensors for GPU
+            # latents (found by motiontune check). The parts take turns on the training device: that is the device
+            pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"_execution_device": property(lambda _: self.device)})
             pipe.update_components(transformer=self.transformer, vae=self.vae, audio_vae=self.audio_vae,
                                    scheduler=self.scheduler, audio_scheduler=self.audio_scheduler)
             out = pipe(prompt_embeds=prompt.to(self.weight_dtype),
