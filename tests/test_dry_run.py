@@ -121,6 +121,9 @@ def test_every_family_runs_clean_at_tiny_size(tiny_models):
         print(report(preset, result))
     assert {preset: result["findings"] for (preset, _), result in zip(runs, results) if result["findings"]} == {}
     assert all([s["status"] for s in result["stages"]] == ["ok"] * 7 for result in results)
+    # what a CPU cannot check is in every report (and docs/memory.md): streams and events, pinned copies
+    printed = report(runs[0][0], results[0])
+    assert "CUDA streams and events" in printed and "pinned host memory" in printed
 
 
 # a full-depth run of a released model is minutes of Python per op on two cores: outside the suite's budget, run on
