@@ -303,6 +303,9 @@ class MiniMaxH3Family(ModelFamily):
             log.warning("sample of %d frames: MiniMax H3's pipeline generates %g to %g s at %d fps (17n+5 frames), so "
                         "this one has %d", request.frames, *DURATION, FPS, frames)
         with self.taking_turns(first_frame=False):
+            # the turns move the video VAE; the audio VAE (small) waits in host memory between samples (park_vae),
+            # so it comes back for the decode here (found by motiontune check: its weights met GPU latents)
+            self.audio_vae.to(self.device)
             pipe = blocks.init_pipeline()
             # the blocks make their tensors on the pipeline's device, which it reads off its first part: the
             # transformer, parked in host memory while the VAE decodes, so the audio decode made host tensors for GPU
