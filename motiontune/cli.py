@@ -59,12 +59,12 @@ def cmd_train(args) -> int:
     from .configure import load_config
 
     config = load_config(args.config, args.set or [])
-    if args.gpu_gb:  # memory options chosen for the card and the host (motiontune/planner.py)
+    if args.gpu_gb or config.memory == "auto":  # memory options chosen for the card and the host (motiontune/planner.py)
         from .estimate import EstimateError
-        from .planner import PlanError, log_plan, plan
+        from .planner import PlanError, card_gb, log_plan, plan
 
         try:
-            chosen = plan(config, args.gpu_gb, args.host_gb, args.allow_smaller_batch)
+            chosen = plan(config, args.gpu_gb or card_gb(config), args.host_gb, args.allow_smaller_batch)
         except (PlanError, EstimateError) as error:
             print(f"train: {error}", file=sys.stderr)
             return 2
@@ -78,22 +78,13 @@ def cmd_train(args) -> int:
 
 def cmd_cache(args) -> int:
     from .configure import load_config
-    from .data.cache import Cache
-    from .data.latents import Encoding
-    from .data.survey import survey_dataset
+    from .data.encoder_process import fill_cache
     from .models import family_for
-    from .sample import sample_prompts
     from .train.loop import pick_device
 
     config = load_config(args.config, args.set or [])
-    family = family_for(config, pick_device(config.train_device))
-    survey = survey_dataset(config, family)
-    cache = Cache(config.cache_dir, enabled=True)
-    encoding = Encoding(family, config, cache)
-    variants = sorted({encoding.window_variant(epoch) for epoch in range(config.epochs)})
-    clips = [clip for variant in variants for clip in encoding.clips(survey, variant)]
-    dropout = {""} if config.text_encoder.dropout_probability > 0 else set()
-    encoding.texts({c for clip in clips for c in clip.captions} | sample_prompts(config) | dropout)
+    encoding = fill_cache(config, family_for(config, pick_device(config.train_device)))
+    cache = encoding.cache
     masks = f", {len(encoding.used['masks'])} masks ({encoding.calls['mask']} made now)" if config.masked_training else ""
     if encoding.used["conditions"]:  # control videos and the like (docs/control.md)
         masks += f", {len(encoding.used['conditions'])} conditions ({encoding.calls['condition']} encoded now)"

@@ -62,6 +62,17 @@ def machine_ram() -> int:
         return 2**62
 
 
+def card_gb(config: TrainConfig) -> float:
+    """`memory: auto`: the memory of the GPU the run trains on, in GB; PlanError where there is none to size for."""
+    import torch
+
+    if config.train_device in ("cpu", "mps") or not torch.cuda.is_available():
+        raise PlanError("memory: auto chooses the memory options for this machine's CUDA GPU, and PyTorch sees none "
+                        f"(train_device {config.train_device!r}): give the card's size with `train --gpu-gb N`, or set "
+                        "memory to manual")
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
+
+
 def base_options(config: TrainConfig) -> Options:
     return Options.of(config, trained_parts(config)[0])
 

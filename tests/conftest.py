@@ -71,6 +71,9 @@ def base_config(tmp_path: Path, model: Path, data: Path, **overrides) -> dict:
         "output_model_destination": str(tmp_path / "lora.safetensors"),
         "sample_after_unit": "NEVER",
         "video_config": {"max_frames": 9, "target_fps": 8.0},
+        # encoding in the training process: a child process per run would add its start-up to every test that trains;
+        # tests/test_cache.py runs the child (the default for users)
+        "encode_in_child": False,
     }
     config.update(overrides)
     return config

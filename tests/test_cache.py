@@ -59,6 +59,59 @@ def test_each_entry_is_encoded_once_and_only_changes_are_re_encoded(tmp_path, ti
     assert train_once(tmp_path, config) == {"text": 1}  # one caption changed: exactly one embedding
 
 
+def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_trains(tmp_path, tiny_models, dataset,
+                                                                                     loads, monkeypatch, capfd):
+    """The training process never loads the VAE or the text encoder when a child encodes (encode_in_child, the
+    default); a clip the child cannot decode is reported and skipped; the LoRA equals the one in-process encoding
+    trains (the same clip skipped there)."""
+    import encoder_process_plants
+    from motiontune.data import encoder_process, latents
+
+    video = {"max_frames": 5, "target_fps": 8.0}
+    loras = {}
+    for child in (True, False):
+        run = tmp_path / ("child" if child else "same")
+        config = base_config(run, tiny_models("wan-2.1"), dataset, epochs=1, video_config=video, encode_in_child=child,
+                             dataloader_threads=0)  # decoding in the process that encodes: where the plant is
+        if child:
+            monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+            monkeypatch.setattr(encoder_process, "BEFORE", ["encoder_process_plants:webm_fails_to_decode"])
+        else:
+            monkeypatch.setattr(latents, "decode_clips", latents.decode_clips)  # restored after the test
+            encoder_process_plants.webm_fails_to_decode()
+        loads.clear()
+        run.mkdir()
+        # the WebM's clip is left out; the child encodes every usable file's caption (each rank's child deals the same
+        # texts), the training process only those of the clips it trains
+        assert train_once(run, config) == {"video": 1, "text": 2 if child else 1}
+        err = capfd.readouterr().err  # the child writes to the same terminal (file descriptor 2)
+        assert f"skipped {dataset / 'big_buck_bunny_432_433.webm'}: decoding failed (planted" in err
+        if child:
+            assert loads == {}  # neither encoder was ever loaded by the training process
+            assert "1 clip(s) the encoding process could not encode are skipped" in err
+        else:
+            assert loads == {"load_vae": 1, "load_text_encoder": 1}
+        loras[child] = load_file(str(run / "lora.safetensors"))
+    assert loras[True].keys() == loras[False].keys()
+    assert all(torch.equal(loras[True][k], loras[False][k]) for k in loras[True])
+    assert any(v.abs().sum() > 0 for k, v in loras[True].items() if "lora_B" in k or "lora_up" in k)  # it trained
+
+
+def test_an_error_of_the_encoding_process_stops_training_with_its_message(tmp_path, tiny_models, dataset, capsys):
+    """A model without a VAE: the child's load error is train's own model error (exit 3), not a traceback."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("wan-2.1"), model)
+    shutil.rmtree(model / "vae")
+    config = base_config(tmp_path, model, dataset, epochs=1, video_config={"max_frames": 5, "target_fps": 8.0},
+                         encode_in_child=True)
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 3
+    err = capsys.readouterr().err
+    assert "model error: (in the encoding process)" in err and "vae" in err.lower()
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
 def test_a_changed_file_is_re_encoded_and_a_touched_one_is_not(tmp_path, tiny_models, dataset):
     config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, epochs=1, video_config={"max_frames": 5, "target_fps": 8.0})
     assert train_once(tmp_path, config) == {"video": 2, "text": 2}

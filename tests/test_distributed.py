@@ -59,7 +59,8 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None =
 @pytest.mark.parametrize("method", ["LORA", "EMBEDDING", "FINE_TUNE", "FINE_TUNE+text_encoder"])
 def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, dataset, method):
     model = tiny_models("wan-2.1")
-    keys = {"training_method": method.split("+")[0]}
+    # LORA: each process encodes in a child of its own (encode_in_child, the users' default), each rank's its share
+    keys = {"training_method": method.split("+")[0], "encode_in_child": method == "LORA"}
     if method.startswith("FINE_TUNE"):
         keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
     if method == "EMBEDDING":  # replicated like a LoRA; the captions hold the placeholder
@@ -88,8 +89,10 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_mode
     single_losses, double_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "double/workspace")
     assert single_losses.keys() == double_losses.keys()
     assert all(abs(single_losses[s] - double_losses[s]) < 1e-5 for s in single_losses)
-    # rank 0 encoded only its share of the clips; the cache holds them all
+    # rank 0 encoded only its share of the clips (in its child, with LORA); the cache holds them all
     assert 0 < two["encoder_calls"]["video"] < one["encoder_calls"]["video"]
+    if method == "LORA":
+        assert "encoding this rank's share of the missing clips and texts in a separate process" in output.stderr
     # only rank 0 wrote backups, logs and outputs; the log says how the ranks split the work
     assert "2 processes (gloo)" in output.stderr
     assert len(list((tmp_path / "double/workspace/backup").glob("step-*"))) >= 1

@@ -212,3 +212,27 @@ def test_train_refuses_before_loading_anything_when_nothing_fits(capsys):
     err = capsys.readouterr().err
     print(err)
     assert "4 GB card" in err and "captions" in err and "What to change:" in err
+
+
+@pytest.mark.xdist_group("#wan 2.2 LoRA 8GB")
+def test_memory_auto_plans_for_the_machines_card_as_gpu_gb_does(tmp_path, capsys, monkeypatch):
+    """`memory: auto` asks the planner for the card PyTorch sees: none here, so a clear refusal; with an 80 GB card (as
+    `torch.cuda` would report it) the plan `--gpu-gb 80` logs (the preset's own options fit: one estimate), then the
+    run goes on to its data (an empty folder here: it stops there, before any model loads)."""
+    from motiontune import planner
+    from motiontune.cli import main
+
+    (tmp_path / "empty").mkdir()
+    where = ["--set", f"concepts={json.dumps([{'path': str(tmp_path / 'empty')}])}", "--set", f"workspace_dir={tmp_path / 'w'}",
+             "--set", f"cache_dir={tmp_path / 'c'}", "--host-gb", "64"]
+    auto = ["train", "--config", "#wan 2.2 LoRA 8GB", "--set", "memory=auto", *where]
+    assert main(auto) == 2
+    err = capsys.readouterr().err
+    assert "memory: auto" in err and "--gpu-gb N" in err and "sees none" in err
+
+    monkeypatch.setattr(planner, "card_gb", lambda config: 80.0)
+    assert main(auto) == 2  # planned, then no training file in the dataset
+    by_card = capsys.readouterr().err
+    assert main(["train", "--config", "#wan 2.2 LoRA 8GB", "--gpu-gb", "80", *where]) == 2
+    assert "memory plan for a 80 GB card and a 64 GB host" in by_card and "no training files found" in by_card
+    assert by_card == capsys.readouterr().err

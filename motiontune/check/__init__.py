@@ -19,12 +19,17 @@ from pathlib import Path
 
 def check(config: str, overrides: list[str] = (), gpu_gb: float = 24.0, before: list[str] = ()) -> dict:
     """Dry-run `config` (a file or preset name) in a process of its own; → the result (run.py's `dry_run`)."""
+    return check_several([(config, list(overrides))], gpu_gb, before)[0]
+
+
+def check_several(runs: list[tuple[str, list[str]]], gpu_gb: float = 24.0, before: list[str] = ()) -> list[dict]:
+    """Dry-run each (config, overrides) one after another in one process of its own (its start-up paid once)."""
     from .runtime import DryRunError, guard_library
 
     library = guard_library()
     with tempfile.TemporaryDirectory(prefix="motiontune-check-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
-        request.write_text(json.dumps({"config": config, "overrides": list(overrides), "gpu_gb": gpu_gb,
+        request.write_text(json.dumps({"runs": [{"config": c, "overrides": list(o)} for c, o in runs], "gpu_gb": gpu_gb,
                                        "library": str(library) if library else None, "result": str(result),
                                        "before": list(before)}))
         env = dict(os.environ, HF_HUB_OFFLINE="1")  # nothing is downloaded: configs are the released ones

@@ -1,6 +1,6 @@
 """The process a dry run runs in: `python -m motiontune.check.child REQUEST.json`. The fake CUDA library must be loaded
-before torch is imported (runtime.py), hence a process of its own. REQUEST: {"config", "overrides", "gpu_gb",
-"library", "result", "before"}; "before" names functions ("module:function") called first: tests plant bugs with it."""
+before torch is imported (runtime.py), hence a process of its own. REQUEST: {"runs": [{"config",
+"overrides"}, ...], "gpu_gb", "library", "result", "before"} (the result: one per run); "before" names functions ("module:function") called first: tests plant bugs with it."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def main(argv: list[str]) -> int:
     from ..configure import load_config
     from .run import dry_run
 
-    config = load_config(request["config"], request.get("overrides", []))
-    result = dry_run(config, request.get("gpu_gb", 24.0))
-    Path(request["result"]).write_text(json.dumps(result, indent=1))
+    runs = request.get("runs") or [request]  # one run: {"config", "overrides"} at the top
+    results = [dry_run(load_config(run["config"], run.get("overrides", [])), request.get("gpu_gb", 24.0)) for run in runs]
+    Path(request["result"]).write_text(json.dumps(results if "runs" in request else results[0], indent=1))
     return 0
 
 

@@ -6,6 +6,7 @@ vocabularies are not on this machine): their ids fit the text encoder's table, w
 from __future__ import annotations
 
 import inspect
+import json
 import tempfile
 from pathlib import Path
 
@@ -79,12 +80,20 @@ class PartBuilder:
         if part.startswith("transformer"):
             cfg = transformer_config(self.config, part)[0]
         else:  # a part the embedded release does not describe (LTX-2's vocoder): its class's defaults
-            cfg = dict(self.configs.get(part, {}))
-            channels = cfg.get("z_dim") or cfg.get("latent_channels")
+            local = Path(self.config.base_model_name) / part / "config.json"  # a local folder's own (a tiny model's vocoder)
+            cfg = dict(self.configs.get(part) or ({k: v for k, v in json.loads(local.read_text()).items() if not k.startswith("_")}
+                                                  if local.is_file() else {}))
+            parameters = inspect.signature(cls.__init__).parameters
+
+            def given(name):  # the config's value, else the class's default (a config embedded as `{}`: MiniMax H3's audio VAE)
+                default = parameters[name].default if name in parameters else None
+                return cfg.get(name) or (None if default is inspect.Parameter.empty else default)
+
+            channels = given("z_dim") or given("latent_channels")
             for key, neutral in (("latents_mean", 0.0), ("latents_std", 1.0)):
                 # a released config embedded without its latent statistics: the dry run computes no values, so
                 # neutral ones of the right length do
-                if key in inspect.signature(cls.__init__).parameters and channels and len(cfg.get(key) or []) != channels:
+                if key in parameters and channels and len(cfg.get(key) or []) != channels:
                     cfg[key] = [neutral] * channels
         return cls(**init_kwargs(cfg, cls))
 

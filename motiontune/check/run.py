@@ -45,7 +45,8 @@ def dry_run(config: TrainConfig, gpu_gb: float = 24.0) -> dict:
     run = _Run(config, watch, folder)
     started = time.perf_counter()
     with cuda_stand_ins(int(gpu_gb * 2**30)), _building(PartBuilder(config, mode, watch.name_modules)), \
-            _module_hooks(watch), _writers(watch), _pixels_out(), _own_simulations(), watch.random_draws(), mode, watch:
+            _module_hooks(watch), _writers(watch), _pixels_out(), _own_simulations(), _copyable_fakes(), \
+            watch.random_draws(), mode, watch:
         for name, stage in run.stages():
             run.do(name, stage)
     return {"stages": run.done, "findings": [f.as_dict() for f in watch.findings], "assumed": watch.assumed,
@@ -106,13 +107,18 @@ class _Run:
         stored = {"value": family.encode_video(frames)}
         if family.encodes_first_frame:
             stored["image"] = family.encode_first_frame(frames[0])
+        stored.update(family.clip_extras(frames))  # a first-and-last-frame condition
+        # the conditions beside the clip (VACE's control video), encoded as data/latents.py does from the clip's frames
+        conditions = {role: family.encode_condition(role, frames) for role in family.condition_roles(self.config.model_type)}
         if family.AUDIO_SAMPLE_RATE:
             fps = self.config.video_config.target_fps or 24.0
             sound = np.zeros((family.AUDIO_CHANNELS, int(family.AUDIO_SAMPLE_RATE * shape.frames / fps)), np.float32)
             stored["audio"] = family.encode_audio(sound, shape.frames, fps)
-        clip = EncodedClip(Path("clip.mp4"), stored, (CAPTION,), 1.0, tuple(i / 16 for i in range(shape.frames)))
+        clip = EncodedClip(Path("clip.mp4"), stored, (CAPTION,), 1.0, tuple(i / 16 for i in range(shape.frames)),
+                           conditions_stored=conditions)
         self.clips = [clip] * shape.batch
-        return f"{shape.batch} × {shape.frames} frames × {shape.width}x{shape.height}"
+        kinds = [*sorted(k for k in stored if k != "value"), *conditions]
+        return f"{shape.batch} × {shape.frames} frames × {shape.width}x{shape.height}" + (f" (+ {', '.join(kinds)})" if kinds else "")
 
     def encode_captions(self):
         from ..sample import sample_prompts
@@ -189,13 +195,14 @@ class _Run:
         if not self.config.samples:
             return "the config renders no samples"
         request, fps = prepare_samples(self.config, self.family, self.embeddings)[0]
-        request = dataclasses.replace(request, steps=1)  # one denoising step, then the decode
+        # one denoising step (two where the pipeline refuses one), then the decode
+        request = dataclasses.replace(request, steps=getattr(self.family, "MIN_SAMPLE_STEPS", 1))
         self.text_side.refresh_samples([(request, fps)], self.config.samples[:1])
         _, errors = _sample(self.family, [(request, fps)], self.config.samples[:1], self.folder, "check",
                             not self.config.video_config.use_temporal_attention, Ranks())
         if errors:
             raise RuntimeError(errors[0])
-        return f"{request.frames} × {request.width}x{request.height}, 1 step, decoded"
+        return f"{request.frames} × {request.width}x{request.height}, {request.steps} step(s), decoded"
 
 
 @contextlib.contextmanager
@@ -256,6 +263,36 @@ def _writers(watch: DeviceWatch):
 
 
 @contextlib.contextmanager
+def _copyable_fakes():
+    """`copy.deepcopy` of a tensor as a run makes it (LTX-2's pipeline copies its scheduler, whose sigmas are host
+    tensors, or GPU ones once a sample has set its timesteps). PyTorch copies a tensor's storage, which inside the fake
+    mode is made on the meta device and refused: a fake tensor becomes a fake clone on its device, a real host tensor
+    is copied outside the fake mode, as on the host in a run."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = torch.Tensor.__deepcopy__
+
+    def deepcopy(tensor, memo):
+        if id(tensor) in memo:
+            return memo[id(tensor)]
+        if not isinstance(tensor, FakeTensor):
+            with _disable_current_modes():
+                return original(tensor, memo)
+        copied = tensor.detach().clone().requires_grad_(tensor.requires_grad)
+        if hasattr(tensor, "_dry_value"):
+            copied._dry_value = tensor._dry_value.clone()
+        memo[id(tensor)] = copied
+        return copied
+
+    torch.Tensor.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        torch.Tensor.__deepcopy__ = original
+
+
+@contextlib.contextmanager
 def _own_simulations():
     """Sampling asks whether a decode fits by simulating it on fake tensors of its own (models/wan_decode.py): that
     runs as in a real run, outside the dry run's fake device."""
@@ -278,8 +315,8 @@ def _own_simulations():
 
 @contextlib.contextmanager
 def _pixels_out():
-    """The pipelines' last step, decoded pixels to numpy: black frames of the decoded shape (a fake tensor has no
-    values to hand over; the decode itself ran)."""
+    """The pipelines' last step, decoded pixels (and a sound track) to numpy: black frames of the decoded shape,
+    silence of the sound's (a fake tensor has no values to hand over; the decode itself ran)."""
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.video_processor import VideoProcessor
 
@@ -293,8 +330,29 @@ def _pixels_out():
         batch, channels, height, width = image.shape
         return np.zeros((batch, height, width, channels), np.float32)
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    to_numpy = torch.Tensor.numpy
+
+    def numpy(tensor, *args, **kwargs):
+        """A fake host tensor handed to numpy (a sample's sound track): its values where the run knows them, else
+        zeros of its shape (silence). One on the GPU is refused, as a GPU run refuses it."""
+        if not isinstance(tensor, FakeTensor):
+            return to_numpy(tensor, *args, **kwargs)
+        if tensor.device.type != "cpu":
+            raise TypeError(f"can't convert {tensor.device} device type tensor to numpy. Use Tensor.cpu() to copy the "
+                            "tensor to host memory first.")
+        known = getattr(tensor, "_dry_value", None)
+        if known is not None:
+            return known.numpy()
+        kind = np.float32 if tensor.is_floating_point() else np.bool_ if tensor.dtype == torch.bool else np.int64
+        return np.zeros(tuple(tensor.shape), kind)
+
     VideoProcessor.postprocess_video, VaeImageProcessor.postprocess = postprocess_video, postprocess
+    torch.Tensor.numpy = numpy
     try:
         yield
     finally:
         VideoProcessor.postprocess_video, VaeImageProcessor.postprocess = video, image
+        torch.Tensor.numpy = to_numpy
+

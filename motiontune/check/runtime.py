@@ -106,13 +106,23 @@ def preload(library: str | os.PathLike) -> None:
     ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
+_HIDDEN = ("/torch/", "/motiontune/check/", "contextlib.py", "<frozen")
+_shown: dict = {}  # code object → its short path, or None where its frames are left out (asked once per code: every op asks)
+
+
 def short_stack(skip: tuple[str, ...] = (), depth: int = 4) -> list[str]:
     """The innermost frames of the caller outside torch and this package, "path:line in function", innermost first."""
     frames, frame = [], sys._getframe(1)
     while frame is not None and len(frames) < depth:
-        path = frame.f_code.co_filename
-        if not any(part in path for part in ("/torch/", "/motiontune/check/", "contextlib.py", "<frozen", *skip)):
-            frames.append(f"{_short_path(path)}:{frame.f_lineno} in {frame.f_code.co_name}")
+        code = frame.f_code
+        if skip:
+            shown = None if any(part in code.co_filename for part in (*_HIDDEN, *skip)) else _short_path(code.co_filename)
+        else:
+            if code not in _shown:
+                _shown[code] = None if any(part in code.co_filename for part in _HIDDEN) else _short_path(code.co_filename)
+            shown = _shown[code]
+        if shown is not None:
+            frames.append(f"{shown}:{frame.f_lineno} in {code.co_name}")
         frame = frame.f_back
     return frames
 

@@ -256,8 +256,10 @@ class DeviceWatch(TorchDispatchMode):
         if values is None:
             # a tensor written in place by an op whose result is not known no longer has known values
             for tensor in _written(func, args, kwargs):
-                if hasattr(tensor, "_dry_value"):
-                    del tensor._dry_value
+                for name in ("_dry_value", "_dry_head"):
+                    if hasattr(tensor, name):
+                        delattr(tensor, name)
+            self._head(func, args, kwargs, outputs)
             return
         try:
             with unset_fake_temporarily():
@@ -269,7 +271,86 @@ class DeviceWatch(TorchDispatchMode):
                 tensor._dry_value = value
 
 
+    def _head(self, func, args, kwargs, outputs) -> None:
+        """A large tensor whose first values along its last dimension are known keeps them (`_dry_head`): a packed
+        text row (models/packing.py) is its small header, then the encoders' outputs, and `unpack` reads the header
+        even where the rows were encoded in the step (an embedding or text encoder that trains). The ops that carry
+        a head along move rows, never positions within one; a read inside the head has its values."""
+        if len(outputs) != 1 or not isinstance(outputs[0], FakeTensor) or func not in _ROW_OPS:
+            return
+        out = outputs[0]
+        if func is torch.ops.aten.cat.default and (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % out.dim() == out.dim() - 1:
+            known = []  # along the last dimension: the leading pieces whose values are known, then one piece's head
+            for piece in args[0]:
+                value = _known(piece)
+                known.append(value if value is not None else getattr(piece, "_dry_head", None))
+                if value is None:
+                    break
+            known = [k for k in known if k is not None]
+            with unset_fake_temporarily():
+                head = torch.cat(known, dim=-1) if known else None
+        else:
+            missing = []
+
+            def head_of(x):
+                if isinstance(x, FakeTensor):
+                    value = _known(x)
+                    value = value if value is not None else getattr(x, "_dry_head", None)
+                    if value is None:
+                        missing.append(x)
+                    return value
+                if isinstance(x, torch.device):
+                    return torch.device("cpu")
+                return x
+
+            converted = pytree.tree_map(head_of, (args, kwargs))
+            if missing or not any(hasattr(t, "_dry_head") for t in pytree.tree_leaves(args) if isinstance(t, FakeTensor)):
+                return
+            if not _keeps_rows(func, args, kwargs):
+                return
+            try:
+                with unset_fake_temporarily():
+                    head = func(*converted[0], **{k: v for k, v in converted[1].items() if k != "pin_memory"})
+            except Exception:  # a read beyond the head (a slice past it, a shape it cannot take)
+                return
+        if not isinstance(head, torch.Tensor):
+            return
+        if head.shape == out.shape:
+            out._dry_value = head  # all known (a read inside the head)
+        elif out.dim() and head.dim() == out.dim() and head.shape[:-1] == out.shape[:-1] and 0 < head.shape[-1] < out.shape[-1]:
+            out._dry_head = head
+
+
 _UNKNOWN = object()
+_aten = torch.ops.aten
+# ops that move whole rows (or change dtype / device) and keep each row's values in order along the last dimension
+_ROW_OPS = {_aten.cat.default, _aten.stack.default, _aten._to_copy.default, _aten.clone.default, _aten.detach.default,
+            _aten.alias.default, _aten.index.Tensor, _aten.select.int, _aten.slice.Tensor, _aten.unsqueeze.default,
+            _aten.index_select.default, _aten.lift_fresh.default}
+
+
+def _keeps_rows(func, args, kwargs) -> bool:
+    """Whether the op's output starts, along its last dimension, where its input's does (so the head's result is a
+    head of the output): not an index into the last dimension, nor a slice or select counted from its end."""
+    last = args[0].dim() - 1 if isinstance(args[0], torch.Tensor) else None
+    if func is _aten.index.Tensor:
+        return len(args[1]) < args[0].dim()
+    if func is _aten.index_select.default:
+        return args[1] % args[0].dim() != last
+    if func is _aten.select.int:
+        return args[1] % args[0].dim() != last or args[2] >= 0
+    if func is _aten.slice.Tensor:
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % args[0].dim()
+        start = args[2] if len(args) > 2 else kwargs.get("start")
+        end = args[3] if len(args) > 3 else kwargs.get("end")
+        return dim != last or ((start or 0) >= 0 and (end is None or end >= 0))
+    return True
+
+
+def _known(tensor) -> torch.Tensor | None:
+    if not isinstance(tensor, FakeTensor):
+        return tensor
+    return getattr(tensor, "_dry_value", None)
 
 
 def _moves_only(args, kwargs) -> bool:

@@ -150,6 +150,11 @@ class TrainConfig(Strict):
 
     resolution: str = "480"
     latent_caching: bool = True  # latents and text embeddings kept on disk across runs
+    # train encodes what the cache lacks in a process of its own (data/encoder_process.py): the training process
+    # never loads the VAE or the text encoders for it. With latent_caching off, encoding stays in the training process
+    encode_in_child: bool = True
+    # auto: `train` chooses the memory options for this machine's GPU and RAM, as `train --gpu-gb N` does (planner.py)
+    memory: Literal["manual", "auto"] = "manual"
     cache_dir: LocalPath = "workspace-cache/run"
     aspect_ratio_bucketing: bool = True  # each file trains at the bucket nearest its aspect, same area
     dataloader_threads: int = Field(2, ge=0, le=64)  # worker processes that probe and decode (0: in-process)

@@ -120,10 +120,17 @@ class Encoding:
     With several ranks and the cache on, each rank encodes its share of what is missing, then all read
     the rest from the cache: no entry is written by two ranks. With the cache off, each encodes all."""
 
-    def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache, ranks: Ranks | None = None):
+    def __init__(self, family: ModelFamily, config: TrainConfig, cache: Cache, ranks: Ranks | None = None,
+                 elsewhere=None, share: tuple[int, int] | None = None):
+        """`elsewhere`: a function that fills the cache in another process (data/encoder_process.py), called once when
+        something is missing; what it could not encode is then skipped, never encoded here. `share`: (rank, world
+        size) of such a process under torchrun: it encodes the items dealt to it over every item, missing or not, so
+        shares do not depend on when each process looked at the cache."""
         self.family, self.config, self.cache = family, config, cache
         self.ranks = ranks or Ranks()
         self.split = self.ranks.several and cache.enabled and self._cache_is_shared()
+        self.elsewhere, self.share = elsewhere, share
+        self.filled_elsewhere = False
         base = config.base_model_name
         # float32 keeps the name it always had, so existing caches stay valid
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], str(family.vae_dtype).removeprefix("torch."))
@@ -182,7 +189,7 @@ class Encoding:
         seed = f"{self.config.seed}:{concept.seed}:{entry.item.name_in_concept}:{clip[0]:.6f}"
         return image_variant(concept.image, entry.info.width, entry.info.height, entry.size, seed, index)
 
-    def _captions(self, item: Item) -> tuple[str, ...]:
+    def captions(self, item: Item) -> tuple[str, ...]:
         """The captions a step picks from: text_variations draws of each line when tags shuffle or drop out.
         Prompts shared by the whole concept (prompt_source concept) share their draws too."""
         concept = item.concept
@@ -213,11 +220,16 @@ class Encoding:
         values = self._read_all("latents", [key for file_keys in keys for key in file_keys], self._extras)
         missing = [i for i, file_keys in enumerate(keys) if any(values[k] is None for k in file_keys)]
         encoded_before = self.calls["video"]
-        mine = self._my_share(missing, lambda i: keys[i])
+        if missing and self._fill_elsewhere():
+            values.update({key: self.cache.get("latents", key, self._extras) for key, value in values.items() if value is None})
+            not_made = sum(value is None for value in values.values())
+            if not_made:
+                log.warning("%d clip(s) the encoding process could not encode are skipped (its messages above say why)", not_made)
+        mine = [] if self.elsewhere else self._my_share(missing, lambda i: keys[i], range(len(keys)))
         if mine:
             self._encode_missing([entries[i] for i in mine], [plans[i] for i in mine], [looks[i] for i in mine],
                                  [keys[i] for i in mine], values)
-        if self.split and missing:
+        if self.split and missing and not self.elsewhere:
             self.ranks.barrier()  # the other ranks' shares are in the cache now
             values.update({key: self.cache.get("latents", key, self._extras) for key, value in values.items() if value is None})
         found = [(entry, clip, look, values[key]) for entry, plan, file_looks, file_keys in zip(entries, plans, looks, keys)
@@ -231,10 +243,10 @@ class Encoding:
         for entry, clip, look, value, mask, condition in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
-            encoded.append(EncodedClip(item.path, value, self._captions(item), repeats, clip, concept.loss_weight, look,
+            encoded.append(EncodedClip(item.path, value, self.captions(item), repeats, clip, concept.loss_weight, look,
                                        concept.role, concept.name or concept.path, mask_stored=mask,
                                        conditions_stored=condition))
-        if not encoded:
+        if not encoded and not self.share:  # a process encoding a share may have none yet: the ranks read all after
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
             self._told = True
@@ -344,6 +356,15 @@ class Encoding:
                     missing.append((index, role, key))
         if self.ranks.main:
             self.cache.save_fingerprints()
+        if missing and self._fill_elsewhere():
+            for index, role, key in missing:
+                conditions[index][role] = self.cache.get("conditions", key)
+            not_made = {index for index, role, key in missing if conditions[index][role] is None}
+            for index in not_made:
+                conditions[index] = _FAILED
+            if not_made:
+                log.warning("%d clip(s) whose condition the encoding process could not encode are skipped", len(not_made))
+            missing = []
         if missing:
             self.family.load_vae()
         made = 0
@@ -388,7 +409,7 @@ class Encoding:
                              concept.image_variations, "" if self.cache.enabled else "; latent_caching is off, so every epoch encodes")
             if concept.text.varies:
                 files = [e.item for e in entries if id(e.item.concept) == key]
-                texts = {text for item in files for text in self._captions(item)}
+                texts = {text for item in files for text in self.captions(item)}
                 log.info("concept %s: tag shuffling/dropout/capitals: %d draw(s) of each caption line (text_variations), %d "
                          "distinct captions to encode", name, concept.text_variations, len(texts))
             if concept.balancing_strategy == "SAMPLES":
@@ -404,7 +425,16 @@ class Encoding:
         by_key = self._read_all("text", list(keys.values()))
         embeddings = {text: by_key[key] for text, key in keys.items()}
         everything_missing = sorted(text for text, value in embeddings.items() if value is None)
-        missing = [everything_missing[i] for i in self._my_share(range(len(everything_missing)), lambda i: [everything_missing[i]])]
+        if everything_missing and self._fill_elsewhere():
+            embeddings.update({text: self.cache.get("text", keys[text]) for text in everything_missing})
+            everything_missing = sorted(text for text, value in embeddings.items() if value is None)
+        if everything_missing and self.elsewhere:
+            raise RuntimeError(f"the encoding process left {len(everything_missing)} text embedding(s) out of the cache "
+                               f"{self.cache.directory} (first: {everything_missing[0]!r}); run again")
+        every_text = sorted(embeddings)
+        missing = [every_text[i] for i in self._my_share(range(len(every_text)), lambda i: [every_text[i]])
+                   if every_text[i] in everything_missing] if self.share else \
+            [everything_missing[i] for i in self._my_share(range(len(everything_missing)), lambda i: [everything_missing[i]])]
         if missing and not self._text_loaded:
             self.family.park_vae()  # one encoder on the device at a time: an 8 GB GPU holds either, not both
             self.family.load_text_encoder()
@@ -447,18 +477,40 @@ class Encoding:
             self.ranks.barrier()
         return values
 
-    def _my_share(self, items, keys_of) -> list:
+    def _fill_elsewhere(self) -> bool:
+        """Have the encoding process fill the cache (once a run; every rank alike, since all saw the same gaps);
+        False when this run encodes in its own process."""
+        if not self.elsewhere:
+            return False
+        if not self.filled_elsewhere:
+            self.filled_elsewhere = True
+            self.calls.update(self.elsewhere(share=(self.ranks.rank, self.ranks.world_size) if self.split else None))
+            if self.split:
+                self.ranks.barrier()  # every rank's process has written its share
+        return True
+
+    def _my_share(self, items, keys_of, everything=None) -> list:
         """This rank's items, dealt round-robin; an item whose keys an earlier item already covers is dealt to
-        nobody (identical clips in two files are encoded once)."""
+        nobody (identical clips in two files are encoded once). An encoding process (`share`) deals `everything`
+        and keeps its missing `items`."""
+        if self.share:
+            rank, world_size = self.share
+            wanted = set(items)
+            return [item for item in self._deal(everything if everything is not None else items, keys_of, rank, world_size)
+                    if item in wanted]
         if not self.split:
             return list(items)
+        return self._deal(items, keys_of, self.ranks.rank, self.ranks.world_size)
+
+    @staticmethod
+    def _deal(items, keys_of, rank: int, world_size: int) -> list:
         mine, seen, dealt = [], set(), 0
         for item in items:
             keys = set(keys_of(item)) - seen
             if not keys:
                 continue
             seen |= keys
-            if dealt % self.ranks.world_size == self.ranks.rank:
+            if dealt % world_size == rank:
                 mine.append(item)
             dealt += 1
         return mine

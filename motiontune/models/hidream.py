@@ -335,7 +335,9 @@ def _busiest_routing(self, x):
 
 # --- the released models, for `motiontune estimate` on a Hub id not on this machine --------------------------------
 RELEASE_NAMES = ("HiDream-ai/HiDream-I1-Full", "HiDream-ai/HiDream-I1-Dev", "HiDream-ai/HiDream-I1-Fast")
-_CLIP = {"vocab_size": 49408, "max_position_embeddings": 77}
+# HiDream retrained its CLIP encoders for longer prompts (the pipeline pads CLIP prompts to 128 tokens, which a
+# 77-position CLIP refuses): Long-CLIP's 248 positions, as ComfyUI reads them from the weights' position table
+_CLIP = {"vocab_size": 49408, "max_position_embeddings": 248}
 RELEASE = {
     "transformer": {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 16, "num_single_layers": 32,
                     "attention_head_dim": 128, "num_attention_heads": 20, "caption_channels": [4096, 4096],

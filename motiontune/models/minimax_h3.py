@@ -71,6 +71,7 @@ class MiniMaxH3Family(ModelFamily):
     MODEL_TYPES = ("MINIMAX_H3",)
     NAME = "MiniMax H3"
     TINY_MODELS = ("minimax-h3",)
+    MIN_SAMPLE_STEPS = 2  # its pipeline's set_timesteps refuses a one-step schedule
     VAE_CLASS = "AutoencoderKLMiniMaxH3"
     VAE_COMPRESSION = (16, 4)
     temporal_factor = 4
@@ -302,7 +303,14 @@ class MiniMaxH3Family(ModelFamily):
             log.warning("sample of %d frames: MiniMax H3's pipeline generates %g to %g s at %d fps (17n+5 frames), so "
                         "this one has %d", request.frames, *DURATION, FPS, frames)
         with self.taking_turns(first_frame=False):
+            # the turns move the video VAE; the audio VAE (small) waits in host memory between samples (park_vae),
+            # so it comes back for the decode here (found by motiontune check: its weights met GPU latents)
+            self.audio_vae.to(self.device)
             pipe = blocks.init_pipeline()
+            # the blocks make their tensors on the pipeline's device, which it reads off its first part: the
+            # transformer, parked in host memory while the VAE decodes, so the audio decode made host tensors for GPU
+            # latents (found by motiontune check). The parts take turns on the training device: that is the device
+            pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"_execution_device": property(lambda _: self.device)})
             pipe.update_components(transformer=self.transformer, vae=self.vae, audio_vae=self.audio_vae,
                                    scheduler=self.scheduler, audio_scheduler=self.audio_scheduler)
             out = pipe(prompt_embeds=prompt.to(self.weight_dtype),

@@ -3,6 +3,7 @@ backups happen around them (events.py), one step is step.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from ..configure import config_notices
 from ..config.schema import MemoryPlan
 from ..data.buckets import batches_per_epoch, epoch_batches
 from ..data.cache import Cache
+from ..data.encoder_process import encode_in_child
 from ..data.latents import Encoding
 from ..data.survey import survey_dataset
 from ..methods import METHODS
@@ -198,7 +200,10 @@ def _setup_data(config: TrainConfig, family: ModelFamily, ranks: Ranks) -> _Data
     if ranks.main:
         workspace.mkdir(parents=True, exist_ok=True)
         (workspace / "config.json").write_text(config.model_dump_json(indent=2, by_alias=True))
-    encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching), ranks)
+    elsewhere = None
+    if config.latent_caching and config.encode_in_child:  # what the cache lacks is encoded by a process of its own
+        elsewhere = functools.partial(encode_in_child, config, family.device)
+    encoding = Encoding(family, config, Cache(config.cache_dir, config.latent_caching), ranks, elsewhere=elsewhere)
     encoded = encoding.clips(survey, encoding.window_variant(0))
     clips, held_out = trained_clips(encoded), validation_clips(encoded, config)
     caption_dropout = config.text_encoder.dropout_probability

@@ -202,7 +202,7 @@ GROUPS = {
               "last_frame_conditioning_probability", "in_context_control", "guidance_scale",
               "gradient_checkpointing", "layer_offload_fraction", "layer_offload_prefetch", "output_model_destination",
               "output_model_format", "output_dtype"],
-    "data": ["resolution", "aspect_ratio_bucketing", "latent_caching", "concept_file_name", "video_config"],
+    "data": ["resolution", "aspect_ratio_bucketing", "latent_caching", "encode_in_child", "memory", "concept_file_name", "video_config"],
     "concepts": ["concepts"],
     "training": ["batch_size", "gradient_accumulation_steps", "learning_rate", "epochs", "optimizer",
                  "learning_rate_scheduler", "learning_rate_warmup_steps", "clip_grad_norm", "lora_rank", "lora_alpha",
