@@ -6,6 +6,9 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
   with its latents as one (36, F', H', W') tensor.
 - WAN 2.1 I2V: the same 36 channels, plus the CLIP image encoder's embedding of the first frame (its
   second-to-last hidden states), cached beside the clip's latents and given to cross-attention.
+- WAN 2.1 FLF2V (first-last-frame-to-video): WAN 2.1 I2V's channels, with the clip's last frame in place of the last
+  black frame (and marked by the mask), and CLIP embeddings of both frames, which the transformer reads as one
+  sequence with a learnt position embedding (`pos_embed_seq_len`).
 - TI2V-5B: the clean latents of the first frame replace the noisy first latent frame, whose tokens get
   timestep 0 and are left out of the loss (`image_conditioning_probability` of the samples).
 """
@@ -22,7 +25,8 @@ from .attention import use_frame_local_attention
 from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
 
-MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B", "WAN_2_1_VACE")
+MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B", "WAN_2_1_VACE",
+               "WAN_2_1_FLF2V")
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
@@ -58,6 +62,7 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
     (r"^condition_embedder\.image_embedder\.norm2$", "img_emb.proj.4"),
     (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"), (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),  # FLF2V: the two images' positions
 ]
 
 
@@ -72,7 +77,7 @@ def _renamed(module: str, renames: list) -> str:
 def original_name(diffusers_name: str) -> str:
     """A diffusers WanTransformer3DModel parameter name in the original WAN (and ComfyUI) layout."""
     module, _, leaf = diffusers_name.rpartition(".")
-    if leaf == "scale_shift_table":  # a parameter that is not inside a sub-module
+    if leaf in ("scale_shift_table", "pos_embed"):  # a parameter that is not inside a sub-module
         module, leaf = diffusers_name, ""
     module = _renamed(module, _ORIGINAL_RENAMES)
     return f"{module}.{leaf}" if leaf else module
@@ -86,7 +91,8 @@ class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
-    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace")
+    TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace",
+                   "wan-2.1-flf2v")
     LORA_PIPELINE = "WanPipeline"
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
@@ -99,7 +105,7 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def first_frame(cls, model_type):
-        return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
+        return "required" if "_I2V" in model_type or model_type == "WAN_2_1_FLF2V" else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
     def condition_roles(cls, model_type):
@@ -108,11 +114,13 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def takes_last_frame(cls, model_type):
-        # WAN 2.1 I2V's CLIP embedding takes one image; WAN 2.1 FLF2V (two) is not served yet
-        return model_type == "WAN_2_2_I2V_A14B"
+        # WAN 2.1 I2V's CLIP embedding takes one image; FLF2V's takes two
+        return model_type in ("WAN_2_2_I2V_A14B", "WAN_2_1_FLF2V")
 
     @classmethod
     def config_problems(cls, config):
+        if config.model_type == "WAN_2_1_FLF2V":
+            return super().config_problems(config) + cls._flf2v_problems(config)
         if config.model_type not in A14B_MODEL_TYPES:
             return super().config_problems(config)
         if config.expert_choice() is None:
@@ -120,12 +128,29 @@ class WanFamily(ModelFamily):
                     "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"]
         return []
 
+    @staticmethod
+    def _flf2v_problems(config) -> list[str]:
+        """FLF2V always sees two frames: its transformer reads the two CLIP embeddings as one sequence of twice the
+        tokens (diffusers' pipeline fails without `last_image`), so there is no first-frame-only sample to train."""
+        problems = []
+        if config.last_frame_conditioning_probability != 1:
+            problems.append(f"  - last_frame_conditioning_probability = {config.last_frame_conditioning_probability:g}: "
+                            "WAN_2_1_FLF2V always takes a first and a last frame (its pipeline has no first-frame-only "
+                            "mode); set it to 1")
+        for index, sample in enumerate(config.samples):
+            if sample.image and not sample.last_image:
+                problems.append(f"  - samples[{index}].last_image: WAN_2_1_FLF2V makes videos between a first and a last "
+                                "frame; give an image file")
+        return problems
+
     def __init__(self, config, device):
         super().__init__(config, device)
         self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
         self.is_i2v = self.first_frame(config.model_type) == "required"  # condition channels
-        self.encodes_first_frame = config.model_type == "WAN_2_1_I2V"  # a CLIP embedding of the first frame
+        # a CLIP embedding of the first frame (FLF2V: and of the last, `clip_extras`)
+        self.encodes_first_frame = config.model_type in ("WAN_2_1_I2V", "WAN_2_1_FLF2V")
+        self.is_flf2v = config.model_type == "WAN_2_1_FLF2V"
         self.is_vace = config.model_type == "WAN_2_1_VACE"  # control videos through the VACE blocks
         # the VAE's spatial factor, times the transformer's 2x2 patches
         self.spatial_multiple = self.vae_compression(config.model_type)[0] * 2
@@ -151,6 +176,9 @@ class WanFamily(ModelFamily):
         if self.is_vace:
             from diffusers import WanVACETransformer3DModel as WanTransformer3DModel  # noqa: N814
         self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+        if self.is_flf2v and not self.transformer.config.pos_embed_seq_len:
+            raise ValueError(f"base_model_name = {base!r}: its transformer takes one image (no pos_embed_seq_len), so it is "
+                             "not WAN 2.1 FLF2V; use Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers, or model_type WAN_2_1_I2V")
         if self.is_a14b:
             self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
 
@@ -235,7 +263,9 @@ class WanFamily(ModelFamily):
         return self.config.last_frame_conditioning_probability > 0 and self.takes_last_frame(self.config.model_type)
 
     def clip_extra_names(self):
-        return ("last_frame",) if self.trains_last_frame else ()
+        if not self.trains_last_frame:
+            return ()
+        return ("last_frame", "last_image_embeds") if self.is_flf2v else ("last_frame",)
 
     @no_grad
     def clip_extras(self, frames):
@@ -245,7 +275,10 @@ class WanFamily(ModelFamily):
             return {}
         pixels = self.video_pixels(frames)
         mean, std = self._latent_stats(pixels)
-        return {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+        extras = {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+        if self.is_flf2v:  # CLIP of the last frame, beside the first frame's (`encode_first_frame`)
+            extras["last_image_embeds"] = self.encode_first_frame(frames[-1])
+        return extras
 
     def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
         if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
@@ -257,6 +290,8 @@ class WanFamily(ModelFamily):
             if extras and "last_frame" in extras:  # these samples also get their last frame
                 with_last = torch.rand(len(stored), generator=generator) < self.config.last_frame_conditioning_probability
                 condition = torch.where(with_last.to(stored.device).view(-1, 1, 1, 1, 1), extras["last_frame"], condition)
+            if self.is_flf2v:  # (B, 2, tokens, width) → (2B, ...): each sample's first then last, as the pipeline
+                image_embeds = torch.stack([image_embeds, extras["last_image_embeds"].to(image_embeds.device)], dim=1).flatten(0, 1)
             return stored[:, :channels], Conditioning(condition, rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
@@ -406,13 +441,17 @@ class WanFamily(ModelFamily):
         # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
         heads = heads or (8 if wide_vae else 4)
         two_experts = name in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
-        image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v")
+        image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v", "wan-2.1-flf2v")
         vace = name == "wan-2.1-vace"
-        image_dim = 32 if name == "wan-2.1-i2v" else None  # the tiny CLIP vision encoder's width
+        image_dim = 32 if name in ("wan-2.1-i2v", "wan-2.1-flf2v") else None  # the tiny CLIP vision encoder's width
+        # FLF2V: the first and the last frame's CLIP tokens as one sequence (the tiny CLIP: 4 x 4 patches + 1)
+        image_tokens = 2 * 17 if name == "wan-2.1-flf2v" else None
         # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
         in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
         transformer = _tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels,
-                                        image_dim=image_dim, vace=vace)
+                                        image_dim=image_dim, image_tokens=image_tokens, vace=vace)
+        if image_tokens:  # diffusers starts the image positions at zero; a trained model's tell first from last
+            torch.nn.init.normal_(transformer.condition_embedder.image_embedder.pos_embed, std=0.5)
         transformer_2 = (_tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
                          if two_experts else None)
         # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
@@ -432,7 +471,7 @@ class WanFamily(ModelFamily):
             return WanVACEPipeline(**parts)
         if not image_to_video:
             return WanPipeline(**parts)
-        # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
+        # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V and FLF2V have one
         image_encoder, image_processor = _tiny_clip_vision(image_dim) if image_dim else (None, None)
         return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
 
@@ -465,7 +504,8 @@ class WanFamily(ModelFamily):
         rows = torch.ones(batch, dtype=torch.bool)
         if self.is_i2v:
             latents = x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width)
-            images = x0.new_empty(batch, CLIP_IMAGE_TOKENS, cfg["image_dim"]) if cfg.get("image_dim") else None
+            images = (x0.new_empty(batch * self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"])
+                      if cfg.get("image_dim") else None)
             return text, Conditioning(latents, rows, image_embeds=images)
         if self.is_ti2v and self.config.image_conditioning_probability > 0:  # a timestep per token
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
@@ -482,10 +522,16 @@ class WanFamily(ModelFamily):
                 "timestep": torch.empty(1, tokens) if self.is_ti2v else torch.empty(1),  # expand_timesteps
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_dim"], dtype=dtype)}
         if cfg.get("image_dim"):
-            call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
+            call["encoder_hidden_states_image"] = torch.empty(self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"],
+                                                              dtype=dtype)
         if cfg.get("vace_in_channels"):
             call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
         return call
+
+    @staticmethod
+    def _images_per_clip(cfg: dict) -> int:
+        """CLIP embeddings per video: FLF2V's transformer reads two (first and last frame) as one sequence."""
+        return 2 if cfg.get("pos_embed_seq_len") else 1
 
     def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
         """Sampling tiles when whole frames would not fit (`sample`): both ways are modelled."""
@@ -542,11 +588,11 @@ def _tiny_clip_vision(width: int):
 
 
 def _tiny_transformer(in_channels: int, text_dim: int, *, heads: int, layers: int, out_channels: int, image_dim=None,
-                      vace: bool = False):
+                      image_tokens=None, vace: bool = False):
     from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     # WAN 2.1 I2V: cross-attention also attends to the CLIP image tokens, through its own key/value projections
-    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24} if image_dim else {}
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24, "pos_embed_seq_len": image_tokens} if image_dim else {}
     if vace:  # a VACE block beside every block; its input: control latents (2 x 16) and 8 x 8 mask channels
         image = {"vace_layers": list(range(layers)), "vace_in_channels": 2 * out_channels + 64}
     cls = WanVACETransformer3DModel if vace else WanTransformer3DModel
