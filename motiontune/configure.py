@@ -81,6 +81,17 @@ def family_problems(config: TrainConfig) -> list[str]:
                             "give a video file")
         elif sample.control and not Path(sample.control).is_file():
             problems.append(f"  - samples[{index}].control = {sample.control!r}: no such file")
+        for key, what in (("control_mask", "a control mask"), ("reference", "a reference picture")):
+            path = getattr(sample, key)
+            if path and key.replace("_", "") not in family.condition_roles(model_type):
+                problems.append(f"  - samples[{index}].{key}: {model_type} does not take {what}; remove the key")
+            elif path and not Path(path).is_file():
+                problems.append(f"  - samples[{index}].{key} = {path!r}: no such file")
+            elif path and key == "reference" and (problem := image_file_problem(path)):
+                problems.append(f"  - samples[{index}].reference = {path!r}: {problem}")
+            elif path and key == "control_mask" and not sample.control:
+                problems.append(f"  - samples[{index}].control_mask: a control mask goes with its control video; give "
+                                "`control` too")
         if sample.last_image and not last_frame:
             problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
         elif sample.last_image and not sample.image:

@@ -47,6 +47,18 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
 
             info = probe(sample.control)
             control = decode_clips(info, [info.frame_times[:frames]])[0]
+        control_mask = None
+        if sample.control_mask:  # read as the control: its first frames (a picture: for every frame)
+            from .data.video import decode_clips, probe
+
+            info = probe(sample.control_mask)
+            control_mask = decode_clips(info, [info.frame_times[:frames]])[0]
+            control_mask = np.repeat(control_mask, frames, axis=0) if len(control_mask) == 1 else control_mask
+        reference = None
+        if sample.reference:
+            from PIL import Image
+
+            reference = np.asarray(Image.open(sample.reference).convert("RGB"))
         request = SampleRequest(
             prompt_embeds=embeddings[sample.prompt][None],
             negative_prompt_embeds=embeddings[sample.negative_prompt][None] if use_cfg else None,
@@ -59,6 +71,8 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             image=image,
             last_image=last_image,
             control=control,
+            control_mask=control_mask,
+            reference=reference,
             fps=sample.fps,
         )
         requests.append((request, sample.fps))

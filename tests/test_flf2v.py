@@ -65,12 +65,13 @@ def test_cached_first_and_last_frame_conditions_are_the_pipelines_own(tiny_model
             theirs_latents.append(condition[0])
             theirs_images.append(pipe.encode_image([Image.fromarray(f[0]), Image.fromarray(f[-1])], torch.device("cpu")))
     theirs_latents, theirs_images = torch.stack(theirs_latents), torch.cat(theirs_images)
+    ours_images = conditioning.image_embeds.flatten(0, 1)  # (B, 2, ...) as `predict` gives them to the transformer
     print(f"FLF2V: cached vs pipeline condition channels {(conditioning.latents - theirs_latents).abs().max():.2e}, "
-          f"CLIP embeddings {(conditioning.image_embeds - theirs_images).abs().max():.2e} (shapes "
-          f"{tuple(conditioning.image_embeds.shape)} / {tuple(theirs_images.shape)})")
+          f"CLIP embeddings {(ours_images - theirs_images).abs().max():.2e} (shapes "
+          f"{tuple(ours_images.shape)} / {tuple(theirs_images.shape)})")
     assert torch.allclose(conditioning.latents, theirs_latents, atol=1e-5)
-    assert conditioning.image_embeds.shape == theirs_images.shape
-    assert torch.allclose(conditioning.image_embeds, theirs_images, atol=1e-5)
+    assert ours_images.shape == theirs_images.shape
+    assert torch.allclose(ours_images, theirs_images, atol=1e-5)
 
 
 def test_flf2v_config_rules(tiny_models, clips, tmp_path, capsys):  # noqa: F811

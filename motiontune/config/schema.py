@@ -78,6 +78,8 @@ class SampleConfig(Strict):
     image: LocalPath | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
     last_image: LocalPath | None = None  # first and last frame: the last frame (models that take one; with `image`)
     control: LocalPath | None = None  # a control video the sample follows (models that take one: VACE; docs/control.md)
+    control_mask: LocalPath | None = None  # VACE: which part of each control frame is made anew (white); with `control`
+    reference: LocalPath | None = None  # VACE: a reference picture (a character, an object) the video keeps
 
 
 class VideoConfig(Strict):

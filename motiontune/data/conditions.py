@@ -3,6 +3,8 @@
 A clip `walk.mp4` may have, in the same folder:
 
     walk-control.mp4     a control video (pose, depth, edges, scribbles...): what the clip should follow
+    walk-controlmask.mp4 which part of each control frame is made anew (white) and which is kept (black): VACE's
+                         inpainting and outpainting mask, read with the control video (`condition_companions`)
     walk-reference.png   a reference picture (a character, an object, a style) to keep
     walk-pose.mp4        a pose video, and walk-face.mp4 a face video (animation models)
     walk-masklabel.png   a mask (masked training; data/masks.py, which pools it to the latent grid)
@@ -10,7 +12,8 @@ A clip `walk.mp4` may have, in the same folder:
 Any video or picture extension works. A video condition is read at the clip's own instants (the frame on screen at
 each instant, whatever its frame rate), so it must run as long as its clip; a picture stands for every frame. It goes
 through the clip's geometry: its own display rotation, scaling to cover the bucket, the clip's crop, flip and rotation,
-never its colour changes. Such files are conditions, never training data.
+never its colour changes. A reference picture is read whole instead: fitted inside the bucket, centred, white around
+it (as WanVACEPipeline places its `reference_images`), never cropped, flipped or rotated. Such files are conditions, never training data.
 
 The family says which roles it takes (`ModelFamily.condition_roles`) and encodes them (`encode_condition`); this
 module names no family. `data/latents.py` caches what the family makes of each clip's conditions, keyed by the
@@ -25,8 +28,9 @@ from .video import MEDIA_EXTENSIONS, MediaInfo, decode_clips
 
 MASK_ROLE = "mask"
 # role → the end of the file's stem; OneTrainer names masks `-masklabel`
-ROLE_SUFFIXES = {"control": "-control", "reference": "-reference", "pose": "-pose", "face": "-face",
-                 MASK_ROLE: "-masklabel"}
+ROLE_SUFFIXES = {"control": "-control", "controlmask": "-controlmask", "reference": "-reference", "pose": "-pose",
+                 "face": "-face", MASK_ROLE: "-masklabel"}
+WHOLE_ROLES = ("reference",)  # read whole, never through the clip's crop (`condition_frames`)
 
 
 def role_of(path) -> str | None:
@@ -73,10 +77,13 @@ def fit_problem(clip: MediaInfo, condition: MediaInfo, role: str) -> str:
 
 
 def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[float, ...]], looks: list[ImageVariant],
-                     size: tuple[int, int]) -> list[np.ndarray]:
+                     size: tuple[int, int], role: str = "control") -> list[np.ndarray]:
     """Each planned clip's condition as uint8 (F, H, W, 3) at `size`, pixel for pixel where the clip's own frames are:
     decoded at the size the clip's frames are scaled to before their crop (the condition's own rotation applied), then
-    the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame."""
+    the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame. A reference is one
+    picture, whole (`fitted_whole`)."""
+    if role in WHOLE_ROLES:
+        return [fitted_whole(condition.path, size) for _ in plan]
     decoded = decode_clips(condition, plan, cover_size(clip.width, clip.height, size))
     clips = []
     for frames, instants, look in zip(decoded, plan, looks):
@@ -85,3 +92,20 @@ def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[flo
             frames = np.repeat(frames[:1], len(instants), axis=0)
         clips.append(frames)
     return clips
+
+
+def fitted_whole(path, size: tuple[int, int]) -> np.ndarray:
+    """A picture whole inside `size` = (height, width), as WanVACEPipeline places a reference image: scaled by the
+    smaller of the two ratios (bilinear), centred, white around it; uint8 (1, H, W, 3)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    scale = min(size[0] / rgb.height, size[1] / rgb.width)
+    height, width = int(rgb.height * scale), int(rgb.width * scale)
+    if (height, width) != (rgb.height, rgb.width):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    canvas = np.full((*size, 3), 255, dtype=np.uint8)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    canvas[top : top + height, left : left + width] = np.asarray(rgb)
+    return canvas[None]

@@ -72,6 +72,8 @@ class SampleRequest:
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
     last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
     control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
+    control_mask: np.ndarray | None = None  # the control's mask frames, uint8 (F, H, W, 3): white is made anew (VACE)
+    reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3) (VACE)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -130,6 +132,12 @@ class ModelFamily(ABC):
         """The conditions beside a clip this model takes (data/conditions.py: "control", "reference", ...), each with
         whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
         return {}
+
+    @classmethod
+    def condition_companions(cls, role: str) -> tuple[str, ...]:
+        """Roles read and encoded together with `role` (VACE: a control video with its mask): their files join its
+        cache key, and they are not encoded alone."""
+        return ()
 
     @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
@@ -379,9 +387,10 @@ class ModelFamily(ABC):
         """The image encoder's embedding of a clip's first frame, as the stock pipeline computes it."""
         raise NotImplementedError(f"{type(self).__name__} has no image encoder")
 
-    def encode_condition(self, role: str, frames: np.ndarray) -> torch.Tensor:
-        """A clip's condition in `role` (`condition_roles`), uint8 (F, H, W, 3) through the clip's geometry → what is
-        cached for it and given to `split_conditioning` as `conditions[role]`."""
+    def encode_condition(self, role: str, frames: np.ndarray, companions: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """A clip's condition in `role` (`condition_roles`), uint8 (F, H, W, 3) through the clip's geometry, and those of
+        its `condition_companions` the clip has (role → frames) → what is cached for it and given to
+        `split_conditioning` as `conditions[role]`."""
         raise NotImplementedError(f"{type(self).__name__} takes no {role} condition")
 
     def clip_extra_names(self) -> tuple[str, ...]:

@@ -109,8 +109,14 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def condition_roles(cls, model_type):
-        # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py)
-        return {"control": True} if model_type == "WAN_2_1_VACE" else {}
+        # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); a mask says which part
+        # of it is made anew (inpainting, outpainting), a reference picture what to keep (a character, an object)
+        return {"control": True, "controlmask": False, "reference": False} if model_type == "WAN_2_1_VACE" else {}
+
+    @classmethod
+    def condition_companions(cls, role):
+        # VACE encodes a control video's frames apart by its mask: the two make one condition
+        return ("controlmask",) if role == "control" else ()
 
     @classmethod
     def takes_last_frame(cls, model_type):
@@ -240,23 +246,55 @@ class WanFamily(ModelFamily):
         return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2][0].to("cpu")
 
     @no_grad
-    def encode_condition(self, role, frames):
-        """VACE's control video, as `WanVACEPipeline.prepare_video_latents` encodes it with no mask given (the mask
-        all ones: every frame is made anew): the VAE latents of the frames outside the mask (black) then inside it
-        (the control video), normalised, (32, F', H', W'). The 64 mask channels, all ones, are added per step."""
+    def encode_condition(self, role, frames, companions=None):
+        """VACE's conditions, as `WanVACEPipeline.prepare_video_latents` / `prepare_masks` make them.
+        control: the VAE latents of the control frames outside the mask, then inside it, normalised (32, F', H', W');
+        without a mask (all ones: every frame made anew) that is a black video's latents, then the control's, and the 64
+        mask channels, all ones, are added per step; with its `controlmask` (white: made anew) those 64 channels (one per
+        pixel of a VAE cell, 8 x 8) follow, (96, F', H', W').
+        reference: the picture's latents and as many zeros, (32, 1, H', W'), put before the clip's latent frames."""
         pixels = self.video_pixels(frames)
         mean, std = self._latent_stats(pixels)
-        inactive = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
-        reactive = (self.vae_latents(pixels, mode=True) - mean) / std
-        return torch.cat([inactive, reactive], dim=1)[0].to("cpu")
+        if role == "reference":
+            latents = (self.vae_latents(pixels[:, :, :1], mode=True) - mean) / std
+            return torch.cat([latents, torch.zeros_like(latents)], dim=1)[0].to("cpu")
+        mask_frames = (companions or {}).get("controlmask")
+        if mask_frames is None:
+            inactive = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
+            reactive = (self.vae_latents(pixels, mode=True) - mean) / std
+            return torch.cat([inactive, reactive], dim=1)[0].to("cpu")
+        if len(mask_frames) == 1:  # a picture: the same mask on every frame
+            mask_frames = np.repeat(mask_frames, len(frames), axis=0)
+        # as the pipeline reads a mask: [-1, 1] pixels → [0, 1]; the frames split where it is over one half
+        mask = ((self.video_pixels(mask_frames).float() + 1) / 2).clamp(0, 1).to(pixels.dtype)
+        kept = torch.where(mask > 0.5, 1.0, 0.0).to(pixels.dtype)
+        inactive = (self.vae_latents(pixels * (1 - kept), mode=True) - mean) / std
+        reactive = (self.vae_latents(pixels * kept, mode=True) - mean) / std
+        return torch.cat([inactive, reactive, self._vace_mask(mask[0, 0], inactive.shape[2]).to(inactive.dtype)[None]],
+                         dim=1)[0].to("cpu")
 
-    def _vace_context(self, controls: list) -> torch.Tensor:
-        """The transformer's `control_hidden_states`: each clip's control latents and VACE's mask channels (one per
-        pixel of a VAE cell, 8 x 8 = 64; all ones: every frame is generated), as `WanVACEPipeline.prepare_masks`."""
-        latents = torch.stack(controls)
+    def _vace_mask(self, mask: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """(F, H, W) mask in [0, 1] → VACE's 64 mask channels on the latent grid: each pixel of an 8 x 8 VAE cell a
+        channel, frames picked nearest-exact (`WanVACEPipeline.prepare_masks`)."""
         factor = self.vae_compression(self.config.model_type)[0]
-        mask = latents.new_ones(latents.shape[0], factor * factor, *latents.shape[2:])
-        return torch.cat([latents, mask], dim=1)
+        frames, height, width = mask.shape
+        cells = mask.reshape(frames, height // factor, factor, width // factor, factor).permute(2, 4, 0, 1, 3).flatten(0, 1)
+        return torch.nn.functional.interpolate(cells[None], size=(latent_frames, height // factor, width // factor),
+                                               mode="nearest-exact")[0]
+
+    def _vace_context(self, controls: list, references: list | None = None) -> torch.Tensor:
+        """The transformer's `control_hidden_states`: each clip's control latents and VACE's 64 mask channels (all
+        ones without a mask: every frame is generated), after its reference's latents and zero mask channels."""
+        factor = self.vae_compression(self.config.model_type)[0]
+        rows = []
+        for control, reference in zip(controls, references or [None] * len(controls)):
+            if control.shape[0] < factor * factor:  # no mask cached with it (32 channels, not 32 + 64)
+                control = torch.cat([control, control.new_ones(factor * factor, *control.shape[1:])])
+            if reference is not None:
+                control = torch.cat([torch.cat([reference, reference.new_zeros(factor * factor, *reference.shape[1:])]),
+                                     control], dim=1)
+            rows.append(control)
+        return torch.stack(rows)
 
     @property
     def trains_last_frame(self) -> bool:
@@ -282,7 +320,16 @@ class WanFamily(ModelFamily):
 
     def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
         if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
-            return stored, Conditioning(self._vace_context(extras["control"]), torch.ones(len(stored), dtype=torch.bool))
+            references = extras.get("reference") or [None] * len(stored)
+            if len({reference is None for reference in references}) > 1:
+                raise ValueError("WAN 2.1 VACE: a batch mixes clips with and without a -reference picture, whose latents "
+                                 "differ in length; give every clip of the dataset a reference, or none, or train with "
+                                 "batch_size 1")
+            if references[0] is not None:  # the references' latents lead the clip's, as the pipeline denoises them
+                channels = stored.shape[1]
+                stored = torch.cat([torch.stack([r[:channels] for r in references]).to(stored), stored], dim=2)
+            return stored, Conditioning(self._vace_context(extras["control"], references),
+                                        torch.ones(len(stored), dtype=torch.bool))
         if self.is_i2v:
             channels = self.transformer.config.out_channels
             rows = torch.ones(len(stored), dtype=torch.bool)
@@ -290,8 +337,8 @@ class WanFamily(ModelFamily):
             if extras and "last_frame" in extras:  # these samples also get their last frame
                 with_last = torch.rand(len(stored), generator=generator) < self.config.last_frame_conditioning_probability
                 condition = torch.where(with_last.to(stored.device).view(-1, 1, 1, 1, 1), extras["last_frame"], condition)
-            if self.is_flf2v:  # (B, 2, tokens, width) → (2B, ...): each sample's first then last, as the pipeline
-                image_embeds = torch.stack([image_embeds, extras["last_image_embeds"].to(image_embeds.device)], dim=1).flatten(0, 1)
+            if self.is_flf2v:  # (B, 2, tokens, width): each sample's first and last frame (`predict` lays them out)
+                image_embeds = torch.stack([image_embeds, extras["last_image_embeds"].to(image_embeds.device)], dim=1)
             return stored[:, :channels], Conditioning(condition, rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
@@ -326,7 +373,10 @@ class WanFamily(ModelFamily):
         if self.is_vace:
             image = {"control_hidden_states": conditioning.latents.to(noisy.device, self.weight_dtype)}
         elif conditioning is not None and conditioning.image_embeds is not None:
-            image = {"encoder_hidden_states_image": conditioning.image_embeds.to(noisy.device, self.weight_dtype)}
+            images = conditioning.image_embeds
+            if images.dim() == 4:  # FLF2V: (2B, tokens, width), each sample's first then last, as the pipeline gives them
+                images = images.flatten(0, 1)
+            image = {"encoder_hidden_states_image": images.to(noisy.device, self.weight_dtype)}
         if conditioning is not None and self.is_i2v:
             noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
         elif conditioning is not None and not self.is_vace:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
@@ -396,13 +446,17 @@ class WanFamily(ModelFamily):
                          transformer=self.transformer, transformer_2=self.transformer_2,
                          boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
             image = {}
-            if self.is_vace:  # follows the sample's control video
+            if self.is_vace:  # follows the sample's control video (and its mask, and a reference picture)
                 from diffusers import WanVACEPipeline
                 from PIL import Image
 
                 parts.pop("expand_timesteps")
                 pipeline = WanVACEPipeline(**parts)
                 image = {"video": [Image.fromarray(frame) for frame in request.control]}
+                if request.control_mask is not None:
+                    image["mask"] = [Image.fromarray(frame) for frame in request.control_mask[: len(request.control)]]
+                if request.reference is not None:
+                    image["reference_images"] = [Image.fromarray(request.reference)]
             elif request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
                 from PIL import Image
 
@@ -504,8 +558,8 @@ class WanFamily(ModelFamily):
         rows = torch.ones(batch, dtype=torch.bool)
         if self.is_i2v:
             latents = x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width)
-            images = (x0.new_empty(batch * self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"])
-                      if cfg.get("image_dim") else None)
+            per_clip = (2,) if self._images_per_clip(cfg) == 2 else ()  # FLF2V: first and last frame
+            images = x0.new_empty(batch, *per_clip, CLIP_IMAGE_TOKENS, cfg["image_dim"]) if cfg.get("image_dim") else None
             return text, Conditioning(latents, rows, image_embeds=images)
         if self.is_ti2v and self.config.image_conditioning_probability > 0:  # a timestep per token
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
