@@ -154,8 +154,8 @@ class TrainConfig(Strict):
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)
-    # image-to-video models that take a last frame too (WAN 2.2 I2V A14B): the share of samples trained from
-    # the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
+    # image-to-video models that take a last frame too (WAN 2.2 I2V A14B; WAN 2.1 FLF2V, which needs 1): the share of
+    # samples trained from the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
     last_frame_conditioning_probability: float = Field(0.0, ge=0, le=1)
     # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
     guidance_scale: float = Field(1.0, ge=0)

@@ -60,7 +60,8 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
     (r"\.attn2\.norm_added_k$", ".cross_attn.norm_k_img"),
     (r"^condition_embedder\.image_embedder\.norm1$", "img_emb.proj.0"),
     (r"^condition_embedder\.image_embedder\.norm2$", "img_emb.proj.4"),
-    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"), (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^((?:vace_)?blocks\.\d+)\.norm2$", r"\1.norm3"),  # VACE's blocks are named as the main ones
+    (r"^((?:vace_)?blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
     (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),  # FLF2V: the two images' positions
 ]
