@@ -24,16 +24,17 @@ from motiontune.testing.clips import read_timestamp, timestamp_image, write_time
 
 
 def _family_taking_control(seen: list):
-    """WAN 2.1 taking a `control` condition, its encoder the identity; the clip frames its VAE encodes go to `seen`."""
+    """WAN 2.1 taking a `control` condition (and a `controlmask` read with it, as VACE does), its encoder the identity
+    (the mask's frames after the control's); the clip frames its VAE encodes go to `seen`."""
     from motiontune.models.wan import WanFamily
 
     class WanWithControl(WanFamily):
         @classmethod
         def condition_roles(cls, model_type):
-            return {"control": True}
+            return {"control": True, "controlmask": False}
 
-        def encode_condition(self, role, frames):
-            return torch.from_numpy(frames.copy())
+        def encode_condition(self, role, frames, companions=None):
+            return torch.from_numpy(np.concatenate([frames, *(companions or {}).values()]))
 
         def encode_video(self, frames):
             seen.append(frames.copy())
@@ -124,8 +125,14 @@ def test_the_cache_encodes_a_condition_again_when_its_file_changes_and_only_then
     third = run()
     Image.fromarray(timestamp_image(900, 32, 32)).save(data / "a-control.png")  # new content
     fourth = run()
+    Image.fromarray(timestamp_image(500, 32, 32)).save(data / "b-controlmask.png")  # a mask read with b's control
+    fifth = run()
+    Image.fromarray(timestamp_image(600, 32, 32)).save(data / "b-controlmask.png")  # the mask edited
+    sixth = run()
     print(f"(clips, conditions) encoded per run: {counts}")
-    assert counts == [(2, 2), (0, 0), (0, 0), (0, 1)]
+    assert counts == [(2, 2), (0, 0), (0, 0), (0, 1), (0, 1), (0, 1)]
+    assert torch.equal(fifth["a"], fourth["a"]) and not torch.equal(sixth["b"], fifth["b"])
+    assert np.array_equal(sixth["b"][-1].numpy(), timestamp_image(600, 32, 32))  # the control, then its mask
     assert torch.equal(first["a"], second["a"]) and torch.equal(first["a"], third["a"])
     assert not torch.equal(fourth["a"], first["a"]) and torch.equal(fourth["b"], first["b"])
     assert np.array_equal(fourth["a"][0].numpy(), timestamp_image(900, 32, 32))  # the edited picture, for every frame
