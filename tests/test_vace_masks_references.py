@@ -25,7 +25,7 @@ from motiontune.cli import main
 from test_first_last_frame import SIZE, _frames, _write_clip
 from test_lora_end_to_end import PROMPT, SEEDS, _stock_target_latents
 
-EPOCHS = {"inpainting": 300, "reference": 150}  # both clips in each batch: steps (measured: see docs/control.md)
+EPOCHS = {"inpainting": 300, "reference": 400}  # both clips in each batch: steps (measured: see docs/control.md)
 HOLE = slice(8, 24)  # the square the inpainting mask makes anew
 
 
@@ -53,8 +53,7 @@ def _make(folder: Path, kind: str) -> tuple[Path, Path]:
             Image.fromarray(_hole_mask()).save(folder / f"{name}-controlmask.png")
         else:
             control = [np.full_like(frames[0], 128)] * len(frames)
-            # one of the clip's own frames, shorter than the clip's frame: the pipeline fits it whole on white
-            Image.fromarray(frames[4][:, ::2]).resize((SIZE // 2, SIZE)).save(folder / f"{name}-reference.png")
+            Image.fromarray(frames[4]).save(folder / f"{name}-reference.png")  # one of the clip's own frames
         _write_clip(folder / f"{name}-control.mp4", control).with_suffix(".txt").unlink()
     return tuple(made)
 
