@@ -338,9 +338,11 @@ class Encoding:
             for role in entry.conditions:
                 if role in read_with:  # encoded with the condition it belongs to (VACE: a control's mask)
                     continue
-                # the condition's file and its companions' (a new mask makes the control again)
-                fingerprint = "+".join(f"{r}:{self.cache.file_fingerprint(entry.conditions[r].path)}"
-                                       for r in self._read_together(entry, role))
+                # the condition's file and its companions' (a new mask makes the control again); alone, its own
+                together = self._read_together(entry, role)
+                fingerprint = "+".join(f"{r}:{self.cache.file_fingerprint(entry.conditions[r].path)}" for r in together)
+                if len(together) == 1:
+                    fingerprint = self.cache.file_fingerprint(entry.conditions[role].path)
                 key = Cache.condition_key(fingerprint, role, clip, entry.size,
                                           (entry.info.width, entry.info.height), look.crop, look.flip, look.rotate,
                                           self.vae_identity)
@@ -368,8 +370,8 @@ class Encoding:
             value = self.family.encode_condition(role, frames.pop(role), frames)
             self.calls["condition"] += 1
             made += 1
-            about = {"file": str(entry.item.path), "condition": " + ".join(str(i.path) for i in job[1].values()), "role": role, "instants": clip,
-                     "crop": look.crop, "flip": look.flip, "rotate": look.rotate}
+            about = {"file": str(entry.item.path), "condition": " + ".join(str(i.path) for i in job[1].values()),
+                     "role": role, "instants": clip, "crop": look.crop, "flip": look.flip, "rotate": look.rotate}
             conditions[index][role] = self.cache.put("conditions", key, value, about) or value
         log.info("conditions (%s): %d encoded now, the rest of %d from the cache", ", ".join(roles), made,
                  sum(len(c) for c in conditions if c is not _FAILED))

@@ -106,7 +106,9 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def first_frame(cls, model_type):
-        return "required" if "_I2V" in model_type or model_type == "WAN_2_1_FLF2V" else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
+        if "_I2V" in model_type or model_type == "WAN_2_1_FLF2V":
+            return "required"
+        return "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
     def condition_roles(cls, model_type):
@@ -279,7 +281,8 @@ class WanFamily(ModelFamily):
         channel, frames picked nearest-exact (`WanVACEPipeline.prepare_masks`)."""
         factor = self.vae_compression(self.config.model_type)[0]
         frames, height, width = mask.shape
-        cells = mask.reshape(frames, height // factor, factor, width // factor, factor).permute(2, 4, 0, 1, 3).flatten(0, 1)
+        cells = mask.reshape(frames, height // factor, factor, width // factor, factor)
+        cells = cells.permute(2, 4, 0, 1, 3).flatten(0, 1)
         return torch.nn.functional.interpolate(cells[None], size=(latent_frames, height // factor, width // factor),
                                                mode="nearest-exact")[0]
 
@@ -375,7 +378,7 @@ class WanFamily(ModelFamily):
             image = {"control_hidden_states": conditioning.latents.to(noisy.device, self.weight_dtype)}
         elif conditioning is not None and conditioning.image_embeds is not None:
             images = conditioning.image_embeds
-            if images.dim() == 4:  # FLF2V: (2B, tokens, width), each sample's first then last, as the pipeline gives them
+            if images.dim() == 4:  # FLF2V: (2B, tokens, width), each sample's first then last, as the pipeline does
                 images = images.flatten(0, 1)
             image = {"encoder_hidden_states_image": images.to(noisy.device, self.weight_dtype)}
         if conditioning is not None and self.is_i2v:
@@ -577,8 +580,8 @@ class WanFamily(ModelFamily):
                 "timestep": torch.empty(1, tokens) if self.is_ti2v else torch.empty(1),  # expand_timesteps
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_dim"], dtype=dtype)}
         if cfg.get("image_dim"):
-            call["encoder_hidden_states_image"] = torch.empty(self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"],
-                                                              dtype=dtype)
+            call["encoder_hidden_states_image"] = torch.empty(
+                self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
         if cfg.get("vace_in_channels"):
             call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
         return call
