@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
 def cmd_ui(args) -> int:
     from .ui import run_server  # FastAPI and uvicorn load only for this command
 
-    run_server(args.host, args.port, args.workspace)
+    run_server(args.host, args.port, args.workspace, args.browse)
     return 0
 
 
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     "from other machines and is bound only when given here, with a warning)")
     ui.add_argument("--port", type=int, default=8765)
     ui.add_argument("--workspace", default=None, help="a run's workspace_dir to watch from the start (e.g. a CLI run)")
+    ui.add_argument("--browse", action="append", metavar="DIR", help="a folder the path pickers may list (repeatable; "
+                    "default: the current folder and the workspace); typed paths are not limited to these")
     ui.set_defaults(run=cmd_ui)
 
     args = parser.parse_args(argv)

@@ -72,24 +72,23 @@ def family_problems(config: TrainConfig) -> list[str]:
     if config.last_frame_conditioning_probability > 0 and not last_frame:
         problems.append(f"  - last_frame_conditioning_probability: {model_type} does not take a last frame (WAN 2.2 I2V "
                         "A14B does); remove the key")
-    takes_control = "control" in family.condition_roles(model_type)
+    if config.in_context_control and not family.IN_CONTEXT_CONTROL:
+        problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
+                        "2.3 and 2.5 do); remove the key")
+    roles = family.sample_roles(config)
     for index, sample in enumerate(config.samples):
-        if sample.control and not takes_control:
-            problems.append(f"  - samples[{index}].control: {model_type} does not take a control video; remove the key")
-        elif takes_control and not sample.control:
-            problems.append(f"  - samples[{index}].control: {model_type} makes videos that follow a control video; "
-                            "give a video file")
-        elif sample.control and not Path(sample.control).is_file():
-            problems.append(f"  - samples[{index}].control = {sample.control!r}: no such file")
-        for key, what in (("control_mask", "a control mask"), ("reference", "a reference picture")):
-            path = getattr(sample, key)
-            if path and key.replace("_", "") not in family.condition_roles(model_type):
+        for key, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model needs, and no other
+            given, role = getattr(sample, key), key.replace("_", "")
+            if given and role not in roles:
                 problems.append(f"  - samples[{index}].{key}: {model_type} does not take {what}; remove the key")
-            elif path and not Path(path).is_file():
-                problems.append(f"  - samples[{index}].{key} = {path!r}: no such file")
-            elif path and key == "reference" and (problem := image_file_problem(path)):
-                problems.append(f"  - samples[{index}].reference = {path!r}: {problem}")
-            elif path and key == "control_mask" and not sample.control:
+            elif roles.get(role) and not given:
+                problems.append(f"  - samples[{index}].{key}: {model_type} makes videos that follow {what}; "
+                                f"give {'an image' if key == 'reference' else 'a video'} file")
+            elif given and key == "reference" and (problem := image_file_problem(given)):
+                problems.append(f"  - samples[{index}].{key} = {given!r}: {problem}")
+            elif given and not Path(given).is_file():
+                problems.append(f"  - samples[{index}].{key} = {given!r}: no such file")
+            elif given and key == "control_mask" and not sample.control:
                 problems.append(f"  - samples[{index}].control_mask: a control mask goes with its control video; give "
                                 "`control` too")
         if sample.last_image and not last_frame:
@@ -105,7 +104,12 @@ def family_problems(config: TrainConfig) -> list[str]:
             problems.append(f"  - samples[{index}].image = {sample.image!r}: {problem}")
         elif sample.image and first_frame is None:
             problems.append(f"  - samples[{index}].image: {model_type} does not take a first frame; remove the key")
-    return problems + family.config_problems(config)
+    return problems + family.context_parallel_problems(config) + family.config_problems(config)
+
+
+# a sample's condition keys (the roles of data/conditions.py, without their "_"), and what each is
+SAMPLE_CONDITIONS = {"control": "a control video", "control_mask": "a control mask", "pose": "a pose video",
+                     "face": "a face video", "reference": "a reference picture"}
 
 
 def config_notices(config: TrainConfig) -> list[str]:
@@ -120,3 +124,52 @@ def config_notices(config: TrainConfig) -> list[str]:
                            f"{own} adds compression (frames {'downscaled' if key.startswith('spatial') else 'subsampled'} "
                            "before encoding). Set it to {own} to silence this.".replace("{own}", str(own)))
     return notices
+
+
+AUDIO_KEYS = ("train_audio", "audio_loss_weight", "audio_noise_level")
+
+
+def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
+    """The keys that `config.model_type` and `training_method` never read, each with why (dotted; `*` stands for any
+    item of a list). The UI hides them while they are unset; train refuses those that would silently do nothing."""
+    family, model_type, method = family_class(config.model_type), config.model_type, config.training_method
+    keys = list(TrainConfig.model_fields)
+    skipped: dict[str, str] = {}
+
+    def skip(names, why: str) -> None:
+        for name in names:
+            skipped.setdefault(name, why)
+
+    if method != "LORA":
+        skip([k for k in keys if k.startswith(("lora_", "lokr_"))] + ["peft_type"],
+             f"LoRA settings: training_method is {method}")
+    elif config.peft_type == "LOKR":
+        skip([k for k in keys if k.startswith("lora_")], "LORA / LOHA settings: peft_type is LOKR (its rank is lokr_dim)")
+    else:
+        skip([k for k in keys if k.startswith("lokr_")], f"LOKR settings: peft_type is {config.peft_type}")
+        if config.peft_type != "LORA":
+            skip([k for k in keys if k.startswith("lora_decompose")], f"DoRA settings: peft_type is {config.peft_type}")
+    if method != "EMBEDDING":
+        skip(["embedding"], f"the embedding an EMBEDDING run trains: training_method is {method}")
+    experts = family.expert_parts(model_type)
+    if len(experts) < 2:
+        skip(["experts", "boundary_ratio", "transformer_2"], f"{model_type} has one transformer, not two experts")
+    if family.AUDIO_SAMPLE_RATE is None:
+        skip(AUDIO_KEYS, f"{model_type} makes no sound")
+    if not family.GUIDANCE_EMBEDDING:
+        skip(["guidance_scale"], f"{model_type} is not guidance-distilled (samples[].cfg_scale is its guidance)")
+    first_frame = family.first_frame(model_type)
+    if first_frame != "optional":
+        skip(["image_conditioning_probability"], f"{model_type} is {'always' if first_frame else 'never'} image-conditioned")
+    if first_frame is None:
+        skip(["samples.*.image"], f"{model_type} does not take a first frame")
+    if not family.takes_last_frame(model_type):
+        skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
+    if not family.IN_CONTEXT_CONTROL:
+        skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
+    roles = family.sample_roles(config)
+    for key, what in SAMPLE_CONDITIONS.items():
+        if key.replace("_", "") not in roles:
+            skip([f"samples.*.{key}"], f"{model_type} does not take {what}"
+                 + (" (it does with in_context_control: true)" if key == "control" and family.IN_CONTEXT_CONTROL else ""))
+    return skipped

@@ -41,19 +41,16 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             from PIL import Image
 
             last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
-        control = None
-        if sample.control:  # its first frames, as many as the sample has (the pipeline resizes them)
-            from .data.video import decode_clips, probe
+        # control, its mask, pose, face: their first frames, as many as the sample has (the pipeline resizes them)
+        videos = {}
+        for role in ("control", "control_mask", "pose", "face"):
+            if getattr(sample, role):
+                from .data.video import decode_clips, probe
 
-            info = probe(sample.control)
-            control = decode_clips(info, [info.frame_times[:frames]])[0]
-        control_mask = None
-        if sample.control_mask:  # read as the control: its first frames (a picture: for every frame)
-            from .data.video import decode_clips, probe
-
-            info = probe(sample.control_mask)
-            control_mask = decode_clips(info, [info.frame_times[:frames]])[0]
-            control_mask = np.repeat(control_mask, frames, axis=0) if len(control_mask) == 1 else control_mask
+                info = probe(getattr(sample, role))
+                videos[role] = decode_clips(info, [info.frame_times[:frames]])[0]
+        if "control_mask" in videos and len(videos["control_mask"]) == 1:  # a picture: the mask of every frame
+            videos["control_mask"] = np.repeat(videos["control_mask"], frames, axis=0)
         reference = None
         if sample.reference:
             from PIL import Image
@@ -70,8 +67,10 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             seed=sample.seed,
             image=image,
             last_image=last_image,
-            control=control,
-            control_mask=control_mask,
+            control=videos.get("control"),
+            control_mask=videos.get("control_mask"),
+            pose=videos.get("pose"),
+            face=videos.get("face"),
             reference=reference,
             fps=sample.fps,
         )

@@ -30,7 +30,7 @@ def _family_taking_control(seen: list):
 
     class WanWithControl(WanFamily):
         @classmethod
-        def condition_roles(cls, model_type):
+        def condition_roles(cls, config):
             return {"control": True, "controlmask": False}
 
         def encode_condition(self, role, frames, companions=None):
@@ -176,3 +176,22 @@ def test_inspect_names_each_condition_that_is_missing_short_or_the_wrong_size(tm
     assert "conditions beside the clips: control 3 of 4 files, reference 1 of 4 files" in text
     for name in ("missing", "short", "wide"):
         assert f"{data / name}.mp4: control condition" in text
+
+
+def test_a_face_video_is_read_whole_and_flipped_with_its_clip(tmp_path):
+    """A face video is a crop around the face, square whatever the clip's shape: it fits a 48 x 32 clip (a pose video of
+    its shape would not), keeps its own size and frames (the clip's instants), and only the clip's flip reaches it."""
+    from motiontune.data.augment import ImageVariant
+    from motiontune.data.conditions import condition_frames, fit_problem
+    from motiontune.data.video import decode_clips, probe
+
+    clip = probe(write_timestamped_clip(tmp_path / "walk.mp4", [Fraction(i, 16) for i in range(16)], size=(32, 48)))
+    face = probe(write_timestamped_clip(tmp_path / "walk-face.mp4", [Fraction(i, 30) for i in range(30)], size=(40, 40)))
+    assert fit_problem(clip, face, "face") == ""
+    assert "size does not fit the clip" in fit_problem(clip, face, "pose")
+    instants = tuple(i / 16 for i in range(9))
+    [plain] = decode_clips(face, [instants])
+    [frames] = condition_frames(clip, face, [instants], [ImageVariant(flip=True, crop=(0, 8), rotate=15.0)], (32, 32),
+                                role="face")
+    print(f"face video {face.width}x{face.height} → {frames.shape}")
+    assert frames.shape == (9, 40, 40, 3) and np.array_equal(frames, plain[:, :, ::-1])

@@ -176,3 +176,68 @@ def test_sample_backup_and_save_now_reach_a_two_rank_run(tmp_path, tiny_models, 
     assert taken[0]["result"] == str(backup)
     assert (workspace / "samples" / f"step{step}-now-0.mp4").is_file() and taken[1]["result"] == "done"
     assert load_file(str(workspace / "save" / f"step{step}-now.safetensors"))  # a LoRA file, written once
+
+
+def test_split_experts_train_what_one_process_trains(tmp_path, tiny_models, dataset):
+    """`experts_on: split` on two ranks: rank 0 holds only the high-noise expert, rank 1 only the low-noise one; each
+    trains the samples routed to it, and each saved LoRA equals the one a single process holding both trains from the
+    same clips, noise levels and routing. The backup gathers both experts on rank 0."""
+    keys = {"model_type": "WAN_2_2_T2V_A14B", "experts": "both"}
+    model = tiny_models("wan-2.2-a14b")
+    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
+    split = make_config(tmp_path, "split", model, dataset, batch_size=1, experts_on="split", **keys)
+    run(single, 1)
+    output = run(split, 2)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "split"))
+    assert one["steps"] == two["steps"] > 1 and one["experts"] == two["experts"]
+    counts = {name: part["samples"] for name, part in two["experts"].items()}
+    assert min(counts.values()) > 0, counts  # both experts got samples, so both groups trained
+    for label in ("high_noise", "low_noise"):
+        a, b = saved(tmp_path / f"single/lora_{label}.safetensors"), saved(tmp_path / f"split/lora_{label}.safetensors")
+        worst = assert_same_weights(a, b, tolerance=1e-5)
+        assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 1e-3  # it trained
+        print(f"split experts, {label}: largest difference {worst:.1e} of the weights")
+    assert sorted(Path(p).name for p in two["loras"]) == ["lora_high_noise.safetensors", "lora_low_noise.safetensors"]
+    single_losses, split_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "split/workspace")
+    assert all(abs(single_losses[s] - split_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
+    # the log says which ranks hold which expert and the share of the clips each trained
+    assert "ranks 0 train the high-noise expert (transformer)" in output.stderr
+    assert "ranks 1 train the low-noise expert (transformer_2)" in output.stderr
+    total = sum(counts.values())
+    assert f"ranks 1 trained the low-noise expert on {counts['low_noise']} of {total} clips" in output.stderr
+    # rank 0's backup holds both experts' adapters (the low-noise one sent by rank 1), as the single run's does
+    [backup] = sorted((tmp_path / "split/workspace/backup").glob("step-0000002-*"))
+    [reference] = sorted((tmp_path / "single/workspace/backup").glob("step-0000002-*"))
+    for name in ("transformer", "transformer_2"):
+        assert_same_weights(load_file(str(reference / f"adapters-{name}.safetensors")),
+                            load_file(str(backup / f"adapters-{name}.safetensors")), tolerance=1e-5)
+
+
+def test_context_parallel_trains_what_one_process_trains(tmp_path, tiny_models, dataset):
+    """`context_parallel` degree 2 (Ulysses attention over gloo): two ranks share each clip's tokens and train what one
+    process trains; the same loss each step and the same LoRA. SGD, whose update is the gradient itself: AdamW scales
+    every gradient to a step of about the learning rate, so the cross-attention keys' gradients, which nearly cancel
+    over the tiny model's padded text (50x smaller than the rest), would turn float rounding into a visible update."""
+    model = tiny_models("wan-2.1")
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
+            "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    single = make_config(tmp_path, "single", model, dataset, batch_size=1, **keys)
+    split = make_config(tmp_path, "context", model, dataset, batch_size=1, context_parallel={"degree": 2}, **keys)
+    run(single, 1)
+    output = run(split, 2)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "context"))
+    assert one["steps"] == two["steps"] >= 3
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "context/lora.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0
+    assert moved > 1e-3  # it trained
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    single_losses, context_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "context/workspace")
+    assert single_losses.keys() == context_losses.keys()
+    assert all(abs(single_losses[s] - context_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
+    print(f"context parallel 2 vs 1 process: {one['steps']} steps, trained tensors within {worst:.1e} of the change")
+    assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in output.stderr
+    assert two["encoder_calls"]["video"] < one["encoder_calls"]["video"]  # both ranks filled the cache

@@ -426,3 +426,37 @@ def test_a_bf16_vae_and_accumulated_gradients_are_counted():
     assert held == count_weights(transformer_config(one.config, "transformer")[0], one.config).trainable_bytes
     assert four.device - one.device == pytest.approx(held - {line.name: line.device for line in one.lines}[
         "gradients at the optimizer step"], rel=0.01)
+
+
+def test_split_experts_and_context_parallel_are_estimated_per_process():
+    """experts_on split: a process holds one A14B expert and its optimizer state (the other is not in its host
+    memory); context parallel degree d: a process keeps 1/d of the clip's activations, plus the whole-clip tensors the
+    plan keeps before its split and after its gather."""
+    both = ["experts=both", "transformer.train=true"]
+    together = {line.name: line for line in estimate(load_config("#wan 2.2 LoRA", both)).lines}
+    split = {line.name: line for line in estimate(load_config("#wan 2.2 LoRA", [*both, "experts_on=split"])).lines}
+    assert together["the other expert"].host > 20 * GB and split["the other expert"].host == 0
+    assert split["optimizer state (ADAMW)"].device == pytest.approx(together["optimizer state (ADAMW)"].device / 2)
+    long_clip = ["resolution=1280x720", "video_config.max_frames=81"]
+    activations = {}
+    for degree in (1, 2):
+        result = estimate(load_config("#wan 2.2 LoRA", [*long_clip, f"context_parallel.degree={degree}"]))
+        lines = {line.name.split(":")[0]: line.device for line in result.lines}
+        activations[degree] = lines["activations (checkpointing ON)"]
+        if degree > 1:
+            assert 0 < lines[f"context parallel ulysses x{degree}"] < activations[1] / 20
+    assert activations[2] / activations[1] == pytest.approx(1 / 2, rel=0.03)
+
+
+@pytest.mark.parametrize("keys, refusal", [
+    (["context_parallel.degree=2"], "HUNYUAN_VIDEO (HunyuanVideo) cannot split a clip's tokens"),
+    (["context_parallel.degree=2", "video_config.use_temporal_attention=false"], "frame-local attention"),
+    (["experts_on=split"], "experts_on = split: places the two experts on two groups of processes; with experts = low"),
+    (["experts_on=split", "experts=both", "validation=true"], "a validation loss needs both experts in one process"),
+])
+def test_scale_out_settings_that_cannot_run_are_refused_by_name(keys, refusal):
+    from motiontune.config import ConfigError
+
+    preset = "#hunyuan video LoRA" if "HUNYUAN" in refusal else "#wan 2.2 LoRA"
+    with pytest.raises(ConfigError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
+        load_config(preset, keys)

@@ -30,11 +30,11 @@ SIZE = 32
 EPOCHS = 600  # both clips in each batch: 600 steps, shared by the two experts (measured: 0.499 and 1.119)
 
 
-def _frames(start: int, stride: int, count: int = 9, source: str = "shapes_200px_30fps.mp4") -> list[np.ndarray]:
-    """`count` frames of a real clip (the shapes one), every `stride`-th from frame `start`, at SIZE x SIZE."""
+def _frames(start: int, stride: int, count: int = 9, source: str = "shapes_200px_30fps.mp4", size: int = SIZE) -> list[np.ndarray]:
+    """`count` frames of a real clip (the shapes one), every `stride`-th from frame `start`, at `size` x `size`."""
     wanted = set(range(start, start + stride * count, stride))
     with av.open(str(DATA / source)) as container:
-        frames = [f.to_ndarray(format="rgb24", width=SIZE, height=SIZE)
+        frames = [f.to_ndarray(format="rgb24", width=size, height=size)
                   for i, f in zip(range(start + stride * count), container.decode(video=0)) if i in wanted]
     return frames
 
@@ -43,7 +43,7 @@ def _write_clip(path: Path, frames: list[np.ndarray]) -> Path:
     """A lossless 16 fps clip of `frames` (the trainer and the test read identical pixels), with the shared caption."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=16)
-        stream.width = stream.height = SIZE
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
         stream.pix_fmt = "yuv444p"
         stream.options = {"qp": "0"}
         for array in frames:

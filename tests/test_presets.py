@@ -5,8 +5,8 @@ random model of its own family with its own method, dtypes, memory options (FLOA
 checkpointing, ...), experts, embedding settings and samples. Only these are overridden: the size (resolution,
 max_frames, the samples' height / width / frames / steps), the paths (model, clips, workspace, cache, output),
 the epochs (2), and backups every step so that the run can be killed after its first one. A preset that ships
-no sample (I2V: a sample needs a first frame the preset cannot know, FLF2V a first and a last; VACE: a control video)
-gets one, with an image or a control video.
+no sample (I2V: a sample needs a first frame the preset cannot know, FLF2V a first and a last; VACE: a control video;
+Animate: pose and face videos and a reference picture) gets one, with an image or the condition videos beside the clips.
 
 The data: four clips of different shapes and lengths — a 16:9 VP8 WebM (1 s), a square H.264 (10 s), a portrait
 clip that is landscape on disk with rotation metadata (1.5 s), and a 16:9 variable-frame-rate clip (2.5 s). At
@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from conftest import DATA
 from motiontune.cli import main
 from motiontune.config.load import PRESETS_DIR
-from motiontune.configure import load_config
+from motiontune.configure import load_config, validate
 from motiontune.models.registry import family_class, model_types, tiny_family, tiny_model
 from motiontune.testing.clips import write_timestamped_clip
 
@@ -79,8 +79,9 @@ def preset_data(tmp_path_factory) -> dict[str, Path]:
         for clip in made.iterdir():
             shutil.copy(clip, folder / clip.name)
             (folder / clip.name).with_suffix(".txt").write_text(prefix + captions[clip.stem] + "\n")
-            # a control video beside each clip (the clip itself), for the presets of models that follow one
-            shutil.copy(clip, folder / f"{clip.stem}-control{clip.suffix}")
+            # a control (and pose and face) video beside each clip (the clip itself), for the models that follow one
+            for role in ("control", "pose", "face"):
+                shutil.copy(clip, folder / f"{clip.stem}-{role}{clip.suffix}")
         folders[kind] = folder
     with av.open(str(made / "shapes.mp4")) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -121,9 +122,12 @@ def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Pat
                             "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
         if preset.get("last_frame_conditioning_probability", 0) >= 1:  # trained only with a last frame (FLF2V)
             sets["samples"][0]["last_image"] = str(data["image"])
-    elif "control" in family_class(preset["model_type"]).condition_roles(preset["model_type"]):  # VACE: a control video
-        sets["samples"] = [{"prompt": PROMPT, "control": str(data["plain"] / "shapes-control.mp4"), "height": size,
-                            "width": size, "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
+    elif roles := family_class(preset["model_type"]).sample_roles(validate(preset)):  # VACE, Animate, IC-LoRA
+        # the conditions every sample needs (VACE's mask and reference are optional)
+        given = {role: str(data["image"] if role == "reference" else data["plain"] / f"shapes-{role}.mp4")
+                 for role, needed in roles.items() if needed}
+        sets["samples"] = [{"prompt": PROMPT, **given, "height": size, "width": size, "frames": frames,
+                            "steps": SAMPLE_STEPS, "seed": 42}]
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
 
 

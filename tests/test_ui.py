@@ -68,12 +68,12 @@ def _free_port() -> int:
 class LiveServer:
     """The UI app under uvicorn, in a thread of the test process."""
 
-    def __init__(self, workspace=None, cwd: Path | None = None):
+    def __init__(self, workspace=None, cwd: Path | None = None, browse: list[Path] | None = None):
         import uvicorn
 
         from motiontune.ui import create_app
 
-        self.app = create_app(workspace)
+        self.app = create_app(workspace, browse=browse)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -125,6 +125,9 @@ def tiny_training_config(tmp_path: Path, model: Path) -> dict:
 # the order written); each page is opened at a desktop and a phone width where the test says so.
 
 DESKTOP, PHONE = 1280, 390
+# an estimate traces the released model at full size (about 20 s on a quiet machine, minutes while the other test
+# worker trains beside it): waited for as long as it takes, within reason; a broken page still fails
+ESTIMATE_WAIT = 600_000
 
 
 class Browser:
@@ -197,7 +200,7 @@ def ui(chromium, tiny_models, tmp_path_factory):
         shutil.copy(DATA / name, dataset / name)
     (dataset / "shapes_200px_30fps.txt").write_text("moving shapes\n")
     (dataset / "broken.mp4").write_bytes(b"this is not a video" * 10)
-    with LiveServer(root / "home") as server, sync_playwright() as playwright:
+    with LiveServer(root / "home", browse=[root]) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
                                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
         session = Browser(server, browser, root, tiny_models("wan-2.1"), dataset)
@@ -324,12 +327,12 @@ def test_estimate_panel_applies_the_cheapest_change_that_fits(ui):
     page.click("#group-model")
     page.fill("#estimate-gpu", "8")
     page.click("#estimate-run")
-    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=60_000)
+    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=ESTIMATE_WAIT)
     first = page.locator("#estimate-changes li").first
     expect(first).to_contain_text("GB")
     change = first.text_content()
     first.locator("button.apply-change").click()
-    expect(page.locator("#estimate-result")).to_contain_text("fits 8 GB", timeout=60_000)
+    expect(page.locator("#estimate-result")).to_contain_text("fits 8 GB", timeout=ESTIMATE_WAIT)
     expect(page.locator("#estimate-panel")).to_have_attribute("data-fits", "yes")
     # the change is in the config, and kept by the server
     ui.kept(lambda kept: kept["transformer"] != {"train": True, "gradient_checkpointing": True}, change)
@@ -374,7 +377,7 @@ def test_an_estimate_asked_while_a_preset_loads_is_of_that_preset(ui):
     page.fill("#estimate-gpu", "24")
     page.click("#estimate-run")
     held[0].continue_()
-    expect(page.locator("#estimate-result")).to_contain_text("GB on the GPU (", timeout=60_000)
+    expect(page.locator("#estimate-result")).to_contain_text("GB on the GPU (", timeout=ESTIMATE_WAIT)
     expect(page.locator("#estimate-result")).to_contain_text("832x480")
     expect(page.locator("#estimate-result")).not_to_contain_text("64x48")
     assert [body["config"]["resolution"] for body in sent] == ["832x480"], sent
@@ -399,7 +402,7 @@ def test_an_estimate_of_a_replaced_config_is_marked_out_of_date_and_cannot_be_ap
     _wait_held(page, held)
     ui.load(page, ui.config(), "small-after-estimate.json")
     held[0].continue_()
-    expect(page.locator("#estimate-panel")).to_have_attribute("data-dropped", "1", timeout=60_000)
+    expect(page.locator("#estimate-panel")).to_have_attribute("data-dropped", "1", timeout=ESTIMATE_WAIT)
     expect(page.locator("#estimate-panel")).to_have_attribute("data-state", "stale")
     expect(page.locator("#estimate-result")).to_contain_text("estimate again")
     expect(page.locator("#estimate-changes li")).to_have_count(0)
@@ -410,7 +413,7 @@ def test_an_estimate_of_a_replaced_config_is_marked_out_of_date_and_cannot_be_ap
     expect(page.locator("#field-resolution")).to_have_value("832x480")
     page.click("#group-model")
     page.click("#estimate-run")
-    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=60_000)
+    expect(page.locator("#estimate-result")).to_contain_text("does not fit 8 GB", timeout=ESTIMATE_WAIT)
     assert page.locator("#estimate-changes button.apply-change").count() > 0
     ui.load(page, ui.config(), "small-after-estimate.json")
     expect(page.locator("#estimate-panel")).to_have_attribute("data-state", "stale")
@@ -458,22 +461,117 @@ def test_find_a_key_shows_every_offloading_key_across_groups(ui):
 
     from motiontune.ui.schema_help import schema_keys, ui_schema
 
-    wanted = {".".join(map(str, path)) for path, prop in schema_keys(ui_schema())
-              if "offload" in ".".join(map(str, path)) and 0 not in path and "properties" not in prop}
+    from motiontune.configure import keys_that_do_not_apply, validate
+
+    offloading = {".".join(map(str, path)) for path, prop in schema_keys(ui_schema())
+                  if "offload" in ".".join(map(str, path)) and 0 not in path and "properties" not in prop}
+    unused = keys_that_do_not_apply(validate(ui.config()))  # WAN 2.1 has no second expert: transformer_2's keys
+    wanted = {key for key in offloading if key.split(".")[0] not in unused}
+    assert wanted and wanted != offloading, (wanted, unused)
     page = ui.page()
     ui.load(page, ui.config(), "search.json")
     page.click("#group-training")
     page.fill("#key-search", "offload")
     expect(page.locator("#key-search-count")).to_contain_text("key(s) found")
+    expect(page.locator("#key-search-count")).to_contain_text(f"and {len(offloading - wanted)} that do not apply")
     shown = set(page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)"))
     assert wanted <= shown, wanted - shown
     assert all("offload" in key or "offload" in page.locator(f'.field[data-path="{key}"] .help').text_content().lower()
                for key in shown)  # the rest say it in their help (CPU_OFFLOADED checkpointing)
+    assert page.locator("#key-search-count").text_content().startswith(f"{len(shown)} key(s) found, and ")
+    page.check("#show-inapplicable")  # every offloading key, those of the model's absent second expert too
+    expect(page.locator("#key-search-count")).not_to_contain_text("do not apply")
+    shown = set(page.evaluate("() => [...document.querySelectorAll('#config-form .field')].filter(f => f.offsetParent !== null).map(f => f.dataset.path)"))
+    assert offloading <= shown, offloading - shown
     assert page.locator("#key-search-count").text_content() == f"{len(shown)} key(s) found"
+    page.uncheck("#show-inapplicable")
     print(f"'offload' finds {len(shown)} keys: {sorted(shown)}")
     page.fill("#key-search", "")
     expect(page.locator('#config-form .group[data-group="training"]')).to_be_visible()
     expect(page.locator('#config-form .group[data-group="model"]')).to_be_hidden()
+    page.close()
+
+
+def test_keys_the_model_and_method_never_read_are_hidden_until_asked_for(ui):
+    """WAN 2.1 LoRA: the sound keys, LoKr's, the second expert's, guidance and the first/last-frame keys are hidden
+    (a note says how many and why); LTX-2 brings the sound keys back, FINE_TUNE hides the LoRA keys; "show them"
+    shows each with the reason; a key set in the file stays shown whatever it is."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(), "applies.json")
+    field = lambda key: page.locator(f'#config-form .field[data-path="{key}"]')
+    unused = re.compile(r"\binapplicable\b")
+    for key in ("train_audio", "audio_loss_weight", "lokr_dim", "boundary_ratio", "guidance_scale",
+                "last_frame_conditioning_probability", "transformer_2.offload_fraction", "samples.0.last_image"):
+        expect(field(key)).to_have_class(unused)
+    for key in ("lora_rank", "learning_rate", "transformer.offload_fraction", "samples.0.prompt", "video_config.max_frames"):
+        expect(field(key)).not_to_have_class(unused)
+    expect(page.locator('#config-form details[data-path="transformer_2"]')).to_have_class(unused)
+    expect(page.locator("#inapplicable-note")).to_contain_text("do not apply to WAN_2_1_T2V with LORA")
+    hidden_for_wan = int(page.locator("#inapplicable-note span").text_content().split()[0])
+    group_of = lambda key: page.click("#group-" + field(key).evaluate("f => f.closest('.group').dataset.group"))
+    group_of("model_type")
+    page.select_option("#field-model_type", "LTX_2")
+    expect(field("train_audio")).not_to_have_class(unused)  # LTX-2 makes sound
+    expect(field("lokr_dim")).to_have_class(unused)
+    group_of("training_method")
+    page.select_option("#field-training_method", "FINE_TUNE")
+    expect(field("lora_rank")).to_have_class(unused)
+    expect(field("lora_rank")).to_be_hidden()
+    page.check("#show-inapplicable")
+    group_of("lora_rank")
+    expect(field("lora_rank")).to_be_visible()
+    assert field("lora_rank").get_attribute("title") == "does not apply: LoRA settings: training_method is FINE_TUNE"
+    ui.shot(page, "3-keys-that-do-not-apply-shown")
+    page.uncheck("#show-inapplicable")
+    expect(field("lora_rank")).to_be_hidden()
+
+    # a value in the file is shown even where it cannot apply (the user sees what the file says)
+    ui.load(page, ui.config(train_audio=False), "applies-set.json")
+    expect(field("train_audio")).not_to_have_class(unused)
+    expect(field("audio_loss_weight")).to_have_class(unused)
+    print(f"WAN 2.1 LoRA: {hidden_for_wan} keys hidden")
+    page.close()
+
+
+def test_path_pickers_browse_the_allowed_folders_and_fill_the_field(ui):
+    """The … beside a path field lists the folders the UI may browse (here the test's root), folders first; a folder
+    opens, "Choose this folder" takes it, a file is taken with one click; the field is then as if typed."""
+    from playwright.sync_api import expect
+
+    page = ui.page()
+    ui.load(page, ui.config(concepts=[{"name": "clips", "path": "not/a/folder"}]), "picker.json")
+    page.click("#group-concepts")
+    page.locator('.field[data-path="concepts.0.path"] button.pick').click()
+    picker = page.locator("#picker")
+    expect(picker).to_be_visible()
+    expect(page.locator("#picker-where")).to_have_text("the folders this UI may browse")  # a relative path: from the top
+    expect(page.locator("#picker-list button")).to_have_text([f"📁 {ui.root}/"])
+    page.locator("#picker-list button").first.click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.root))
+    names = page.locator("#picker-list button").all_text_contents()
+    folders = [n for n in names if n.startswith("📁")]
+    assert names[:len(folders)] == folders and "📁 dataset/" in folders and "picker.json" in names, names
+    page.locator("#picker-list button", has_text="📁 dataset/").click()
+    expect(page.locator("#picker-list button")).to_contain_text(["big_buck_bunny_432_433.webm"])
+    page.click("#picker-choose")
+    expect(picker).to_be_hidden()
+    expect(page.locator("#field-concepts-0-path")).to_have_value(str(ui.dataset))
+    ui.kept(lambda kept: kept["concepts"][0]["path"] == str(ui.dataset), "the chosen folder is the config's")
+
+    # a file: one click; the picker opens where the field points
+    page.click("#tab-config")
+    page.fill("#load-path", str(ui.dataset / "shapes_200px_30fps.txt"))
+    page.locator("#load-path + button.pick").click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.dataset))
+    page.locator("#picker-up").click()
+    expect(page.locator("#picker-where")).to_have_text(str(ui.root))
+    page.locator("#picker-list button", has_text="picker.json").click()
+    expect(page.locator("#load-path")).to_have_value(str(ui.root / "picker.json"))
+    ui.shot(page, "3-path-picked")
     page.close()
 
 
@@ -669,6 +767,85 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
         assert (folder / "run-config.json").is_file() and (folder / "train.log").is_file()
         assert (folder / "output" / "tiny-lora.safetensors").is_file()
         assert list((folder / "backup").glob("step-*"))
+    page.close()
+
+
+def _gallery(root: Path) -> dict[str, Path]:
+    """A workspace of two finished runs with samples of two prompts at several steps; each video has its own width,
+    so the page can be asked which file it plays. Run b samples at other steps than run a, and only one prompt."""
+    import numpy as np
+
+    from motiontune.data.video import write_video
+
+    widths = iter(range(64, 64 + 16 * 10, 16))
+    runs = {}
+    for name, prompts, names in (("a", ["a red ball", "a blue cube"], ["step2-0", "step4-0", "step6-0", "step2-1", "step6-1"]),
+                                 ("b", ["a red ball"], ["step3-0", "step5-0"])):
+        folder = root / "gallery" / "runs" / name
+        (folder / "samples").mkdir(parents=True)
+        (folder / "run-config.json").write_text(json.dumps({"model_type": "WAN_2_1", "samples": [{"prompt": p} for p in prompts]}))
+        for stem in names:
+            width = next(widths)
+            frames = np.full((3, 48, width, 3), (width * 3) % 255, dtype=np.uint8)
+            write_video(folder / "samples" / f"{stem}.mp4", frames, fps=8)
+            (folder / "samples" / f"{stem}.width").write_text(str(width))
+        runs[name] = folder
+    os.utime(runs["a"] / "run-config.json", (1, 1))  # a is the older run: b is listed first
+    return runs
+
+
+def _playing_width(figure) -> int:
+    """The width of the video a figure plays, once the browser has decoded its first frame."""
+    figure.locator("video").evaluate("v => new Promise(done => v.readyState >= 2 ? done() : v.addEventListener('loadeddata', done, { once: true }))")
+    return figure.locator("video").evaluate("v => v.videoWidth")
+
+
+def test_samples_over_time_slide_across_steps_and_sit_beside_the_compared_run(ui):
+    """Per prompt, a slider walks the run's samples in step order (the newest shown until it is moved), and the
+    run compared on the chart shows its sample of the same prompt at the nearest step beside it."""
+    from playwright.sync_api import expect
+
+    runs = _gallery(ui.root)
+    width = lambda run, stem: int((runs[run] / "samples" / f"{stem}.width").read_text())
+    page = ui.page()
+    page.click("#tab-training")
+    page.fill("#watch-path", str(ui.root / "gallery"))
+    page.click("#watch")
+    expect(page.locator("#runs-table tbody tr")).to_have_count(2)
+    page.locator(f'#runs-table tr[data-path="{runs["a"]}"] td').first.click()
+    expect(page.locator("#run-id")).to_have_text("a")
+    rows = page.locator("#samples .prompt-samples")
+    expect(rows).to_have_count(2)
+    ball, cube = rows.nth(0), rows.nth(1)
+    expect(ball).to_have_attribute("data-prompt", "a red ball")
+    expect(cube).to_have_attribute("data-prompt", "a blue cube")
+    expect(ball.locator("output")).to_have_text("step 6 · 3 of 3")  # the newest first
+    assert _playing_width(ball.locator("figure.this-run")) == width("a", "step6-0")
+    slider = ball.locator("input.sample-step")
+    for value, stem in ((0, "step2-0"), (1, "step4-0")):
+        slider.fill(str(value))
+        expect(ball.locator("output")).to_have_text(f"step {stem[4]} · {value + 1} of 3")
+        assert _playing_width(ball.locator("figure.this-run")) == width("a", stem)
+    expect(ball.locator("figure.compared-run")).to_have_count(0)  # nothing compared yet
+    ui.shot(page, "8-samples-over-time")
+
+    # compared with run b: its sample of the same prompt nearest step 4 (3 and 5 are as near: the earlier), none for
+    # the prompt b never sampled; the slider stays where it was put across polls
+    page.locator(f'#runs-table tr[data-path="{runs["b"]}"] input.compare').check()
+    compared = ball.locator("figure.compared-run")
+    expect(compared).to_contain_text("b · step 3")
+    expect(ball.locator("figure.this-run")).to_contain_text("a · step 4")
+    assert _playing_width(compared) == width("b", "step3-0")
+    expect(cube.locator("figure.compared-run")).to_have_count(0)
+    slider.fill("2")
+    expect(compared).to_contain_text("b · step 5")
+    assert _playing_width(compared) == width("b", "step5-0")
+    page.keyboard.press("Home")  # the slider is a keyboard control too
+    expect(ball.locator("output")).to_have_text("step 2 · 1 of 3")
+    expect(compared).to_contain_text("b · step 3")
+    ui.shot(page, "8-samples-side-by-side")
+    page.locator(f'#runs-table tr[data-path="{runs["b"]}"] input.compare').uncheck()
+    expect(compared).to_have_count(0)
     page.close()
 
 
@@ -919,6 +1096,36 @@ def test_files_are_served_only_inside_the_workspace_and_output_folders(served_wo
             assert b"SECRET" not in body and b"root:" not in body and b"import" not in body, target
         # the page's own assets are served
         assert server.raw_get("/static/app.js")[0] == 200 and server.raw_get("/")[0] == 200
+
+
+def test_the_pickers_list_only_inside_the_folders_they_may_browse(tmp_path):
+    """Names only, inside the --browse folders: `..` and absolute paths out are refused with what to do, a symlink
+    leading out is not listed, hidden files are not listed, folders come first."""
+    from fastapi.testclient import TestClient
+
+    from motiontune.ui import create_app
+
+    root, outside = tmp_path / "allowed", tmp_path / "outside"
+    (root / "clips" / "a").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("no")
+    (root / "clips" / "b.mp4").write_bytes(b"")
+    (root / "clips" / ".hidden").write_text("")
+    (root / "clips" / "out").symlink_to(outside)
+    (root / "clips" / "inside").symlink_to(root / "clips" / "a")
+    client = TestClient(create_app(tmp_path / "home", browse=[root]), base_url="http://127.0.0.1:8765")
+    assert client.get("/api/browse").json()["entries"] == [{"name": str(root), "path": str(root), "folder": True}]
+    listed = client.get("/api/browse", params={"path": str(root / "clips")}).json()
+    assert [(e["name"], e["folder"]) for e in listed["entries"]] == [("a", True), ("inside", True), ("b.mp4", False)]
+    assert listed["parent"] == str(root)
+    assert client.get("/api/browse", params={"path": str(root)}).json()["parent"] is None  # the top: back to the roots
+    for path in (str(root / ".." / "outside"), str(outside), str(root / "clips" / "out"), "/"):
+        answer = client.get("/api/browse", params={"path": path})
+        assert answer.status_code == 403 and "--browse DIR" in answer.json()["detail"], (path, answer.text)
+    assert client.get("/api/browse", params={"path": str(root / "clips" / "b.mp4")}).status_code == 404
+    # by default: the folder the UI was started in and its workspace (one inside the other: listed once)
+    default = TestClient(create_app(Path.cwd() / "workspace"), base_url="http://127.0.0.1:8765")
+    assert [e["path"] for e in default.get("/api/browse").json()["entries"]] == [str(Path.cwd().resolve())]
 
 
 def test_requests_from_other_sites_or_hosts_are_refused(served_workspace):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from ..util.files import read_json_file
 from .resolution import parse_resolution
@@ -26,8 +26,8 @@ def _home(path: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
-# a file or folder path of the config: `~` stands for the home folder
-LocalPath = Annotated[str, AfterValidator(_home)]
+# a file or folder path of the config: `~` stands for the home folder (marked in the JSON schema: the UI's pickers)
+LocalPath = Annotated[str, AfterValidator(_home), WithJsonSchema({"type": "string", "x-path": True})]
 
 
 class _Section(BaseModel):

@@ -79,7 +79,10 @@ class SampleConfig(Strict):
     last_image: LocalPath | None = None  # first and last frame: the last frame (models that take one; with `image`)
     control: LocalPath | None = None  # a control video the sample follows (models that take one: VACE; docs/control.md)
     control_mask: LocalPath | None = None  # VACE: which part of each control frame is made anew (white); with `control`
-    reference: LocalPath | None = None  # VACE: a reference picture (a character, an object) the video keeps
+    pose: LocalPath | None = None  # WAN 2.2 Animate: the pose video the character follows (docs/control.md)
+    face: LocalPath | None = None  # WAN 2.2 Animate: the face video (a crop around the face) its expressions come from
+    # a reference picture: VACE's (a character, an object the video keeps), or WAN 2.2 Animate's character
+    reference: LocalPath | None = None
 
 
 class VideoConfig(Strict):
@@ -97,6 +100,14 @@ class VideoConfig(Strict):
     video_batch_size_multiplier: float = Field(0.5, gt=0, le=8)
     frame_dropout_probability: float = Field(0.0, ge=0, le=0.3)
     temporal_augmentation: bool = False
+
+
+class ContextParallelConfig(Strict):
+    """Each clip's tokens split over `degree` processes under torchrun (docs/distributed.md): `ulysses` exchanges
+    attention heads (all-to-all), `ring` passes keys and values around (CUDA attention backends only)."""
+
+    degree: int = Field(1, ge=1)
+    attention: Literal["ulysses", "ring"] = "ulysses"
 
 
 class EmbeddingConfig(Strict):
@@ -151,12 +162,20 @@ class TrainConfig(Strict):
     # WAN 2.2 A14B: which expert(s) to train; None follows transformer.train / transformer_2.train
     experts: Literal["both", "high", "low"] | None = None
     boundary_ratio: float | None = Field(None, gt=0, lt=1)  # default: the model's own (0.875 for T2V, 0.9 for I2V)
+    # WAN 2.2 A14B with both experts under torchrun: "together" (every process holds both and swaps them) or
+    # "split" (half the processes hold and train the high-noise expert, the other half the low-noise one)
+    experts_on: Literal["together", "split"] = "together"
+    # sequence (context) parallelism: torchrun's processes form groups of `degree` that share each clip's tokens
+    context_parallel: ContextParallelConfig = ContextParallelConfig()
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)
     # image-to-video models that take a last frame too (WAN 2.2 I2V A14B; WAN 2.1 FLF2V, which needs 1): the share of
     # samples trained from the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
     last_frame_conditioning_probability: float = Field(0.0, ge=0, le=1)
+    # LTX-2 / 2.3 / 2.5 in-context LoRA (IC-LoRA): each clip's `-control` video goes in as clean extra tokens beside
+    # the noisy ones, as `LTX2InContextPipeline`'s reference_conditions (docs/control.md)
+    in_context_control: bool = False
     # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
     guidance_scale: float = Field(1.0, ge=0)
 

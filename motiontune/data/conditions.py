@@ -12,8 +12,12 @@ A clip `walk.mp4` may have, in the same folder:
 Any video or picture extension works. A video condition is read at the clip's own instants (the frame on screen at
 each instant, whatever its frame rate), so it must run as long as its clip; a picture stands for every frame. It goes
 through the clip's geometry: its own display rotation, scaling to cover the bucket, the clip's crop, flip and rotation,
-never its colour changes. A reference picture is read whole instead: fitted inside the bucket, centred, white around
-it (as WanVACEPipeline places its `reference_images`), never cropped, flipped or rotated. Such files are conditions, never training data.
+never its colour changes. A face video is the exception: a crop around the face, of any size and aspect ratio, read
+whole at the clip's instants and flipped with the clip, never cut by its crop or turned by its rotation (the model
+reads it at its own square size). A model may read a reference picture whole too (`ModelFamily.whole_roles`, VACE):
+fitted inside the bucket, centred, white around it (as WanVACEPipeline places its `reference_images`), never cropped,
+flipped or rotated; another (Animate) reads it through the clip's geometry like a frame of the clip. Such files are
+conditions, never training data.
 
 The family says which roles it takes (`ModelFamily.condition_roles`) and encodes them (`encode_condition`); this
 module names no family. `data/latents.py` caches what the family makes of each clip's conditions, keyed by the
@@ -30,7 +34,8 @@ MASK_ROLE = "mask"
 # role → the end of the file's stem; OneTrainer names masks `-masklabel`
 ROLE_SUFFIXES = {"control": "-control", "controlmask": "-controlmask", "reference": "-reference", "pose": "-pose",
                  "face": "-face", MASK_ROLE: "-masklabel"}
-WHOLE_ROLES = ("reference",)  # read whole, never through the clip's crop (`condition_frames`)
+# roles whose files are their own picture (a crop around the face), not the clip's frame: any aspect ratio, read whole
+OWN_FRAME_ROLES = ("face",)
 
 
 def role_of(path) -> str | None:
@@ -62,7 +67,7 @@ def fit_problem(clip: MediaInfo, condition: MediaInfo, role: str) -> str:
     if clip.is_image and not condition.is_image:
         return f"{name} is a video but the clip is a picture ({condition.path}); give one picture, {example}"
     expected_height = condition.width * clip.height / clip.width
-    if abs(condition.height - expected_height) > max(1.0, 0.01 * condition.height):
+    if role not in OWN_FRAME_ROLES and abs(condition.height - expected_height) > max(1.0, 0.01 * condition.height):
         return (f"{name} size does not fit the clip ({condition.path} is {condition.width}x{condition.height}, aspect "
                 f"{condition.width / condition.height:.3f}; the clip is {clip.width}x{clip.height}, aspect "
                 f"{clip.width / clip.height:.3f}); make the {name} the clip's size, or at least its aspect ratio")
@@ -77,17 +82,22 @@ def fit_problem(clip: MediaInfo, condition: MediaInfo, role: str) -> str:
 
 
 def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[float, ...]], looks: list[ImageVariant],
-                     size: tuple[int, int], role: str = "control") -> list[np.ndarray]:
+                     size: tuple[int, int], role: str = "control", whole: bool = False) -> list[np.ndarray]:
     """Each planned clip's condition as uint8 (F, H, W, 3) at `size`, pixel for pixel where the clip's own frames are:
     decoded at the size the clip's frames are scaled to before their crop (the condition's own rotation applied), then
-    the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame. A reference is one
-    picture, whole (`fitted_whole`)."""
-    if role in WHOLE_ROLES:
+    the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame. A face video
+    (OWN_FRAME_ROLES) keeps its own size and is only flipped with the clip. `whole`: the condition is one picture read
+    whole (`fitted_whole`; the roles of `ModelFamily.whole_roles`, VACE's reference)."""
+    if whole:
         return [fitted_whole(condition.path, size) for _ in plan]
-    decoded = decode_clips(condition, plan, cover_size(clip.width, clip.height, size))
+    own_frame = role in OWN_FRAME_ROLES
+    decoded = decode_clips(condition, plan, None if own_frame else cover_size(clip.width, clip.height, size))
     clips = []
     for frames, instants, look in zip(decoded, plan, looks):
-        frames = apply_image_variant(frames, look, size, colour=False)
+        if own_frame:
+            frames = np.ascontiguousarray(frames[:, :, ::-1]) if look.flip else frames
+        else:
+            frames = apply_image_variant(frames, look, size, colour=False)
         if len(frames) != len(instants):
             frames = np.repeat(frames[:1], len(instants), axis=0)
         clips.append(frames)

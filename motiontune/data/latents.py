@@ -85,11 +85,11 @@ class EncodedClip:
         return tuple(self.stored.shape) if isinstance(self.stored, Entry) else tuple(self.latents.shape)
 
 
-def batch_extras(family: ModelFamily, model_type: str, clips: list, rows: list[int], device) -> dict:
+def batch_extras(family: ModelFamily, config, clips: list, rows: list[int], device) -> dict:
     """What `split_conditioning` gets beside the latents for a batch: the tensors the family made of each clip's own
     frames (`clip_extra_names`), stacked, and each role's conditions as a list (None for a clip without one)."""
     extras = {name: torch.stack([clips[i].extra(name) for i in rows]).to(device) for name in family.clip_extra_names()}
-    for role in family.condition_roles(model_type):
+    for role in family.condition_roles(config):
         extras[role] = [None if (c := clips[i].condition(role)) is None else c.to(device) for i in rows]
     return extras
 
@@ -328,7 +328,7 @@ class Encoding:
     def _conditions(self, found: list) -> list:
         """Each clip's conditions in the roles the family takes ({role: cache entry or tensor}), from the cache or
         encoded now (_FAILED: one could not be read, so the clip is skipped rather than trained without it)."""
-        roles = self.family.condition_roles(self.config.model_type)
+        roles = self.family.condition_roles(self.config)
         conditions: list = [{} for _ in found]
         if not roles:
             return conditions
@@ -355,8 +355,9 @@ class Encoding:
         if missing:
             self.family.load_vae()
         made = 0
+        whole = self.family.whole_roles(self.config)
         jobs = [(found[i][0].info, {r: found[i][0].conditions[r] for r in self._read_together(found[i][0], role)},
-                 [found[i][1]], [found[i][2]], found[i][0].size) for i, role, _ in missing]
+                 [found[i][1]], [found[i][2]], found[i][0].size, whole) for i, role, _ in missing]
         for (index, role, key), (job, result) in zip(missing, map_isolated(_condition_job, jobs, self.config.dataloader_threads)):
             if isinstance(result, Exception):
                 log.warning("skipped %s: its %s condition %s could not be read (%s)", job[0].path, role,
@@ -504,8 +505,8 @@ def _mask_job(job):
 
 def _condition_job(job):
     """A clip's condition and the conditions read with it: role → frames of each planned clip."""
-    clip, files, plan, looks, size = job
-    return {role: condition_frames(clip, info, plan, looks, size, role) for role, info in files.items()}
+    clip, files, plan, looks, size, whole = job
+    return {role: condition_frames(clip, info, plan, looks, size, role, role in whole) for role, info in files.items()}
 
 
 def _decode_job(job):

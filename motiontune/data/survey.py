@@ -144,7 +144,7 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
     entries = []
     check_masks = config.masked_training if masks is None else masks
     mask_files = sorted({m for item in items for m in item.masks}) if check_masks else []
-    taken = family.condition_roles(config.model_type)  # role → whether every clip needs one
+    taken = family.condition_roles(config)  # role → whether every clip needs one
     roles = set(ROLE_SUFFIXES) if every_condition else set(taken)
     condition_files = sorted({f for item in items for role, files in item.conditions.items() if role in roles for f in files})
     probes = probe_all([item.path for item in items] + mask_files + condition_files, config)

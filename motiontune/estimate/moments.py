@@ -126,6 +126,8 @@ def other_phases(config: TrainConfig, shape: Shape, cfg: dict, transformers: int
     storage = config.text_encoder.weight_dtype or str(load_dtype(config)).replace("torch.", "")
     phases[CAPTIONS] = [Line("text encoder weights", text_bytes, 0, f"{names} ({storage}); the VAE waits in host memory")] + reserve
     samples = list(config.samples) if config.samples and config.sample_after_unit != "NEVER" else []
+    if config.experts_on == "split":  # the run renders no samples (each process holds one expert)
+        samples = []
     if not samples:
         return phases, 0
 

@@ -39,7 +39,11 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
            + f", {config.train_dtype}, checkpointing {options.checkpointing}"
            + (f", layer offloading {options.offload_fraction:g}" if options.offload_fraction else "")
            + (f", {options.weight_dtype} weights" if options.weight_dtype in QUANTIZED else "")
-           + f", {options.optimizer}",
+           + f", {options.optimizer}"
+           + (", experts_on split" if config.experts_on == "split" else "")
+           + (f", context parallel {config.context_parallel.attention} x{config.context_parallel.degree}"
+              if config.context_parallel.degree > 1 else "")
+           + (" (each process)" if config.experts_on == "split" or config.context_parallel.degree > 1 else ""),
            f"  batch: {result.shape.describe()}",
            f"  model: {result.source} (no weights read)",
            "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..config import TrainConfig
 from . import cuda
@@ -58,6 +59,11 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     parts = trained_parts(config)
     options = (options or Options.of(config, parts[0])).effective()
     shape = shape or config_shape(config)
+    # per process: with experts_on split a process holds one expert; with context parallel it runs 1/degree of the tokens
+    split = config.experts_on == "split" and len(parts) == 2
+    degree = config.context_parallel.degree
+    here = 1 if split else len(parts)  # experts trained in this process
+    step_shape = shape if degree == 1 else replace(shape, latent=(math.ceil(shape.latent[0] / degree), *shape.latent[1:]))
     cfg, source = transformer_config(config, parts[0])
     on_cpu = device == "cpu"
     counts = count_weights(cfg, config)
@@ -81,7 +87,9 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     else:
         lines.append(Line(label, counts.frozen_bytes(weight_dtype), 0, note))
     other_bytes = other_loaded = 0
-    if _second_expert(config):  # the other expert is loaded too and waits in host memory
+    if split:
+        lines.append(Line("the other expert", 0, 0, "held and trained by the other half of the processes (experts_on split)"))
+    elif _second_expert(config):  # the other expert is loaded too and waits in host memory
         other_part = "transformer_2" if parts[0] == "transformer" else "transformer"
         other = count_weights(transformer_config(config, other_part)[0], config, trained=len(parts) == 2)
         other_bytes = other.frozen_bytes(weight_dtype if len(parts) == 2 else plain) + other.trainable_bytes
@@ -92,18 +100,21 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
 
     # what trains: its parameters, and the optimizer state of every trained expert (gradients: at their moments, below)
     trainable = counts.trainable_bytes
-    state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * len(parts)
+    state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * here
     what = {"LORA": f"LoRA rank {config.lora_rank}", "FINE_TUNE": "every transformer weight", "EMBEDDING": "nothing"}[config.training_method]
     if trainable:
         lines.append(Line("trained parameters", trainable, 0, f"{what}: {counts.trainable_count / 1e6:.1f}M values"))
         lines.append(Line(f"optimizer state ({options.optimizer})", state, 0,
-                          f"{len(parts)} expert(s)" if len(parts) > 1 else ""))
+                          f"{here} expert(s)" if here > 1 else "one expert per process (experts_on split)" if split else ""))
 
     # activations, with the gradients backward has made by their peak (few: it frees activations as it makes them)
     live = text_live(config)
     recompute = options.checkpointing != "OFF"
     quantized = weight_dtype if weight_dtype in QUANTIZED else None
-    peak, kept, received = activation_peak(cfg, config, shape, recompute, live, quantized)
+    peak, kept, received = activation_peak(cfg, config, step_shape, recompute, live, quantized)
+    if degree > 1:  # simulated on whole latent frames; a process holds exactly 1/degree of the tokens (linear in them)
+        share = shape.tokens / degree / step_shape.tokens
+        peak, kept, received = int(peak * share), int(kept * share), int(received * share)
     per_block_act = kept // max(1, n)
     act_name = {"OFF": "activations (no checkpointing)", "ON": "activations (checkpointing ON)",
                 "CPU_OFFLOADED": "activations (checkpointing CPU_OFFLOADED)"}[options.checkpointing]
@@ -111,13 +122,22 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         if kept else ""
     if options.checkpointing == "CPU_OFFLOADED" and not on_cpu:
         # block inputs wait in host memory; the device keeps the running block's input and output
-        hidden = shape.batch * shape.tokens * cfg["num_attention_heads"] * cfg["attention_head_dim"] * elem(load_dtype(config))
+        hidden = shape.batch * step_shape.tokens * cfg["num_attention_heads"] * cfg["attention_head_dim"] * elem(load_dtype(config))
         device_act = max(0, peak - kept) + 2 * hidden
         lines.append(Line(act_name, device_act, n * received,
                           f"block inputs in pinned host memory: {n} × {received / GB:.3f} GB"))
     else:
         device_act = peak
         lines.append(Line(act_name, peak, 0, act_note))
+    if degree > 1:
+        act_name_note = f"{shape.tokens // degree} of the clip's {shape.tokens} tokens per process"
+        lines[-1].note = (lines[-1].note + "; " if lines[-1].note else "") + act_name_note
+        # the plan splits after the patch embedding and gathers the output: both are whole clips on every process
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        whole = shape.batch * shape.tokens * (width + cfg.get("out_channels", 16) * math.prod(shape.patch)) * elem(load_dtype(config))
+        lines.append(Line(f"context parallel {config.context_parallel.attention} x{degree}: whole-clip tensors", whole, 0,
+                          "the embedded tokens before the split and the prediction gathered after it"))
+        device_act += whole
     if live:
         lines += text_encoder_lines(config, shape, on_cpu)
     if on_cpu:
@@ -125,7 +145,8 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     held = 0  # gradients alive under a later forward: accumulated micro-batches, or A14B's first expert's
     if trainable and config.gradient_accumulation_steps > 1:
         held = trainable if on_cpu else trainable // len(parts)  # on an accelerator one expert is there at a time
-    elif trainable and len(parts) > 1 and on_cpu:
+        held = trainable if split else held  # split: this process holds its one expert
+    elif trainable and here > 1 and on_cpu:
         held = trainable // len(parts)
     if held:
         lines.append(Line("gradients held between micro-batches", held, 0,
@@ -138,7 +159,7 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
                           f"{update / GB:.2f} GB (every gradient" + (", the foreach update's temporary" if on_cpu else "")
                           + "), beyond the activations' peak"))
     if not on_cpu:
-        lines += cuda.step_lines(shape, cfg, device_act)
+        lines += cuda.step_lines(step_shape, cfg, device_act)
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n,
                       source=source, headroom=0.0 if on_cpu else cuda.HEADROOM)
     if not on_cpu:  # on the CPU the device is host memory: the step's own lines say it all

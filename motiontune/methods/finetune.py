@@ -48,7 +48,7 @@ def save(family: ModelFamily, config: TrainConfig, destination: Path, output_for
     dtype = TORCH_DTYPES[config.output_dtype or config.transformer.weight_dtype or config.train_dtype]
     states = states or {}
     return [_save_one(family, expert, paths[expert.name], output_format, dtype, states.get(expert.name))
-            for expert in family.trained_experts()] + (
+            for expert in family.trained_experts() if expert.module is not None] + (
         save_text_encoders(family, destination, output_format, dtype) if config.text_encoder.train else [])
 
 

@@ -83,7 +83,9 @@ def trained_embeddings(config: TrainConfig) -> list:
 def save(family: ModelFamily, config: TrainConfig, destination: Path, output_format: str | None = None,
          states: dict | None = None) -> list[Path]:
     paths = output_paths(family, destination)
-    return [_save_one(family, expert, config, paths[expert.name], output_format) for expert in family.trained_experts()]
+    # experts_on split: each process saves the expert it holds
+    return [_save_one(family, expert, config, paths[expert.name], output_format)
+            for expert in family.trained_experts() if expert.module is not None]
 
 
 def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destination: Path, output_format: str | None) -> Path:

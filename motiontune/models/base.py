@@ -39,12 +39,14 @@ class Conditioning:
     rows: torch.Tensor  # (B,) bool: the samples that are conditioned
     loss_frames: torch.Tensor | None = None  # (B, F') 1 for latent frames in the loss, 0 for given ones
     image_embeds: torch.Tensor | None = None  # (B, tokens, dim) the first frame through an image encoder
+    inputs: dict | None = None  # further transformer inputs by name, one row per sample (Animate's pose and face)
 
     def select(self, rows: torch.Tensor) -> "Conditioning":
         def pick(tensor):
             return None if tensor is None else tensor[rows.to(tensor.device)]
 
-        return Conditioning(pick(self.latents), pick(self.rows), pick(self.loss_frames), pick(self.image_embeds))
+        inputs = None if self.inputs is None else {name: pick(value) for name, value in self.inputs.items()}
+        return Conditioning(pick(self.latents), pick(self.rows), pick(self.loss_frames), pick(self.image_embeds), inputs)
 
 
 @dataclass
@@ -73,7 +75,9 @@ class SampleRequest:
     last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
     control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
     control_mask: np.ndarray | None = None  # the control's mask frames, uint8 (F, H, W, 3): white is made anew (VACE)
-    reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3) (VACE)
+    pose: np.ndarray | None = None  # Animate: the pose video's frames, uint8 (F, H, W, 3)
+    face: np.ndarray | None = None  # Animate: the face video's frames, uint8 (F, h, w, 3)
+    reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3): VACE's, or Animate's character
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -99,6 +103,8 @@ class ModelFamily(ABC):
     VAE_COMPRESSION = (8, 4)
     #: whether `text_encoder.weight_dtype` may be FLOAT_8 / NFLOAT_4
     QUANTIZED_TEXT_ENCODER = False
+    #: guidance-distilled: the transformer takes the guidance value (`guidance_scale`), in training as when sampling
+    GUIDANCE_EMBEDDING = False
     #: the tiny random models `tiny_pipeline` builds (motiontune.testing.tiny_models), by name
     TINY_MODELS: tuple[str, ...] = ()
     #: the stock pipeline class whose `lora_state_dict` reads this family's LoRA files (None: diffusers has none; the
@@ -123,15 +129,54 @@ class ModelFamily(ABC):
         return None
 
     @classmethod
+    def expert_parts(cls, model_type: str) -> tuple[str, ...]:
+        """The config's parts that hold a transformer of this model (two: experts that split the noise levels)."""
+        return ("transformer",)
+
+    @classmethod
     def takes_last_frame(cls, model_type: str) -> bool:
         """Whether a video can also end on a given last frame (first-and-last-frame image-to-video)."""
         return False
 
+    #: whether the family can train a control video as in-context tokens (`in_context_control`: LTX-2's IC-LoRA)
+    IN_CONTEXT_CONTROL = False
+
     @classmethod
-    def condition_roles(cls, model_type: str) -> dict[str, bool]:
-        """The conditions beside a clip this model takes (data/conditions.py: "control", "reference", ...), each with
-        whether every clip needs one; `encode_condition` makes what its transformer receives of them."""
+    def condition_roles(cls, config: TrainConfig) -> dict[str, bool]:
+        """The conditions beside a clip this run takes (data/conditions.py: "control", "reference", ...), each with
+        whether every clip needs one; `encode_condition` makes what its transformer receives of them. Asked of the
+        config, not only its model type: a setting may add one (`in_context_control`)."""
         return {}
+
+    #: `context_parallel`: whether the family's transformer can split a clip's tokens over processes (diffusers has a
+    #: context-parallel plan for it and `predict` calls it in the plan's form), and the model types that cannot
+    CONTEXT_PARALLEL = False
+    CONTEXT_PARALLEL_EXCEPT: tuple[str, ...] = ()
+
+    @classmethod
+    def context_parallel_problems(cls, config: TrainConfig) -> list[str]:
+        """`context_parallel` with degree > 1: refused by name for a family (or model type) whose transformer cannot,
+        and beside the options that need a whole clip in one process."""
+        settings = config.context_parallel
+        if settings.degree == 1:
+            return []
+        if not cls.CONTEXT_PARALLEL or config.model_type in cls.CONTEXT_PARALLEL_EXCEPT:
+            return [f"  - context_parallel.degree = {settings.degree}: {config.model_type} ({cls.NAME}) cannot split a clip's "
+                    "tokens over processes (its transformer has no context-parallel plan in diffusers, or motiontune "
+                    "does not call it in that form yet); set degree to 1 and use gradient checkpointing and offloading"]
+        problems = []
+        if not config.video_config.use_temporal_attention:
+            problems.append("  - context_parallel with video_config.use_temporal_attention = false: frame-local attention "
+                            "regroups a clip's tokens by frame, which a split sequence cannot; set one of them back")
+        if config.experts_on == "split":
+            problems.append("  - context_parallel with experts_on = split: the two are not combined yet; use one of them")
+        if config.validation:
+            problems.append("  - context_parallel with validation: the validation loss runs in one process; set validation "
+                            "to false")
+        if config.training_method != "LORA":
+            problems.append(f"  - context_parallel with training_method {config.training_method}: only LORA is built "
+                            "(its gradients are summed over every process)")
+        return problems
 
     @classmethod
     def condition_companions(cls, role: str) -> tuple[str, ...]:
@@ -140,12 +185,25 @@ class ModelFamily(ABC):
         return ()
 
     @classmethod
+    def sample_roles(cls, config: TrainConfig) -> dict[str, bool]:
+        """The conditions a sample (`samples[]`) takes, each with whether every sample needs one: those of training
+        (`condition_roles`) unless the pipeline asks more of a sample (WAN 2.2 Animate: its reference picture)."""
+        return cls.condition_roles(config)
+
+    @classmethod
+    def whole_roles(cls, config: TrainConfig) -> tuple[str, ...]:
+        """Condition roles this run reads as one picture whole in the frame (`conditions.fitted_whole`: VACE's
+        reference) rather than through the clip's crop, flip and rotation like a frame of the clip."""
+        return ()
+
+    @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
         """The family's own rules for a config, each a line `  - key: what is wrong; what to do`. This default is a
         family with one transformer; one with more (WAN 2.2 A14B's experts) says its own."""
         problems = []
-        if config.experts is not None or config.boundary_ratio is not None:
-            problems.append(f"  - experts / boundary_ratio: only WAN 2.2 A14B has experts, not {config.model_type}; remove them")
+        if config.experts is not None or config.boundary_ratio is not None or config.experts_on != "together":
+            problems.append(f"  - experts / boundary_ratio / experts_on: only WAN 2.2 A14B has experts, not {config.model_type}; "
+                            "remove them")
         if config.transformer_2.train:
             problems.append(f"  - transformer_2.train = true: {config.model_type} has no second transformer; set it to false")
         if (config.transformer_2.min_noising_strength, config.transformer_2.max_noising_strength) != (None, None):
@@ -158,9 +216,9 @@ class ModelFamily(ABC):
     @classmethod
     def tiny_pipeline(cls, name: str, tokenizer, clips: list[torch.Tensor], heads: int | None, layers: int):
         """A tiny random `name` model (one of TINY_MODELS) of the real architecture, as the stock diffusers pipeline
-        that saves it. `tokenizer(subfolder, max_length)` makes a small tokenizer locally; `clips` are the bundled
-        clips as pixels in [-1, 1], (1, 3, 9, 64, 64) each at 8 frames per second, to measure latent statistics on
-        data as the real ones were."""
+        that saves it. `tokenizer(subfolder, max_length, padding_side="right")` makes a small tokenizer locally;
+        `clips` are the bundled clips as pixels in [-1, 1], (1, 3, 9, 64, 64) each at 8 frames per second, to measure
+        latent statistics on data as the real ones were."""
         raise NotImplementedError(f"{cls.__name__} has no tiny model")
 
     # --- an instance: one run's model ----------------------------------------------------------------------
@@ -209,6 +267,9 @@ class ModelFamily(ABC):
     #: the layout of a cached text row when it is not the encoder's output as is (models/packing.py: several tensors
     #: in one row); part of the text cache's key, so a new layout re-encodes the captions instead of misreading them
     TEXT_FORMAT = ""
+
+    #: `experts_on: split`: the one expert (pipeline attribute) this process loads and trains; None: all of them
+    held_expert: str | None = None
 
     @abstractmethod
     def load_transformers(self) -> None:
@@ -355,7 +416,7 @@ class ModelFamily(ABC):
     def route(self, sigma: torch.Tensor) -> list[tuple[Expert, torch.Tensor]]:
         """Each trained expert with the batch rows whose noise level it serves."""
         routed = []
-        for expert in self.trained_experts():
+        for expert in self.trained_experts():  # split experts: one held elsewhere comes with module None
             low, high = expert.sigma_range
             rows = ((sigma >= low) & ((sigma < high) | (high >= 1.0))).nonzero().flatten()
             if len(rows):

@@ -77,6 +77,7 @@ class HunyuanVideoFamily(ModelFamily):
     TINY_MODELS = ("hunyuan-video",)
     LORA_PIPELINE = "HunyuanVideoPipeline"
     VAE_CLASS = "AutoencoderKLHunyuanVideo"
+    GUIDANCE_EMBEDDING = True
     temporal_factor = 4
     spatial_multiple = 16  # the VAE's 8x, times the transformer's 2x2 patches
     ENCODER_PARTS = {"vae": ("vae",), "text": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}

@@ -22,6 +22,12 @@ sound are denoised together by one transformer, and trained together here. Each 
   the other modality's σ from 2.3 on (`use_cross_timestep`), with its own in LTX-2.0.
 - A clip without sound trains the video alone: its audio tokens are pure noise at σ = 1 (what the pipeline's first
   step shows the transformer) and its audio loss is left out; nothing teaches the model silence.
+- In-context control (`in_context_control`, an IC-LoRA), as `LTX2InContextPipeline` runs a reference condition at
+  strength 1: each clip's `-control` video is encoded by the VAE (its mode, normalised without `scaling_factor`, as
+  the pipeline's reference latents are) and its tokens are appended after the clip's noisy ones, at the same
+  positions (the clip's own grid and frame rate), clean and at timestep 0, in one self-attention with them. Only the
+  clip's tokens are predicted and in the loss. The video alone trains (`train_audio` false): a control says nothing
+  of the sound.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..util.lazy import no_grad, np, torch
-from .base import Expert, ModelFamily, SampleRequest, Sound, to_uint8
+from .base import Conditioning, Expert, ModelFamily, SampleRequest, Sound, to_uint8
 from .loading import ModelLoadError, load_part
 from .packing import FORMAT as PACKED, pack, unpack
 
@@ -87,6 +93,7 @@ class LTX2Family(ModelFamily):
     AUDIO_SAMPLE_RATE = 16000
     AUDIO_CHANNELS = 2
     ENCODER_PARTS = {"vae": ("vae", "audio_vae"), "text": ("tokenizer", "text_encoder", "connectors")}
+    IN_CONTEXT_CONTROL = True
     TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
     audio_vae = vocoder = None
 
@@ -98,8 +105,17 @@ class LTX2Family(ModelFamily):
         self.fps = config.video_config.target_fps / compression_factors(config)[1]  # the frame rate clips train at
 
     @classmethod
+    def condition_roles(cls, config):
+        # an IC-LoRA: every clip's control video (depth, pose, edges...: data/conditions.py) as in-context tokens
+        return {"control": True} if config.in_context_control else {}
+
+    @classmethod
     def config_problems(cls, config) -> list[str]:
         problems = super().config_problems(config)
+        if config.in_context_control and config.train_audio:
+            problems.append("  - in_context_control with train_audio = true: an in-context control LoRA trains the video "
+                            "alone (a control video says nothing of the sound, and LTX2InContextPipeline adds no audio "
+                            "condition); set train_audio to false")
         if config.training_method == "EMBEDDING" or config.additional_embeddings:
             problems.append("  - training_method EMBEDDING / additional_embeddings: the stock LTX2Pipeline has no "
                             "textual-inversion loader for its Gemma 3 encoder; train a LoRA instead")
@@ -223,13 +239,30 @@ class LTX2Family(ModelFamily):
         mean, std = self.audio_vae.latents_mean.to(packed), self.audio_vae.latents_std.to(packed)
         return ((packed - mean) / std).to("cpu")
 
+    @no_grad
+    def encode_condition(self, role: str, frames: np.ndarray, companions=None) -> torch.Tensor:
+        """An IC-LoRA's control video as `LTX2InContextPipeline` encodes a reference condition: the VAE's mode,
+        normalised with latents_mean / latents_std and no scaling_factor (`_normalize_latents`' default there),
+        (C, F', H', W')."""
+        latents = self.vae_latents(self.video_pixels(frames), mode=True)
+        mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
+        std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
+        return ((latents - mean) / std)[0].to("cpu")
+
     # --- training ------------------------------------------------------------------------------
+    def split_conditioning(self, stored, generator, image_embeds=None, extras=None):
+        """An IC-LoRA run: every clip with its control latents (the survey skips a clip without a control that fits)."""
+        if not self.config.in_context_control:
+            return stored, None
+        return stored, Conditioning(torch.stack(extras["control"]), torch.ones(len(stored), dtype=torch.bool))
+
     def trained_experts(self) -> list[Expert]:
         return [Expert("transformer", "", self.transformer, (0.0, 1.0))]
 
     def predict(self, noisy, sigma, text, expert, conditioning=None, sound=None):
         """(video prediction, audio prediction) given `sound`; without it (memory estimates), the audio tokens are
-        pure noise at σ = 1 as for a clip without sound, and only the video prediction is returned."""
+        pure noise at σ = 1 as for a clip without sound, and only the video prediction is returned. `conditioning`
+        (an IC-LoRA run): the control's latents go in as in-context tokens (`_in_context`)."""
         from diffusers import LTX2Pipeline
 
         model, dtype = expert.module, self.weight_dtype
@@ -241,16 +274,38 @@ class LTX2Family(ModelFamily):
             shape = (batch, self.audio_steps((frames - 1) * self.temporal_factor + 1, self.fps), model.config.audio_in_channels)
             sound = Sound(torch.randn(shape, device=noisy.device), torch.ones_like(sigma))
         t, t_audio = sigma.float() * 1000.0, sound.sigma.float() * 1000.0
+        hidden = LTX2Pipeline._pack_latents(noisy, patch, patch_t)
+        tokens, timestep, coords = hidden.shape[1], t, None
+        if conditioning is not None:  # an IC-LoRA: the control's tokens beside the clip's
+            hidden, timestep, coords = self._in_context(model, noisy, hidden, t, conditioning.latents.to(noisy))
         video, audio = model(
-            hidden_states=LTX2Pipeline._pack_latents(noisy, patch, patch_t).to(dtype),
-            audio_hidden_states=sound.noisy.to(dtype), encoder_hidden_states=video_text.to(dtype),
-            audio_encoder_hidden_states=audio_text.to(dtype), timestep=t, audio_timestep=t_audio, sigma=t, audio_sigma=t_audio,
-            encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=frames // patch_t,
-            height=height // patch, width=width // patch, fps=self.fps, audio_num_frames=sound.noisy.shape[1],
+            hidden_states=hidden.to(dtype), audio_hidden_states=sound.noisy.to(dtype),
+            encoder_hidden_states=video_text.to(dtype), audio_encoder_hidden_states=audio_text.to(dtype), timestep=timestep,
+            audio_timestep=t_audio, sigma=t, audio_sigma=t_audio, encoder_attention_mask=mask,
+            audio_encoder_attention_mask=mask, num_frames=frames // patch_t, height=height // patch, width=width // patch,
+            fps=self.fps, audio_num_frames=sound.noisy.shape[1], video_coords=coords,
             use_cross_timestep=self.version.cross_timestep, return_dict=False,
         )
-        video = LTX2Pipeline._unpack_latents(video, frames // patch_t, height // patch, width // patch, patch, patch_t)
+        video = LTX2Pipeline._unpack_latents(video[:, :tokens], frames // patch_t, height // patch, width // patch, patch, patch_t)
         return video if given is None else (video, audio)
+
+    def _in_context(self, model, noisy: torch.Tensor, hidden: torch.Tensor, t: torch.Tensor, reference: torch.Tensor):
+        """The clip's packed noisy tokens (`hidden`) with the control's appended, as
+        `LTX2InContextPipeline.prepare_latents` lays them out (reference tokens last): (tokens, per-token timesteps,
+        positions). The pipeline gives each token t·(1 - strength): 0 for the clean reference at strength 1; and
+        places each on its own latent grid at the video's frame rate (the same positions, when the control is the
+        clip's size and length)."""
+        from diffusers import LTX2Pipeline
+
+        packed = LTX2Pipeline._pack_latents(reference, model.config.patch_size, model.config.patch_size_t)
+        batch = len(noisy)
+        timestep = torch.cat([t[:, None].expand(-1, hidden.shape[1]), t.new_zeros(batch, packed.shape[1])], dim=1)
+
+        def positions(latents):
+            _, _, frames, height, width = latents.shape
+            return model.rope.prepare_video_coords(batch, frames, height, width, latents.device, fps=self.fps)
+
+        return torch.cat([hidden, packed], dim=1), timestep, torch.cat([positions(noisy), positions(reference)], dim=2)
 
     def fsdp_units(self, module):
         return list(module.transformer_blocks)
@@ -320,16 +375,26 @@ class LTX2Family(ModelFamily):
             inputs.update(negative_prompt_embeds=negative.to(dtype), negative_prompt_attention_mask=negative_mask)
             given = _given_text()(torch.cat([negative_audio, audio]).to(dtype))  # the pipeline batches negative first
             guidance = request.cfg_scale
-        pipeline = LTX2Pipeline(scheduler=self.scheduler, vae=self.vae, audio_vae=self.audio_vae, text_encoder=None,
-                                tokenizer=None, connectors=given, transformer=self.transformer, vocoder=self.vocoder)
+        pipeline_class = LTX2Pipeline
+        if self.config.in_context_control:  # an IC-LoRA follows the sample's control video, as at inference
+            from diffusers import LTX2InContextPipeline
+            from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+            from PIL import Image
+
+            pipeline_class = LTX2InContextPipeline
+            control = [Image.fromarray(frame) for frame in request.control]  # resized by the pipeline to the sample's size
+            inputs["reference_conditions"] = [LTX2ReferenceCondition(frames=control, strength=1.0)]
+        pipeline = pipeline_class(scheduler=self.scheduler, vae=self.vae, audio_vae=self.audio_vae, text_encoder=None,
+                                  tokenizer=None, connectors=given, transformer=self.transformer, vocoder=self.vocoder)
         pipeline.set_progress_bar_config(disable=True)
         try:
             frames, sound = pipeline(
                 **inputs, height=request.height, width=request.width, num_frames=request.frames,
                 frame_rate=request.fps or self.fps, num_inference_steps=request.steps, guidance_scale=guidance,
                 audio_guidance_scale=guidance, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
-                audio_modality_scale=1.0, generator=torch.Generator(device=self.device).manual_seed(request.seed),
-                output_type="np", return_dict=False,
+                audio_modality_scale=1.0, use_cross_timestep=self.version.cross_timestep,
+                generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np",
+                return_dict=False,
             )
         finally:
             self.park_vae()
@@ -404,8 +469,11 @@ class LTX2Family(ModelFamily):
                                   upsample_factors=[6, 5, 8], resnet_kernel_sizes=[3], resnet_dilations=[[1]])
         scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
                                                     base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+        # Gemma's tokenizers pad on the left (transformers' GemmaTokenizer); LTX2InContextPipeline reads the side from
+        # the tokenizer when it is built and hands it to the connectors
+        gemma_tokenizer = tokenizer("tokenizer", MAX_SEQUENCE_LENGTH, padding_side="left")
         return LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=gemma,
-                            tokenizer=tokenizer("tokenizer", MAX_SEQUENCE_LENGTH), connectors=connectors,
+                            tokenizer=gemma_tokenizer, connectors=connectors,
                             transformer=transformer, vocoder=vocoder)
 
     # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
@@ -426,22 +494,30 @@ class LTX2Family(ModelFamily):
         return row.expand(batch, -1).clone()
 
     def estimate_step_inputs(self, cfg: dict, x0: torch.Tensor, dtype: torch.dtype):
-        """(cached text rows, no conditioning); `predict` adds the clip's audio tokens (noise, as for a clip without
-        sound: the same tensors, without the audio loss's few bytes)."""
-        return self._estimate_text(len(x0), cfg), None
+        """(cached text rows, the control's latents in an IC-LoRA run); `predict` adds the clip's audio tokens (noise,
+        as for a clip without sound: the same tensors, without the audio loss's few bytes)."""
+        control = None
+        if self.config.in_context_control:  # as many control tokens again as the clip has
+            control = Conditioning(torch.zeros_like(x0), torch.ones(len(x0), dtype=torch.bool))
+        return self._estimate_text(len(x0), cfg), control
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1, guidance off)."""
         f, h, w = latent
         video, audio = _text_widths(cfg)
         steps = self.audio_steps((f - 1) * self.temporal_factor + 1, self.fps)
-        return {"hidden_states": torch.empty(1, f * h * w, cfg["in_channels"], dtype=dtype),
+        tokens = f * h * w
+        call = {"hidden_states": torch.empty(1, tokens, cfg["in_channels"], dtype=dtype),
                 "audio_hidden_states": torch.empty(1, steps, cfg.get("audio_in_channels", 128), dtype=dtype),
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, video, dtype=dtype),
                 "audio_encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, audio, dtype=dtype),
                 "timestep": torch.empty(1), "sigma": torch.empty(1), "encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH),
                 "audio_encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH), "num_frames": f, "height": h,
                 "width": w, "fps": self.fps, "audio_num_frames": steps}
+        if self.config.in_context_control:  # an IC-LoRA: the control's tokens too, with a timestep and position each
+            call.update(hidden_states=torch.empty(1, 2 * tokens, cfg["in_channels"], dtype=dtype),
+                        timestep=torch.empty(1, 2 * tokens), video_coords=torch.zeros(1, 3, 2 * tokens, 2))
+        return call
 
     def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:
         import transformers

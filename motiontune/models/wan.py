@@ -11,6 +11,15 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
   sequence with a learnt position embedding (`pos_embed_seq_len`).
 - TI2V-5B: the clean latents of the first frame replace the noisy first latent frame, whose tokens get
   timestep 0 and are left out of the loss (`image_conditioning_probability` of the samples).
+
+WAN 2.2 Animate, as `WanAnimatePipeline` does it in "animate" mode for one segment:
+- the latents to denoise are one latent frame longer than the clip: the reference (character) picture's slot first,
+  which the pipeline throws away at the end (here: its latents as x0, left out of the loss);
+- 36 input channels: those 16, then 4 mask channels and 16 of latents: the reference picture (mask 1) in its slot,
+  the VAE latents of an empty (zero) video (mask 0) over the clip's frames;
+- the pose video's VAE latents, added after the patch embedding; the face video as pixels (motion_encoder_size
+  square), through the transformer's own motion and face encoders; CLIP's embedding of the reference picture.
+The reference is `<clip>-reference.png` beside the clip, or the clip's own first frame when there is none.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
 
 MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B", "WAN_2_1_VACE",
-               "WAN_2_1_FLF2V")
+               "WAN_2_1_FLF2V", "WAN_2_2_ANIMATE")
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
@@ -67,6 +76,28 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
 ]
 
 
+# Animate's modules beyond WAN's, which the original layout names otherwise (the face adapter fuses key and value)
+_ANIMATE_OWN_LINEARS = ("face_adapter.0.to_q", "face_adapter.0.to_k", "face_adapter.0.to_v", "face_adapter.0.to_out",
+                        "face_encoder.out_proj")
+
+
+def _animate_problems(config) -> list[str]:
+    problems = []
+    if config.masked_training:
+        problems.append("  - masked_training: not built for WAN_2_2_ANIMATE (its latents carry the reference's slot); "
+                        "remove it")
+    if config.output_model_format == "COMFY_TRANSFORMER":
+        problems.append("  - output_model_format = COMFY_TRANSFORMER: the original names of WAN 2.2 Animate's face and "
+                        "motion encoders are not written yet; use DIFFUSERS")
+    filters = [f.strip() for f in config.layer_filter.split(",") if f.strip()]
+    touched = [name for name in _ANIMATE_OWN_LINEARS if any(f in name for f in filters)]
+    if config.output_model_format == "COMFY_LORA" and touched:
+        problems.append(f"  - layer_filter = {config.layer_filter!r} adapts {', '.join(touched)}: COMFY_LORA does not "
+                        "name Animate's face adapter and encoder yet; set output_model_format to DIFFUSERS_LORA, or keep "
+                        "the filter to the blocks (`blocks.`)")
+    return problems
+
+
 def _renamed(module: str, renames: list) -> str:
     for pattern, replacement in renames:
         module, count = re.subn(pattern, replacement, module)
@@ -91,9 +122,12 @@ _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_
 class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
+    # diffusers' WanTransformer3DModel (FLF2V's too) has a context-parallel plan; the VACE and Animate transformers have none
+    CONTEXT_PARALLEL = True
+    CONTEXT_PARALLEL_EXCEPT = ("WAN_2_1_VACE", "WAN_2_2_ANIMATE")
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace",
-                   "wan-2.1-flf2v")
+                   "wan-2.1-flf2v", "wan-2.2-animate")
     LORA_PIPELINE = "WanPipeline"
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
@@ -111,15 +145,36 @@ class WanFamily(ModelFamily):
         return "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
-    def condition_roles(cls, model_type):
+    def condition_roles(cls, config):
         # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); a mask says which part
-        # of it is made anew (inpainting, outpainting), a reference picture what to keep (a character, an object)
-        return {"control": True, "controlmask": False, "reference": False} if model_type == "WAN_2_1_VACE" else {}
+        # of it is made anew (inpainting, outpainting), a reference picture what to keep (a character, an object).
+        # Animate: its pose and face videos, and a reference picture where one is given (else the clip's first frame)
+        if config.model_type == "WAN_2_2_ANIMATE":
+            return {"pose": True, "face": True, "reference": False}
+        if config.model_type == "WAN_2_1_VACE":
+            return {"control": True, "controlmask": False, "reference": False}
+        return {}
+
+    @classmethod
+    def sample_roles(cls, config):
+        # WanAnimatePipeline animates a character picture: a sample gives one (training takes the clip's first frame)
+        roles = cls.condition_roles(config)
+        return {**roles, "reference": True} if config.model_type == "WAN_2_2_ANIMATE" else roles
+
+    @classmethod
+    def whole_roles(cls, config):
+        # VACE places a reference picture whole in the frame (as WanVACEPipeline's reference_images); Animate's
+        # reference is the clip's character, read through the clip's crop like one of its frames
+        return ("reference",) if config.model_type == "WAN_2_1_VACE" else ()
 
     @classmethod
     def condition_companions(cls, role):
         # VACE encodes a control video's frames apart by its mask: the two make one condition
         return ("controlmask",) if role == "control" else ()
+
+    @classmethod
+    def expert_parts(cls, model_type: str) -> tuple[str, ...]:
+        return ("transformer", "transformer_2") if model_type in A14B_MODEL_TYPES else ("transformer",)
 
     @classmethod
     def takes_last_frame(cls, model_type):
@@ -130,12 +185,32 @@ class WanFamily(ModelFamily):
     def config_problems(cls, config):
         if config.model_type == "WAN_2_1_FLF2V":
             return super().config_problems(config) + cls._flf2v_problems(config)
+        if config.model_type == "WAN_2_2_ANIMATE":
+            return super().config_problems(config) + _animate_problems(config)
         if config.model_type not in A14B_MODEL_TYPES:
             return super().config_problems(config)
         if config.expert_choice() is None:
             return ["  - experts: WAN 2.2 A14B needs an expert to train; set experts to both, high or low "
                     "(or transformer.train / transformer_2.train: high-noise / low-noise expert)"]
-        return []
+        return cls._split_problems(config) if config.experts_on == "split" else []
+
+    @staticmethod
+    def _split_problems(config) -> list[str]:
+        """`experts_on: split`: each expert lives on its own processes, so only what trains the experts alone can run."""
+        problems = []
+        if config.expert_choice() != "both":
+            problems.append(f"  - experts_on = split: places the two experts on two groups of processes; with experts = "
+                            f"{config.expert_choice()} only one trains. Set experts to both, or experts_on to together")
+        if config.training_method not in ("LORA", "FINE_TUNE"):
+            problems.append(f"  - experts_on = split with training_method {config.training_method}: only LORA and FINE_TUNE "
+                            "train the experts themselves; set experts_on to together")
+        if config.text_encoder.train or config.additional_embeddings:
+            problems.append("  - experts_on = split with text_encoder.train / additional_embeddings: a text side shared by "
+                            "both expert groups is not built; train it with experts_on together")
+        if config.validation:
+            problems.append("  - experts_on = split with validation: a validation loss needs both experts in one process; "
+                            "set validation to false, or experts_on to together")
+        return problems
 
     @staticmethod
     def _flf2v_problems(config) -> list[str]:
@@ -157,10 +232,12 @@ class WanFamily(ModelFamily):
         self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
         self.is_i2v = self.first_frame(config.model_type) == "required"  # condition channels
-        # a CLIP embedding of the first frame (FLF2V: and of the last, `clip_extras`)
-        self.encodes_first_frame = config.model_type in ("WAN_2_1_I2V", "WAN_2_1_FLF2V")
         self.is_flf2v = config.model_type == "WAN_2_1_FLF2V"
         self.is_vace = config.model_type == "WAN_2_1_VACE"  # control videos through the VACE blocks
+        self.is_animate = config.model_type == "WAN_2_2_ANIMATE"  # pose and face videos and a reference picture
+        # a CLIP embedding of the first frame (FLF2V: and of the last, `clip_extras`; Animate: the reference picture's,
+        # the first frame standing in for it)
+        self.encodes_first_frame = config.model_type in ("WAN_2_1_I2V", "WAN_2_1_FLF2V", "WAN_2_2_ANIMATE")
         # the VAE's spatial factor, times the transformer's 2x2 patches
         self.spatial_multiple = self.vae_compression(config.model_type)[0] * 2
         self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
@@ -173,10 +250,12 @@ class WanFamily(ModelFamily):
     IMAGE_ENCODER = ("CLIPVisionModel", "CLIPImageProcessor", "image_processor")  # WAN 2.1 I2V's
 
     def load_transformers(self) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 
         base = self.config.base_model_name
-        self.scheduler = load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
+        # sampling only (training draws its own noise levels): Animate's pipeline ships UniPC in its flow form
+        self.scheduler = load_part(UniPCMultistepScheduler if self.is_animate else FlowMatchEulerDiscreteScheduler,
+                                   base, "scheduler")
         pipeline_config = read_model_index(base)
         self.boundary_ratio = (
             self.config.boundary_ratio or pipeline_config.get("boundary_ratio") or DEFAULT_BOUNDARY.get(self.config.model_type)
@@ -184,12 +263,18 @@ class WanFamily(ModelFamily):
         self.expand_timesteps = bool(pipeline_config.get("expand_timesteps", self.is_ti2v))
         if self.is_vace:
             from diffusers import WanVACETransformer3DModel as WanTransformer3DModel  # noqa: N814
-        self.transformer = self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+        elif self.is_animate:
+            from diffusers import WanAnimateTransformer3DModel as WanTransformer3DModel  # noqa: N814
+        # `experts_on: split`: a process loads only the expert it trains (`held_expert`); the other stays None
+        held = self.held_expert
+        self.transformer = (self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
+                            if held in (None, "transformer") else None)
         if self.is_flf2v and not self.transformer.config.pos_embed_seq_len:
             raise ValueError(f"base_model_name = {base!r}: its transformer takes one image (no pos_embed_seq_len), so it is "
                              "not WAN 2.1 FLF2V; use Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers, or model_type WAN_2_1_I2V")
         if self.is_a14b:
-            self.transformer_2 = self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+            self.transformer_2 = (self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
+                                  if held in (None, "transformer_2") else None)
 
     def load_text_encoder(self) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -223,6 +308,9 @@ class WanFamily(ModelFamily):
         latents = (latents - mean) / std
         if self.is_i2v:
             latents = torch.cat([latents, self._image_condition(pixels, mean, std)], dim=1)
+        elif self.is_animate:  # the clip's frames in the condition: an empty (zero) video, mask 0 (a first segment)
+            empty = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
+            latents = torch.cat([latents, empty.new_zeros(1, 4, *empty.shape[2:]), empty], dim=1)
         return latents[0].to("cpu")
 
     def _image_condition(self, pixels, mean, std, last: bool = False):
@@ -250,6 +338,48 @@ class WanFamily(ModelFamily):
 
     @no_grad
     def encode_condition(self, role, frames, companions=None):
+        """Animate's pose, face and reference (`_animate_condition`); else VACE's (`_vace_condition`)."""
+        if self.is_animate:
+            return self._animate_condition(role, frames)
+        return self._vace_condition(role, frames, companions)
+
+    def _animate_condition(self, role, frames):
+        """As `WanAnimatePipeline` prepares them: pose → its VAE latents (the posterior's mode), normalised (16, F', H',
+        W'); face → its frames resized to the motion encoder's square as the pipeline's video processor does, kept as
+        uint8 (3, F, S, S) (a step makes them [-1, 1]; uint8 is a quarter of the size and loses nothing); reference →
+        its first frame's condition (mask and latents, `_reference`) packed with its CLIP embedding."""
+        pixels = self.video_pixels(frames)
+        if role == "pose":
+            mean, std = self._latent_stats(pixels)
+            return ((self.vae_latents(pixels, mode=True) - mean) / std)[0].to("cpu")
+        if role == "face":
+            from diffusers.video_processor import VideoProcessor
+            from PIL import Image
+
+            size = self._motion_encoder_size()
+            video = VideoProcessor(vae_scale_factor=self.vae_compression(self.config.model_type)[0]).preprocess_video(
+                [Image.fromarray(frame) for frame in frames], height=size, width=size)
+            return ((video[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        from .packing import pack
+
+        return pack(self._reference(pixels[:, :, :1]), self.encode_first_frame(frames[0])).to("cpu")
+
+    def _motion_encoder_size(self) -> int:
+        """The face video's side: the transformer's `motion_encoder_size` (512 in the release)."""
+        if self.transformer is not None:
+            return self.transformer.config.motion_encoder_size
+        from diffusers import WanAnimateTransformer3DModel
+
+        return WanAnimateTransformer3DModel.load_config(self.config.base_model_name, subfolder="transformer")["motion_encoder_size"]
+
+    def _reference(self, pixels):
+        """`WanAnimatePipeline.prepare_reference_image_latents`: one picture's VAE latents (mode), normalised, after a
+        mask of ones (4 channels): (20, 1, H', W')."""
+        mean, std = self._latent_stats(pixels)
+        latents = (self.vae_latents(pixels, mode=True) - mean) / std
+        return torch.cat([latents.new_ones(1, 4, *latents.shape[2:]), latents], dim=1)[0].to("cpu")
+
+    def _vace_condition(self, role, frames, companions=None):
         """VACE's conditions, as `WanVACEPipeline.prepare_video_latents` / `prepare_masks` make them.
         control: the VAE latents of the control frames outside the mask, then inside it, normalised (32, F', H', W');
         without a mask (all ones: every frame made anew) that is a black video's latents, then the control's, and the 64
@@ -305,6 +435,8 @@ class WanFamily(ModelFamily):
         return self.config.last_frame_conditioning_probability > 0 and self.takes_last_frame(self.config.model_type)
 
     def clip_extra_names(self):
+        if self.is_animate:
+            return ("first_frame_reference",)
         if not self.trains_last_frame:
             return ()
         return ("last_frame", "last_image_embeds") if self.is_flf2v else ("last_frame",)
@@ -312,7 +444,10 @@ class WanFamily(ModelFamily):
     @no_grad
     def clip_extras(self, frames):
         """First and last frame: the condition channels of the clip's own first and last frames, beside the
-        first-frame ones its latents carry (a step picks one or the other)."""
+        first-frame ones its latents carry (a step picks one or the other). Animate: the clip's first frame as its
+        reference picture, for a clip without a `-reference` one."""
+        if self.is_animate:
+            return {"first_frame_reference": self._reference(self.video_pixels(frames[:1]))}
         if not self.trains_last_frame:
             return {}
         pixels = self.video_pixels(frames)
@@ -334,8 +469,10 @@ class WanFamily(ModelFamily):
                 stored = torch.cat([torch.stack([r[:channels] for r in references]).to(stored), stored], dim=2)
             return stored, Conditioning(self._vace_context(extras["control"], references),
                                         torch.ones(len(stored), dtype=torch.bool))
+        if self.is_animate:
+            return self._animate_conditioning(stored, image_embeds, extras)
         if self.is_i2v:
-            channels = self.transformer.config.out_channels
+            channels = self.transformers()[0].config.out_channels  # both experts have the same (split: one is loaded)
             rows = torch.ones(len(stored), dtype=torch.bool)
             condition = stored[:, channels:]
             if extras and "last_frame" in extras:  # these samples also get their last frame
@@ -351,6 +488,26 @@ class WanFamily(ModelFamily):
             loss_frames[rows, 0] = 0  # the given first frame is not predicted
             return stored, Conditioning(stored[:, :, :1], rows, loss_frames)
         return stored, None
+
+    def _animate_conditioning(self, stored, image_embeds, extras):
+        """(x0, conditioning) of an Animate batch: the reference's slot before the clip's latent frames (its latents as
+        x0 there, out of the loss: the pipeline discards that frame), the reference's condition before the clip's; the
+        pose latents and face frames as the transformer's own inputs; CLIP's embedding of each clip's reference."""
+        from .packing import unpack
+
+        channels = self.transformer.config.out_channels
+        references, embeds = list(extras["first_frame_reference"]), list(image_embeds)
+        for row, packed in enumerate(extras.get("reference") or []):
+            if packed is not None:  # a `-reference` picture beside the clip, in place of its first frame
+                reference, embed = unpack(packed[None])
+                references[row], embeds[row] = reference[0].to(stored), embed[0].to(stored)
+        reference = torch.stack(references)
+        x0 = torch.cat([reference[:, 4:], stored[:, :channels]], dim=2)
+        loss_frames = torch.ones(x0.shape[0], x0.shape[2])
+        loss_frames[:, 0] = 0
+        inputs = {"pose": torch.stack(extras["pose"]), "face": torch.stack(extras["face"])}
+        return x0, Conditioning(torch.cat([reference, stored[:, channels:]], dim=2), torch.ones(len(stored), dtype=torch.bool),
+                                loss_frames, torch.stack(embeds), inputs)
 
     def _latent_stats(self, like: torch.Tensor):
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -376,12 +533,17 @@ class WanFamily(ModelFamily):
         image = {}
         if self.is_vace:
             image = {"control_hidden_states": conditioning.latents.to(noisy.device, self.weight_dtype)}
+        elif self.is_animate:  # the face video in [-1, 1], as the pipeline gives it
+            face = conditioning.inputs["face"].to(noisy.device, torch.float32) / 127.5 - 1.0
+            image = {"encoder_hidden_states_image": conditioning.image_embeds.to(noisy.device, self.weight_dtype),
+                     "pose_hidden_states": conditioning.inputs["pose"].to(noisy.device, self.weight_dtype),
+                     "face_pixel_values": face.to(self.weight_dtype)}
         elif conditioning is not None and conditioning.image_embeds is not None:
             images = conditioning.image_embeds
             if images.dim() == 4:  # FLF2V: (2B, tokens, width), each sample's first then last, as the pipeline does
                 images = images.flatten(0, 1)
             image = {"encoder_hidden_states_image": images.to(noisy.device, self.weight_dtype)}
-        if conditioning is not None and self.is_i2v:
+        if conditioning is not None and (self.is_i2v or self.is_animate):
             noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
         elif conditioning is not None and not self.is_vace:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
             keep_noisy = torch.ones_like(noisy[:, :1])
@@ -389,6 +551,14 @@ class WanFamily(ModelFamily):
             noisy = (1 - keep_noisy) * conditioning.latents.to(noisy.device, noisy.dtype) + keep_noisy * noisy
             patch = expert.module.config.patch_size
             timestep = (keep_noisy[:, 0, :, :: patch[1], :: patch[2]] * timestep.view(-1, 1, 1, 1)).flatten(1)
+        parallel = getattr(expert.module, "_parallel_config", None)
+        if parallel is not None and parallel.context_parallel_config is not None:
+            patch, degree = expert.module.config.patch_size, self.config.context_parallel.degree
+            tokens = noisy.shape[2] // patch[0] * (noisy.shape[3] // patch[1]) * (noisy.shape[4] // patch[2])
+            if tokens % degree:
+                raise ValueError(f"context_parallel.degree = {degree}: a clip of {tokens} tokens (latents "
+                                 f"{tuple(noisy.shape[2:])}) does not split evenly over the processes; pick a resolution "
+                                 "or max_frames whose token count the degree divides")
         # self.weight_dtype, not module.dtype: diffusers computes that by walking every module (ms per call)
         return expert.module(hidden_states=noisy.to(self.weight_dtype), timestep=timestep,
                              encoder_hidden_states=text.to(self.weight_dtype), return_dict=False, **image)[0]
@@ -445,18 +615,28 @@ class WanFamily(ModelFamily):
 
         dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
-        with self.taking_turns(first_frame=request.image is not None):
+        with self.taking_turns(first_frame=request.image is not None or self.is_animate):
             parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
                          transformer=self.transformer, transformer_2=self.transformer_2,
                          boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
-            image = {}
-            if self.is_vace:  # follows the sample's control video (and its mask, and a reference picture)
+            image = {"num_frames": request.frames}
+            if self.is_animate:  # a character picture moved by the pose and face videos, in one segment
+                from diffusers import WanAnimatePipeline
+                from PIL import Image
+
+                for name in ("transformer_2", "boundary_ratio", "expand_timesteps"):
+                    parts.pop(name)
+                pipeline = WanAnimatePipeline(image_encoder=self.image_encoder, image_processor=self.image_processor, **parts)
+                image = {"image": Image.fromarray(request.reference), "segment_frame_length": request.frames,
+                         "pose_video": [Image.fromarray(frame) for frame in request.pose[: request.frames]],
+                         "face_video": [Image.fromarray(frame) for frame in request.face[: request.frames]]}
+            elif self.is_vace:  # follows the sample's control video (and its mask, and a reference picture)
                 from diffusers import WanVACEPipeline
                 from PIL import Image
 
                 parts.pop("expand_timesteps")
                 pipeline = WanVACEPipeline(**parts)
-                image = {"video": [Image.fromarray(frame) for frame in request.control]}
+                image.update(video=[Image.fromarray(frame) for frame in request.control])
                 if request.control_mask is not None:
                     image["mask"] = [Image.fromarray(frame) for frame in request.control_mask[: len(request.control)]]
                 if request.reference is not None:
@@ -466,7 +646,7 @@ class WanFamily(ModelFamily):
 
                 pipeline = WanImageToVideoPipeline(image_encoder=self.image_encoder, image_processor=self.image_processor,
                                                    **parts)
-                image = {"image": Image.fromarray(request.image)}
+                image.update(image=Image.fromarray(request.image))
                 if request.last_image is not None:
                     image["last_image"] = Image.fromarray(request.last_image)
             else:
@@ -476,7 +656,7 @@ class WanFamily(ModelFamily):
                 video = pipeline(
                     **image, prompt_embeds=request.prompt_embeds.to(self.device, dtype),
                     negative_prompt_embeds=None if negative is None else negative.to(self.device, dtype),
-                    height=request.height, width=request.width, num_frames=request.frames,
+                    height=request.height, width=request.width,
                     num_inference_steps=request.steps, guidance_scale=request.cfg_scale,
                     generator=torch.Generator(device=self.device).manual_seed(request.seed), output_type="np",
                     callback_on_step_end=before_decoding,
@@ -489,8 +669,6 @@ class WanFamily(ModelFamily):
     @classmethod
     def tiny_pipeline(cls, name, tokenizer, clips, heads, layers):
         from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
-        from transformers import UMT5Config, UMT5EncoderModel
-
         text_dim = 32
         wide_vae = name == "wan-2.2-ti2v-5b"
         vae = tiny_vae(wide_vae)
@@ -501,6 +679,8 @@ class WanFamily(ModelFamily):
         two_experts = name in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
         image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v", "wan-2.1-flf2v")
         vace = name == "wan-2.1-vace"
+        if name == "wan-2.2-animate":
+            return _tiny_animate(tokenizer, vae, heads or 4, layers, text_dim)
         image_dim = 32 if name in ("wan-2.1-i2v", "wan-2.1-flf2v") else None  # the tiny CLIP vision encoder's width
         # FLF2V: the first and the last frame's CLIP tokens as one sequence (the tiny CLIP: 4 x 4 patches + 1)
         image_tokens = 2 * 17 if name == "wan-2.1-flf2v" else None
@@ -514,10 +694,7 @@ class WanFamily(ModelFamily):
                          if two_experts else None)
         # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
         scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0 if name.startswith("wan-2.2") else 3.0)
-        text_encoder = UMT5EncoderModel(UMT5Config(  # vocab >= the tokenizer's
-            vocab_size=256, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0)).eval()
+        text_encoder = _tiny_umt5(text_dim)
         parts = dict(tokenizer=tokenizer("tokenizer", 512), text_encoder=text_encoder, vae=vae,
                      scheduler=scheduler, transformer=transformer, transformer_2=transformer_2,
                      boundary_ratio=(0.9 if image_to_video else 0.875) if two_experts else None,
@@ -536,7 +713,8 @@ class WanFamily(ModelFamily):
     # --- what estimate needs to know (motiontune/estimate asks; nothing here loads weights) ----------------------
     @property
     def transformer_class_name(self):
-        return "WanVACETransformer3DModel" if self.config.model_type == "WAN_2_1_VACE" else "WanTransformer3DModel"
+        return {"WAN_2_1_VACE": "WanVACETransformer3DModel", "WAN_2_2_ANIMATE": "WanAnimateTransformer3DModel"}.get(
+            self.config.model_type, "WanTransformer3DModel")
     block_groups = (("num_layers", "blocks"),)  # (config key of the count, the ModuleList) for each kind of block
     text_tokens = MAX_SEQUENCE_LENGTH
     TEXT_ENCODER_CLASSES = {"text_encoder": ("UMT5", "UMT5EncoderModel")}
@@ -544,6 +722,8 @@ class WanFamily(ModelFamily):
     def estimate_shorten(self, cfg: dict, short: dict) -> dict:
         """A copy with fewer blocks keeps the VACE blocks that sit beside those (VACE: one per two blocks in 1.3B). The
         activations of the VACE blocks past the simulated ones are not extrapolated: an estimate of VACE runs is low."""
+        if "inject_face_latents_blocks" in cfg:  # Animate: a face adapter after the first block of every few, kept
+            return dict(short, inject_face_latents_blocks=min(cfg["inject_face_latents_blocks"], short["num_layers"]))
         if "vace_layers" not in cfg:
             return short
         return dict(short, vace_layers=[layer for layer in cfg["vace_layers"] if layer < short["num_layers"]])
@@ -569,7 +749,18 @@ class WanFamily(ModelFamily):
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
         if self.is_vace:
             return text, Conditioning(x0.new_empty(batch, cfg["vace_in_channels"], frames, height, width), rows)
+        if self.is_animate:  # x0's first frame is the reference's slot; pose latents and face frames over the rest
+            return text, Conditioning(x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width), rows,
+                                      None, x0.new_empty(batch, CLIP_IMAGE_TOKENS, cfg["image_dim"]),
+                                      self._estimate_animate_inputs(cfg, x0.new_empty, batch, frames - 1, height, width))
         return text, None
+
+    def _estimate_animate_inputs(self, cfg, empty, batch, frames, height, width) -> dict:
+        """Animate's pose latents over `frames` latent frames and the face frames they stand for, at the motion
+        encoder's size."""
+        size = cfg.get("motion_encoder_size", 512)
+        return {"pose": empty(batch, cfg.get("latent_channels", 16), frames, height, width),
+                "face": empty(batch, 3, (frames - 1) * self.temporal_factor + 1, size, size, dtype=torch.uint8)}
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
         """One transformer call as the stock pipeline makes it while sampling (batch 1)."""
@@ -584,6 +775,10 @@ class WanFamily(ModelFamily):
                 self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
         if cfg.get("vace_in_channels"):
             call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
+        if self.is_animate:  # one latent frame more (the reference's), the face frames in [-1, 1]
+            call["hidden_states"] = torch.empty(1, cfg["in_channels"], f + 1, h, w, dtype=dtype)
+            inputs = self._estimate_animate_inputs(cfg, torch.empty, 1, f, h, w)
+            call.update(pose_hidden_states=inputs["pose"].to(dtype), face_pixel_values=inputs["face"].to(dtype))
         return call
 
     @staticmethod
@@ -634,6 +829,35 @@ def calibrate_latent_stats(vae, clips) -> None:
     stacked = torch.cat(latents).transpose(0, 1).flatten(1)  # channels × values
     vae.register_to_config(latents_mean=[round(v, 4) for v in stacked.mean(1).tolist()],
                            latents_std=[round(v, 4) for v in stacked.std(1).tolist()])
+
+
+def _tiny_umt5(text_dim: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(  # vocab >= the tokenizer's
+        vocab_size=256, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+
+
+def _tiny_animate(tokenizer, vae, heads: int, layers: int, text_dim: int):
+    """WAN 2.2 Animate: an I2V-shaped transformer (36 channels in, CLIP image tokens) with its pose embedding, a motion
+    encoder for 16-pixel face frames (512 in the release) and a face adapter after every block (every 5th there); the
+    stock pipeline's UniPC scheduler in its flow form, with the release's shift."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+
+    image_dim = 32
+    transformer = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=24, in_channels=36, latent_channels=16,
+        out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=4 * heads * 24, num_layers=layers, image_dim=image_dim,
+        added_kv_proj_dim=heads * 24, rope_max_seq_len=64, motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 8},
+        motion_encoder_size=16, motion_style_dim=16, motion_dim=8, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    image_encoder, image_processor = _tiny_clip_vision(image_dim)
+    return WanAnimatePipeline(tokenizer=tokenizer("tokenizer", 512), text_encoder=_tiny_umt5(text_dim), vae=vae,
+                              scheduler=scheduler, image_processor=image_processor, image_encoder=image_encoder,
+                              transformer=transformer)
 
 
 def _tiny_clip_vision(width: int):

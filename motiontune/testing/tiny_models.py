@@ -27,8 +27,9 @@ _WORDS = (
 ).split()
 
 
-def build_tokenizer(directory: Path, model_max_length: int = 512) -> None:
-    """A UMT5-style tokenizer (pad=0, eos=1, unk=2, `</s>` appended) built with `tokenizers`."""
+def build_tokenizer(directory: Path, model_max_length: int = 512, padding_side: str = "right") -> None:
+    """A UMT5-style tokenizer (pad=0, eos=1, unk=2, `</s>` appended) built with `tokenizers`; `padding_side` saved
+    with it, as a real model's tokenizer config says it."""
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
@@ -44,6 +45,7 @@ def build_tokenizer(directory: Path, model_max_length: int = 512) -> None:
         eos_token="</s>",
         unk_token="<unk>",
         model_max_length=model_max_length,
+        padding_side=padding_side,
     )
     fast.save_pretrained(directory)
 
@@ -65,8 +67,8 @@ def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0, heads: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    def tokenizer(subfolder: str, max_length: int):
-        build_tokenizer(out / subfolder, model_max_length=max_length)
+    def tokenizer(subfolder: str, max_length: int, padding_side: str = "right"):
+        build_tokenizer(out / subfolder, model_max_length=max_length, padding_side=padding_side)
         return AutoTokenizer.from_pretrained(out / subfolder)
 
     torch.manual_seed(seed)

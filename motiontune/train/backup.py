@@ -6,7 +6,7 @@ place, so the previous backup stays valid until the new one is complete. State i
 `torch.load(weights_only=True)`: a backup cannot run code.
 
 With several ranks, rank 0 writes the backup: every rank's random state, and, for a sharded fine-tune,
-the weights and optimizer state gathered whole. It continues only on the same number of ranks (another
+the weights and optimizer state gathered whole; with split experts, each expert's state sent by its group. It continues only on the same number of ranks (another
 count would change the global batch). Every rank must reach a shared folder to continue.
 """
 
@@ -87,12 +87,22 @@ def write_backup(directory: Path, config: TrainConfig, position: Position, train
     rngs = ranks.gather(rng_state(generators))
     weights, optimizers = [], []
     for t in trainings:
-        if distributed.is_sharded(t.parameters):  # collectives: every rank takes part, rank 0 receives the whole
+        if not t.held:  # experts_on split: the first rank of its group sends it below
+            weights.append(None)
+            optimizers.append(None)
+        elif distributed.is_sharded(t.parameters):  # collectives: every rank takes part, rank 0 receives the whole
             weights.append({n: v for n, v in distributed.full_state_dict(t.expert.module).items() if n in _trained_names(t)})
             optimizers.append(distributed.full_optimizer_state(t.expert.module, t.optimizer))
         else:  # replicated: every rank holds the same
             weights.append({n: p.detach() for n, p in t.expert.module.named_parameters() if p.requires_grad})
             optimizers.append(_in_host_memory(t.optimizer.state_dict()))
+    if ranks.group:  # split experts: rank 0 receives each expert's state from its group's first rank
+        sent = {t.expert.name: (_in_host_memory(w), o) for t, w, o in zip(trainings, weights, optimizers)
+                if t.held and not t.text_side} if ranks.group_lead else {}
+        received = {name: state for part in ranks.to_main(sent) for name, state in part.items()}
+        if ranks.main:
+            weights = [received[t.expert.name][0] if not t.held else w for t, w in zip(trainings, weights)]
+            optimizers = [received[t.expert.name][1] if not t.held else o for t, o in zip(trainings, optimizers)]
     outcome: Path | Exception | None = None
     if ranks.main:
         try:
@@ -198,6 +208,9 @@ def load_backup(backup: Path, trainings, generators, ranks: Ranks | None = None,
     ranks = ranks or Ranks()
     state = torch.load(backup / "state.pt", weights_only=True)
     for training, optimizer_state, scheduler_state in zip(trainings, state["optimizers"], state["schedulers"]):
+        if not training.held:  # experts_on split: its group loads it; here only its schedule and counts
+            training.scheduler.load_state_dict(scheduler_state)
+            continue
         adapters = load_file(str(backup / f"adapters-{training.expert.name}.safetensors"))
         if distributed.is_sharded(training.parameters):
             distributed.load_full_state(training.expert.module, training.optimizer, adapters, optimizer_state)

@@ -34,11 +34,23 @@ class WorldSizeError(ConfigError):
     """The number of processes and the batch settings cannot divide the data."""
 
 
-def start(device: torch.device, sharded: bool) -> tuple[Ranks, torch.device]:
+def start(device: torch.device, sharded: bool, split_experts: bool = False, context=None) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR/PORT); a plain `motiontune train` is a world of one. `sharded`: the method shards the
-    transformer with FSDP2 (a fine-tune)."""
+    transformer with FSDP2 (a fine-tune). `split_experts`: `experts_on: split`, each expert on half the
+    ranks (place_experts); a fine-tune then runs one rank per expert, unsharded. `context`: the config's
+    `context_parallel` (groups of `degree` consecutive ranks share each clip's tokens)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    degree = context.degree if context is not None else 1
+    if degree > 1 and world_size % degree:
+        raise WorldSizeError(f"context_parallel.degree = {degree} but this run has {world_size} process(es): the processes "
+                             f"form groups of {degree} that share each clip, so start a multiple of {degree} "
+                             f"(torchrun --nproc-per-node {degree}, or {2 * degree} for two data-parallel groups)")
+    if split_experts and world_size < 2:
+        raise WorldSizeError("experts_on = split puts WAN 2.2 A14B's two experts on two groups of processes, but this run "
+                             "has one process. Start it with torchrun --nproc-per-node 2 (or more, an even count), "
+                             "or set experts_on to together")
+    sharded = sharded and not split_experts
     if world_size <= 1:
         return Ranks(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,21 +60,116 @@ def start(device: torch.device, sharded: bool) -> tuple[Ranks, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # cache filling can take long
-    ranks = Ranks(rank, world_size, local_rank, sharded=sharded)
+    ranks = Ranks(rank, world_size, local_rank, sharded=sharded, context=degree)
+    if degree > 1:
+        ranks.context_mesh = _context_mesh(device, world_size, degree, context.attention)
     if not ranks.main:  # rank 0 reports; the others speak up only for their own warnings and errors
         log.setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-    if ranks.main:
+    if ranks.main and degree > 1:
+        log.info("%d processes (%s): %d data-parallel group(s) of %d sharing each clip's tokens (context parallel, %s "
+                 "attention); trained parameters replicated, gradients summed", world_size, dist.get_backend(),
+                 ranks.data_size, degree, context.attention)
+    elif ranks.main and not split_experts:  # place_experts says how a split run shares the work
         log.info("%d processes (%s): %s", world_size, dist.get_backend(),
                  "FSDP2, the transformer sharded across them" if ranks.sharded else "trained parameters replicated, gradients summed")
     return ranks, device
 
 
+def place_experts(ranks: Ranks, expert_names: list[str], method_sharded: bool) -> None:
+    """`experts_on: split`: the first half of the ranks hold and train the first expert (WAN 2.2's high-noise one),
+    the second half the other. Every rank draws the whole global batch's noise levels alike, so each sample is
+    routed to exactly one group; inside a group the rows are split as data parallelism splits them, and
+    gradients are summed within the group only."""
+    if ranks.world_size % 2:
+        raise WorldSizeError(f"experts_on = split gives each of WAN 2.2 A14B's two experts half of the processes, but this "
+                             f"run has {ranks.world_size}. Start an even number (torchrun --nproc-per-node), or set "
+                             "experts_on to together")
+    half = ranks.world_size // 2
+    if method_sharded and half > 1:
+        raise WorldSizeError(f"experts_on = split with a fine-tune on {ranks.world_size} processes: each expert group would "
+                             "have to shard its expert with FSDP2, which is not built. Start 2 processes (one per expert), "
+                             "or set experts_on to together (FSDP2 over every process)")
+    groups = [list(range(half)), list(range(half, ranks.world_size))]
+    handles = [dist.new_group(group) for group in groups]  # every rank makes every group, in the same order
+    mine = 0 if ranks.rank < half else 1
+    ranks.expert, ranks.group, ranks.group_handle = expert_names[mine], groups[mine], handles[mine]
+    if ranks.main:
+        log.info("%d processes (%s), experts_on split: each group loads and trains one expert, its gradients summed "
+                 "within the group", ranks.world_size, dist.get_backend())
+
+
+def log_placement(ranks: Ranks, trainings: list, shares: dict[str, float]) -> None:
+    """Which ranks train which expert, and the share of the clips each is expected to get."""
+    if not ranks.main or not ranks.group:
+        return
+    half = ranks.world_size // 2
+    for training, group in zip(trainings, [list(range(half)), list(range(half, ranks.world_size))]):
+        expert = training.expert
+        log.info("ranks %s train the %s expert (%s): %.1f%% of the clips expected", _span(group),
+                 expert.label.replace("_", "-"), expert.name, 100 * shares[expert.name])
+
+
+def log_shares(ranks: Ranks, trainings: list) -> None:
+    """At the end of a split run: the clips each expert group trained."""
+    if not ranks.main or not ranks.group:
+        return
+    total = sum(t.samples for t in trainings) or 1
+    half = ranks.world_size // 2
+    for training, group in zip(trainings, [list(range(half)), list(range(half, ranks.world_size))]):
+        log.info("ranks %s trained the %s expert on %d of %d clips (%.1f%%) in %d steps", _span(group),
+                 training.expert.label.replace("_", "-"), training.samples, total, 100 * training.samples / total,
+                 training.steps)
+
+
+def _span(group: list[int]) -> str:
+    return str(group[0]) if len(group) == 1 else f"{group[0]}-{group[-1]}"
+
+
+def _context_mesh(device: torch.device, world_size: int, degree: int, attention: str):
+    """The device mesh (data, ring, ulysses): consecutive ranks share a clip, so a context group stays on one machine
+    when the degree divides the GPUs per machine. → its (ring, ulysses) part, which diffusers' attention splits over."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if attention == "ring" and device.type != "cuda":
+        raise ConfigError("context_parallel.attention = ring needs CUDA: diffusers' ring attention merges partial "
+                          "attentions by their log-sum-exp, which only its CUDA backends return (its native SDPA "
+                          "backend raises 'Native attention does not support return_lse=True'). Use ulysses")
+    ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
+    mesh = init_device_mesh(device.type, (world_size // degree, ring, ulysses), mesh_dim_names=("data", "ring", "ulysses"))
+    return mesh["ring", "ulysses"]
+
+
+def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str) -> None:
+    """Split `module`'s tokens over the context group with diffusers' own plan for it (`_cp_plan`) and its attention
+    backends' Ulysses / ring implementations. What `ModelMixin.enable_parallelism` does, minus its device lookup
+    (diffusers 0.42.1 takes `rank % torch.accelerator.device_count()`, a division by zero on a machine without one)."""
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    heads = getattr(module.config, "num_attention_heads", None)
+    if attention == "ulysses" and heads and heads % ranks.context:
+        raise ConfigError(f"context_parallel.degree = {ranks.context} with ulysses attention: the transformer's "
+                          f"{heads} attention heads must split evenly over the processes; pick a degree dividing {heads}")
+    degrees = {"ring_degree": ranks.context} if attention == "ring" else {"ulysses_degree": ranks.context}
+    settings = ContextParallelConfig(**degrees, mesh=ranks.context_mesh)
+    config = ParallelConfig(context_parallel_config=settings)
+    device = next(module.parameters()).device
+    config.setup(ranks.rank, ranks.world_size, device, mesh=ranks.context_mesh)
+    module._parallel_config = config
+    for part in module.modules():
+        processor = getattr(part, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(module, settings, module._cp_plan)
+
+
 def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:
-    if ranks.several and items_per_epoch < ranks.world_size:
+    if ranks.several and items_per_epoch < ranks.data_size:
+        who = f"{ranks.world_size} processes" if ranks.context == 1 else f"{ranks.data_size} data-parallel groups"
         raise WorldSizeError(
-            f"{ranks.world_size} processes but an epoch holds only {items_per_epoch} clip(s) (batch_size {batch_size} each): "
+            f"{who} but an epoch holds only {items_per_epoch} clip(s) (batch_size {batch_size} each): "
             f"every process needs at least one clip per step. Start fewer processes (torchrun --nproc-per-node), "
             "or add clips or raise the concept's repeats."
         )

@@ -143,9 +143,13 @@ class Events:
         """Rank 0 saves; a sharded fine-tune first gathers its weights whole (every rank takes part)."""
         trainings = self.step.trainings
         states = {t.expert.name: distributed.full_state_dict(t.expert.module) for t in trainings} if self.ranks.sharded else None
+        method = METHODS[self.config.training_method]
+        if self.ranks.group:  # experts_on split: each group's first rank saves its expert; rank 0 lists them all
+            paths = method.save(self.family, self.config, destination) if self.ranks.group_lead else []
+            gathered = [p for written in self.ranks.gather(paths) for p in written]
+            return gathered if self.ranks.main else []
         if not self.ranks.main:
             return []
-        method = METHODS[self.config.training_method]
         # additional_embeddings beside whatever the method saves
         return (method.save(self.family, self.config, destination, states=states)
                 + save_additional_embeddings(self.family, self.config, destination))
@@ -165,6 +169,7 @@ class Events:
         result.steps = position.step
         result.skipped_steps = self.step.skipped
         result.experts = {t.expert.label or t.expert.name: {"samples": t.samples, "steps": t.steps} for t in self.step.everything}
+        distributed.log_shares(self.ranks, self.step.trainings)
         if len(self.step.everything) > 1:
             log.info("samples and steps per part: %s", ", ".join(f"{name} {v['samples']} samples in {v['steps']} steps"
                                                                  for name, v in result.experts.items()))
@@ -243,7 +248,7 @@ def _sample(family: ModelFamily, requests, samples, workspace: Path, tag: str, f
     """Samples with the stock pipeline and the stock (full) attention, as users will run the LoRA. Rank 0
     writes them; with a sharded model the other ranks render along (each forward needs all of them).
     Returns the written paths and, for each sample that failed, why."""
-    if not ranks.main and not ranks.sharded:
+    if not ranks.main and not ranks.sharded and ranks.context == 1:  # sharded or context parallel: all render along
         return [], []
     experts = family.trained_experts()
     for expert in experts:

@@ -29,7 +29,7 @@ from .backup import Position, check_resumable, find_backup, load_backup
 from .events import Events, StopRequest, write_result
 from .memory import compile_blocks, prepare_memory
 from .optim import make_optimizer, make_scheduler, optimizer_state_bytes
-from .step import ExpertTraining, Step
+from .step import ExpertTraining, Step, expected_shares
 from .text_conditioning import TextConditioning
 from .validation import Validation, trained_clips, validation_clips
 
@@ -65,7 +65,9 @@ def pick_device(name: str) -> torch.device:
 def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     """`resume`: a backup folder, or "latest" (also what `continue_last_backup` asks for). Under `torchrun`,
     every rank runs this (see distributed.py)."""
-    ranks, device = distributed.start(pick_device(config.train_device), METHODS[config.training_method].SHARDED)
+    split = config.experts_on == "split"
+    ranks, device = distributed.start(pick_device(config.train_device), METHODS[config.training_method].SHARDED, split,
+                                      config.context_parallel)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -81,10 +83,20 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
         log.warning("%s", notice)
 
     family = family_for(config, device)
+    if split:  # each process loads only the expert of its group
+        distributed.place_experts(ranks, list(getattr(family, "expert_names", ["transformer"])),
+                                  METHODS[config.training_method].SHARDED)
+        family.held_expert = ranks.expert
     data = _setup_data(config, family, ranks)
-    log.info("loading %s from %s on %s", config.model_type, config.base_model_name, device)
+    if split and data.sample_requests:
+        log.warning("experts_on split: no samples during training (the stock pipeline needs both experts in one "
+                    "process); sample the saved LoRAs or models afterwards with motiontune sample")
+        data.sample_requests = []
+    log.info("loading %s from %s on %s", config.model_type,
+             config.base_model_name + (f" ({ranks.expert} only)" if split else ""), device)
     family.load_transformers()
-    global_batch_size = config.batch_size * ranks.world_size  # N ranks train what one process with N× the batch would
+    # N data-parallel ranks train what one process with N× the batch would (a context group is one of them)
+    global_batch_size = config.batch_size * ranks.data_size
     distributed.check_divisible(ranks, int(sum(c.repeats for c in data.clips)), config.batch_size)
     batches = batches_per_epoch([c.shape for c in data.clips], [c.repeats for c in data.clips], global_batch_size,
                                 config.video_config.video_batch_size_multiplier)
@@ -93,6 +105,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     text_trainings = [t for t in [data.text_side.prepare(total_steps)] if t]  # a trained text encoder or embeddings
     _log_what_trains(config, trainings, total_steps)
     step = Step(family, config, ranks, trainings, text_trainings, data.text_side)
+    distributed.log_placement(ranks, trainings, expected_shares(config, step.spans))
 
     position = Position(step=0, epoch=0, next_batch=0)
     if backup_to_load:
@@ -209,12 +222,22 @@ def _setup_experts(config: TrainConfig, family: ModelFamily, ranks: Ranks, devic
     is on the device."""
     method = METHODS[config.training_method]
     trainings = []
-    for expert in family.trained_experts():
-        parameters = method.prepare(family, expert, config)
+    for index, expert in enumerate(family.trained_experts()):
+        if expert.module is None:  # experts_on split: another group holds and trains it; here its step count and
+            # schedule follow along (an optimizer of nothing), so every rank decides alike which experts still train
+            optimizer = make_optimizer([], config, getattr(config, expert.name).learning_rate)
+            trainings.append(ExpertTraining(expert, [], optimizer, make_scheduler(optimizer, config, total_steps),
+                                            getattr(config, expert.name).max_steps))
+            continue
+        with torch.random.fork_rng(devices=[]):  # each expert's adapters start alike wherever it is placed (split experts)
+            torch.manual_seed(config.seed + index)
+            parameters = method.prepare(family, expert, config)
         if ranks.sharded and MemoryPlan.of(config, expert.name).offloads:
             raise ConfigError("layer offloading and CPU_OFFLOADED checkpointing do not combine with FSDP2 sharding "
                               "(torchrun fine-tune): sharding already splits the weights over the GPUs; use ON")
         prepare_memory(family, expert, config, device)  # before the expert moves to the device
+        if ranks.context > 1:  # after the adapters: the plan's hooks sit on the modules as they will run
+            distributed.enable_context_parallel(expert.module, ranks, config.context_parallel.attention)
         expert.module.train()
         if not config.video_config.use_temporal_attention:
             family.set_frame_local_attention(expert, True)
@@ -236,6 +259,6 @@ def _log_what_trains(config: TrainConfig, trainings: list[ExpertTraining], total
     trained = sum(p.numel() for t in trainings for p in t.parameters)
     state_bytes = sum(optimizer_state_bytes(t.optimizer, config) for t in trainings)
     log.info("%s of %s for %d steps: %.2fM trained parameters, %s state %.1f MB", config.training_method,
-             " and ".join(t.expert.label or t.expert.name for t in trainings), total_steps, trained / 1e6,
+             " and ".join(t.expert.label or t.expert.name for t in trainings if t.held), total_steps, trained / 1e6,
              config.optimizer.optimizer, state_bytes / 1e6)
 

@@ -48,6 +48,11 @@ class ExpertTraining:
     text_side: bool = False  # the text encoder or embeddings: stays on the device, learns from every sample
 
     @property
+    def held(self) -> bool:
+        """False for an expert another group of ranks holds (`experts_on: split`): only its counts and schedule are here."""
+        return self.expert.module is not None
+
+    @property
     def done(self) -> bool:
         return self.max_steps is not None and self.steps >= self.max_steps
 
@@ -140,11 +145,11 @@ class Step:
         config, video, ranks, device, generators = self.config, self.config.video_config, self.ranks, self.device, self.generators
         # noise levels only where an expert still trains: one that reached max_steps hands its share to the other
         live = [t for t in self.trainings if not t.done]
-        mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.world_size)))
+        mine = list(ranks.rows(len(batch), math.ceil(len(batch) / ranks.data_size)))  # a context group shares its rows
         stored = torch.stack([clips[i].latents for i in batch]).to(device, non_blocking=True)
         images = [clips[i].image_embeds for i in batch]
         images = torch.stack(images).to(device) if images[0] is not None else None
-        extras = batch_extras(self.family, config.model_type, clips, batch, device)  # first and last frame, control...
+        extras = batch_extras(self.family, config, clips, batch, device)  # first and last frame, control...
         x0, conditioning = self.family.split_conditioning(stored, generators["conditioning"], images, extras)  # image-to-video
         dropout = config.text_encoder.dropout_probability
         captions = ["" if random.random() < dropout else random.choice(clips[i].captions) for i in batch]
@@ -169,7 +174,13 @@ class Step:
                              config.unmasked_weight, generators["mask"]).to(device)
         loss, parts = torch.zeros((), device=device), {}
         for expert, all_rows in self.family.route(sigma):  # each sample goes to the expert serving its noise level
-            rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
+            if expert.module is None:  # experts_on split: another group of ranks trains these rows
+                continue
+            if ranks.group:  # split: the group's ranks share the rows routed to its expert
+                per_rank = math.ceil(len(all_rows) / ranks.group_size)
+                rows = all_rows[ranks.group_rank * per_rank:(ranks.group_rank + 1) * per_rank]
+            else:
+                rows = all_rows[torch.isin(all_rows, torch.tensor(mine, device=all_rows.device, dtype=all_rows.dtype))]
             share = len(rows) / len(batch)  # weights summed over ranks: exact however the batch splits
             self.trained_here[expert.name] += len(rows)
             self.trained_here[self.text_side_name] += len(rows)  # a trained text side learns from every sample
@@ -216,6 +227,7 @@ class Step:
                 parts[name] = parts.get(name, 0.0) + value * share
         # the global batch's loss and its parts, in one reduction (a rank without rows adds zeros)
         totals = ranks.sum(torch.stack([loss, *(torch.as_tensor(parts.get(n, 0.0), device=device).float() for n in self.part_names)]))
+        totals = totals / ranks.context  # every rank of a context group computed its rows' whole loss
         return totals[0], dict(zip(self.part_names, totals[1:]))
 
     def _prior_targets(self, expert: Expert, noisy, sigma, text, conditioning, rows, sound_rows, prior, target, x0,
@@ -292,14 +304,19 @@ def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config:
     else "nonfinite". `finite_loss` is the global batch's, so every rank decides alike. `samples`: how many
     samples each expert (by name) received on this rank since the last step."""
     norms, stepping = [], []
-    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device))
+    # a context group's ranks all count the rows they share
+    counts = ranks.sum(torch.tensor([float(samples[t.expert.name]) for t in trainings], device=family.device)) / ranks.context
     for training, count in zip(trainings, counts.tolist()):
         # an expert steps when any rank gave it a sample (an untouched one must not decay or gain momentum)
         had_samples = count > 0
         stepping.append(had_samples)
+        if not training.held:  # experts_on split: its group sums, clips and steps it
+            continue
         if had_samples and not is_sharded(training.parameters):
-            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean
-            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1)
+            # replicated (a LoRA, a text encoder beside a sharded fine-tune): the loss was scaled ×N for FSDP's mean;
+            # split experts: an expert's gradients live on its group alone
+            ranks.sum_gradients(training.parameters, divide_by=ranks.world_size if ranks.sharded else 1,
+                                within_group=not training.text_side)
         if had_samples and scaler.is_enabled():
             scaler.unscale_(training.optimizer)  # clipping and the finite check see the true gradients
         if finite_loss and had_samples:
@@ -307,20 +324,24 @@ def optimizer_step(family: ModelFamily, trainings: list[ExpertTraining], config:
             norm = torch.nn.utils.clip_grad_norm_(training.parameters, config.clip_grad_norm or math.inf)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     healthy = finite_loss and all(bool(torch.isfinite(n)) for n in norms)
+    if ranks.group:  # split experts: each group saw only its expert's gradients; all skip a step, or none
+        healthy = ranks.all_agree(healthy)
     for training, had_samples, count in zip(trainings, stepping, counts.tolist()):
         if healthy and had_samples:
             training.steps += 1
             training.samples += int(count)
-            if not training.text_side:  # the text side stays on the device
-                family.activate(training.expert)
-            scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
+            if training.held:
+                if not training.text_side:  # the text side stays on the device
+                    family.activate(training.expert)
+                scaler.step(training.optimizer) if scaler.is_enabled() else training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
         if healthy:
             with warnings.catch_warnings():  # an expert that had no samples yet still follows the global schedule
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 training.scheduler.step()
     if scaler.is_enabled() and any(stepping):
-        scaler.update()
+        if any(s and t.held for s, t in zip(stepping, trainings)):  # split experts: this group unscaled something
+            scaler.update()
         if not healthy and finite_loss:
             return "overflow"
     return "stepped" if healthy else "nonfinite"

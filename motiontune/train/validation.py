@@ -53,7 +53,7 @@ class Validation:
         per_concept = defaultdict(list)
         for clip in self.clips:
             images = None if clip.image_embeds is None else clip.image_embeds[None].to(device)
-            extras = batch_extras(family, family.config.model_type, [clip], [0], device)
+            extras = batch_extras(family, family.config, [clip], [0], device)
             x0, conditioning = family.split_conditioning(clip.latents[None].to(device), condition_generator, images, extras)
             noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
             text = self.text_side.batch([clip.captions[0]], device)

@@ -80,7 +80,8 @@ def backups(folder: Path) -> list[dict]:
 
 
 def samples(folder: Path, config: dict, result: dict | None) -> list[dict]:
-    """The run's sample videos, oldest first, each with the step (or epoch) it shows and its prompt."""
+    """The run's sample videos, oldest first, each with the step (or epoch) it shows, its prompt and the prompt's
+    place in the config's `samples` (the page lines a prompt's samples up across steps and across runs)."""
     directory = folder / "samples"
     if not directory.is_dir():
         return []
@@ -89,9 +90,10 @@ def samples(folder: Path, config: dict, result: dict | None) -> list[dict]:
     for path in sorted(directory.glob("*.mp4"), key=lambda p: p.stat().st_mtime):
         match = SAMPLE_NAME.match(path.name)
         entry = {"name": path.name, "path": str(path), "url": f"/api/file?path={quote(str(path))}",
-                 "modified": path.stat().st_mtime, "step": None, "epoch": None, "prompt": "", "asked": False}
+                 "modified": path.stat().st_mtime, "step": None, "epoch": None, "prompt": "", "asked": False,
+                 "index": None}
         if match:
-            index = int(match["index"])
+            index = entry["index"] = int(match["index"])
             entry["prompt"] = prompts[index] if index < len(prompts) else ""
             entry["asked"] = bool(match["now"])
             if match["unit"] == "step":

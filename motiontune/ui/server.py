@@ -22,7 +22,9 @@ from fastapi.staticfiles import StaticFiles
 
 from ..config import ConfigError, TrainConfig, list_presets
 from ..config.load import PRESETS_DIR, apply_override
+from ..configure import keys_that_do_not_apply
 from ..util.files import write_then_rename
+from .browse import listing
 from .checks import MEDIA, path_problems, validate, warnings
 from .queue import JobQueue
 from .runs import Runs, read_json
@@ -121,12 +123,15 @@ def _host_name(netloc: str) -> str:
     return (urlsplit(f"//{netloc}").hostname or "").lower()
 
 
-def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | None = LOOPBACK_NAMES) -> FastAPI:
+def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | None = LOOPBACK_NAMES,
+               browse: list[str | Path] | None = None) -> FastAPI:
     """`workspace`: a run's workspace to show at once, and where the working config is kept (default
     ./workspace). `allowed_hosts`: names the Host header may carry (None: any, when bound to a non-loopback
-    address)."""
+    address). `browse`: the folders the path pickers may list (default: the current folder and the workspace)."""
     app = FastAPI(title="motiontune ui", docs_url=None, redoc_url=None, openapi_url=None)
     home = Path(workspace).expanduser().resolve() if workspace else Path("workspace").resolve()
+    roots = [Path(f).expanduser().resolve() for f in browse] if browse else [Path.cwd().resolve(), home]
+    roots = [r for r in dict.fromkeys(roots) if not any(r != o and r.is_relative_to(o) for o in roots)]
     runs = Runs(home)
     if workspace is not None:
         runs.watch(Path(workspace))
@@ -172,7 +177,13 @@ def create_app(workspace: str | Path | None = None, allowed_hosts: set[str] | No
         parsed, errors = validate(config)
         paths = path_problems(config) if isinstance(config, dict) else []
         return {"ok": not errors and not paths, "errors": errors + [p for p in paths if p not in errors],
-                "warnings": warnings(parsed)}
+                "warnings": warnings(parsed),
+                # what the chosen model type and method never read: the form hides these while they are unset
+                "not_applicable": keys_that_do_not_apply(parsed) if parsed else {}}
+
+    @app.get("/api/browse")
+    def browse_folder(path: str = ""):
+        return listing(roots, path)
 
     @app.get("/api/working")
     def working():
@@ -378,7 +389,7 @@ def check_bind(host: str, explicit: bool) -> bool:
     return False
 
 
-def run_server(host: str | None, port: int, workspace: str | None = None) -> None:
+def run_server(host: str | None, port: int, workspace: str | None = None, browse: list[str] | None = None) -> None:
     """`host` None: 127.0.0.1. A non-loopback address is bound only when given explicitly, with a warning."""
     import uvicorn
 
@@ -387,7 +398,7 @@ def run_server(host: str | None, port: int, workspace: str | None = None) -> Non
     loopback = check_bind(host, explicit)
     # loopback: only requests naming this machine (DNS rebinding); otherwise any name the machine is reached by
     allowed = LOOPBACK_NAMES | {host.strip("[]").lower()} if loopback else None
-    app = create_app(workspace, allowed_hosts=allowed)
+    app = create_app(workspace, allowed_hosts=allowed, browse=browse)
     shown = f"[{host}]" if ":" in host else host
     print(f"motiontune ui: http://{shown}:{port}/  (Ctrl-C to quit; a run started here keeps going)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")

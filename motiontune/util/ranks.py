@@ -14,6 +14,37 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     sharded: bool = False  # FSDP2: each rank holds a shard of the trained weights
+    # `experts_on: split` (WAN 2.2 A14B): the expert this rank holds and trains, and the ranks holding it too
+    expert: str | None = None
+    group: list[int] | None = None  # global ranks of this rank's expert group, in order
+    group_handle: object = None  # its torch.distributed process group (None: the whole world)
+    # `context_parallel`: consecutive ranks in groups of `context` share each clip's tokens (one data-parallel
+    # rank between them); `context_mesh` is the (ring, ulysses) device mesh diffusers' attention splits over
+    context: int = 1
+    context_mesh: object = None
+
+    @property
+    def data_rank(self) -> int:
+        """Which rows of the global batch this rank trains: the same for the ranks of one context group."""
+        return self.rank // self.context
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.context
+
+    @property
+    def group_rank(self) -> int:
+        """This rank's place in its expert group (the world when the experts are not split)."""
+        return self.group.index(self.rank) if self.group else self.rank
+
+    @property
+    def group_size(self) -> int:
+        return len(self.group) if self.group else self.world_size
+
+    @property
+    def group_lead(self) -> bool:
+        """The first rank of its expert group: it saves that expert (rank 0 saves everything else)."""
+        return self.group_rank == 0
 
     @property
     def main(self) -> bool:
@@ -25,7 +56,7 @@ class Ranks:
 
     def rows(self, global_rows: int, per_rank: int) -> range:
         """This rank's rows of a global batch: consecutive blocks of `per_rank` (the last ranks may get fewer)."""
-        start = min(self.rank * per_rank, global_rows)
+        start = min(self.data_rank * per_rank, global_rows)
         return range(start, min(start + per_rank, global_rows))
 
     def barrier(self) -> None:
@@ -64,6 +95,14 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
+    def to_main(self, value) -> list:
+        """Every rank's `value` (picklable, in host memory) on rank 0, in rank order; the others get []."""
+        if not self.several:
+            return [value]
+        values = [None] * self.world_size if self.main else None
+        dist.gather_object(value, values, dst=0)
+        return values if self.main else []
+
     def from_main(self, value):
         """Rank 0's `value` on every rank."""
         if not self.several:
@@ -72,14 +111,15 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter], divide_by: int = 1) -> None:
+    def sum_gradients(self, parameters: list[torch.nn.Parameter], divide_by: int = 1, within_group: bool = False) -> None:
         """Sum replicated parameters' gradients over ranks in one flat all-reduce; a rank that had no sample
-        for them contributes zeros. `divide_by` undoes a loss scale meant for FSDP's averaging."""
-        if not self.several or not parameters:
+        for them contributes zeros. `divide_by` undoes a loss scale meant for FSDP's averaging. `within_group`:
+        only over this rank's expert group (an expert's parameters live on its group alone)."""
+        if not self.several or not parameters or (within_group and self.group_size == 1):
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.group_handle if within_group else None)
         if divide_by != 1:
             flat /= divide_by
         offset = 0

@@ -99,6 +99,7 @@ COMFY_MODELS = {
     "WAN_2_1_FLF2V": ComfyModel("WAN21_I2V", _wan),  # the I2V class, with the two images' positions (img_emb.emb_pos)
     "WAN_2_1_VACE": ComfyModel("WAN21_Vace", _wan),  # chosen by vace_patch_embedding
     "WAN_2_2_TI2V_5B": ComfyModel("WAN22_T2V", _wan),  # chosen by out_dim 48 (the 48-channel VAE)
+    "WAN_2_2_ANIMATE": ComfyModel("WAN22_Animate", _wan),  # chosen by the face adapter's `k_norm`
     "HUNYUAN_VIDEO": ComfyModel("HunyuanVideo", _hunyuan),
     "HUNYUAN_VIDEO_1_5": ComfyModel("HunyuanVideo15", _hunyuan, force_class=True),  # chosen by vision_in_dim 1152
     "HUNYUAN_VIDEO_1_5_I2V": ComfyModel("HunyuanVideo15", _hunyuan, force_class=True),

@@ -163,6 +163,38 @@ function applyView() {
   for (const panel of document.querySelectorAll("[data-group-panel]")) panel.hidden = panel.id !== "estimate-panel";
 }
 
+// Keys the chosen model type and method never read (the server says which and why): hidden while they hold their
+// default, so a beginner sees what matters; one set otherwise stays, and the check says what is wrong with it.
+$("#show-inapplicable").addEventListener("change", (e) => {
+  $("#config-form").classList.toggle("show-inapplicable", e.target.checked);
+  if ($("#key-search").value.trim()) applySearch();
+});
+function applyApplicability() {
+  const form = $("#config-form");
+  const rules = Object.entries(state.notApplicable || {}).map(([key, why]) =>
+    [new RegExp(`^${key.replace(/\./g, "\\.").replace(/\*/g, "\\d+")}(\\.|$)`), why]);
+  let hidden = 0;
+  for (const field of form.querySelectorAll(".field[data-path]")) {
+    const rule = rules.find(([pattern]) => pattern.test(field.dataset.path));
+    const value = getPath(state.config, field.dataset.path.split("."));
+    const unused = Boolean(rule) && (value === undefined || JSON.stringify(value) === field.dataset.fallback);
+    field.classList.toggle("inapplicable", unused);
+    if (unused) field.title = `does not apply: ${rule[1]}`; else field.removeAttribute("title");
+    hidden += unused;
+  }
+  // a section goes with its keys: hidden when every key in it is
+  for (const details of [...form.querySelectorAll("details[data-path]")].reverse()) {
+    const ruled = rules.some(([pattern]) => pattern.test(details.dataset.path));
+    const shown = details.querySelector(".field:not(.inapplicable)") !== null;
+    details.classList.toggle("inapplicable", ruled && !shown);
+  }
+  const note = $("#inapplicable-note");
+  note.hidden = !hidden;
+  if ($("#key-search").value.trim()) applySearch(); // a search counts what is hidden apart
+  note.querySelector("span").textContent = `${hidden} key(s) hidden: they do not apply to ${state.config.model_type || "this model"} ` +
+    `with ${state.config.training_method || "LORA"} (show them to read why, on each).`;
+}
+
 // Find a key: every group at once, only the fields whose key or help holds the words typed
 $("#key-search").addEventListener("input", applySearch);
 function applySearch() {
@@ -176,20 +208,23 @@ function applySearch() {
     return;
   }
   for (const box of form.querySelectorAll(".group")) box.hidden = false;
-  let found = 0;
+  let found = 0, unused = 0;
+  const showingUnused = form.classList.contains("show-inapplicable");
   for (const field of form.querySelectorAll(".field")) {
     const text = `${field.dataset.path} ${field.querySelector(".help") ? field.querySelector(".help").textContent : ""}`.toLowerCase();
     const hit = words.every((word) => text.includes(word));
     field.classList.toggle("search-miss", !hit);
-    found += hit;
+    const hidden = field.classList.contains("inapplicable") && !showingUnused;
+    found += hit && !hidden;
+    unused += hit && hidden;
   }
   // a section shows while something inside it matches, opened so the match is seen
   for (const details of [...form.querySelectorAll("details")].reverse()) {
-    const hit = details.querySelector(".field:not(.search-miss)") !== null;
+    const hit = [...details.querySelectorAll(".field:not(.search-miss)")].some((f) => showingUnused || !f.classList.contains("inapplicable"));
     details.classList.toggle("search-miss", !hit);
     if (hit) details.open = true;
   }
-  $("#key-search-count").textContent = `${found} key(s) found`;
+  $("#key-search-count").textContent = `${found} key(s) found` + (unused ? `, and ${unused} that do not apply to this model and method ("show them" below)` : "");
 }
 
 function renderForm() {
@@ -211,6 +246,7 @@ function renderForm() {
   for (const details of form.querySelectorAll("details")) if (open.has(details.dataset.path)) details.open = true;
   showGroup(view.group && boxes[view.group] ? view.group : "general");
   showErrors();
+  applyApplicability();
   applyView();
   if ($("#key-search").value.trim()) applySearch(); // a search stays applied while the form is redrawn
 }
@@ -264,7 +300,7 @@ function renderField(path, prop, parentSchema, parentDefault) {
   }
   if (info.kind === "array") return renderArray(path, prop, info, value, fallback);
 
-  const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path) } });
+  const wrapper = el("div", { class: `field ${isSet ? "set" : "default"}`, dataset: { path: pathText(path), fallback: JSON.stringify(fallback ?? null) } });
   const id = `field-${pathText(path).replace(/[^A-Za-z0-9_]/g, "-")}`;
   const control = makeControl(path, prop, info, isSet ? value : fallback, fallback, id);
   const reset = el("button", { type: "button", class: "reset", title: "back to the default (remove the key)", "aria-label": `${key}: back to the default`, onclick: () => {
@@ -276,7 +312,8 @@ function renderField(path, prop, parentSchema, parentDefault) {
   control.setAttribute("aria-describedby", `${id}-help ${id}-error ${id}-warning`);
   const help = helpBox(prop, info, path, fallback, required);
   help.id = `${id}-help`;
-  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, reset), help,
+  const picker = JSON.stringify(prop).includes('"x-path":true') ? pickButton(control, pathText(path)) : null;
+  wrapper.append(el("label", { for: id }, String(key)), el("div", { class: "control" }, control, picker, reset), help,
     el("div", { class: "error", id: `${id}-error`, dataset: { errorFor: pathText(path) } }),
     el("div", { class: "warning", id: `${id}-warning`, dataset: { warningFor: pathText(path) } }));
   return wrapper;
@@ -411,7 +448,9 @@ async function validateNow() {
   state.errors = result.errors;
   state.warnings = result.warnings;
   state.valid = result.ok;
+  state.notApplicable = result.not_applicable || {};
   showErrors();
+  applyApplicability();
   updateButtons();
   return result;
 }
@@ -950,6 +989,70 @@ const link = (path, text) => el("a", { href: `/api/file?path=${encodeURIComponen
 // a model file is downloaded under its own name (a browser cannot show it)
 const download = (path) => el("a", { href: `/api/file?path=${encodeURIComponent(path)}`, download: path.split(/[\\/]/).pop() }, path);
 
+// Samples over time: one row per prompt, a slider across the steps it was sampled at (it follows the newest until
+// moved), and the compared run's sample of the same prompt at the nearest step beside it.
+let shownSamples = null; // the last run and compared run rendered, for a slider moved between polls
+function samplesByPrompt(samples) {
+  const rows = new Map(); // a prompt's text, or its place in `samples` when it has none -> its samples by step
+  for (const sample of samples) {
+    const key = sample.prompt || (sample.index !== null ? `sample ${sample.index + 1}` : sample.name);
+    if (!rows.has(key)) rows.set(key, []);
+    rows.get(key).push(sample);
+  }
+  const order = (s) => s.step ?? s.epoch ?? Infinity;
+  for (const list of rows.values()) list.sort((a, b) => order(a) - order(b) || a.modified - b.modified);
+  return rows;
+}
+const sampleWhen = (s) => (s.step !== null ? `step ${s.step}` : s.epoch !== null ? `epoch ${s.epoch}` : s.name) + (s.asked ? " (asked for)" : "");
+function showSample(figure, sample, runId) {
+  const url = `${sample.url}&v=${sample.modified}`;
+  const shown = `${url} ${runId}`;
+  if (figure.dataset.shown === shown) return; // a video is replaced only when another file is shown (no flicker each poll)
+  Object.assign(figure.dataset, { shown, path: sample.path, url, name: sample.name, step: sample.step ?? "" });
+  figure.replaceChildren(
+    el("video", { src: url, controls: true, loop: true, muted: true, preload: "auto", playsinline: true }),
+    el("figcaption", {}, el("strong", {}, `${runId ? runId + " · " : ""}${sampleWhen(sample)}`), el("br"),
+      sample.prompt ? `“${sample.prompt}”` : sample.name));
+}
+function renderSamples(run, other) {
+  shownSamples = { run, other };
+  const box = $("#samples");
+  const rows = samplesByPrompt(run.samples);
+  const theirs = other && other.samples ? samplesByPrompt(other.samples) : new Map();
+  for (const row of [...box.querySelectorAll(".prompt-samples")]) if (!rows.has(row.dataset.prompt)) row.remove();
+  [...rows.keys()].forEach((key, place) => {
+    const list = rows.get(key);
+    let row = [...box.querySelectorAll(".prompt-samples")].find((r) => r.dataset.prompt === key);
+    if (!row) {
+      const slider = el("input", { type: "range", min: 0, step: 1, class: "sample-step", "aria-label": `the step shown for “${key}”`,
+        oninput: () => { slider.dataset.follow = +slider.value === +slider.max ? "1" : "0"; renderSamples(shownSamples.run, shownSamples.other); } });
+      slider.dataset.follow = "1";
+      row = el("section", { class: "prompt-samples", dataset: { prompt: key } },
+        el("div", { class: "side-by-side" }, el("figure", { class: "this-run" })),
+        el("label", { class: "sample-slider" }, slider, el("output", {})));
+    }
+    if (box.children[place] !== row) box.insertBefore(row, box.children[place] || null);
+    const slider = row.querySelector("input.sample-step");
+    slider.max = String(list.length - 1);
+    if (slider.dataset.follow === "1" || +slider.value > list.length - 1) slider.value = String(list.length - 1);
+    slider.disabled = list.length < 2;
+    const chosen = list[+slider.value];
+    showSample(row.querySelector("figure.this-run"), chosen, other ? run.id : "");
+    row.querySelector("output").textContent = `${sampleWhen(chosen)} · ${+slider.value + 1} of ${list.length}`;
+    // the compared run's sample of this prompt nearest the step shown (its runs may sample at other steps)
+    const mine = chosen.step ?? chosen.epoch ?? 0;
+    const candidates = theirs.get(key) || [];
+    const nearest = candidates.reduce((best, s) => (best && Math.abs((best.step ?? best.epoch ?? 0) - mine) <= Math.abs((s.step ?? s.epoch ?? 0) - mine) ? best : s), null);
+    let compared = row.querySelector("figure.compared-run");
+    if (!nearest) { if (compared) compared.remove(); return; }
+    if (!compared) row.querySelector(".side-by-side").append(compared = el("figure", { class: "compared-run" }));
+    showSample(compared, nearest, other.id);
+  });
+  const none = box.querySelector(".none");
+  if (!rows.size && !none) box.append(el("p", { class: "none hint" }, "no samples yet"));
+  if (rows.size && none) none.remove();
+}
+
 function renderRun(run, other) {
   state.run = run.workspace ? run : null;
   updateButtons();
@@ -1004,24 +1107,7 @@ function renderRun(run, other) {
   drawChart($("#lr-chart"), lrLines, "learning rate");
   $("#loss-chart").dataset.compared = String(other && other.scalars && other.scalars.loss ? other.scalars.loss.length : 0);
 
-  const samples = $("#samples");
-  const present = new Set(run.samples.map((s) => s.path));
-  for (const figure of [...samples.children]) if (!present.has(figure.dataset.path)) figure.remove();
-  for (const sample of run.samples) {
-    const url = `${sample.url}&v=${sample.modified}`;
-    let figure = samples.querySelector(`figure[data-path="${CSS.escape(sample.path)}"]`);
-    if (figure && figure.dataset.url !== url) { figure.remove(); figure = null; }
-    if (!figure) {
-      const when = sample.step !== null ? `step ${sample.step}` : sample.epoch !== null ? `epoch ${sample.epoch}` : sample.name;
-      figure = el("figure", { dataset: { path: sample.path, url, name: sample.name, step: sample.step ?? "" } },
-        el("video", { src: url, controls: true, loop: true, muted: true, preload: "auto", playsinline: true }),
-        el("figcaption", {}, el("strong", {}, when + (sample.asked ? " (asked for)" : "")), el("br"),
-          sample.prompt ? `“${sample.prompt}”` : sample.name));
-      samples.prepend(figure);
-    }
-  }
-  if (!run.samples.length && !samples.querySelector(".none")) samples.append(el("p", { class: "none hint" }, "no samples yet"));
-  if (run.samples.length) for (const none of samples.querySelectorAll(".none")) none.remove();
+  renderSamples(run, other);
   $("#backups").replaceChildren(...run.backups.map((backup) => el("li", { dataset: { name: backup.name } },
     "backup ", link(`${backup.path}/backup.json`, backup.name), backup.info && backup.info.written ? ` — written ${backup.info.written}` : "")));
   if (!run.backups.length) $("#backups").append(el("li", { class: "none" }, "no backups yet"));
@@ -1064,3 +1150,51 @@ function renderRun(run, other) {
   document.body.dataset.ready = "1";
 })();
 window.addEventListener("resize", () => { if (state.run) pollRun(); });
+
+// Path pickers: the folders the UI may browse (`motiontune ui --browse`), names only; a folder opens, a file is
+// chosen, "Choose this folder" takes the folder shown. The chosen path goes into the field as if typed.
+let pickerFor = null;
+const pickButton = (input, label) => el("button", { type: "button", class: "pick", title: "browse", "aria-label": `browse for ${label}`,
+  onclick: () => openPicker(input) }, "…");
+async function openPicker(input) {
+  pickerFor = input;
+  $("#picker").showModal();
+  await showFolder(input.value.trim());
+}
+async function showFolder(path) {
+  let listed;
+  try {
+    listed = await api("GET", `/api/browse?path=${encodeURIComponent(path)}`);
+  } catch (error) {
+    const parent = path.replace(/[\\/][^\\/]*[\\/]?$/, "");
+    if (path && error.status === 404 && parent && parent !== path) return showFolder(parent); // a file, or not made yet
+    if (path) return showFolder(""); // outside what may be browsed: from the top
+    $("#picker-where").textContent = error.message;
+    return;
+  }
+  $("#picker").dataset.path = listed.path || "";
+  $("#picker-where").textContent = listed.path || "the folders this UI may browse";
+  $("#picker-up").disabled = !listed.path;
+  $("#picker-choose").disabled = !listed.path;
+  $("#picker-list").replaceChildren(...listed.entries.map((entry) => el("li", {},
+    el("button", { type: "button", dataset: { path: entry.path, folder: entry.folder ? "1" : "" },
+      onclick: () => (entry.folder ? showFolder(entry.path) : choosePath(entry.path)) },
+    entry.folder ? `📁 ${entry.name}/` : entry.name))));
+  if (!listed.entries.length) $("#picker-list").append(el("li", { class: "hint" }, "(empty)"));
+  $("#picker-more").hidden = !listed.more;
+  $("#picker-more").textContent = `and ${listed.more} more: type the path`;
+  $("#picker").dataset.parent = listed.parent || "";
+}
+function choosePath(path) {
+  $("#picker").close();
+  pickerFor.value = path;
+  pickerFor.dispatchEvent(new Event("input", { bubbles: true }));
+  pickerFor.dispatchEvent(new Event("change", { bubbles: true }));
+  pickerFor.focus();
+}
+$("#picker-up").addEventListener("click", () => showFolder($("#picker").dataset.parent));
+$("#picker-choose").addEventListener("click", () => choosePath($("#picker").dataset.path));
+$("#picker-cancel").addEventListener("click", () => $("#picker").close());
+for (const [id, label] of [["#load-path", "a config file"], ["#dataset-folder", "a dataset folder"], ["#watch-path", "a workspace"]]) {
+  $(id).after(pickButton($(id), label));
+}
