@@ -195,3 +195,35 @@ def test_a_face_video_is_read_whole_and_flipped_with_its_clip(tmp_path):
                                 role="face")
     print(f"face video {face.width}x{face.height} → {frames.shape}")
     assert frames.shape == (9, 40, 40, 3) and np.array_equal(frames, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("model_type", ["WAN_2_1_VACE", "WAN_2_2_ANIMATE"])
+def test_a_reference_is_read_whole_for_vace_and_through_the_clips_crop_for_animate(tmp_path, model_type):
+    """Both models take a `-reference` picture, read two ways (`ModelFamily.whole_roles`, given to the job that reads a
+    clip's conditions): VACE places it whole in the frame, fitted on white as WanVACEPipeline does; Animate's is the
+    clip's character, cut by the clip's crop and flipped with it like one of its frames. The picture is 64 x 32, red on
+    the left and blue on the right; the clip (64 x 32 too) trains at 32 x 32, cropped to its right half and flipped."""
+    from motiontune.config import TrainConfig
+    from motiontune.data.augment import ImageVariant
+    from motiontune.data.latents import _condition_job
+    from motiontune.data.video import probe
+    from motiontune.models.wan import WanFamily
+
+    clip = probe(write_timestamped_clip(tmp_path / "walk.mp4", [Fraction(i, 16) for i in range(8)], size=(32, 64)))
+    picture = np.zeros((32, 64, 3), dtype=np.uint8)
+    picture[:, :32, 0] = picture[:, 32:, 2] = 255
+    Image.fromarray(picture).save(tmp_path / "walk-reference.png")
+    whole = WanFamily.whole_roles(TrainConfig.model_validate({"model_type": model_type}))
+    instants = tuple(i / 16 for i in range(5))
+    job = (clip, {"reference": probe(tmp_path / "walk-reference.png")}, [instants], [ImageVariant(flip=True, crop=(0, 32))],
+           (32, 32), whole)
+    [frames] = _condition_job(job)["reference"]
+    print(f"{model_type}: whole roles {whole}, reference {frames.shape}, mean colour {frames.reshape(-1, 3).mean(0)}")
+    if model_type == "WAN_2_1_VACE":
+        assert whole == ("reference",) and frames.shape == (1, 32, 32, 3)
+        assert (frames[0, :8] == 255).all() and (frames[0, -8:] == 255).all()  # 32 x 16 inside 32 x 32: white around
+        # red left, blue right (not flipped); the bilinear scaling blends the two middle columns
+        assert (frames[0, 8:24, :15] == (255, 0, 0)).all() and (frames[0, 8:24, 17:] == (0, 0, 255)).all()
+    else:
+        assert whole == () and frames.shape == (5, 32, 32, 3)
+        assert (frames == (0, 0, 255)).all()  # the right half only, every frame: no red, no white
