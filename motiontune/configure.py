@@ -75,19 +75,22 @@ def family_problems(config: TrainConfig) -> list[str]:
     if config.in_context_control and not family.IN_CONTEXT_CONTROL:
         problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
                         "2.3 and 2.5 do); remove the key")
-    roles = family.condition_roles(config)
+    roles = family.sample_roles(config)
     for index, sample in enumerate(config.samples):
-        for role, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model takes, and no other
-            given = getattr(sample, role)
+        for key, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model needs, and no other
+            given, role = getattr(sample, key), key.replace("_", "")
             if given and role not in roles:
-                problems.append(f"  - samples[{index}].{role}: {model_type} does not take {what}; remove the key")
-            elif role in roles and not given:
-                problems.append(f"  - samples[{index}].{role}: {model_type} makes videos that follow {what}; "
-                                f"give {'an image' if role == 'reference' else 'a video'} file")
-            elif given and role == "reference" and (problem := image_file_problem(given)):
-                problems.append(f"  - samples[{index}].{role} = {given!r}: {problem}")
+                problems.append(f"  - samples[{index}].{key}: {model_type} does not take {what}; remove the key")
+            elif roles.get(role) and not given:
+                problems.append(f"  - samples[{index}].{key}: {model_type} makes videos that follow {what}; "
+                                f"give {'an image' if key == 'reference' else 'a video'} file")
+            elif given and key == "reference" and (problem := image_file_problem(given)):
+                problems.append(f"  - samples[{index}].{key} = {given!r}: {problem}")
             elif given and not Path(given).is_file():
-                problems.append(f"  - samples[{index}].{role} = {given!r}: no such file")
+                problems.append(f"  - samples[{index}].{key} = {given!r}: no such file")
+            elif given and key == "control_mask" and not sample.control:
+                problems.append(f"  - samples[{index}].control_mask: a control mask goes with its control video; give "
+                                "`control` too")
         if sample.last_image and not last_frame:
             problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
         elif sample.last_image and not sample.image:
@@ -121,9 +124,9 @@ def frozen_lora_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-# a sample's condition keys (the roles of data/conditions.py), and what each is
-SAMPLE_CONDITIONS = {"control": "a control video", "pose": "a pose video", "face": "a face video",
-                     "reference": "a reference picture"}
+# a sample's condition keys (the roles of data/conditions.py, without their "_"), and what each is
+SAMPLE_CONDITIONS = {"control": "a control video", "control_mask": "a control mask", "pose": "a pose video",
+                     "face": "a face video", "reference": "a reference picture"}
 
 
 def config_notices(config: TrainConfig) -> list[str]:
@@ -181,9 +184,9 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
     if not family.IN_CONTEXT_CONTROL:
         skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
-    roles = family.condition_roles(config)
-    for role, what in SAMPLE_CONDITIONS.items():
-        if role not in roles:
-            skip([f"samples.*.{role}"], f"{model_type} does not take {what}"
-                 + (" (it does with in_context_control: true)" if role == "control" and family.IN_CONTEXT_CONTROL else ""))
+    roles = family.sample_roles(config)
+    for key, what in SAMPLE_CONDITIONS.items():
+        if key.replace("_", "") not in roles:
+            skip([f"samples.*.{key}"], f"{model_type} does not take {what}"
+                 + (" (it does with in_context_control: true)" if key == "control" and family.IN_CONTEXT_CONTROL else ""))
     return skipped

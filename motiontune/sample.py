@@ -41,13 +41,16 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             from PIL import Image
 
             last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
-        videos = {}  # control, pose, face: their first frames, as many as the sample has (the pipeline resizes them)
-        for role in ("control", "pose", "face"):
+        # control, its mask, pose, face: their first frames, as many as the sample has (the pipeline resizes them)
+        videos = {}
+        for role in ("control", "control_mask", "pose", "face"):
             if getattr(sample, role):
                 from .data.video import decode_clips, probe
 
                 info = probe(getattr(sample, role))
                 videos[role] = decode_clips(info, [info.frame_times[:frames]])[0]
+        if "control_mask" in videos and len(videos["control_mask"]) == 1:  # a picture: the mask of every frame
+            videos["control_mask"] = np.repeat(videos["control_mask"], frames, axis=0)
         reference = None
         if sample.reference:
             from PIL import Image
@@ -65,6 +68,7 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             image=image,
             last_image=last_image,
             control=videos.get("control"),
+            control_mask=videos.get("control_mask"),
             pose=videos.get("pose"),
             face=videos.get("face"),
             reference=reference,

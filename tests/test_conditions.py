@@ -24,16 +24,17 @@ from motiontune.testing.clips import read_timestamp, timestamp_image, write_time
 
 
 def _family_taking_control(seen: list):
-    """WAN 2.1 taking a `control` condition, its encoder the identity; the clip frames its VAE encodes go to `seen`."""
+    """WAN 2.1 taking a `control` condition (and a `controlmask` read with it, as VACE does), its encoder the identity
+    (the mask's frames after the control's); the clip frames its VAE encodes go to `seen`."""
     from motiontune.models.wan import WanFamily
 
     class WanWithControl(WanFamily):
         @classmethod
         def condition_roles(cls, config):
-            return {"control": True}
+            return {"control": True, "controlmask": False}
 
-        def encode_condition(self, role, frames):
-            return torch.from_numpy(frames.copy())
+        def encode_condition(self, role, frames, companions=None):
+            return torch.from_numpy(np.concatenate([frames, *(companions or {}).values()]))
 
         def encode_video(self, frames):
             seen.append(frames.copy())
@@ -124,8 +125,14 @@ def test_the_cache_encodes_a_condition_again_when_its_file_changes_and_only_then
     third = run()
     Image.fromarray(timestamp_image(900, 32, 32)).save(data / "a-control.png")  # new content
     fourth = run()
+    Image.fromarray(timestamp_image(500, 32, 32)).save(data / "b-controlmask.png")  # a mask read with b's control
+    fifth = run()
+    Image.fromarray(timestamp_image(600, 32, 32)).save(data / "b-controlmask.png")  # the mask edited
+    sixth = run()
     print(f"(clips, conditions) encoded per run: {counts}")
-    assert counts == [(2, 2), (0, 0), (0, 0), (0, 1)]
+    assert counts == [(2, 2), (0, 0), (0, 0), (0, 1), (0, 1), (0, 1)]
+    assert torch.equal(fifth["a"], fourth["a"]) and not torch.equal(sixth["b"], fifth["b"])
+    assert np.array_equal(sixth["b"][-1].numpy(), timestamp_image(600, 32, 32))  # the control, then its mask
     assert torch.equal(first["a"], second["a"]) and torch.equal(first["a"], third["a"])
     assert not torch.equal(fourth["a"], first["a"]) and torch.equal(fourth["b"], first["b"])
     assert np.array_equal(fourth["a"][0].numpy(), timestamp_image(900, 32, 32))  # the edited picture, for every frame
@@ -188,3 +195,35 @@ def test_a_face_video_is_read_whole_and_flipped_with_its_clip(tmp_path):
                                 role="face")
     print(f"face video {face.width}x{face.height} → {frames.shape}")
     assert frames.shape == (9, 40, 40, 3) and np.array_equal(frames, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("model_type", ["WAN_2_1_VACE", "WAN_2_2_ANIMATE"])
+def test_a_reference_is_read_whole_for_vace_and_through_the_clips_crop_for_animate(tmp_path, model_type):
+    """Both models take a `-reference` picture, read two ways (`ModelFamily.whole_roles`, given to the job that reads a
+    clip's conditions): VACE places it whole in the frame, fitted on white as WanVACEPipeline does; Animate's is the
+    clip's character, cut by the clip's crop and flipped with it like one of its frames. The picture is 64 x 32, red on
+    the left and blue on the right; the clip (64 x 32 too) trains at 32 x 32, cropped to its right half and flipped."""
+    from motiontune.config import TrainConfig
+    from motiontune.data.augment import ImageVariant
+    from motiontune.data.latents import _condition_job
+    from motiontune.data.video import probe
+    from motiontune.models.wan import WanFamily
+
+    clip = probe(write_timestamped_clip(tmp_path / "walk.mp4", [Fraction(i, 16) for i in range(8)], size=(32, 64)))
+    picture = np.zeros((32, 64, 3), dtype=np.uint8)
+    picture[:, :32, 0] = picture[:, 32:, 2] = 255
+    Image.fromarray(picture).save(tmp_path / "walk-reference.png")
+    whole = WanFamily.whole_roles(TrainConfig.model_validate({"model_type": model_type}))
+    instants = tuple(i / 16 for i in range(5))
+    job = (clip, {"reference": probe(tmp_path / "walk-reference.png")}, [instants], [ImageVariant(flip=True, crop=(0, 32))],
+           (32, 32), whole)
+    [frames] = _condition_job(job)["reference"]
+    print(f"{model_type}: whole roles {whole}, reference {frames.shape}, mean colour {frames.reshape(-1, 3).mean(0)}")
+    if model_type == "WAN_2_1_VACE":
+        assert whole == ("reference",) and frames.shape == (1, 32, 32, 3)
+        assert (frames[0, :8] == 255).all() and (frames[0, -8:] == 255).all()  # 32 x 16 inside 32 x 32: white around
+        # red left, blue right (not flipped); the bilinear scaling blends the two middle columns
+        assert (frames[0, 8:24, :15] == (255, 0, 0)).all() and (frames[0, 8:24, 17:] == (0, 0, 255)).all()
+    else:
+        assert whole == () and frames.shape == (5, 32, 32, 3)
+        assert (frames == (0, 0, 255)).all()  # the right half only, every frame: no red, no white

@@ -68,6 +68,17 @@ def _ends(clip: Path) -> tuple[Image.Image, Image.Image]:
     return frames[0], frames[-1]
 
 
+def ends_distance(pipe, target: torch.Tensor, ends: tuple[Image.Image, Image.Image]) -> float:
+    """MSE to a clip's latents `target` of the frames the stock pipeline generates between the first and last frames
+    `ends` (the first latent frame is given), over SEEDS."""
+    samples = torch.cat([
+        pipe(image=ends[0], last_image=ends[1], prompt=PROMPT, height=SIZE, width=SIZE, num_frames=9,
+             num_inference_steps=20, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(seed)).frames
+        for seed in SEEDS])
+    return ((samples[:, :, 1:] - target[:, :, 1:]) ** 2).mean().item()
+
+
 def test_cached_last_frame_condition_is_the_pipelines_own(tiny_models, clips):
     """The first-and-last-frame channels cached with a clip equal what WanImageToVideoPipeline.prepare_latents builds
     from `image` and `last_image`."""
@@ -153,19 +164,10 @@ def test_stock_pipeline_with_first_and_last_frame_follows_the_lora(tiny_models, 
     pipe.set_progress_bar_config(disable=True)
     target = _stock_target_latents(pipe, shapes)
 
-    def distance(ends: tuple[Image.Image, Image.Image]) -> float:
-        """MSE to the shapes clip's latents of the frames the model generates (the first latent frame is given)."""
-        samples = torch.cat([
-            pipe(image=ends[0], last_image=ends[1], prompt=PROMPT, height=SIZE, width=SIZE, num_frames=9,
-                 num_inference_steps=20, guidance_scale=1.0, output_type="latent",
-                 generator=torch.Generator().manual_seed(seed)).frames
-            for seed in SEEDS])
-        return ((samples[:, :, 1:] - target[:, :, 1:]) ** 2).mean().item()
-
-    base = distance(_ends(shapes))
+    base = ends_distance(pipe, target, _ends(shapes))
     pipe.load_lora_weights(str(lora.with_name("lora_high_noise.safetensors")))
     pipe.load_lora_weights(str(lora.with_name("lora_low_noise.safetensors")), load_into_transformer_2=True)
-    own, other = distance(_ends(shapes)), distance(_ends(bunny))
+    own, other = ends_distance(pipe, target, _ends(shapes)), ends_distance(pipe, target, _ends(bunny))
     print(f"first and last frame: MSE to the clip with/without the LoRA {own / base:.3f}; "
           f"with the other clip's first and last frames / its own {other / own:.3f}")
     assert own / base < 0.75, "the stock pipeline's samples did not move towards the clip"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -54,6 +55,10 @@ MODEL_TYPES = {
     "WAN_2_2_T2V_A14B": ("wan-2.2-a14b", "WanPipeline", "WanTransformer3DModel",
                          {"experts": "both", "boundary_ratio": 0.5, "timestep_shift": 1.0, "epochs": 4}),
     "WAN_2_2_TI2V_5B": ("wan-2.2-ti2v-5b", "WanPipeline", "WanTransformer3DModel", {}),
+    # the presets' own: FLF2V (last frames, both CLIP embeddings), VACE (a control video beside the clip)
+    "WAN_2_1_FLF2V": ("wan-2.1-flf2v", "WanImageToVideoPipeline", "WanTransformer3DModel",
+                      {"last_frame_conditioning_probability": 1.0}),
+    "WAN_2_1_VACE": ("wan-2.1-vace", "WanVACEPipeline", "WanVACETransformer3DModel", {}),
     "HUNYUAN_VIDEO": ("hunyuan-video", "HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel",
                       {"layer_filter": "blocks"}),  # the modulation layers too
     "HI_DREAM_DEV": ("hi-dream", "HiDreamImagePipeline", "HiDreamImageTransformer2DModel",
@@ -117,7 +122,9 @@ def also_saved_as(method, output_format: str, where):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> Path:
-    return _make_clip(tmp_path_factory.mktemp("lora-formats") / "data", 32).parent
+    clip = _make_clip(tmp_path_factory.mktemp("lora-formats") / "data", 32)
+    shutil.copy(clip, clip.with_name("shapes-control.mp4"))  # VACE's control video (a condition the others ignore)
+    return clip.parent
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +246,15 @@ def original_layout(model_type: str, model: Path, expert: str):
     return transformer, family.single_file_state_dict(transformer, torch.float32), convert
 
 
+# original names diffusers 0.42.1's single-file converter passes through unchanged (FLF2V's image positions, which
+# ComfyUI and the original WAN code read under this name): named here as the model names them
+CONVERTER_LEAVES = {"img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+
+
+def _named(state: dict) -> dict:
+    return {CONVERTER_LEAVES.get(k, k): v for k, v in state.items()}
+
+
 def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tuple[dict, dict]:
     """(the stock transformer's weights, those weights with the file applied as ComfyUI applies it to the
     original layout, converted back by diffusers). Asserts every key names an original weight with its shape."""
@@ -246,7 +262,7 @@ def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tupl
     width = hunyuan_width(model_type, transformer)
     stock = plain_weights(transformer)
     with real_width_as(width):  # our original layout is exactly what diffusers' converter turns back into the model
-        back = convert(dict(original))
+        back = _named(convert(dict(original)))
     assert sorted(back) == sorted(stock) and all(torch.equal(back[k], stock[k]) for k in stock)
 
     entries = load_file(str(path))
@@ -262,7 +278,7 @@ def comfy_applied(model_type: str, model: Path, expert: str, path: Path) -> tupl
         scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
         original[module.removeprefix("diffusion_model.") + ".weight"] = weight + scale * (up @ down)
     with real_width_as(width):
-        return stock, convert(original)
+        return stock, _named(convert(original))
 
 
 

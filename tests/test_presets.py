@@ -5,8 +5,8 @@ random model of its own family with its own method, dtypes, memory options (FLOA
 checkpointing, ...), experts, embedding settings and samples. Only these are overridden: the size (resolution,
 max_frames, the samples' height / width / frames / steps), the paths (model, clips, workspace, cache, output),
 the epochs (2), and backups every step so that the run can be killed after its first one. A preset that ships
-no sample (I2V: a sample needs a first frame the preset cannot know; VACE: a control video; Animate: pose and face
-videos and a reference picture) gets one, with an image or the condition videos beside the clips.
+no sample (I2V: a sample needs a first frame the preset cannot know, FLF2V a first and a last; VACE: a control video;
+Animate: pose and face videos and a reference picture) gets one, with an image or the condition videos beside the clips.
 
 The data: four clips of different shapes and lengths — a 16:9 VP8 WebM (1 s), a square H.264 (10 s), a portrait
 clip that is landscape on disk with rotation metadata (1.5 s), and a 16:9 variable-frame-rate clip (2.5 s). At
@@ -117,11 +117,15 @@ def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Pat
         for index, _ in enumerate(preset["samples"]):
             sets.update({f"samples.{index}.height": size, f"samples.{index}.width": size,
                          f"samples.{index}.frames": frames, f"samples.{index}.steps": SAMPLE_STEPS})
-    elif "I2V" in preset.get("model_type", ""):
+    elif family_class(preset["model_type"]).first_frame(preset["model_type"]) == "required":  # I2V, FLF2V
         sets["samples"] = [{"prompt": PROMPT, "image": str(data["image"]), "height": size, "width": size,
                             "frames": frames, "steps": SAMPLE_STEPS, "seed": 42}]
-    elif roles := family_class(preset["model_type"]).condition_roles(validate(preset)):  # VACE, Animate, IC-LoRA
-        given = {role: str(data["image"] if role == "reference" else data["plain"] / f"shapes-{role}.mp4") for role in roles}
+        if preset.get("last_frame_conditioning_probability", 0) >= 1:  # trained only with a last frame (FLF2V)
+            sets["samples"][0]["last_image"] = str(data["image"])
+    elif roles := family_class(preset["model_type"]).sample_roles(validate(preset)):  # VACE, Animate, IC-LoRA
+        # the conditions every sample needs (VACE's mask and reference are optional)
+        given = {role: str(data["image"] if role == "reference" else data["plain"] / f"shapes-{role}.mp4")
+                 for role, needed in roles.items() if needed}
         sets["samples"] = [{"prompt": PROMPT, **given, "height": size, "width": size, "frames": frames,
                             "steps": SAMPLE_STEPS, "seed": 42}]
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
@@ -178,7 +182,8 @@ def test_each_model_type_has_a_tiny_model_of_its_own_kind(model_type):
     assert tiny_family(tiny) is family, f"{model_type} → {tiny}, a tiny model of another family"
     words = Counter(tiny.replace(".", "-").split("-"))
     assert not words - Counter(model_type.lower().split("_")), f"{model_type} → {tiny}: not its tiny model"
-    assert ("i2v" in words) == (family.first_frame(model_type) == "required"), f"{model_type} → {tiny}"
+    image_to_video = bool({"i2v", "flf2v"} & set(words))  # FLF2V: first and last frame
+    assert image_to_video == (family.first_frame(model_type) == "required"), f"{model_type} → {tiny}"
 
 
 @pytest.mark.parametrize("preset_file", PRESETS, ids=[p.stem for p in PRESETS])

@@ -81,9 +81,11 @@ class SampleConfig(Strict):
     image: LocalPath | None = None  # image-to-video: the first frame (required by I2V models, optional for TI2V-5B)
     last_image: LocalPath | None = None  # first and last frame: the last frame (models that take one; with `image`)
     control: LocalPath | None = None  # a control video the sample follows (models that take one: VACE; docs/control.md)
+    control_mask: LocalPath | None = None  # VACE: which part of each control frame is made anew (white); with `control`
     pose: LocalPath | None = None  # WAN 2.2 Animate: the pose video the character follows (docs/control.md)
     face: LocalPath | None = None  # WAN 2.2 Animate: the face video (a crop around the face) its expressions come from
-    reference: LocalPath | None = None  # WAN 2.2 Animate: the reference (character) picture
+    # a reference picture: VACE's (a character, an object the video keeps), or WAN 2.2 Animate's character
+    reference: LocalPath | None = None
 
 
 class FrozenLoraConfig(Strict):
@@ -187,8 +189,8 @@ class TrainConfig(Strict):
     # WAN 2.2 TI2V-5B: the share of samples trained image-to-video (first frame given, left out of the
     # loss); the rest train text-to-video. Image-to-video models always condition on the first frame.
     image_conditioning_probability: float = Field(0.0, ge=0, le=1)
-    # image-to-video models that take a last frame too (WAN 2.2 I2V A14B): the share of samples trained from
-    # the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
+    # image-to-video models that take a last frame too (WAN 2.2 I2V A14B; WAN 2.1 FLF2V, which needs 1): the share of
+    # samples trained from the clip's own first and last frames; the rest from the first frame alone (docs/control.md)
     last_frame_conditioning_probability: float = Field(0.0, ge=0, le=1)
     # LTX-2 / 2.3 / 2.5 in-context LoRA (IC-LoRA): each clip's `-control` video goes in as clean extra tokens beside
     # the noisy ones, as `LTX2InContextPipeline`'s reference_conditions (docs/control.md)

@@ -3,6 +3,8 @@
 A clip `walk.mp4` may have, in the same folder:
 
     walk-control.mp4     a control video (pose, depth, edges, scribbles...): what the clip should follow
+    walk-controlmask.mp4 which part of each control frame is made anew (white) and which is kept (black): VACE's
+                         inpainting and outpainting mask, read with the control video (`condition_companions`)
     walk-reference.png   a reference picture (a character, an object, a style) to keep
     walk-pose.mp4        a pose video, and walk-face.mp4 a face video (animation models)
     walk-masklabel.png   a mask (masked training; data/masks.py, which pools it to the latent grid)
@@ -12,7 +14,10 @@ each instant, whatever its frame rate), so it must run as long as its clip; a pi
 through the clip's geometry: its own display rotation, scaling to cover the bucket, the clip's crop, flip and rotation,
 never its colour changes. A face video is the exception: a crop around the face, of any size and aspect ratio, read
 whole at the clip's instants and flipped with the clip, never cut by its crop or turned by its rotation (the model
-reads it at its own square size). Such files are conditions, never training data.
+reads it at its own square size). A model may read a reference picture whole too (`ModelFamily.whole_roles`, VACE):
+fitted inside the bucket, centred, white around it (as WanVACEPipeline places its `reference_images`), never cropped,
+flipped or rotated; another (Animate) reads it through the clip's geometry like a frame of the clip. Such files are
+conditions, never training data.
 
 The family says which roles it takes (`ModelFamily.condition_roles`) and encodes them (`encode_condition`); this
 module names no family. `data/latents.py` caches what the family makes of each clip's conditions, keyed by the
@@ -27,8 +32,8 @@ from .video import MEDIA_EXTENSIONS, MediaInfo, decode_clips
 
 MASK_ROLE = "mask"
 # role → the end of the file's stem; OneTrainer names masks `-masklabel`
-ROLE_SUFFIXES = {"control": "-control", "reference": "-reference", "pose": "-pose", "face": "-face",
-                 MASK_ROLE: "-masklabel"}
+ROLE_SUFFIXES = {"control": "-control", "controlmask": "-controlmask", "reference": "-reference", "pose": "-pose",
+                 "face": "-face", MASK_ROLE: "-masklabel"}
 # roles whose files are their own picture (a crop around the face), not the clip's frame: any aspect ratio, read whole
 OWN_FRAME_ROLES = ("face",)
 
@@ -77,11 +82,14 @@ def fit_problem(clip: MediaInfo, condition: MediaInfo, role: str) -> str:
 
 
 def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[float, ...]], looks: list[ImageVariant],
-                     size: tuple[int, int], role: str = "control") -> list[np.ndarray]:
+                     size: tuple[int, int], role: str = "control", whole: bool = False) -> list[np.ndarray]:
     """Each planned clip's condition as uint8 (F, H, W, 3) at `size`, pixel for pixel where the clip's own frames are:
     decoded at the size the clip's frames are scaled to before their crop (the condition's own rotation applied), then
     the clip's crop, flip and rotation (never its colour changes). A picture stands for every frame. A face video
-    (OWN_FRAME_ROLES) keeps its own size and is only flipped with the clip."""
+    (OWN_FRAME_ROLES) keeps its own size and is only flipped with the clip. `whole`: the condition is one picture read
+    whole (`fitted_whole`; the roles of `ModelFamily.whole_roles`, VACE's reference)."""
+    if whole:
+        return [fitted_whole(condition.path, size) for _ in plan]
     own_frame = role in OWN_FRAME_ROLES
     decoded = decode_clips(condition, plan, None if own_frame else cover_size(clip.width, clip.height, size))
     clips = []
@@ -94,3 +102,20 @@ def condition_frames(clip: MediaInfo, condition: MediaInfo, plan: list[tuple[flo
             frames = np.repeat(frames[:1], len(instants), axis=0)
         clips.append(frames)
     return clips
+
+
+def fitted_whole(path, size: tuple[int, int]) -> np.ndarray:
+    """A picture whole inside `size` = (height, width), as WanVACEPipeline places a reference image: scaled by the
+    smaller of the two ratios (bilinear), centred, white around it; uint8 (1, H, W, 3)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        rgb = ImageOps.exif_transpose(image).convert("RGB")
+    scale = min(size[0] / rgb.height, size[1] / rgb.width)
+    height, width = int(rgb.height * scale), int(rgb.width * scale)
+    if (height, width) != (rgb.height, rgb.width):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    canvas = np.full((*size, 3), 255, dtype=np.uint8)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    canvas[top : top + height, left : left + width] = np.asarray(rgb)
+    return canvas[None]

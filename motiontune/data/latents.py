@@ -346,8 +346,16 @@ class Encoding:
             return conditions
         missing = []  # (index, role, key) not in the cache
         for index, (entry, clip, look, _) in enumerate(found):
-            for role, info in entry.conditions.items():
-                key = Cache.condition_key(self.cache.file_fingerprint(info.path), role, clip, entry.size,
+            read_with = {other for role in entry.conditions for other in self.family.condition_companions(role)}
+            for role in entry.conditions:
+                if role in read_with:  # encoded with the condition it belongs to (VACE: a control's mask)
+                    continue
+                # the condition's file and its companions' (a new mask makes the control again); alone, its own
+                together = self._read_together(entry, role)
+                fingerprint = "+".join(f"{r}:{self.cache.file_fingerprint(entry.conditions[r].path)}" for r in together)
+                if len(together) == 1:
+                    fingerprint = self.cache.file_fingerprint(entry.conditions[role].path)
+                key = Cache.condition_key(fingerprint, role, clip, entry.size,
                                           (entry.info.width, entry.info.height), look.crop, look.flip, look.rotate,
                                           self.vae_identity)
                 self.used["conditions"].add(key)
@@ -368,25 +376,32 @@ class Encoding:
         if missing:
             self.family.load_vae()
         made = 0
-        jobs = [(found[i][0].info, found[i][0].conditions[role], [found[i][1]], [found[i][2]], found[i][0].size, role)
-                for i, role, _ in missing]
+        whole = self.family.whole_roles(self.config)
+        jobs = [(found[i][0].info, {r: found[i][0].conditions[r] for r in self._read_together(found[i][0], role)},
+                 [found[i][1]], [found[i][2]], found[i][0].size, whole) for i, role, _ in missing]
         for (index, role, key), (job, result) in zip(missing, map_isolated(_condition_job, jobs, self.config.dataloader_threads)):
             if isinstance(result, Exception):
-                log.warning("skipped %s: its %s condition %s could not be read (%s)", job[0].path, role, job[1].path, result)
+                log.warning("skipped %s: its %s condition %s could not be read (%s)", job[0].path, role,
+                            ", ".join(str(info.path) for info in job[1].values()), result)
                 conditions[index] = _FAILED
                 continue
             if conditions[index] is _FAILED:
                 continue
             entry, clip, look, _ = found[index]
-            value = self.family.encode_condition(role, result[0])
+            frames = {r: clips[0] for r, clips in result.items()}
+            value = self.family.encode_condition(role, frames.pop(role), frames)
             self.calls["condition"] += 1
             made += 1
-            about = {"file": str(entry.item.path), "condition": str(job[1].path), "role": role, "instants": clip,
-                     "crop": look.crop, "flip": look.flip, "rotate": look.rotate}
+            about = {"file": str(entry.item.path), "condition": " + ".join(str(i.path) for i in job[1].values()),
+                     "role": role, "instants": clip, "crop": look.crop, "flip": look.flip, "rotate": look.rotate}
             conditions[index][role] = self.cache.put("conditions", key, value, about) or value
         log.info("conditions (%s): %d encoded now, the rest of %d from the cache", ", ".join(roles), made,
                  sum(len(c) for c in conditions if c is not _FAILED))
         return conditions
+
+    def _read_together(self, entry: FileEntry, role: str) -> list[str]:
+        """`role` and the clip's conditions in the roles the family reads with it (`condition_companions`)."""
+        return [role] + [r for r in self.family.condition_companions(role) if r in entry.conditions]
 
     def _tell_costs(self, entries: list[FileEntry], clip_counts: Counter) -> None:
         """Log, per concept, the settings that cost encoding time or change how often its clips train."""
@@ -541,7 +556,9 @@ def _mask_job(job):
 
 
 def _condition_job(job):
-    return condition_frames(*job)
+    """A clip's condition and the conditions read with it: role → frames of each planned clip."""
+    clip, files, plan, looks, size, whole = job
+    return {role: condition_frames(clip, info, plan, looks, size, role, role in whole) for role, info in files.items()}
 
 
 def _decode_job(job):

@@ -74,9 +74,10 @@ class SampleRequest:
     image: np.ndarray | None = None  # image-to-video: the first frame, uint8 (H, W, 3)
     last_image: np.ndarray | None = None  # first and last frame: the last frame, uint8 (H, W, 3)
     control: np.ndarray | None = None  # a control video's frames, uint8 (F, H, W, 3) (models that take one)
+    control_mask: np.ndarray | None = None  # the control's mask frames, uint8 (F, H, W, 3): white is made anew (VACE)
     pose: np.ndarray | None = None  # Animate: the pose video's frames, uint8 (F, H, W, 3)
     face: np.ndarray | None = None  # Animate: the face video's frames, uint8 (F, h, w, 3)
-    reference: np.ndarray | None = None  # Animate: the reference (character) picture, uint8 (H, W, 3)
+    reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3): VACE's, or Animate's character
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -176,6 +177,24 @@ class ModelFamily(ABC):
             problems.append(f"  - context_parallel with training_method {config.training_method}: only LORA is built "
                             "(its gradients are summed over every process)")
         return problems
+
+    @classmethod
+    def condition_companions(cls, role: str) -> tuple[str, ...]:
+        """Roles read and encoded together with `role` (VACE: a control video with its mask): their files join its
+        cache key, and they are not encoded alone."""
+        return ()
+
+    @classmethod
+    def sample_roles(cls, config: TrainConfig) -> dict[str, bool]:
+        """The conditions a sample (`samples[]`) takes, each with whether every sample needs one: those of training
+        (`condition_roles`) unless the pipeline asks more of a sample (WAN 2.2 Animate: its reference picture)."""
+        return cls.condition_roles(config)
+
+    @classmethod
+    def whole_roles(cls, config: TrainConfig) -> tuple[str, ...]:
+        """Condition roles this run reads as one picture whole in the frame (`conditions.fitted_whole`: VACE's
+        reference) rather than through the clip's crop, flip and rotation like a frame of the clip."""
+        return ()
 
     @classmethod
     def config_problems(cls, config: TrainConfig) -> list[str]:
@@ -429,9 +448,10 @@ class ModelFamily(ABC):
         """The image encoder's embedding of a clip's first frame, as the stock pipeline computes it."""
         raise NotImplementedError(f"{type(self).__name__} has no image encoder")
 
-    def encode_condition(self, role: str, frames: np.ndarray) -> torch.Tensor:
-        """A clip's condition in `role` (`condition_roles`), uint8 (F, H, W, 3) through the clip's geometry → what is
-        cached for it and given to `split_conditioning` as `conditions[role]`."""
+    def encode_condition(self, role: str, frames: np.ndarray, companions: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """A clip's condition in `role` (`condition_roles`), uint8 (F, H, W, 3) through the clip's geometry, and those of
+        its `condition_companions` the clip has (role → frames) → what is cached for it and given to
+        `split_conditioning` as `conditions[role]`."""
         raise NotImplementedError(f"{type(self).__name__} takes no {role} condition")
 
     def clip_extra_names(self) -> tuple[str, ...]:

@@ -240,7 +240,7 @@ class LTX2Family(ModelFamily):
         return ((packed - mean) / std).to("cpu")
 
     @no_grad
-    def encode_condition(self, role: str, frames: np.ndarray) -> torch.Tensor:
+    def encode_condition(self, role: str, frames: np.ndarray, companions=None) -> torch.Tensor:
         """An IC-LoRA's control video as `LTX2InContextPipeline` encodes a reference condition: the VAE's mode,
         normalised with latents_mean / latents_std and no scaling_factor (`_normalize_latents`' default there),
         (C, F', H', W')."""

@@ -6,6 +6,9 @@ Image-to-video, as the stock `WanImageToVideoPipeline` does it:
   with its latents as one (36, F', H', W') tensor.
 - WAN 2.1 I2V: the same 36 channels, plus the CLIP image encoder's embedding of the first frame (its
   second-to-last hidden states), cached beside the clip's latents and given to cross-attention.
+- WAN 2.1 FLF2V (first-last-frame-to-video): WAN 2.1 I2V's channels, with the clip's last frame in place of the last
+  black frame (and marked by the mask), and CLIP embeddings of both frames, which the transformer reads as one
+  sequence with a learnt position embedding (`pos_embed_seq_len`).
 - TI2V-5B: the clean latents of the first frame replace the noisy first latent frame, whose tokens get
   timestep 0 and are left out of the loss (`image_conditioning_probability` of the samples).
 
@@ -32,7 +35,7 @@ from .base import Conditioning, Expert, ModelFamily, SampleRequest, to_uint8
 from .loading import load_part, read_model_index
 
 MODEL_TYPES = ("WAN_2_1_T2V", "WAN_2_2_T2V_A14B", "WAN_2_2_TI2V_5B", "WAN_2_1_I2V", "WAN_2_2_I2V_A14B", "WAN_2_1_VACE",
-               "WAN_2_2_ANIMATE")
+               "WAN_2_1_FLF2V", "WAN_2_2_ANIMATE")
 # The two-expert WAN 2.2 models
 A14B_MODEL_TYPES = ("WAN_2_2_T2V_A14B", "WAN_2_2_I2V_A14B")
 # The stock pipeline pads every prompt to this many tokens; training must see the same padding.
@@ -66,8 +69,10 @@ _ORIGINAL_RENAMES = _COMFY_RENAMES + [
     (r"\.attn2\.norm_added_k$", ".cross_attn.norm_k_img"),
     (r"^condition_embedder\.image_embedder\.norm1$", "img_emb.proj.0"),
     (r"^condition_embedder\.image_embedder\.norm2$", "img_emb.proj.4"),
-    (r"^(blocks\.\d+)\.norm2$", r"\1.norm3"), (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^((?:vace_)?blocks\.\d+)\.norm2$", r"\1.norm3"),  # VACE's blocks are named as the main ones
+    (r"^((?:vace_)?blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),  # FLF2V: the two images' positions
 ]
 
 
@@ -104,7 +109,7 @@ def _renamed(module: str, renames: list) -> str:
 def original_name(diffusers_name: str) -> str:
     """A diffusers WanTransformer3DModel parameter name in the original WAN (and ComfyUI) layout."""
     module, _, leaf = diffusers_name.rpartition(".")
-    if leaf == "scale_shift_table":  # a parameter that is not inside a sub-module
+    if leaf in ("scale_shift_table", "pos_embed"):  # a parameter that is not inside a sub-module
         module, leaf = diffusers_name, ""
     module = _renamed(module, _ORIGINAL_RENAMES)
     return f"{module}.{leaf}" if leaf else module
@@ -117,12 +122,12 @@ _DEFAULT_TARGETS = re.compile(r"^blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_
 class WanFamily(ModelFamily):
     MODEL_TYPES = MODEL_TYPES
     NAME = "WAN"
-    # diffusers' WanTransformer3DModel has a context-parallel plan; the VACE and Animate transformers have none
+    # diffusers' WanTransformer3DModel (FLF2V's too) has a context-parallel plan; the VACE and Animate transformers have none
     CONTEXT_PARALLEL = True
     CONTEXT_PARALLEL_EXCEPT = ("WAN_2_1_VACE", "WAN_2_2_ANIMATE")
     QUANTIZED_TEXT_ENCODER = True  # UMT5-XXL is ~11 GB in bf16: FLOAT_8 lets an 8 GB GPU encode captions
     TINY_MODELS = ("wan-2.1", "wan-2.2-a14b", "wan-2.2-ti2v-5b", "wan-2.1-i2v", "wan-2.2-i2v-a14b", "wan-2.1-vace",
-                   "wan-2.2-animate")
+                   "wan-2.1-flf2v", "wan-2.2-animate")
     LORA_PIPELINE = "WanPipeline"
     VAE_CLASS = "AutoencoderKLWan"
     temporal_factor = 4
@@ -135,15 +140,37 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def first_frame(cls, model_type):
-        return "required" if "_I2V" in model_type else "optional" if model_type == "WAN_2_2_TI2V_5B" else None
+        if "_I2V" in model_type or model_type == "WAN_2_1_FLF2V":
+            return "required"
+        return "optional" if model_type == "WAN_2_2_TI2V_5B" else None
 
     @classmethod
     def condition_roles(cls, config):
-        # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); Animate: its pose and
-        # face videos, and a reference picture where one is given (else the clip's first frame)
+        # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); a mask says which part
+        # of it is made anew (inpainting, outpainting), a reference picture what to keep (a character, an object).
+        # Animate: its pose and face videos, and a reference picture where one is given (else the clip's first frame)
         if config.model_type == "WAN_2_2_ANIMATE":
             return {"pose": True, "face": True, "reference": False}
-        return {"control": True} if config.model_type == "WAN_2_1_VACE" else {}
+        if config.model_type == "WAN_2_1_VACE":
+            return {"control": True, "controlmask": False, "reference": False}
+        return {}
+
+    @classmethod
+    def sample_roles(cls, config):
+        # WanAnimatePipeline animates a character picture: a sample gives one (training takes the clip's first frame)
+        roles = cls.condition_roles(config)
+        return {**roles, "reference": True} if config.model_type == "WAN_2_2_ANIMATE" else roles
+
+    @classmethod
+    def whole_roles(cls, config):
+        # VACE places a reference picture whole in the frame (as WanVACEPipeline's reference_images); Animate's
+        # reference is the clip's character, read through the clip's crop like one of its frames
+        return ("reference",) if config.model_type == "WAN_2_1_VACE" else ()
+
+    @classmethod
+    def condition_companions(cls, role):
+        # VACE encodes a control video's frames apart by its mask: the two make one condition
+        return ("controlmask",) if role == "control" else ()
 
     @classmethod
     def expert_parts(cls, model_type: str) -> tuple[str, ...]:
@@ -151,11 +178,13 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def takes_last_frame(cls, model_type):
-        # WAN 2.1 I2V's CLIP embedding takes one image; WAN 2.1 FLF2V (two) is not served yet
-        return model_type == "WAN_2_2_I2V_A14B"
+        # WAN 2.1 I2V's CLIP embedding takes one image; FLF2V's takes two
+        return model_type in ("WAN_2_2_I2V_A14B", "WAN_2_1_FLF2V")
 
     @classmethod
     def config_problems(cls, config):
+        if config.model_type == "WAN_2_1_FLF2V":
+            return super().config_problems(config) + cls._flf2v_problems(config)
         if config.model_type == "WAN_2_2_ANIMATE":
             return super().config_problems(config) + _animate_problems(config)
         if config.model_type not in A14B_MODEL_TYPES:
@@ -183,15 +212,32 @@ class WanFamily(ModelFamily):
                             "set validation to false, or experts_on to together")
         return problems
 
+    @staticmethod
+    def _flf2v_problems(config) -> list[str]:
+        """FLF2V always sees two frames: its transformer reads the two CLIP embeddings as one sequence of twice the
+        tokens (diffusers' pipeline fails without `last_image`), so there is no first-frame-only sample to train."""
+        problems = []
+        if config.last_frame_conditioning_probability != 1:
+            problems.append(f"  - last_frame_conditioning_probability = {config.last_frame_conditioning_probability:g}: "
+                            "WAN_2_1_FLF2V always takes a first and a last frame (its pipeline has no first-frame-only "
+                            "mode); set it to 1")
+        for index, sample in enumerate(config.samples):
+            if sample.image and not sample.last_image:
+                problems.append(f"  - samples[{index}].last_image: WAN_2_1_FLF2V makes videos between a first and a last "
+                                "frame; give an image file")
+        return problems
+
     def __init__(self, config, device):
         super().__init__(config, device)
         self.is_a14b = config.model_type in A14B_MODEL_TYPES
         self.is_ti2v = config.model_type == "WAN_2_2_TI2V_5B"
         self.is_i2v = self.first_frame(config.model_type) == "required"  # condition channels
+        self.is_flf2v = config.model_type == "WAN_2_1_FLF2V"
         self.is_vace = config.model_type == "WAN_2_1_VACE"  # control videos through the VACE blocks
         self.is_animate = config.model_type == "WAN_2_2_ANIMATE"  # pose and face videos and a reference picture
-        # a CLIP embedding of the first frame (Animate: the reference picture's, the first frame standing in for it)
-        self.encodes_first_frame = config.model_type in ("WAN_2_1_I2V", "WAN_2_2_ANIMATE")
+        # a CLIP embedding of the first frame (FLF2V: and of the last, `clip_extras`; Animate: the reference picture's,
+        # the first frame standing in for it)
+        self.encodes_first_frame = config.model_type in ("WAN_2_1_I2V", "WAN_2_1_FLF2V", "WAN_2_2_ANIMATE")
         # the VAE's spatial factor, times the transformer's 2x2 patches
         self.spatial_multiple = self.vae_compression(config.model_type)[0] * 2
         self.expert_names = {"both": ["transformer", "transformer_2"], "high": ["transformer"], "low": ["transformer_2"]}[
@@ -223,6 +269,9 @@ class WanFamily(ModelFamily):
         held = self.held_expert
         self.transformer = (self.load_transformer(WanTransformer3DModel, "transformer", self.config.transformer)
                             if held in (None, "transformer") else None)
+        if self.is_flf2v and not self.transformer.config.pos_embed_seq_len:
+            raise ValueError(f"base_model_name = {base!r}: its transformer takes one image (no pos_embed_seq_len), so it is "
+                             "not WAN 2.1 FLF2V; use Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers, or model_type WAN_2_1_I2V")
         if self.is_a14b:
             self.transformer_2 = (self.load_transformer(WanTransformer3DModel, "transformer_2", self.config.transformer_2)
                                   if held in (None, "transformer_2") else None)
@@ -288,11 +337,11 @@ class WanFamily(ModelFamily):
         return self.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2][0].to("cpu")
 
     @no_grad
-    def encode_condition(self, role, frames):
-        """Animate's pose, face and reference (`_animate_condition`); else VACE's control video."""
+    def encode_condition(self, role, frames, companions=None):
+        """Animate's pose, face and reference (`_animate_condition`); else VACE's (`_vace_condition`)."""
         if self.is_animate:
             return self._animate_condition(role, frames)
-        return self._vace_control(frames)
+        return self._vace_condition(role, frames, companions)
 
     def _animate_condition(self, role, frames):
         """As `WanAnimatePipeline` prepares them: pose → its VAE latents (the posterior's mode), normalised (16, F', H',
@@ -330,23 +379,56 @@ class WanFamily(ModelFamily):
         latents = (self.vae_latents(pixels, mode=True) - mean) / std
         return torch.cat([latents.new_ones(1, 4, *latents.shape[2:]), latents], dim=1)[0].to("cpu")
 
-    def _vace_control(self, frames):
-        """VACE's control video, as `WanVACEPipeline.prepare_video_latents` encodes it with no mask given (the mask
-        all ones: every frame is made anew): the VAE latents of the frames outside the mask (black) then inside it
-        (the control video), normalised, (32, F', H', W'). The 64 mask channels, all ones, are added per step."""
+    def _vace_condition(self, role, frames, companions=None):
+        """VACE's conditions, as `WanVACEPipeline.prepare_video_latents` / `prepare_masks` make them.
+        control: the VAE latents of the control frames outside the mask, then inside it, normalised (32, F', H', W');
+        without a mask (all ones: every frame made anew) that is a black video's latents, then the control's, and the 64
+        mask channels, all ones, are added per step; with its `controlmask` (white: made anew) those 64 channels (one per
+        pixel of a VAE cell, 8 x 8) follow, (96, F', H', W').
+        reference: the picture's latents and as many zeros, (32, 1, H', W'), put before the clip's latent frames."""
         pixels = self.video_pixels(frames)
         mean, std = self._latent_stats(pixels)
-        inactive = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
-        reactive = (self.vae_latents(pixels, mode=True) - mean) / std
-        return torch.cat([inactive, reactive], dim=1)[0].to("cpu")
+        if role == "reference":
+            latents = (self.vae_latents(pixels[:, :, :1], mode=True) - mean) / std
+            return torch.cat([latents, torch.zeros_like(latents)], dim=1)[0].to("cpu")
+        mask_frames = (companions or {}).get("controlmask")
+        if mask_frames is None:
+            inactive = (self.vae_latents(torch.zeros_like(pixels), mode=True) - mean) / std
+            reactive = (self.vae_latents(pixels, mode=True) - mean) / std
+            return torch.cat([inactive, reactive], dim=1)[0].to("cpu")
+        if len(mask_frames) == 1:  # a picture: the same mask on every frame
+            mask_frames = np.repeat(mask_frames, len(frames), axis=0)
+        # as the pipeline reads a mask: [-1, 1] pixels → [0, 1]; the frames split where it is over one half
+        mask = ((self.video_pixels(mask_frames).float() + 1) / 2).clamp(0, 1).to(pixels.dtype)
+        kept = torch.where(mask > 0.5, 1.0, 0.0).to(pixels.dtype)
+        inactive = (self.vae_latents(pixels * (1 - kept), mode=True) - mean) / std
+        reactive = (self.vae_latents(pixels * kept, mode=True) - mean) / std
+        return torch.cat([inactive, reactive, self._vace_mask(mask[0, 0], inactive.shape[2]).to(inactive.dtype)[None]],
+                         dim=1)[0].to("cpu")
 
-    def _vace_context(self, controls: list) -> torch.Tensor:
-        """The transformer's `control_hidden_states`: each clip's control latents and VACE's mask channels (one per
-        pixel of a VAE cell, 8 x 8 = 64; all ones: every frame is generated), as `WanVACEPipeline.prepare_masks`."""
-        latents = torch.stack(controls)
+    def _vace_mask(self, mask: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """(F, H, W) mask in [0, 1] → VACE's 64 mask channels on the latent grid: each pixel of an 8 x 8 VAE cell a
+        channel, frames picked nearest-exact (`WanVACEPipeline.prepare_masks`)."""
         factor = self.vae_compression(self.config.model_type)[0]
-        mask = latents.new_ones(latents.shape[0], factor * factor, *latents.shape[2:])
-        return torch.cat([latents, mask], dim=1)
+        frames, height, width = mask.shape
+        cells = mask.reshape(frames, height // factor, factor, width // factor, factor)
+        cells = cells.permute(2, 4, 0, 1, 3).flatten(0, 1)
+        return torch.nn.functional.interpolate(cells[None], size=(latent_frames, height // factor, width // factor),
+                                               mode="nearest-exact")[0]
+
+    def _vace_context(self, controls: list, references: list | None = None) -> torch.Tensor:
+        """The transformer's `control_hidden_states`: each clip's control latents and VACE's 64 mask channels (all
+        ones without a mask: every frame is generated), after its reference's latents and zero mask channels."""
+        factor = self.vae_compression(self.config.model_type)[0]
+        rows = []
+        for control, reference in zip(controls, references or [None] * len(controls)):
+            if control.shape[0] < factor * factor:  # no mask cached with it (32 channels, not 32 + 64)
+                control = torch.cat([control, control.new_ones(factor * factor, *control.shape[1:])])
+            if reference is not None:
+                control = torch.cat([torch.cat([reference, reference.new_zeros(factor * factor, *reference.shape[1:])]),
+                                     control], dim=1)
+            rows.append(control)
+        return torch.stack(rows)
 
     @property
     def trains_last_frame(self) -> bool:
@@ -355,7 +437,9 @@ class WanFamily(ModelFamily):
     def clip_extra_names(self):
         if self.is_animate:
             return ("first_frame_reference",)
-        return ("last_frame",) if self.trains_last_frame else ()
+        if not self.trains_last_frame:
+            return ()
+        return ("last_frame", "last_image_embeds") if self.is_flf2v else ("last_frame",)
 
     @no_grad
     def clip_extras(self, frames):
@@ -368,11 +452,23 @@ class WanFamily(ModelFamily):
             return {}
         pixels = self.video_pixels(frames)
         mean, std = self._latent_stats(pixels)
-        return {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+        extras = {"last_frame": self._image_condition(pixels, mean, std, last=True)[0].to("cpu")}
+        if self.is_flf2v:  # CLIP of the last frame, beside the first frame's (`encode_first_frame`)
+            extras["last_image_embeds"] = self.encode_first_frame(frames[-1])
+        return extras
 
     def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
         if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
-            return stored, Conditioning(self._vace_context(extras["control"]), torch.ones(len(stored), dtype=torch.bool))
+            references = extras.get("reference") or [None] * len(stored)
+            if len({reference is None for reference in references}) > 1:
+                raise ValueError("WAN 2.1 VACE: a batch mixes clips with and without a -reference picture, whose latents "
+                                 "differ in length; give every clip of the dataset a reference, or none, or train with "
+                                 "batch_size 1")
+            if references[0] is not None:  # the references' latents lead the clip's, as the pipeline denoises them
+                channels = stored.shape[1]
+                stored = torch.cat([torch.stack([r[:channels] for r in references]).to(stored), stored], dim=2)
+            return stored, Conditioning(self._vace_context(extras["control"], references),
+                                        torch.ones(len(stored), dtype=torch.bool))
         if self.is_animate:
             return self._animate_conditioning(stored, image_embeds, extras)
         if self.is_i2v:
@@ -382,6 +478,8 @@ class WanFamily(ModelFamily):
             if extras and "last_frame" in extras:  # these samples also get their last frame
                 with_last = torch.rand(len(stored), generator=generator) < self.config.last_frame_conditioning_probability
                 condition = torch.where(with_last.to(stored.device).view(-1, 1, 1, 1, 1), extras["last_frame"], condition)
+            if self.is_flf2v:  # (B, 2, tokens, width): each sample's first and last frame (`predict` lays them out)
+                image_embeds = torch.stack([image_embeds, extras["last_image_embeds"].to(image_embeds.device)], dim=1)
             return stored[:, :channels], Conditioning(condition, rows, image_embeds=image_embeds)
         probability = self.config.image_conditioning_probability
         if self.is_ti2v and probability > 0:
@@ -441,7 +539,10 @@ class WanFamily(ModelFamily):
                      "pose_hidden_states": conditioning.inputs["pose"].to(noisy.device, self.weight_dtype),
                      "face_pixel_values": face.to(self.weight_dtype)}
         elif conditioning is not None and conditioning.image_embeds is not None:
-            image = {"encoder_hidden_states_image": conditioning.image_embeds.to(noisy.device, self.weight_dtype)}
+            images = conditioning.image_embeds
+            if images.dim() == 4:  # FLF2V: (2B, tokens, width), each sample's first then last, as the pipeline does
+                images = images.flatten(0, 1)
+            image = {"encoder_hidden_states_image": images.to(noisy.device, self.weight_dtype)}
         if conditioning is not None and (self.is_i2v or self.is_animate):
             noisy = torch.cat([noisy, conditioning.latents.to(noisy.device, noisy.dtype)], dim=1)
         elif conditioning is not None and not self.is_vace:  # TI2V: the clean first frame in place of the noisy one, at timestep 0
@@ -529,13 +630,17 @@ class WanFamily(ModelFamily):
                 image = {"image": Image.fromarray(request.reference), "segment_frame_length": request.frames,
                          "pose_video": [Image.fromarray(frame) for frame in request.pose[: request.frames]],
                          "face_video": [Image.fromarray(frame) for frame in request.face[: request.frames]]}
-            elif self.is_vace:  # follows the sample's control video
+            elif self.is_vace:  # follows the sample's control video (and its mask, and a reference picture)
                 from diffusers import WanVACEPipeline
                 from PIL import Image
 
                 parts.pop("expand_timesteps")
                 pipeline = WanVACEPipeline(**parts)
                 image.update(video=[Image.fromarray(frame) for frame in request.control])
+                if request.control_mask is not None:
+                    image["mask"] = [Image.fromarray(frame) for frame in request.control_mask[: len(request.control)]]
+                if request.reference is not None:
+                    image["reference_images"] = [Image.fromarray(request.reference)]
             elif request.image is not None:  # image-to-video (I2V models; TI2V-5B when a sample gives an image)
                 from PIL import Image
 
@@ -572,15 +677,19 @@ class WanFamily(ModelFamily):
         # the token width must hold a 2x2 patch of latent channels (64 values; 192 for TI2V-5B's 48 channels)
         heads = heads or (8 if wide_vae else 4)
         two_experts = name in ("wan-2.2-a14b", "wan-2.2-i2v-a14b")
-        image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v")
+        image_to_video = name in ("wan-2.2-i2v-a14b", "wan-2.1-i2v", "wan-2.1-flf2v")
         vace = name == "wan-2.1-vace"
         if name == "wan-2.2-animate":
             return _tiny_animate(tokenizer, vae, heads or 4, layers, text_dim)
-        image_dim = 32 if name == "wan-2.1-i2v" else None  # the tiny CLIP vision encoder's width
+        image_dim = 32 if name in ("wan-2.1-i2v", "wan-2.1-flf2v") else None  # the tiny CLIP vision encoder's width
+        # FLF2V: the first and the last frame's CLIP tokens as one sequence (the tiny CLIP: 4 x 4 patches + 1)
+        image_tokens = 2 * 17 if name == "wan-2.1-flf2v" else None
         # I2V: the noisy latents plus a 4-channel first-frame mask and the first frame's latents
         in_channels = latent_channels * 2 + 4 if image_to_video else latent_channels
         transformer = _tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels,
-                                        image_dim=image_dim, vace=vace)
+                                        image_dim=image_dim, image_tokens=image_tokens, vace=vace)
+        if image_tokens:  # diffusers starts the image positions at zero; a trained model's tell first from last
+            torch.nn.init.normal_(transformer.condition_embedder.image_embedder.pos_embed, std=0.5)
         transformer_2 = (_tiny_transformer(in_channels, text_dim, heads=heads, layers=layers, out_channels=latent_channels)
                          if two_experts else None)
         # Wan 2.1 and 2.2 ship with shift 3.0 / 5.0 in their flow-matching scheduler config.
@@ -597,7 +706,7 @@ class WanFamily(ModelFamily):
             return WanVACEPipeline(**parts)
         if not image_to_video:
             return WanPipeline(**parts)
-        # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V has one
+        # WAN 2.2 I2V A14B ships without a CLIP image encoder; WAN 2.1 I2V and FLF2V have one
         image_encoder, image_processor = _tiny_clip_vision(image_dim) if image_dim else (None, None)
         return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **parts)
 
@@ -633,7 +742,8 @@ class WanFamily(ModelFamily):
         rows = torch.ones(batch, dtype=torch.bool)
         if self.is_i2v:
             latents = x0.new_empty(batch, cfg["in_channels"] - x0.shape[1], frames, height, width)
-            images = x0.new_empty(batch, CLIP_IMAGE_TOKENS, cfg["image_dim"]) if cfg.get("image_dim") else None
+            per_clip = (2,) if self._images_per_clip(cfg) == 2 else ()  # FLF2V: first and last frame
+            images = x0.new_empty(batch, *per_clip, CLIP_IMAGE_TOKENS, cfg["image_dim"]) if cfg.get("image_dim") else None
             return text, Conditioning(latents, rows, image_embeds=images)
         if self.is_ti2v and self.config.image_conditioning_probability > 0:  # a timestep per token
             return text, Conditioning(x0[:, :, :1], rows, x0.new_ones(batch, frames))
@@ -661,7 +771,8 @@ class WanFamily(ModelFamily):
                 "timestep": torch.empty(1, tokens) if self.is_ti2v else torch.empty(1),  # expand_timesteps
                 "encoder_hidden_states": torch.empty(1, MAX_SEQUENCE_LENGTH, cfg["text_dim"], dtype=dtype)}
         if cfg.get("image_dim"):
-            call["encoder_hidden_states_image"] = torch.empty(1, CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
+            call["encoder_hidden_states_image"] = torch.empty(
+                self._images_per_clip(cfg), CLIP_IMAGE_TOKENS, cfg["image_dim"], dtype=dtype)
         if cfg.get("vace_in_channels"):
             call["control_hidden_states"] = torch.empty(1, cfg["vace_in_channels"], f, h, w, dtype=dtype)
         if self.is_animate:  # one latent frame more (the reference's), the face frames in [-1, 1]
@@ -669,6 +780,11 @@ class WanFamily(ModelFamily):
             inputs = self._estimate_animate_inputs(cfg, torch.empty, 1, f, h, w)
             call.update(pose_hidden_states=inputs["pose"].to(dtype), face_pixel_values=inputs["face"].to(dtype))
         return call
+
+    @staticmethod
+    def _images_per_clip(cfg: dict) -> int:
+        """CLIP embeddings per video: FLF2V's transformer reads two (first and last frame) as one sequence."""
+        return 2 if cfg.get("pos_embed_seq_len") else 1
 
     def estimate_decode(self, vae_cfg: dict, latent: tuple[int, int, int], tiled: bool) -> int:
         """Sampling tiles when whole frames would not fit (`sample`): both ways are modelled."""
@@ -754,11 +870,11 @@ def _tiny_clip_vision(width: int):
 
 
 def _tiny_transformer(in_channels: int, text_dim: int, *, heads: int, layers: int, out_channels: int, image_dim=None,
-                      vace: bool = False):
+                      image_tokens=None, vace: bool = False):
     from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     # WAN 2.1 I2V: cross-attention also attends to the CLIP image tokens, through its own key/value projections
-    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24} if image_dim else {}
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * 24, "pos_embed_seq_len": image_tokens} if image_dim else {}
     if vace:  # a VACE block beside every block; its input: control latents (2 x 16) and 8 x 8 mask channels
         image = {"vace_layers": list(range(layers)), "vace_in_channels": 2 * out_channels + 64}
     cls = WanVACETransformer3DModel if vace else WanTransformer3DModel

@@ -110,6 +110,8 @@ COMFY_MODELS = {
     "WAN_2_2_T2V_A14B": ComfyModel("WAN21_T2V", _wan),  # each expert its own file
     "WAN_2_1_I2V": ComfyModel("WAN21_I2V", _wan),
     "WAN_2_2_I2V_A14B": ComfyModel("WAN21_I2V", _wan),
+    "WAN_2_1_FLF2V": ComfyModel("WAN21_I2V", _wan),  # the I2V class, with the two images' positions (img_emb.emb_pos)
+    "WAN_2_1_VACE": ComfyModel("WAN21_Vace", _wan),  # chosen by vace_patch_embedding
     "WAN_2_2_TI2V_5B": ComfyModel("WAN22_T2V", _wan),  # chosen by out_dim 48 (the 48-channel VAE)
     "WAN_2_2_ANIMATE": ComfyModel("WAN22_Animate", _wan),  # chosen by the face adapter's `k_norm`
     "HUNYUAN_VIDEO": ComfyModel("HunyuanVideo", _hunyuan),
