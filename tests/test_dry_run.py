@@ -87,11 +87,20 @@ def one_preset_per_family() -> list[Path]:
     """A text-to-video (or image) LoRA preset of each family module: the first that names one of its model types."""
     from motiontune.models.registry import families
 
+    from motiontune.configure import validate
+
+    def needs_inputs(preset: Path) -> bool:  # a first frame, or a condition beside each clip: not a plain preset
+        config = validate(json.loads(preset.read_text()))
+        family = family_class(config.model_type)
+        return family.first_frame(config.model_type) == "required" or bool(family.condition_roles(config))
+
+    from motiontune.models.registry import family_class
+
     presets = sorted(PRESETS.glob("*.json"))
     chosen = []
     for family in families():
         mine = [p for p in presets if json.loads(p.read_text()).get("model_type", "WAN_2_1_T2V") in family.MODEL_TYPES]
-        plain = [p for p in mine if "I2V" not in p.stem and "control" not in p.stem and "LoRA" in p.stem]
+        plain = [p for p in mine if "LoRA" in p.stem and not needs_inputs(p)]
         chosen.append((plain or mine)[0])
     return chosen
 

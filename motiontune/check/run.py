@@ -109,7 +109,7 @@ class _Run:
             stored["image"] = family.encode_first_frame(frames[0])
         stored.update(family.clip_extras(frames))  # a first-and-last-frame condition
         # the conditions beside the clip (VACE's control video), encoded as data/latents.py does from the clip's frames
-        conditions = {role: family.encode_condition(role, frames) for role in family.condition_roles(self.config.model_type)}
+        conditions = {role: family.encode_condition(role, frames) for role in family.condition_roles(self.config)}
         if family.AUDIO_SAMPLE_RATE:
             fps = self.config.video_config.target_fps or 24.0
             sound = np.zeros((family.AUDIO_CHANNELS, int(family.AUDIO_SAMPLE_RATE * shape.frames / fps)), np.float32)
