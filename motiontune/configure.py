@@ -62,6 +62,10 @@ def family_problems(config: TrainConfig) -> list[str]:
                 f"whole multiple of {own} (frames are {'downscaled' if key.startswith('spatial') else 'subsampled'} "
                 f"by ratio / {own} before encoding); use {own}, {2 * own}, {4 * own}, ..."
             )
+    if config.guidance_scale != 1.0 and not family.GUIDANCE_EMBEDDING:
+        problems.append(f"  - guidance_scale = {config.guidance_scale:g}: {model_type} has no guidance embedding (only "
+                        "HunyuanVideo's guidance-distilled transformer takes one); remove the key and set "
+                        "samples[].cfg_scale for samples")
     first_frame = family.first_frame(model_type)
     if config.image_conditioning_probability > 0 and first_frame != "optional":
         problems.append(

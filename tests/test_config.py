@@ -154,3 +154,18 @@ def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"epochs": 3, "concepts": [{"path": "."}]}', encoding="utf-8-sig")
     assert load_config(str(path)).epochs == 3
+
+
+@pytest.mark.parametrize("preset, refused", [("#wan 2.1 LoRA", True), ("#ltx 2 LoRA", True), ("#kandinsky 5 LoRA", True),
+                                             ("#hunyuan video 1.5 LoRA", True), ("#hunyuan video LoRA", False)])
+def test_guidance_scale_is_refused_where_no_guidance_embedding_reads_it(preset, refused):
+    """Only a guidance-distilled transformer (GUIDANCE_EMBEDDING: HunyuanVideo) reads guidance_scale; elsewhere a value
+    would silently do nothing, so it is refused by name."""
+    from motiontune.config import ConfigError
+    from motiontune.configure import load_config
+
+    if not refused:
+        assert load_config(preset, ["guidance_scale=3.5"]).guidance_scale == 3.5
+        return
+    with pytest.raises(ConfigError, match="guidance_scale = 3.5: .* has no guidance embedding"):
+        load_config(preset, ["guidance_scale=3.5"])

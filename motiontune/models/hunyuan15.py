@@ -89,9 +89,6 @@ class HunyuanVideo15Family(ModelFamily):
         if not config.video_config.use_temporal_attention:
             problems.append(f"  - video_config.use_temporal_attention = false: {config.model_type}'s blocks attend over "
                             "text and video tokens together; frame-local attention is built for WAN only. Remove the key")
-        if config.guidance_scale != 1.0:
-            problems.append(f"  - guidance_scale = {config.guidance_scale:g}: {config.model_type} has no guidance embedding "
-                            "(it uses real classifier-free guidance); remove the key and set samples[].cfg_scale for samples")
         return problems
 
     def __init__(self, config, device):
