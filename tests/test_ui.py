@@ -755,7 +755,9 @@ def test_runs_reload_sample_now_stop_resume_and_a_second_run(ui):
     assert (first / "samples").is_dir() and not (second / "samples").exists()  # the first run's samples stay its own
     ui.shot(page, "7-second-run-compared")
     page.set_viewport_size({"width": PHONE, "height": 900})
-    page.wait_for_timeout(1500)
+    # the charts are redrawn at the new width on the resize: wait for that state, not for a fixed time
+    page.wait_for_function(f"() => {{ const w = document.querySelector('#loss-chart').getBoundingClientRect().width; "
+                           f"return w >= 300 && w <= {PHONE}; }}")
     assert sideways_scroll(page) == 0
     canvas_width = page.evaluate("() => document.querySelector('#loss-chart').getBoundingClientRect().width")
     assert canvas_width >= 300, canvas_width  # the charts use the phone's width
