@@ -174,7 +174,11 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
         skip(["embedding"], f"the embedding an EMBEDDING run trains: training_method is {method}")
     experts = family.expert_parts(model_type)
     if len(experts) < 2:
-        skip(["experts", "boundary_ratio", "transformer_2"], f"{model_type} has one transformer, not two experts")
+        skip(["experts", "boundary_ratio", "experts_on", "transformer_2"], f"{model_type} has one transformer, not two experts")
+    if not family.CONTEXT_PARALLEL or model_type in family.CONTEXT_PARALLEL_EXCEPT:
+        skip(["context_parallel"], f"{model_type}'s transformer has no plan to split a clip's tokens")
+    if method == "FINE_TUNE":
+        skip(["frozen_loras"], "a fine-tune saves the whole transformer: merge LoRAs into the base first")
     if family.AUDIO_SAMPLE_RATE is None:
         skip(AUDIO_KEYS, f"{model_type} makes no sound")
     if not family.GUIDANCE_EMBEDDING:

@@ -169,3 +169,15 @@ def test_guidance_scale_is_refused_where_no_guidance_embedding_reads_it(preset, 
         return
     with pytest.raises(ConfigError, match="guidance_scale = 3.5: .* has no guidance embedding"):
         load_config(preset, ["guidance_scale=3.5"])
+
+
+def test_keys_that_do_not_apply_follow_what_families_declare():
+    """The keys the UI hides: those a model type / method never reads, from what each family declares."""
+    from motiontune.configure import keys_that_do_not_apply, load_config
+
+    wan21, a14b = keys_that_do_not_apply(load_config("#wan 2.1 LoRA")), keys_that_do_not_apply(load_config("#wan 2.2 LoRA"))
+    ltx, hunyuan = keys_that_do_not_apply(load_config("#ltx 2 LoRA")), keys_that_do_not_apply(load_config("#hunyuan video Finetune"))
+    assert {"experts_on", "transformer_2", "train_audio", "guidance_scale", "samples.*.control", "in_context_control"} <= set(wan21)
+    assert not {"experts_on", "transformer_2", "context_parallel"} & set(a14b)
+    assert "train_audio" not in ltx and "in_context_control" not in ltx and "samples.*.control" in ltx
+    assert {"lora_rank", "frozen_loras", "context_parallel"} <= set(hunyuan) and "guidance_scale" not in hunyuan
