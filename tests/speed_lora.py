@@ -59,7 +59,7 @@ def sample(pipe, latents: torch.Tensor, steps: int, guidance: float, grad: bool 
     return pipe(**keys).frames
 
 
-def pretrain_base(tiny_model: Path, out: Path, iterations: int, learning_rate: float = 1e-3) -> Path:
+def pretrain_base(tiny_model: Path, out: Path, iterations: int, learning_rate: float = 1e-3, seed: int = 0) -> Path:
     from motiontune.data.video import decode_frames
 
     pipe = _pipeline(tiny_model)
@@ -78,7 +78,7 @@ def pretrain_base(tiny_model: Path, out: Path, iterations: int, learning_rate: f
     x0, text = torch.cat(latents), torch.cat([texts[c] for c in captions])
     transformer, shift = pipe.transformer, pipe.scheduler.config.shift
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         rows = torch.randint(len(x0), (8,), generator=generator)
         clean, prompt = x0[rows], text[rows].clone()
@@ -96,7 +96,7 @@ def pretrain_base(tiny_model: Path, out: Path, iterations: int, learning_rate: f
 
 
 def distill_speed_lora(base: Path, out: Path, iterations: int, teacher_seeds, rank: int = 16,
-                       learning_rate: float = 3e-3) -> Path:
+                       learning_rate: float = 3e-3, seed: int = 0) -> Path:
     """A COMFY_LORA file at `out` (rank = alpha = `rank`, every Linear of the blocks)."""
     from diffusers import WanPipeline
     from peft import LoraConfig
@@ -109,11 +109,12 @@ def distill_speed_lora(base: Path, out: Path, iterations: int, teacher_seeds, ra
     transformer = pipe.transformer
     modules = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights="gaussian")
+    torch.manual_seed(seed)  # the adapter's initial factors
     transformer.add_adapter(config, adapter_name="speed")
     for name, parameter in transformer.named_parameters():
         parameter.requires_grad_("lora" in name)
     optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=learning_rate)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         rows = torch.randint(len(starts), (8,), generator=generator)
         loss = ((sample(pipe, starts[rows], SPEED["steps"], SPEED["guidance"], grad=True) - teacher[rows]) ** 2).mean()
