@@ -85,11 +85,14 @@ def test_the_speed_lora_makes_four_steps_land_where_thirty_guided_steps_do(runs)
         distance = {name: ((sample(pipe, starts, SPEED["steps"], SPEED["guidance"]) - teacher) ** 2).mean().item()
                     for name, pipe in (("base", base), ("with the speed LoRA", fast))}
     print(f"4 steps, guidance 1, MSE to the base's 30 steps at guidance 5: {distance}")
+    # measured 0.0139 against 0.383 after the long runs; 0.046 against 0.101 after the suite's few steps
     assert distance["with the speed LoRA"] < (0.1 if ACCEPTANCE else 0.9) * distance["base"]
 
 
 @needs_the_long_runs
 def test_new_lora_reaches_its_clip_under_the_speed_lora(runs):
+    """Clip B's latent MSE, sampled at the speed settings from seeds 0-7 with the speed LoRA and the new one, over the
+    speed LoRA's alone: measured 0.038 (trained over it) against 0.488 (trained on the bare base)."""
     model, speed, clip_b, over, bare, _ = runs
     distance = {}
     for name, loras in (("speed alone", [(speed, STRENGTH)]), ("over the speed LoRA", [(speed, STRENGTH), (over, 1.0)]),
