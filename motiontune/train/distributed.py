@@ -141,8 +141,8 @@ def _context_mesh(device: torch.device, world_size: int, degree: int, attention:
     return mesh["ring", "ulysses"]
 
 
-def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str) -> None:
-    """Split `module`'s tokens over the context group with diffusers' own plan for it (`_cp_plan`) and its attention
+def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str, plan: dict | None = None) -> None:
+    """Split `module`'s tokens over the context group with `plan` (default: diffusers' own for it, `_cp_plan`) and its attention
     backends' Ulysses / ring implementations. What `ModelMixin.enable_parallelism` does, minus its device lookup
     (diffusers 0.42.1 takes `rank % torch.accelerator.device_count()`, a division by zero on a machine without one)."""
     from diffusers.hooks.context_parallel import apply_context_parallel
@@ -162,7 +162,38 @@ def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: st
         processor = getattr(part, "processor", None)
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = config
-    apply_context_parallel(module, settings, module._cp_plan)
+    apply_context_parallel(module, settings, module._cp_plan if plan is None else plan)
+    _correct_ulysses_backward()
+
+
+def _correct_ulysses_backward() -> None:
+    """diffusers 0.42.1's Ulysses attention (`TemplatedUlyssesAttention.backward`) reshapes the key and value
+    gradients with the queries' length, so an attention whose keys are not as long as its queries (LTX-2's prompt
+    and audio-video cross-attentions; WAN's cross-attention does not take this path) fails in the backward, its
+    forward being right. The same backward, each gradient reshaped with its own length."""
+    from diffusers.models import attention_dispatch
+    from diffusers.models.attention_dispatch import TemplatedUlyssesAttention, _all_to_all_single
+
+    if getattr(TemplatedUlyssesAttention.backward, "corrected", False):
+        return
+
+    def backward(ctx, grad_out, *args):
+        config = ctx._parallel_config.context_parallel_config
+        world_size, group = config.ulysses_degree, config._ulysses_mesh.get_group()
+        batch, length, heads, dim = grad_out.shape
+        local_heads = heads // world_size
+        grad_out = grad_out.reshape(batch, length, world_size, local_heads, dim).permute(2, 1, 0, 3, 4).contiguous()
+        grad_out = _all_to_all_single(grad_out, group).flatten(0, 1).permute(1, 0, 2, 3).contiguous()
+        grads = ctx.backward_op(ctx, grad_out)[:3]
+        # (batch, world_size x local length, local heads, dim) → (batch, local length, heads, dim), each its own length
+        grads = [g.reshape(batch, world_size, g.shape[1] // world_size, local_heads, dim).permute(1, 3, 0, 2, 4).contiguous()
+                 for g in grads]
+        grads = [_all_to_all_single(g, group).flatten(0, 1).permute(1, 2, 0, 3).contiguous() for g in grads]
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+    backward.corrected = True
+    TemplatedUlyssesAttention.backward = staticmethod(backward)
+    assert attention_dispatch.TemplatedUlyssesAttention is TemplatedUlyssesAttention
 
 
 def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:
