@@ -244,3 +244,41 @@ def test_context_parallel_trains_what_one_process_trains(tmp_path, tiny_models, 
     print(f"context parallel 2 vs 1 process: {one['steps']} steps, trained tensors within {worst:.1e} of the change")
     assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in output.stderr
     assert two["encoder_calls"]["video"] < one["encoder_calls"]["video"]  # both ranks filled the cache
+
+
+def test_context_parallel_trains_ltx2_video_and_audio_as_one_process(tmp_path, tiny_models):
+    """LTX-2 with `context_parallel` degree 2: the video tokens split over the two ranks, the audio tokens whole on both
+    (their gradient divided by the degree); a clip with sound trains the same 3 steps as one process: the same loss and
+    audio loss each step, and every trained tensor (the audio stream's and the cross-modal attentions' too) within 1e-5
+    of how far the LoRA moved. SGD as for WAN above."""
+    from motiontune.cli import main
+    from motiontune.testing.clips import write_clip_with_tone
+
+    data = tmp_path / "tone"
+    data.mkdir()
+    write_clip_with_tone(data / "tone.mkv", 0.75, fps=16, tones=((0.0, 440.0),), layout="stereo")
+    (data / "tone.txt").write_text("moving shapes\n")
+    model = tiny_models("ltx-2")
+    keys = {"model_type": "LTX_2", "resolution": "64", "epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
+            "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}, "video_config": {"max_frames": 9, "target_fps": 16.0}}
+    single = make_config(tmp_path, "single", model, data, batch_size=1, **keys)
+    split = make_config(tmp_path, "context", model, data, batch_size=1, context_parallel={"degree": 2}, **keys)
+    # the single run reads the cache the ranks filled, and runs in this process: two start-ups fewer
+    single.write_text(json.dumps(json.loads(single.read_text()) | {"cache_dir": json.loads(split.read_text())["cache_dir"]}))
+    err = run(split, 2).stderr
+    assert main(["train", "--config", str(single)]) == 0
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "context"))
+    assert one["steps"] == two["steps"] == 3 and not any(one["encoder_calls"].values())
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "context/lora.safetensors")
+    assert a.keys() == b.keys() and any("audio" in k for k in a)
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0
+    assert moved > 1e-3 and max(v.abs().max().item() for k, v in a.items() if "lora_B" in k and "audio_attn1" in k) > 1e-4
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    for tag in ("loss", "loss/audio"):
+        single_losses, context_losses = losses(tmp_path / "single/workspace", tag), losses(tmp_path / "context/workspace", tag)
+        assert single_losses.keys() == context_losses.keys() and len(single_losses) == 3
+        assert all(abs(single_losses[s] - context_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
+    print(f"LTX-2 context parallel 2 vs 1 process: 3 steps, trained tensors within {worst:.1e} of the change")
+    assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in err
