@@ -252,15 +252,10 @@ def test_context_parallel_trains_ltx2_video_and_audio_as_one_process(tmp_path, t
     audio loss each step, and every trained tensor (the audio stream's and the cross-modal attentions' too) within 1e-5
     of how far the LoRA moved. SGD as for WAN above."""
     from motiontune.cli import main
-    from motiontune.testing.clips import write_clip_with_tone
 
-    data = tmp_path / "tone"
-    data.mkdir()
-    write_clip_with_tone(data / "tone.mkv", 0.75, fps=16, tones=((0.0, 440.0),), layout="stereo")
-    (data / "tone.txt").write_text("moving shapes\n")
+    data = _clips_with_sound(tmp_path, 1)
     model = tiny_models("ltx-2")
-    keys = {"model_type": "LTX_2", "resolution": "64", "epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
-            "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}, "video_config": {"max_frames": 9, "target_fps": 16.0}}
+    keys = dict(LTX2_KEYS)
     single = make_config(tmp_path, "single", model, data, batch_size=1, **keys)
     split = make_config(tmp_path, "context", model, data, batch_size=1, context_parallel={"degree": 2}, **keys)
     # the single run reads the cache the ranks filled, and runs in this process: two start-ups fewer
@@ -282,3 +277,54 @@ def test_context_parallel_trains_ltx2_video_and_audio_as_one_process(tmp_path, t
         assert all(abs(single_losses[s] - context_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
     print(f"LTX-2 context parallel 2 vs 1 process: 3 steps, trained tensors within {worst:.1e} of the change")
     assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in err
+
+
+LTX2_KEYS = {"model_type": "LTX_2", "resolution": "64", "epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
+             "optimizer": {"optimizer": "SGD", "weight_decay": 0.0},
+             "video_config": {"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0}}
+
+
+def _clips_with_sound(tmp_path: Path, count: int) -> Path:
+    """`count` 0.75 s clips of moving colours with a stereo tone each (a different pitch), captioned."""
+    from motiontune.testing.clips import write_clip_with_tone
+
+    data = tmp_path / "tone"
+    data.mkdir()
+    for index in range(count):
+        write_clip_with_tone(data / f"tone{index}.mkv", 0.75, fps=16, tones=((0.0, 440.0 * (index + 1)),), layout="stereo")
+        (data / f"tone{index}.txt").write_text(["moving shapes", "a high tone"][index % 2] + "\n")
+    return data
+
+
+@pytest.mark.skipif(not os.environ.get("MOTIONTUNE_FOUR_RANKS"),
+                    reason="4 processes on a small machine take minutes: set MOTIONTUNE_FOUR_RANKS=1 to run")
+@pytest.mark.parametrize("family", ["wan-2.1", "ltx-2"])
+def test_four_ranks_data_2_by_context_2_equal_one_process_with_batch_2(tmp_path, tiny_models, dataset, family):
+    """4 gloo ranks with context_parallel degree 2: two data-parallel groups of two ranks sharing each clip's tokens,
+    batch_size 1 each, train what one process with batch_size 2 trains (SGD, as above): every step's loss and every
+    trained tensor within 1e-5. WAN's two clips differ in length, so a bucket's last batch of 1 leaves the second
+    group idle; LTX-2's two clips have sound."""
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3, "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    if family == "ltx-2":
+        dataset, keys = _clips_with_sound(tmp_path, 2), dict(LTX2_KEYS)
+    model = tiny_models(family)
+    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
+    four = make_config(tmp_path, "four", model, dataset, batch_size=1, context_parallel={"degree": 2}, **keys)
+    run(single, 1)
+    output = run(four, 4)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "four"))
+    assert one["steps"] == two["steps"] == (4 if family == "wan-2.1" else 3)  # WAN: per bucket a batch of 2 and one of 1
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "four/lora.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)
+    assert moved > 1e-3
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    single_losses, four_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "four/workspace")
+    assert single_losses.keys() == four_losses.keys()
+    loss_gap = max(abs(single_losses[s] - four_losses[s]) / abs(single_losses[s]) for s in single_losses)
+    print(f"{family}: 4 ranks (data 2 x context 2) vs 1 process with batch 2: {one['steps']} steps, losses within "
+          f"{loss_gap:.1e}, trained tensors within {worst:.1e} of the change")
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    assert loss_gap <= 1e-5
+    assert "2 data-parallel group(s) of 2 sharing each clip's tokens" in output.stderr
