@@ -338,3 +338,33 @@ def test_four_ranks_data_2_by_context_2_equal_one_process_with_batch_2(tmp_path,
     assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
     assert loss_gap <= 1e-5
     assert "2 data-parallel group(s) of 2 sharing each clip's tokens" in output.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MOTIONTUNE_LONG_CONTEXT_PARALLEL"),
+                    reason="ring attention on the CPU is checked apart from the suite: set MOTIONTUNE_LONG_CONTEXT_PARALLEL=1 to run")
+@pytest.mark.parametrize("family", ["wan-2.1", "ltx-2"])
+def test_ring_attention_on_the_cpu_trains_what_one_process_trains(tmp_path, tiny_models, dataset, family):
+    """`context_parallel` degree 2 with ring attention over gloo (diffusers' ring with PyTorch's CPU flash-attention
+    kernel, which returns the log-sum-exp the ring merges by): the same losses and LoRA as one process (SGD)."""
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3, "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    if family == "ltx-2":
+        dataset, keys = _clips_with_sound(tmp_path, 1), dict(LTX2_KEYS)
+    model = tiny_models(family)
+    single = make_config(tmp_path, "single", model, dataset, batch_size=1, **keys)
+    ring = make_config(tmp_path, "ring", model, dataset, batch_size=1, context_parallel={"degree": 2, "attention": "ring"}, **keys)
+    run(single, 1)
+    output = run(ring, 2)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "ring"))
+    assert one["steps"] == two["steps"] >= 3
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "ring/lora.safetensors")
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)
+    assert a.keys() == b.keys() and moved > 1e-3
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    single_losses, ring_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "ring/workspace")
+    assert single_losses.keys() == ring_losses.keys()
+    loss_gap = max(abs(single_losses[s] - ring_losses[s]) / abs(single_losses[s]) for s in single_losses)
+    print(f"{family}: ring attention, 2 ranks vs 1 process: {one['steps']} steps, losses within {loss_gap:.1e}, trained "
+          f"tensors within {worst:.1e} of the change")
+    assert worst <= 1e-5 and loss_gap <= 1e-5
+    assert "(context parallel, ring attention)" in output.stderr
