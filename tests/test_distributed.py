@@ -244,3 +244,127 @@ def test_context_parallel_trains_what_one_process_trains(tmp_path, tiny_models, 
     print(f"context parallel 2 vs 1 process: {one['steps']} steps, trained tensors within {worst:.1e} of the change")
     assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in output.stderr
     assert two["encoder_calls"]["video"] < one["encoder_calls"]["video"]  # both ranks filled the cache
+
+
+LATER = pytest.mark.skipif(not os.environ.get("MOTIONTUNE_LONG_CONTEXT_PARALLEL"),
+                           reason="the later releases' transformer is LTX-2's class: set MOTIONTUNE_LONG_CONTEXT_PARALLEL=1 to run")
+
+
+@pytest.mark.parametrize("release", ["ltx-2", pytest.param("ltx-2.3", marks=LATER), pytest.param("ltx-2.5", marks=LATER)])
+def test_context_parallel_trains_ltx2_video_and_audio_as_one_process(tmp_path, tiny_models, release):
+    """LTX-2 with `context_parallel` degree 2: the video tokens split over the two ranks, the audio tokens whole on both
+    (their gradient divided by the degree); a clip with sound trains the same 3 steps as one process: the same loss and
+    audio loss each step, and every trained tensor (the audio stream's and the cross-modal attentions' too) within 1e-5
+    of how far the LoRA moved. SGD as for WAN above."""
+    from motiontune.cli import main
+
+    data = _clips_with_sound(tmp_path, 1)
+    model = tiny_models(release)
+    keys = dict(LTX2_KEYS, model_type=release.upper().replace("-", "_").replace(".", "_"))
+    if release != "ltx-2":  # a sample at the end, rendered by both ranks through the stock pipeline
+        keys.update(samples=[{"prompt": "moving shapes", "frames": 9, "height": 64, "width": 64, "steps": 2, "fps": 16}],
+                    sample_after=1, sample_after_unit="EPOCH")
+    single = make_config(tmp_path, "single", model, data, batch_size=1, **keys)
+    split = make_config(tmp_path, "context", model, data, batch_size=1, context_parallel={"degree": 2}, **keys)
+    # the single run reads the cache the ranks filled, and runs in this process: two start-ups fewer
+    single.write_text(json.dumps(json.loads(single.read_text()) | {"cache_dir": json.loads(split.read_text())["cache_dir"]}))
+    err = run(split, 2).stderr
+    assert main(["train", "--config", str(single)]) == 0
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "context"))
+    assert one["steps"] == two["steps"] == 3 and not any(one["encoder_calls"].values())
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "context/lora.safetensors")
+    assert a.keys() == b.keys() and any("audio" in k for k in a)
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0
+    assert moved > 1e-3 and max(v.abs().max().item() for k, v in a.items() if "lora_B" in k and "audio_attn1" in k) > 1e-4
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    for tag in ("loss", "loss/audio"):
+        single_losses, context_losses = losses(tmp_path / "single/workspace", tag), losses(tmp_path / "context/workspace", tag)
+        assert single_losses.keys() == context_losses.keys() and len(single_losses) == 3
+        assert all(abs(single_losses[s] - context_losses[s]) <= 1e-5 * abs(single_losses[s]) for s in single_losses)
+    print(f"{release} context parallel 2 vs 1 process: 3 steps, trained tensors within {worst:.1e} of the change")
+    if release != "ltx-2":
+        assert len(list((tmp_path / "context/workspace/samples").glob("*.mp4"))) == 1
+    assert "1 data-parallel group(s) of 2 sharing each clip's tokens (context parallel, ulysses attention)" in err
+
+
+LTX2_KEYS = {"model_type": "LTX_2", "resolution": "64", "epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3,
+             "optimizer": {"optimizer": "SGD", "weight_decay": 0.0},
+             "video_config": {"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0}}
+
+
+def _clips_with_sound(tmp_path: Path, count: int) -> Path:
+    """`count` 0.75 s clips of moving colours with a stereo tone each (a different pitch), captioned."""
+    from motiontune.testing.clips import write_clip_with_tone
+
+    data = tmp_path / "tone"
+    data.mkdir()
+    for index in range(count):
+        write_clip_with_tone(data / f"tone{index}.mkv", 0.75, fps=16, tones=((0.0, 440.0 * (index + 1)),), layout="stereo")
+        (data / f"tone{index}.txt").write_text(["moving shapes", "a high tone"][index % 2] + "\n")
+    return data
+
+
+@pytest.mark.skipif(not os.environ.get("MOTIONTUNE_LONG_CONTEXT_PARALLEL"),
+                    reason="4 processes on a small machine take minutes: set MOTIONTUNE_LONG_CONTEXT_PARALLEL=1 to run")
+@pytest.mark.parametrize("family", ["wan-2.1", "ltx-2"])
+def test_four_ranks_data_2_by_context_2_equal_one_process_with_batch_2(tmp_path, tiny_models, dataset, family):
+    """4 gloo ranks with context_parallel degree 2: two data-parallel groups of two ranks sharing each clip's tokens,
+    batch_size 1 each, train what one process with batch_size 2 trains (SGD, as above): every step's loss and every
+    trained tensor within 1e-5. WAN's two clips differ in length, so a bucket's last batch of 1 leaves the second
+    group idle; LTX-2's two clips have sound."""
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3, "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    if family == "ltx-2":
+        dataset, keys = _clips_with_sound(tmp_path, 2), dict(LTX2_KEYS)
+    model = tiny_models(family)
+    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
+    four = make_config(tmp_path, "four", model, dataset, batch_size=1, context_parallel={"degree": 2}, **keys)
+    run(single, 1)
+    output = run(four, 4)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "four"))
+    assert one["steps"] == two["steps"] == (4 if family == "wan-2.1" else 3)  # WAN: per bucket a batch of 2 and one of 1
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "four/lora.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)
+    assert moved > 1e-3
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    single_losses, four_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "four/workspace")
+    assert single_losses.keys() == four_losses.keys()
+    loss_gap = max(abs(single_losses[s] - four_losses[s]) / abs(single_losses[s]) for s in single_losses)
+    print(f"{family}: 4 ranks (data 2 x context 2) vs 1 process with batch 2: {one['steps']} steps, losses within "
+          f"{loss_gap:.1e}, trained tensors within {worst:.1e} of the change")
+    assert worst <= 1e-5, f"a trained tensor differs by {worst:.1e} of how far the LoRA moved"
+    assert loss_gap <= 1e-5
+    assert "2 data-parallel group(s) of 2 sharing each clip's tokens" in output.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("MOTIONTUNE_LONG_CONTEXT_PARALLEL"),
+                    reason="ring attention on the CPU is checked apart from the suite: set MOTIONTUNE_LONG_CONTEXT_PARALLEL=1 to run")
+@pytest.mark.parametrize("family", ["wan-2.1", "ltx-2"])
+def test_ring_attention_on_the_cpu_trains_what_one_process_trains(tmp_path, tiny_models, dataset, family):
+    """`context_parallel` degree 2 with ring attention over gloo (diffusers' ring with PyTorch's CPU flash-attention
+    kernel, which returns the log-sum-exp the ring merges by): the same losses and LoRA as one process (SGD)."""
+    keys = {"epochs": 1, "backup_after_unit": "NEVER", "learning_rate": 0.3, "optimizer": {"optimizer": "SGD", "weight_decay": 0.0}}
+    if family == "ltx-2":
+        dataset, keys = _clips_with_sound(tmp_path, 1), dict(LTX2_KEYS)
+    model = tiny_models(family)
+    single = make_config(tmp_path, "single", model, dataset, batch_size=1, **keys)
+    ring = make_config(tmp_path, "ring", model, dataset, batch_size=1, context_parallel={"degree": 2, "attention": "ring"}, **keys)
+    run(single, 1)
+    output = run(ring, 2)
+
+    one, two = (json.loads((tmp_path / name / "workspace/result.json").read_text()) for name in ("single", "ring"))
+    assert one["steps"] == two["steps"] >= 3
+    a, b = saved(tmp_path / "single/lora.safetensors"), saved(tmp_path / "ring/lora.safetensors")
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)
+    assert a.keys() == b.keys() and moved > 1e-3
+    worst = max((a[k] - b[k]).abs().max().item() for k in a) / moved
+    single_losses, ring_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "ring/workspace")
+    assert single_losses.keys() == ring_losses.keys()
+    loss_gap = max(abs(single_losses[s] - ring_losses[s]) / abs(single_losses[s]) for s in single_losses)
+    print(f"{family}: ring attention, 2 ranks vs 1 process: {one['steps']} steps, losses within {loss_gap:.1e}, trained "
+          f"tensors within {worst:.1e} of the change")
+    assert worst <= 1e-5 and loss_gap <= 1e-5
+    assert "(context parallel, ring attention)" in output.stderr

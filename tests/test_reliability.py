@@ -32,12 +32,12 @@ def command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "motiontune", "train", "--config", str(config), *extra]
 
 
-def losses(workspace: Path) -> dict[int, float]:
+def losses(workspace: Path, tag: str = "loss") -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(workspace / "tensorboard"))
     events.Reload()
-    return {e.step: e.value for e in events.Scalars("loss")}
+    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 def lora(folder: Path) -> dict[str, torch.Tensor]:

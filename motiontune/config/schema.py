@@ -118,7 +118,8 @@ class VideoConfig(Strict):
 
 class ContextParallelConfig(Strict):
     """Each clip's tokens split over `degree` processes under torchrun (docs/distributed.md): `ulysses` exchanges
-    attention heads (all-to-all), `ring` passes keys and values around (CUDA attention backends only)."""
+    attention heads (all-to-all), `ring` passes keys and values around (CUDA, or the CPU
+    through PyTorch's CPU flash-attention kernel)."""
 
     degree: int = Field(1, ge=1)
     attention: Literal["ulysses", "ring"] = "ulysses"

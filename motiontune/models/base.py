@@ -153,6 +153,14 @@ class ModelFamily(ABC):
     CONTEXT_PARALLEL = False
     CONTEXT_PARALLEL_EXCEPT: tuple[str, ...] = ()
 
+    def context_parallel_plan(self, module: torch.nn.Module) -> dict:
+        """Where `module`'s tokens are split over a context group and gathered again: diffusers' own plan for it
+        (`_cp_plan`), unless the family corrects it."""
+        return module._cp_plan
+
+    def prepare_context_parallel(self, module: torch.nn.Module, degree: int) -> None:
+        """Hooks a family needs on `module` beside its plan, once it is split over `degree` processes (none here)."""
+
     @classmethod
     def context_parallel_problems(cls, config: TrainConfig) -> list[str]:
         """`context_parallel` with degree > 1: refused by name for a family (or model type) whose transformer cannot,

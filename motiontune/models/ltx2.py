@@ -94,6 +94,9 @@ class LTX2Family(ModelFamily):
     AUDIO_CHANNELS = 2
     ENCODER_PARTS = {"vae": ("vae", "audio_vae"), "text": ("tokenizer", "text_encoder", "connectors")}
     IN_CONTEXT_CONTROL = True
+    # context parallel: the video tokens split as diffusers' plan splits them (corrected: `context_parallel_plan`),
+    # the audio tokens whole on every process (`prepare_context_parallel`)
+    CONTEXT_PARALLEL = True
     TEXT_FORMAT = PACKED  # each prompt's tensors packed into one cached row
     audio_vae = vocoder = None
 
@@ -278,6 +281,14 @@ class LTX2Family(ModelFamily):
         tokens, timestep, coords = hidden.shape[1], t, None
         if conditioning is not None:  # an IC-LoRA: the control's tokens beside the clip's
             hidden, timestep, coords = self._in_context(model, noisy, hidden, t, conditioning.latents.to(noisy))
+        parallel = getattr(model, "_parallel_config", None)
+        if parallel is not None and parallel.context_parallel_config is not None:
+            degree = self.config.context_parallel.degree
+            if hidden.shape[1] % degree or video_text.shape[1] % degree:
+                raise ValueError(f"context_parallel.degree = {degree}: a clip of {hidden.shape[1]} video tokens (latents "
+                                 f"{tuple(noisy.shape[2:])}) and {video_text.shape[1]} prompt tokens does not split "
+                                 "evenly over the processes; pick a resolution or max_frames whose token count the "
+                                 "degree divides")
         video, audio = model(
             hidden_states=hidden.to(dtype), audio_hidden_states=sound.noisy.to(dtype),
             encoder_hidden_states=video_text.to(dtype), audio_encoder_hidden_states=audio_text.to(dtype), timestep=timestep,
@@ -306,6 +317,50 @@ class LTX2Family(ModelFamily):
             return model.rope.prepare_video_coords(batch, frames, height, width, latents.device, fps=self.fps)
 
         return torch.cat([hidden, packed], dim=1), timestep, torch.cat([positions(noisy), positions(reference)], dim=2)
+
+    # --- context parallel ----------------------------------------------------------------------
+    def context_parallel_plan(self, module):
+        """diffusers' `_cp_plan` for the LTX-2 transformer, corrected: the video tokens, the video prompt and its mask
+        are split where diffusers splits them and the video output gathered at `proj_out`, but the video positions
+        are split where they are used: `rope`'s (cos, sin) hold the tokens at dim 2 for `rope_type: split` (every
+        released checkpoint; diffusers' entry expects dim 1 of a 3-d tensor, skips the 4-d one and the attention
+        fails on the shapes), and `cross_attn_rope`'s (the video queries of the audio-to-video attention) are split
+        too. The audio stays whole (`prepare_context_parallel`)."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        if module.config.rope_type == "split":  # (B, heads, tokens, dim / 2)
+            rope = ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)
+        else:  # interleaved: (B, tokens, dim)
+            rope = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)
+        return {
+            "": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+                 "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+                 "encoder_attention_mask": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)},
+            "rope": {0: rope, 1: rope},
+            "cross_attn_rope": {0: rope, 1: rope},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
+    def prepare_context_parallel(self, module, degree: int) -> None:
+        """The audio tokens stay whole on every process of a context group. They are few (a 5 s clip has 126, its
+        video at 720p thousands) and their count is set by the clip's duration, which a degree need not divide.
+        Diffusers' Ulysses attention gives each process the whole audio sequence once per process, so the audio
+        attentions see every audio key repeated `degree` times, which leaves a softmax unchanged: the forward is
+        exact. Every process then computes the same audio loss and back-propagates it whole, so the summed gradient
+        would count the audio loss `degree` times: the audio output's gradient is divided by `degree` (the video's
+        needs nothing: its gather hands each process only its own tokens' gradient). Beside the plan: a prompt mask
+        of ones is dropped (exact; the masks Ulysses would gather carry every head and do not fit the processes'
+        share of them), per-token video inputs are split like the tokens."""
+        from ..config import ConfigError
+
+        heads = module.config.audio_num_attention_heads
+        if heads % degree:
+            raise ConfigError(f"context_parallel.degree = {degree} with ulysses attention: LTX-2's audio stream has "
+                              f"{heads} attention heads, which must split evenly over the processes; pick a degree "
+                              f"dividing {heads}")
+        module.register_forward_pre_hook(_context_parallel_inputs, with_kwargs=True)
+        module.audio_proj_out.register_forward_hook(
+            lambda _module, _inputs, output: _DividedGradient.apply(output, degree))
 
     def fsdp_units(self, module):
         return list(module.transformer_blocks)
@@ -564,6 +619,63 @@ _TO_ORIGINAL = (("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_
                 ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
                 ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
                 ("norm_q", "q_norm"), ("norm_k", "k_norm"), ("audio_prompt_adaln", "audio_prompt_adaln_single"))
+
+
+def _context_parallel_inputs(module, args, kwargs):
+    """Before the plan's split (a context-parallel LTX-2 transformer): prompt masks of ones dropped (exact: they add
+    0 to every score) and refused otherwise; per-token video inputs (timesteps of in-context tokens, the keyframe
+    marker) split like the video tokens."""
+    import torch.distributed as dist
+
+    for name in ("encoder_attention_mask", "audio_encoder_attention_mask"):
+        mask = kwargs.get(name)
+        if mask is not None:
+            if mask.dim() != 2 or not bool((mask == 1).all()):
+                raise ValueError(f"context_parallel with an LTX-2 prompt whose {name} masks tokens out: diffusers' "
+                                 "Ulysses attention cannot split such a mask (the released text connectors fill the "
+                                 "padding with learned registers, so their masks are all ones); set "
+                                 "context_parallel.degree to 1")
+            kwargs[name] = None
+    if kwargs.get("video_self_attention_mask") is not None:
+        raise ValueError("context_parallel with an LTX-2 video self-attention mask: not split by the plan; set "
+                         "context_parallel.degree to 1")
+    mesh = module._parallel_config.context_parallel_config._flattened_mesh
+    group = mesh.get_group()
+    for name, dims in (("timestep", 2), ("video_keyframes_mask", 3)):
+        value = kwargs.get(name)
+        if value is not None and value.dim() == dims:
+            kwargs[name] = value.chunk(mesh.size(), dim=1)[dist.get_rank(group)]
+    return args, kwargs
+
+
+def _divided_gradient():
+    class DividedGradient(torch.autograd.Function):
+        """The identity forward; the gradient divided by `degree` backward."""
+
+        @staticmethod
+        def forward(ctx, tensor, degree):
+            ctx.degree = degree
+            return tensor.view_as(tensor)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad / ctx.degree, None
+
+    return DividedGradient
+
+
+class _DividedGradientProxy:
+    """`_DividedGradient.apply`: the autograd function is made on first use (torch is imported lazily here)."""
+
+    @functools.cached_property
+    def _function(self):
+        return _divided_gradient()
+
+    def apply(self, tensor, degree):
+        return self._function.apply(tensor, degree)
+
+
+_DividedGradient = _DividedGradientProxy()
 
 
 def original_name(name: str) -> str:

@@ -132,17 +132,17 @@ def _context_mesh(device: torch.device, world_size: int, degree: int, attention:
     when the degree divides the GPUs per machine. → its (ring, ulysses) part, which diffusers' attention splits over."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if attention == "ring" and device.type != "cuda":
-        raise ConfigError("context_parallel.attention = ring needs CUDA: diffusers' ring attention merges partial "
-                          "attentions by their log-sum-exp, which only its CUDA backends return (its native SDPA "
-                          "backend raises 'Native attention does not support return_lse=True'). Use ulysses")
+    if attention == "ring" and device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"context_parallel.attention = ring on {device.type}: diffusers' ring attention merges partial "
+                          "attentions by their log-sum-exp, which only its CUDA backends return (and motiontune's CPU "
+                          "one). Use ulysses")
     ring, ulysses = (degree, 1) if attention == "ring" else (1, degree)
     mesh = init_device_mesh(device.type, (world_size // degree, ring, ulysses), mesh_dim_names=("data", "ring", "ulysses"))
     return mesh["ring", "ulysses"]
 
 
-def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str) -> None:
-    """Split `module`'s tokens over the context group with diffusers' own plan for it (`_cp_plan`) and its attention
+def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: str, plan: dict | None = None) -> None:
+    """Split `module`'s tokens over the context group with `plan` (default: diffusers' own for it, `_cp_plan`) and its attention
     backends' Ulysses / ring implementations. What `ModelMixin.enable_parallelism` does, minus its device lookup
     (diffusers 0.42.1 takes `rank % torch.accelerator.device_count()`, a division by zero on a machine without one)."""
     from diffusers.hooks.context_parallel import apply_context_parallel
@@ -162,7 +162,91 @@ def enable_context_parallel(module: torch.nn.Module, ranks: Ranks, attention: st
         processor = getattr(part, "processor", None)
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = config
-    apply_context_parallel(module, settings, module._cp_plan)
+    apply_context_parallel(module, settings, module._cp_plan if plan is None else plan)
+    _correct_ulysses_backward()
+    if attention == "ring" and device.type == "cpu":
+        _ring_attention_on_the_cpu()
+
+
+def _ring_attention_on_the_cpu() -> None:
+    """Ring attention on a CPU (gloo). diffusers' ring (`TemplatedRingAttention`) merges each step's partial attention
+    by its log-sum-exp; its CPU backend (native SDPA) returns none ('Native attention does not support
+    return_lse=True'), and its `_native_flash` backend calls a kernel PyTorch has only for CUDA. PyTorch's CPU
+    flash-attention kernel returns it (`_scaled_dot_product_flash_attention_for_cpu`, with a backward that takes the
+    merged log-sum-exp, as the ring's backward needs). Ring calls on CPU tensors go to diffusers' ring with that
+    kernel; every other call to the native backend is as before."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, \
+        _templated_context_parallel_attention
+
+    native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+    if getattr(native, "cpu_ring", False):
+        return
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   return_lse=False, _save_ctx=True, _parallel_config=None):
+        if attn_mask is not None or enable_gqa:
+            raise ValueError("ring attention on the CPU takes no attention mask and no grouped queries")
+        # (B, S, H, D) as diffusers lays them out; the kernel takes (B, H, S, D) and gives the lse as (B, H, S)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(x.transpose(1, 2) for x in (query, key, value)), dropout_p, is_causal, scale=scale)
+        out, lse = out.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+        if _save_ctx:
+            ctx.save_for_backward(query, key, value, out, lse)
+            ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+        return (out, lse) if return_lse else out
+
+    def backward_op(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, **kwargs):
+        # the ring's backward passes each step's keys and values with the merged out and lse
+        saved = dict(zip(("query", "key", "value", "out", "lse"), ctx.saved_tensors))
+        given = {"query": query, "key": key, "value": value, "out": out, "lse": lse}
+        tensors = [saved[name] if given[name] is None else given[name] for name in saved]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.transpose(1, 2).contiguous(), *(x.transpose(1, 2).contiguous() for x in tensors), ctx.dropout_p,
+            ctx.is_causal, scale=ctx.scale)
+        return tuple(g.transpose(1, 2).contiguous() for g in grads)
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  return_lse=False, _parallel_config=None):
+        if (_parallel_config is not None and query.device.type == "cpu"
+                and _parallel_config.context_parallel_config.ring_degree > 1):
+            return _templated_context_parallel_attention(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, forward_op=forward_op,
+                backward_op=backward_op, _parallel_config=_parallel_config)
+        return native(query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
+
+    attention.cpu_ring = True
+    _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE] = attention
+
+
+def _correct_ulysses_backward() -> None:
+    """diffusers 0.42.1's Ulysses attention (`TemplatedUlyssesAttention.backward`) reshapes the key and value
+    gradients with the queries' length, so an attention whose keys are not as long as its queries (LTX-2's prompt
+    and audio-video cross-attentions; WAN's cross-attention does not take this path) fails in the backward, its
+    forward being right. The same backward, each gradient reshaped with its own length."""
+    from diffusers.models import attention_dispatch
+    from diffusers.models.attention_dispatch import TemplatedUlyssesAttention, _all_to_all_single
+
+    if getattr(TemplatedUlyssesAttention.backward, "corrected", False):
+        return
+
+    def backward(ctx, grad_out, *args):
+        config = ctx._parallel_config.context_parallel_config
+        world_size, group = config.ulysses_degree, config._ulysses_mesh.get_group()
+        batch, length, heads, dim = grad_out.shape
+        local_heads = heads // world_size
+        grad_out = grad_out.reshape(batch, length, world_size, local_heads, dim).permute(2, 1, 0, 3, 4).contiguous()
+        grad_out = _all_to_all_single(grad_out, group).flatten(0, 1).permute(1, 0, 2, 3).contiguous()
+        grads = ctx.backward_op(ctx, grad_out)[:3]
+        # (batch, world_size x local length, local heads, dim) → (batch, local length, heads, dim), each its own length
+        grads = [g.reshape(batch, world_size, g.shape[1] // world_size, local_heads, dim).permute(1, 3, 0, 2, 4).contiguous()
+                 for g in grads]
+        grads = [_all_to_all_single(g, group).flatten(0, 1).permute(1, 2, 0, 3).contiguous() for g in grads]
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+    backward.corrected = True
+    TemplatedUlyssesAttention.backward = staticmethod(backward)
+    assert attention_dispatch.TemplatedUlyssesAttention is TemplatedUlyssesAttention
 
 
 def check_divisible(ranks: Ranks, items_per_epoch: int, batch_size: int) -> None:

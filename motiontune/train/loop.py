@@ -246,7 +246,9 @@ def _setup_experts(config: TrainConfig, family: ModelFamily, ranks: Ranks, devic
                               "(torchrun fine-tune): sharding already splits the weights over the GPUs; use ON")
         prepare_memory(family, expert, config, device)  # before the expert moves to the device
         if ranks.context > 1:  # after the adapters: the plan's hooks sit on the modules as they will run
-            distributed.enable_context_parallel(expert.module, ranks, config.context_parallel.attention)
+            distributed.enable_context_parallel(expert.module, ranks, config.context_parallel.attention,
+                                                family.context_parallel_plan(expert.module))
+            family.prepare_context_parallel(expert.module, ranks.context)
         expert.module.train()
         if not config.video_config.use_temporal_attention:
             family.set_frame_local_attention(expert, True)
