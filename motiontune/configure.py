@@ -80,14 +80,18 @@ def family_problems(config: TrainConfig) -> list[str]:
         problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
                         "2.3 and 2.5 do); remove the key")
     roles = family.sample_roles(config)
+    stand_ins = family.stand_in_roles(config)  # VACE: a sample with a reference alone gets the pipeline's grey video
+    key_of = {key.replace("_", ""): key for key in SAMPLE_CONDITIONS}
     for index, sample in enumerate(config.samples):
         for key, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model needs, and no other
             given, role = getattr(sample, key), key.replace("_", "")
             if given and role not in roles:
                 problems.append(f"  - samples[{index}].{key}: {model_type} does not take {what}; remove the key")
-            elif roles.get(role) and not given:
+            elif roles.get(role) and not given and not any(getattr(sample, key_of[other], None)
+                                                           for other in stand_ins.get(role, ())):
+                alone = "".join(f", or `{key_of[other]}` alone" for other in stand_ins.get(role, ()))
                 problems.append(f"  - samples[{index}].{key}: {model_type} makes videos that follow {what}; "
-                                f"give {'an image' if key == 'reference' else 'a video'} file")
+                                f"give {'an image' if key == 'reference' else 'a video'} file{alone}")
             elif given and key == "reference" and (problem := image_file_problem(given)):
                 problems.append(f"  - samples[{index}].{key} = {given!r}: {problem}")
             elif given and not Path(given).is_file():

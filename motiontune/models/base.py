@@ -185,6 +185,19 @@ class ModelFamily(ABC):
         return ()
 
     @classmethod
+    def stand_in_roles(cls, config: TrainConfig) -> dict[str, tuple[str, ...]]:
+        """Roles every clip needs (`condition_roles`) that a clip may go without when it has a condition in one of the
+        listed roles: the family then makes what its pipeline uses when given none (`encode_stand_in`), from the clip's
+        frame count and size alone. VACE: no control video beside a reference picture (the pipeline's grey video)."""
+        return {}
+
+    @classmethod
+    def layout_roles(cls, config: TrainConfig) -> tuple[str, ...]:
+        """Roles whose presence changes the shape of what a sample gives the transformer (VACE: a reference picture
+        adds a latent frame): a batch holds only clips alike in them (`EncodedClip.batch_shape`)."""
+        return ()
+
+    @classmethod
     def sample_roles(cls, config: TrainConfig) -> dict[str, bool]:
         """The conditions a sample (`samples[]`) takes, each with whether every sample needs one: those of training
         (`condition_roles`) unless the pipeline asks more of a sample (WAN 2.2 Animate: its reference picture)."""
@@ -453,6 +466,11 @@ class ModelFamily(ABC):
         its `condition_companions` the clip has (role → frames) → what is cached for it and given to
         `split_conditioning` as `conditions[role]`."""
         raise NotImplementedError(f"{type(self).__name__} takes no {role} condition")
+
+    def encode_stand_in(self, role: str, frames: int, size: tuple[int, int]) -> torch.Tensor:
+        """What the pipeline uses in `role` when it is given nothing there (`stand_in_roles`), for a clip of `frames`
+        frames at `size` = (height, width): cached and given to `split_conditioning` as `encode_condition`'s is."""
+        raise NotImplementedError(f"{type(self).__name__} makes no stand-in {role} condition")
 
     def clip_extra_names(self) -> tuple[str, ...]:
         """Tensors the family makes from a clip's own frames and caches beside its latents (`clip_extras`)."""

@@ -156,6 +156,17 @@ class WanFamily(ModelFamily):
         return {}
 
     @classmethod
+    def stand_in_roles(cls, config):
+        # VACE: a clip with a reference picture and no control video ("keep this character") trains as WanVACEPipeline
+        # runs without `video`: on a grey video's latents, every frame made anew (`encode_stand_in`)
+        return {"control": ("reference",)} if config.model_type == "WAN_2_1_VACE" else {}
+
+    @classmethod
+    def layout_roles(cls, config):
+        # VACE: a reference picture puts one latent frame before the clip's; Animate's clips all have a reference slot
+        return ("reference",) if config.model_type == "WAN_2_1_VACE" else ()
+
+    @classmethod
     def sample_roles(cls, config):
         # WanAnimatePipeline animates a character picture: a sample gives one (training takes the clip's first frame)
         roles = cls.condition_roles(config)
@@ -406,6 +417,16 @@ class WanFamily(ModelFamily):
         return torch.cat([inactive, reactive, self._vace_mask(mask[0, 0], inactive.shape[2]).to(inactive.dtype)[None]],
                          dim=1)[0].to("cpu")
 
+    @no_grad
+    def encode_stand_in(self, role, frames, size):
+        """VACE without a control video, as `WanVACEPipeline.preprocess_conditions` makes one for `video=None`: zeros
+        in [-1, 1] (grey), its mask all ones, so both halves are that grey video's latents (32, F', H', W'); the 64 mask
+        channels (ones) are added per step, as for a control without a mask."""
+        grey = torch.zeros(1, 3, frames, *size, device=self.device)
+        mean, std = self._latent_stats(grey)
+        latents = (self.vae_latents(grey, mode=True) - mean) / std
+        return torch.cat([latents, latents], dim=1)[0].to("cpu")
+
     def _vace_mask(self, mask: torch.Tensor, latent_frames: int) -> torch.Tensor:
         """(F, H, W) mask in [0, 1] → VACE's 64 mask channels on the latent grid: each pixel of an 8 x 8 VAE cell a
         channel, frames picked nearest-exact (`WanVACEPipeline.prepare_masks`)."""
@@ -458,12 +479,11 @@ class WanFamily(ModelFamily):
         return extras
 
     def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
-        if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
+        if self.is_vace:  # every clip has a control that fits, or a reference and the grey stand-in (`encode_stand_in`)
             references = extras.get("reference") or [None] * len(stored)
             if len({reference is None for reference in references}) > 1:
                 raise ValueError("WAN 2.1 VACE: a batch mixes clips with and without a -reference picture, whose latents "
-                                 "differ in length; give every clip of the dataset a reference, or none, or train with "
-                                 "batch_size 1")
+                                 "differ in length (batches are grouped by `layout_roles`, so this is a bug)")
             if references[0] is not None:  # the references' latents lead the clip's, as the pipeline denoises them
                 channels = stored.shape[1]
                 stored = torch.cat([torch.stack([r[:channels] for r in references]).to(stored), stored], dim=2)
@@ -636,7 +656,8 @@ class WanFamily(ModelFamily):
 
                 parts.pop("expand_timesteps")
                 pipeline = WanVACEPipeline(**parts)
-                image.update(video=[Image.fromarray(frame) for frame in request.control])
+                if request.control is not None:  # else a reference alone: the pipeline's grey video, as trained
+                    image.update(video=[Image.fromarray(frame) for frame in request.control])
                 if request.control_mask is not None:
                     image["mask"] = [Image.fromarray(frame) for frame in request.control_mask[: len(request.control)]]
                 if request.reference is not None:
