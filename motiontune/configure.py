@@ -195,7 +195,10 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
     if not family.takes_last_frame(model_type):
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
     if not family.IN_CONTEXT_CONTROL:
-        skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
+        skip(["in_context_control", "reference_downscale_factor"],
+             f"{model_type} does not take a control video as in-context tokens")
+    elif not config.in_context_control:
+        skip(["reference_downscale_factor"], "in_context_control is false (the factor is an in-context control's)")
     roles = family.sample_roles(config)
     for key, what in SAMPLE_CONDITIONS.items():
         if key.replace("_", "") not in roles:

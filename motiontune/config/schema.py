@@ -195,6 +195,9 @@ class TrainConfig(Strict):
     # LTX-2 / 2.3 / 2.5 in-context LoRA (IC-LoRA): each clip's `-control` video goes in as clean extra tokens beside
     # the noisy ones, as `LTX2InContextPipeline`'s reference_conditions (docs/control.md)
     in_context_control: bool = False
+    # with in_context_control: the control is encoded at 1/N of the clip's height and width, its positions scaled by N,
+    # as `LTX2InContextPipeline(reference_downscale_factor=N)` (fewer control tokens: N² times fewer)
+    reference_downscale_factor: int = Field(1, ge=1, le=8)
     # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
     guidance_scale: float = Field(1.0, ge=0)
 

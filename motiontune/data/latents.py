@@ -141,6 +141,9 @@ class Encoding:
         base = config.base_model_name
         # float32 keeps the name it always had, so existing caches stay valid
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], str(family.vae_dtype).removeprefix("torch."))
+        # conditions: the VAE, and a setting that changes what the family makes of a condition file
+        condition_format = family.condition_format(config)
+        self.condition_identity = self.vae_identity + (f" | {condition_format}" if condition_format else "")
         storage = config.text_encoder.weight_dtype if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4") else ""
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
                                               f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else "")
@@ -368,14 +371,14 @@ class Encoding:
                     fingerprint = self.cache.file_fingerprint(entry.conditions[role].path)
                 key = Cache.condition_key(fingerprint, role, clip, entry.size,
                                           (entry.info.width, entry.info.height), look.crop, look.flip, look.rotate,
-                                          self.vae_identity)
+                                          self.condition_identity)
                 self.used["conditions"].add(key)
                 conditions[index][role] = self.cache.get("conditions", key)
                 if conditions[index][role] is None:
                     missing.append((index, role, key))
             for role in stand_in_roles(self.family, self.config, entry):  # made without a file: shared by clips alike
                 stood_in[role] += 1
-                key = Cache.stand_in_key(role, len(clip), entry.size, self.vae_identity)
+                key = Cache.stand_in_key(role, len(clip), entry.size, self.condition_identity)
                 self.used["conditions"].add(key)
                 conditions[index][role] = self.cache.get("conditions", key)
                 if conditions[index][role] is None:

@@ -192,6 +192,12 @@ class ModelFamily(ABC):
         return {}
 
     @classmethod
+    def condition_format(cls, config: TrainConfig) -> str:
+        """A setting that changes what `encode_condition` makes of the same file (LTX-2: `reference_downscale_factor`),
+        named in the conditions' cache keys; "" when none does."""
+        return ""
+
+    @classmethod
     def layout_roles(cls, config: TrainConfig) -> tuple[str, ...]:
         """Roles whose presence changes the shape of what a sample gives the transformer (VACE: a reference picture
         adds a latent frame): a batch holds only clips alike in them (`EncodedClip.batch_shape`)."""
@@ -520,6 +526,10 @@ class ModelFamily(ABC):
         """Whether this Linear is among the family's default LoRA targets."""
 
     @abstractmethod
+    def lora_metadata(self, config: TrainConfig) -> dict[str, str]:
+        """safetensors metadata a LoRA file of this run carries besides its own (a setting its loaders read)."""
+        return {}
+
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
