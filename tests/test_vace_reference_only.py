@@ -83,6 +83,10 @@ def _mixed(folder: Path) -> dict[str, Path]:
             _write_clip(folder / f"{name}-control.mp4", _edges(frames)).with_suffix(".txt").unlink()
         if name in ("both", "refonly"):
             Image.fromarray(frames[4]).save(folder / f"{name}-reference.png")
+        if name == "both":  # masked training of a clip with a reference: the mask covers the clip's frames
+            mask = np.zeros((SIZE, SIZE, 3), np.uint8)
+            mask[:, : SIZE // 2] = 255
+            Image.fromarray(mask).save(folder / f"{name}-masklabel.png")
         if name == "masked":
             mask = np.zeros((SIZE, SIZE, 3), np.uint8)
             mask[8:24, 8:24] = 255
@@ -91,7 +95,8 @@ def _mixed(folder: Path) -> dict[str, Path]:
 
 
 def test_mixed_vace_batch_of_two_trains(tiny_models, tmp_path, capsys):
-    """Batch size 2 over clips with and without a reference, with and without a control, with and without a mask:
+    """Batch size 2 over clips with and without a reference, with and without a control, with and without a control
+    mask (and masked training, one clip with a reference having a loss mask):
     batches pair the clips alike in having a reference, so every step trains two clips (it used to stop the run); the
     reference-only clip gets the grey stand-in, encoded once."""
     _mixed(tmp_path / "data")
@@ -99,7 +104,8 @@ def test_mixed_vace_batch_of_two_trains(tiny_models, tmp_path, capsys):
     _write_clip(tmp_path / "data" / "lonely.mp4", _frames(20, 6))
     Image.fromarray(_frames(20, 6)[0]).save(tmp_path / "data" / "lonely-reference.png")  # a mask without its control
     config = base_config(tmp_path, tiny_models("wan-2.1-vace"), tmp_path / "data", model_type="WAN_2_1_VACE", epochs=1,
-                         batch_size=2, video_config={"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0},
+                         batch_size=2, masked_training=True,
+                         video_config={"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0},
                          samples=[{"prompt": PROMPT, "reference": str(tmp_path / "data" / "refonly-reference.png")}])
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
     log = capsys.readouterr().err
@@ -185,3 +191,15 @@ def test_stock_vace_pipeline_keeps_the_reference_the_lora_learnt(tiny_models, tm
           f"other clip's reference / its own {wrong / mine:.3f}")
     assert mine / base < 0.75, "the stock pipeline's samples did not move towards the clip"
     assert wrong / mine > 1.05, "the LoRA ignores the reference: another clip's did as well"
+
+
+def test_masked_training_weighs_a_reference_slot_fully():
+    """Masked training of a VACE clip with a reference: its mask covers the clip's latent frames, and the reference's
+    frame before them (trained towards the reference's own latents) weighs fully."""
+    from motiontune.train.losses import loss_mask
+
+    mask = torch.zeros(3, 4, 4)
+    mask[:, :2] = 1
+    weights = loss_mask([mask, None], (2, 16, 4, 4, 4), 0.0, 0.1, torch.Generator())
+    assert torch.equal(weights[0, 0, 0], torch.ones(4, 4)) and torch.equal(weights[0, 0, 1:], mask.clamp(min=0.1))
+    assert torch.equal(weights[1], torch.ones(1, 4, 4, 4))

@@ -525,11 +525,11 @@ class ModelFamily(ABC):
     def lora_default_target(self, name: str) -> bool:
         """Whether this Linear is among the family's default LoRA targets."""
 
-    @abstractmethod
     def lora_metadata(self, config: TrainConfig) -> dict[str, str]:
         """safetensors metadata a LoRA file of this run carries besides its own (a setting its loaders read)."""
         return {}
 
+    @abstractmethod
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:
         """Write a LoRA in the format the stock pipeline's `load_lora_weights` reads."""
 
