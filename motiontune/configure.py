@@ -99,6 +99,12 @@ def family_problems(config: TrainConfig) -> list[str]:
             elif given and key == "control_mask" and not sample.control:
                 problems.append(f"  - samples[{index}].control_mask: a control mask goes with its control video; give "
                                 "`control` too")
+        for pair in family.paired_roles(config):  # both or neither (Animate's replace mode: background and mask)
+            given = [key_of[role] for role in pair if getattr(sample, key_of[role], None)]
+            if len(given) == 1:
+                missing = next(key_of[role] for role in pair if key_of[role] not in given)
+                problems.append(f"  - samples[{index}].{given[0]}: goes with `{missing}` (both or neither); give "
+                                f"`{missing}` too or remove `{given[0]}`")
         if sample.last_image and not last_frame:
             problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
         elif sample.last_image and not sample.image:
@@ -134,7 +140,8 @@ def frozen_lora_problems(config: TrainConfig) -> list[str]:
 
 # a sample's condition keys (the roles of data/conditions.py, without their "_"), and what each is
 SAMPLE_CONDITIONS = {"control": "a control video", "control_mask": "a control mask", "pose": "a pose video",
-                     "face": "a face video", "reference": "a reference picture"}
+                     "face": "a face video", "reference": "a reference picture", "background": "a background video",
+                     "character_mask": "a character mask"}
 
 
 def config_notices(config: TrainConfig) -> list[str]:

@@ -86,6 +86,9 @@ class SampleConfig(Strict):
     face: LocalPath | None = None  # WAN 2.2 Animate: the face video (a crop around the face) its expressions come from
     # a reference picture: VACE's (a character, an object the video keeps), or WAN 2.2 Animate's character
     reference: LocalPath | None = None
+    # WAN 2.2 Animate's replace mode: a background video the character is made over, where `character_mask` is white
+    background: LocalPath | None = None
+    character_mask: LocalPath | None = None
 
 
 class FrozenLoraConfig(Strict):

@@ -78,6 +78,8 @@ class SampleRequest:
     pose: np.ndarray | None = None  # Animate: the pose video's frames, uint8 (F, H, W, 3)
     face: np.ndarray | None = None  # Animate: the face video's frames, uint8 (F, h, w, 3)
     reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3): VACE's, or Animate's character
+    background: np.ndarray | None = None  # Animate's replace mode: the background video's frames, uint8 (F, H, W, 3)
+    character_mask: np.ndarray | None = None  # and the character's mask over it (white: made), uint8 (F, H, W, 3)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -190,6 +192,12 @@ class ModelFamily(ABC):
         listed roles: the family then makes what its pipeline uses when given none (`encode_stand_in`), from the clip's
         frame count and size alone. VACE: no control video beside a reference picture (the pipeline's grey video)."""
         return {}
+
+    @classmethod
+    def paired_roles(cls, config: TrainConfig) -> tuple[tuple[str, str], ...]:
+        """Pairs of roles a clip has both of or neither (WAN 2.2 Animate's replace mode: a background video and the
+        character's mask); a clip with one alone is skipped, named."""
+        return ()
 
     @classmethod
     def condition_format(cls, config: TrainConfig) -> str:
