@@ -10,9 +10,11 @@ that mixes a replace clip and an animate clip and samples in replace mode during
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -120,3 +122,60 @@ def test_replace_and_animate_clips_train_together(tiny_models, tmp_path, capsys)
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 2
     assert ("samples[0].background: goes with `character_mask` (both or neither); give `character_mask` too"
             in capsys.readouterr().err)
+
+
+# The end-to-end acceptance (opt-in: minutes on two cores)
+EPOCHS = 400
+
+
+@pytest.mark.skipif(os.environ.get("MOTIONTUNE_ANIMATE_REPLACE") != "1",
+                    reason="end-to-end WAN 2.2 Animate replace-mode training (minutes); set MOTIONTUNE_ANIMATE_REPLACE=1")
+def test_stock_animate_pipeline_in_replace_mode_follows_what_the_lora_learnt(tiny_models, tmp_path):
+    """Two clips in replace mode (their pose, face, background and mask; their first frames as references). The stock
+    pipeline in replace mode with the LoRA comes closer to the clip than the base; given the other clip's background
+    and mask (its own pose, face and reference) it comes out further from it."""
+    from diffusers import WanAnimatePipeline
+
+    from test_lora_end_to_end import SEEDS, _stock_target_latents
+    from test_wan_animate import _conditions
+
+    model = tiny_models("wan-2.2-animate")
+    data = tmp_path / "data"
+    data.mkdir()
+    clips = []
+    for name, frames in (("shapes", _frames(90, 6)), ("bunny", _frames(0, 2, source="big_buck_bunny_432_433.webm"))):
+        clips.append(_write_clip(data / f"{name}.mp4", frames))
+        _write_condition(data / f"{name}-pose.mp4", _edges(frames))
+        _write_condition(data / f"{name}-face.mp4", _face(frames))
+        _write_condition(data / f"{name}-background.mp4", _background(frames))
+        _write_condition(data / f"{name}-mask.mp4", _masks(len(frames)))
+    shapes, bunny = clips
+    config = base_config(tmp_path, model, data, model_type="WAN_2_2_ANIMATE", timestep_shift=5.0, epochs=EPOCHS,
+                         batch_size=2, learning_rate=3e-3, lora_rank=16, lora_alpha=8,
+                         video_config={"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0})
+    assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
+
+    pipe = WanAnimatePipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    target = _stock_target_latents(pipe, shapes)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+
+    def replace(clip: Path, scene: Path) -> dict:
+        return {**_conditions(clip), "mode": "replace", "background_video": _video(scene.with_name(f"{scene.stem}-background.mp4")),
+                "mask_video": _video(scene.with_name(f"{scene.stem}-mask.mp4"))}
+
+    def distance(conditions: dict) -> float:
+        samples = torch.cat([
+            pipe(**conditions, prompt=PROMPT, height=SIZE, width=SIZE, segment_frame_length=9, num_inference_steps=20,
+                 guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
+            for seed in SEEDS])
+        return ((((samples - mean) / std)[:, :, 1:] - target) ** 2).mean().item()
+
+    base = distance(replace(shapes, shapes))
+    pipe.load_lora_weights(config["output_model_destination"])
+    own, other = distance(replace(shapes, shapes)), distance(replace(shapes, bunny))
+    print(f"Animate replace mode: MSE to the clip with/without the LoRA {own / base:.3f}; with the other clip's "
+          f"background and mask / its own {other / own:.3f}")
+    assert own / base < 0.75, "the stock pipeline's samples did not move towards the clip"
+    assert other / own > 1.05, "the LoRA ignores the background: another clip's did as well"
