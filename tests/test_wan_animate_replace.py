@@ -131,9 +131,9 @@ EPOCHS = 400
 @pytest.mark.skipif(os.environ.get("MOTIONTUNE_ANIMATE_REPLACE") != "1",
                     reason="end-to-end WAN 2.2 Animate replace-mode training (minutes); set MOTIONTUNE_ANIMATE_REPLACE=1")
 def test_stock_animate_pipeline_in_replace_mode_follows_what_the_lora_learnt(tiny_models, tmp_path):
-    """Two clips in replace mode (their pose, face, background and mask; their first frames as references). The stock
-    pipeline in replace mode with the LoRA comes closer to the clip than the base; given the other clip's background
-    and mask (its own pose, face and reference) it comes out further from it."""
+    """Two clips in replace mode that share one pose video, one face video and one reference picture (plain grey):
+    only their backgrounds (and the mask, the same square) tell them apart. The stock pipeline in replace mode with the
+    LoRA comes closer to the clip than the base; given the other clip's background it comes out further from it."""
     from diffusers import WanAnimatePipeline
 
     from test_lora_end_to_end import SEEDS, _stock_target_latents
@@ -145,8 +145,10 @@ def test_stock_animate_pipeline_in_replace_mode_follows_what_the_lora_learnt(tin
     clips = []
     for name, frames in (("shapes", _frames(90, 6)), ("bunny", _frames(0, 2, source="big_buck_bunny_432_433.webm"))):
         clips.append(_write_clip(data / f"{name}.mp4", frames))
-        _write_condition(data / f"{name}-pose.mp4", _edges(frames))
-        _write_condition(data / f"{name}-face.mp4", _face(frames))
+        grey = [np.full_like(frames[0], 128)] * len(frames)
+        _write_condition(data / f"{name}-pose.mp4", grey)
+        _write_condition(data / f"{name}-face.mp4", _face(grey))
+        Image.fromarray(grey[0]).save(data / f"{name}-reference.png")
         _write_condition(data / f"{name}-background.mp4", _background(frames))
         _write_condition(data / f"{name}-mask.mp4", _masks(len(frames)))
     shapes, bunny = clips
