@@ -80,14 +80,18 @@ def family_problems(config: TrainConfig) -> list[str]:
         problems.append(f"  - in_context_control: {model_type} does not take a control video as in-context tokens (LTX-2, "
                         "2.3 and 2.5 do); remove the key")
     roles = family.sample_roles(config)
+    stand_ins = family.stand_in_roles(config)  # VACE: a sample with a reference alone gets the pipeline's grey video
+    key_of = {key.replace("_", ""): key for key in SAMPLE_CONDITIONS}
     for index, sample in enumerate(config.samples):
         for key, what in SAMPLE_CONDITIONS.items():  # a sample gives every condition its model needs, and no other
             given, role = getattr(sample, key), key.replace("_", "")
             if given and role not in roles:
                 problems.append(f"  - samples[{index}].{key}: {model_type} does not take {what}; remove the key")
-            elif roles.get(role) and not given:
+            elif roles.get(role) and not given and not any(getattr(sample, key_of[other], None)
+                                                           for other in stand_ins.get(role, ())):
+                alone = "".join(f", or `{key_of[other]}` alone" for other in stand_ins.get(role, ()))
                 problems.append(f"  - samples[{index}].{key}: {model_type} makes videos that follow {what}; "
-                                f"give {'an image' if key == 'reference' else 'a video'} file")
+                                f"give {'an image' if key == 'reference' else 'a video'} file{alone}")
             elif given and key == "reference" and (problem := image_file_problem(given)):
                 problems.append(f"  - samples[{index}].{key} = {given!r}: {problem}")
             elif given and not Path(given).is_file():
@@ -95,6 +99,12 @@ def family_problems(config: TrainConfig) -> list[str]:
             elif given and key == "control_mask" and not sample.control:
                 problems.append(f"  - samples[{index}].control_mask: a control mask goes with its control video; give "
                                 "`control` too")
+        for pair in family.paired_roles(config):  # both or neither (Animate's replace mode: background and mask)
+            given = [key_of[role] for role in pair if getattr(sample, key_of[role], None)]
+            if len(given) == 1:
+                missing = next(key_of[role] for role in pair if key_of[role] not in given)
+                problems.append(f"  - samples[{index}].{given[0]}: goes with `{missing}` (both or neither); give "
+                                f"`{missing}` too or remove `{given[0]}`")
         if sample.last_image and not last_frame:
             problems.append(f"  - samples[{index}].last_image: {model_type} does not take a last frame; remove the key")
         elif sample.last_image and not sample.image:
@@ -130,7 +140,8 @@ def frozen_lora_problems(config: TrainConfig) -> list[str]:
 
 # a sample's condition keys (the roles of data/conditions.py, without their "_"), and what each is
 SAMPLE_CONDITIONS = {"control": "a control video", "control_mask": "a control mask", "pose": "a pose video",
-                     "face": "a face video", "reference": "a reference picture"}
+                     "face": "a face video", "reference": "a reference picture", "background": "a background video",
+                     "character_mask": "a character mask"}
 
 
 def config_notices(config: TrainConfig) -> list[str]:
@@ -191,7 +202,10 @@ def keys_that_do_not_apply(config: TrainConfig) -> dict[str, str]:
     if not family.takes_last_frame(model_type):
         skip(["last_frame_conditioning_probability", "samples.*.last_image"], f"{model_type} does not take a last frame")
     if not family.IN_CONTEXT_CONTROL:
-        skip(["in_context_control"], f"{model_type} does not take a control video as in-context tokens")
+        skip(["in_context_control", "reference_downscale_factor"],
+             f"{model_type} does not take a control video as in-context tokens")
+    elif not config.in_context_control:
+        skip(["reference_downscale_factor"], "in_context_control is false (the factor is an in-context control's)")
     roles = family.sample_roles(config)
     for key, what in SAMPLE_CONDITIONS.items():
         if key.replace("_", "") not in roles:

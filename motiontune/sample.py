@@ -43,14 +43,15 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             last_image = np.asarray(Image.open(sample.last_image).convert("RGB"))
         # control, its mask, pose, face: their first frames, as many as the sample has (the pipeline resizes them)
         videos = {}
-        for role in ("control", "control_mask", "pose", "face"):
+        for role in ("control", "control_mask", "pose", "face", "background", "character_mask"):
             if getattr(sample, role):
                 from .data.video import decode_clips, probe
 
                 info = probe(getattr(sample, role))
                 videos[role] = decode_clips(info, [info.frame_times[:frames]])[0]
-        if "control_mask" in videos and len(videos["control_mask"]) == 1:  # a picture: the mask of every frame
-            videos["control_mask"] = np.repeat(videos["control_mask"], frames, axis=0)
+        for mask in ("control_mask", "character_mask"):
+            if mask in videos and len(videos[mask]) == 1:  # a picture: the mask of every frame
+                videos[mask] = np.repeat(videos[mask], frames, axis=0)
         reference = None
         if sample.reference:
             from PIL import Image
@@ -72,6 +73,8 @@ def prepare_samples(config: TrainConfig, family: ModelFamily, embeddings: dict) 
             pose=videos.get("pose"),
             face=videos.get("face"),
             reference=reference,
+            background=videos.get("background"),
+            character_mask=videos.get("character_mask"),
             fps=sample.fps,
         )
         requests.append((request, sample.fps))

@@ -86,6 +86,9 @@ class SampleConfig(Strict):
     face: LocalPath | None = None  # WAN 2.2 Animate: the face video (a crop around the face) its expressions come from
     # a reference picture: VACE's (a character, an object the video keeps), or WAN 2.2 Animate's character
     reference: LocalPath | None = None
+    # WAN 2.2 Animate's replace mode: a background video the character is made over, where `character_mask` is white
+    background: LocalPath | None = None
+    character_mask: LocalPath | None = None
 
 
 class FrozenLoraConfig(Strict):
@@ -196,6 +199,9 @@ class TrainConfig(Strict):
     # LTX-2 / 2.3 / 2.5 in-context LoRA (IC-LoRA): each clip's `-control` video goes in as clean extra tokens beside
     # the noisy ones, as `LTX2InContextPipeline`'s reference_conditions (docs/control.md)
     in_context_control: bool = False
+    # with in_context_control: the control is encoded at 1/N of the clip's height and width, its positions scaled by N,
+    # as `LTX2InContextPipeline(reference_downscale_factor=N)` (fewer control tokens: N² times fewer)
+    reference_downscale_factor: int = Field(1, ge=1, le=8)
     # HunyuanVideo (guidance-distilled): the guidance value its transformer is trained and sampled with
     guidance_scale: float = Field(1.0, ge=0)
 

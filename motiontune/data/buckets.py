@@ -1,5 +1,6 @@
 """What an epoch trains: how often each clip comes (a concept's balancing), in batches of equal latent shape
-(frames, height, width), shuffled reproducibly per epoch; and the aspect-ratio buckets clips are sized to."""
+(frames, height, width) and condition layout (`EncodedClip.batch_shape`: VACE clips with a reference apart from those
+without), shuffled reproducibly per epoch; and the aspect-ratio buckets clips are sized to."""
 
 from __future__ import annotations
 

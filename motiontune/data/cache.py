@@ -185,6 +185,13 @@ class Cache:
         })
 
     @staticmethod
+    def stand_in_key(role: str, frames: int, size, encoder: str) -> str:
+        """What a family uses in `role` for a clip without a condition there (`ModelFamily.encode_stand_in`): it
+        depends on the clip's frame count and size alone, so clips alike share it."""
+        return digest({"v": FORMAT_VERSION, "kind": "stand-in", "role": role, "frames": frames, "size": list(size),
+                       "encoder": encoder})
+
+    @staticmethod
     def text_key(text: str, encoder: str) -> str:
         return digest({"v": FORMAT_VERSION, "kind": "text", "text": text, "encoder": encoder})
 

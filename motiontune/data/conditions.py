@@ -7,6 +7,8 @@ A clip `walk.mp4` may have, in the same folder:
                          inpainting and outpainting mask, read with the control video (`condition_companions`)
     walk-reference.png   a reference picture (a character, an object, a style) to keep
     walk-pose.mp4        a pose video, and walk-face.mp4 a face video (animation models)
+    walk-background.mp4  a background video, and walk-mask.mp4 the character's mask in it (WAN 2.2 Animate's replace
+                         mode: white where the character is made, black where the background is kept)
     walk-masklabel.png   a mask (masked training; data/masks.py, which pools it to the latent grid)
 
 Any video or picture extension works. A video condition is read at the clip's own instants (the frame on screen at
@@ -33,7 +35,7 @@ from .video import MEDIA_EXTENSIONS, MediaInfo, decode_clips
 MASK_ROLE = "mask"
 # role → the end of the file's stem; OneTrainer names masks `-masklabel`
 ROLE_SUFFIXES = {"control": "-control", "controlmask": "-controlmask", "reference": "-reference", "pose": "-pose",
-                 "face": "-face", MASK_ROLE: "-masklabel"}
+                 "face": "-face", "background": "-background", "charactermask": "-mask", MASK_ROLE: "-masklabel"}
 # roles whose files are their own picture (a crop around the face), not the clip's frame: any aspect ratio, read whole
 OWN_FRAME_ROLES = ("face",)
 

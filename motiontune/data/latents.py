@@ -46,6 +46,7 @@ class EncodedClip:
     concept: str = ""  # the concept's name (its path when it has none)
     mask_stored: Entry | torch.Tensor | None = None  # masked training: the clip's mask on its latent grid
     conditions_stored: dict = field(default_factory=dict)  # role → the clip's condition as its family encoded it
+    layout: tuple[str, ...] = ()  # its conditions in the family's `layout_roles`: a batch holds clips alike in them
 
     def condition(self, role: str) -> torch.Tensor | None:
         """The clip's condition in `role` (data/conditions.py) as the family encoded it; None: the clip has none."""
@@ -79,6 +80,12 @@ class EncodedClip:
         value = _value(self.stored)
         audio = value.get("audio") if isinstance(value, dict) else None
         return audio if audio is not None and audio.numel() else None
+
+    @property
+    def batch_shape(self) -> tuple:
+        """What a batch's clips share (data/buckets.py): the latents' shape, and the conditions that change what the
+        transformer is given (VACE: a reference picture's latent frame before the clip's)."""
+        return (*self.shape, self.layout)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -134,6 +141,9 @@ class Encoding:
         base = config.base_model_name
         # float32 keeps the name it always had, so existing caches stay valid
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], str(family.vae_dtype).removeprefix("torch."))
+        # conditions: the VAE, and a setting that changes what the family makes of a condition file
+        condition_format = family.condition_format(config)
+        self.condition_identity = self.vae_identity + (f" | {condition_format}" if condition_format else "")
         storage = config.text_encoder.weight_dtype if config.text_encoder.weight_dtype in ("FLOAT_8", "NFLOAT_4") else ""
         self.text_identity = encoder_identity(base, family.ENCODER_PARTS["text"],
                                               f"{config.model_type}:{family.text_dtype}" + (f":{storage}" if storage else "")
@@ -239,13 +249,15 @@ class Encoding:
         found = [(*clip, mask, condition) for clip, mask, condition in zip(found, masks, conditions)
                  if mask is not _FAILED and condition is not _FAILED]
         clip_counts = Counter(id(entry.item.concept) for entry, *_ in found)
+        layout_roles = self.family.layout_roles(self.config)
         encoded = []
         for entry, clip, look, value, mask, condition in found:
             item, concept = entry.item, entry.item.concept
             repeats = clip_repeats(concept.balance, concept.balancing_strategy, clip_counts[id(concept)])
             encoded.append(EncodedClip(item.path, value, self.captions(item), repeats, clip, concept.loss_weight, look,
                                        concept.role, concept.name or concept.path, mask_stored=mask,
-                                       conditions_stored=condition))
+                                       conditions_stored=condition,
+                                       layout=tuple(role for role in layout_roles if role in condition)))
         if not encoded and not self.share:  # a process encoding a share may have none yet: the ranks read all after
             raise MediaError("no clip could be decoded (reasons above)")
         if not self._told:
@@ -345,6 +357,8 @@ class Encoding:
         if not roles:
             return conditions
         missing = []  # (index, role, key) not in the cache
+        stand_ins: dict = {}  # key → (role, frames, size, indices) of stand-ins not in the cache
+        stood_in: Counter = Counter()
         for index, (entry, clip, look, _) in enumerate(found):
             read_with = {other for role in entry.conditions for other in self.family.condition_companions(role)}
             for role in entry.conditions:
@@ -357,25 +371,45 @@ class Encoding:
                     fingerprint = self.cache.file_fingerprint(entry.conditions[role].path)
                 key = Cache.condition_key(fingerprint, role, clip, entry.size,
                                           (entry.info.width, entry.info.height), look.crop, look.flip, look.rotate,
-                                          self.vae_identity)
+                                          self.condition_identity)
                 self.used["conditions"].add(key)
                 conditions[index][role] = self.cache.get("conditions", key)
                 if conditions[index][role] is None:
                     missing.append((index, role, key))
+            for role in stand_in_roles(self.family, self.config, entry):  # made without a file: shared by clips alike
+                stood_in[role] += 1
+                key = Cache.stand_in_key(role, len(clip), entry.size, self.condition_identity)
+                self.used["conditions"].add(key)
+                conditions[index][role] = self.cache.get("conditions", key)
+                if conditions[index][role] is None:
+                    stand_ins.setdefault(key, (role, len(clip), entry.size, []))[3].append(index)
+        for role, count in stood_in.items():
+            others = " or ".join(self.family.stand_in_roles(self.config)[role])
+            log.info("%d clip(s) have no %s condition but a %s: they train on what the pipeline uses when given no %s",
+                     count, role, others, role)
         if self.ranks.main:
             self.cache.save_fingerprints()
-        if missing and self._fill_elsewhere():
-            for index, role, key in missing:
+        missing_stand_ins = [(index, role, key) for key, (role, _, _, indices) in stand_ins.items() for index in indices]
+        if (missing or stand_ins) and self._fill_elsewhere():
+            for index, role, key in missing + missing_stand_ins:
                 conditions[index][role] = self.cache.get("conditions", key)
-            not_made = {index for index, role, key in missing if conditions[index][role] is None}
+            not_made = {index for index, role, key in missing + missing_stand_ins if conditions[index][role] is None}
             for index in not_made:
                 conditions[index] = _FAILED
             if not_made:
                 log.warning("%d clip(s) whose condition the encoding process could not encode are skipped", len(not_made))
-            missing = []
-        if missing:
+            missing, stand_ins = [], {}
+        if missing or stand_ins:
             self.family.load_vae()
         made = 0
+        for key, (role, frames, size, indices) in stand_ins.items():
+            value = self.family.encode_stand_in(role, frames, size)
+            self.calls["condition"] += 1
+            made += 1
+            value = self.cache.put("conditions", key, value, {"role": role, "stand_in": True, "frames": frames,
+                                                               "size": list(size)}) or value
+            for index in indices:
+                conditions[index][role] = value
         whole = self.family.whole_roles(self.config)
         jobs = [(found[i][0].info, {r: found[i][0].conditions[r] for r in self._read_together(found[i][0], role)},
                  [found[i][1]], [found[i][2]], found[i][0].size, whole) for i, role, _ in missing]
@@ -553,6 +587,13 @@ def _grid(value) -> tuple[int, int, int]:
 
 def _mask_job(job):
     return clip_masks(*job)
+
+
+def stand_in_roles(family: ModelFamily, config, entry: FileEntry) -> list[str]:
+    """The roles the family stands in for in this clip (`ModelFamily.stand_in_roles`): needed, missing, and
+    allowed missing by another condition it has (the survey checked that)."""
+    return [role for role, others in family.stand_in_roles(config).items()
+            if role not in entry.conditions and any(other in entry.conditions for other in others)]
 
 
 def _condition_job(job):

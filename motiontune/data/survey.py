@@ -151,6 +151,9 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
     mask_probes = dict(zip(mask_files, probes[len(items):]))
     condition_probes = dict(zip(condition_files, probes[len(items) + len(mask_files):]))
     expected = _expected_roles(items, taken, roles)
+    stand_ins = family.stand_in_roles(config)  # role → the roles that let a clip go without it
+    companion_of = {companion: role for role in taken for companion in family.condition_companions(role)}
+    pairs = {one: other for pair in family.paired_roles(config) for one, other in (pair, pair[::-1])}  # both or neither
     nearest = {}  # (width, height, resolution) → bucket: files of one size share it, and a dataset has few sizes
     for item, info in zip(items, probes):
         entry = FileEntry(item)
@@ -176,7 +179,8 @@ def survey_dataset(config: TrainConfig, family: ModelFamily, require_usable: boo
                 if item.masks and check_masks:
                     _check_mask(entry, mask_probes, config.masked_training)
                 if roles:
-                    _check_conditions(entry, condition_probes, expected[id(item)] | (set(item.conditions) & roles), taken)
+                    _check_conditions(entry, condition_probes, expected[id(item)] | (set(item.conditions) & roles), taken,
+                                      stand_ins, companion_of, pairs)
     survey = Survey(entries)
     unused = sum(1 for item in items if item.masks) if not check_masks else 0
     if unused:
@@ -227,14 +231,30 @@ def _expected_roles(items: list[Item], taken: dict, roles: set) -> dict:
     return {id(item): needed | in_concept[id(item.concept)] for item in items}
 
 
-def _check_conditions(entry: FileEntry, probes: dict, roles: set, taken: dict) -> None:
+def _check_conditions(entry: FileEntry, probes: dict, roles: set, taken: dict, stand_ins: dict | None = None,
+                      companion_of: dict | None = None, pairs: dict | None = None) -> None:
     """Attach each condition of the clip that fits; say why one is missing or does not fit. A clip without a condition
-    the family needs of every clip, or whose condition in a role the family takes does not fit, is skipped."""
+    the family needs of every clip, or whose condition in a role the family takes does not fit, is skipped. A needed
+    role may be missing where the clip has a condition in one of its `stand_ins` roles (the family stands in for it);
+    a companion (`condition_companions`: VACE's control mask) needs the condition it goes with; of a pair
+    (`paired_roles`), a clip has both or neither."""
     item = entry.item
+    stand_ins, companion_of, pairs = stand_ins or {}, companion_of or {}, pairs or {}
+    roles = set(roles) | {pairs[role] for role in roles if role in pairs and role in item.conditions}
     for role in sorted(roles):
         files = item.conditions.get(role, ())
         example = f"{item.path.stem}{ROLE_SUFFIXES[role]}"
-        if not files:
+        if not files and any(other in item.conditions for other in stand_ins.get(role, ())):
+            continue  # e.g. a VACE reference without a control video: trained on the pipeline's grey video
+        principal = companion_of.get(role)
+        if files and principal and principal not in item.conditions:
+            problem = (f"{role} condition {files[0]} goes with a {principal} condition, and there is no "
+                       f"{item.path.stem}{ROLE_SUFFIXES[principal]}.<ext> beside {item.path.name}; give one or remove "
+                       f"the {role}")
+        elif not files and item.conditions.get(pairs.get(role)):
+            problem = (f"{role} condition missing: {item.conditions[pairs[role]][0]} needs its {role} beside it, "
+                       f"{example}.<ext>; give one or remove the {pairs[role]}")
+        elif not files:
             others = "the model needs one for every clip" if taken.get(role) else "other clips of its concept have one"
             problem = f"{role} condition missing: no {example}.<ext> beside {item.path.name} ({others})"
         elif len(files) > 1:
@@ -247,7 +267,7 @@ def _check_conditions(entry: FileEntry, probes: dict, roles: set, taken: dict) -
             entry.conditions[role] = probes[files[0]]
             continue
         entry.condition_problems[role] = problem
-        if role in taken and (files or taken[role]) and not entry.problem:
+        if role in taken and (files or taken[role] or item.conditions.get(pairs.get(role))) and not entry.problem:
             entry.problem = f"{item.path}: {problem}"
 
 

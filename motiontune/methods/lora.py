@@ -102,7 +102,19 @@ def _save_one(family: ModelFamily, expert: Expert, config: TrainConfig, destinat
                       metadata={"peft_type": config.peft_type + (" (DoRA)" if config.lora_decompose else "")})
         else:
             raise ValueError(f"unknown output_model_format {output_format!r}")
+        if extra := family.lora_metadata(config):  # settings a loader reads from the file (IC-LoRA's downscale)
+            _add_metadata(written, extra)
     return destination
+
+
+def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrite a safetensors file with `extra` beside the metadata it has."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        metadata = {**(file.metadata() or {}), **extra}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def comfy_state_dict(family: ModelFamily, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

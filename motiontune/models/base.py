@@ -78,6 +78,8 @@ class SampleRequest:
     pose: np.ndarray | None = None  # Animate: the pose video's frames, uint8 (F, H, W, 3)
     face: np.ndarray | None = None  # Animate: the face video's frames, uint8 (F, h, w, 3)
     reference: np.ndarray | None = None  # a reference picture, uint8 (H, W, 3): VACE's, or Animate's character
+    background: np.ndarray | None = None  # Animate's replace mode: the background video's frames, uint8 (F, H, W, 3)
+    character_mask: np.ndarray | None = None  # and the character's mask over it (white: made), uint8 (F, H, W, 3)
     fps: float | None = None  # the frame rate the video is written at (a family that generates sound needs it)
 
 
@@ -190,6 +192,31 @@ class ModelFamily(ABC):
     def condition_companions(cls, role: str) -> tuple[str, ...]:
         """Roles read and encoded together with `role` (VACE: a control video with its mask): their files join its
         cache key, and they are not encoded alone."""
+        return ()
+
+    @classmethod
+    def stand_in_roles(cls, config: TrainConfig) -> dict[str, tuple[str, ...]]:
+        """Roles every clip needs (`condition_roles`) that a clip may go without when it has a condition in one of the
+        listed roles: the family then makes what its pipeline uses when given none (`encode_stand_in`), from the clip's
+        frame count and size alone. VACE: no control video beside a reference picture (the pipeline's grey video)."""
+        return {}
+
+    @classmethod
+    def paired_roles(cls, config: TrainConfig) -> tuple[tuple[str, str], ...]:
+        """Pairs of roles a clip has both of or neither (WAN 2.2 Animate's replace mode: a background video and the
+        character's mask); a clip with one alone is skipped, named."""
+        return ()
+
+    @classmethod
+    def condition_format(cls, config: TrainConfig) -> str:
+        """A setting that changes what `encode_condition` makes of the same file (LTX-2: `reference_downscale_factor`),
+        named in the conditions' cache keys; "" when none does."""
+        return ""
+
+    @classmethod
+    def layout_roles(cls, config: TrainConfig) -> tuple[str, ...]:
+        """Roles whose presence changes the shape of what a sample gives the transformer (VACE: a reference picture
+        adds a latent frame): a batch holds only clips alike in them (`EncodedClip.batch_shape`)."""
         return ()
 
     @classmethod
@@ -462,6 +489,11 @@ class ModelFamily(ABC):
         `split_conditioning` as `conditions[role]`."""
         raise NotImplementedError(f"{type(self).__name__} takes no {role} condition")
 
+    def encode_stand_in(self, role: str, frames: int, size: tuple[int, int]) -> torch.Tensor:
+        """What the pipeline uses in `role` when it is given nothing there (`stand_in_roles`), for a clip of `frames`
+        frames at `size` = (height, width): cached and given to `split_conditioning` as `encode_condition`'s is."""
+        raise NotImplementedError(f"{type(self).__name__} makes no stand-in {role} condition")
+
     def clip_extra_names(self) -> tuple[str, ...]:
         """Tensors the family makes from a clip's own frames and caches beside its latents (`clip_extras`)."""
         return ()
@@ -508,6 +540,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def lora_default_target(self, name: str) -> bool:
         """Whether this Linear is among the family's default LoRA targets."""
+
+    def lora_metadata(self, config: TrainConfig) -> dict[str, str]:
+        """safetensors metadata a LoRA file of this run carries besides its own (a setting its loaders read)."""
+        return {}
 
     @abstractmethod
     def save_diffusers_lora(self, directory: str, weight_name: str, state_dict: dict, adapter_metadata: dict) -> None:

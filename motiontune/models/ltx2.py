@@ -106,11 +106,24 @@ class LTX2Family(ModelFamily):
         super().__init__(config, device)
         self.version = VERSIONS[config.model_type]
         self.fps = config.video_config.target_fps / compression_factors(config)[1]  # the frame rate clips train at
+        # an IC-LoRA's control at 1/N of the clip's size: clips (and samples) are sized so that it is whole VAE cells
+        self.downscale = config.reference_downscale_factor if config.in_context_control else 1
+        self.spatial_multiple = type(self).spatial_multiple * self.downscale
 
     @classmethod
     def condition_roles(cls, config):
         # an IC-LoRA: every clip's control video (depth, pose, edges...: data/conditions.py) as in-context tokens
         return {"control": True} if config.in_context_control else {}
+
+    @classmethod
+    def condition_format(cls, config):
+        # a control encoded at 1/N of the clip's size is another tensor: its cache key says so
+        factor = config.reference_downscale_factor
+        return f"reference_downscale_factor {factor}" if config.in_context_control and factor > 1 else ""
+
+    def lora_metadata(self, config):
+        # as Lightricks' IC-LoRA files say it, for loaders that read the factor from the file
+        return {"reference_downscale_factor": str(self.downscale)} if config.in_context_control else {}
 
     @classmethod
     def config_problems(cls, config) -> list[str]:
@@ -246,8 +259,18 @@ class LTX2Family(ModelFamily):
     def encode_condition(self, role: str, frames: np.ndarray, companions=None) -> torch.Tensor:
         """An IC-LoRA's control video as `LTX2InContextPipeline` encodes a reference condition: the VAE's mode,
         normalised with latents_mean / latents_std and no scaling_factor (`_normalize_latents`' default there),
-        (C, F', H', W')."""
-        latents = self.vae_latents(self.video_pixels(frames), mode=True)
+        (C, F', H', W'). With `reference_downscale_factor` N, the frames are first resized to 1/N of the clip's size by
+        the pipeline's own video processor (bilinear, `resize_mode="crop"`), as it preprocesses the reference."""
+        pixels = self.video_pixels(frames)
+        if self.downscale > 1:
+            from diffusers.video_processor import VideoProcessor
+            from PIL import Image
+
+            processor = VideoProcessor(vae_scale_factor=self.spatial_multiple // self.downscale, resample="bilinear")
+            height, width = frames.shape[1] // self.downscale, frames.shape[2] // self.downscale
+            pixels = processor.preprocess_video([Image.fromarray(frame) for frame in frames], height, width,
+                                                resize_mode="crop").to(self.device)
+        latents = self.vae_latents(pixels, mode=True)
         mean = self.vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
         std = self.vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
         return ((latents - mean) / std)[0].to("cpu")
@@ -305,7 +328,7 @@ class LTX2Family(ModelFamily):
         `LTX2InContextPipeline.prepare_latents` lays them out (reference tokens last): (tokens, per-token timesteps,
         positions). The pipeline gives each token t·(1 - strength): 0 for the clean reference at strength 1; and
         places each on its own latent grid at the video's frame rate (the same positions, when the control is the
-        clip's size and length)."""
+        clip's size and length), a downscaled control's spatial positions times `reference_downscale_factor`."""
         from diffusers import LTX2Pipeline
 
         packed = LTX2Pipeline._pack_latents(reference, model.config.patch_size, model.config.patch_size_t)
@@ -316,7 +339,10 @@ class LTX2Family(ModelFamily):
             _, _, frames, height, width = latents.shape
             return model.rope.prepare_video_coords(batch, frames, height, width, latents.device, fps=self.fps)
 
-        return torch.cat([hidden, packed], dim=1), timestep, torch.cat([positions(noisy), positions(reference)], dim=2)
+        control = positions(reference)
+        if self.downscale != 1:  # on the clip's grid: height and width (axes 1, 2) scaled, time not
+            control[:, 1:3] = control[:, 1:3] * self.downscale
+        return torch.cat([hidden, packed], dim=1), timestep, torch.cat([positions(noisy), control], dim=2)
 
     # --- context parallel ----------------------------------------------------------------------
     def context_parallel_plan(self, module):
@@ -457,6 +483,7 @@ class LTX2Family(ModelFamily):
             pipeline_class = LTX2InContextPipeline
             control = [Image.fromarray(frame) for frame in request.control]  # resized by the pipeline to the sample's size
             inputs["reference_conditions"] = [LTX2ReferenceCondition(frames=control, strength=1.0)]
+            inputs["reference_downscale_factor"] = self.downscale
         pipeline = pipeline_class(scheduler=self.scheduler, vae=self.vae, audio_vae=self.audio_vae, text_encoder=None,
                                   tokenizer=None, connectors=given, transformer=self.transformer, vocoder=self.vocoder)
         pipeline.set_progress_bar_config(disable=True)
@@ -570,8 +597,10 @@ class LTX2Family(ModelFamily):
         """(cached text rows, the control's latents in an IC-LoRA run); `predict` adds the clip's audio tokens (noise,
         as for a clip without sound: the same tensors, without the audio loss's few bytes)."""
         control = None
-        if self.config.in_context_control:  # as many control tokens again as the clip has
-            control = Conditioning(torch.zeros_like(x0), torch.ones(len(x0), dtype=torch.bool))
+        if self.config.in_context_control:  # as many control tokens again as the clip has (N² times fewer: downscaled)
+            batch, channels, frames, height, width = x0.shape
+            control = Conditioning(x0.new_zeros(batch, channels, frames, height // self.downscale, width // self.downscale),
+                                   torch.ones(len(x0), dtype=torch.bool))
         return self._estimate_text(len(x0), cfg), control
 
     def estimate_sample_call(self, cfg: dict, latent: tuple[int, int, int], dtype: torch.dtype) -> dict:
@@ -588,8 +617,9 @@ class LTX2Family(ModelFamily):
                 "audio_encoder_attention_mask": torch.ones(1, MAX_SEQUENCE_LENGTH), "num_frames": f, "height": h,
                 "width": w, "fps": self.fps, "audio_num_frames": steps}
         if self.config.in_context_control:  # an IC-LoRA: the control's tokens too, with a timestep and position each
-            call.update(hidden_states=torch.empty(1, 2 * tokens, cfg["in_channels"], dtype=dtype),
-                        timestep=torch.empty(1, 2 * tokens), video_coords=torch.zeros(1, 3, 2 * tokens, 2))
+            tokens += f * (h // self.downscale) * (w // self.downscale)
+            call.update(hidden_states=torch.empty(1, tokens, cfg["in_channels"], dtype=dtype),
+                        timestep=torch.empty(1, tokens), video_coords=torch.zeros(1, 3, tokens, 2))
         return call
 
     def estimate_text_encoders(self, configs: dict[str, dict]) -> list[tuple[str, torch.nn.Module]]:

@@ -149,11 +149,22 @@ class WanFamily(ModelFamily):
         # VACE: every clip follows its control video (pose, depth, edges...: data/conditions.py); a mask says which part
         # of it is made anew (inpainting, outpainting), a reference picture what to keep (a character, an object).
         # Animate: its pose and face videos, and a reference picture where one is given (else the clip's first frame)
-        if config.model_type == "WAN_2_2_ANIMATE":
-            return {"pose": True, "face": True, "reference": False}
+        if config.model_type == "WAN_2_2_ANIMATE":  # replace mode where a clip has a background and its mask
+            return {"pose": True, "face": True, "reference": False, "background": False, "charactermask": False}
         if config.model_type == "WAN_2_1_VACE":
             return {"control": True, "controlmask": False, "reference": False}
         return {}
+
+    @classmethod
+    def stand_in_roles(cls, config):
+        # VACE: a clip with a reference picture and no control video ("keep this character") trains as WanVACEPipeline
+        # runs without `video`: on a grey video's latents, every frame made anew (`encode_stand_in`)
+        return {"control": ("reference",)} if config.model_type == "WAN_2_1_VACE" else {}
+
+    @classmethod
+    def layout_roles(cls, config):
+        # VACE: a reference picture puts one latent frame before the clip's; Animate's clips all have a reference slot
+        return ("reference",) if config.model_type == "WAN_2_1_VACE" else ()
 
     @classmethod
     def sample_roles(cls, config):
@@ -169,8 +180,14 @@ class WanFamily(ModelFamily):
 
     @classmethod
     def condition_companions(cls, role):
-        # VACE encodes a control video's frames apart by its mask: the two make one condition
-        return ("controlmask",) if role == "control" else ()
+        # VACE encodes a control video's frames apart by its mask: the two make one condition; Animate's replace mode
+        # a background video with the mask of the character made over it
+        return {"control": ("controlmask",), "background": ("charactermask",)}.get(role, ())
+
+    @classmethod
+    def paired_roles(cls, config):
+        # WanAnimatePipeline's replace mode takes a background video and a mask video, both or neither
+        return (("background", "charactermask"),) if config.model_type == "WAN_2_2_ANIMATE" else ()
 
     @classmethod
     def expert_parts(cls, model_type: str) -> tuple[str, ...]:
@@ -340,14 +357,17 @@ class WanFamily(ModelFamily):
     def encode_condition(self, role, frames, companions=None):
         """Animate's pose, face and reference (`_animate_condition`); else VACE's (`_vace_condition`)."""
         if self.is_animate:
-            return self._animate_condition(role, frames)
+            return self._animate_condition(role, frames, companions)
         return self._vace_condition(role, frames, companions)
 
-    def _animate_condition(self, role, frames):
+    def _animate_condition(self, role, frames, companions=None):
         """As `WanAnimatePipeline` prepares them: pose → its VAE latents (the posterior's mode), normalised (16, F', H',
         W'); face → its frames resized to the motion encoder's square as the pipeline's video processor does, kept as
         uint8 (3, F, S, S) (a step makes them [-1, 1]; uint8 is a quarter of the size and loses nothing); reference →
-        its first frame's condition (mask and latents, `_reference`) packed with its CLIP embedding."""
+        its first frame's condition (mask and latents, `_reference`) packed with its CLIP embedding; background (with
+        its `charactermask`) → the clip's condition in replace mode (`_replace_condition`)."""
+        if role == "background":
+            return self._replace_condition(frames, (companions or {})["charactermask"])
         pixels = self.video_pixels(frames)
         if role == "pose":
             mean, std = self._latent_stats(pixels)
@@ -363,6 +383,30 @@ class WanFamily(ModelFamily):
         from .packing import pack
 
         return pack(self._reference(pixels[:, :, :1]), self.encode_first_frame(frames[0])).to("cpu")
+
+    def _replace_condition(self, background, mask_frames):
+        """`WanAnimatePipeline.prepare_prev_segment_cond_latents` in replace mode for a first segment: the background
+        video's VAE latents (mode), normalised, after 4 mask channels: the character mask read as the pipeline's mask
+        processor reads it (grey, [0, 1]), inverted (1 where the background is kept), nearest to the latent grid, its
+        first frame four times (`get_i2v_mask`): (20, F', H', W'), in place of animate mode's empty video and zero mask."""
+        from diffusers.video_processor import VideoProcessor
+        from PIL import Image
+
+        pixels = self.video_pixels(background)
+        mean, std = self._latent_stats(pixels)
+        latents = (self.vae_latents(pixels, mode=True) - mean) / std
+        if len(mask_frames) == 1:  # a picture: the same mask on every frame
+            mask_frames = np.repeat(mask_frames, len(background), axis=0)
+        spatial = self.vae_compression(self.config.model_type)[0]
+        processor = VideoProcessor(vae_scale_factor=spatial, do_normalize=False, do_convert_grayscale=True)
+        mask = processor.preprocess_video([Image.fromarray(frame) for frame in mask_frames], height=background.shape[1],
+                                          width=background.shape[2]).to(self.device, torch.float32)
+        _, _, latent_frames, height, width = latents.shape
+        kept = torch.nn.functional.interpolate((1 - mask)[0].transpose(0, 1), size=(height, width), mode="nearest")
+        kept = kept.transpose(0, 1)[None]  # (1, 1, F, H', W')
+        kept = torch.cat([kept[:, :, :1].repeat_interleave(self.temporal_factor, dim=2), kept[:, :, 1:]], dim=2)
+        kept = kept.view(1, latent_frames, self.temporal_factor, height, width).transpose(1, 2)
+        return torch.cat([kept.to(latents.dtype), latents], dim=1)[0].to("cpu")
 
     def _motion_encoder_size(self) -> int:
         """The face video's side: the transformer's `motion_encoder_size` (512 in the release)."""
@@ -405,6 +449,16 @@ class WanFamily(ModelFamily):
         reactive = (self.vae_latents(pixels * kept, mode=True) - mean) / std
         return torch.cat([inactive, reactive, self._vace_mask(mask[0, 0], inactive.shape[2]).to(inactive.dtype)[None]],
                          dim=1)[0].to("cpu")
+
+    @no_grad
+    def encode_stand_in(self, role, frames, size):
+        """VACE without a control video, as `WanVACEPipeline.preprocess_conditions` makes one for `video=None`: zeros
+        in [-1, 1] (grey), its mask all ones, so both halves are that grey video's latents (32, F', H', W'); the 64 mask
+        channels (ones) are added per step, as for a control without a mask."""
+        grey = torch.zeros(1, 3, frames, *size, device=self.device)
+        mean, std = self._latent_stats(grey)
+        latents = (self.vae_latents(grey, mode=True) - mean) / std
+        return torch.cat([latents, latents], dim=1)[0].to("cpu")
 
     def _vace_mask(self, mask: torch.Tensor, latent_frames: int) -> torch.Tensor:
         """(F, H, W) mask in [0, 1] → VACE's 64 mask channels on the latent grid: each pixel of an 8 x 8 VAE cell a
@@ -458,12 +512,11 @@ class WanFamily(ModelFamily):
         return extras
 
     def split_conditioning(self, stored, generator, image_embeds=None, extras=None) -> tuple[torch.Tensor, Conditioning | None]:
-        if self.is_vace:  # the survey skips a clip without a control that fits, so every clip has one
+        if self.is_vace:  # every clip has a control that fits, or a reference and the grey stand-in (`encode_stand_in`)
             references = extras.get("reference") or [None] * len(stored)
             if len({reference is None for reference in references}) > 1:
                 raise ValueError("WAN 2.1 VACE: a batch mixes clips with and without a -reference picture, whose latents "
-                                 "differ in length; give every clip of the dataset a reference, or none, or train with "
-                                 "batch_size 1")
+                                 "differ in length (batches are grouped by `layout_roles`, so this is a bug)")
             if references[0] is not None:  # the references' latents lead the clip's, as the pipeline denoises them
                 channels = stored.shape[1]
                 stored = torch.cat([torch.stack([r[:channels] for r in references]).to(stored), stored], dim=2)
@@ -503,10 +556,14 @@ class WanFamily(ModelFamily):
                 references[row], embeds[row] = reference[0].to(stored), embed[0].to(stored)
         reference = torch.stack(references)
         x0 = torch.cat([reference[:, 4:], stored[:, :channels]], dim=2)
+        condition = stored[:, channels:]
+        backgrounds = extras.get("background") or []
+        if any(b is not None for b in backgrounds):  # replace mode: the background and kept-mask in place of the empty video
+            condition = torch.stack([c if b is None else b.to(c) for c, b in zip(condition, backgrounds)])
         loss_frames = torch.ones(x0.shape[0], x0.shape[2])
         loss_frames[:, 0] = 0
         inputs = {"pose": torch.stack(extras["pose"]), "face": torch.stack(extras["face"])}
-        return x0, Conditioning(torch.cat([reference, stored[:, channels:]], dim=2), torch.ones(len(stored), dtype=torch.bool),
+        return x0, Conditioning(torch.cat([reference, condition], dim=2), torch.ones(len(stored), dtype=torch.bool),
                                 loss_frames, torch.stack(embeds), inputs)
 
     def _latent_stats(self, like: torch.Tensor):
@@ -630,13 +687,18 @@ class WanFamily(ModelFamily):
                 image = {"image": Image.fromarray(request.reference), "segment_frame_length": request.frames,
                          "pose_video": [Image.fromarray(frame) for frame in request.pose[: request.frames]],
                          "face_video": [Image.fromarray(frame) for frame in request.face[: request.frames]]}
+                if request.background is not None:  # replace mode: the character made over the background, where masked
+                    image.update(mode="replace",
+                                 background_video=[Image.fromarray(frame) for frame in request.background[: request.frames]],
+                                 mask_video=[Image.fromarray(frame) for frame in request.character_mask[: request.frames]])
             elif self.is_vace:  # follows the sample's control video (and its mask, and a reference picture)
                 from diffusers import WanVACEPipeline
                 from PIL import Image
 
                 parts.pop("expand_timesteps")
                 pipeline = WanVACEPipeline(**parts)
-                image.update(video=[Image.fromarray(frame) for frame in request.control])
+                if request.control is not None:  # else a reference alone: the pipeline's grey video, as trained
+                    image.update(video=[Image.fromarray(frame) for frame in request.control])
                 if request.control_mask is not None:
                     image["mask"] = [Image.fromarray(frame) for frame in request.control_mask[: len(request.control)]]
                 if request.reference is not None:

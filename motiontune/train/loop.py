@@ -104,7 +104,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
     # N data-parallel ranks train what one process with N× the batch would (a context group is one of them)
     global_batch_size = config.batch_size * ranks.data_size
     distributed.check_divisible(ranks, int(sum(c.repeats for c in data.clips)), config.batch_size)
-    batches = batches_per_epoch([c.shape for c in data.clips], [c.repeats for c in data.clips], global_batch_size,
+    batches = batches_per_epoch([c.batch_shape for c in data.clips], [c.repeats for c in data.clips], global_batch_size,
                                 config.video_config.video_batch_size_multiplier)
     total_steps = math.ceil(batches / config.gradient_accumulation_steps) * config.epochs
     trainings = _setup_experts(config, family, ranks, device, total_steps)
@@ -131,7 +131,7 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
             if data.moving_windows and epoch > 0:  # new clip windows or image variants: encoded, or read from the cache
                 clips = trained_clips(data.encoding.clips(data.survey, data.encoding.window_variant(epoch)))
                 family.park_vae()
-            batches = epoch_batches([c.shape for c in clips], [c.repeats for c in clips], global_batch_size,
+            batches = epoch_batches([c.batch_shape for c in clips], [c.repeats for c in clips], global_batch_size,
                                     config.video_config.video_batch_size_multiplier, config.seed, epoch)
             first = position.next_batch if epoch == position.epoch else 0
             for index in range(first, len(batches)):

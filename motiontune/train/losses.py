@@ -53,12 +53,13 @@ def loss_mask(masks: list, shape: tuple[int, ...], unmasked_probability: float, 
               generator: torch.Generator) -> torch.Tensor:
     """Masked training's weights (B, 1, F, H, W) for latents of `shape`, as OneTrainer makes them: each sample's
     mask (F, H, W), all ones for a clip without one and for a sample drawn (`unmasked_probability`) to train
-    unmasked, then clamped to [unmasked_weight, 1], so outside the mask still weighs `unmasked_weight`."""
+    unmasked, then clamped to [unmasked_weight, 1], so outside the mask still weighs `unmasked_weight`. Latent frames
+    the family puts before the clip's own (VACE: a reference picture's) are not the clip's: they weigh fully."""
     unmasked = (torch.rand(len(masks), generator=generator) < unmasked_probability).tolist()
     weights = torch.ones(shape[0], 1, *shape[2:])
     for row, (mask, off) in enumerate(zip(masks, unmasked)):
         if mask is not None and not off:
-            weights[row, 0] = mask
+            weights[row, 0, shape[2] - mask.shape[0]:] = mask
     return weights.clamp(min=unmasked_weight)
 
 
