@@ -74,6 +74,9 @@ def base_config(tmp_path: Path, model: Path, data: Path, **overrides) -> dict:
         # encoding in the training process: a child process per run would add its start-up to every test that trains;
         # tests/test_cache.py runs the child (the default for users)
         "encode_in_child": False,
+        # probing and decoding in the test's process: a pool of spawned workers per phase costs an interpreter start
+        # each; tests/test_dataset_problems.py runs the pool (the default for users) with a decoder that crashes
+        "dataloader_threads": 0,
     }
     config.update(overrides)
     return config
