@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import write_config
+from motiontune.cli import main
 from motiontune.config import ConfigError
 from motiontune.configure import load_config
 
@@ -37,12 +38,22 @@ def minimal(**keys):
         ({"train_dtype": "bf16"}, ["train_dtype = \"bf16\": not a choice: use 'FLOAT_32', 'BFLOAT_16' or 'FLOAT_16'; did you mean 'BFLOAT_16'?"]),
     ],
 )
-def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected):
-    result = run_cli("train", "--config", str(write_config(tmp_path / "c.json", **minimal(**keys))))
-    assert result.returncode == 2, result.stderr
+def test_cli_rejects_bad_config_before_loading_anything(tmp_path, keys, expected, capsys):
+    # in this process (an interpreter start each would cost more than the check): the command's own entry point
+    code = main(["train", "--config", str(write_config(tmp_path / "c.json", **minimal(**keys)))])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
     for text in expected:
-        assert text in result.stderr
-    assert "loading" not in result.stderr  # stopped before the model
+        assert text in stderr
+    assert "loading" not in stderr  # stopped before the model
+
+
+def test_the_command_exits_2_with_the_message_on_a_bad_config(tmp_path):
+    """The same through `python -m motiontune`, as a user's shell sees it."""
+    result = run_cli("train", "--config", str(write_config(tmp_path / "c.json", **minimal(learnig_rate=1e-4))))
+    assert result.returncode == 2, result.stderr
+    assert "unknown key 'learnig_rate'" in result.stderr and "Did you mean 'learning_rate'?" in result.stderr
+    assert "loading" not in result.stderr
 
 
 def test_not_built_yet_values_are_refused_not_ignored(tmp_path):
