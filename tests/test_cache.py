@@ -75,7 +75,8 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
                              dataloader_threads=0)  # decoding in the process that encodes: where the plant is
         if child:
             monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-            monkeypatch.setattr(encoder_process, "BEFORE", ["encoder_process_plants:webm_fails_to_decode"])
+            monkeypatch.setattr(encoder_process, "BEFORE", ["encoder_process_plants:webm_fails_to_decode",
+                                                            "encoder_process_plants:encoder_holds_a_gigabyte"])
         else:
             monkeypatch.setattr(latents, "decode_clips", latents.decode_clips)  # restored after the test
             encoder_process_plants.webm_fails_to_decode()
@@ -89,6 +90,9 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
         if child:
             assert loads == {}  # neither encoder was ever loaded by the training process
             assert "1 clip(s) the encoding process could not encode are skipped" in err
+            # each process's own peak (result.json): the child's planted gigabyte is in its figure, not in train's
+            peaks = json.loads((run / "workspace" / "result.json").read_text())["peak_rss"]
+            assert peaks["encoding_process"] > 2**30 and peaks["training_process"] < peaks["encoding_process"] - 2**29
         else:
             assert loads == {"load_vae": 1, "load_text_encoder": 1}
         loras[child] = load_file(str(run / "lora.safetensors"))
