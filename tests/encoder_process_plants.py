@@ -23,7 +23,7 @@ HELD = []
 
 def encoder_holds_a_gigabyte():
     """The encoding process holds 1 GiB more than it needs (resident: every page written), so its peak is far above
-    the training process's (tests/test_peak_rss.py)."""
+    the training process's."""
     block = bytearray(2**30)
     block[::4096] = b"\1" * (2**30 // 4096)
     HELD.append(block)
