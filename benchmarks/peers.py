@@ -27,8 +27,8 @@ Figures per tool:
   its end). Not wait4's rusage: that is the largest of the process and every descendant it waited for
   (motiontune's encoding child, musubi-tuner's data-loader workers), and the kernel starts it from the launching
   process's own peak (ru_maxrss carries over exec, and Python's subprocess execs from a vfork sharing this script's
-  memory map), so it read this script's peak for a small process. motiontune's encoding child is shown apart,
-  from the peak it reports itself (the run's result.json);
+  memory map), so a small process read as large as this script at its peak. motiontune's encoding child is shown
+  apart, from the peak it reports itself (the run's result.json);
 - step peak: the most the training steps' resident memory rose above the process's resident memory just before
   the first training forward (model, adapter and optimizer loaded): activations, gradients, optimizer state.
 A phase's figure ("peak" in the per-phase lines) is the training process's own peak for a training phase, and for
