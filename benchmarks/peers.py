@@ -23,9 +23,17 @@ musubi-tuner runs, so its training process never holds the VAE or the text encod
 Figures per tool:
 - wall: from the raw clips to the finished LoRA file, every process the tool needs (caching, training) included;
 - step: the median time between optimizer steps once every clip is cached (steps after the first epoch);
-- peak RSS: the training process's maximum resident set (from wait4's rusage);
+- peak RSS: the training process's own maximum resident set (VmHWM, which _peer_probe.py reads in that process at
+  its end). Not wait4's rusage: that is the largest of the process and every descendant it waited for
+  (motiontune's encoding child, musubi-tuner's data-loader workers), and the kernel starts it from the launching
+  process's own peak (ru_maxrss carries over exec, and Python's subprocess execs from a vfork sharing this script's
+  memory map), so a small process read as large as this script at its peak. motiontune's encoding child is shown
+  apart, from the peak it reports itself (the run's result.json);
 - step peak: the most the training steps' resident memory rose above the process's resident memory just before
   the first training forward (model, adapter and optimizer loaded): activations, gradients, optimizer state.
+A phase's figure ("peak" in the per-phase lines) is the training process's own peak for a training phase, and for
+the others (caching) the largest process of the phase, from wait4 in a small launcher (_LAUNCHER) so that this
+script's own peak is not its floor.
 Step times and memory come from benchmarks/_peer_probe.py, which runs each trainer's own entry point in its process
 and hooks torch's optimizer step; nothing in the trainers is changed for it.
 """
@@ -70,8 +78,9 @@ TOOLS = ["motiontune", "motiontune-cache-first", "musubi-tuner", "finetrainers",
 class Phase:
     name: str
     seconds: float
-    peak_rss: int  # bytes
+    peak_rss: int | None  # bytes: the training process's own (probe) for a training phase, else the largest process's
     returncode: int
+    own: bool = False  # peak_rss is the process's own, read by the probe inside it
 
 
 @dataclass
@@ -81,7 +90,8 @@ class Result:
     wall: float = 0.0
     step: float | None = None
     steps: int = 0
-    train_peak_rss: int | None = None
+    train_peak_rss: int | None = None  # the training process's own peak (the probe's VmHWM)
+    child_peak_rss: int | None = None  # motiontune: the encoding child's own peak, as it reported it
     step_peak: int | None = None
     error: str | None = None
     lora: Path | None = None
@@ -203,18 +213,35 @@ def write_clips(folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def run_phase(result: Result, name: str, command: list[str], cwd: Path, env: dict, log: Path) -> bool:
-    """One process of a tool; its time and peak RSS (wait4's rusage for this child alone)."""
+# Runs the command and writes its wait4 ru_maxrss (bytes) to argv[1]: started from this small process, the figure's
+# floor is the launcher's few MB rather than this script's peak (ru_maxrss carries over exec)
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "process = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(process.pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss * 1024))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def run_phase(result: Result, name: str, command: list[str], cwd: Path, env: dict, log: Path,
+              probe: Path | None = None) -> bool:
+    """One process of a tool; its time and peak RSS. `probe`: the command runs under _peer_probe.py writing there,
+    and the peak is the process's own (VmHWM, its children apart); otherwise the largest process of the phase."""
     print(f"  {result.tool}: {name} ...", flush=True)
+    tree = log.with_name(f"{log.stem}.{len(result.phases)}.maxrss")
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+        command = [command[0], PROBE, probe, *command[1:]]
     with open(log, "a") as out:
         out.write(f"\n$ (cd {cwd}) {' '.join(map(str, command))}\n")
         out.flush()
         start = time.perf_counter()
-        process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.run([sys.executable, "-c", _LAUNCHER, str(tree), *map(str, command)], cwd=cwd, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    phase = Phase(name, seconds, usage.ru_maxrss * 1024, process.returncode)
+    measured = json.loads(probe.read_text()) if probe is not None and probe.is_file() else {}
+    own = measured.get("peak_rss")
+    largest = int(tree.read_text()) if tree.is_file() else None
+    phase = Phase(name, seconds, own if own is not None else largest, process.returncode, own=own is not None)
     result.phases.append(phase)
     if process.returncode != 0:
         tail = log.read_text().strip().splitlines()[-15:]
@@ -225,6 +252,7 @@ def run_phase(result: Result, name: str, command: list[str], cwd: Path, env: dic
 
 def read_probe(result: Result, probe: Path, clips: int) -> None:
     probe = json.loads(probe.read_text())
+    result.train_peak_rss = probe.get("peak_rss")  # the training process's own, its children apart
     steps = probe["steps"]
     result.steps = len(steps)
     # steps after the first epoch read every latent and embedding from the cache
@@ -263,11 +291,17 @@ def run_motiontune(result: Result, ctx, cache_first: bool = False) -> None:
                                                         work / "config.json", *sets], REPO, env, work / "log.txt"):
         return
     if run_phase(result, "train" if cache_first else "train (encodes, then trains)",
-                 [sys.executable, PROBE, work / "probe.json", "-m", "motiontune", "train", "--config", work / "config.json",
-                  *sets],
-                 REPO, env, work / "log.txt"):
+                 [sys.executable, "-m", "motiontune", "train", "--config", work / "config.json", *sets],
+                 REPO, env, work / "log.txt", probe=work / "probe.json"):
         read_probe(result, work / "probe.json", len(CLIPS))
+        read_motiontune_result(result, work / "workspace" / "result.json")
         result.lora = work / "lora.safetensors"
+
+
+def read_motiontune_result(result: Result, path: Path) -> None:
+    """The encoding child's own peak, as `train` records it (None when everything was cached)."""
+    peaks = json.loads(path.read_text()).get("peak_rss") or {}
+    result.child_peak_rss = peaks.get("encoding_process")
 
 
 def run_musubi(result: Result, ctx) -> None:
@@ -291,13 +325,13 @@ def run_musubi(result: Result, ctx) -> None:
                           root, env, log)
     steps = ctx.args.epochs * len(CLIPS)
     ok = ok and run_phase(result, "train", [
-        python, PROBE, work / "probe.json", src / "wan_train_network.py", "--task", "t2v-1.3B",
+        python, src / "wan_train_network.py", "--task", "t2v-1.3B",
         "--dit", ctx.paths["dit"], "--dataset_config", toml, "--sdpa", "--mixed_precision", "bf16",
         "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--gradient_checkpointing",
         "--max_data_loader_n_workers", "2", "--network_module", "networks.lora_wan",
         "--network_dim", str(ctx.args.rank), "--network_alpha", str(ctx.args.rank),
         "--timestep_sampling", "sigmoid", "--max_train_steps", str(steps), "--seed", "42",
-        "--output_dir", work / "output", "--output_name", "lora"], root, env, log)
+        "--output_dir", work / "output", "--output_name", "lora"], root, env, log, probe=work / "probe.json")
     if ok:
         read_probe(result, work / "probe.json", len(CLIPS))
         result.lora = work / "output" / "lora.safetensors"
@@ -313,7 +347,7 @@ def run_finetrainers(result: Result, ctx) -> None:
     steps = a.epochs * len(CLIPS)
     env = base_env(a)
     ok = run_phase(result, "precompute + train", [
-        python, PROBE, work / "probe.json", root / "train.py",
+        python, root / "train.py",
         "--parallel_backend", "accelerate", "--pp_degree", "1", "--dp_degree", "1", "--dp_shards", "1",
         "--cp_degree", "1", "--tp_degree", "1",
         "--model_name", "wan", "--pretrained_model_name_or_path", ctx.paths["diffusers"],
@@ -326,7 +360,7 @@ def run_finetrainers(result: Result, ctx) -> None:
         "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "--checkpointing_steps", str(10 ** 6),
         "--transformer_dtype", "bf16", "--text_encoder_dtype", "bf16", "--vae_dtype", "bf16",
         "--optimizer", "adamw", "--lr", "1e-4", "--lr_scheduler", "constant", "--max_grad_norm", "1.0",
-        "--output_dir", work / "output", "--report_to", "none"], root, env, work / "log.txt")
+        "--output_dir", work / "output", "--report_to", "none"], root, env, work / "log.txt", probe=work / "probe.json")
     if ok:
         read_probe(result, work / "probe.json", len(CLIPS))
         result.lora = next(iter(sorted((work / "output").rglob("*.safetensors"))), None)
@@ -354,15 +388,15 @@ def table(results: list[Result]) -> str:
         a, b = get(mine), get(r)
         return f"{a / b:.2f}" if a and b else "–"
 
-    rows = ["| tool | wall, raw clips → LoRA | cached step (median) | peak RSS (training process) | step peak over "
-            "loaded model | steps |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| tool | wall, raw clips → LoRA | cached step (median) | peak RSS (training process's own) | encoding "
+            "child's peak | step peak over loaded model | steps |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.error:
-            rows.append(f"| {r.tool} | did not run: {r.error.splitlines()[0]} | | | | |")
+            rows.append(f"| {r.tool} | did not run: {r.error.splitlines()[0]} | | | | | |")
             continue
-        rows.append(f"| {r.tool} | {r.wall:.1f} s | {r.step:.2f} s | {mb(r.train_peak_rss)} | {mb(r.step_peak)} | "
-                    f"{r.steps} |" if r.step is not None else f"| {r.tool} | {r.wall:.1f} s | – | "
-                    f"{mb(r.train_peak_rss)} | – | {r.steps} |")
+        step = f"{r.step:.2f} s" if r.step is not None else "–"
+        rows.append(f"| {r.tool} | {r.wall:.1f} s | {step} | {mb(r.train_peak_rss)} | {mb(r.child_peak_rss)} | "
+                    f"{mb(r.step_peak) if r.step is not None else '–'} | {r.steps} |")
     rows += ["", "| motiontune / peer | wall | cached step | peak RSS | step peak |", "| --- | --- | --- | --- | --- |"]
     for mine in ours:
         for r in results:
@@ -430,12 +464,12 @@ def main() -> None:
             RUNNERS[tool](result, ctx)
             result.wall = time.perf_counter() - start
             if result.phases and not result.error:
-                result.train_peak_rss = result.phases[-1].peak_rss
                 if result.lora is None or not result.lora.exists():
                     result.error = "no LoRA file written"
         version = commit.read_text().strip()[:10] if commit.exists() else git_commit()
         print(f"  {tool} {version}: " + ("; ".join(f"{p.name} {p.seconds:.1f} s, peak {mb(p.peak_rss)}"
-                                                   for p in result.phases) or "-")
+                                                   + ("" if p.own else " (largest process)") for p in result.phases) or "-")
+              + (f"; its encoding child's own peak {mb(result.child_peak_rss)}" if result.child_peak_rss else "")
               + (f"\n    ERROR {result.error}" if result.error else ""), flush=True)
         results.append(result)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -66,6 +66,7 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
     trains (the same clip skipped there)."""
     import encoder_process_plants
     from motiontune.data import encoder_process, latents
+    from motiontune.testing.process_memory import process_memory
 
     video = {"max_frames": 5, "target_fps": 8.0}
     loras = {}
@@ -75,12 +76,15 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
                              dataloader_threads=0)  # decoding in the process that encodes: where the plant is
         if child:
             monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-            monkeypatch.setattr(encoder_process, "BEFORE", ["encoder_process_plants:webm_fails_to_decode"])
+            monkeypatch.setattr(encoder_process, "BEFORE", ["encoder_process_plants:webm_fails_to_decode",
+                                                            "encoder_process_plants:encoder_holds_a_gigabyte"])
         else:
             monkeypatch.setattr(latents, "decode_clips", latents.decode_clips)  # restored after the test
             encoder_process_plants.webm_fails_to_decode()
         loads.clear()
         run.mkdir()
+        if child:  # the training process is this one: its peak from here on, not an earlier test's
+            Path("/proc/self/clear_refs").write_text("5")
         # the WebM's clip is left out; the child encodes every usable file's caption (each rank's child deals the same
         # texts), the training process only those of the clips it trains
         assert train_once(run, config) == {"video": 1, "text": 2 if child else 1}
@@ -89,6 +93,11 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
         if child:
             assert loads == {}  # neither encoder was ever loaded by the training process
             assert "1 clip(s) the encoding process could not encode are skipped" in err
+            # each process's own peak (result.json): the child's planted gigabyte is in its figure; train's is this
+            # process's own high-water mark (a parent's wait4 / RUSAGE_CHILDREN figure would be the child's)
+            peaks = json.loads((run / "workspace" / "result.json").read_text())["peak_rss"]
+            assert peaks["encoding_process"] > 2**30 and peaks["training_process"] < peaks["encoding_process"]
+            assert 0 <= process_memory()["VmHWM"] - peaks["training_process"] < 2**26
         else:
             assert loads == {"load_vae": 1, "load_text_encoder": 1}
         loras[child] = load_file(str(run / "lora.safetensors"))

@@ -24,6 +24,18 @@ IMAGE_ENCODER_CONFIGS = {
     "SiglipVisionModel": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                               image_size=384, patch_size=14),
 }
+# their image processors, at the size each released encoder takes (a processor class's default is not it: SigLIP's
+# is 224, so its 256 patches would not match the 384 model's 729 positions)
+IMAGE_PROCESSORS = {
+    "SiglipImageProcessor": lambda size: dict(size={"height": size, "width": size}),
+    "CLIPImageProcessor": lambda size: dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+}
+PROCESSOR_ENCODERS = {"SiglipImageProcessor": "SiglipVisionModel", "CLIPImageProcessor": "CLIPVisionModel"}
+
+
+def _processor_kind(name: str) -> str:
+    """transformers hands out its PIL or fast variant under the plain name (SiglipImageProcessorPil without torchvision)."""
+    return name.removesuffix("Pil").removesuffix("Fast")
 
 
 def fake_parameters(module: torch.nn.Module, mode) -> torch.nn.Module:
@@ -54,7 +66,9 @@ class PartBuilder:
         name = cls.__name__
         if "Tokenizer" in name:
             return self._tokenizer(subfolder or "tokenizer")
-        if dtype is None:  # schedulers and image processors: their defaults
+        if _processor_kind(name) in IMAGE_PROCESSORS:
+            return self._image_processor(cls, subfolder or "feature_extractor")
+        if dtype is None:  # schedulers: their defaults
             return cls()
         part = subfolder or "transformer"
         with torch.device("meta"):
@@ -73,7 +87,9 @@ class PartBuilder:
 
     def _module(self, cls, part: str):
         if hasattr(cls, "config_class") and issubclass(cls, torch.nn.Module) and cls.__module__.startswith("transformers"):
-            cfg = self.configs.get(part) or IMAGE_ENCODER_CONFIGS.get(cls.__name__)
+            local = Path(self.config.base_model_name) / part / "config.json"  # a local folder's (a tiny model's)
+            cfg = self.configs.get(part) or (json.loads(local.read_text()) if local.is_file() else None) \
+                or IMAGE_ENCODER_CONFIGS.get(cls.__name__)
             if cfg is None:
                 raise KeyError(f"no config for the {part} part ({cls.__name__}) of {self.config.base_model_name}")
             return cls(cls.config_class(**cfg))
@@ -96,6 +112,14 @@ class PartBuilder:
                 if key in parameters and channels and len(cfg.get(key) or []) != channels:
                     cfg[key] = [neutral] * channels
         return cls(**init_kwargs(cfg, cls))
+
+    def _image_processor(self, cls, subfolder: str):
+        """A local folder's own processor (a tiny model's); else one at the size of the released encoder."""
+        local = Path(self.config.base_model_name) / subfolder
+        if (local / "preprocessor_config.json").is_file():
+            return cls.from_pretrained(local)
+        kind = _processor_kind(cls.__name__)
+        return cls(**IMAGE_PROCESSORS[kind](IMAGE_ENCODER_CONFIGS[PROCESSOR_ENCODERS[kind]]["image_size"]))
 
     def _tokenizer(self, subfolder: str):
         from transformers import AutoTokenizer

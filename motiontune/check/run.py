@@ -195,8 +195,11 @@ class _Run:
         if not self.config.samples:
             return "the config renders no samples"
         request, fps = prepare_samples(self.config, self.family, self.embeddings)[0]
-        # one denoising step (two where the pipeline refuses one), then the decode
-        request = dataclasses.replace(request, steps=getattr(self.family, "MIN_SAMPLE_STEPS", 1))
+        # one denoising step (two where the pipeline refuses one, and where two experts share the steps: the first
+        # step is the high-noise expert's, the last, near noise 0, the low-noise one's, so both take their turn on the
+        # device), then the decode
+        steps = max(getattr(self.family, "MIN_SAMPLE_STEPS", 1), len(self.family.transformers()))
+        request = dataclasses.replace(request, steps=steps)
         self.text_side.refresh_samples([(request, fps)], self.config.samples[:1])
         _, errors = _sample(self.family, [(request, fps)], self.config.samples[:1], self.folder, "check",
                             not self.config.video_config.use_temporal_attention, Ranks())

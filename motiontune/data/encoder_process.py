@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import TrainConfig
+from ..util.peak_rss import mb, own_peak_rss
 
 log = logging.getLogger("motiontune")
 
@@ -56,8 +57,9 @@ def fill_cache(config: TrainConfig, family, share: tuple[int, int] | None = None
     return encoding
 
 
-def encode_in_child(config: TrainConfig, device, share: tuple[int, int] | None = None) -> Counter:
-    """Run `fill_cache` in a new Python process on `device`; → what it encoded (`Encoding.calls`)."""
+def encode_in_child(config: TrainConfig, device, share: tuple[int, int] | None = None) -> tuple[Counter, int | None]:
+    """Run `fill_cache` in a new Python process on `device`; → what it encoded (`Encoding.calls`) and the child's own
+    resident peak in bytes (util/peak_rss.py; None where the system does not say)."""
     with tempfile.TemporaryDirectory(prefix="motiontune-encode-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
         request.write_text(json.dumps({"config": json.loads(config.model_dump_json(by_alias=True)), "device": str(device),
@@ -84,7 +86,9 @@ def encode_in_child(config: TrainConfig, device, share: tuple[int, int] | None =
         raise EncoderProcessError(f"encoding clips for training failed in the encoding process: {what}. Its messages "
                                   "are above; `motiontune cache --config ...` runs the same encoding on its own "
                                   "(set encode_in_child false to encode in the training process)")
-    return Counter(answer["calls"])
+    peak = answer.get("peak_rss")
+    log.info("the encoding process is done; its own peak resident memory: %s", mb(peak))
+    return Counter(answer["calls"]), peak
 
 
 def main(argv: list[str]) -> int:
@@ -119,7 +123,7 @@ def main(argv: list[str]) -> int:
                                       "kind": type(error).__name__}))
         logger.error("%s: %s", type(error).__name__, error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1
-    result.write_text(json.dumps({"calls": dict(encoding.calls)}))
+    result.write_text(json.dumps({"calls": dict(encoding.calls), "peak_rss": own_peak_rss()}))
     return 0
 
 

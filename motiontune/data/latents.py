@@ -138,6 +138,7 @@ class Encoding:
         self.split = self.ranks.several and cache.enabled and self._cache_is_shared()
         self.elsewhere, self.share = elsewhere, share
         self.filled_elsewhere = False
+        self.child_peak_rss: int | None = None  # the encoding process's own peak, bytes (when one ran)
         base = config.base_model_name
         # float32 keeps the name it always had, so existing caches stay valid
         self.vae_identity = encoder_identity(base, family.ENCODER_PARTS["vae"], str(family.vae_dtype).removeprefix("torch."))
@@ -533,7 +534,8 @@ class Encoding:
             return False
         if not self.filled_elsewhere:
             self.filled_elsewhere = True
-            self.calls.update(self.elsewhere(share=(self.ranks.rank, self.ranks.world_size) if self.split else None))
+            calls, self.child_peak_rss = self.elsewhere(share=(self.ranks.rank, self.ranks.world_size) if self.split else None)
+            self.calls.update(calls)
             if self.split:
                 self.ranks.barrier()  # every rank's process has written its share
         return True

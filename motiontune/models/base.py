@@ -602,6 +602,10 @@ class ModelFamily(ABC):
         hooks = [m.register_forward_pre_hook(lambda module, args: self._take_turn("transformer", module))
                  for m in self.transformers()]
         hooks.append(self.vae.decoder.register_forward_pre_hook(lambda module, args: self._take_turn("vae")))
+        # a pipeline that encodes with the VAE while the transformer has the device (a condition the family did not
+        # announce as `first_frame`) gets the VAE there too, rather than host weights meeting device pixels
+        hooks.append(self.vae.encoder.register_forward_pre_hook(
+            lambda module, args: self._take_turn("encoders") if self._sample_turn == "transformer" else None))
         try:
             yield
         finally:

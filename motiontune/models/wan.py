@@ -672,7 +672,9 @@ class WanFamily(ModelFamily):
 
         dtype = self.weight_dtype
         negative = request.negative_prompt_embeds
-        with self.taking_turns(first_frame=request.image is not None or self.is_animate):
+        # the encoders' turn first where the pipeline encodes before it denoises: a first frame, Animate's reference,
+        # VACE's control video (and reference picture)
+        with self.taking_turns(first_frame=request.image is not None or self.is_animate or self.is_vace):
             parts = dict(tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.scheduler,
                          transformer=self.transformer, transformer_2=self.transformer_2,
                          boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)

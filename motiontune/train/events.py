@@ -184,7 +184,8 @@ def write_result(workspace: Path, result) -> None:
          "tensorboard": str(result.tensorboard_dir), "steps": result.steps, "final_loss": result.final_loss,
          "encoder_calls": result.encoder_calls, "interrupted": result.interrupted, "skipped_steps": result.skipped_steps,
          "backup": str(result.backup) if result.backup else None, "experts": result.experts,
-         "sample_errors": result.sample_errors}, indent=2))
+         "sample_errors": result.sample_errors,
+         "peak_rss": {"training_process": result.peak_rss, "encoding_process": result.encoder_peak_rss}}, indent=2))
 
 
 class StopRequest:

@@ -25,6 +25,7 @@ from ..data.survey import survey_dataset
 from ..methods import METHODS
 from ..models import ModelFamily, family_for
 from ..sample import prepare_samples, sample_prompts
+from ..util.peak_rss import mb, own_peak_rss
 from ..util.ranks import Ranks
 from . import distributed
 from .backup import Position, check_resumable, find_backup, load_backup
@@ -54,6 +55,8 @@ class RunResult:
     nothing_to_do: bool = False  # --resume of a run that had already finished
     sample_errors: list[str] = field(default_factory=list)  # samples that failed (the run went on)
     experts: dict = field(default_factory=dict)  # expert label → samples and optimizer steps it received
+    peak_rss: int | None = None  # bytes: this training process's own resident peak (util/peak_rss.py)
+    encoder_peak_rss: int | None = None  # bytes: the encoding child's own peak, when one encoded for this run
 
 
 def pick_device(name: str) -> torch.device:
@@ -155,6 +158,10 @@ def train(config: TrainConfig, resume: str | None = None) -> RunResult:
 
     events.finish(position, stop)
     result.encoder_calls = dict(data.encoding.calls)
+    # this process's own peak, apart from the encoding child's (a parent's wait4 / ru_maxrss would give the larger)
+    result.peak_rss, result.encoder_peak_rss = own_peak_rss(), data.encoding.child_peak_rss
+    log.info("peak resident memory of the training process: %s%s", mb(result.peak_rss),
+             f" (the encoding process, apart: {mb(result.encoder_peak_rss)})" if data.encoding.filled_elsewhere else "")
     ranks.finish()
     if not ranks.main:
         result.report = False
