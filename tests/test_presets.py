@@ -13,7 +13,11 @@ clip that is landscape on disk with rotation metadata (1.5 s), and a 16:9 variab
 the tiny resolution they fill two aspect buckets of two clips each, so a preset whose video batch holds two
 clips (`#wan 2.2 Embedding`: batch 4 × multiplier 0.5) routes batches to both WAN 2.2 A14B experts at once.
 
-Each run: started in a subprocess, SIGKILLed once its first backup is complete, continued with `--resume` to
+The process settings are the other override: encoding in a child process and decoding in worker processes (the
+users' defaults) each cost an interpreter start, so the presets in USER_PROCESSES keep them (sound, and conditions of
+every role, go through the encoding child there) and the others encode and decode in the run's own process.
+
+Each run: started in a process of its own (forked from a server that imported the trainer once), SIGKILLed once its first backup is complete, continued with `--resume` to
 the end (in-process, which saves an interpreter start), then checked: exit 0, every trained expert stepped
 (result.json), the final sample written, the model file(s) of the preset's method and format saved.
 """
@@ -23,8 +27,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from fractions import Fraction
@@ -35,6 +37,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+import forked_command
 from conftest import DATA
 from motiontune.cli import main
 from motiontune.config.load import PRESETS_DIR
@@ -52,6 +55,7 @@ SAMPLE_STEPS = 2
 EPOCHS = 2
 PROMPT = "a person walking in a city street"
 TIMEOUT = 600
+USER_PROCESSES = {"#ltx 2 LoRA", "#wan 2.2 Animate LoRA", "#wan 2.1 VACE control LoRA"}
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +100,8 @@ def preset_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("preset-cache")
 
 
-def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Path], cache: Path, out: Path) -> list[str]:
+def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Path], cache: Path, out: Path,
+                     user_processes: bool = False) -> list[str]:
     """`--set` lines that change only size, paths and epochs (and give an I2V preset the sample it cannot ship)."""
     size = RESOLUTION.get(family, 32)
     still = preset.get("video_config", {}).get("max_frames", 16) == 1  # HiDream: frames of the videos
@@ -113,6 +118,8 @@ def preset_overrides(preset: dict, model: Path, family: str, data: dict[str, Pat
         "video_config.max_frames": frames,
         "epochs": EPOCHS,
     }
+    if not user_processes:
+        sets.update({"encode_in_child": False, "dataloader_threads": 0})
     if preset.get("samples"):
         for index, _ in enumerate(preset["samples"]):
             sets.update({f"samples.{index}.height": size, f"samples.{index}.width": size,
@@ -157,19 +164,19 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def wait_for_first_backup(workspace: Path, process: subprocess.Popen, log: Path, shown: str) -> Path:
+def wait_for_first_backup(workspace: Path, process, log: Path, shown: str) -> Path:
     """A backup folder is written under a temporary name and renamed when complete: any `step-*` is whole."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         backups = sorted((workspace / "backup").glob("step-*"))
         if backups:
             return backups[0]
-        if process.poll() is not None:
+        if process.exitcode is not None:
             break
         time.sleep(0.05)
     process.kill()
-    process.wait()
-    raise AssertionError(f"{shown}: no backup appeared (exit code {process.returncode}):\n{tail(log.read_text())}")
+    process.join()
+    raise AssertionError(f"{shown}: no backup appeared (exit code {process.exitcode}):\n{tail(log.read_text())}")
 
 
 @pytest.mark.parametrize("model_type", model_types())
@@ -191,8 +198,9 @@ def test_preset_trains_is_killed_resumes_and_finishes(preset_file, tmp_path, tin
     preset = json.loads(preset_file.read_text())
     model_type = preset.get("model_type", "WAN_2_1_T2V")
     family = tiny_model(model_type)  # the tiny model that stands in for it, as its family declares
-    overrides = preset_overrides(preset, tiny_models(family), family, preset_data, preset_cache, tmp_path)
     name = preset_file.stem
+    overrides = preset_overrides(preset, tiny_models(family), family, preset_data, preset_cache, tmp_path,
+                                 user_processes=name in USER_PROCESSES)
     config = load_config(name, overrides)  # what the CLI will read: for the expected outputs
     workspace, destination = Path(config.workspace_dir), Path(config.output_model_destination)
     shown = "motiontune " + " ".join(f'"{a}"' if " " in a or "#" in a else a for a in command(name, overrides))
@@ -201,15 +209,13 @@ def test_preset_trains_is_killed_resumes_and_finishes(preset_file, tmp_path, tin
     every_step = ["backup_after=1", "backup_after_unit=STEP"]
     first_log = tmp_path / "first-run.log"
     first = f"{shown} --set backup_after=1 --set backup_after_unit=STEP"
-    with open(first_log, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "motiontune", *command(name, overrides + every_step)],
-                                   stdout=log, stderr=subprocess.STDOUT)
-        backup = wait_for_first_backup(workspace, process, first_log, first)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+    process = forked_command.start(command(name, overrides + every_step), first_log)
+    backup = wait_for_first_backup(workspace, process, first_log, first)
+    process.kill()  # SIGKILL
+    process.join(timeout=60)
     backup = sorted((workspace / "backup").glob("step-*"))[-1]  # it may have backed up again before the kill landed
-    assert process.returncode == -signal.SIGKILL, (
-        f"{first} ended (exit {process.returncode}) before it could be killed:\n{tail(first_log.read_text())}")
+    assert process.exitcode == -signal.SIGKILL, (
+        f"{first} ended (exit {process.exitcode}) before it could be killed:\n{tail(first_log.read_text())}")
     assert not any(p.exists() for p in expected_outputs(config, destination)), "killed before the end, yet saved"
 
     # 2. --resume to the end (the preset's own backup interval again: a setting a resumed run may change)
