@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import forked_command
 from conftest import DATA, base_config, write_config
 from motiontune.cli import main
 from motiontune.models.wan import WanFamily
@@ -150,25 +151,26 @@ def test_random_windows_cycle_through_cached_variants(tmp_path, tiny_models, dat
     assert train_once(tmp_path, {**config, "epochs": 1}) == {}
 
 
-def test_killed_cache_run_leaves_no_corrupt_entry(tmp_path, tiny_models, dataset):
+def test_killed_cache_run_leaves_no_corrupt_entry(tmp_path, tiny_models, dataset, capsys):
     video = {"max_frames": 9, "target_fps": 8.0, "clips_per_file": 30}
-    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, resolution="128", video_config=video, dataloader_threads=0)
+    config = base_config(tmp_path, tiny_models("wan-2.1"), dataset, resolution="64", video_config=video, dataloader_threads=0)
     path = write_config(tmp_path / "config.json", **config)
-    command = [sys.executable, "-m", "motiontune", "cache", "--config", str(path)]
+    command = ["cache", "--config", str(path)]
     latents = tmp_path / "cache" / "latents"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = forked_command.start(command, tmp_path / "killed.log")  # a process of its own, to SIGKILL
     deadline = time.time() + 120
     while time.time() < deadline and len(list(latents.glob("*/*.safetensors"))) < 3:
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.kill()
+    process.join()
     written = len(list(latents.glob("*/*.safetensors")))
     total = 30 + 30  # 30 windows from each file (the 1 s WebM's are 5 frames long)
     assert 3 <= written < total, "the kill did not land mid-run"
 
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr
-    assert f"{total} clip latents" in finished.stdout and f"({total - written} and" in finished.stdout
+    capsys.readouterr()
+    assert main(command) == 0  # the same command again, to the end
+    out = capsys.readouterr().out
+    assert f"{total} clip latents" in out and f"({total - written} and" in out
     entries = list(latents.glob("*/*.safetensors"))
     assert len(entries) == total and not list((tmp_path / "cache").rglob("*.tmp"))
     assert all(torch.isfinite(load_file(str(e))["value"]).all() for e in entries)
