@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import forked_command
 from conftest import base_config, write_config
 from motiontune.cli import main
 
@@ -29,7 +30,7 @@ def run_config(tmp_path: Path, name: str, model: Path, dataset: Path, **keys) ->
 
 
 def command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "motiontune", "train", "--config", str(config), *extra]
+    return ["train", "--config", str(config), *extra]
 
 
 def losses(workspace: Path, tag: str = "loss") -> dict[int, float]:
@@ -44,35 +45,35 @@ def lora(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "lora.safetensors"))
 
 
-def wait_for_backups(workspace: Path, count: int, process: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_backups(workspace: Path, count: int, process, timeout: float = 180) -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
+    while time.time() < deadline and process.exitcode is None:
         if len(list((workspace / "backup").glob("step-*"))) >= count:
             return
         time.sleep(0.02)
-    raise AssertionError(f"no {count} backups appeared (process exit: {process.poll()})")
+    raise AssertionError(f"no {count} backups appeared (process exit: {process.exitcode})")
 
 
 @pytest.fixture
 def uninterrupted(tmp_path, tiny_models, dataset):
     config = run_config(tmp_path, "straight", tiny_models("wan-2.1"), dataset)
-    assert subprocess.run(command(config), capture_output=True, timeout=300).returncode == 0
+    assert main(command(config)) == 0
     return tmp_path / "straight"
 
 
-def test_resume_after_kill_9_is_bitwise_identical(tmp_path, tiny_models, dataset, uninterrupted):
+def test_resume_after_kill_9_is_bitwise_identical(tmp_path, tiny_models, dataset, uninterrupted, capsys):
     config = run_config(tmp_path, "killed", tiny_models("wan-2.1"), dataset)
     workspace = tmp_path / "killed" / "workspace"
-    process = subprocess.Popen(command(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = forked_command.start(command(config), tmp_path / "killed.log")  # a process of its own, to SIGKILL
     wait_for_backups(workspace, 2, process)
     time.sleep(0.05)  # somewhere after the second backup, mid-step or mid-backup
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.kill()
+    process.join()
     assert not (tmp_path / "killed" / "lora.safetensors").exists()  # it really died before the end
 
-    resumed = subprocess.run(command(config, "--resume"), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "continuing from" in resumed.stderr
+    capsys.readouterr()
+    assert main(command(config, "--resume")) == 0
+    assert "continuing from" in capsys.readouterr().err
     expected, got = losses(uninterrupted / "workspace"), losses(workspace)
     assert len(expected) == 16 and got == expected  # every step's loss, the resumed ones included
     reference, final = lora(uninterrupted), lora(tmp_path / "killed")
@@ -82,17 +83,19 @@ def test_resume_after_kill_9_is_bitwise_identical(tmp_path, tiny_models, dataset
 def test_ctrl_c_finishes_the_step_backs_up_saves_and_exits_0(tmp_path, tiny_models, dataset, uninterrupted):
     config = run_config(tmp_path, "interrupted", tiny_models("wan-2.1"), dataset)
     workspace = tmp_path / "interrupted" / "workspace"
-    process = subprocess.Popen(command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "interrupted.log"
+    process = forked_command.start(command(config), log)
     wait_for_backups(workspace, 1, process)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    assert "SIGINT received" in err and "continue with --resume" in out
+    os.kill(process.pid, signal.SIGINT)
+    process.join(timeout=120)
+    output = log.read_text()
+    assert process.exitcode == 0, output
+    assert "SIGINT received" in output and "continue with --resume" in output
     result = json.loads((workspace / "result.json").read_text())
     assert result["interrupted"] and result["steps"] < 16 and Path(result["backup"]).is_dir()
     assert (tmp_path / "interrupted" / "lora.safetensors").is_file()
 
-    assert subprocess.run(command(config, "--resume"), capture_output=True, timeout=300).returncode == 0
+    assert main(command(config, "--resume")) == 0
     reference, final = lora(uninterrupted), lora(tmp_path / "interrupted")
     assert all(torch.equal(reference[k], final[k]) for k in reference)
 
