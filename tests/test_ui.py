@@ -110,7 +110,7 @@ def tiny_training_config(tmp_path: Path, model: Path) -> dict:
 
     config = demo_config(tmp_path)
     config.update(
-        base_model_name=str(model), epochs=40, resolution="64x48", dataloader_threads=0,
+        base_model_name=str(model), epochs=40, resolution="64x48", dataloader_threads=0, encode_in_child=False,
         sample_after=2, sample_after_unit="STEP", backup_after=0, backup_after_unit="NEVER",
         workspace_dir=str(tmp_path / "workspace"), cache_dir=str(tmp_path / "cache"),
         output_model_destination=str(tmp_path / "out" / "tiny-lora.safetensors"),
