@@ -55,7 +55,7 @@ SAMPLE_STEPS = 2
 EPOCHS = 2
 PROMPT = "a person walking in a city street"
 TIMEOUT = 600
-USER_PROCESSES = {"#ltx 2 LoRA", "#wan 2.2 Animate LoRA", "#wan 2.1 VACE control LoRA"}
+USER_PROCESSES = {"#ltx 2 LoRA", "#wan 2.2 Animate LoRA"}  # sound; pose, face and reference videos
 
 
 @pytest.fixture(scope="session")
