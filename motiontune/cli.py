@@ -119,7 +119,7 @@ def cmd_estimate(args) -> int:
 
     config = load_config(args.config, args.set or [])
     try:
-        print(report(config, args.config, gpu_gb=args.gpu_gb, seed_table=args.seed_table))
+        print(report(config, args.config, gpu_gb=args.gpu_gb, seed_table=args.seed_table, processes=args.processes))
     except EstimateError as error:
         print(f"estimate: {error}", file=sys.stderr)
         return 2
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     estimate.add_argument("--gpu-gb", type=float, metavar="N", help="say whether it fits N GB, and what to change if not")
     estimate.add_argument("--seed-table", action="store_true",
                           help="also estimate OneTrainer's WAN 2.2 table (8/16/24/48 GB) with this model and method")
+    estimate.add_argument("--processes", type=int, default=1, metavar="N",
+                          help="the torchrun world size: a fine-tune is sharded over N processes (FSDP2); one process's memory")
     estimate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     estimate.set_defaults(run=cmd_estimate)
 

@@ -63,6 +63,7 @@ class BlockKind:
     linears: list[tuple[int, int]]  # (out, in) of its quantizable frozen Linear weights (`share` blocks' worth)
     linear_elem: int  # their bytes per value unquantized
     share: int = 1  # linears are this many blocks' (blocks that differ: their average is used)
+    trained: int = 0  # bytes of one block's trained parameters (their average over `share` blocks)
 
     def bytes(self, weight_dtype: str) -> int:
         linears = sum(quantized_linear_bytes(o, i, weight_dtype, self.linear_elem) for o, i in self.linears)
@@ -76,6 +77,7 @@ class WeightCounts:
     kinds: list[BlockKind]
     outside: int  # bytes of everything outside the blocks (embedders, output head, rotary tables)
     trainable: list[tuple[tuple[int, ...], torch.dtype]]  # shapes and dtypes of what trains on this transformer
+    outside_trainable: int = 0  # bytes of what trains outside the blocks
 
     @property
     def blocks(self) -> int:
@@ -113,7 +115,7 @@ def quantized_linear_bytes(out_features: int, in_features: int, weight_dtype: st
 
 
 def _kind(blocks: list[torch.nn.Module], count: int, trainable: list) -> BlockKind:
-    plain, linears, linear_elem, quantizable = 0, [], 2, set()
+    plain, linears, linear_elem, quantizable, trained = 0, [], 2, set(), 0
     for block in blocks:
         for name, module in block.named_modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not any(
@@ -125,9 +127,10 @@ def _kind(blocks: list[torch.nn.Module], count: int, trainable: list) -> BlockKi
         for tensor in (*block.parameters(), *block.buffers()):
             if tensor.requires_grad:
                 trainable.append((tuple(tensor.shape), tensor.dtype))
+                trained += tensor.numel() * tensor.element_size()
             elif id(tensor) not in quantizable:
                 plain += tensor.numel() * tensor.element_size()
-    return BlockKind(count, plain // len(blocks), linears, linear_elem, len(blocks))
+    return BlockKind(count, plain // len(blocks), linears, linear_elem, len(blocks), trained // len(blocks))
 
 
 _WEIGHTS: dict = {}
@@ -154,7 +157,8 @@ def count_weights(cfg: dict, config: TrainConfig, trained: bool = True) -> Weigh
         in_blocks |= {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
     outside = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
     trainable += [(tuple(t.shape), t.dtype) for t in outside if t.requires_grad]
-    counts = WeightCounts(kinds, sum(t.numel() * t.element_size() for t in outside if not t.requires_grad), trainable)
+    counts = WeightCounts(kinds, sum(t.numel() * t.element_size() for t in outside if not t.requires_grad), trainable,
+                          sum(t.numel() * t.element_size() for t in outside if t.requires_grad))
     _WEIGHTS[key] = counts
     return counts
 
