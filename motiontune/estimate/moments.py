@@ -38,7 +38,11 @@ def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[
     key = (config.base_model_name, config.model_type, shape.batch, on_cpu, str(load_dtype(config)),
            config.text_encoder.train, config.optimizer.optimizer)
     if key not in _TEXT:
-        _TEXT[key] = _text_encoder_lines(config, shape, on_cpu)
+        from ..util.sim_cache import cached
+
+        on_disk = (key, json.dumps(part_configs(config), sort_keys=True))  # a local folder's configs may change
+        _TEXT[key] = cached("text_live", on_disk, lambda: _text_encoder_lines(config, shape, on_cpu),
+                            lambda lines: [vars(line) for line in lines], lambda found: [Line(**line) for line in found])
     return [replace(line) for line in _TEXT[key]]
 
 
@@ -90,11 +94,16 @@ def encoder_facts(config: TrainConfig, on_cpu: bool) -> tuple[int, str, int]:
     key = (config.model_type, config.base_model_name, config.text_encoder.weight_dtype, str(text_dtype),
            str(family(config).vae_dtype), json.dumps(part_configs(config), sort_keys=True))
     if key not in _ENCODERS:
-        owner = family(config)
-        vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
-        encoders = _text_encoders(config)
-        _ENCODERS[key] = (vae_bytes, " + ".join(name for name, _ in encoders),
-                          sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders))
+        from ..util.sim_cache import cached
+
+        def count():
+            owner = family(config)
+            vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
+            encoders = _text_encoders(config)
+            return (vae_bytes, " + ".join(name for name, _ in encoders),
+                    sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders))
+
+        _ENCODERS[key] = tuple(cached("encoders", key, count))
     return _ENCODERS[key]
 
 
