@@ -21,7 +21,7 @@ class _TqdmHandler(logging.Handler):
             print(self.format(record), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool, models: bool) -> None:
+def _setup_logging(verbose: bool, models: bool | str) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("[motiontune] %(message)s"))
     logger = logging.getLogger("motiontune")
@@ -29,6 +29,10 @@ def _setup_logging(verbose: bool, models: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     if not models:  # importing diffusers and transformers to quiet them costs seconds
+        return
+    if models == "when imported":  # `estimate` reads its figures from disk when it can: the libraries read these then
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         return
     # Library chatter (weight-loading bars, deprecation notes) hides what matters.
     import diffusers.utils.logging as diffusers_logging
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_defaults(run=cmd_ui)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, models=args.command not in ("inspect", "presets"))
+    _setup_logging(args.verbose, models="when imported" if args.command == "estimate"
+                   else args.command not in ("inspect", "presets"))
     if args.command != "train" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _run(args)
     code = 1
