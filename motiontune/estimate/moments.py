@@ -37,13 +37,22 @@ def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[
     """The text encoder on the device during training (embeddings or text-encoder training)."""
     key = (config.base_model_name, config.model_type, shape.batch, on_cpu, str(load_dtype(config)),
            config.text_encoder.train, config.optimizer.optimizer)
+    from .result import EstimateError
+
     if key not in _TEXT:
         from ..util.sim_cache import cached
 
+        def made():  # the lines, or the refusal (kept too: building the encoders to refuse takes seconds)
+            try:
+                return [vars(line) for line in _text_encoder_lines(config, shape, on_cpu)]
+            except EstimateError as refusal:
+                return {"refused": str(refusal)}
+
         on_disk = (key, json.dumps(part_configs(config), sort_keys=True))  # a local folder's configs may change
-        _TEXT[key] = cached("text_live", on_disk, lambda: _text_encoder_lines(config, shape, on_cpu),
-                            lambda lines: [vars(line) for line in lines], lambda found: [Line(**line) for line in found])
-    return [replace(line) for line in _TEXT[key]]
+        _TEXT[key] = cached("text_live", on_disk, made)
+    if "refused" in _TEXT[key]:
+        raise EstimateError(_TEXT[key]["refused"])
+    return [Line(**line) for line in _TEXT[key]]
 
 
 def _text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
