@@ -57,6 +57,5 @@ def test_a_later_process_reads_the_figures_an_earlier_one_simulated(small, tmp_p
 def test_the_cache_switched_off_writes_nothing(small, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv(sim_cache.ENV, "off")
-    first, simulated = figures_and_ops(*small)
-    again, ops = figures_and_ops(*small)
-    assert simulated > 0 and ops == simulated and again == first and not any(tmp_path.rglob("*.json"))
+    _, simulated = figures_and_ops(*small)
+    assert simulated > 0 and not any(tmp_path.rglob("*.json"))
