@@ -48,7 +48,7 @@ def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[
             except EstimateError as refusal:
                 return {"refused": str(refusal)}
 
-        on_disk = (key, json.dumps(part_configs(config), sort_keys=True))  # a local folder's configs may change
+        on_disk = (key, config.model_dump_json(), json.dumps(part_configs(config), sort_keys=True))  # a folder's may change
         _TEXT[key] = cached("text_live", on_disk, made)
     if "refused" in _TEXT[key]:
         raise EstimateError(_TEXT[key]["refused"])

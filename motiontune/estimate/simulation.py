@@ -69,7 +69,9 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
 
     key = _step_key(cfg, depth, config, shape, recompute, text_live, quantized)
     if key not in _STEPS:
-        found = cached("step", key, lambda: _simulate_step(cfg, depth, config, shape, recompute, text_live, quantized))
+        # on disk under the whole config: the in-process key names only what differs between one config's estimates
+        found = cached("step", (key, config.model_dump_json()),
+                       lambda: _simulate_step(cfg, depth, config, shape, recompute, text_live, quantized))
         _STEPS[key] = (found["peak"], [tuple(share) for share in found["shares"]], found["received"])
         _MATMULS[key] = tuple(found["matmuls"])
         _RECEIVED[key] = list(found["largest"])
@@ -185,7 +187,7 @@ def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], q
     key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_type, config.training_method,
            config.lora_rank, config.layer_filter, str(load_dtype(config)))
     if key not in _DENOISE:
-        _DENOISE[key] = cached("denoise", key, lambda: _denoise_peak(cfg, config, latent, quantized))
+        _DENOISE[key] = cached("denoise", (key, config.model_dump_json()), lambda: _denoise_peak(cfg, config, latent, quantized))
     return _DENOISE[key]
 
 
