@@ -35,8 +35,7 @@ _TEXT: dict = {}
 
 def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
     """The text encoder on the device during training (embeddings or text-encoder training)."""
-    key = (config.base_model_name, config.model_type, shape.batch, on_cpu, str(load_dtype(config)),
-           config.text_encoder.train, config.optimizer.optimizer)
+    key = (shape.batch, on_cpu, config.model_dump_json())
     from .result import EstimateError
 
     if key not in _TEXT:
@@ -48,7 +47,7 @@ def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[
             except EstimateError as refusal:
                 return {"refused": str(refusal)}
 
-        on_disk = (key, config.model_dump_json(), json.dumps(part_configs(config), sort_keys=True))  # a folder's may change
+        on_disk = (key, json.dumps(part_configs(config), sort_keys=True))  # a local folder's configs may change
         _TEXT[key] = cached("text_live", on_disk, made)
     if "refused" in _TEXT[key]:
         raise EstimateError(_TEXT[key]["refused"])

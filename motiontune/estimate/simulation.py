@@ -54,7 +54,8 @@ def _step_key(cfg, depth, config, shape, recompute, text_live, quantized):
     return (json.dumps(cfg, sort_keys=True), depth, shape, recompute, text_live, quantized, config.model_type,
             config.training_method, config.lora_rank, config.layer_filter, config.train_dtype, str(load_dtype(config)),
             video.temporal_consistency_weight > 0, video.use_temporal_attention, video.frame_dropout_probability > 0,
-            config.image_conditioning_probability > 0)
+            config.image_conditioning_probability > 0,
+            config.model_dump_json())  # and the whole config: a family reads more of it (LTX-2's train_audio, in_context_control)
 
 
 def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
@@ -69,9 +70,7 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
 
     key = _step_key(cfg, depth, config, shape, recompute, text_live, quantized)
     if key not in _STEPS:
-        # on disk under the whole config: the in-process key names only what differs between one config's estimates
-        found = cached("step", (key, config.model_dump_json()),
-                       lambda: _simulate_step(cfg, depth, config, shape, recompute, text_live, quantized))
+        found = cached("step", key, lambda: _simulate_step(cfg, depth, config, shape, recompute, text_live, quantized))
         _STEPS[key] = (found["peak"], [tuple(share) for share in found["shares"]], found["received"])
         _MATMULS[key] = tuple(found["matmuls"])
         _RECEIVED[key] = list(found["largest"])
@@ -184,10 +183,9 @@ def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], q
     block's tensors are gone before the next one starts."""
     from ..util.sim_cache import cached
 
-    key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_type, config.training_method,
-           config.lora_rank, config.layer_filter, str(load_dtype(config)))
+    key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_dump_json())
     if key not in _DENOISE:
-        _DENOISE[key] = cached("denoise", (key, config.model_dump_json()), lambda: _denoise_peak(cfg, config, latent, quantized))
+        _DENOISE[key] = cached("denoise", key, lambda: _denoise_peak(cfg, config, latent, quantized))
     return _DENOISE[key]
 
 

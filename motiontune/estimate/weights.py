@@ -159,11 +159,9 @@ def count_weights(cfg: dict, config: TrainConfig, trained: bool = True) -> Weigh
     layer_filter names blocks), the method applied as the trainer applies it."""
     from ..util.sim_cache import cached
 
-    key = (json.dumps(cfg, sort_keys=True), trained, config.model_type, config.training_method, config.lora_rank,
-           config.layer_filter, str(load_dtype(config)))
+    key = (json.dumps(cfg, sort_keys=True), trained, config.model_dump_json())  # the method reads much of the config
     if key not in _WEIGHTS:
-        _WEIGHTS[key] = cached("weights", (key, config.model_dump_json()), lambda: _count_weights(cfg, config, trained),
-                               _encode_counts, _decode_counts)  # on disk under the whole config (the method reads it)
+        _WEIGHTS[key] = cached("weights", key, lambda: _count_weights(cfg, config, trained), _encode_counts, _decode_counts)
     return _WEIGHTS[key]
 
 
