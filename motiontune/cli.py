@@ -21,7 +21,7 @@ class _TqdmHandler(logging.Handler):
             print(self.format(record), file=sys.stderr)
 
 
-def _setup_logging(verbose: bool, models: bool) -> None:
+def _setup_logging(verbose: bool, models: bool | str) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("[motiontune] %(message)s"))
     logger = logging.getLogger("motiontune")
@@ -29,6 +29,10 @@ def _setup_logging(verbose: bool, models: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     if not models:  # importing diffusers and transformers to quiet them costs seconds
+        return
+    if models == "when imported":  # `estimate` reads its figures from disk when it can: the libraries read these then
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         return
     # Library chatter (weight-loading bars, deprecation notes) hides what matters.
     import diffusers.utils.logging as diffusers_logging
@@ -119,7 +123,7 @@ def cmd_estimate(args) -> int:
 
     config = load_config(args.config, args.set or [])
     try:
-        print(report(config, args.config, gpu_gb=args.gpu_gb, seed_table=args.seed_table))
+        print(report(config, args.config, gpu_gb=args.gpu_gb, seed_table=args.seed_table, processes=args.processes))
     except EstimateError as error:
         print(f"estimate: {error}", file=sys.stderr)
         return 2
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     estimate.add_argument("--gpu-gb", type=float, metavar="N", help="say whether it fits N GB, and what to change if not")
     estimate.add_argument("--seed-table", action="store_true",
                           help="also estimate OneTrainer's WAN 2.2 table (8/16/24/48 GB) with this model and method")
+    estimate.add_argument("--processes", type=int, default=1, metavar="N",
+                          help="the torchrun world size: a fine-tune is sharded over N processes (FSDP2); one process's memory")
     estimate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     estimate.set_defaults(run=cmd_estimate)
 
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_defaults(run=cmd_ui)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, models=args.command not in ("inspect", "presets"))
+    _setup_logging(args.verbose, models="when imported" if args.command == "estimate"
+                   else args.command not in ("inspect", "presets"))
     if args.command != "train" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _run(args)
     code = 1

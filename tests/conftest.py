@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).parent / "data"
+# estimate's figures are simulated afresh in the suite (tests count simulated ops), never read from a user's disk cache
+os.environ.setdefault("MOTIONTUNE_ESTIMATE_CACHE", "off")
 
 
 def pytest_configure(config):

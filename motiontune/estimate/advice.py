@@ -78,7 +78,8 @@ def _candidates(config: TrainConfig, base: Options) -> list[Options]:
     return [Options(c, f, base.prefetch, d, o, base.compute_dtype) for c in checkpointing for d in dtypes for f in fractions for o in optimizers]
 
 
-def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = None, limit: int = 3) -> list[Change]:
+def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = None, limit: int = 3,
+                     processes: int = 1) -> list[Change]:
     """Memory options that make a step fit in `gpu_bytes`, cheapest first (empty: nothing fits at this shape).
     Candidates are tried in order of cost, so a config that fits cheaply costs few simulations."""
     base = Options.of(config, trained_parts(config)[0])
@@ -92,7 +93,7 @@ def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = 
     for cost, options, sets, words in ranked:
         if any(set(change.changes) <= set(words) for change in found):
             continue  # adds to a cheaper change that already fits
-        result = estimate(config, shape=shape, options=options)
+        result = estimate(config, shape=shape, options=options, processes=processes)
         if result.fits(gpu_bytes):
             found.append(Change(options, result, cost, words, sets))
             if len(found) == limit:
@@ -100,11 +101,11 @@ def cheapest_changes(config: TrainConfig, gpu_bytes: int, shape: Shape | None = 
     return found
 
 
-def smallest_floor(config: TrainConfig, shape: Shape | None = None) -> Estimate:
+def smallest_floor(config: TrainConfig, shape: Shape | None = None, processes: int = 1) -> Estimate:
     """The estimate with every memory option at its strongest (how low this shape can go)."""
     base = Options.of(config, trained_parts(config)[0])
     strongest = Options("CPU_OFFLOADED", 1.0 if config.training_method != "FINE_TUNE" else base.offload_fraction, 1,
                         "NFLOAT_4" if config.training_method != "FINE_TUNE" and base.compute_dtype is None else base.weight_dtype,
                         "ADAMW_8BIT" if config.training_method == "FINE_TUNE" and base.optimizer == "ADAMW" else base.optimizer,
                         base.compute_dtype)
-    return estimate(config, shape=shape, options=strongest)
+    return estimate(config, shape=shape, options=strongest, processes=processes)

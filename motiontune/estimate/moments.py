@@ -35,11 +35,23 @@ _TEXT: dict = {}
 
 def text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
     """The text encoder on the device during training (embeddings or text-encoder training)."""
-    key = (config.base_model_name, config.model_type, shape.batch, on_cpu, str(load_dtype(config)),
-           config.text_encoder.train, config.optimizer.optimizer)
+    key = (shape.batch, on_cpu, config.model_dump_json())
+    from .result import EstimateError
+
     if key not in _TEXT:
-        _TEXT[key] = _text_encoder_lines(config, shape, on_cpu)
-    return [replace(line) for line in _TEXT[key]]
+        from ..util.sim_cache import cached
+
+        def made():  # the lines, or the refusal (kept too: building the encoders to refuse takes seconds)
+            try:
+                return [vars(line) for line in _text_encoder_lines(config, shape, on_cpu)]
+            except EstimateError as refusal:
+                return {"refused": str(refusal)}
+
+        on_disk = (key, json.dumps(part_configs(config), sort_keys=True))  # a local folder's configs may change
+        _TEXT[key] = cached("text_live", on_disk, made)
+    if "refused" in _TEXT[key]:
+        raise EstimateError(_TEXT[key]["refused"])
+    return [Line(**line) for line in _TEXT[key]]
 
 
 def _text_encoder_lines(config: TrainConfig, shape: Shape, on_cpu: bool) -> list[Line]:
@@ -90,11 +102,16 @@ def encoder_facts(config: TrainConfig, on_cpu: bool) -> tuple[int, str, int]:
     key = (config.model_type, config.base_model_name, config.text_encoder.weight_dtype, str(text_dtype),
            str(family(config).vae_dtype), json.dumps(part_configs(config), sort_keys=True))
     if key not in _ENCODERS:
-        owner = family(config)
-        vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
-        encoders = _text_encoders(config)
-        _ENCODERS[key] = (vae_bytes, " + ".join(name for name, _ in encoders),
-                          sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders))
+        from ..util.sim_cache import cached
+
+        def count():
+            owner = family(config)
+            vae_bytes = module_bytes(owner.estimate_vae(part_configs(config)["vae"]), owner.vae_dtype)
+            encoders = _text_encoders(config)
+            return (vae_bytes, " + ".join(name for name, _ in encoders),
+                    sum(stored_text_encoder_bytes(config, encoder, text_dtype) for _, encoder in encoders))
+
+        _ENCODERS[key] = tuple(cached("encoders", key, count))
     return _ENCODERS[key]
 
 

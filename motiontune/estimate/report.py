@@ -30,9 +30,10 @@ def _table(rows: list[list[str]], header: list[str], left: tuple[int, ...] = ())
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
 
 
-def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_table: bool = False) -> str:
-    """The text `motiontune estimate` prints."""
-    result = estimate(config, phases=True)
+def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_table: bool = False,
+           processes: int = 1) -> str:
+    """The text `motiontune estimate` prints (`processes`: the torchrun world size a fine-tune is sharded over)."""
+    result = estimate(config, phases=True, processes=processes)
     options = result.options
     out = [f"{name}: {config.model_type}, {config.training_method}"
            + (f" rank {config.lora_rank}" if config.training_method == "LORA" else "")
@@ -44,7 +45,9 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
            + (", experts_on split" if config.experts_on == "split" else "")
            + (f", context parallel {config.context_parallel.attention} x{config.context_parallel.degree}"
               if config.context_parallel.degree > 1 else "")
-           + (" (each process)" if config.experts_on == "split" or config.context_parallel.degree > 1 else ""),
+           + (f", FSDP2 over {result.processes} processes" if result.processes > 1 else "")
+           + (" (each process)" if config.experts_on == "split" or config.context_parallel.degree > 1
+              or result.processes > 1 else ""),
            f"  batch: {result.shape.describe()}",
            f"  model: {result.source} (no weights read)",
            "",
@@ -75,7 +78,7 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
         if result.fits(budget):
             fit_rows.append([f"{size:g} GB", "yes", others, f"{_gb(result.usable(budget) - result.device)} GB to spare"])
             continue
-        changes = cheapest_changes(config, budget)
+        changes = cheapest_changes(config, budget, processes=result.processes)
         if changes:
             best = changes[0]
             fit_rows.append([f"{size:g} GB", "no", others, f"fits with {best.describe()} ({_gb(best.estimate.device)} GB)"])
@@ -84,7 +87,7 @@ def report(config: TrainConfig, name: str, gpu_gb: float | None = None, seed_tab
                 hows += [f"  or: {c.describe()} ({_gb(c.estimate.device)} GB): " + " ".join(f"--set {s}" for s in c.overrides)
                          for c in changes[1:]]
         else:
-            floor = smallest_floor(config)
+            floor = smallest_floor(config, processes=result.processes)
             fit_rows.append([f"{size:g} GB", "no", others, f"not with any memory option (at least {_gb(floor.device)} GB at "
                              "this batch): fewer frames, a lower resolution or a smaller batch"])
     header = ["GPU", "step fits", "other moments", "cheapest change for the step"]

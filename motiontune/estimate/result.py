@@ -93,6 +93,7 @@ class Estimate:
     tiled_decode: int = 0  # bytes of decoding the sample in tiles (the "sample decoding" phase counts whole frames)
     headroom: float = 0.0  # the share of a card kept free when saying whether something fits
     host_moments: dict[str, list[Line]] = field(default_factory=dict)  # host memory at the moments of a CUDA run
+    processes: int = 1  # a fine-tune sharded with FSDP2 over this many processes: the lines are one process's
 
     @property
     def host_peak(self) -> int:

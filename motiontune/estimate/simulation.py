@@ -54,7 +54,8 @@ def _step_key(cfg, depth, config, shape, recompute, text_live, quantized):
     return (json.dumps(cfg, sort_keys=True), depth, shape, recompute, text_live, quantized, config.model_type,
             config.training_method, config.lora_rank, config.layer_filter, config.train_dtype, str(load_dtype(config)),
             video.temporal_consistency_weight > 0, video.use_temporal_attention, video.frame_dropout_probability > 0,
-            config.image_conditioning_probability > 0)
+            config.image_conditioning_probability > 0,
+            config.model_dump_json())  # and the whole config: a family reads more of it (LTX-2's train_audio, in_context_control)
 
 
 def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
@@ -63,14 +64,26 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
     made, [(blocks of the kind in the copy, bytes its second block left alive for backward)] per kind, bytes of
     the tensors one block receives). The peak counts the gradients of trained parameters made by its moment: backward
     frees activations as it makes gradients, so a step's peak holds only some of them (none, early in backward).
-    `quantized` (FLOAT_8, NFLOAT_4): the frozen block Linear layers are train/memory.py's quantized ones."""
+    `quantized` (FLOAT_8, NFLOAT_4): the frozen block Linear layers are train/memory.py's quantized ones. Kept for
+    the process, and on disk for the next one (util/sim_cache.py)."""
+    from ..util.sim_cache import cached
+
+    key = _step_key(cfg, depth, config, shape, recompute, text_live, quantized)
+    if key not in _STEPS:
+        found = cached("step", key, lambda: _simulate_step(cfg, depth, config, shape, recompute, text_live, quantized))
+        _STEPS[key] = (found["peak"], [tuple(share) for share in found["shares"]], found["received"])
+        _MATMULS[key] = tuple(found["matmuls"])
+        _RECEIVED[key] = list(found["largest"])
+    return _STEPS[key]
+
+
+def _simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
+                   quantized: str | None) -> dict:
+    """simulate_step's simulation, with what step_matmuls and block_input_sizes read of it."""
     from ..models.base import Expert
     from ..train.flow import flow_target, noisy_latents
     from ..train.losses import training_loss
 
-    key = _step_key(cfg, depth, config, shape, recompute, text_live, quantized)
-    if key in _STEPS:
-        return _STEPS[key]
     owner = family(config)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake_transformer(cfg, config, depth, quantized, mode)
@@ -123,15 +136,12 @@ def simulate_step(cfg: dict, depth: int, config: TrainConfig, shape: Shape, reco
         return len(counter.matmuls)
 
     varying = owner.estimate_varying_matmuls(cfg, model, count_matmuls) if hasattr(owner, "estimate_varying_matmuls") else 0
-    _MATMULS[key] = (len(tracker.matmuls), varying)
     # what the second block of a kind left alive for backward (its saved tensors, its output in place of its input);
     # the first is no model for the rest: its input may need no gradient, so it saves less
     shares = [(len(blocks), e[2] - e[1] if len(e) >= 3 else 0) for (_, blocks), e in zip(kinds, entries)]
     largest = max(received, key=sum, default=[])
-    result = (tracker.peak, shares, sum(largest))
-    _STEPS[key] = result
-    _RECEIVED[key] = largest
-    return result
+    return {"peak": tracker.peak, "shares": shares, "received": sum(largest), "matmuls": [len(tracker.matmuls), varying],
+            "largest": largest}
 
 
 def step_matmuls(cfg: dict, config: TrainConfig, shape: Shape, recompute: bool, text_live: bool,
@@ -171,10 +181,15 @@ def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], q
     """Peak bytes of the tensors one transformer forward makes as the stock pipeline calls it while sampling (no grad,
     in the transformer's dtype), the weights not counted. Two blocks of each kind are simulated: without grad a
     block's tensors are gone before the next one starts."""
-    key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_type, config.training_method,
-           config.lora_rank, config.layer_filter, str(load_dtype(config)))
-    if key in _DENOISE:
-        return _DENOISE[key]
+    from ..util.sim_cache import cached
+
+    key = (json.dumps(cfg, sort_keys=True), tuple(latent), quantized, config.model_dump_json())
+    if key not in _DENOISE:
+        _DENOISE[key] = cached("denoise", key, lambda: _denoise_peak(cfg, config, latent, quantized))
+    return _DENOISE[key]
+
+
+def _denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], quantized: str | None) -> int:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake_transformer(cfg, config, 2, quantized, mode)
     model.eval()
@@ -184,5 +199,4 @@ def denoise_peak(cfg: dict, config: TrainConfig, latent: tuple[int, int, int], q
     tracker = LiveBytes([*model.parameters(), *model.buffers(), *tensors])
     with mode, tracker, torch.no_grad(), quiet():
         model(**call, return_dict=False)
-    _DENOISE[key] = tracker.peak
     return tracker.peak

@@ -33,6 +33,18 @@ ONEDNN_KERNEL_BYTES = 6 * 2**20 // 10
 ONEDNN_CACHE_CAPACITY = 1024  # oneDNN's default primitive cache capacity (ONEDNN_PRIMITIVE_CACHE_CAPACITY)
 
 
+def _gathered(counts, shards: int) -> Line:
+    """What FSDP2 holds whole on a process besides its shard (train/distributed.py: one unit per block, the root
+    holding the rest; default policy, so whole weights in their own dtype). A block's weights are all-gathered just
+    before it runs and freed after it (forward, and the recompute and backward); the next block's all-gather is
+    issued while one runs, so two blocks' weights are whole at once, and in backward a block's whole gradient lives
+    until its reduce-scatter. The root's parameters (embedders, head) stay whole from forward through backward."""
+    block = max((kind.trained for kind in counts.kinds), default=0)
+    return Line(f"FSDP2 whole blocks ({shards} processes)", 3 * block + counts.outside_trainable, 0,
+                f"2 blocks' weights and 1 block's gradient × {block / GB:.3f} GB, "
+                f"+ {counts.outside_trainable / GB:.2f} GB outside the blocks")
+
+
 def _onednn_kernels(cfg, config, shape, recompute, live, quantized) -> list[Line]:
     """On the CPU torch runs half-precision matrix products through oneDNN, which compiles a kernel for every new
     shape and keeps the last 1024 for the rest of the process. A step's products of fixed shapes are compiled once;
@@ -52,10 +64,15 @@ def _onednn_kernels(cfg, config, shape, recompute, live, quantized) -> list[Line
 
 
 def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None = None, options: Options | None = None,
-             phases: bool = False) -> Estimate:
+             phases: bool = False, processes: int = 1) -> Estimate:
     """The peak of a training step on `device` ("cuda": device and host memory apart; "cpu": one memory).
     `options` replaces the config's memory options for every trained transformer part; `phases` also estimates
-    the encoding phase (a first run, or latent_caching off) and sample rendering."""
+    the encoding phase (a first run, or latent_caching off) and sample rendering. `processes`: the run's torchrun
+    world size; a fine-tune is then sharded with FSDP2 (train/distributed.py) and the estimate is one process's."""
+    if processes < 1:
+        from .result import EstimateError
+
+        raise EstimateError(f"processes {processes}: a run has at least one process")
     parts = trained_parts(config)
     options = (options or Options.of(config, parts[0])).effective()
     shape = shape or config_shape(config)
@@ -63,6 +80,9 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     split = config.experts_on == "split" and len(parts) == 2
     degree = config.context_parallel.degree
     here = 1 if split else len(parts)  # experts trained in this process
+    # FSDP2 shards what a fine-tune trains (weights, gradients, optimizer state) over every process; LoRA and
+    # embeddings are replicated (each process holds a single run's memory)
+    shards = processes if config.training_method == "FINE_TUNE" and not split else 1
     step_shape = shape if degree == 1 else replace(shape, latent=(math.ceil(shape.latent[0] / degree), *shape.latent[1:]))
     cfg, source = transformer_config(config, parts[0])
     on_cpu = device == "cpu"
@@ -99,13 +119,17 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
                                                       else "not trained: loaded for samples")))
 
     # what trains: its parameters, and the optimizer state of every trained expert (gradients: at their moments, below)
-    trainable = counts.trainable_bytes
-    state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * here
+    trainable = counts.trainable_bytes // shards
+    state = optimizer_state_bytes(counts.trainable, config, options.optimizer) * here // shards
     what = {"LORA": f"LoRA rank {config.lora_rank}", "FINE_TUNE": "every transformer weight", "EMBEDDING": "nothing"}[config.training_method]
+    sharded = f"; 1/{shards} of them on each of {shards} processes (FSDP2)" if shards > 1 else ""
     if trainable:
-        lines.append(Line("trained parameters", trainable, 0, f"{what}: {counts.trainable_count / 1e6:.1f}M values"))
+        lines.append(Line("trained parameters", trainable, 0, f"{what}: {counts.trainable_count / 1e6:.1f}M values{sharded}"))
         lines.append(Line(f"optimizer state ({options.optimizer})", state, 0,
-                          f"{here} expert(s)" if here > 1 else "one expert per process (experts_on split)" if split else ""))
+                          (f"{here} expert(s)" if here > 1 else "one expert per process (experts_on split)" if split else "")
+                          + (f"1/{shards} of it (FSDP2)" if shards > 1 else "")))
+    if shards > 1:
+        lines.append(_gathered(counts, shards))
 
     # activations, with the gradients backward has made by their peak (few: it frees activations as it makes them)
     live = text_live(config)
@@ -163,7 +187,7 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
     if not on_cpu:
         lines += cuda.step_lines(step_shape, cfg, device_act)
     result = Estimate(config, shape, options, device, lines, per_block_activation=per_block_act, blocks=n,
-                      source=source, headroom=0.0 if on_cpu else cuda.HEADROOM)
+                      source=source, headroom=0.0 if on_cpu else cuda.HEADROOM, processes=shards)
     if not on_cpu:  # on the CPU the device is host memory: the step's own lines say it all
         inputs = block_input_sizes(cfg, config, shape, recompute, live, quantized) \
             if options.checkpointing == "CPU_OFFLOADED" else []
@@ -174,7 +198,8 @@ def estimate(config: TrainConfig, *, device: str = "cuda", shape: Shape | None =
         # sampling brings the transformer as training holds it (offloaded blocks stream in as they run) with what
         # trains on it; an A14B expert that only samples comes whole, one expert at a time. On the CPU both are in
         # its memory. Gradients are gone by then (set to None after each step); optimizer state stays.
-        active = lines[0].device + counts.trainable_bytes
+        # under FSDP2 the process's shard, its blocks gathered in turn as the pipeline calls them
+        active = lines[0].device + trainable + sum(line.device for line in lines if line.name.startswith("FSDP2"))
         other_sampled = active if len(parts) == 2 else other_bytes  # 0 without a second expert
         transformers = active + other_bytes if on_cpu else max(active, other_sampled)
         left = sum(line.device for line in lines if line.name.startswith("optimizer state")

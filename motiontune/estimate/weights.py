@@ -6,6 +6,7 @@ The family names its transformer class and its kinds of block; the method is app
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -18,9 +19,25 @@ from ..util.quantize import KEEP_PRECISION
 from .configs import HALF, family, load_dtype
 
 
+_BUILT: dict = {}
+
+
 def meta_transformer(cfg: dict, config: TrainConfig, depth: int | None = None, trained: bool = True):
     """The transformer on the meta device, in its load dtypes, with the method applied (LoRA adapters or trainable
-    weights) exactly as the trainer prepares it. `depth`: that many blocks of each kind (None: as configured)."""
+    weights) exactly as the trainer prepares it. `depth`: that many blocks of each kind (None: as configured).
+    A fresh copy each call (callers fake, quantize or hook it); building one takes seconds, copying it little, and a
+    report simulates the same model with several memory options."""
+    import copy
+
+    key = (json.dumps(cfg, sort_keys=True), depth, trained, config.model_dump_json())
+    if key not in _BUILT:
+        if len(_BUILT) >= 8:  # a planner or the web UI goes through many configs: keep the latest few
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = _build_meta_transformer(cfg, config, depth, trained)
+    return copy.deepcopy(_BUILT[key])
+
+
+def _build_meta_transformer(cfg: dict, config: TrainConfig, depth: int | None, trained: bool):
     import diffusers
 
     from ..methods import METHODS
@@ -63,6 +80,7 @@ class BlockKind:
     linears: list[tuple[int, int]]  # (out, in) of its quantizable frozen Linear weights (`share` blocks' worth)
     linear_elem: int  # their bytes per value unquantized
     share: int = 1  # linears are this many blocks' (blocks that differ: their average is used)
+    trained: int = 0  # bytes of one block's trained parameters (their average over `share` blocks)
 
     def bytes(self, weight_dtype: str) -> int:
         linears = sum(quantized_linear_bytes(o, i, weight_dtype, self.linear_elem) for o, i in self.linears)
@@ -76,6 +94,7 @@ class WeightCounts:
     kinds: list[BlockKind]
     outside: int  # bytes of everything outside the blocks (embedders, output head, rotary tables)
     trainable: list[tuple[tuple[int, ...], torch.dtype]]  # shapes and dtypes of what trains on this transformer
+    outside_trainable: int = 0  # bytes of what trains outside the blocks
 
     @property
     def blocks(self) -> int:
@@ -88,15 +107,16 @@ class WeightCounts:
     def frozen_bytes(self, weight_dtype: str) -> int:
         return self.outside + sum(kind.count * kind.bytes(weight_dtype) for kind in self.kinds)
 
-    @property
+    @functools.cached_property  # a LoRA has thousands of tensors, and a planner asks many times
     def trainable_count(self) -> int:
         return sum(math.prod(s) for s, _ in self.trainable)
 
-    @property
+    @functools.cached_property
     def trainable_bytes(self) -> int:
         return sum(math.prod(s) * elem(d) for s, d in self.trainable)
 
 
+@functools.lru_cache(maxsize=None)
 def elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -113,7 +133,7 @@ def quantized_linear_bytes(out_features: int, in_features: int, weight_dtype: st
 
 
 def _kind(blocks: list[torch.nn.Module], count: int, trainable: list) -> BlockKind:
-    plain, linears, linear_elem, quantizable = 0, [], 2, set()
+    plain, linears, linear_elem, quantizable, trained = 0, [], 2, set(), 0
     for block in blocks:
         for name, module in block.named_modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and not any(
@@ -125,9 +145,10 @@ def _kind(blocks: list[torch.nn.Module], count: int, trainable: list) -> BlockKi
         for tensor in (*block.parameters(), *block.buffers()):
             if tensor.requires_grad:
                 trainable.append((tuple(tensor.shape), tensor.dtype))
+                trained += tensor.numel() * tensor.element_size()
             elif id(tensor) not in quantizable:
                 plain += tensor.numel() * tensor.element_size()
-    return BlockKind(count, plain // len(blocks), linears, linear_elem, len(blocks))
+    return BlockKind(count, plain // len(blocks), linears, linear_elem, len(blocks), trained // len(blocks))
 
 
 _WEIGHTS: dict = {}
@@ -136,10 +157,27 @@ _WEIGHTS: dict = {}
 def count_weights(cfg: dict, config: TrainConfig, trained: bool = True) -> WeightCounts:
     """Counted on a copy with one block of each kind (every block of a kind is the same; the whole depth when
     layer_filter names blocks), the method applied as the trainer applies it."""
-    key = (json.dumps(cfg, sort_keys=True), trained, config.model_type, config.training_method, config.lora_rank,
-           config.layer_filter, str(load_dtype(config)))
-    if key in _WEIGHTS:
-        return _WEIGHTS[key]
+    from ..util.sim_cache import cached
+
+    key = (json.dumps(cfg, sort_keys=True), trained, config.model_dump_json())  # the method reads much of the config
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = cached("weights", key, lambda: _count_weights(cfg, config, trained), _encode_counts, _decode_counts)
+    return _WEIGHTS[key]
+
+
+def _encode_counts(counts: WeightCounts) -> dict:
+    return {"kinds": [dict(vars(kind), linears=[list(pair) for pair in kind.linears]) for kind in counts.kinds],
+            "outside": counts.outside, "outside_trainable": counts.outside_trainable,
+            "trainable": [[list(shape), str(dtype).removeprefix("torch.")] for shape, dtype in counts.trainable]}
+
+
+def _decode_counts(found: dict) -> WeightCounts:
+    kinds = [BlockKind(**dict(kind, linears=[tuple(pair) for pair in kind["linears"]])) for kind in found["kinds"]]
+    trainable = [(tuple(shape), getattr(torch, dtype)) for shape, dtype in found["trainable"]]
+    return WeightCounts(kinds, found["outside"], trainable, found["outside_trainable"])
+
+
+def _count_weights(cfg: dict, config: TrainConfig, trained: bool) -> WeightCounts:
     # a layer_filter naming particular blocks ("blocks.3.") makes blocks differ: then count the whole depth
     whole = trained and any("blocks" in f for f in config.layer_filter.split(","))
     model = meta_transformer(cfg, config, None if whole else 1, trained)
@@ -154,9 +192,8 @@ def count_weights(cfg: dict, config: TrainConfig, trained: bool = True) -> Weigh
         in_blocks |= {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
     outside = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
     trainable += [(tuple(t.shape), t.dtype) for t in outside if t.requires_grad]
-    counts = WeightCounts(kinds, sum(t.numel() * t.element_size() for t in outside if not t.requires_grad), trainable)
-    _WEIGHTS[key] = counts
-    return counts
+    return WeightCounts(kinds, sum(t.numel() * t.element_size() for t in outside if not t.requires_grad), trainable,
+                        sum(t.numel() * t.element_size() for t in outside if t.requires_grad))
 
 
 class _Shapes:
@@ -173,7 +210,13 @@ def optimizer_state_bytes(trainable: list[tuple[tuple[int, ...], torch.dtype]], 
 
     if optimizer and optimizer != config.optimizer.optimizer:
         config = config.model_copy(update={"optimizer": config.optimizer.model_copy(update={"optimizer": optimizer})})
-    return counted(_Shapes(trainable), config)
+    key = (tuple(trainable), config.optimizer.optimizer)  # train/optim.py reads only the kind of optimizer
+    if key not in _STATE:
+        _STATE[key] = counted(_Shapes(trainable), config)
+    return _STATE[key]
+
+
+_STATE: dict = {}
 
 
 def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:

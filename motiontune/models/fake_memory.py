@@ -128,9 +128,15 @@ _NO_GRAD: dict = {}
 
 def simulate_no_grad(key, build, inputs, method) -> int:
     """Peak bytes of the tensors a no-grad call makes (encoders, sampling) on a fake copy of a module, the module's
-    own weights and the inputs not counted. `key` caches the answer."""
-    if key in _NO_GRAD:
-        return _NO_GRAD[key]
+    own weights and the inputs not counted. `key` caches the answer (for the process, and on disk: util/sim_cache.py)."""
+    from ..util.sim_cache import cached
+
+    if key not in _NO_GRAD:
+        _NO_GRAD[key] = cached("no_grad", key, lambda: _simulate_no_grad(build, inputs, method))
+    return _NO_GRAD[key]
+
+
+def _simulate_no_grad(build, inputs, method) -> int:
     model = build()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakeify(model, mode)
@@ -139,7 +145,6 @@ def simulate_no_grad(key, build, inputs, method) -> int:
     tracker = LiveBytes([*model.parameters(), *model.buffers(), *args])
     with mode, tracker, torch.no_grad(), quiet():
         method(model, *args)
-    _NO_GRAD[key] = tracker.peak
     return tracker.peak
 
 

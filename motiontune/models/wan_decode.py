@@ -92,9 +92,15 @@ def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool, dtype:
     of a row: nothing to count), is skipped (a test compares with simulating everything). A full-size decode takes
     a second or two."""
     cfg = {k: v for k, v in vae_cfg.items() if not k.startswith("_")}
+    from ..util.sim_cache import cached
+
     key = (json.dumps(cfg, sort_keys=True), tuple(latent), tiled, dtype)
-    if key in _DECODE:
-        return _DECODE[key]
+    if key not in _DECODE:
+        _DECODE[key] = cached("wan_decode", key, lambda: _decode_peak(cfg, latent, tiled, dtype))
+    return _DECODE[key]
+
+
+def _decode_peak(cfg: dict, latent: tuple[int, int, int], tiled: bool, dtype: torch.dtype) -> int:
     vae = vae_from(cfg, dtype)
     frames, height, width = latent
     if tiled:
@@ -111,7 +117,6 @@ def decode_peak(vae_cfg: dict, latent: tuple[int, int, int], tiled: bool, dtype:
     vae.decoder.tracker = tracker
     with mode, tracker, torch.no_grad(), quiet():
         vae.decode(z)
-    _DECODE[key] = tracker.peak
     return tracker.peak
 
 

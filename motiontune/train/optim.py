@@ -7,7 +7,6 @@ import math
 import warnings
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from ..config import TrainConfig
 
@@ -65,6 +64,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, config: TrainConfig)
 
 
 def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from diffusers.optimization import get_scheduler  # here: `estimate` counts optimizer state without diffusers
+
     return get_scheduler(
         _SCHEDULES[config.learning_rate_scheduler],
         optimizer,
