@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_lora_end_to_end import _channel_stats_distance, _make_clip, _stock_target_latents
 
 PLACEHOLDER = "<shapes>"
@@ -40,11 +41,7 @@ def load_embedding_into(pipe, path: Path) -> str:
 
 
 def _latents(pipe, prompt: str) -> torch.Tensor:
-    return torch.cat([
-        pipe(prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
-             output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
-        for seed in SEEDS
-    ])
+    return stock_samples(pipe, SEEDS, prompt=prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0)
 
 
 def _train(tmp: Path, model: Path, data: Path, destination: Path, **keys) -> None:

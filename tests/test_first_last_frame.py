@@ -24,6 +24,7 @@ from PIL import Image
 
 from conftest import DATA, base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_lora_end_to_end import PROMPT, SEEDS, _stock_target_latents
 
 SIZE = 32
@@ -71,11 +72,8 @@ def _ends(clip: Path) -> tuple[Image.Image, Image.Image]:
 def ends_distance(pipe, target: torch.Tensor, ends: tuple[Image.Image, Image.Image]) -> float:
     """MSE to a clip's latents `target` of the frames the stock pipeline generates between the first and last frames
     `ends` (the first latent frame is given), over SEEDS."""
-    samples = torch.cat([
-        pipe(image=ends[0], last_image=ends[1], prompt=PROMPT, height=SIZE, width=SIZE, num_frames=9,
-             num_inference_steps=20, guidance_scale=1.0, output_type="latent",
-             generator=torch.Generator().manual_seed(seed)).frames
-        for seed in SEEDS])
+    samples = stock_samples(pipe, SEEDS, image=ends[0], last_image=ends[1], prompt=PROMPT, height=SIZE, width=SIZE,
+                            num_frames=9, num_inference_steps=20, guidance_scale=1.0)
     return ((samples[:, :, 1:] - target[:, :, 1:]) ** 2).mean().item()
 
 

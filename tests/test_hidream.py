@@ -14,6 +14,7 @@ import torch
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_image_to_video import _first_frame
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip
 
@@ -78,6 +79,10 @@ def _frame_latents(pipe, clip: Path) -> torch.Tensor:
     return (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
 
 
+def _samples(pipe, prompt=PROMPT) -> torch.Tensor:
+    return stock_samples(pipe, SEEDS, prompt=prompt, height=64, width=64, num_inference_steps=20, guidance_scale=0.0)
+
+
 def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_path):
     from diffusers import HiDreamImagePipeline
 
@@ -94,11 +99,7 @@ def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_
     target = _frame_latents(pipe, clip)
 
     def samples():
-        return torch.cat([
-            pipe(PROMPT, height=64, width=64, num_inference_steps=20, guidance_scale=0.0, output_type="latent",
-                 generator=torch.Generator().manual_seed(seed)).images
-            for seed in SEEDS
-        ])
+        return _samples(pipe)
 
     without = samples()
     pipe.load_lora_weights(config["output_model_destination"])
@@ -179,8 +180,7 @@ def test_embedding_trains_through_all_four_text_encoders(tiny_models, tmp_path):
     target = _frame_latents(pipe, clip)
 
     def latents(prompt):
-        return torch.cat([pipe(prompt, height=64, width=64, num_inference_steps=20, guidance_scale=0.0, output_type="latent",
-                               generator=torch.Generator().manual_seed(seed)).images for seed in SEEDS])
+        return _samples(pipe, prompt)
 
     before, plain_before = latents("<shapes>"), latents(PROMPT)
     with safe_open(str(destination), "pt") as f:
@@ -231,8 +231,7 @@ def test_fine_tune_in_the_stock_pipeline_and_as_a_single_file(tiny_models, tmp_p
     target = _frame_latents(pipe, clip)
 
     def samples():
-        return torch.cat([pipe(PROMPT, height=64, width=64, num_inference_steps=20, guidance_scale=0.0, output_type="latent",
-                               generator=torch.Generator().manual_seed(seed)).images for seed in SEEDS])
+        return _samples(pipe)
 
     base = ((samples() - target) ** 2).mean().item()
     pipe.transformer = HiDreamImageTransformer2DModel.from_pretrained(tmp_path / "tuned")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip, _stock_target_latents, _train
 
 FAMILIES = {
@@ -104,11 +105,8 @@ def test_stock_i2v_pipeline_samples_move_towards_the_trained_clip(family, tiny_m
     target = _stock_target_latents(pipe, clip)
 
     def samples():
-        return torch.cat([
-            pipe(image=image, prompt=PROMPT, height=size, width=size, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
-                 output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
-            for seed in SEEDS
-        ])
+        return stock_samples(pipe, SEEDS, image=image, prompt=PROMPT, height=size, width=size, num_frames=9,
+                             num_inference_steps=20, guidance_scale=1.0)
 
     without = samples()
     if family == "wan-2.2-i2v-a14b":  # one file per expert

@@ -1,0 +1,28 @@
+"""Helpers shared by the end-to-end tests that sample with the stock diffusers pipelines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def stock_samples(pipe, seeds: Iterable[int], **call) -> torch.Tensor:
+    """The pipeline's output latents for each seed, in one batched call: one generator per sample, so each sample
+    starts from the noise a one-seed call with that seed draws (diffusers' randn_tensor draws per generator); the
+    results equal the per-seed calls' to float rounding (measured 7e-7 on WanPipeline) at a third of the time.
+
+    Image-to-video pipelines repeat the CLIP image embedding (WAN 2.1 I2V / FLF2V) by the prompt count, not by the
+    samples per prompt, and refuse a precomputed one beside the image: they get the prompt once per sample."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    if "image" in call:
+        call["prompt"] = [call["prompt"]] * len(generators)
+    else:
+        count = "num_images_per_prompt" if type(pipe).__name__.startswith("HiDream") else "num_videos_per_prompt"
+        call[count] = len(generators)
+    out = pipe(**call, output_type="latent", generator=generators)
+    return out.images if hasattr(out, "images") else out.frames
+
+
+def mse(samples: torch.Tensor, target: torch.Tensor) -> float:
+    return ((samples - target) ** 2).mean().item()
