@@ -78,8 +78,8 @@ def trained(tiny_models, tmp_path_factory):
     (clip.parent / "shapes.txt").write_text(f"a video of {PLACEHOLDER}\n")
     destination = tmp / "shapes.safetensors"
     _train(tmp, model, clip.parent, destination, training_method="EMBEDDING", output_model_format="SAFETENSORS",
-           output_model_destination=str(destination), epochs=800, batch_size=1, learning_rate=1e-3,
-           embedding_learning_rate=0.2, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
+           output_model_destination=str(destination), epochs=500, batch_size=1, learning_rate=1e-3,
+           embedding_learning_rate=0.3, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
     return model, clip, destination
 
 

@@ -88,8 +88,9 @@ def test_stock_pipeline_samples_move_towards_the_trained_frame(tiny_models, tmp_
 
     model = tiny_models("hi-dream")
     clip = _make_clip(tmp_path / "data", 64)
-    config = base_config(tmp_path, model, clip.parent, model_type="HI_DREAM_DEV", resolution="64", epochs=600,
-                         learning_rate=3e-3, lora_rank=16, lora_alpha=8, timestep_shift=3.0,
+    # 400 steps at 4.5e-3: measured 0.665 / 0.230 (600 at 3e-3: 0.628 / 0.247)
+    config = base_config(tmp_path, model, clip.parent, model_type="HI_DREAM_DEV", resolution="64", epochs=400,
+                         learning_rate=4.5e-3, lora_rank=16, lora_alpha=8, timestep_shift=3.0,
                          video_config={"max_frames": 1, "target_fps": 16.0})
     assert main(["train", "--config", str(write_config(tmp_path / "config.json", **config))]) == 0
 
@@ -238,7 +239,7 @@ def test_fine_tune_in_the_stock_pipeline_and_as_a_single_file(tiny_models, tmp_p
     tuned_latents = samples()
     ratio = ((tuned_latents - target) ** 2).mean().item() / base
     print(f"hi-dream fine-tune: MSE ratio to the frame, fine-tuned / base {ratio:.3f}")
-    assert ratio < 0.4  # far closer than the LoRA gets (0.63)
+    assert ratio < 0.4  # far closer than the LoRA gets (0.67); measured 0.281
 
     pipe.transformer = HiDreamImageTransformer2DModel.from_pretrained(tmp_path / "tuned-short")
     short_latents = samples()
