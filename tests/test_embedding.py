@@ -78,8 +78,8 @@ def trained(tiny_models, tmp_path_factory):
     (clip.parent / "shapes.txt").write_text(f"a video of {PLACEHOLDER}\n")
     destination = tmp / "shapes.safetensors"
     _train(tmp, model, clip.parent, destination, training_method="EMBEDDING", output_model_format="SAFETENSORS",
-           output_model_destination=str(destination), epochs=500, batch_size=1, learning_rate=1e-3,
-           embedding_learning_rate=0.3, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
+           output_model_destination=str(destination), epochs=400, batch_size=1, learning_rate=1e-3,
+           embedding_learning_rate=0.4, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
     return model, clip, destination
 
 
@@ -115,7 +115,7 @@ def test_stock_pipeline_with_the_embedding(trained):
     print(f"embedding: placeholder prompt with / without the trained embedding: MSE ratio to the clip {ratio:.3f}, "
           f"channel statistics ratio {stats_ratio:.3f}")
     # Text moves a tiny random transformer far less than its own weights do (a LoRA gets 0.60, a fine-tune 0.23);
-    # measured here: 0.85 / 0.42
+    # measured here: 0.883 / 0.575 (400 steps at 0.4; 800 at 0.2 gave 0.856 / 0.408, 500 at 0.3 0.889 / 0.561)
     assert ratio < 0.93
     assert stats_ratio < 0.7
 

@@ -25,7 +25,7 @@ from test_first_last_frame import SIZE, _frames, _write_clip
 from test_lora_end_to_end import PROMPT, SEEDS, _stock_target_latents
 from test_vace import _edges
 
-EPOCHS = 200  # both clips in each batch
+EPOCHS = 400  # both clips in each batch
 FACE = 16  # the face crops' side (the tiny model's motion encoder reads 16 x 16; the release 512 x 512)
 
 
@@ -147,7 +147,7 @@ def trained(tiny_models, clips, tmp_path_factory) -> Path:
     model = tiny_models("wan-2.2-animate")
     shapes = clips[0]
     config = base_config(tmp_path, model, shapes.parent, model_type="WAN_2_2_ANIMATE", timestep_shift=5.0,
-                         epochs=EPOCHS, batch_size=2, learning_rate=6e-3, lora_rank=16, lora_alpha=8,
+                         epochs=EPOCHS, batch_size=2, learning_rate=3e-3, lora_rank=16, lora_alpha=8,
                          video_config={"max_frames": 9, "target_fps": 16.0, "video_batch_size_multiplier": 1.0},
                          # a sample during training, through the stock pipeline with the clip's conditions
                          samples=[{"prompt": PROMPT, "frames": 9, "height": SIZE, "width": SIZE, "steps": 2, "cfg_scale": 1.0,
