@@ -24,7 +24,3 @@ def stock_samples(pipe, seeds: Iterable[int], **call) -> torch.Tensor:
         call[count] = len(generators)
     out = pipe(**call, output_type="latent", generator=generators)
     return out.images if hasattr(out, "images") else out.frames
-
-
-def mse(samples: torch.Tensor, target: torch.Tensor) -> float:
-    return ((samples - target) ** 2).mean().item()
