@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 
 
 def clip_folder(root: Path, name: str, caption: str) -> Path:
@@ -69,9 +70,8 @@ def _drift(model: Path, lora: Path, prompt: str) -> float:
     pipe = WanPipeline.from_pretrained(str(model), dtype=torch.float32)
 
     def sample():
-        return torch.cat([pipe(prompt, height=32, width=32, num_frames=9, num_inference_steps=8, guidance_scale=1.0,
-                               output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
-                          for seed in range(2)])
+        return stock_samples(pipe, range(2), prompt=prompt, height=32, width=32, num_frames=9, num_inference_steps=8,
+                             guidance_scale=1.0)
 
     base = sample()
     pipe.load_lora_weights(str(lora))

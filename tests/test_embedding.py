@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_lora_end_to_end import _channel_stats_distance, _make_clip, _stock_target_latents
 
 PLACEHOLDER = "<shapes>"
@@ -40,11 +41,7 @@ def load_embedding_into(pipe, path: Path) -> str:
 
 
 def _latents(pipe, prompt: str) -> torch.Tensor:
-    return torch.cat([
-        pipe(prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
-             output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
-        for seed in SEEDS
-    ])
+    return stock_samples(pipe, SEEDS, prompt=prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0)
 
 
 def _train(tmp: Path, model: Path, data: Path, destination: Path, **keys) -> None:
@@ -81,8 +78,8 @@ def trained(tiny_models, tmp_path_factory):
     (clip.parent / "shapes.txt").write_text(f"a video of {PLACEHOLDER}\n")
     destination = tmp / "shapes.safetensors"
     _train(tmp, model, clip.parent, destination, training_method="EMBEDDING", output_model_format="SAFETENSORS",
-           output_model_destination=str(destination), epochs=800, batch_size=1, learning_rate=1e-3,
-           embedding_learning_rate=0.2, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
+           output_model_destination=str(destination), epochs=400, batch_size=1, learning_rate=1e-3,
+           embedding_learning_rate=0.4, embedding={"placeholder": PLACEHOLDER, "token_count": TOKENS, "initial_embedding_text": "shapes"})
     return model, clip, destination
 
 
@@ -118,7 +115,7 @@ def test_stock_pipeline_with_the_embedding(trained):
     print(f"embedding: placeholder prompt with / without the trained embedding: MSE ratio to the clip {ratio:.3f}, "
           f"channel statistics ratio {stats_ratio:.3f}")
     # Text moves a tiny random transformer far less than its own weights do (a LoRA gets 0.60, a fine-tune 0.23);
-    # measured here: 0.85 / 0.42
+    # measured here: 0.883 / 0.575 (400 steps at 0.4; 800 at 0.2 gave 0.856 / 0.408, 500 at 0.3 0.889 / 0.561)
     assert ratio < 0.93
     assert stats_ratio < 0.7
 

@@ -14,6 +14,7 @@ import torch
 
 from conftest import base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 from test_lora_end_to_end import PROMPT, SEEDS, _channel_stats_distance, _make_clip
 
 
@@ -117,8 +118,7 @@ def _clip_latents(pipe, clip):
 
 
 def _samples(pipe, prompt=PROMPT):
-    return torch.cat([pipe(prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0,
-                           output_type="latent", generator=torch.Generator().manual_seed(seed)).frames for seed in SEEDS])
+    return stock_samples(pipe, SEEDS, prompt=prompt, height=32, width=32, num_frames=9, num_inference_steps=20, guidance_scale=1.0)
 
 
 def test_embedding_trains_through_both_text_encoders(tiny_models, tmp_path):

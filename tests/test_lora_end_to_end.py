@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import DATA, base_config, write_config
 from motiontune.cli import main
+from stock_checks import stock_samples
 
 PROMPT = "moving shapes"
 SEEDS = range(8)
@@ -68,11 +69,8 @@ def _stock_target_latents(pipe, clip: Path) -> torch.Tensor:
 
 
 def _sample_latents(pipe, size: int, steps: int = 20) -> torch.Tensor:
-    return torch.cat([
-        pipe(PROMPT, height=size, width=size, num_frames=9, num_inference_steps=steps, guidance_scale=1.0,
-             output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
-        for seed in SEEDS
-    ])
+    return stock_samples(pipe, SEEDS, prompt=PROMPT, height=size, width=size, num_frames=9, num_inference_steps=steps,
+                         guidance_scale=1.0)
 
 
 def _channel_stats_distance(samples: torch.Tensor, target: torch.Tensor) -> float:

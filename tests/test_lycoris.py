@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from conftest import base_config, write_config
 from motiontune.cli import main
 from motiontune.methods import lora
+from stock_checks import stock_samples
 from test_lora_end_to_end import _channel_stats_distance, _make_clip, _stock_target_latents
 from test_lora_formats import also_saved_as, hunyuan_width, original_layout, real_width_as
 
@@ -108,8 +109,8 @@ def clip_latents(family: str, pipe, clip: Path) -> torch.Tensor:
 
 
 def samples(pipe) -> torch.Tensor:
-    return torch.cat([pipe("moving shapes", height=32, width=32, num_frames=9, num_inference_steps=STEPS, guidance_scale=1.0,
-                           output_type="latent", generator=torch.Generator().manual_seed(seed)).frames for seed in SEEDS])
+    return stock_samples(pipe, SEEDS, prompt="moving shapes", height=32, width=32, num_frames=9, num_inference_steps=STEPS,
+                         guidance_scale=1.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
