@@ -96,7 +96,9 @@ def test_train_encodes_in_a_child_process_and_trains_what_in_process_encoding_tr
             # process's own high-water mark (a parent's wait4 / RUSAGE_CHILDREN figure would be the child's)
             peaks = json.loads((run / "workspace" / "result.json").read_text())["peak_rss"]
             assert peaks["encoding_process"] > 2**30 and peaks["training_process"] < peaks["encoding_process"]
-            assert 0 <= process_memory()["VmHWM"] - peaks["training_process"] < 2**26
+            # the kernel's resident counters are kept per thread and folded in every 64 pages, so two readings of the
+            # peak can differ by a few pages either way (seen: 24 KB lower after the run)
+            assert -2**20 < process_memory()["VmHWM"] - peaks["training_process"] < 2**26
         else:
             assert loads == {"load_vae": 1, "load_text_encoder": 1}
         loras[child] = load_file(str(run / "lora.safetensors"))
