@@ -61,3 +61,4 @@ def imported_objects_frozen():
         __import__(name)
     gc.collect()
     gc.freeze()
+

@@ -1,6 +1,6 @@
 """The process a dry run runs in: `python -m motiontune.check.child REQUEST.json`. The fake CUDA library must be loaded
 before torch is imported (runtime.py), hence a process of its own. REQUEST: {"runs": [{"config",
-"overrides", "gpu_gb" (optional)}, ...], "gpu_gb", "library", "result", "before"} (the result: one per run); "before" names functions ("module:function") called first: tests plant bugs with it."""
+"overrides"}, ...], "gpu_gb", "library", "result", "before"} (the result: one per run); "before" names functions ("module:function") called first: tests plant bugs with it."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
 
     runs = request.get("runs") or [request]  # one run: {"config", "overrides"} at the top
     results = [dry_run(load_config(run["config"], run.get("overrides", [])), run.get("gpu_gb", request.get("gpu_gb", 24.0)))
-               for run in runs]
+               for run in runs]  # a run's own gpu_gb, else the request's
     Path(request["result"]).write_text(json.dumps(results if "runs" in request else results[0], indent=1))
     return 0
 
