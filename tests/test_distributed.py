@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, write_config
+from conftest import DATA, base_config, write_config
 from test_reliability import losses
 
 
@@ -21,17 +21,25 @@ def make_config(tmp_path: Path, name: str, model: Path, dataset: Path, **keys) -
     folder = tmp_path / name
     folder.mkdir()
     # two buckets (the clips differ in length) of 3 repeats each: global batches of 2 (a row per rank) and
-    # of 1 (rank 1 idle), so both even and uneven splits are trained
-    keys = {"epochs": 3, "learning_rate": 3e-3, "backup_after": 2, "backup_after_unit": "STEP",
+    # of 1 (rank 1 idle), so both even and uneven splits are trained; 2 epochs of 4 steps, so a run continued from its
+    # first backup (step 2) crosses an epoch
+    keys = {"epochs": 2, "learning_rate": 3e-3, "backup_after": 2, "backup_after_unit": "STEP",
             "concepts": [{"path": str(dataset), "repeats": 3}],
             "video_config": {"max_frames": 9, "target_fps": 8.0, "video_batch_size_multiplier": 1.0}, **keys}
     # each run fills its own cache, so the 2-rank runs split the encoding between them
-    config = base_config(folder, model, dataset, cache_dir=str(folder / "cache"), **keys)
+    config = base_config(folder, model, dataset, **{"cache_dir": str(folder / "cache"), **keys})
     return write_config(folder / "config.json", **config)
 
 
-def run(config: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+def run(config: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess | None:
+    """`ranks` > 1: a torchrun launch, as users start one. 1: the reference run, in this process (an interpreter
+    start and the imports fewer; the launches above show that a run's errors reach the user)."""
+    if ranks == 1:
+        from motiontune.cli import main
+
+        assert main(["train", "--config", str(config), *extra]) == 0
+        return None
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     done = subprocess.run([*launcher, "-m", "motiontune", "train", "--config", str(config), *extra],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -39,9 +47,57 @@ def run(config: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
 
 
 def saved(path: Path) -> dict[str, torch.Tensor]:
-    if path.is_dir():  # a diffusers transformer folder
-        return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+    if path.is_dir():  # a diffusers transformer folder, or a transformers text encoder one
+        name = "model.safetensors" if (path / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
+        return load_file(str(path / name))
     return load_file(str(path))
+
+
+def clips(folder: Path) -> Path:
+    """The `dataset` fixture's two captioned clips, for a run shared by several tests (the fixture is per test)."""
+    folder.mkdir()
+    for name, caption in (("shapes_200px_30fps.mp4", "moving shapes"), ("big_buck_bunny_432_433.webm", "a rabbit")):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+        (folder / name).with_suffix(".txt").write_text(caption + "\n")
+    return folder
+
+
+def method_keys(method: str, dataset: Path) -> dict:
+    # LORA: each process encodes in a child of its own (encode_in_child, the users' default), each rank's its share
+    keys = {"training_method": method.split("+")[0], "encode_in_child": method == "LORA"}
+    if method.startswith("FINE_TUNE"):
+        keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
+    if method == "EMBEDDING":  # replicated like a LoRA; the captions hold the placeholder
+        for caption in dataset.glob("*.txt"):
+            caption.write_text(caption.read_text().strip() + " <shapes>\n")
+        keys.update(output_model_format="SAFETENSORS", embedding_learning_rate=0.1,
+                    embedding={"placeholder": "<shapes>", "token_count": 2, "initial_embedding_text": "shapes"})
+    if method.endswith("text_encoder"):  # replicated beside the sharded transformer: its gradients are summed
+        keys.update(text_encoder={"train": True, "learning_rate": 1e-3})
+    return keys
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, tiny_models):
+    """method → (folder, clips, keys, torchrun's output) of one 2-rank run (batch_size 1 a rank, 2 epochs, a backup
+    every 2 steps), made once: the equivalence test compares it with one process, the resume test continues its
+    first backup (the tests of a method share an xdist group, so one worker makes it)."""
+    made = {}
+
+    def get(method: str):
+        if method not in made:
+            root = tmp_path_factory.mktemp(f"two-ranks-{method}")
+            data = clips(root / "clips")
+            keys = method_keys(method, data)
+            made[method] = (root, data, keys, run(make_config(root, "double", tiny_models("wan-2.1"), data, batch_size=1, **keys), 2))
+        return made[method]
+
+    return get
+
+
+# FINE_TUNE alone is not run apart: FINE_TUNE+text_encoder trains and compares the same sharded transformer (its saved
+# folder against one process's, its losses, its backups, its resume), the replicated text encoder beside it
+SHARED = [pytest.param(m, marks=pytest.mark.xdist_group(f"two-ranks-{m}")) for m in ("LORA", "EMBEDDING", "FINE_TUNE+text_encoder")]
 
 
 def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None = None) -> float:
@@ -56,37 +112,32 @@ def assert_same_weights(a: dict, b: dict, tolerance: float, start: dict | None =
     return worst
 
 
-@pytest.mark.parametrize("method", ["LORA", "EMBEDDING", "FINE_TUNE", "FINE_TUNE+text_encoder"])
-def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, dataset, method):
+@pytest.mark.parametrize("method", SHARED)
+def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_models, two_rank_runs, method):
     model = tiny_models("wan-2.1")
-    # LORA: each process encodes in a child of its own (encode_in_child, the users' default), each rank's its share
-    keys = {"training_method": method.split("+")[0], "encode_in_child": method == "LORA"}
-    if method.startswith("FINE_TUNE"):
-        keys.update(learning_rate=1e-3, output_model_format="DIFFUSERS")
-    if method == "EMBEDDING":  # replicated like a LoRA; the captions hold the placeholder
-        for caption in dataset.glob("*.txt"):
-            caption.write_text(caption.read_text().strip() + " <shapes>\n")
-        keys.update(output_model_format="SAFETENSORS", embedding_learning_rate=0.1,
-                    embedding={"placeholder": "<shapes>", "token_count": 2, "initial_embedding_text": "shapes"})
-    if method.endswith("text_encoder"):  # replicated beside the sharded transformer: its gradients are summed
-        keys.update(text_encoder={"train": True, "learning_rate": 1e-3})
-    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **keys)
-    double = make_config(tmp_path, "double", model, dataset, batch_size=1, **keys)
+    root, dataset, keys, output = two_rank_runs(method)
+    # the reference encodes in this process: the 2-rank run shows the encoding child (encode_in_child does not
+    # change what trains, and the cache entries are the same)
+    single = make_config(tmp_path, "single", model, dataset, batch_size=2, **{**keys, "encode_in_child": False})
     run(single, 1)
-    output = run(double, 2)
 
-    one, two = json.loads((tmp_path / "single/workspace/result.json").read_text()), json.loads((tmp_path / "double/workspace/result.json").read_text())
+    one, two = json.loads((tmp_path / "single/workspace/result.json").read_text()), json.loads((root / "double/workspace/result.json").read_text())
     assert one["steps"] == two["steps"] > 1
     single_out, double_out = Path(one["loras"][0]), Path(two["loras"][0])
     base = saved(single_out)
     start = saved(model / "transformer") if method.startswith("FINE_TUNE") else None  # LoRA B and embeddings: vs 0
     worst = assert_same_weights(base, saved(double_out), tolerance=1e-2, start=start)
     print(f"{method}: {one['steps']} steps, largest weight difference 2 ranks vs 1 process: {worst:.1e} of the change")
+    if method.endswith("text_encoder"):  # the replicated text encoder trained alike too
+        assert [Path(p).name for p in one["loras"]] == ["lora.safetensors", "lora.safetensors_text_encoder"]
+        worst = assert_same_weights(saved(Path(one["loras"][1])), saved(Path(two["loras"][1])), tolerance=1e-2,
+                                    start=saved(model / "text_encoder"))
+        print(f"{method}: text encoder within {worst:.1e} of the change")
     # the run trained something: a difference of zero would also hold for two untrained models
     if method == "LORA":
         assert max(v.abs().max().item() for k, v in base.items() if "lora_B" in k) > 1e-3
     # the losses each step are the global batch's, equal to the single process's
-    single_losses, double_losses = losses(tmp_path / "single/workspace"), losses(tmp_path / "double/workspace")
+    single_losses, double_losses = losses(tmp_path / "single/workspace"), losses(root / "double/workspace")
     assert single_losses.keys() == double_losses.keys()
     assert all(abs(single_losses[s] - double_losses[s]) < 1e-5 for s in single_losses)
     # rank 0 encoded only its share of the clips (in its child, with LORA); the cache holds them all
@@ -95,38 +146,47 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(tmp_path, tiny_mode
         assert "encoding this rank's share of the missing clips and texts in a separate process" in output.stderr
     # only rank 0 wrote backups, logs and outputs; the log says how the ranks split the work
     assert "2 processes (gloo)" in output.stderr
-    assert len(list((tmp_path / "double/workspace/backup").glob("step-*"))) >= 1
+    assert len(list((root / "double/workspace/backup").glob("step-*"))) >= 1
 
 
-@pytest.mark.parametrize("method", ["LORA", "FINE_TUNE"])
-def test_a_two_rank_run_resumes_from_its_backup_exactly(tmp_path, tiny_models, dataset, method):
+# FINE_TUNE+text_encoder only: its backup holds the sharded transformer's state (gathered to rank 0, broadcast back)
+# and the replicated text encoder's, which every rank restores whole as it would a LoRA, and each rank's random
+# state; LoRA adapters' backups are resumed in one process in test_reliability
+@pytest.mark.parametrize("method", [SHARED[2]])
+def test_a_two_rank_run_resumes_from_its_backup_exactly(tmp_path, tiny_models, two_rank_runs, method, capsys):
+    """The shared 2-rank run, continued from its first backup (in the previous epoch) by a second 2-rank run in a
+    workspace of its own, ends with the same weights bit for bit and the same losses each later step."""
     model = tiny_models("wan-2.1")
-    keys = {"training_method": method, "learning_rate": 1e-3, "output_model_format": "DIFFUSERS"} if method == "FINE_TUNE" else {}
-    straight = make_config(tmp_path, "straight", model, dataset, batch_size=1, epochs=4, **keys)
-    run(straight, 2)
-    backups = sorted((tmp_path / "straight/workspace/backup").glob("step-*"))
+    root, dataset, keys, _ = two_rank_runs(method)
+    straight = root / "double"
+    backups = sorted((straight / "workspace/backup").glob("step-*"))
     middle = backups[0]
     assert json.loads((middle / "backup.json").read_text())["world_size"] == 2
     state = torch.load(middle / "state.pt", weights_only=True)
     assert len(state["rng_by_rank"]) == 2
 
-    # a second run continues from the first backup in a workspace of its own
-    resumed = make_config(tmp_path, "resumed", model, dataset, batch_size=1, epochs=4, **keys)
+    # the straight run's cache (cache_dir may change on resume): nothing to encode
+    resumed = make_config(tmp_path, "resumed", model, dataset, batch_size=1, cache_dir=str(straight / "cache"), **keys)
     shutil.copytree(middle, tmp_path / "resumed/workspace/backup" / middle.name)
     run(resumed, 2, "--resume", "latest")
-    a = saved(tmp_path / "straight/lora.safetensors")
-    b = saved(tmp_path / "resumed/lora.safetensors")
-    assert_same_weights(a, b, tolerance=0.0, start=None if method == "LORA" else saved(model / "transformer"))
-    later = {s: v for s, v in losses(tmp_path / "straight/workspace").items() if s > json.loads((middle / "backup.json").read_text())["step"]}
+    one, two = (json.loads((folder / "workspace/result.json").read_text()) for folder in (straight, tmp_path / "resumed"))
+    assert len(one["loras"]) == len(two["loras"]) == (2 if method.endswith("text_encoder") else 1)
+    for a, b in zip(one["loras"], two["loras"]):  # the transformer (or LoRA), and the text encoder beside it
+        base = model / ("text_encoder" if a.endswith("_text_encoder") else "transformer")
+        assert_same_weights(saved(Path(a)), saved(Path(b)), tolerance=0.0, start=None if method == "LORA" else saved(base))
+    later = {s: v for s, v in losses(straight / "workspace").items() if s > json.loads((middle / "backup.json").read_text())["step"]}
     resumed_losses = losses(tmp_path / "resumed/workspace")
     assert later and all(resumed_losses[s] == v for s, v in later.items())
 
-    # one process cannot continue what two started: the global batch would change
-    refused = subprocess.run([sys.executable, "-m", "motiontune", "train", "--config", str(resumed), "--resume", str(middle)],
-                             capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2
-    assert "written by 2 process(es) and this run has 1" in refused.stderr
-    assert "--nproc-per-node 2" in refused.stderr
+    # one process cannot continue what two started: the global batch would change (in this process: the check runs
+    # before anything slow, and torchrun's launches show errors reach the user)
+    from motiontune.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--config", str(resumed), "--resume", str(middle)]) == 2
+    refused = capsys.readouterr().err
+    assert "written by 2 process(es) and this run has 1" in refused
+    assert "--nproc-per-node 2" in refused
 
 
 def test_more_ranks_than_clips_is_a_clear_error(tmp_path, tiny_models):

@@ -41,15 +41,19 @@ def by_kind(result: dict, kind: str) -> list[dict]:
     return [f for f in result["findings"] if f["kind"] == kind]
 
 
+PLANTS = ["dry_run_plants:cpu_tensor_in_step", "dry_run_plants:cpu_generator_for_cuda_noise",
+          "dry_run_plants:saved_tensor_left_on_device"]
+
+
 def test_three_planted_device_bugs_are_each_reported_with_module_and_origin(tmp_path, monkeypatch):
     """WAN 2.1 1.3B at its real width (two of its blocks), with a CPU tensor made inside the step, a CPU generator
-    for the GPU noise and a LoRA saved from the device: each is a finding naming where, the module and the origin."""
+    for the GPU noise and a LoRA saved from the device: each is a finding naming where, the module and the origin.
+    A process of its own: after other runs in the same process, the saved LoRA's finding goes missing (seen once,
+    not yet explained)."""
     monkeypatch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).parents[1]}")
     short = short_transformer(tmp_path, wan_13b_config(), 2)
     result = run("#wan 2.1 LoRA", [f"transformer.model_name={short}", "video_config.max_frames=9", "resolution=256x256",
-                                   "samples=[]"],
-                 before=["dry_run_plants:cpu_tensor_in_step", "dry_run_plants:cpu_generator_for_cuda_noise",
-                         "dry_run_plants:saved_tensor_left_on_device"])
+                                   "samples=[]"], before=PLANTS)
     assert [s["status"] for s in result["stages"]] == ["ok"] * 7
 
     [mismatch] = by_kind(result, "mismatch")
@@ -70,15 +74,38 @@ def test_three_planted_device_bugs_are_each_reported_with_module_and_origin(tmp_
     assert not by_kind(result, "error")
 
 
-def test_every_memory_option_runs_clean_without_plants(tmp_path):
-    """The same short model without plants, with CPU_OFFLOADED checkpointing, layer offloading and NFLOAT_4 weights,
-    and a decode too large for the card (tiles): no finding. (Before layer offloading moved NF4 weights whole, this
-    found their lookup table left in host memory.)"""
-    short = short_transformer(tmp_path, wan_13b_config(), 4)
+MEMORY_OPTIONS = ["video_config.max_frames=9", "resolution=256x256", "transformer.activation_offloading=true",
+                  "transformer.offload_fraction=0.5", "transformer.weight_dtype=NFLOAT_4"]
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory, tiny_models):
+    """The dry runs without plants in one process (one start-up): the memory options' run on the short WAN 2.1
+    model, then one preset of each family on its tiny model. The libraries' objects are frozen out of the collector's reach first
+    (tests/dry_run_plants.py), which the runs' frequent `gc.collect` would otherwise scan each time."""
+    short = short_transformer(tmp_path_factory.mktemp("short"), wan_13b_config(), 2)
     sample = {"prompt": "a clip", "frames": 9, "height": 384, "width": 384, "steps": 2, "cfg_scale": 4.0, "seed": 1, "fps": 16}
-    result = run("#wan 2.1 LoRA", [f"transformer.model_name={short}", "video_config.max_frames=9", "resolution=256x256",
-                                   "transformer.activation_offloading=true", "transformer.offload_fraction=0.5",
-                                   "transformer.weight_dtype=NFLOAT_4", f"samples={json.dumps([sample])}"], gpu_gb=0.1)
+    memory = {"config": "#wan 2.1 LoRA", "overrides": [f"transformer.model_name={short}", *MEMORY_OPTIONS,
+                                                      f"samples={json.dumps([sample])}"], "gpu_gb": 0.1}
+    families = tiny_runs(tiny_models)
+    started = time.perf_counter()
+    from motiontune.check import check_several
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", f"{TESTS}:{Path(__file__).parents[1]}")
+        results = check_several([memory, *families], before=["dry_run_plants:imported_objects_frozen"])
+    print(f"\nthe memory options' run and {len(families)} families at tiny size: {time.perf_counter() - started:.1f} s")
+    return {"memory": (memory["config"], results[0]), "families": [(run[0], result) for run, result in zip(families, results[1:])]}
+
+
+@pytest.mark.xdist_group("dry-run")
+def test_every_memory_option_runs_clean_without_plants(dry_runs):
+    """The same short model (two blocks, one of them offloaded) without plants, with CPU_OFFLOADED checkpointing,
+    layer offloading and NFLOAT_4 weights, and a decode too large for the card (tiles): no finding. (Before layer
+    offloading moved NF4 weights whole, this found their lookup table left in host memory.)"""
+    preset, result = dry_runs["memory"]
+    print(f"\n{report(preset, result)}")
+    assert result["gpu_gb"] == 0.1
     assert result["findings"] == []
     assert [s["status"] for s in result["stages"]] == ["ok"] * 7
 
@@ -105,10 +132,10 @@ def one_preset_per_family() -> list[Path]:
     return chosen
 
 
-def test_every_family_runs_clean_at_tiny_size(tiny_models):
-    """One preset of each family, on its tiny model (base_model_name: the dry run reads a local folder's configs),
-    every stage in one process: each family's load, encodings, step, backup, save and sample code runs on the fake
-    GPU without a finding. The full sizes are the opt-in test below."""
+def tiny_runs(tiny_models) -> list[tuple[str, list[str]]]:
+    """One preset of each family on its tiny model (base_model_name: the dry run reads a local folder's configs), but
+    WAN 2.1's: its load, encodings, step, backup and save run in the planted test (whose only findings are the
+    plants) and its sample in the memory options' run."""
     from motiontune.models.registry import family_class
 
     runs = []
@@ -116,22 +143,29 @@ def test_every_family_runs_clean_at_tiny_size(tiny_models):
         preset = json.loads(path.read_text())
         model_type = preset.get("model_type", "WAN_2_1_T2V")
         tiny = family_class(model_type).tiny_model(model_type)
+        if tiny == "wan-2.1":
+            continue
         size = 64 if tiny.startswith("ltx") else 32  # LTX-2's decoder needs two latent pixels a side
         frames = 1 if preset.get("video_config", {}).get("max_frames") == 1 else 9
         sample = {"prompt": "a clip", "frames": frames, "height": size, "width": size, "steps": 1, "seed": 1, "fps": 8}
         runs.append((path.stem, [f"base_model_name={tiny_models(tiny)}", f"resolution={size}",
                                  f"video_config.max_frames={frames}", f"samples={json.dumps([sample])}"]))
-    started = time.perf_counter()
-    from motiontune.check import check_several
+    return runs
 
-    results = check_several(runs)
-    print(f"\n{len(runs)} families at tiny size: {time.perf_counter() - started:.1f} s")
-    for (preset, _), result in zip(runs, results):
+
+@pytest.mark.xdist_group("dry-run")
+def test_every_family_runs_clean_at_tiny_size(dry_runs):
+    """One preset of each family, on its tiny model, every stage in one process: each family's load, encodings,
+    step, backup, save and sample code runs on the fake GPU without a finding. The full sizes are the opt-in test
+    below."""
+    runs = dry_runs["families"]
+    for preset, result in runs:
         print(report(preset, result))
-    assert {preset: result["findings"] for (preset, _), result in zip(runs, results) if result["findings"]} == {}
-    assert all([s["status"] for s in result["stages"]] == ["ok"] * 7 for result in results)
+    assert len(runs) == len(one_preset_per_family()) - 1  # every family but WAN 2.1 (see tiny_runs)
+    assert {preset: result["findings"] for preset, result in runs if result["findings"]} == {}
+    assert all([s["status"] for s in result["stages"]] == ["ok"] * 7 for _, result in runs)
     # what a CPU cannot check is in every report (and docs/memory.md): streams and events, pinned copies
-    printed = report(runs[0][0], results[0])
+    printed = report(*runs[0])
     assert "CUDA streams and events" in printed and "pinned host memory" in printed
 
 

@@ -22,14 +22,16 @@ def check(config: str, overrides: list[str] = (), gpu_gb: float = 24.0, before: 
     return check_several([(config, list(overrides))], gpu_gb, before)[0]
 
 
-def check_several(runs: list[tuple[str, list[str]]], gpu_gb: float = 24.0, before: list[str] = ()) -> list[dict]:
-    """Dry-run each (config, overrides) one after another in one process of its own (its start-up paid once)."""
+def check_several(runs: list, gpu_gb: float = 24.0, before: list[str] = ()) -> list[dict]:
+    """Dry-run each (config, overrides) one after another in one process of its own (its start-up paid once). A run may
+    be a dict instead: {"config", "overrides", "gpu_gb"}, with a card size of its own."""
     from .runtime import DryRunError, guard_library
 
     library = guard_library()
     with tempfile.TemporaryDirectory(prefix="motiontune-check-") as folder:
         request, result = Path(folder) / "request.json", Path(folder) / "result.json"
-        request.write_text(json.dumps({"runs": [{"config": c, "overrides": list(o)} for c, o in runs], "gpu_gb": gpu_gb,
+        request.write_text(json.dumps({"runs": [{"overrides": [], **r} if isinstance(r, dict) else {"config": r[0], "overrides": list(r[1])}
+                                                for r in runs], "gpu_gb": gpu_gb,
                                        "library": str(library) if library else None, "result": str(result),
                                        "before": list(before)}))
         env = dict(os.environ, HF_HUB_OFFLINE="1")  # nothing is downloaded: configs are the released ones

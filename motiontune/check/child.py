@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     from .run import dry_run
 
     runs = request.get("runs") or [request]  # one run: {"config", "overrides"} at the top
-    results = [dry_run(load_config(run["config"], run.get("overrides", [])), request.get("gpu_gb", 24.0)) for run in runs]
+    results = [dry_run(load_config(run["config"], run.get("overrides", [])), run.get("gpu_gb", request.get("gpu_gb", 24.0)))
+               for run in runs]  # a run's own gpu_gb, else the request's
     Path(request["result"]).write_text(json.dumps(results if "runs" in request else results[0], indent=1))
     return 0
 
