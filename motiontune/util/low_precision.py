@@ -40,22 +40,27 @@ def device_problem(kind: str, device: torch.device, key: str) -> str | None:
             return (f"{key} = FLOAT_8: float8 matmuls need an NVIDIA GPU of compute capability 8.9 or later (RTX 40xx, "
                     f"L4/L40, H100, B200), and this run trains on {device.type}; remove {key} (or set it to INT_8 "
                     f"on the CPU)")
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
+        if older := _older_card(device, (8, 9)):
             return (f"{key} = FLOAT_8: float8 matmuls need compute capability 8.9 or later (RTX 40xx, L4/L40, H100, "
-                    f"B200); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. Set {key} "
-                    f"to INT_8 (compute capability 8.0+) or remove it")
+                    f"B200); {older}. Set {key} to INT_8 (compute capability 8.0+) or remove it")
         return None
     if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 0):
+        if older := _older_card(device, (8, 0)):
             return (f"{key} = INT_8: torchao's int8 matmul kernel needs compute capability 8.0 or later (RTX 30xx, "
-                    f"A100 and newer) to use int8 tensor cores; {torch.cuda.get_device_name(device)} has "
-                    f"{capability[0]}.{capability[1]}, where it would be slower than bf16. Remove {key}")
+                    f"A100 and newer) to use int8 tensor cores; {older}, where it would be slower than bf16. "
+                    f"Remove {key}")
         return None
     if device.type != "cpu":
         return f"{key} = INT_8: int8 matmuls run on NVIDIA GPUs and the CPU, not on {device.type}; remove {key}"
     return None
+
+
+def _older_card(device: torch.device, needed: tuple[int, int]) -> str | None:
+    """"<card> has <capability>" when the card's compute capability is below `needed`, else None."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= needed:
+        return None
+    return f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
 
 
 def _torchao():
