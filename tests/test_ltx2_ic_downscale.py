@@ -20,10 +20,8 @@ from safetensors import safe_open
 
 from conftest import base_config, write_config
 from motiontune.cli import main
-from test_first_last_frame import _frames, _write_clip
 from test_ltx2 import FPS, FRAMES, GUIDANCE_OFF, PROMPT, SEEDS, _ratio
-from test_ltx2_ic_lora import _control, _ic_config, _latents, _reference
-from test_vace import _edges
+from test_ltx2_ic_lora import _control, _ic_config, _latents, _reference, clips_with_edge_controls
 
 FACTOR = 2
 SIZE = 128  # the control at 64 x 64: 2 x 2 latent pixels per frame through the 32x VAE
@@ -31,14 +29,7 @@ SIZE = 128  # the control at 64 x 64: 2 x 2 latent pixels per frame through the 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("ic-downscale") / "data"
-    folder.mkdir()
-    made = []
-    for name, frames in (("shapes", _frames(90, 6, size=SIZE)),
-                         ("bunny", _frames(0, 2, source="big_buck_bunny_432_433.webm", size=SIZE))):
-        made.append(_write_clip(folder / f"{name}.mp4", frames))
-        _write_clip(folder / f"{name}-control.mp4", _edges(frames)).with_suffix(".txt").unlink()
-    return tuple(made)
+    return clips_with_edge_controls(tmp_path_factory.mktemp("ic-downscale") / "data", SIZE)
 
 
 def test_downscaled_control_is_the_pipelines_own(tiny_models, clips):

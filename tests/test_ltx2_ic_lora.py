@@ -36,11 +36,15 @@ VERSIONS = {"LTX_2": "ltx-2", "LTX_2_3": "ltx-2.3", "LTX_2_5": "ltx-2.5"}
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> tuple[Path, Path]:
     """Two real clips at SIZE (no sound), one caption, each with its edge video as `<clip>-control.mp4`."""
-    folder = tmp_path_factory.mktemp("ic-lora") / "data"
+    return clips_with_edge_controls(tmp_path_factory.mktemp("ic-lora") / "data", SIZE)
+
+
+def clips_with_edge_controls(folder: Path, size: int) -> tuple[Path, Path]:
+    """The shapes and bunny clips at `size` in `folder`, each with its edge video as `<clip>-control.mp4`."""
     folder.mkdir()
     made = []
-    for name, frames in (("shapes", _frames(90, 6, size=SIZE)),
-                         ("bunny", _frames(0, 2, source="big_buck_bunny_432_433.webm", size=SIZE))):
+    for name, frames in (("shapes", _frames(90, 6, size=size)),
+                         ("bunny", _frames(0, 2, source="big_buck_bunny_432_433.webm", size=size))):
         made.append(_write_clip(folder / f"{name}.mp4", frames))
         _write_clip(folder / f"{name}-control.mp4", _edges(frames)).with_suffix(".txt").unlink()
     return tuple(made)
